@@ -1,0 +1,29 @@
+//! Compiles the .proto files under the workspace's `proto/` with the vendored protoc, so that a
+//! fresh machine needs no system protoc.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    let well_known = protoc_bin_vendored::include_path()?;
+    // tonic-prost-build reads the compiler from PROTOC.
+    // SAFETY: build scripts are single-threaded at this point.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+
+    let files = [
+        "etcd/api/mvccpb/kv.proto",
+        "etcd/api/authpb/auth.proto",
+        "etcd/api/etcdserverpb/rpc.proto",
+        "etcd/server/etcdserver/api/v3lock/v3lockpb/v3lock.proto",
+        "etcd/server/etcdserver/api/v3election/v3electionpb/v3election.proto",
+        "metastore/internal.proto",
+    ];
+    let paths: Vec<PathBuf> = files.iter().map(|f| root.join(f)).collect();
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&paths, &[root.clone(), well_known])?;
+    println!("cargo:rerun-if-changed={}", root.display());
+    Ok(())
+}

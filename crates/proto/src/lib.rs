@@ -1,0 +1,38 @@
+//! etcd's v3 wire protocol and MetaStore's internal messages.
+//!
+//! Owns: the Rust types generated from `proto/` (etcdserverpb, mvccpb, authpb, v3lockpb,
+//! v3electionpb) with tonic clients and servers, and `metastorepb` (the raft entry payload).
+//! Must not depend on any other MetaStore crate. Field numbers come from etcd's own .proto files,
+//! so every etcd client interoperates.
+
+#![allow(clippy::all, missing_docs)]
+
+/// Key-value and event types (`mvccpb`).
+pub mod mvccpb {
+    tonic::include_proto!("mvccpb");
+}
+
+/// Users, roles and permissions (`authpb`).
+pub mod authpb {
+    tonic::include_proto!("authpb");
+}
+
+/// The etcd v3 services and their messages (`etcdserverpb`).
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// The lock service (`v3lockpb`).
+pub mod v3lockpb {
+    tonic::include_proto!("v3lockpb");
+}
+
+/// The election service (`v3electionpb`).
+pub mod v3electionpb {
+    tonic::include_proto!("v3electionpb");
+}
+
+/// MetaStore's internal messages: the payload of a raft log entry.
+pub mod metastorepb {
+    tonic::include_proto!("metastorepb");
+}

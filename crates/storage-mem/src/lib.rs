@@ -1,0 +1,218 @@
+//! The in-memory storage engine.
+//!
+//! Owns: [`MemBackend`], an implementation of [`Backend`] over persistent ordered maps (`imbl`):
+//! a snapshot is an O(1) clone that later writes never touch, so readers and snapshot exports run
+//! while writes continue. Durability is not this crate's business: the raft WAL and snapshot files
+//! rebuild the content on restart.
+//!
+//! Must not depend on: mvcc, raft, the RocksDB engine.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use imbl::OrdMap;
+use metastore_storage::{
+    snapshot_format, Backend, Direction, ReadView, Result, ScanRange, SizeInfo, StorageError,
+    Visit, WriteBatch, WriteOp,
+};
+use parking_lot::Mutex;
+
+/// Bytes counted per stored pair on top of its key and value: a rough share of the tree node.
+const PER_ENTRY_OVERHEAD: u64 = 48;
+
+#[derive(Clone, Default)]
+struct Buckets {
+    maps: BTreeMap<&'static str, OrdMap<Bytes, Bytes>>,
+    live_bytes: u64,
+    /// Bumped on every write; lets defragment detect that it raced with a writer.
+    generation: u64,
+}
+
+impl Buckets {
+    fn map(&self, bucket: &str) -> Result<&OrdMap<Bytes, Bytes>> {
+        self.maps
+            .get(bucket)
+            .ok_or_else(|| StorageError::UnknownBucket(bucket.to_string()))
+    }
+}
+
+fn entry_size(key: &[u8], value: &[u8]) -> u64 {
+    key.len() as u64 + value.len() as u64 + PER_ENTRY_OVERHEAD
+}
+
+/// The in-memory engine. Cheap to clone a view of; all methods are thread-safe.
+pub struct MemBackend {
+    state: Mutex<Buckets>,
+}
+
+impl MemBackend {
+    /// An empty backend holding `buckets`.
+    pub fn new(buckets: &[&'static str]) -> Self {
+        let maps = buckets.iter().map(|b| (*b, OrdMap::new())).collect();
+        MemBackend {
+            state: Mutex::new(Buckets {
+                maps,
+                live_bytes: 0,
+                generation: 0,
+            }),
+        }
+    }
+
+    fn current(&self) -> Buckets {
+        self.state.lock().clone()
+    }
+}
+
+struct MemView(Buckets);
+
+impl ReadView for MemView {
+    fn get(&self, bucket: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.0.map(bucket)?.get(key).map(|v| v.to_vec()))
+    }
+
+    fn scan(
+        &self,
+        bucket: &str,
+        range: ScanRange<'_>,
+        visitor: &mut dyn FnMut(&[u8], &[u8]) -> Visit,
+    ) -> Result<usize> {
+        let map = self.0.map(bucket)?;
+        if range.end.is_some_and(|end| end <= range.start) {
+            return Ok(0);
+        }
+        let lower = Bound::Included(range.start);
+        let upper = match range.end {
+            Some(end) => Bound::Excluded(end),
+            None => Bound::Unbounded,
+        };
+        let iter = map.range::<_, [u8]>((lower, upper));
+        let mut visited = 0usize;
+        let mut step = |k: &Bytes, v: &Bytes| {
+            visited += 1;
+            let go_on = visitor(k, v) == Visit::Continue;
+            go_on && (range.limit == 0 || visited < range.limit)
+        };
+        match range.direction {
+            Direction::Forward => {
+                for (k, v) in iter {
+                    if !step(k, v) {
+                        break;
+                    }
+                }
+            }
+            Direction::Reverse => {
+                for (k, v) in iter.rev() {
+                    if !step(k, v) {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(visited)
+    }
+}
+
+impl Backend for MemBackend {
+    fn engine_name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn buckets(&self) -> Vec<&'static str> {
+        self.state.lock().maps.keys().copied().collect()
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<()> {
+        let mut state = self.state.lock();
+        // Check every bucket first so that a bad batch changes nothing.
+        for op in batch.ops() {
+            let bucket = match op {
+                WriteOp::Put { bucket, .. } | WriteOp::Delete { bucket, .. } => bucket,
+            };
+            state.map(bucket)?;
+        }
+        let mut live = state.live_bytes;
+        for op in batch.into_ops() {
+            match op {
+                WriteOp::Put { bucket, key, value } => {
+                    let added = entry_size(&key, &value);
+                    let map = state.maps.get_mut(bucket).expect("bucket checked above");
+                    if let Some(old) = map.insert(Bytes::from(key.clone()), Bytes::from(value)) {
+                        live -= entry_size(&key, &old);
+                    }
+                    live += added;
+                }
+                WriteOp::Delete { bucket, key } => {
+                    let map = state.maps.get_mut(bucket).expect("bucket checked above");
+                    if let Some(old) = map.remove(&key[..]) {
+                        live -= entry_size(&key, &old);
+                    }
+                }
+            }
+        }
+        state.live_bytes = live;
+        state.generation += 1;
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Arc<dyn ReadView>> {
+        Ok(Arc::new(MemView(self.current())))
+    }
+
+    fn size(&self) -> Result<SizeInfo> {
+        let live = self.state.lock().live_bytes;
+        Ok(SizeInfo {
+            size_bytes: live,
+            size_in_use_bytes: live,
+        })
+    }
+
+    /// Rebuilds every map from a snapshot so that nodes left sparse by deletes are packed again.
+    /// The rebuild runs without the lock; if a write lands meanwhile the rebuild is retried, and
+    /// after a few lost races the current maps are kept (they are correct, only less compact).
+    fn defragment(&self) -> Result<()> {
+        for _ in 0..3 {
+            let snapshot = self.current();
+            let rebuilt: BTreeMap<_, _> = snapshot
+                .maps
+                .iter()
+                .map(|(name, map)| {
+                    (
+                        *name,
+                        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    )
+                })
+                .collect();
+            let mut state = self.state.lock();
+            if state.generation == snapshot.generation {
+                state.maps = rebuilt;
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn import(&self, reader: &mut dyn Read) -> Result<()> {
+        let names: Vec<&'static str> = self.buckets();
+        let mut staged: BTreeMap<&'static str, OrdMap<Bytes, Bytes>> =
+            names.iter().map(|b| (*b, OrdMap::new())).collect();
+        let mut live = 0u64;
+        snapshot_format::read_stream(reader, &mut |bucket, key, value| {
+            let map = staged
+                .get_mut(bucket)
+                .ok_or_else(|| StorageError::UnknownBucket(bucket.to_string()))?;
+            live += entry_size(&key, &value);
+            if let Some(old) = map.insert(Bytes::from(key.clone()), Bytes::from(value)) {
+                live -= entry_size(&key, &old);
+            }
+            Ok(())
+        })?;
+        let mut state = self.state.lock();
+        state.maps = staged;
+        state.live_bytes = live;
+        state.generation += 1;
+        Ok(())
+    }
+}

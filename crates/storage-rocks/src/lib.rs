@@ -1,0 +1,370 @@
+//! The RocksDB storage engine.
+//!
+//! Owns: [`RocksBackend`], an implementation of [`Backend`] over one RocksDB database with a
+//! column family per bucket. Every write batch is one atomic RocksDB write batch across column
+//! families, logged in the WAL and fsynced before `write` returns, so it survives a crash whole
+//! or not at all. Read views own a RocksDB snapshot; size figures come from RocksDB's own
+//! properties; defragmentation is a flush plus a full manual compaction, which runs beside
+//! readers and writers.
+//!
+//! Must not depend on: mvcc, raft, the memory engine. Nothing above `metastore-storage` may know
+//! that this engine is RocksDB.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use metastore_storage::{
+    snapshot_format, Backend, Direction, ReadView, Result, ScanRange, SizeInfo, StorageError,
+    Visit, WriteBatch, WriteOp,
+};
+use parking_lot::RwLock;
+use rocksdb::properties::{CUR_SIZE_ALL_MEM_TABLES, ESTIMATE_LIVE_DATA_SIZE, TOTAL_SST_FILES_SIZE};
+use rocksdb::{
+    BottommostLevelCompaction, ColumnFamily, ColumnFamilyDescriptor, CompactOptions,
+    DBCompressionType, DBWithThreadMode, FlushOptions, Options, ReadOptions, SingleThreaded,
+    SnapshotWithThreadMode, WriteOptions,
+};
+
+/// Column families are created once at open and never dropped, so the single-threaded mode (plain
+/// `&ColumnFamily` handles) is enough. Named explicitly rather than `rocksdb::DB` so that a
+/// feature enabled elsewhere in the workspace cannot change the handle type under us.
+type Db = DBWithThreadMode<SingleThreaded>;
+
+/// Key and value bytes per RocksDB write batch when importing a snapshot: bounds the memory an
+/// import holds while keeping the number of fsyncs small.
+const IMPORT_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+fn engine_error(e: rocksdb::Error) -> StorageError {
+    StorageError::Engine(e.into_string())
+}
+
+/// The buckets a backend was opened with, shared with its read views.
+struct BucketSet(Vec<&'static str>);
+
+impl BucketSet {
+    /// The column family of `bucket`, or [`StorageError::UnknownBucket`]. Column families that
+    /// exist in the database but are not buckets of this backend (left by an earlier open) are
+    /// not reachable through here.
+    fn cf<'db>(&self, db: &'db Db, bucket: &str) -> Result<&'db ColumnFamily> {
+        let unknown = || StorageError::UnknownBucket(bucket.to_string());
+        if !self.0.contains(&bucket) {
+            return Err(unknown());
+        }
+        db.cf_handle(bucket).ok_or_else(unknown)
+    }
+}
+
+/// The RocksDB engine. All methods are thread-safe and may block on disk.
+pub struct RocksBackend {
+    db: Arc<Db>,
+    buckets: Arc<BucketSet>,
+    /// Every column family the database holds: the buckets, `default`, and any left by an
+    /// earlier open with other buckets. Size figures cover them all.
+    all_cfs: Vec<String>,
+    /// The database directory; import spools its stream to a temporary file in here.
+    path: PathBuf,
+    /// Writes take it shared, the replace step of an import takes it exclusive, so that no write
+    /// lands between an import's clear and its last batch.
+    import_gate: RwLock<()>,
+}
+
+impl RocksBackend {
+    /// Open (creating if missing) the database at `path` with a column family per bucket.
+    /// Missing column families are created; column families already in the database that are
+    /// not in `buckets` are opened too (RocksDB requires it) but stay unreachable.
+    pub fn open(path: &Path, buckets: &[&'static str]) -> Result<RocksBackend> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // Only these two codecs are compiled in: the fast one for the upper levels, the dense one
+        // for the bottommost level, where most data ends up.
+        opts.set_compression_type(DBCompressionType::Lz4);
+        opts.set_bottommost_compression_type(DBCompressionType::Zstd);
+
+        let mut names: Vec<String> = match Db::list_cf(&opts, path) {
+            Ok(existing) => existing,
+            // No database here yet: `list_cf` fails because there is nothing to list.
+            Err(_) if !path.join("CURRENT").exists() => Vec::new(),
+            Err(e) => return Err(engine_error(e)),
+        };
+        for bucket in buckets {
+            if !names.iter().any(|n| n == bucket) {
+                names.push(bucket.to_string());
+            }
+        }
+        let descriptors = names
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, opts.clone()));
+        let db = Db::open_cf_descriptors(&opts, path, descriptors).map_err(engine_error)?;
+        let mut all_cfs = names;
+        if !all_cfs
+            .iter()
+            .any(|n| n == rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
+        {
+            all_cfs.push(rocksdb::DEFAULT_COLUMN_FAMILY_NAME.to_string());
+        }
+
+        let mut bucket_list = buckets.to_vec();
+        bucket_list.sort_unstable();
+        bucket_list.dedup();
+        Ok(RocksBackend {
+            db: Arc::new(db),
+            buckets: Arc::new(BucketSet(bucket_list)),
+            all_cfs,
+            path: path.to_path_buf(),
+            import_gate: RwLock::new(()),
+        })
+    }
+
+    fn cf(&self, bucket: &str) -> Result<&ColumnFamily> {
+        self.buckets.cf(&self.db, bucket)
+    }
+
+    /// Write `batch` through the WAL and fsync it before returning.
+    fn write_synced(&self, batch: rocksdb::WriteBatch) -> Result<()> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts).map_err(engine_error)
+    }
+
+    /// Sum an integer property over every column family.
+    fn property_sum(&self, property: &rocksdb::properties::PropName) -> Result<u64> {
+        let mut total = 0u64;
+        for name in &self.all_cfs {
+            let cf = self
+                .db
+                .cf_handle(name)
+                .ok_or_else(|| StorageError::Engine(format!("column family {name:?} vanished")))?;
+            let value = self
+                .db
+                .property_int_value_cf(cf, property)
+                .map_err(engine_error)?
+                .ok_or_else(|| {
+                    StorageError::Engine(format!(
+                        "property {property} unavailable for column family {name:?}"
+                    ))
+                })?;
+            total = total.saturating_add(value);
+        }
+        Ok(total)
+    }
+
+    /// Queue, into `batch`, the deletion of every key of every bucket: a range deletion up to the
+    /// last key plus a point deletion of the last key (a range end is exclusive and no byte
+    /// string sorts after every key).
+    fn queue_clear(&self, batch: &mut rocksdb::WriteBatch) -> Result<()> {
+        for bucket in &self.buckets.0 {
+            let cf = self.cf(bucket)?;
+            let mut iter = self.db.raw_iterator_cf(cf);
+            iter.seek_to_last();
+            iter.status().map_err(engine_error)?;
+            if let Some(last) = iter.key() {
+                batch.delete_range_cf(cf, &[][..], last);
+                batch.delete_cf(cf, last);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A consistent view of every bucket, owning a RocksDB snapshot.
+struct RocksView {
+    // Field order matters: fields drop in declaration order, so the snapshot is released while
+    // the database it refers to is still open.
+    /// Really borrows `*db`; see [`RocksBackend::snapshot`] for why `'static` is sound.
+    snapshot: SnapshotWithThreadMode<'static, Db>,
+    db: Arc<Db>,
+    buckets: Arc<BucketSet>,
+}
+
+impl ReadView for RocksView {
+    fn get(&self, bucket: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let cf = self.buckets.cf(&self.db, bucket)?;
+        self.snapshot
+            .get_cf_opt(cf, key, ReadOptions::default())
+            .map_err(engine_error)
+    }
+
+    fn scan(
+        &self,
+        bucket: &str,
+        range: ScanRange<'_>,
+        visitor: &mut dyn FnMut(&[u8], &[u8]) -> Visit,
+    ) -> Result<usize> {
+        let cf = self.buckets.cf(&self.db, bucket)?;
+        if range.end.is_some_and(|end| end <= range.start) {
+            return Ok(0);
+        }
+        // The bounds keep the iterator from reading past the range in either direction.
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(range.start);
+        if let Some(end) = range.end {
+            opts.set_iterate_upper_bound(end);
+        }
+        let mut iter = self.snapshot.raw_iterator_cf_opt(cf, opts);
+        match range.direction {
+            Direction::Forward => iter.seek(range.start),
+            Direction::Reverse => iter.seek_to_last(),
+        }
+        let mut visited = 0usize;
+        while let Some((key, value)) = iter.item() {
+            visited += 1;
+            if visitor(key, value) == Visit::Stop || (range.limit != 0 && visited >= range.limit) {
+                break;
+            }
+            match range.direction {
+                Direction::Forward => iter.next(),
+                Direction::Reverse => iter.prev(),
+            }
+        }
+        // An invalid iterator means either the end of the range or a read error; tell them apart.
+        iter.status().map_err(engine_error)?;
+        Ok(visited)
+    }
+}
+
+/// Copies everything read from `inner` into `copy`: lets import verify a stream in one pass
+/// while keeping its bytes for the second.
+struct TeeReader<'a> {
+    inner: &'a mut dyn Read,
+    copy: BufWriter<File>,
+}
+
+impl Read for TeeReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+impl Backend for RocksBackend {
+    fn engine_name(&self) -> &'static str {
+        "rocksdb"
+    }
+
+    fn buckets(&self) -> Vec<&'static str> {
+        self.buckets.0.clone()
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<()> {
+        // Resolving every bucket before the write means a batch naming an unknown bucket fails
+        // with nothing written.
+        let mut rocks_batch = rocksdb::WriteBatch::default();
+        for op in batch.ops() {
+            match op {
+                WriteOp::Put { bucket, key, value } => {
+                    rocks_batch.put_cf(self.cf(bucket)?, key, value)
+                }
+                WriteOp::Delete { bucket, key } => rocks_batch.delete_cf(self.cf(bucket)?, key),
+            }
+        }
+        let _gate = self.import_gate.read();
+        self.write_synced(rocks_batch)
+    }
+
+    /// The view keeps the database open until it is dropped, even after the backend is.
+    fn snapshot(&self) -> Result<Arc<dyn ReadView>> {
+        let db = Arc::clone(&self.db);
+        let snapshot = db.snapshot();
+        // SAFETY: the snapshot borrows the `Db` inside the `Arc`'s heap allocation, which never
+        // moves. `RocksView` keeps that `Arc` alive for as long as it holds the snapshot and drops
+        // the snapshot first (field order), so the borrow never dangles. The `'static` snapshot is
+        // never handed out of the view; iterators made from it live inside `scan` only.
+        let snapshot = unsafe {
+            std::mem::transmute::<SnapshotWithThreadMode<'_, Db>, SnapshotWithThreadMode<'static, Db>>(
+                snapshot,
+            )
+        };
+        Ok(Arc::new(RocksView {
+            snapshot,
+            db,
+            buckets: Arc::clone(&self.buckets),
+        }))
+    }
+
+    /// `size_bytes`: SST files plus memtables. `size_in_use_bytes`: RocksDB's estimate of live
+    /// data in SST files plus memtables, never more than `size_bytes`. Write-ahead log files are
+    /// not counted. Deleted data stops counting once a compaction drops it (see `defragment`).
+    fn size(&self) -> Result<SizeInfo> {
+        let memtables = self.property_sum(CUR_SIZE_ALL_MEM_TABLES)?;
+        let size_bytes = self
+            .property_sum(TOTAL_SST_FILES_SIZE)?
+            .saturating_add(memtables);
+        let live = self
+            .property_sum(ESTIMATE_LIVE_DATA_SIZE)?
+            .saturating_add(memtables);
+        Ok(SizeInfo {
+            size_bytes,
+            size_in_use_bytes: live.min(size_bytes),
+        })
+    }
+
+    /// Flushes the memtables, then compacts every column family over its whole key range,
+    /// bottommost level included, so that deleted and overwritten data and their tombstones are
+    /// dropped. RocksDB runs both beside concurrent reads and writes; no lock is held here.
+    fn defragment(&self) -> Result<()> {
+        let cfs = self
+            .all_cfs
+            .iter()
+            .map(|name| {
+                self.db
+                    .cf_handle(name)
+                    .ok_or_else(|| StorageError::Engine(format!("column family {name:?} vanished")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut flush = FlushOptions::default();
+        flush.set_wait(true);
+        self.db.flush_cfs_opt(&cfs, &flush).map_err(engine_error)?;
+        let mut compact = CompactOptions::default();
+        compact.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
+        // Let automatic compactions go on meanwhile instead of pausing them.
+        compact.set_exclusive_manual_compaction(false);
+        for cf in cfs {
+            self.db
+                .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &compact);
+        }
+        Ok(())
+    }
+
+    /// First spools the stream to an unnamed temporary file in the database directory while
+    /// verifying it completely (format, checksum, buckets): a bad or truncated stream fails here
+    /// with the previous content untouched. Then replaces the content in batches of bounded
+    /// size, the first of which also deletes every existing key; writes wait meanwhile.
+    ///
+    /// The replace step is not crash-atomic: a crash (or an I/O error re-reading the spool file)
+    /// during it leaves the old content gone and only part of the new one written. The caller,
+    /// the raft layer, counts a snapshot as applied only once `import` returns `Ok` and imports
+    /// it again after a crash, which replaces everything anew.
+    fn import(&self, reader: &mut dyn Read) -> Result<()> {
+        let mut tee = TeeReader {
+            inner: reader,
+            copy: BufWriter::new(tempfile::tempfile_in(&self.path)?),
+        };
+        snapshot_format::read_stream(&mut tee, &mut |bucket, _key, _value| {
+            self.cf(bucket).map(|_| ())
+        })?;
+        let mut spool = tee
+            .copy
+            .into_inner()
+            .map_err(|e| StorageError::Io(e.into_error()))?;
+        spool.seek(SeekFrom::Start(0))?;
+
+        let _gate = self.import_gate.write();
+        let mut batch = rocksdb::WriteBatch::default();
+        self.queue_clear(&mut batch)?;
+        let mut batch_bytes = 0usize;
+        snapshot_format::read_stream(&mut BufReader::new(spool), &mut |bucket, key, value| {
+            batch_bytes += key.len() + value.len();
+            batch.put_cf(self.cf(bucket)?, key, value);
+            if batch_bytes >= IMPORT_BATCH_BYTES {
+                self.write_synced(std::mem::take(&mut batch))?;
+                batch_bytes = 0;
+            }
+            Ok(())
+        })?;
+        self.write_synced(batch)
+    }
+}

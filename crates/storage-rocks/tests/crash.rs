@@ -1,0 +1,205 @@
+//! Write batches survive a process crash whole or not at all.
+//!
+//! The parent test re-runs this test binary as a child that executes only [`child_writer`]: it
+//! writes multi-key batches across two buckets in a loop and reports each acknowledged batch on
+//! stdout. The parent SIGKILLs it at a random point, reopens the database and checks that every
+//! batch is fully present or fully absent, and that every acknowledged batch is present.
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use metastore_storage::{Backend, ScanRange, Visit, WriteBatch};
+use metastore_storage_rocks::RocksBackend;
+
+/// Set in the child's environment to the database directory it writes to.
+const CHILD_DIR_ENV: &str = "METASTORE_ROCKS_CHILD_DIR";
+/// Marks the child's progress lines, `acked <n>`, among libtest's output.
+const ACK_PREFIX: &str = "acked ";
+const BUCKETS: &[&str] = &["alpha", "beta"];
+const KEYS_PER_BATCH: u64 = 50;
+/// Pairs per batch: the keys plus the marker.
+const PAIRS_PER_BATCH: usize = KEYS_PER_BATCH as usize + 1;
+const ROUNDS: usize = 4;
+/// Bound on every wait for the child, and on how long a forgotten child keeps writing.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn value_for(n: u64, i: u64) -> Vec<u8> {
+    // Large enough that a batch takes a while to write, so kills land inside writes too.
+    format!("batch {n} key {i} ").repeat(16).into_bytes()
+}
+
+/// Batch `n`: keys `b{n}-{i}`, even `i` in alpha and odd `i` in beta, plus a marker `m{n}` in beta.
+fn batch(n: u64) -> WriteBatch {
+    let mut b = WriteBatch::new();
+    for i in 0..KEYS_PER_BATCH {
+        let bucket = if i % 2 == 0 { "alpha" } else { "beta" };
+        b.put(bucket, format!("b{n}-{i}"), value_for(n, i));
+    }
+    b.put("beta", format!("m{n}"), n.to_string());
+    b
+}
+
+/// Which batch a stored pair belongs to, checking that it is the pair that batch wrote.
+fn batch_of(bucket: &str, key: &[u8], value: &[u8]) -> u64 {
+    let key = std::str::from_utf8(key).expect("keys are UTF-8");
+    if let Some(n) = key.strip_prefix('m') {
+        let n: u64 = n.parse().expect("marker key");
+        assert_eq!(bucket, "beta", "marker {key} in the wrong bucket");
+        assert_eq!(
+            value,
+            n.to_string().as_bytes(),
+            "marker {key} has a wrong value"
+        );
+        return n;
+    }
+    let (n, i) = key
+        .strip_prefix('b')
+        .and_then(|rest| rest.split_once('-'))
+        .expect("batch key");
+    let (n, i): (u64, u64) = (
+        n.parse().expect("batch number"),
+        i.parse().expect("key index"),
+    );
+    assert_eq!(
+        bucket,
+        if i % 2 == 0 { "alpha" } else { "beta" },
+        "{key} in the wrong bucket"
+    );
+    assert_eq!(value, value_for(n, i), "{key} has a wrong value");
+    n
+}
+
+/// A number in `0..bound`, different on every call: jitter for the kill point, no more.
+fn random_below(bound: u64) -> u64 {
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        % bound
+}
+
+/// Runs only in the child process; a no-op in an ordinary test run.
+#[test]
+fn child_writer() {
+    let Some(dir) = std::env::var_os(CHILD_DIR_ENV) else {
+        return;
+    };
+    let be = RocksBackend::open(Path::new(&dir), BUCKETS).expect("child: open");
+    let deadline = Instant::now() + TIMEOUT;
+    let mut stdout = std::io::stdout().lock();
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        be.write(batch(n)).expect("child: write");
+        // A write error means the parent is gone: stop quietly.
+        if writeln!(stdout, "{ACK_PREFIX}{n}")
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return;
+        }
+        n += 1;
+    }
+}
+
+/// Runs the child until it has acknowledged `target` batches (bounded by [`TIMEOUT`]), kills
+/// it, and returns the highest batch number it acknowledged.
+fn run_child_and_kill(dir: &Path, target: u64) -> u64 {
+    let exe = std::env::current_exe().expect("path of the test binary");
+    let mut child = Command::new(exe)
+        .args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
+        .env(CHILD_DIR_ENV, dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("child stdout is piped");
+    let (tx, rx) = mpsc::channel::<u64>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            // libtest may print its own `test child_writer ... ` in front of the first line.
+            let ack = line
+                .find(ACK_PREFIX)
+                .map(|at| &line[at + ACK_PREFIX.len()..]);
+            if let Some(n) = ack.and_then(|n| n.parse().ok()) {
+                if tx.send(n).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+
+    let deadline = Instant::now() + TIMEOUT;
+    let mut acked = None;
+    while acked.is_none_or(|n| n + 1 < target) {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(n) => acked = Some(n),
+            Err(_) => break,
+        }
+    }
+    let exited_early = child.try_wait().expect("poll child");
+    // Jitter so the kill does not always land at the same point of the next write.
+    std::thread::sleep(Duration::from_micros(random_below(2000)));
+    // `kill` is SIGKILL on Unix: no destructors, no flush, like a crash.
+    let _ = child.kill();
+    let status = child.wait().expect("reap child");
+    reader.join().expect("stdout reader");
+    // Acknowledgements printed before the kill are still in the pipe.
+    acked = rx.try_iter().last().or(acked);
+    assert!(
+        exited_early.is_none(),
+        "child exited on its own with {status} (its stderr is above)"
+    );
+    let acked = acked.expect("child acknowledged no batch within the timeout");
+    assert!(
+        acked + 1 >= target,
+        "child acknowledged only {} of {target} batches in time",
+        acked + 1
+    );
+    acked
+}
+
+#[test]
+fn batches_are_all_or_nothing_after_sigkill() {
+    for round in 0..ROUNDS {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let target = 1 + random_below(60);
+        let acked = run_child_and_kill(dir.path(), target);
+
+        let be = RocksBackend::open(dir.path(), BUCKETS).expect("reopen after the crash");
+        let view = be.snapshot().unwrap();
+        let mut pairs_per_batch: BTreeMap<u64, usize> = BTreeMap::new();
+        for bucket in BUCKETS {
+            view.scan(bucket, ScanRange::all(), &mut |k, v| {
+                *pairs_per_batch.entry(batch_of(bucket, k, v)).or_default() += 1;
+                Visit::Continue
+            })
+            .unwrap();
+        }
+        for (n, pairs) in &pairs_per_batch {
+            assert_eq!(
+                *pairs, PAIRS_PER_BATCH,
+                "round {round}: batch {n} is partially present"
+            );
+        }
+        // Batches were written one after another, so the survivors are a prefix: every
+        // acknowledged batch, plus at most the one in flight at the kill.
+        let present: Vec<u64> = pairs_per_batch.keys().copied().collect();
+        let expected_prefix: Vec<u64> = (0..present.len() as u64).collect();
+        assert_eq!(
+            present, expected_prefix,
+            "round {round}: surviving batches are not a prefix"
+        );
+        let survivors = present.len() as u64;
+        assert!(
+            survivors == acked + 1 || survivors == acked + 2,
+            "round {round}: {survivors} batches survived, {} were acknowledged",
+            acked + 1
+        );
+    }
+}

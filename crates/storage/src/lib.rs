@@ -1,0 +1,238 @@
+//! The storage boundary of MetaStore.
+//!
+//! Owns: the [`Backend`] trait — named buckets of ordered byte keys, atomic write batches across
+//! buckets, consistent read snapshots isolated from later writes, forward and reverse range scans
+//! with limits, size figures, defragmentation, and export/import of a consistent snapshot as a byte
+//! stream (the format in [`snapshot_format`]). Also the [`conformance`] kit every engine runs.
+//!
+//! Must not depend on: any engine, mvcc, raft. Nothing above this crate knows which engine runs;
+//! everything holds an `Arc<dyn Backend>`.
+
+pub mod conformance;
+pub mod snapshot_format;
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+/// Errors a backend reports. Engines map their own failures into these.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A bucket that the backend was not opened with.
+    #[error("storage: unknown bucket {0:?}")]
+    UnknownBucket(String),
+    /// An I/O failure of the engine or of a snapshot stream.
+    #[error("storage: i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// A snapshot stream that is not in MetaStore's format or fails its checksum.
+    #[error("storage: bad snapshot stream: {0}")]
+    BadSnapshot(String),
+    /// Any other engine failure, with the engine's message.
+    #[error("storage: engine: {0}")]
+    Engine(String),
+}
+
+/// Result alias for storage operations.
+pub type Result<T> = std::result::Result<T, StorageError>;
+
+/// One change inside a [`WriteBatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    /// Set `key` to `value` in `bucket`.
+    Put {
+        bucket: &'static str,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    /// Remove `key` from `bucket` (no error when absent).
+    Delete { bucket: &'static str, key: Vec<u8> },
+}
+
+/// Changes applied atomically: after a crash either all of them are visible or none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    ops: Vec<WriteOp>,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Queue a put.
+    pub fn put(
+        &mut self,
+        bucket: &'static str,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) {
+        self.ops.push(WriteOp::Put {
+            bucket,
+            key: key.into(),
+            value: value.into(),
+        });
+    }
+    /// Queue a delete.
+    pub fn delete(&mut self, bucket: &'static str, key: impl Into<Vec<u8>>) {
+        self.ops.push(WriteOp::Delete {
+            bucket,
+            key: key.into(),
+        });
+    }
+    /// The queued changes, in order; a later change to the same key wins.
+    pub fn ops(&self) -> &[WriteOp] {
+        &self.ops
+    }
+    /// Consume the batch into its changes.
+    pub fn into_ops(self) -> Vec<WriteOp> {
+        self.ops
+    }
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    /// Number of queued changes.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+/// Which way a range scan walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Ascending key order.
+    Forward,
+    /// Descending key order.
+    Reverse,
+}
+
+/// A range scan request: keys in `[start, end)` (`end = None`: to the end of the bucket).
+#[derive(Debug, Clone, Copy)]
+pub struct ScanRange<'a> {
+    /// First key included.
+    pub start: &'a [u8],
+    /// First key excluded; `None` means no upper bound.
+    pub end: Option<&'a [u8]>,
+    /// Walk order.
+    pub direction: Direction,
+    /// At most this many pairs are visited; 0 means no limit.
+    pub limit: usize,
+}
+
+impl<'a> ScanRange<'a> {
+    /// All keys of a bucket, ascending.
+    pub fn all() -> Self {
+        ScanRange {
+            start: &[],
+            end: None,
+            direction: Direction::Forward,
+            limit: 0,
+        }
+    }
+    /// Keys in `[start, end)`, ascending, no limit.
+    pub fn between(start: &'a [u8], end: Option<&'a [u8]>) -> Self {
+        ScanRange {
+            start,
+            end,
+            direction: Direction::Forward,
+            limit: 0,
+        }
+    }
+    /// Same range, walked in reverse.
+    pub fn reverse(mut self) -> Self {
+        self.direction = Direction::Reverse;
+        self
+    }
+    /// Same range, at most `limit` pairs (0 = no limit).
+    pub fn limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+    /// Whether `key` falls inside `[start, end)`.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start && self.end.is_none_or(|end| key < end)
+    }
+}
+
+/// What a scan visitor tells the scan to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visit {
+    /// Go on with the next pair.
+    Continue,
+    /// Stop the scan here.
+    Stop,
+}
+
+/// A consistent, read-only view of every bucket at one point in time. Writes made after it was
+/// taken are invisible to it.
+pub trait ReadView: Send + Sync {
+    /// The value stored under `key`, if any.
+    fn get(&self, bucket: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Visit pairs of `bucket` inside `range` in its direction, up to its limit, until the
+    /// visitor answers [`Visit::Stop`]. Returns how many pairs were visited.
+    fn scan(
+        &self,
+        bucket: &str,
+        range: ScanRange<'_>,
+        visitor: &mut dyn FnMut(&[u8], &[u8]) -> Visit,
+    ) -> Result<usize>;
+
+    /// Pairs of `bucket` inside `range`, collected. Convenience over [`ReadView::scan`].
+    fn collect(&self, bucket: &str, range: ScanRange<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        self.scan(bucket, range, &mut |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            Visit::Continue
+        })?;
+        Ok(out)
+    }
+}
+
+/// Size figures of a backend, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SizeInfo {
+    /// Space the engine holds (etcd's `dbSize`).
+    pub size_bytes: u64,
+    /// Space taken by live data (etcd's `dbSizeInUse`); never more than `size_bytes`.
+    pub size_in_use_bytes: u64,
+}
+
+/// A storage engine: named buckets of ordered byte keys.
+///
+/// Both engines must pass [`conformance::run_all`]. Implementations are shared across threads as
+/// `Arc<dyn Backend>`; every method may block on disk and belongs on a blocking thread, never
+/// directly on an async runtime worker.
+pub trait Backend: Send + Sync {
+    /// A short engine name for logs and metrics (`"memory"`, `"rocksdb"`).
+    fn engine_name(&self) -> &'static str;
+
+    /// The buckets this backend was opened with.
+    fn buckets(&self) -> Vec<&'static str>;
+
+    /// Apply every change of `batch` atomically, durably where the engine is durable.
+    fn write(&self, batch: WriteBatch) -> Result<()>;
+
+    /// A consistent view of all buckets as of now.
+    fn snapshot(&self) -> Result<Arc<dyn ReadView>>;
+
+    /// Current size figures.
+    fn size(&self) -> Result<SizeInfo>;
+
+    /// Reclaim space held by deleted and overwritten data without blocking readers or writers.
+    fn defragment(&self) -> Result<()>;
+
+    /// Replace the whole content of every bucket with what `reader` holds (a stream written by
+    /// [`export_snapshot`]). A stream that fails its checksum or is cut short leaves the previous
+    /// content in place.
+    fn import(&self, reader: &mut dyn Read) -> Result<()>;
+}
+
+/// Write `view` to `writer` in MetaStore's snapshot stream format, in constant memory.
+/// Returns the number of bytes written.
+pub fn export_snapshot(
+    view: &dyn ReadView,
+    buckets: &[&'static str],
+    writer: &mut dyn Write,
+) -> Result<u64> {
+    snapshot_format::write_stream(view, buckets, writer)
+}
