@@ -1,0 +1,465 @@
+//! The in-memory key index: for every key, the revisions that changed it, grouped into
+//! generations (etcd's `key_index.go` and `index.go`).
+//!
+//! A generation runs from a key's creation to its deletion: its last revision is the tombstone,
+//! except in the last generation, which is still live (or empty after a deletion). Reads at a past
+//! revision find the generation alive then and the newest revision not after it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Bound;
+
+use crate::revision::Revision;
+
+/// One life of a key, from creation to deletion.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Generation {
+    /// Version of the key at the last revision of this generation.
+    ver: i64,
+    /// Revision that created the key in this generation.
+    created: Revision,
+    /// Revisions that changed the key, ascending; for a finished generation the last is the tombstone.
+    revs: Vec<Revision>,
+}
+
+impl Generation {
+    fn is_empty(&self) -> bool {
+        self.revs.is_empty()
+    }
+
+    /// Position of the newest revision whose main revision is not after `at_rev`.
+    fn newest_at(&self, at_rev: i64) -> Option<usize> {
+        self.revs.iter().rposition(|r| r.main <= at_rev)
+    }
+}
+
+/// What a key looked like at a revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeyAt {
+    /// The revision that wrote the visible value.
+    pub modified: Revision,
+    /// The revision that created the key in its current generation.
+    pub created: Revision,
+    /// The key's version at that point.
+    pub version: i64,
+}
+
+/// The history of one key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct KeyIndex {
+    /// The last revision that changed the key.
+    modified: Revision,
+    generations: Vec<Generation>,
+}
+
+impl KeyIndex {
+    /// Record a put at `rev`. Revisions must arrive in increasing order.
+    fn put(&mut self, rev: Revision) {
+        debug_assert!(rev > self.modified, "put with a smaller revision");
+        if self.generations.is_empty() {
+            self.generations.push(Generation::default());
+        }
+        let g = self
+            .generations
+            .last_mut()
+            .expect("at least one generation");
+        if g.revs.is_empty() {
+            g.created = rev;
+        }
+        g.revs.push(rev);
+        g.ver += 1;
+        self.modified = rev;
+    }
+
+    /// Rebuild from the first surviving revision of a live key found on disk.
+    fn restore(created: Revision, modified: Revision, ver: i64) -> Self {
+        KeyIndex {
+            modified,
+            generations: vec![Generation {
+                ver,
+                created,
+                revs: vec![modified],
+            }],
+        }
+    }
+
+    /// Rebuild from a tombstone that is the first surviving revision of a key on disk.
+    fn restore_tombstone(rev: Revision) -> Self {
+        let mut ki = KeyIndex::restore(Revision::default(), rev, 1);
+        ki.generations.push(Generation::default());
+        ki
+    }
+
+    /// Record a deletion at `rev`. Returns false when the key is not live (nothing to delete).
+    fn tombstone(&mut self, rev: Revision) -> bool {
+        match self.generations.last() {
+            Some(g) if !g.is_empty() => {}
+            _ => return false,
+        }
+        self.put(rev);
+        self.generations.push(Generation::default());
+        true
+    }
+
+    /// The key as it was at `at_rev`, if it existed then.
+    pub(crate) fn get(&self, at_rev: i64) -> Option<KeyAt> {
+        let g = self.find_generation(at_rev)?;
+        let n = g.newest_at(at_rev)?;
+        Some(KeyAt {
+            modified: g.revs[n],
+            created: g.created,
+            version: g.ver - (g.revs.len() - n - 1) as i64,
+        })
+    }
+
+    /// The generation alive at `rev`, if any.
+    fn find_generation(&self, rev: i64) -> Option<&Generation> {
+        let last = self.generations.len().checked_sub(1)?;
+        for (i, g) in self.generations.iter().enumerate().rev() {
+            let Some(first) = g.revs.first() else {
+                continue;
+            };
+            if i != last {
+                let tomb = g.revs[g.revs.len() - 1].main;
+                if tomb <= rev {
+                    return None;
+                }
+            }
+            if first.main <= rev {
+                return Some(g);
+            }
+        }
+        None
+    }
+
+    fn is_empty(&self) -> bool {
+        self.generations.len() == 1 && self.generations[0].is_empty()
+    }
+
+    /// The generation and revision position a compaction at `at_rev` keeps, adding the kept
+    /// revision to `available` (etcd's `doCompact`).
+    fn do_compact(&self, at_rev: i64, available: &mut HashSet<Revision>) -> (usize, Option<usize>) {
+        let mut gen_idx = 0;
+        while gen_idx < self.generations.len() - 1 {
+            let g = &self.generations[gen_idx];
+            if g.revs[g.revs.len() - 1].main >= at_rev {
+                break;
+            }
+            gen_idx += 1;
+        }
+        let g = &self.generations[gen_idx];
+        let rev_idx = g.newest_at(at_rev);
+        if let Some(i) = rev_idx {
+            available.insert(g.revs[i]);
+        }
+        (gen_idx, rev_idx)
+    }
+
+    /// Drop every revision a compaction at `at_rev` supersedes; adds the revisions to keep on disk
+    /// to `available`. A tombstone at exactly `at_rev` stays (as in etcd) so that watchers starting
+    /// at the compact revision still see the deletion; the next compaction removes it.
+    fn compact(&mut self, at_rev: i64, available: &mut HashSet<Revision>) {
+        let (gen_idx, rev_idx) = self.do_compact(at_rev, available);
+        if let Some(i) = rev_idx {
+            self.generations[gen_idx].revs.drain(..i);
+        }
+        self.generations.drain(..gen_idx);
+    }
+
+    /// Add to `available` the revision a compaction at `at_rev` would keep for this key, unless
+    /// it is a tombstone (etcd's `keep`, used by HashKV).
+    fn keep(&self, at_rev: i64, available: &mut HashSet<Revision>) {
+        if self.is_empty() {
+            return;
+        }
+        let (gen_idx, rev_idx) = self.do_compact(at_rev, available);
+        let g = &self.generations[gen_idx];
+        if let Some(i) = rev_idx {
+            if i == g.revs.len() - 1 && gen_idx != self.generations.len() - 1 {
+                available.remove(&g.revs[i]);
+            }
+        }
+    }
+}
+
+/// Lower and upper bounds of a key range, as `BTreeMap::range` takes them.
+pub(crate) type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
+
+/// The bounds of a key range: a single key, or `[start, end)` with `end = None` meaning every key
+/// from `start` on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum KeyRange<'a> {
+    /// Exactly one key.
+    Single(&'a [u8]),
+    /// Keys in `[start, end)`; no upper bound when `end` is `None`.
+    Span(&'a [u8], Option<&'a [u8]>),
+}
+
+impl<'a> KeyRange<'a> {
+    /// etcd's interpretation of a request's `key` / `range_end`: empty end = the single key,
+    /// `"\0"` = every key from `key` on, otherwise `[key, range_end)`.
+    pub(crate) fn from_request(key: &'a [u8], range_end: &'a [u8]) -> Self {
+        match range_end {
+            [] => KeyRange::Single(key),
+            [0] => KeyRange::Span(key, None),
+            end => KeyRange::Span(key, Some(end)),
+        }
+    }
+
+    /// Bounds for a `BTreeMap` range; `None` when the range is empty (end not after start).
+    pub(crate) fn bounds(&self) -> Option<KeyBounds<'a>> {
+        match *self {
+            KeyRange::Single(k) => Some((Bound::Included(k), Bound::Included(k))),
+            KeyRange::Span(start, None) => Some((Bound::Included(start), Bound::Unbounded)),
+            KeyRange::Span(start, Some(end)) if end > start => {
+                Some((Bound::Included(start), Bound::Excluded(end)))
+            }
+            KeyRange::Span(..) => None,
+        }
+    }
+}
+
+/// Every key's history, ordered by key.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Index {
+    keys: BTreeMap<Vec<u8>, KeyIndex>,
+}
+
+impl Index {
+    /// Record a put of `key` at `rev`.
+    pub(crate) fn put(&mut self, key: &[u8], rev: Revision) {
+        match self.keys.get_mut(key) {
+            Some(ki) => ki.put(rev),
+            None => {
+                let mut ki = KeyIndex::default();
+                ki.put(rev);
+                self.keys.insert(key.to_vec(), ki);
+            }
+        }
+    }
+
+    /// Record a deletion of `key` at `rev`. False when the key is not live.
+    pub(crate) fn tombstone(&mut self, key: &[u8], rev: Revision) -> bool {
+        self.keys.get_mut(key).is_some_and(|ki| ki.tombstone(rev))
+    }
+
+    /// Replay one revision found on disk while rebuilding the index in revision order.
+    /// `created`/`version` come from the stored value and matter only for a key's first revision.
+    pub(crate) fn restore(
+        &mut self,
+        key: &[u8],
+        rev: Revision,
+        tombstone: bool,
+        created: i64,
+        version: i64,
+    ) {
+        match self.keys.get_mut(key) {
+            Some(ki) if tombstone => {
+                // A tombstone of a key that is not live is a no-op, as in etcd's restore.
+                ki.tombstone(rev);
+            }
+            Some(ki) => ki.put(rev),
+            None => {
+                let ki = if tombstone {
+                    KeyIndex::restore_tombstone(rev)
+                } else {
+                    KeyIndex::restore(Revision::new(created, 0), rev, version)
+                };
+                self.keys.insert(key.to_vec(), ki);
+            }
+        }
+    }
+
+    /// Every key of `range` with its history, in key order.
+    pub(crate) fn iter_range<'s>(
+        &'s self,
+        range: KeyRange<'s>,
+    ) -> impl Iterator<Item = (&'s [u8], &'s KeyIndex)> + 's {
+        let bounds = range.bounds();
+        bounds
+            .into_iter()
+            .flat_map(move |b| self.keys.range::<[u8], _>(b))
+            .map(|(k, v)| (k.as_slice(), v))
+    }
+
+    /// Compact every key at `at_rev`; returns the revisions to keep on disk (etcd's `Compact`).
+    pub(crate) fn compact(&mut self, at_rev: i64) -> HashSet<Revision> {
+        let mut available = HashSet::new();
+        self.keys.retain(|_, ki| {
+            ki.compact(at_rev, &mut available);
+            !ki.is_empty()
+        });
+        available
+    }
+
+    /// The revisions a compaction at `at_rev` would keep on disk, without changing anything.
+    pub(crate) fn compaction_available(&self, at_rev: i64) -> HashSet<Revision> {
+        let mut available = HashSet::new();
+        for ki in self.keys.values() {
+            ki.do_compact(at_rev, &mut available);
+        }
+        available
+    }
+
+    /// The live revisions at `at_rev` that a compaction there would keep (etcd's `Keep`).
+    pub(crate) fn keep(&self, at_rev: i64) -> HashSet<Revision> {
+        let mut available = HashSet::new();
+        for ki in self.keys.values() {
+            ki.keep(at_rev, &mut available);
+        }
+        available
+    }
+
+    /// Number of keys with any history in the index.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(main: i64, sub: i64) -> Revision {
+        Revision::new(main, sub)
+    }
+
+    /// The history etcd's key_index_test uses: puts at 2, 4, tombstone 6; puts 8, 10, tombstone
+    /// 12; puts 14, 14.1, tombstone 16; then an empty generation.
+    fn sample() -> KeyIndex {
+        let mut ki = KeyIndex::default();
+        ki.put(r(2, 0));
+        ki.put(r(4, 0));
+        assert!(ki.tombstone(r(6, 0)));
+        ki.put(r(8, 0));
+        ki.put(r(10, 0));
+        assert!(ki.tombstone(r(12, 0)));
+        ki.put(r(14, 0));
+        ki.put(r(14, 1));
+        assert!(ki.tombstone(r(16, 0)));
+        ki
+    }
+
+    #[test]
+    fn get_walks_generations() {
+        let ki = sample();
+        assert_eq!(ki.get(1), None);
+        assert_eq!(
+            ki.get(2),
+            Some(KeyAt {
+                modified: r(2, 0),
+                created: r(2, 0),
+                version: 1
+            })
+        );
+        assert_eq!(
+            ki.get(5),
+            Some(KeyAt {
+                modified: r(4, 0),
+                created: r(2, 0),
+                version: 2
+            })
+        );
+        assert_eq!(ki.get(6), None);
+        assert_eq!(ki.get(7), None);
+        assert_eq!(
+            ki.get(9),
+            Some(KeyAt {
+                modified: r(8, 0),
+                created: r(8, 0),
+                version: 1
+            })
+        );
+        assert_eq!(
+            ki.get(11),
+            Some(KeyAt {
+                modified: r(10, 0),
+                created: r(8, 0),
+                version: 2
+            })
+        );
+        assert_eq!(
+            ki.get(14),
+            Some(KeyAt {
+                modified: r(14, 1),
+                created: r(14, 0),
+                version: 2
+            })
+        );
+        assert_eq!(ki.get(16), None);
+        assert_eq!(ki.get(100), None);
+    }
+
+    #[test]
+    fn tombstone_of_deleted_key_is_refused() {
+        let mut ki = sample();
+        assert!(!ki.tombstone(r(17, 0)));
+    }
+
+    #[test]
+    fn compact_keeps_latest_and_tombstone_at_compact_revision() {
+        let mut ki = sample();
+        let mut available = HashSet::new();
+        ki.compact(5, &mut available);
+        assert_eq!(available, HashSet::from([r(4, 0)]));
+        assert_eq!(ki.get(5).map(|k| k.modified), Some(r(4, 0)));
+
+        let mut available = HashSet::new();
+        ki.compact(12, &mut available);
+        // The tombstone at exactly the compact revision stays.
+        assert_eq!(available, HashSet::from([r(12, 0)]));
+        assert_eq!(ki.get(12), None);
+        assert_eq!(ki.get(14).map(|k| k.version), Some(2));
+
+        let mut available = HashSet::new();
+        ki.compact(13, &mut available);
+        assert!(available.is_empty());
+
+        let mut available = HashSet::new();
+        ki.compact(16, &mut available);
+        assert_eq!(available, HashSet::from([r(16, 0)]));
+        assert!(!ki.is_empty());
+        let mut available = HashSet::new();
+        ki.compact(17, &mut available);
+        assert!(available.is_empty());
+        assert!(ki.is_empty());
+    }
+
+    #[test]
+    fn keep_excludes_tombstones() {
+        let ki = sample();
+        let mut available = HashSet::new();
+        ki.keep(12, &mut available);
+        assert!(available.is_empty());
+        ki.keep(11, &mut available);
+        assert_eq!(available, HashSet::from([r(10, 0)]));
+    }
+
+    #[test]
+    fn index_compaction_drops_dead_keys() {
+        let mut idx = Index::default();
+        idx.put(b"a", r(2, 0));
+        idx.put(b"b", r(3, 0));
+        assert!(idx.tombstone(b"a", r(4, 0)));
+        idx.put(b"b", r(5, 0));
+        let available = idx.compact(5);
+        assert_eq!(available, HashSet::from([r(5, 0)]));
+        assert_eq!(idx.len(), 1);
+        assert!(!idx.tombstone(b"zz", r(6, 0)));
+    }
+
+    #[test]
+    fn key_ranges() {
+        assert!(matches!(
+            KeyRange::from_request(b"a", b""),
+            KeyRange::Single(b"a")
+        ));
+        assert!(matches!(
+            KeyRange::from_request(b"a", b"\0"),
+            KeyRange::Span(b"a", None)
+        ));
+        assert!(KeyRange::from_request(b"b", b"a").bounds().is_none());
+        assert!(KeyRange::from_request(b"a", b"a").bounds().is_none());
+        assert!(KeyRange::from_request(b"a", b"c").bounds().is_some());
+    }
+}

@@ -1,0 +1,586 @@
+//! The [`Store`]: committed state, reads, the write path and compaction.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use metastore_proto::etcdserverpb::{
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+};
+use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
+use metastore_storage::{Backend, ReadView, ScanRange, Visit, WriteBatch, WriteOp};
+use parking_lot::{Mutex, RwLock, RwLockUpgradableReadGuard};
+
+use crate::hash::{HashKv, KvHasher};
+use crate::key_index::{Index, KeyRange};
+use crate::revision::{main_prefix, Revision};
+use crate::txn::{decode_kv, fetch, finish_range, is_txn_read_only, plan_range, select, Tx};
+use crate::{
+    LeaseLookup, MvccError, CONSISTENT_INDEX_KEY, FINISHED_COMPACT_KEY, KEY_BUCKET, META_BUCKET,
+    SCHEDULED_COMPACT_KEY,
+};
+
+/// How many compaction hashes are remembered for HashKV (etcd's `hashStorageMaxSize`).
+const MAX_COMPACTION_HASHES: usize = 10;
+
+/// A request that goes through consensus and changes the store.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteRequest {
+    /// Put one key.
+    Put(PutRequest),
+    /// Delete a key or a range of keys.
+    DeleteRange(DeleteRangeRequest),
+    /// A transaction; its writes share one revision.
+    Txn(TxnRequest),
+    /// Compact history up to a revision.
+    Compact(CompactionRequest),
+}
+
+/// The response to a [`WriteRequest`], header left `None` for the caller to fill.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteResponse {
+    /// Answer to [`WriteRequest::Put`].
+    Put(PutResponse),
+    /// Answer to [`WriteRequest::DeleteRange`].
+    DeleteRange(DeleteRangeResponse),
+    /// Answer to [`WriteRequest::Txn`]. Responses nested inside carry etcd's partial headers
+    /// (only `revision` set; empty for nested txns).
+    Txn(TxnResponse),
+    /// Answer to [`WriteRequest::Compact`].
+    Compact(CompactionResponse),
+}
+
+impl WriteResponse {
+    fn clear_header(&mut self) {
+        match self {
+            WriteResponse::Put(r) => r.header = None,
+            WriteResponse::DeleteRange(r) => r.header = None,
+            WriteResponse::Txn(r) => r.header = None,
+            WriteResponse::Compact(r) => r.header = None,
+        }
+    }
+}
+
+/// The outcome of [`Store::apply_write`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    /// The response, header `None`.
+    pub response: WriteResponse,
+    /// The changes in sub-revision order, each with `prev_kv` set to the key's previous value
+    /// (`None` for a creation). A deletion's `kv` holds only `key` and `mod_revision`, as etcd's
+    /// watch events do.
+    pub events: Vec<Event>,
+    /// The store revision after the request: what etcd puts in the response header. Unchanged
+    /// when the request changed nothing.
+    pub revision: i64,
+}
+
+struct State {
+    index: Index,
+    current_rev: i64,
+    compact_rev: i64,
+    consistent_index: u64,
+}
+
+/// etcd's MVCC key-value store over a [`Backend`].
+///
+/// Reads ([`Store::range`], [`Store::hash_kv`], …) may run on any number of threads while the
+/// single apply thread calls [`Store::apply_write`]. A reader sees the state after some whole
+/// write, never part of one: the index and the revision are published under a lock after the
+/// backend holds the write, and readers take their backend snapshot under the same lock.
+pub struct Store {
+    backend: Arc<dyn Backend>,
+    state: RwLock<State>,
+    /// Hashes computed by compactions, answered by HashKV at their revision (etcd's hash storage).
+    compaction_hashes: Mutex<Vec<HashKv>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.state.read();
+        f.debug_struct("Store")
+            .field("engine", &self.backend.engine_name())
+            .field("current_revision", &st.current_rev)
+            .field("compact_revision", &st.compact_rev)
+            .field("consistent_index", &st.consistent_index)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Open the store kept in `backend` (which must hold the [`crate::BUCKETS`]): rebuild the key
+    /// index from the `key` bucket and restore the current revision (the highest main revision
+    /// stored, at least the compact revision; 1 for an empty store, as in etcd), the compact
+    /// revision and the consistent index. A compaction recorded as scheduled but not finished is
+    /// completed.
+    pub fn open(backend: Arc<dyn Backend>) -> Result<Store, MvccError> {
+        let view = backend.snapshot()?;
+        let consistent_index = match view.get(META_BUCKET, CONSISTENT_INDEX_KEY)? {
+            None => 0,
+            Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
+                MvccError::Corrupt(format!("consistent_index has {} bytes, not 8", bytes.len()))
+            })?),
+        };
+        let finished = read_compact_mark(&*view, FINISHED_COMPACT_KEY)?;
+        let scheduled = read_compact_mark(&*view, SCHEDULED_COMPACT_KEY)?;
+        let compact_rev = finished.unwrap_or(-1);
+
+        let mut index = Index::default();
+        let mut current_rev = 1;
+        let mut failure = None;
+        view.scan(
+            KEY_BUCKET,
+            ScanRange::all(),
+            &mut |k, v| match restore_revision(&mut index, k, v) {
+                Ok(main) => {
+                    current_rev = main;
+                    Visit::Continue
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    Visit::Stop
+                }
+            },
+        )?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        current_rev = current_rev.max(compact_rev).max(scheduled.unwrap_or(0));
+        drop(view);
+
+        let store = Store {
+            backend,
+            state: RwLock::new(State {
+                index,
+                current_rev,
+                compact_rev,
+                consistent_index,
+            }),
+            compaction_hashes: Mutex::new(Vec::new()),
+        };
+        if let Some(scheduled) = scheduled.filter(|s| *s > compact_rev) {
+            // etcd resumes an interrupted compaction on start and does not keep its hash.
+            let state = store.state.upgradable_read();
+            store.compact(state, scheduled, consistent_index, WriteBatch::new(), false)?;
+        }
+        Ok(store)
+    }
+
+    /// The revision of the last write (1 for a store that never had one).
+    pub fn current_revision(&self) -> i64 {
+        self.state.read().current_rev
+    }
+
+    /// The revision history was compacted at; -1 when it never was (etcd's value, which HashKV
+    /// reports).
+    pub fn compact_revision(&self) -> i64 {
+        self.state.read().compact_rev
+    }
+
+    /// The raft index of the last applied entry, as persisted with it (0 when none was).
+    pub fn consistent_index(&self) -> u64 {
+        self.state.read().consistent_index
+    }
+
+    /// A Range request at a consistent point, with every option computed as etcd 3.5 does. The
+    /// header is left `None`; callers that fill it should use [`Store::range_with_revision`] to
+    /// learn the revision the read saw.
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, MvccError> {
+        Ok(self.range_with_revision(req)?.0)
+    }
+
+    /// Like [`Store::range`], also returning the store revision the read saw: what etcd puts in
+    /// the response header (clients start watches after it, so it must match the data).
+    pub fn range_with_revision(
+        &self,
+        req: &RangeRequest,
+    ) -> Result<(RangeResponse, i64), MvccError> {
+        let no_pending = BTreeMap::new();
+        let range = KeyRange::from_request(&req.key, &req.range_end);
+        let (selected, total, view, cur) = {
+            let st = self.state.read();
+            let cur = st.current_rev;
+            let plan = plan_range(req, cur, st.compact_rev)?;
+            let limit = if req.count_only { 1 } else { plan.fetch_limit };
+            let (selected, total) = select(&st.index, &no_pending, cur, range, plan.at_rev, limit);
+            // Taken under the lock: a compaction cannot delete what the index points at before
+            // the snapshot exists.
+            let view = if req.count_only {
+                None
+            } else {
+                Some(self.backend.snapshot()?)
+            };
+            (selected, total, view, cur)
+        };
+        let kvs = match view {
+            Some(view) => fetch(&*view, selected)?,
+            None => Vec::new(),
+        };
+        Ok((finish_range(req, kvs, total), cur))
+    }
+
+    /// Evaluate a txn that has no writes (see [`crate::is_txn_read_only`]) at a consistent point,
+    /// without consensus, as etcd serves read-only txns. Returns the response (header `None`) and
+    /// the revision it saw. A txn with writes fails with [`MvccError::NotReadOnly`].
+    pub fn txn_read_only(&self, req: &TxnRequest) -> Result<(TxnResponse, i64), MvccError> {
+        if !is_txn_read_only(req) {
+            return Err(MvccError::NotReadOnly);
+        }
+        let st = self.state.read();
+        let view = self.backend.snapshot()?;
+        let mut tx = Tx::new(&st.index, &*view, st.current_rev, st.compact_rev);
+        let no_leases = |_: i64| false;
+        let mut resp = tx.apply_txn(req, &no_leases)?;
+        resp.header = None;
+        Ok((resp, st.current_rev))
+    }
+
+    /// Apply one request that went through consensus, as ONE main revision: a txn's changes get
+    /// sub revisions 0, 1, 2, …; a request that changes nothing keeps the revision. Commits one
+    /// backend batch holding the mvcc changes, `consistent_index` and the caller's `extra` ops
+    /// (applied last, so they may also update the state machine's own buckets atomically).
+    ///
+    /// Errors are etcd's: a put with an unknown lease ([`MvccError::LeaseNotFound`]),
+    /// `ignore_value`/`ignore_lease` on a missing key ([`MvccError::KeyNotFound`]), a txn range at
+    /// a compacted or future revision, a compaction at or below the compact revision or above the
+    /// current one. On error nothing is written, not even `consistent_index`.
+    ///
+    /// Compaction runs synchronously inside this call: every revision it supersedes is deleted
+    /// in the same batch, so a large compaction delays the apply thread (and, while its batch is
+    /// written, readers) for its duration. As in etcd, a deletion at exactly the compact revision
+    /// stays stored until the next compaction, so watchers starting there still see it.
+    ///
+    /// Must be called from one thread at a time (the apply thread); concurrent calls are
+    /// serialised.
+    pub fn apply_write(
+        &self,
+        req: WriteRequest,
+        leases: &dyn LeaseLookup,
+        consistent_index: u64,
+        extra: WriteBatch,
+    ) -> Result<Applied, MvccError> {
+        let state = self.state.upgradable_read();
+        if let WriteRequest::Compact(c) = &req {
+            return self.compact(state, c.revision, consistent_index, extra, true);
+        }
+        let view = self.backend.snapshot()?;
+        let mut tx = Tx::new(&state.index, &*view, state.current_rev, state.compact_rev);
+        let mut response = match &req {
+            WriteRequest::Put(p) => WriteResponse::Put(tx.apply_put(p, leases, true)?),
+            WriteRequest::DeleteRange(d) => WriteResponse::DeleteRange(tx.apply_delete(d)?),
+            WriteRequest::Txn(t) => WriteResponse::Txn(tx.apply_txn(t, leases)?),
+            WriteRequest::Compact(_) => unreachable!("handled above"),
+        };
+        response.clear_header();
+        let revision = tx.cur_rev();
+        let (changes, events) = tx.into_parts();
+        drop(view);
+
+        let mut batch = WriteBatch::new();
+        let mut index_ops = Vec::with_capacity(changes.len());
+        for change in changes {
+            batch.put(
+                KEY_BUCKET,
+                change.rev.to_key(change.tombstone),
+                change.value,
+            );
+            index_ops.push((change.key, change.rev, change.tombstone));
+        }
+        batch.put(
+            META_BUCKET,
+            CONSISTENT_INDEX_KEY,
+            consistent_index.to_be_bytes().to_vec(),
+        );
+        append(&mut batch, extra);
+        // Readers keep reading the previous state meanwhile: new revisions only add keys.
+        self.backend.write(batch)?;
+
+        let mut st = RwLockUpgradableReadGuard::upgrade(state);
+        for (key, rev, tombstone) in index_ops {
+            if tombstone {
+                let was_live = st.index.tombstone(&key, rev);
+                debug_assert!(was_live, "tombstone of a key that is not live");
+            } else {
+                st.index.put(&key, rev);
+            }
+        }
+        st.current_rev = revision;
+        st.consistent_index = consistent_index;
+        Ok(Applied {
+            response,
+            events,
+            revision,
+        })
+    }
+
+    /// Persist `consistent_index` (and the caller's `extra` ops) in one batch without changing
+    /// the key space: for entries that are refused or carry no mvcc request, so the applied index
+    /// still advances atomically with whatever the state machine wrote. Serialised with
+    /// [`Store::apply_write`].
+    pub fn record_applied(
+        &self,
+        consistent_index: u64,
+        extra: WriteBatch,
+    ) -> Result<(), MvccError> {
+        let state = self.state.upgradable_read();
+        let mut batch = WriteBatch::new();
+        batch.put(
+            META_BUCKET,
+            CONSISTENT_INDEX_KEY,
+            consistent_index.to_be_bytes().to_vec(),
+        );
+        append(&mut batch, extra);
+        self.backend.write(batch)?;
+        RwLockUpgradableReadGuard::upgrade(state).consistent_index = consistent_index;
+        Ok(())
+    }
+
+    fn compact(
+        &self,
+        state: RwLockUpgradableReadGuard<'_, State>,
+        rev: i64,
+        consistent_index: u64,
+        extra: WriteBatch,
+        record_hash: bool,
+    ) -> Result<Applied, MvccError> {
+        if rev <= state.compact_rev {
+            return Err(MvccError::Compacted);
+        }
+        if rev > state.current_rev {
+            return Err(MvccError::FutureRev);
+        }
+        let prev_compact_rev = state.compact_rev;
+        let available = state.index.compaction_available(rev);
+        let view = self.backend.snapshot()?;
+
+        let mut batch = WriteBatch::new();
+        // etcd hashes the history up to the compact revision as the compaction walks it, so that
+        // HashKV at that revision answers the same before and after compacting.
+        let mut hasher = KvHasher::new(prev_compact_rev, rev, &available);
+        let end = main_prefix(rev + 1);
+        let mut failure = None;
+        view.scan(
+            KEY_BUCKET,
+            ScanRange::between(&[], Some(&end)),
+            &mut |k, v| {
+                let Some((r, tombstone)) = Revision::from_key(k) else {
+                    failure = Some(bad_revision_key(k));
+                    return Visit::Stop;
+                };
+                if !available.contains(&r) {
+                    batch.delete(KEY_BUCKET, k.to_vec());
+                }
+                hasher.write(k, v, r, tombstone);
+                Visit::Continue
+            },
+        )?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let mark = Revision::new(rev, 0).to_key(false);
+        batch.put(META_BUCKET, SCHEDULED_COMPACT_KEY, mark.clone());
+        batch.put(META_BUCKET, FINISHED_COMPACT_KEY, mark);
+        batch.put(
+            META_BUCKET,
+            CONSISTENT_INDEX_KEY,
+            consistent_index.to_be_bytes().to_vec(),
+        );
+        append(&mut batch, extra);
+        drop(view);
+
+        // Exclusive while the deletions land: a reader must not take a snapshot without them
+        // while the index still points at them, or the other way round.
+        let mut st = RwLockUpgradableReadGuard::upgrade(state);
+        self.backend.write(batch)?;
+        st.index.compact(rev);
+        st.compact_rev = rev;
+        st.consistent_index = consistent_index;
+        if record_hash {
+            let mut hashes = self.compaction_hashes.lock();
+            hashes.push(HashKv {
+                hash: hasher.sum(),
+                compact_revision: prev_compact_rev,
+                hash_revision: rev,
+                current_revision: 0,
+            });
+            hashes.sort_by_key(|h| h.hash_revision);
+            let excess = hashes.len().saturating_sub(MAX_COMPACTION_HASHES);
+            hashes.drain(..excess);
+        }
+        Ok(Applied {
+            response: WriteResponse::Compact(CompactionResponse { header: None }),
+            events: Vec::new(),
+            revision: st.current_rev,
+        })
+    }
+
+    /// etcd 3.5's HashKV at `rev` (0 = current): CRC32-Castagnoli seeded with the bucket name
+    /// `key`, then every revision key and value up to `rev` in revision order, skipping what
+    /// compaction would drop. A revision a compaction ran at answers the hash that compaction
+    /// computed (with the compact revision before it), as etcd does, so members agree whether or
+    /// not they have compacted yet. Fails for `rev` below the compact revision or above the
+    /// current one.
+    pub fn hash_kv(&self, rev: i64) -> Result<HashKv, MvccError> {
+        let stored = self
+            .compaction_hashes
+            .lock()
+            .iter()
+            .find(|h| h.hash_revision == rev)
+            .copied();
+        if let Some(h) = stored {
+            return Ok(HashKv {
+                current_revision: self.current_revision(),
+                ..h
+            });
+        }
+        let (keep, view, compact_rev, current_rev, rev) = {
+            let st = self.state.read();
+            if rev > 0 && rev < st.compact_rev {
+                return Err(MvccError::Compacted);
+            }
+            if rev > 0 && rev > st.current_rev {
+                return Err(MvccError::FutureRev);
+            }
+            let rev = if rev == 0 { st.current_rev } else { rev };
+            (
+                st.index.keep(rev),
+                self.backend.snapshot()?,
+                st.compact_rev,
+                st.current_rev,
+                rev,
+            )
+        };
+        let mut hasher = KvHasher::new(compact_rev, rev, &keep);
+        let end = main_prefix(rev.saturating_add(1));
+        let mut failure = None;
+        view.scan(
+            KEY_BUCKET,
+            ScanRange::between(&[], Some(&end)),
+            &mut |k, v| match Revision::from_key(k) {
+                Some((r, tombstone)) => {
+                    hasher.write(k, v, r, tombstone);
+                    Visit::Continue
+                }
+                None => {
+                    failure = Some(bad_revision_key(k));
+                    Visit::Stop
+                }
+            },
+        )?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Ok(HashKv {
+            hash: hasher.sum(),
+            compact_revision: compact_rev,
+            hash_revision: rev,
+            current_revision: current_rev,
+        })
+    }
+
+    /// The stored history as watch events: every change whose main revision lies in
+    /// `[start_revision, end_revision]` (the end clamped to the current revision), in revision
+    /// order. A put's `kv` is the stored value; a deletion's holds `key` and `mod_revision`.
+    /// `prev_kv` is not filled (read it with a range at `mod_revision - 1`, as etcd's watch
+    /// server does). With `limit > 0` the answer stops after the main revision at which it
+    /// reached `limit` events, so a revision is never split. Fails with
+    /// [`MvccError::Compacted`] when `start_revision` is below the compact revision.
+    pub fn history(
+        &self,
+        start_revision: i64,
+        end_revision: i64,
+        limit: usize,
+    ) -> Result<Vec<Event>, MvccError> {
+        let (view, end) = {
+            let st = self.state.read();
+            if start_revision < st.compact_rev {
+                return Err(MvccError::Compacted);
+            }
+            (self.backend.snapshot()?, end_revision.min(st.current_rev))
+        };
+        let mut events = Vec::new();
+        if end < start_revision {
+            return Ok(events);
+        }
+        let start = main_prefix(start_revision.max(0));
+        let stop = main_prefix(end + 1);
+        let mut failure = None;
+        let mut last_main = None;
+        view.scan(
+            KEY_BUCKET,
+            ScanRange::between(&start, Some(&stop)),
+            &mut |k, v| {
+                let Some((r, tombstone)) = Revision::from_key(k) else {
+                    failure = Some(bad_revision_key(k));
+                    return Visit::Stop;
+                };
+                if limit > 0 && events.len() >= limit && last_main != Some(r.main) {
+                    return Visit::Stop;
+                }
+                last_main = Some(r.main);
+                match decode_kv(v) {
+                    Ok(kv) if tombstone => {
+                        let kv = KeyValue {
+                            key: kv.key,
+                            mod_revision: r.main,
+                            ..Default::default()
+                        };
+                        events.push(Event {
+                            r#type: EventType::Delete as i32,
+                            kv: Some(kv),
+                            prev_kv: None,
+                        });
+                    }
+                    Ok(kv) => events.push(Event {
+                        r#type: EventType::Put as i32,
+                        kv: Some(kv),
+                        prev_kv: None,
+                    }),
+                    Err(e) => {
+                        failure = Some(e);
+                        return Visit::Stop;
+                    }
+                }
+                Visit::Continue
+            },
+        )?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(events),
+        }
+    }
+}
+
+fn append(batch: &mut WriteBatch, extra: WriteBatch) {
+    for op in extra.into_ops() {
+        match op {
+            WriteOp::Put { bucket, key, value } => batch.put(bucket, key, value),
+            WriteOp::Delete { bucket, key } => batch.delete(bucket, key),
+        }
+    }
+}
+
+fn bad_revision_key(k: &[u8]) -> MvccError {
+    MvccError::Corrupt(format!("key bucket holds a non-revision key {k:02x?}"))
+}
+
+/// Replay one stored revision into the index; returns its main revision.
+fn restore_revision(index: &mut Index, k: &[u8], v: &[u8]) -> Result<i64, MvccError> {
+    let (rev, tombstone) = Revision::from_key(k).ok_or_else(|| bad_revision_key(k))?;
+    let kv = decode_kv(v)?;
+    index.restore(&kv.key, rev, tombstone, kv.create_revision, kv.version);
+    Ok(rev.main)
+}
+
+fn read_compact_mark(view: &dyn ReadView, name: &[u8]) -> Result<Option<i64>, MvccError> {
+    match view.get(META_BUCKET, name)? {
+        None => Ok(None),
+        Some(bytes) => match Revision::from_key(&bytes) {
+            Some((rev, false)) => Ok(Some(rev.main)),
+            _ => Err(MvccError::Corrupt(format!(
+                "meta {} is not a revision: {bytes:02x?}",
+                String::from_utf8_lossy(name)
+            ))),
+        },
+    }
+}
