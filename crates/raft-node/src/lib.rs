@@ -1,0 +1,85 @@
+//! Consensus for MetaStore: a raft-rs `RawNode` driven by a dedicated thread, with its log made
+//! durable in a write-ahead log (`<data_dir>/wal/`) and compacted by snapshots
+//! (`<data_dir>/snap/`).
+//!
+//! What this crate owns:
+//! - the Ready loop ([`RaftNode`]): ticking, group-committing proposals (many proposals share one
+//!   WAL fsync), sending messages through a [`Transport`], applying committed entries to a
+//!   [`StateMachine`] in log order and waking the request that proposed each entry;
+//! - linearizable reads: ReadIndex requests batched across concurrent callers
+//!   ([`RaftNode::read_index`]);
+//! - the WAL: CRC-checked records in rotating segment files; a torn tail is truncated on start,
+//!   any other damage is a [`WalError::Corrupt`] naming the file and byte offset;
+//! - snapshots: taken every [`RaftConfig::snapshot_count`] applied entries on a separate thread,
+//!   CRC-checked on load ([`SnapError`]), after which old WAL segments and snapshots are removed.
+//!
+//! What it must not know about: MVCC, leases, auth or any storage engine. The replicated state is
+//! only reachable through the [`StateMachine`] trait, whose payloads are opaque bytes, and peers
+//! are only reachable through the [`Transport`] trait.
+
+#![warn(missing_docs)]
+
+mod config;
+mod error;
+mod logger;
+mod node;
+mod snap;
+mod storage;
+mod wal;
+
+pub use config::RaftConfig;
+pub use error::RaftError;
+pub use node::{RaftNode, RaftStatus};
+pub use snap::SnapError;
+pub use wal::WalError;
+
+/// raft-rs message type exchanged between members, re-exported so that transports need not
+/// depend on raft-rs directly.
+pub use raft::eraftpb::Message;
+
+/// The replicated state machine driven by a [`RaftNode`].
+///
+/// Every method is called from the raft loop thread, one at a time, in log order. Applying must be
+/// deterministic: the same entries applied to the same state give the same state on every member.
+pub trait StateMachine: Send + 'static {
+    /// The result of applying one proposal, handed to the caller of [`RaftNode::propose`].
+    type Output: Send + 'static;
+
+    /// Index of the last entry whose effects the state holds durably (0 for fresh or volatile
+    /// state). Called once at start; entries after it are applied again.
+    fn applied_index(&self) -> u64;
+
+    /// Applies a committed normal entry's payload at `index` (deterministic).
+    fn apply(&mut self, index: u64, term: u64, payload: &[u8]) -> Self::Output;
+
+    /// An entry with no payload (a new leader's no-op) or a conf change was committed at `index`.
+    fn apply_noop(&mut self, index: u64, term: u64);
+
+    /// Captures the current state cheaply; the returned writer serializes it on another thread
+    /// while the loop keeps applying.
+    fn snapshot(&self) -> SnapshotWriter;
+
+    /// Replaces the whole state with a snapshot taken at `index`.
+    fn restore(
+        &mut self,
+        index: u64,
+        term: u64,
+        reader: &mut dyn std::io::Read,
+    ) -> std::io::Result<()>;
+}
+
+/// Serializes a state captured by [`StateMachine::snapshot`] into the given writer.
+pub type SnapshotWriter =
+    Box<dyn FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send + 'static>;
+
+/// Delivers raft messages to other members.
+///
+/// Called from the raft loop thread after the messages' entries are durable; it must not block
+/// (queue the messages and send them elsewhere). A message that cannot be delivered may be
+/// dropped: raft retries; telling the node with [`RaftNode::report_unreachable`] speeds that up.
+/// Every `MsgSnapshot` must be followed by [`RaftNode::report_snapshot`] on the sending node.
+/// A single-member cluster never sends anything.
+pub trait Transport: Send + Sync + 'static {
+    /// Sends each message to the member named by its `to` field.
+    fn send(&self, messages: Vec<Message>);
+}

@@ -1,0 +1,1085 @@
+//! The raft loop thread and the cloneable handle that talks to it.
+//!
+//! One thread owns the `RawNode`, the WAL and the state machine. It waits for commands (with a
+//! timeout so that it ticks on time), drains every queued command, then handles raft's Ready:
+//! writes the WAL and fsyncs once, sends messages, applies committed entries and wakes waiters.
+//! Draining first is what makes concurrent proposals share one fsync.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot, SnapshotMetadata,
+};
+use raft::storage::MemStorage;
+use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
+use tokio::sync::{oneshot, watch};
+
+use crate::logger::raft_logger;
+use crate::snap::{SnapError, SnapshotFile, Snapshotter};
+use crate::storage::LogStore;
+use crate::wal::Wal;
+use crate::{RaftConfig, RaftError, StateMachine, Transport};
+
+/// Most commands handled before the loop turns to raft's Ready, so ticks stay on time under load.
+const MAX_COMMANDS_PER_ROUND: usize = 4096;
+/// How long a ReadIndex request may go unanswered before it is sent again (etcd: 500ms).
+const READ_INDEX_RETRY: Duration = Duration::from_millis(500);
+/// Snapshot files kept on disk.
+const KEEP_SNAPSHOTS: usize = 2;
+/// Length of a proposal's request id prefix.
+const REQUEST_ID_LEN: usize = 8;
+
+/// The node's raft state as last seen by its loop.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RaftStatus {
+    /// This member's id.
+    pub member_id: u64,
+    /// The leader this member knows of; 0 when there is none.
+    pub leader_id: u64,
+    /// The current raft term.
+    pub term: u64,
+    /// Index of the last entry known to be committed.
+    pub committed_index: u64,
+    /// Index of the last entry applied to the state machine.
+    pub applied_index: u64,
+    /// Whether this member is the leader.
+    pub is_leader: bool,
+}
+
+type ProposalWaiter<O> = oneshot::Sender<Result<O, RaftError>>;
+type ReadWaiter = oneshot::Sender<Result<u64, RaftError>>;
+
+enum Command<O> {
+    Propose {
+        request_id: u64,
+        /// Request id followed by the caller's payload.
+        data: Vec<u8>,
+        waiter: ProposalWaiter<O>,
+    },
+    ReadIndex(ReadWaiter),
+    Step(Box<Message>),
+    ReportUnreachable(u64),
+    ReportSnapshot {
+        to: u64,
+        delivered: bool,
+    },
+    SnapshotSaved(Result<SnapshotFile, SnapError>),
+    Shutdown,
+}
+
+/// Cluster-unique request ids in etcd's layout: the member id's low 16 bits, then a counter
+/// that starts at the current time in milliseconds shifted left by 8, so ids are not reused
+/// across restarts.
+struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    const SUFFIX_BITS: u32 = 48;
+
+    fn new(member_id: u64) -> Self {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        RequestIds {
+            prefix: member_id << Self::SUFFIX_BITS,
+            counter: AtomicU64::new((now_ms & ((1 << 40) - 1)) << 8),
+        }
+    }
+
+    fn next(&self) -> u64 {
+        let suffix = self.counter.fetch_add(1, Ordering::Relaxed) & ((1 << Self::SUFFIX_BITS) - 1);
+        self.prefix | suffix
+    }
+}
+
+/// A handle to a running raft member. Cloning is cheap; all clones talk to the same loop thread,
+/// which stops on [`RaftNode::shutdown`] or when the last clone is dropped.
+pub struct RaftNode<O> {
+    inner: Arc<Inner<O>>,
+}
+
+struct Inner<O> {
+    member_id: u64,
+    commands: mpsc::Sender<Command<O>>,
+    ids: Arc<RequestIds>,
+    status: Arc<Mutex<RaftStatus>>,
+    leader: watch::Receiver<u64>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl<O> Inner<O> {
+    fn stop(&self) {
+        // The loop may already be gone; then there is nothing to stop.
+        let _ = self.commands.send(Command::Shutdown);
+        let handle = self.thread.lock().take();
+        if let Some(handle) = handle {
+            if handle.thread().id() != thread::current().id() && handle.join().is_err() {
+                tracing::error!(
+                    member_id = format_args!("{:x}", self.member_id),
+                    "raft loop thread panicked"
+                );
+            }
+        }
+    }
+}
+
+impl<O> Drop for Inner<O> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl<O> Clone for RaftNode<O> {
+    fn clone(&self) -> Self {
+        RaftNode {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<O> fmt::Debug for RaftNode<O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RaftNode")
+            .field("status", &*self.inner.status.lock())
+            .finish()
+    }
+}
+
+impl<O: Send + 'static> RaftNode<O> {
+    /// Opens (or creates) the member's WAL and snapshots under `cfg.data_dir`, brings `sm` up to
+    /// date and starts the raft loop thread.
+    ///
+    /// On restart the newest valid snapshot is restored into `sm` if `sm` is older than it, and
+    /// committed entries after `max(sm.applied_index(), snapshot index)` are applied again. A
+    /// member that is the only voter elects itself at once. This does blocking disk I/O; call it
+    /// from a blocking context.
+    pub fn start<S: StateMachine<Output = O>>(
+        cfg: RaftConfig,
+        mut sm: S,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Self, RaftError> {
+        cfg.validate()?;
+        let member_id = cfg.member_id;
+        let snapshotter = Arc::new(Snapshotter::new(&cfg.snap_dir())?);
+        let recovered = recover(&cfg, &mut sm, &snapshotter)?;
+
+        let store = LogStore::new(recovered.mem, Arc::clone(&snapshotter));
+        let snapshot_index = recovered.snapshot.as_ref().map_or(0, |f| f.metadata.index);
+        if let Some(file) = recovered.snapshot {
+            store.set_latest_snapshot(file);
+        }
+        let raft_cfg = raft::Config {
+            id: member_id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied: recovered.applied,
+            max_size_per_msg: cfg.max_size_per_msg,
+            max_inflight_msgs: cfg.max_inflight_msgs,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        raft_cfg
+            .validate()
+            .map_err(|e| RaftError::InvalidConfig(e.to_string()))?;
+        let mut raw = RawNode::new(&raft_cfg, store.clone(), &raft_logger(member_id))
+            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        // Membership changes the state machine already holds are not delivered again, but raft's
+        // view of the membership must include them.
+        for entry in &recovered.applied_conf_changes {
+            apply_conf_change(&mut raw, &store, entry);
+        }
+        if raw.raft.prs().is_singleton() && raw.raft.prs().conf().voters().contains(member_id) {
+            raw.campaign().map_err(|e| RaftError::Raft(e.to_string()))?;
+        }
+
+        let (commands_tx, commands_rx) = mpsc::channel();
+        let ids = Arc::new(RequestIds::new(member_id));
+        let status = Arc::new(Mutex::new(RaftStatus {
+            member_id,
+            applied_index: recovered.applied,
+            ..RaftStatus::default()
+        }));
+        let (leader_tx, leader_rx) = watch::channel(INVALID_ID);
+        let worker = Worker {
+            member_id,
+            raw,
+            store,
+            wal: recovered.wal,
+            snapshotter,
+            sm,
+            transport,
+            commands: commands_rx,
+            commands_tx: commands_tx.clone(),
+            ids: Arc::clone(&ids),
+            status: Arc::clone(&status),
+            leader_tx,
+            tick_interval: cfg.tick_interval,
+            request_timeout: cfg.request_timeout(),
+            snapshot_count: cfg.snapshot_count,
+            proposals: HashMap::new(),
+            proposed_at: BTreeMap::new(),
+            new_reads: Vec::new(),
+            pending_reads: HashMap::new(),
+            ready_reads: Vec::new(),
+            applied_index: recovered.applied,
+            snapshot_index,
+            next_snapshot_at: snapshot_index.saturating_add(cfg.snapshot_count),
+            snapshot_thread: None,
+        };
+        let thread = thread::Builder::new()
+            .name(format!("raft-{member_id:x}"))
+            .spawn(move || worker.run())
+            .map_err(|e| RaftError::Raft(format!("cannot start the raft loop thread: {e}")))?;
+        tracing::info!(
+            member_id = format_args!("{member_id:x}"),
+            applied_index = recovered.applied,
+            snapshot_index,
+            "raft node started"
+        );
+        Ok(RaftNode {
+            inner: Arc::new(Inner {
+                member_id,
+                commands: commands_tx,
+                ids,
+                status,
+                leader: leader_rx,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// Proposes `payload` and resolves with the state machine's output once the entry is
+    /// committed and applied on this member.
+    ///
+    /// Fails with [`RaftError::NoLeader`] when raft drops the proposal for lack of a leader and
+    /// with [`RaftError::LeaderChanged`] when the leader that appended it lost its leadership and
+    /// the entry was replaced. A proposal forwarded to another leader that is lost there is never
+    /// answered, so bound the wait (e.g. with [`RaftConfig::request_timeout`]).
+    pub async fn propose(&self, payload: Vec<u8>) -> Result<O, RaftError> {
+        let request_id = self.inner.ids.next();
+        let mut data = Vec::with_capacity(REQUEST_ID_LEN + payload.len());
+        data.extend_from_slice(&request_id.to_be_bytes());
+        data.extend_from_slice(&payload);
+        let (waiter, result) = oneshot::channel();
+        self.send(Command::Propose {
+            request_id,
+            data,
+            waiter,
+        })?;
+        result.await.unwrap_or(Err(RaftError::Stopped))
+    }
+
+    /// A linearizable read barrier: resolves with a read index once this member has applied at
+    /// least up to it, so a local read then sees every write acknowledged before the call.
+    /// Concurrent calls share one ReadIndex round.
+    pub async fn read_index(&self) -> Result<u64, RaftError> {
+        let (waiter, result) = oneshot::channel();
+        self.send(Command::ReadIndex(waiter))?;
+        result.await.unwrap_or(Err(RaftError::Stopped))
+    }
+
+    /// Hands a message received from a peer to raft. Messages are dropped once the node stopped.
+    pub fn step(&self, msg: Message) {
+        // A stopped node has no use for messages.
+        let _ = self.inner.commands.send(Command::Step(Box::new(msg)));
+    }
+
+    /// Tells raft that a message to `member_id` could not be delivered, so that the leader stops
+    /// streaming appends to it and probes instead.
+    pub fn report_unreachable(&self, member_id: u64) {
+        let _ = self
+            .inner
+            .commands
+            .send(Command::ReportUnreachable(member_id));
+    }
+
+    /// Tells raft whether a snapshot message (`MsgSnapshot`) sent to `member_id` was delivered.
+    /// Transports must call this for every snapshot message they send: until then the leader
+    /// sends nothing else to that member.
+    pub fn report_snapshot(&self, member_id: u64, delivered: bool) {
+        let _ = self.inner.commands.send(Command::ReportSnapshot {
+            to: member_id,
+            delivered,
+        });
+    }
+
+    /// The node's raft state as of the loop's last round.
+    pub fn status(&self) -> RaftStatus {
+        self.inner.status.lock().clone()
+    }
+
+    /// Waits until a leader is known and returns its id.
+    pub async fn wait_leader(&self, timeout: Duration) -> Result<u64, RaftError> {
+        let mut leader = self.inner.leader.clone();
+        let leader_id =
+            match tokio::time::timeout(timeout, leader.wait_for(|id| *id != INVALID_ID)).await {
+                Ok(Ok(id)) => Ok(*id),
+                Ok(Err(_)) => Err(RaftError::Stopped),
+                Err(_) => Err(RaftError::Timeout),
+            };
+        leader_id
+    }
+
+    /// Stops the loop thread and waits for it (and for a snapshot being written) to finish.
+    /// Pending requests fail with [`RaftError::Stopped`]. Idempotent.
+    pub fn shutdown(&self) {
+        self.inner.stop();
+    }
+
+    fn send(&self, command: Command<O>) -> Result<(), RaftError> {
+        self.inner
+            .commands
+            .send(command)
+            .map_err(|_| RaftError::Stopped)
+    }
+}
+
+/// What recovery from disk produced.
+struct Recovered {
+    wal: Wal,
+    mem: MemStorage,
+    snapshot: Option<SnapshotFile>,
+    applied: u64,
+    /// Membership changes at or below `applied` and after the snapshot.
+    applied_conf_changes: Vec<Entry>,
+}
+
+/// Loads the WAL and the newest usable snapshot into a raft log and brings `sm` up to the
+/// snapshot; creates a new WAL for a new member.
+fn recover<S: StateMachine>(
+    cfg: &RaftConfig,
+    sm: &mut S,
+    snapshotter: &Snapshotter,
+) -> Result<Recovered, RaftError> {
+    let wal_dir = cfg.wal_dir();
+    let sm_applied = sm.applied_index();
+    let raft_err = |e: raft::Error| RaftError::Raft(e.to_string());
+
+    if !Wal::exists(&wal_dir)? {
+        if sm_applied != 0 {
+            return Err(RaftError::Inconsistent(format!(
+                "the state machine has applied index {sm_applied} but {} holds no WAL",
+                wal_dir.display()
+            )));
+        }
+        let conf_state = ConfState::from((cfg.peers.clone(), vec![]));
+        let mut bootstrap = SnapshotMetadata::default();
+        bootstrap.set_conf_state(conf_state.clone());
+        let wal = Wal::create(&wal_dir, cfg.wal_segment_size_bytes, &bootstrap)?;
+        let mem = MemStorage::new();
+        mem.wl().set_conf_state(conf_state);
+        tracing::info!(
+            member_id = format_args!("{:x}", cfg.member_id),
+            peers = ?cfg.peers,
+            "starting a new member"
+        );
+        return Ok(Recovered {
+            wal,
+            mem,
+            snapshot: None,
+            applied: 0,
+            applied_conf_changes: Vec::new(),
+        });
+    }
+
+    let (wal, contents) = Wal::open(&wal_dir, cfg.wal_segment_size_bytes)?;
+    // Only snapshots the WAL recorded count: a file written just before a crash, whose marker
+    // never became durable, describes state the log does not know about.
+    let markers: HashSet<(u64, u64)> = contents
+        .snapshots
+        .iter()
+        .map(|m| (m.term, m.index))
+        .collect();
+    let mut snapshot = None;
+    for (term, index, path) in snapshotter.list()? {
+        if !markers.contains(&(term, index)) {
+            // Normal after a crash between writing a snapshot and recording it.
+            tracing::info!(path = %path.display(), "ignoring snapshot the WAL does not record");
+            continue;
+        }
+        match snapshotter.load(&path) {
+            Ok(file) => {
+                snapshot = Some(file);
+                break;
+            }
+            Err(e) => tracing::warn!(error = %e, "skipping unusable snapshot"),
+        }
+    }
+    let base = match &snapshot {
+        Some(file) => file.metadata.clone(),
+        None => contents
+            .snapshots
+            .iter()
+            .find(|m| m.index == 0)
+            .cloned()
+            .ok_or_else(|| {
+                RaftError::Inconsistent(
+                    "no usable snapshot and the WAL no longer holds the initial membership".into(),
+                )
+            })?,
+    };
+
+    let entries: Vec<Entry> = contents
+        .entries
+        .into_iter()
+        .filter(|e| e.index > base.index)
+        .collect();
+    if let Some(first) = entries.first() {
+        if first.index != base.index + 1 {
+            return Err(RaftError::Inconsistent(format!(
+                "the WAL's entries after snapshot index {} start at index {}; the ones in \
+                 between are missing",
+                base.index, first.index
+            )));
+        }
+    }
+    let last_index = entries.last().map_or(base.index, |e| e.index);
+    if sm_applied > last_index {
+        return Err(RaftError::Inconsistent(format!(
+            "the state machine has applied index {sm_applied}, beyond the log's last index \
+             {last_index}"
+        )));
+    }
+    let mut hard_state = contents.hard_state;
+    hard_state.term = hard_state.term.max(base.term);
+    // Whatever was applied or snapshotted was committed, even if the commit index written
+    // alongside it did not reach the disk.
+    hard_state.commit = hard_state.commit.max(base.index).max(sm_applied);
+    if hard_state.commit > last_index {
+        return Err(RaftError::Inconsistent(format!(
+            "committed index {} is beyond the log's last index {last_index}",
+            hard_state.commit
+        )));
+    }
+
+    let mem = MemStorage::new();
+    {
+        let mut core = mem.wl();
+        if base.index > 0 {
+            let mut metadata_only = Snapshot::default();
+            metadata_only.set_metadata(base.clone());
+            core.apply_snapshot(metadata_only).map_err(raft_err)?;
+        } else {
+            core.set_conf_state(base.get_conf_state().clone());
+        }
+        core.append(&entries).map_err(raft_err)?;
+        core.set_hardstate(hard_state.clone());
+    }
+
+    if let Some(file) = &snapshot {
+        let metadata = &file.metadata;
+        if sm_applied < metadata.index {
+            let mut reader = snapshotter.open_data(file)?;
+            sm.restore(metadata.index, metadata.term, &mut reader)
+                .map_err(|source| RaftError::Restore {
+                    index: metadata.index,
+                    source,
+                })?;
+            tracing::info!(
+                index = metadata.index,
+                term = metadata.term,
+                "restored state machine from snapshot"
+            );
+        }
+    }
+    let applied = sm_applied.max(base.index);
+    let applied_conf_changes = entries
+        .iter()
+        .filter(|e| e.index <= applied && e.get_entry_type() != EntryType::EntryNormal)
+        .cloned()
+        .collect();
+    tracing::info!(
+        member_id = format_args!("{:x}", cfg.member_id),
+        snapshot_index = base.index,
+        applied_index = applied,
+        committed_index = hard_state.commit,
+        last_index,
+        term = hard_state.term,
+        "recovered raft log"
+    );
+    Ok(Recovered {
+        wal,
+        mem,
+        snapshot,
+        applied,
+        applied_conf_changes,
+    })
+}
+
+/// Applies a committed membership change entry to raft and to the log's conf state.
+fn apply_conf_change(raw: &mut RawNode<LogStore>, store: &LogStore, entry: &Entry) {
+    let result = match entry.get_entry_type() {
+        EntryType::EntryConfChange => ConfChange::parse_from_bytes(&entry.data)
+            .map_err(|e| e.to_string())
+            .and_then(|cc| raw.apply_conf_change(&cc).map_err(|e| e.to_string())),
+        EntryType::EntryConfChangeV2 => ConfChangeV2::parse_from_bytes(&entry.data)
+            .map_err(|e| e.to_string())
+            .and_then(|cc| raw.apply_conf_change(&cc).map_err(|e| e.to_string())),
+        EntryType::EntryNormal => return,
+    };
+    match result {
+        Ok(conf_state) => {
+            tracing::info!(
+                index = entry.index,
+                voters = ?conf_state.voters,
+                learners = ?conf_state.learners,
+                "applied membership change"
+            );
+            store.mem.wl().set_conf_state(conf_state);
+        }
+        Err(e) => tracing::error!(index = entry.index, error = %e, "rejected membership change"),
+    }
+}
+
+/// A group of ReadIndex requests answered by one raft read.
+struct ReadBatch {
+    waiters: Vec<ReadWaiter>,
+    created: Instant,
+    last_sent: Option<Instant>,
+}
+
+/// The state owned by the loop thread.
+struct Worker<S: StateMachine> {
+    member_id: u64,
+    raw: RawNode<LogStore>,
+    store: LogStore,
+    wal: Wal,
+    snapshotter: Arc<Snapshotter>,
+    sm: S,
+    transport: Arc<dyn Transport>,
+    commands: mpsc::Receiver<Command<S::Output>>,
+    /// For the snapshot thread to report back.
+    commands_tx: mpsc::Sender<Command<S::Output>>,
+    ids: Arc<RequestIds>,
+    status: Arc<Mutex<RaftStatus>>,
+    leader_tx: watch::Sender<u64>,
+    tick_interval: Duration,
+    request_timeout: Duration,
+    snapshot_count: u64,
+    /// Waiters of this member's proposals by request id.
+    proposals: HashMap<u64, ProposalWaiter<S::Output>>,
+    /// Request ids of proposals this member appended as leader, by log index.
+    proposed_at: BTreeMap<u64, u64>,
+    /// Read requests received this round.
+    new_reads: Vec<ReadWaiter>,
+    /// Read batches sent to raft, by request context.
+    pending_reads: HashMap<u64, ReadBatch>,
+    /// Read batches with a read index, waiting for the applied index to reach it.
+    ready_reads: Vec<(u64, Vec<ReadWaiter>)>,
+    applied_index: u64,
+    /// Index of the newest snapshot file.
+    snapshot_index: u64,
+    /// Applied index at which the next snapshot is taken.
+    next_snapshot_at: u64,
+    snapshot_thread: Option<JoinHandle<()>>,
+}
+
+impl<S: StateMachine> Worker<S> {
+    fn run(mut self) {
+        let mut next_tick = Instant::now() + self.tick_interval;
+        self.update_status();
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            let first = match self.commands.recv_timeout(timeout) {
+                Ok(command) => Some(command),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            match self.handle_commands(first) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    self.fatal(&e);
+                    break;
+                }
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raw.tick();
+                self.on_tick(now);
+                next_tick += self.tick_interval;
+                if next_tick <= now {
+                    next_tick = now + self.tick_interval;
+                }
+            }
+            if let Err(e) = self.round(now) {
+                self.fatal(&e);
+                break;
+            }
+        }
+        self.stop();
+    }
+
+    /// Handles `first` and everything queued behind it. Returns false on shutdown.
+    fn handle_commands(&mut self, first: Option<Command<S::Output>>) -> Result<bool, RaftError> {
+        let Some(first) = first else { return Ok(true) };
+        if !self.handle(first)? {
+            return Ok(false);
+        }
+        for _ in 0..MAX_COMMANDS_PER_ROUND {
+            match self.commands.try_recv() {
+                Ok(command) => {
+                    if !self.handle(command)? {
+                        return Ok(false);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(true)
+    }
+
+    fn handle(&mut self, command: Command<S::Output>) -> Result<bool, RaftError> {
+        match command {
+            Command::Propose {
+                request_id,
+                data,
+                waiter,
+            } => self.propose(request_id, data, waiter),
+            Command::ReadIndex(waiter) => self.new_reads.push(waiter),
+            Command::Step(msg) => {
+                let from = msg.from;
+                if let Err(e) = self.raw.step(*msg) {
+                    tracing::debug!(from = format_args!("{from:x}"), error = %e, "dropped raft message");
+                }
+            }
+            Command::ReportUnreachable(member_id) => self.raw.report_unreachable(member_id),
+            Command::ReportSnapshot { to, delivered } => {
+                let status = if delivered {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, status);
+            }
+            Command::SnapshotSaved(result) => self.on_snapshot_saved(result)?,
+            Command::Shutdown => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn propose(&mut self, request_id: u64, data: Vec<u8>, waiter: ProposalWaiter<S::Output>) {
+        if waiter.is_closed() {
+            return;
+        }
+        match self.raw.propose(Vec::new(), data) {
+            Ok(()) => {
+                if self.raw.raft.state == StateRole::Leader {
+                    let index = self.raw.raft.raft_log.last_index();
+                    self.proposed_at.insert(index, request_id);
+                }
+                self.proposals.insert(request_id, waiter);
+            }
+            Err(raft::Error::ProposalDropped) => {
+                let _ = waiter.send(Err(RaftError::NoLeader));
+            }
+            Err(e) => {
+                let _ = waiter.send(Err(RaftError::Raft(e.to_string())));
+            }
+        }
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        let timeout = self.request_timeout;
+        self.pending_reads.retain(|_, batch| {
+            if now.duration_since(batch.created) < timeout {
+                return true;
+            }
+            for waiter in batch.waiters.drain(..) {
+                let _ = waiter.send(Err(RaftError::Timeout));
+            }
+            false
+        });
+        // Callers that gave up (timed out) no longer need an answer.
+        self.proposals.retain(|_, waiter| !waiter.is_closed());
+    }
+
+    /// Everything after the commands: reads, Ready, snapshots, status.
+    fn round(&mut self, now: Instant) -> Result<(), RaftError> {
+        self.send_reads(now);
+        self.handle_readies()?;
+        // A new leader holds reads back until its first commit, which the Ready above may have
+        // made; send them now rather than a tick later.
+        if self.pending_reads.values().any(|b| b.last_sent.is_none()) {
+            self.send_reads(now);
+            self.handle_readies()?;
+        }
+        self.maybe_snapshot();
+        self.update_status();
+        Ok(())
+    }
+
+    /// Turns this round's read requests into one raft read, and resends unanswered ones.
+    fn send_reads(&mut self, now: Instant) {
+        let leader_id = self.raw.raft.leader_id;
+        if !self.new_reads.is_empty() {
+            let waiters = std::mem::take(&mut self.new_reads);
+            if leader_id == INVALID_ID {
+                for waiter in waiters {
+                    let _ = waiter.send(Err(RaftError::NoLeader));
+                }
+            } else {
+                self.pending_reads.insert(
+                    self.ids.next(),
+                    ReadBatch {
+                        waiters,
+                        created: now,
+                        last_sent: None,
+                    },
+                );
+            }
+        }
+        // A leader that has not committed an entry of its term yet drops reads; wait instead.
+        let can_send = leader_id != INVALID_ID
+            && (self.raw.raft.state != StateRole::Leader || self.raw.raft.commit_to_current_term());
+        if !can_send {
+            return;
+        }
+        for (ctx, batch) in &mut self.pending_reads {
+            if batch
+                .last_sent
+                .is_none_or(|sent| now.duration_since(sent) >= READ_INDEX_RETRY)
+            {
+                self.raw.read_index(ctx.to_be_bytes().to_vec());
+                batch.last_sent = Some(now);
+            }
+        }
+    }
+
+    fn handle_readies(&mut self) -> Result<(), RaftError> {
+        while self.raw.has_ready() {
+            let mut ready = self.raw.ready();
+
+            // Durability first: nothing below is sent or acknowledged before the fsync.
+            let received = if ready.snapshot().is_empty() {
+                None
+            } else {
+                let snapshot = ready.snapshot().clone();
+                let file = self
+                    .snapshotter
+                    .save_bytes(snapshot.get_metadata(), &snapshot.data)?;
+                Some((snapshot, file))
+            };
+            self.wal.save(
+                received.as_ref().map(|(s, _)| s.get_metadata()),
+                ready.entries(),
+                ready.hs(),
+            )?;
+            if ready.must_sync() {
+                self.wal.sync()?;
+            }
+
+            if let Some((snapshot, file)) = received {
+                self.install_snapshot(snapshot, file)?;
+            }
+            if !ready.entries().is_empty() {
+                self.store
+                    .mem
+                    .wl()
+                    .append(ready.entries())
+                    .map_err(|e| RaftError::Raft(e.to_string()))?;
+            }
+            if let Some(hard_state) = ready.hs() {
+                self.store.mem.wl().set_hardstate(hard_state.clone());
+            }
+
+            self.send(ready.take_messages());
+            self.send(ready.take_persisted_messages());
+            for read_state in ready.take_read_states() {
+                let Ok(ctx) = <[u8; 8]>::try_from(read_state.request_ctx.as_slice()) else {
+                    continue;
+                };
+                if let Some(batch) = self.pending_reads.remove(&u64::from_be_bytes(ctx)) {
+                    self.ready_reads.push((read_state.index, batch.waiters));
+                }
+            }
+            self.apply(ready.take_committed_entries());
+
+            let mut light = self.raw.advance(ready);
+            if let Some(commit) = light.commit_index() {
+                let hard_state = {
+                    let mut core = self.store.mem.wl();
+                    core.mut_hard_state().set_commit(commit);
+                    core.hard_state().clone()
+                };
+                // No fsync needed: raft recomputes a lost commit index.
+                self.wal.save(None, &[], Some(&hard_state))?;
+            }
+            self.send(light.take_messages());
+            self.apply(light.take_committed_entries());
+            self.raw.advance_apply();
+            self.resolve_reads();
+        }
+        Ok(())
+    }
+
+    /// Replaces the state with a snapshot received from the leader (already durable).
+    fn install_snapshot(
+        &mut self,
+        snapshot: Snapshot,
+        file: SnapshotFile,
+    ) -> Result<(), RaftError> {
+        let (index, term) = (snapshot.get_metadata().index, snapshot.get_metadata().term);
+        self.store
+            .mem
+            .wl()
+            .apply_snapshot(snapshot.clone())
+            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        self.sm
+            .restore(index, term, &mut &snapshot.data[..])
+            .map_err(|source| RaftError::Restore { index, source })?;
+        self.applied_index = index;
+        self.snapshot_index = index;
+        self.next_snapshot_at = index.saturating_add(self.snapshot_count);
+        self.store.set_latest_snapshot(file);
+        self.fail_lost_proposals();
+        tracing::info!(index, term, "installed snapshot from the leader");
+        self.release_old_files(index);
+        Ok(())
+    }
+
+    /// Applies committed entries in order, then wakes the proposers among them. The status is
+    /// updated first, so a woken caller sees an applied index that covers its write.
+    fn apply(&mut self, entries: Vec<Entry>) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut outputs = Vec::new();
+        for entry in entries {
+            if entry.index <= self.applied_index {
+                continue;
+            }
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => outputs.extend(self.apply_normal(&entry)),
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    apply_conf_change(&mut self.raw, &self.store, &entry);
+                    self.sm.apply_noop(entry.index, entry.term);
+                }
+            }
+            self.applied_index = entry.index;
+        }
+        {
+            let mut status = self.status.lock();
+            status.applied_index = self.applied_index;
+            status.committed_index = self.raw.raft.raft_log.committed;
+        }
+        for (waiter, output) in outputs {
+            let _ = waiter.send(Ok(output));
+        }
+        self.fail_lost_proposals();
+    }
+
+    /// Applies one normal entry; returns the output for this member's proposer, if any.
+    fn apply_normal(&mut self, entry: &Entry) -> Option<(ProposalWaiter<S::Output>, S::Output)> {
+        if entry.data.is_empty() {
+            self.sm.apply_noop(entry.index, entry.term);
+            return None;
+        }
+        let Some((id, payload)) = entry.data.split_first_chunk::<REQUEST_ID_LEN>() else {
+            // Not written by this crate; every member skips it alike.
+            tracing::warn!(
+                index = entry.index,
+                "entry without a request id, applied as a no-op"
+            );
+            self.sm.apply_noop(entry.index, entry.term);
+            return None;
+        };
+        let output = self.sm.apply(entry.index, entry.term, payload);
+        self.proposals
+            .remove(&u64::from_be_bytes(*id))
+            .map(|waiter| (waiter, output))
+    }
+
+    /// Fails proposals whose log position was applied with another entry: the leader that
+    /// appended them lost its leadership and its successor overwrote them.
+    fn fail_lost_proposals(&mut self) {
+        while let Some(slot) = self.proposed_at.first_entry() {
+            if *slot.key() > self.applied_index {
+                break;
+            }
+            let request_id = slot.remove();
+            if let Some(waiter) = self.proposals.remove(&request_id) {
+                let _ = waiter.send(Err(RaftError::LeaderChanged));
+            }
+        }
+    }
+
+    fn resolve_reads(&mut self) {
+        let applied = self.applied_index;
+        if self.ready_reads.is_empty() {
+            return;
+        }
+        self.status.lock().applied_index = applied;
+        self.ready_reads.retain_mut(|(index, waiters)| {
+            if *index > applied {
+                return true;
+            }
+            for waiter in waiters.drain(..) {
+                let _ = waiter.send(Ok(*index));
+            }
+            false
+        });
+    }
+
+    fn send(&self, messages: Vec<Message>) {
+        if !messages.is_empty() {
+            self.transport.send(messages);
+        }
+    }
+
+    /// Starts writing a snapshot on another thread once enough entries were applied.
+    fn maybe_snapshot(&mut self) {
+        if self.snapshot_count == 0
+            || self.snapshot_thread.is_some()
+            || self.applied_index < self.next_snapshot_at
+        {
+            return;
+        }
+        let index = self.applied_index;
+        let term = match self.raw.raft.raft_log.term(index) {
+            Ok(term) => term,
+            Err(e) => {
+                tracing::warn!(index, error = %e, "cannot snapshot: term unknown");
+                self.next_snapshot_at = index.saturating_add(self.snapshot_count);
+                return;
+            }
+        };
+        let metadata = SnapshotMetadata {
+            index,
+            term,
+            conf_state: Some(self.raw.raft.prs().conf().to_conf_state()).into(),
+            ..Default::default()
+        };
+        let write = self.sm.snapshot();
+        let snapshotter = Arc::clone(&self.snapshotter);
+        let done = self.commands_tx.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("raft-snap-{:x}", self.member_id))
+            .spawn(move || {
+                let result = snapshotter.save(&metadata, write);
+                // The loop may have stopped; then the file is simply not used.
+                let _ = done.send(Command::SnapshotSaved(result));
+            });
+        match spawned {
+            Ok(handle) => self.snapshot_thread = Some(handle),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the snapshot thread");
+                self.next_snapshot_at = index.saturating_add(self.snapshot_count);
+            }
+        }
+    }
+
+    /// Records a finished snapshot in the WAL, then compacts the log and removes old files.
+    fn on_snapshot_saved(
+        &mut self,
+        result: Result<SnapshotFile, SnapError>,
+    ) -> Result<(), RaftError> {
+        if let Some(handle) = self.snapshot_thread.take() {
+            // It sent its result as its last act, so this returns at once.
+            let _ = handle.join();
+        }
+        let file = match result {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::error!(error = %e, "failed to write snapshot");
+                self.next_snapshot_at = self.applied_index.saturating_add(self.snapshot_count);
+                return Ok(());
+            }
+        };
+        let index = file.metadata.index;
+        self.next_snapshot_at = index.saturating_add(self.snapshot_count);
+        if index <= self.snapshot_index {
+            // A snapshot received from the leader in the meantime is newer.
+            return Ok(());
+        }
+        self.wal.save_snapshot_marker(&file.metadata)?;
+        self.wal.sync()?;
+        self.snapshot_index = index;
+        self.store.set_latest_snapshot(file);
+        self.store
+            .mem
+            .wl()
+            .compact(index)
+            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        tracing::info!(index, "saved snapshot and compacted the raft log");
+        self.release_old_files(index);
+        Ok(())
+    }
+
+    /// Deletes WAL segments below a durable snapshot and all but the newest snapshot files.
+    /// Failing to delete is not fatal: the files are merely kept.
+    fn release_old_files(&mut self, snapshot_index: u64) {
+        match self.wal.release_to(snapshot_index) {
+            Ok(0) => {}
+            Ok(released) => tracing::debug!(released, "released WAL segments"),
+            Err(e) => tracing::warn!(error = %e, "cannot release WAL segments"),
+        }
+        if let Err(e) = self.snapshotter.purge(KEEP_SNAPSHOTS) {
+            tracing::warn!(error = %e, "cannot remove old snapshots");
+        }
+    }
+
+    fn update_status(&mut self) {
+        let raft = &self.raw.raft;
+        let status = RaftStatus {
+            member_id: self.member_id,
+            leader_id: raft.leader_id,
+            term: raft.term,
+            committed_index: raft.raft_log.committed,
+            applied_index: self.applied_index,
+            is_leader: raft.state == StateRole::Leader,
+        };
+        let leader_id = status.leader_id;
+        let term = status.term;
+        *self.status.lock() = status;
+        let changed = self.leader_tx.send_if_modified(|current| {
+            let changed = *current != leader_id;
+            *current = leader_id;
+            changed
+        });
+        if changed {
+            tracing::info!(
+                member_id = format_args!("{:x}", self.member_id),
+                leader_id = format_args!("{leader_id:x}"),
+                term,
+                "leader changed"
+            );
+        }
+    }
+
+    fn fatal(&self, error: &RaftError) {
+        tracing::error!(
+            member_id = format_args!("{:x}", self.member_id),
+            error = %error,
+            "raft loop stopped after a fatal error"
+        );
+    }
+
+    /// Leaves the loop: waits for a snapshot being written; pending requests fail with
+    /// `Stopped` when their waiters are dropped with `self`.
+    fn stop(&mut self) {
+        if let Some(handle) = self.snapshot_thread.take() {
+            let _ = handle.join();
+        }
+        {
+            let mut status = self.status.lock();
+            status.leader_id = INVALID_ID;
+            status.is_leader = false;
+        }
+        tracing::info!(
+            member_id = format_args!("{:x}", self.member_id),
+            "raft loop stopped"
+        );
+    }
+}

@@ -1,0 +1,549 @@
+//! End-to-end tests of the raft node through its public API: a single member with its WAL and
+//! snapshots on disk, and a three-member cluster connected by in-process channels.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use metastore_raft_node::{
+    Message, RaftConfig, RaftError, RaftNode, SnapshotWriter, StateMachine, Transport,
+};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// What the test state machine saw.
+#[derive(Default, Debug)]
+struct Applied {
+    /// (index, payload) of every applied proposal, in apply order.
+    log: Vec<(u64, Vec<u8>)>,
+    /// Indexes of restored snapshots.
+    restores: Vec<u64>,
+}
+
+/// A volatile state machine: an append-only log of payloads.
+#[derive(Clone, Default)]
+struct LogMachine {
+    applied: Arc<Mutex<Applied>>,
+}
+
+impl LogMachine {
+    fn log(&self) -> Vec<(u64, Vec<u8>)> {
+        self.applied.lock().unwrap().log.clone()
+    }
+
+    fn restores(&self) -> Vec<u64> {
+        self.applied.lock().unwrap().restores.clone()
+    }
+}
+
+impl StateMachine for LogMachine {
+    /// The index the payload was applied at, and the payload.
+    type Output = (u64, Vec<u8>);
+
+    fn applied_index(&self) -> u64 {
+        0
+    }
+
+    fn apply(&mut self, index: u64, _term: u64, payload: &[u8]) -> Self::Output {
+        self.applied
+            .lock()
+            .unwrap()
+            .log
+            .push((index, payload.to_vec()));
+        (index, payload.to_vec())
+    }
+
+    fn apply_noop(&mut self, _index: u64, _term: u64) {}
+
+    fn snapshot(&self) -> SnapshotWriter {
+        let log = self.log();
+        Box::new(move |w: &mut dyn Write| {
+            for (index, payload) in log {
+                w.write_all(&index.to_le_bytes())?;
+                w.write_all(&(payload.len() as u32).to_le_bytes())?;
+                w.write_all(&payload)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn restore(&mut self, index: u64, _term: u64, reader: &mut dyn Read) -> io::Result<()> {
+        let mut data = Vec::new();
+        reader.read_to_end(&mut data)?;
+        let mut log = Vec::new();
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            if rest.len() < 12 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "short snapshot"));
+            }
+            let entry_index = u64::from_le_bytes(rest[..8].try_into().unwrap());
+            let len = u32::from_le_bytes(rest[8..12].try_into().unwrap()) as usize;
+            log.push((entry_index, rest[12..12 + len].to_vec()));
+            rest = &rest[12 + len..];
+        }
+        let mut applied = self.applied.lock().unwrap();
+        applied.log = log;
+        applied.restores.push(index);
+        Ok(())
+    }
+}
+
+/// A transport for a single member: there is nobody to talk to.
+struct NoPeers;
+
+impl Transport for NoPeers {
+    fn send(&self, _messages: Vec<Message>) {}
+}
+
+type Node = RaftNode<(u64, Vec<u8>)>;
+
+/// Delivers messages between in-process members, except to or from isolated ones.
+#[derive(Default)]
+struct Network {
+    nodes: RwLock<HashMap<u64, Node>>,
+    isolated: RwLock<HashSet<u64>>,
+}
+
+struct ChannelTransport {
+    network: Arc<Network>,
+}
+
+impl Transport for ChannelTransport {
+    fn send(&self, messages: Vec<Message>) {
+        let nodes = self.network.nodes.read().unwrap();
+        let isolated = self.network.isolated.read().unwrap();
+        for msg in messages {
+            let (from, to) = (msg.from, msg.to);
+            let is_snapshot = msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
+            let delivered = !isolated.contains(&from) && !isolated.contains(&to);
+            if delivered {
+                if let Some(node) = nodes.get(&to) {
+                    node.step(msg);
+                }
+            }
+            if is_snapshot {
+                if let Some(sender) = nodes.get(&from) {
+                    sender.report_snapshot(to, delivered);
+                }
+            }
+        }
+    }
+}
+
+fn config(member_id: u64, dir: &Path) -> RaftConfig {
+    RaftConfig::new(member_id, dir.join("member"))
+}
+
+async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Polls `condition` until it holds, failing the test after `WAIT`.
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn files_with_suffix(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_str().unwrap().ends_with(suffix))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Proposes `count` payloads `"{prefix}-{i}"` concurrently; returns (payload, output) pairs.
+async fn propose_many(node: &Node, prefix: &str, count: usize) -> Vec<(Vec<u8>, (u64, Vec<u8>))> {
+    let tasks: Vec<_> = (0..count)
+        .map(|i| {
+            let node = node.clone();
+            let payload = format!("{prefix}-{i}").into_bytes();
+            tokio::spawn(async move {
+                let output = node.propose(payload.clone()).await;
+                (payload, output)
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        let (payload, output) = bounded("a proposal", task).await.unwrap();
+        results.push((payload, output.expect("proposal failed")));
+    }
+    results
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_proposals_each_get_their_own_output_in_log_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = LogMachine::default();
+    let started = Instant::now();
+    let node: Node = RaftNode::start(config(1, dir.path()), sm.clone(), Arc::new(NoPeers)).unwrap();
+    assert_eq!(node.wait_leader(Duration::from_secs(1)).await.unwrap(), 1);
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    let results = propose_many(&node, "value", 200).await;
+
+    // Every proposer got the output of applying its own payload.
+    for (payload, (_, output_payload)) in &results {
+        assert_eq!(payload, output_payload);
+    }
+    let indexes: HashSet<u64> = results.iter().map(|(_, (index, _))| *index).collect();
+    assert_eq!(indexes.len(), 200, "each proposal has its own log index");
+
+    // Entries were applied in log order, and each at the index its proposer was told.
+    let log = sm.log();
+    assert_eq!(log.len(), 200);
+    assert!(
+        log.windows(2).all(|w| w[0].0 < w[1].0),
+        "apply order is log order"
+    );
+    let by_payload: HashMap<&[u8], u64> = log.iter().map(|(i, p)| (p.as_slice(), *i)).collect();
+    for (payload, (index, _)) in &results {
+        assert_eq!(by_payload[payload.as_slice()], *index);
+    }
+
+    let status = node.status();
+    assert_eq!(status.member_id, 1);
+    assert_eq!(status.leader_id, 1);
+    assert!(status.is_leader);
+    assert!(status.term >= 1);
+    assert!(status.applied_index >= log.last().unwrap().0);
+    assert!(status.committed_index >= status.applied_index);
+    node.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_reapplies_committed_entries_in_the_same_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = LogMachine::default();
+    let node: Node = RaftNode::start(config(1, dir.path()), sm.clone(), Arc::new(NoPeers)).unwrap();
+    bounded("a leader", node.wait_leader(WAIT)).await.unwrap();
+    propose_many(&node, "before", 50).await;
+    for i in 0..10 {
+        bounded(
+            "a proposal",
+            node.propose(format!("sequential-{i}").into_bytes()),
+        )
+        .await
+        .unwrap();
+    }
+    let before = sm.log();
+    assert_eq!(before.len(), 60);
+    let term_before = node.status().term;
+    node.shutdown();
+    assert!(matches!(
+        node.propose(b"late".to_vec()).await,
+        Err(RaftError::Stopped)
+    ));
+
+    let sm = LogMachine::default();
+    let node: Node = RaftNode::start(config(1, dir.path()), sm.clone(), Arc::new(NoPeers)).unwrap();
+    wait_until("the log to be applied again", || {
+        sm.log().len() >= before.len()
+    })
+    .await;
+    assert_eq!(sm.log(), before);
+    assert!(sm.restores().is_empty());
+
+    // The restarted member is leader of a later term and keeps appending after the old log.
+    bounded("a leader", node.wait_leader(WAIT)).await.unwrap();
+    let (index, _) = bounded("a proposal", node.propose(b"after".to_vec()))
+        .await
+        .unwrap();
+    assert!(index > before.last().unwrap().0);
+    assert!(node.status().term > term_before);
+    node.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_compact_the_wal_and_restart_restores_from_snapshot_and_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(1, dir.path());
+    cfg.snapshot_count = 10;
+    cfg.wal_segment_size_bytes = 4096;
+    let wal_dir = cfg.wal_dir();
+    let snap_dir = cfg.snap_dir();
+
+    let sm = LogMachine::default();
+    let node: Node = RaftNode::start(cfg.clone(), sm.clone(), Arc::new(NoPeers)).unwrap();
+    bounded("a leader", node.wait_leader(WAIT)).await.unwrap();
+    let padding = "x".repeat(200);
+    for batch in 0..10 {
+        propose_many(&node, &format!("{batch}-{padding}"), 10).await;
+    }
+    let last_index = node.status().applied_index;
+    let newest_snapshot_index = || {
+        files_with_suffix(&snap_dir, ".snap")
+            .iter()
+            .map(|p| {
+                let name = p.file_name().unwrap().to_str().unwrap();
+                u64::from_str_radix(&name[17..33], 16).unwrap()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    // Snapshots are written in the background. Once the newest is less than `snapshot_count`
+    // entries behind no further one starts, and once at most 2 files remain the newest one was
+    // recorded in the WAL and older files removed.
+    wait_until("snapshots to settle", || {
+        newest_snapshot_index() + 10 > last_index
+            && files_with_suffix(&snap_dir, ".snap").len() <= 2
+    })
+    .await;
+    let segments = files_with_suffix(&wal_dir, ".wal");
+    assert!(
+        !segments[0]
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("0000000000000000-"),
+        "the first WAL segments were released: {segments:?}"
+    );
+    let before = sm.log();
+    assert_eq!(before.len(), 100);
+    node.shutdown();
+
+    let snapshot_index = newest_snapshot_index();
+    let sm = LogMachine::default();
+    let node: Node = RaftNode::start(cfg, sm.clone(), Arc::new(NoPeers)).unwrap();
+    assert_eq!(sm.restores(), vec![snapshot_index]);
+    wait_until("the tail to be applied again", || {
+        sm.log().len() >= before.len()
+    })
+    .await;
+    assert_eq!(sm.log(), before);
+    let (index, _) = bounded("a proposal", node.propose(b"after".to_vec()))
+        .await
+        .unwrap();
+    assert!(index > last_index);
+    node.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_index_covers_every_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = LogMachine::default();
+    let node: Node = RaftNode::start(config(1, dir.path()), sm.clone(), Arc::new(NoPeers)).unwrap();
+    // A single member is leader as soon as it starts; a read issued at once waits for its
+    // first commit (the leader's no-op at index 1).
+    let first = bounded("a read index", node.read_index()).await.unwrap();
+    assert!(first >= 1);
+    assert_eq!(node.wait_leader(WAIT).await.unwrap(), 1);
+
+    let results = propose_many(&node, "w", 20).await;
+    let last_write = results.iter().map(|(_, (index, _))| *index).max().unwrap();
+    let reads: Vec<_> = (0..50)
+        .map(|_| {
+            let node = node.clone();
+            tokio::spawn(async move { node.read_index().await })
+        })
+        .collect();
+    for read in reads {
+        let read_index = bounded("a read index", read).await.unwrap().unwrap();
+        assert!(read_index >= last_write, "{read_index} < {last_write}");
+        assert!(node.status().applied_index >= read_index);
+    }
+    node.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_quorum_requests_fail_with_no_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(1, dir.path());
+    cfg.peers = vec![1, 2, 3];
+    let node: Node = RaftNode::start(cfg, LogMachine::default(), Arc::new(NoPeers)).unwrap();
+    let err = node.propose(b"v".to_vec()).await.unwrap_err();
+    assert!(matches!(err, RaftError::NoLeader), "{err:?}");
+    assert_eq!(err.to_string(), "etcdserver: no leader");
+    let err = node.read_index().await.unwrap_err();
+    assert!(matches!(err, RaftError::NoLeader), "{err:?}");
+    let err = node
+        .wait_leader(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RaftError::Timeout), "{err:?}");
+    assert_eq!(node.status().leader_id, 0);
+    node.shutdown();
+    let err = node.wait_leader(WAIT).await.unwrap_err();
+    assert!(matches!(err, RaftError::Stopped), "{err:?}");
+    assert_eq!(err.to_string(), "etcdserver: server stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_refuses_a_corrupt_wal_naming_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(1, dir.path());
+    let node: Node =
+        RaftNode::start(cfg.clone(), LogMachine::default(), Arc::new(NoPeers)).unwrap();
+    bounded("a leader", node.wait_leader(WAIT)).await.unwrap();
+    propose_many(&node, "v", 10).await;
+    node.shutdown();
+
+    // Flip a payload byte of the second record; the records after it are intact.
+    let segment = files_with_suffix(&cfg.wal_dir(), ".wal")[0].clone();
+    let mut data = std::fs::read(&segment).unwrap();
+    let first_len = u32::from_le_bytes(data[..4].try_into().unwrap()) as usize;
+    let second = 9 + first_len;
+    data[second + 9] ^= 0xff;
+    std::fs::write(&segment, &data).unwrap();
+
+    let err = RaftNode::<(u64, Vec<u8>)>::start(cfg, LogMachine::default(), Arc::new(NoPeers))
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, RaftError::Wal(_)), "{err:?}");
+    assert!(
+        message.contains(&segment.display().to_string()),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("byte offset {second}")),
+        "{message}"
+    );
+}
+
+/// Starts members 1..=3 of one cluster on `network`.
+fn start_cluster(
+    network: &Arc<Network>,
+    dirs: &[tempfile::TempDir],
+    snapshot_count: u64,
+) -> Vec<LogMachine> {
+    let mut machines = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let member_id = i as u64 + 1;
+        let mut cfg = config(member_id, dir.path());
+        cfg.peers = vec![1, 2, 3];
+        cfg.tick_interval = Duration::from_millis(20);
+        cfg.snapshot_count = snapshot_count;
+        let sm = LogMachine::default();
+        let transport = Arc::new(ChannelTransport {
+            network: Arc::clone(network),
+        });
+        let node = RaftNode::start(cfg, sm.clone(), transport).unwrap();
+        network.nodes.write().unwrap().insert(member_id, node);
+        machines.push(sm);
+    }
+    machines
+}
+
+fn node(network: &Network, member_id: u64) -> Node {
+    network.nodes.read().unwrap()[&member_id].clone()
+}
+
+/// Waits until the members in `members` agree on a leader among them; returns it.
+async fn agreed_leader(network: &Network, members: &[u64]) -> u64 {
+    let mut leader = 0;
+    wait_until("members to agree on a leader", || {
+        let statuses: Vec<_> = members
+            .iter()
+            .map(|id| node(network, *id).status())
+            .collect();
+        leader = statuses[0].leader_id;
+        leader != 0 && members.contains(&leader) && statuses.iter().all(|s| s.leader_id == leader)
+    })
+    .await;
+    leader
+}
+
+fn shutdown_all(network: &Network) {
+    let nodes: Vec<Node> = network
+        .nodes
+        .write()
+        .unwrap()
+        .drain()
+        .map(|(_, n)| n)
+        .collect();
+    for node in &nodes {
+        node.shutdown();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_replicate_forward_and_survive_losing_the_leader() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let network = Arc::new(Network::default());
+    let machines = start_cluster(&network, &dirs, 0);
+
+    let leader = agreed_leader(&network, &[1, 2, 3]).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    // Proposals through the leader and through a follower (forwarded by raft) both complete.
+    let (leader_node, follower_node) = (node(&network, leader), node(&network, follower));
+    let (via_leader, via_follower) = tokio::join!(
+        propose_many(&leader_node, "leader", 30),
+        propose_many(&follower_node, "follower", 30),
+    );
+    for (payload, (_, output)) in via_leader.iter().chain(&via_follower) {
+        assert_eq!(payload, output);
+    }
+    wait_until("every member to apply 60 entries", || {
+        machines.iter().all(|m| m.log().len() == 60)
+    })
+    .await;
+    assert_eq!(machines[0].log(), machines[1].log());
+    assert_eq!(machines[1].log(), machines[2].log());
+    let last_write = machines[0].log().last().unwrap().0;
+    let read_index = bounded("a follower read", node(&network, follower).read_index())
+        .await
+        .unwrap();
+    assert!(read_index >= last_write);
+
+    // Stop the leader: the other two elect a new one and keep accepting writes.
+    let old_leader = network.nodes.write().unwrap().remove(&leader).unwrap();
+    old_leader.shutdown();
+    let rest: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let new_leader = agreed_leader(&network, &rest).await;
+    assert_ne!(new_leader, leader);
+    propose_many(&node(&network, new_leader), "after", 10).await;
+    let survivors: Vec<&LogMachine> = rest.iter().map(|id| &machines[*id as usize - 1]).collect();
+    wait_until("the survivors to apply 70 entries", || {
+        survivors.iter().all(|m| m.log().len() == 70)
+    })
+    .await;
+    assert_eq!(survivors[0].log(), survivors[1].log());
+    shutdown_all(&network);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_member_catches_up_from_a_snapshot() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let network = Arc::new(Network::default());
+    let machines = start_cluster(&network, &dirs, 10);
+    let leader = agreed_leader(&network, &[1, 2, 3]).await;
+    let lagging = (1..=3).find(|id| *id != leader).unwrap();
+
+    network.isolated.write().unwrap().insert(lagging);
+    for batch in 0..5 {
+        propose_many(&node(&network, leader), &format!("b{batch}"), 10).await;
+    }
+    let leader_machine = &machines[leader as usize - 1];
+    let lagging_machine = &machines[lagging as usize - 1];
+    assert!(lagging_machine.log().len() < 50);
+    // Wait for the leader to snapshot and compact its log past what the lagging member has.
+    let snap_dir = dirs[leader as usize - 1].path().join("member").join("snap");
+    wait_until("a leader snapshot", || {
+        !files_with_suffix(&snap_dir, ".snap").is_empty()
+    })
+    .await;
+
+    network.isolated.write().unwrap().clear();
+    wait_until("the lagging member to catch up", || {
+        lagging_machine.log().len() == 50
+    })
+    .await;
+    assert_eq!(lagging_machine.log(), leader_machine.log());
+    assert!(
+        !lagging_machine.restores().is_empty(),
+        "the lagging member was sent a snapshot"
+    );
+    shutdown_all(&network);
+}
