@@ -1,0 +1,156 @@
+//! The KV service: Range, Put, DeleteRange, Txn, Compact.
+//!
+//! Writes are validated as etcd's v3rpc layer does, then proposed through raft; the proposer's
+//! waiter gets the applied result. Linearizable ranges pass a ReadIndex barrier first;
+//! serializable ones read the local store at once. Reads run on blocking threads.
+
+use std::time::Duration;
+
+use metastore_mvcc::{Applied, WriteResponse};
+use metastore_proto::etcdserverpb::kv_server::Kv;
+use metastore_proto::etcdserverpb::{
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+};
+use metastore_proto::metastorepb::internal_raft_request::Request;
+use metastore_state_machine::encode_request;
+use tonic::{Request as GrpcRequest, Response, Status};
+
+use crate::errors::{apply_error_status, mvcc_status, raft_status, request_too_large};
+use crate::ServerContext;
+
+/// How long a proposal may wait to be applied before etcd's `request timed out` (etcd: 5 s plus
+/// twice the election timeout).
+const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(7);
+
+/// etcd's KV service.
+pub struct KvService {
+    ctx: ServerContext,
+}
+
+impl KvService {
+    /// A KV service over `ctx`.
+    pub fn new(ctx: ServerContext) -> Self {
+        KvService { ctx }
+    }
+
+    async fn propose(&self, request: Request) -> Result<Applied, Status> {
+        let data = encode_request(request);
+        if data.len() > self.ctx.limits.max_request_bytes {
+            return Err(request_too_large());
+        }
+        match tokio::time::timeout(PROPOSAL_TIMEOUT, self.ctx.raft.propose(data)).await {
+            Err(_) => Err(Status::unavailable("etcdserver: request timed out")),
+            Ok(Err(e)) => Err(raft_status(&e)),
+            Ok(Ok(Err(e))) => Err(apply_error_status(&e)),
+            Ok(Ok(Ok(applied))) => Ok(applied),
+        }
+    }
+
+    /// A linearizable read waits until this member has applied everything committed when the
+    /// read arrived.
+    async fn read_barrier(&self) -> Result<(), Status> {
+        match tokio::time::timeout(PROPOSAL_TIMEOUT, self.ctx.raft.read_index()).await {
+            Err(_) => Err(Status::unavailable("etcdserver: request timed out")),
+            Ok(Err(e)) => Err(raft_status(&e)),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+}
+
+fn unexpected(what: &str) -> Status {
+    Status::internal(format!("etcdserver: unexpected apply result for {what}"))
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn range(
+        &self,
+        request: GrpcRequest<RangeRequest>,
+    ) -> Result<Response<RangeResponse>, Status> {
+        let req = request.into_inner();
+        metastore_mvcc::check_range(&req).map_err(|e| mvcc_status(&e))?;
+        if !req.serializable {
+            self.read_barrier().await?;
+        }
+        let store = self.ctx.store.current();
+        let (mut resp, revision) =
+            tokio::task::spawn_blocking(move || store.range_with_revision(&req))
+                .await
+                .map_err(|e| Status::internal(format!("etcdserver: range task failed: {e}")))?
+                .map_err(|e| mvcc_status(&e))?;
+        resp.header = Some(self.ctx.header(revision));
+        Ok(Response::new(resp))
+    }
+
+    async fn put(&self, request: GrpcRequest<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let req = request.into_inner();
+        metastore_mvcc::check_put(&req).map_err(|e| mvcc_status(&e))?;
+        let applied = self.propose(Request::Put(req)).await?;
+        match applied.response {
+            WriteResponse::Put(mut resp) => {
+                resp.header = Some(self.ctx.header(applied.revision));
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("put")),
+        }
+    }
+
+    async fn delete_range(
+        &self,
+        request: GrpcRequest<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let req = request.into_inner();
+        metastore_mvcc::check_delete(&req).map_err(|e| mvcc_status(&e))?;
+        let applied = self.propose(Request::DeleteRange(req)).await?;
+        match applied.response {
+            WriteResponse::DeleteRange(mut resp) => {
+                resp.header = Some(self.ctx.header(applied.revision));
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("delete range")),
+        }
+    }
+
+    async fn txn(&self, request: GrpcRequest<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let req = request.into_inner();
+        metastore_mvcc::check_txn(&req, self.ctx.limits.max_txn_ops)
+            .map_err(|e| mvcc_status(&e))?;
+        if metastore_mvcc::is_txn_read_only(&req) {
+            // Like etcd, a read-only txn is served locally after the read barrier: it changes
+            // nothing, so it need not go through the log.
+            self.read_barrier().await?;
+            let store = self.ctx.store.current();
+            let (mut resp, revision) =
+                tokio::task::spawn_blocking(move || store.txn_read_only(&req))
+                    .await
+                    .map_err(|e| Status::internal(format!("etcdserver: txn task failed: {e}")))?
+                    .map_err(|e| mvcc_status(&e))?;
+            resp.header = Some(self.ctx.header(revision));
+            return Ok(Response::new(resp));
+        }
+        let applied = self.propose(Request::Txn(req)).await?;
+        match applied.response {
+            WriteResponse::Txn(mut resp) => {
+                resp.header = Some(self.ctx.header(applied.revision));
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("txn")),
+        }
+    }
+
+    async fn compact(
+        &self,
+        request: GrpcRequest<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
+        let req = request.into_inner();
+        let applied = self.propose(Request::Compaction(req)).await?;
+        match applied.response {
+            WriteResponse::Compact(mut resp) => {
+                resp.header = Some(self.ctx.header(applied.revision));
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("compaction")),
+        }
+    }
+}

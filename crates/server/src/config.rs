@@ -1,0 +1,207 @@
+//! Command-line configuration with etcd's flag names, and the member/cluster ids etcd derives
+//! from them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use sha1::{Digest, Sha1};
+
+/// Which storage engine holds the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Engine {
+    /// Ordered in-memory maps, made durable by the raft WAL and snapshot files.
+    Memory,
+    /// RocksDB under `<data-dir>/member/db`.
+    Rocksdb,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Memory => "memory",
+            Engine::Rocksdb => "rocksdb",
+        }
+    }
+}
+
+/// MetaStore: an etcd v3 compatible key-value store.
+#[derive(Debug, Parser)]
+#[command(name = "metastore", version, about)]
+pub struct Config {
+    /// Human-readable name for this member.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// Path to the data directory (default: `<name>.metastore`).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// URLs to listen on for client traffic (comma-separated).
+    #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    pub listen_client_urls: Vec<String>,
+    /// Client URLs advertised to the rest of the cluster (comma-separated).
+    #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    pub advertise_client_urls: Vec<String>,
+    /// URLs to listen on for peer traffic (comma-separated).
+    #[arg(long, default_value = "http://127.0.0.1:2380", value_delimiter = ',')]
+    pub listen_peer_urls: Vec<String>,
+    /// This member's peer URLs advertised to the rest of the cluster (comma-separated).
+    #[arg(long, default_value = "http://127.0.0.1:2380", value_delimiter = ',')]
+    pub initial_advertise_peer_urls: Vec<String>,
+    /// Initial cluster configuration for bootstrapping: `name=peer-url,…`.
+    #[arg(long)]
+    pub initial_cluster: Option<String>,
+    /// Initial cluster state: `new` or `existing`.
+    #[arg(long, default_value = "new")]
+    pub initial_cluster_state: String,
+    /// Initial cluster token, mixed into member and cluster ids.
+    #[arg(long, default_value = "etcd-cluster")]
+    pub initial_cluster_token: String,
+    /// Number of committed entries between raft snapshots.
+    #[arg(long, default_value_t = 100_000)]
+    pub snapshot_count: u64,
+    /// Time (ms) of a heartbeat interval.
+    #[arg(long, default_value_t = 100)]
+    pub heartbeat_interval: u64,
+    /// Time (ms) for an election to time out.
+    #[arg(long, default_value_t = 1000)]
+    pub election_timeout: u64,
+    /// Maximum client request size in bytes the server will accept.
+    #[arg(long, default_value_t = 1536 * 1024)]
+    pub max_request_bytes: usize,
+    /// Maximum number of operations permitted in a transaction.
+    #[arg(long, default_value_t = 128)]
+    pub max_txn_ops: usize,
+    /// Raise alarms when the backend size exceeds this quota (0 = default 2 GiB).
+    #[arg(long, default_value_t = 0)]
+    pub quota_backend_bytes: u64,
+    /// Storage engine.
+    #[arg(long, value_enum, default_value = "memory")]
+    pub storage_engine: Engine,
+    /// Log level: debug, info, warn, error.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+    /// Log format: `json` (etcd's zap style) or `text`.
+    #[arg(long, default_value = "json")]
+    pub log_format: String,
+}
+
+/// One member of the initial cluster.
+#[derive(Debug, Clone)]
+pub struct InitialMember {
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub id: u64,
+}
+
+impl Config {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.metastore", self.name)))
+    }
+
+    /// The members named by `--initial-cluster` (default: this member alone at its advertised
+    /// peer URLs), with etcd's member ids.
+    pub fn initial_members(&self) -> Result<Vec<InitialMember>> {
+        let spec = match &self.initial_cluster {
+            Some(s) => s.clone(),
+            None => self
+                .initial_advertise_peer_urls
+                .iter()
+                .map(|u| format!("{}={u}", self.name))
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        let mut by_name: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, url) = part
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--initial-cluster: {part:?} is not name=url"))?;
+            parse_url(url).with_context(|| format!("--initial-cluster member {name}"))?;
+            by_name
+                .entry(name.to_string())
+                .or_default()
+                .push(url.to_string());
+        }
+        if !by_name.contains_key(&self.name) {
+            bail!(
+                "--initial-cluster has no member named {:?} (this member's --name)",
+                self.name
+            );
+        }
+        Ok(by_name
+            .into_iter()
+            .map(|(name, peer_urls)| {
+                let id = member_id(&peer_urls, &self.initial_cluster_token);
+                InitialMember {
+                    name,
+                    peer_urls,
+                    id,
+                }
+            })
+            .collect())
+    }
+}
+
+/// etcd's member id: SHA-1 of the sorted peer URLs joined, then the cluster token; first 8 bytes.
+pub fn member_id(peer_urls: &[String], token: &str) -> u64 {
+    let mut urls = peer_urls.to_vec();
+    urls.sort();
+    let mut h = Sha1::new();
+    h.update(urls.concat().as_bytes());
+    h.update(token.as_bytes());
+    let digest = h.finalize();
+    u64::from_be_bytes(digest[..8].try_into().expect("sha1 is 20 bytes"))
+}
+
+/// etcd's cluster id: SHA-1 of the sorted member ids as 8-byte big-endian values; first 8 bytes.
+pub fn cluster_id(member_ids: &[u64]) -> u64 {
+    let mut ids = member_ids.to_vec();
+    ids.sort();
+    let mut h = Sha1::new();
+    for id in ids {
+        h.update(id.to_be_bytes());
+    }
+    let digest = h.finalize();
+    u64::from_be_bytes(digest[..8].try_into().expect("sha1 is 20 bytes"))
+}
+
+/// `http://host:port` → a socket address (`localhost` → 127.0.0.1).
+pub fn parse_url(url: &str) -> Result<SocketAddr> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| anyhow!("{url:?}: URL must start with http:// or https://"))?;
+    let hostport = rest.trim_end_matches('/');
+    let hostport = hostport.replace("localhost", "127.0.0.1");
+    hostport
+        .parse()
+        .map_err(|_| anyhow!("{url:?}: expected http://IP:PORT"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_match_etcd_derivation() {
+        // etcd's default member (`--name default`, peer URL http://localhost:2380, token
+        // etcd-cluster) has id 8e9e05c52164694d and cluster id cdf818194e3a8c32.
+        let id = member_id(&["http://localhost:2380".to_string()], "etcd-cluster");
+        assert_eq!(format!("{id:x}"), "8e9e05c52164694d");
+        assert_eq!(format!("{:x}", cluster_id(&[id])), "cdf818194e3a8c32");
+    }
+
+    #[test]
+    fn urls_parse() {
+        assert_eq!(parse_url("http://127.0.0.1:2379").unwrap().port(), 2379);
+        assert_eq!(
+            parse_url("http://localhost:2380/").unwrap().to_string(),
+            "127.0.0.1:2380"
+        );
+        assert!(parse_url("127.0.0.1:2379").is_err());
+        assert!(parse_url("http://nohost").is_err());
+    }
+}

@@ -1,0 +1,191 @@
+//! The `metastore` binary: parses etcd's flags, opens the storage engine, starts the raft node
+//! and serves etcd's gRPC API. Thin by design: the other crates do the work.
+
+mod config;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use metastore_etcd_api::{KvService, Limits, ServerContext};
+use metastore_proto::etcdserverpb::kv_server::KvServer;
+use metastore_raft_node::{RaftConfig, RaftNode, Transport};
+use metastore_state_machine::KvStateMachine;
+use metastore_storage::Backend;
+use tracing::info;
+
+use config::{Config, Engine};
+
+/// Bytes gRPC may receive on top of `--max-request-bytes` (etcd's `grpcOverheadBytes`), so that
+/// an oversized request reaches our check and gets etcd's own error.
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// A single member sends no raft messages; peers arrive with multi-member support.
+struct NoPeers;
+
+impl Transport for NoPeers {
+    fn send(&self, messages: Vec<metastore_raft_node::Message>) {
+        if !messages.is_empty() {
+            tracing::warn!(
+                count = messages.len(),
+                "raft produced messages for peers, but this member has none"
+            );
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.log_format == "text" {
+        builder.init();
+    } else {
+        builder.json().flatten_event(true).init();
+    }
+}
+
+/// Refuse to start on a data dir written by the other engine: its content would be ignored.
+fn check_engine_marker(member_dir: &Path, engine: Engine) -> Result<()> {
+    let marker = member_dir.join("engine");
+    match std::fs::read_to_string(&marker) {
+        Ok(found) if found.trim() == engine.name() => Ok(()),
+        Ok(found) => bail!(
+            "{} was created with --storage-engine {}; start with that engine or use another --data-dir",
+            member_dir.display(),
+            found.trim()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&marker, engine.name()).with_context(|| format!("writing {}", marker.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", marker.display())),
+    }
+}
+
+fn open_backend(cfg: &Config, member_dir: &Path) -> Result<Arc<dyn Backend>> {
+    let buckets = metastore_state_machine::buckets();
+    Ok(match cfg.storage_engine {
+        Engine::Memory => Arc::new(metastore_storage_mem::MemBackend::new(&buckets)),
+        Engine::Rocksdb => {
+            let path = member_dir.join("db");
+            Arc::new(
+                metastore_storage_rocks::RocksBackend::open(&path, &buckets)
+                    .with_context(|| format!("opening RocksDB at {}", path.display()))?,
+            )
+        }
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cfg = Config::parse();
+    init_logging(&cfg);
+
+    let members = cfg.initial_members()?;
+    if members.len() > 1 {
+        bail!(
+            "--initial-cluster names {} members; this build serves single-member clusters only",
+            members.len()
+        );
+    }
+    let me = members
+        .iter()
+        .find(|m| m.name == cfg.name)
+        .context("this member is not in --initial-cluster")?;
+    let member_id = me.id;
+    let cluster_id = config::cluster_id(&members.iter().map(|m| m.id).collect::<Vec<_>>());
+
+    let data_dir = cfg.data_dir();
+    let member_dir = data_dir.join("member");
+    std::fs::create_dir_all(&member_dir)
+        .with_context(|| format!("creating {}", member_dir.display()))?;
+    check_engine_marker(&member_dir, cfg.storage_engine)?;
+
+    let backend = open_backend(&cfg, &member_dir)?;
+    let sm = KvStateMachine::open(backend.clone()).context("opening the mvcc store")?;
+    let store = sm.store();
+
+    let mut raft_cfg = RaftConfig::new(member_id, member_dir.clone());
+    raft_cfg.peers = members.iter().map(|m| m.id).collect();
+    raft_cfg.snapshot_count = cfg.snapshot_count;
+    raft_cfg.tick_interval = Duration::from_millis(cfg.heartbeat_interval.max(1));
+    raft_cfg.election_ticks =
+        (cfg.election_timeout / cfg.heartbeat_interval.max(1)).max(2) as usize;
+    raft_cfg.heartbeat_ticks = 1;
+    let raft = RaftNode::start(raft_cfg, sm, Arc::new(NoPeers)).context("starting raft")?;
+    info!(
+        name = %cfg.name,
+        member_id = %format!("{member_id:x}"),
+        cluster_id = %format!("{cluster_id:x}"),
+        data_dir = %data_dir.display(),
+        engine = cfg.storage_engine.name(),
+        peer_urls = %me.peer_urls.join(","),
+        "starting member"
+    );
+
+    let ctx = ServerContext {
+        raft: raft.clone(),
+        store,
+        cluster_id,
+        member_id,
+        limits: Limits {
+            max_request_bytes: cfg.max_request_bytes,
+            max_txn_ops: cfg.max_txn_ops,
+        },
+    };
+    let max_recv = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    for url in &cfg.listen_client_urls {
+        let addr = config::parse_url(url)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for clients on {url}"))?;
+        info!(address = %addr, "serving client requests");
+        let kv = KvServer::new(KvService::new(ctx.clone())).max_decoding_message_size(max_recv);
+        let mut stop = stop_rx.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        servers.push(tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(kv)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }),
+        ));
+    }
+
+    shutdown_signal().await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    for server in servers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    }
+    raft.shutdown();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,221 @@
+//! Real clients against a real MetaStore process, on both engines: the third-party `etcd-client`
+//! crate and etcd's own `etcdctl`. Also: after a restart, revisions continue where they stopped
+//! and history reads still work.
+
+mod support;
+
+use std::process::Command;
+
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
+use support::{Kind, Server};
+
+async fn etcd_client_roundtrip(kind: Kind) {
+    let mut server = Server::start(kind).await;
+    let mut client = Client::connect([server.endpoint()], None)
+        .await
+        .expect("connect");
+
+    let put = client.put("k1", "v1", None).await.unwrap();
+    let first_rev = put.header().unwrap().revision();
+    assert_eq!(
+        first_rev, 2,
+        "an empty store is at revision 1; the first write makes 2"
+    );
+    let put = client
+        .put("k1", "v2", Some(PutOptions::new().with_prev_key()))
+        .await
+        .unwrap();
+    assert_eq!(put.prev_key().unwrap().value(), b"v1");
+    client.put("k2", "x", None).await.unwrap();
+    client.put("k3", "y", None).await.unwrap();
+
+    let got = client.get("k1", None).await.unwrap();
+    let kv = &got.kvs()[0];
+    assert_eq!(
+        (
+            kv.value(),
+            kv.version(),
+            kv.create_revision(),
+            kv.mod_revision()
+        ),
+        (&b"v2"[..], 2, 2, 3)
+    );
+    let prefix = client
+        .get("k", Some(GetOptions::new().with_prefix().with_limit(2)))
+        .await
+        .unwrap();
+    assert_eq!(prefix.kvs().len(), 2);
+    assert_eq!(prefix.count(), 3);
+    assert!(prefix.more());
+    let old = client
+        .get("k1", Some(GetOptions::new().with_revision(2)))
+        .await
+        .unwrap();
+    assert_eq!(old.kvs()[0].value(), b"v1");
+
+    let txn = Txn::new()
+        .when([Compare::value("k1", CompareOp::Equal, "v2")])
+        .and_then([TxnOp::put("k4", "from-txn", None), TxnOp::get("k1", None)])
+        .or_else([TxnOp::put("k4", "wrong-branch", None)]);
+    let resp = client.txn(txn).await.unwrap();
+    assert!(resp.succeeded());
+    match &resp.op_responses()[1] {
+        TxnOpResponse::Get(g) => assert_eq!(g.kvs()[0].value(), b"v2"),
+        other => panic!("unexpected txn response {other:?}"),
+    }
+
+    let del = client
+        .delete(
+            "k",
+            Some(DeleteOptions::new().with_prefix().with_prev_key()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(del.deleted(), 4);
+    let rev_before_restart = del.header().unwrap().revision();
+
+    client.compact(3, None).await.unwrap();
+    let err = client
+        .get("k1", Some(GetOptions::new().with_revision(2)))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("etcdserver: mvcc: required revision has been compacted"),
+        "{err}"
+    );
+
+    // Kill -9 and restart: every acknowledged write is there, revisions continue, history at and
+    // above the compaction point is still readable.
+    drop(client);
+    server.restart().await;
+    let mut client = Client::connect([server.endpoint()], None)
+        .await
+        .expect("reconnect");
+    let now = client
+        .get("k", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(now.kvs().len(), 0);
+    assert_eq!(now.header().unwrap().revision(), rev_before_restart);
+    let hist = client
+        .get(
+            "k4",
+            Some(GetOptions::new().with_revision(rev_before_restart - 1)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(hist.kvs()[0].value(), b"from-txn");
+    let err = client
+        .get("k1", Some(GetOptions::new().with_revision(2)))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("required revision has been compacted"),
+        "{err}"
+    );
+    let put = client.put("after", "restart", None).await.unwrap();
+    assert_eq!(put.header().unwrap().revision(), rev_before_restart + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_memory_engine() {
+    etcd_client_roundtrip(Kind::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_rocksdb_engine() {
+    etcd_client_roundtrip(Kind::Rocks).await;
+}
+
+fn etcdctl(server: &Server, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", server.endpoint()))
+        .args(args);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .expect("etcdctl (installed by `cargo xtask test`)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.unwrap_or("").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn etcdctl_commands(kind: Kind) {
+    let server = Server::start(kind).await;
+    assert_eq!(
+        etcdctl(&server, &["put", "greeting", "hello"], None),
+        "OK\n"
+    );
+    assert_eq!(
+        etcdctl(&server, &["put", "greeting/2", "world"], None),
+        "OK\n"
+    );
+    assert_eq!(
+        etcdctl(&server, &["get", "greeting"], None),
+        "greeting\nhello\n"
+    );
+    assert_eq!(
+        etcdctl(
+            &server,
+            &["get", "greeting", "--prefix", "--keys-only"],
+            None
+        ),
+        "greeting\n\ngreeting/2\n\n"
+    );
+    let json = etcdctl(&server, &["get", "greeting", "-w", "json"], None);
+    assert!(json.contains("\"revision\":3"), "{json}");
+    let txn = etcdctl(
+        &server,
+        &["txn"],
+        Some("value(\"greeting\") = \"hello\"\n\nput greeting bye\n\nput greeting never\n\n"),
+    );
+    assert_eq!(txn, "SUCCESS\n\nOK\n");
+    assert_eq!(
+        etcdctl(&server, &["get", "greeting", "--print-value-only"], None),
+        "bye\n"
+    );
+    assert_eq!(
+        etcdctl(&server, &["del", "greeting", "--prefix"], None),
+        "2\n"
+    );
+    assert_eq!(
+        etcdctl(&server, &["compaction", "3"], None),
+        "compacted revision 3\n"
+    );
+    assert_eq!(
+        etcdctl(
+            &server,
+            &["get", "greeting", "--rev", "4", "--print-value-only"],
+            None
+        ),
+        "bye\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_memory_engine() {
+    etcdctl_commands(Kind::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_rocksdb_engine() {
+    etcdctl_commands(Kind::Rocks).await;
+}

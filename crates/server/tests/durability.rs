@@ -1,0 +1,140 @@
+//! Durability under SIGKILL: concurrent clients write, the server is killed at random moments and
+//! restarted, several times. Every acknowledged write must be there afterwards, and no
+//! unacknowledged write may appear half-applied (each write is a two-key transaction).
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metastore_proto::etcdserverpb::request_op::Request as Op;
+use metastore_proto::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest};
+use parking_lot::Mutex;
+use rand::Rng;
+use support::{Kind, Server};
+
+const WRITERS: usize = 8;
+const ROUNDS: usize = 4;
+
+fn pair_txn(id: u64) -> TxnRequest {
+    let put = |suffix: &str| RequestOp {
+        request: Some(Op::RequestPut(PutRequest {
+            key: format!("w/{id:08}/{suffix}").into_bytes(),
+            value: format!("value-{id}").into_bytes(),
+            ..Default::default()
+        })),
+    };
+    TxnRequest {
+        compare: vec![],
+        success: vec![put("a"), put("b")],
+        failure: vec![],
+    }
+}
+
+async fn kill_during_writes(kind: Kind, extra: &[&str]) {
+    let mut server = Server::start_with(kind, extra).await;
+    let acked: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
+    let mut next_id = 0u64;
+    let mut last_revision = 0i64;
+
+    for round in 0..ROUNDS {
+        let mut tasks = Vec::new();
+        for w in 0..WRITERS {
+            let endpoint = server.endpoint();
+            let acked = acked.clone();
+            let base = next_id + (w as u64) * 1_000_000;
+            tasks.push(tokio::spawn(async move {
+                let Ok(mut kv) =
+                    metastore_proto::etcdserverpb::kv_client::KvClient::connect(endpoint).await
+                else {
+                    return;
+                };
+                for i in 0..100_000u64 {
+                    let id = base + i;
+                    match kv.txn(pair_txn(id)).await {
+                        Ok(_) => {
+                            acked.lock().insert(id);
+                        }
+                        Err(_) => return,
+                    }
+                }
+            }));
+        }
+        next_id += (WRITERS as u64) * 1_000_000;
+        // Let some writes land, then kill at a random moment.
+        let target = acked.lock().len() + 200 + rand::rng().random_range(0..2000);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while acked.lock().len() < target && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..30))).await;
+        server.kill();
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        server.restart().await;
+
+        let mut kv = server.kv().await;
+        let resp = kv
+            .range(RangeRequest {
+                key: b"w/".to_vec(),
+                range_end: b"w0".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .expect("range after restart")
+            .into_inner();
+        let revision = resp.header.as_ref().map(|h| h.revision).unwrap_or_default();
+        assert!(
+            revision >= last_revision,
+            "round {round}: revision went back from {last_revision} to {revision}"
+        );
+        last_revision = revision;
+        let mut halves: std::collections::BTreeMap<u64, usize> = Default::default();
+        for kv in &resp.kvs {
+            let key = String::from_utf8(kv.key.clone()).unwrap();
+            let id: u64 = key[2..10].parse().unwrap();
+            assert_eq!(kv.value, format!("value-{id}").into_bytes());
+            *halves.entry(id).or_default() += 1;
+        }
+        let half_applied: Vec<_> = halves.iter().filter(|(_, n)| **n != 2).collect();
+        assert!(
+            half_applied.is_empty(),
+            "round {round}: half-applied transactions {half_applied:?}"
+        );
+        let acked = acked.lock();
+        let lost: Vec<_> = acked
+            .iter()
+            .filter(|id| !halves.contains_key(id))
+            .take(10)
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "round {round}: acknowledged writes lost after SIGKILL: {lost:?} (of {})",
+            acked.len()
+        );
+        assert!(!acked.is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_no_acknowledged_write_memory_engine() {
+    kill_during_writes(Kind::Memory, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_no_acknowledged_write_rocksdb_engine() {
+    kill_during_writes(Kind::Rocks, &[]).await;
+}
+
+/// With frequent raft snapshots the restart goes through snapshot files and log compaction too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_frequent_snapshots_memory_engine() {
+    kill_during_writes(Kind::Memory, &["--snapshot-count", "100"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_frequent_snapshots_rocksdb_engine() {
+    kill_during_writes(Kind::Rocks, &["--snapshot-count", "100"]).await;
+}

@@ -1,0 +1,462 @@
+//! Differential test: one scripted sequence of KV operations — every option and the errors —
+//! runs against real etcd and against MetaStore on each engine; the responses must match field by
+//! field, apart from the cluster id, member id and raft term in headers.
+
+mod support;
+
+use metastore_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use metastore_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
+use metastore_proto::etcdserverpb::request_op::Request as Op;
+use metastore_proto::etcdserverpb::response_op::Response as OpResp;
+use metastore_proto::etcdserverpb::{
+    CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+    ResponseHeader, TxnRequest,
+};
+use support::{Kind, Server};
+
+/// One step of the script.
+#[derive(Clone, Debug)]
+enum Step {
+    Range(RangeRequest),
+    Put(PutRequest),
+    Delete(DeleteRangeRequest),
+    Txn(TxnRequest),
+    Compact(CompactionRequest),
+}
+
+fn put(k: &str, v: &str) -> Step {
+    Step::Put(PutRequest {
+        key: k.into(),
+        value: v.into(),
+        ..Default::default()
+    })
+}
+fn put_prev(k: &str, v: &str) -> Step {
+    Step::Put(PutRequest {
+        key: k.into(),
+        value: v.into(),
+        prev_kv: true,
+        ..Default::default()
+    })
+}
+fn get(k: &str) -> RangeRequest {
+    RangeRequest {
+        key: k.into(),
+        ..Default::default()
+    }
+}
+fn range(k: &str, end: &[u8]) -> RangeRequest {
+    RangeRequest {
+        key: k.into(),
+        range_end: end.to_vec(),
+        ..Default::default()
+    }
+}
+fn op_put(k: &str, v: &str) -> RequestOp {
+    RequestOp {
+        request: Some(Op::RequestPut(PutRequest {
+            key: k.into(),
+            value: v.into(),
+            ..Default::default()
+        })),
+    }
+}
+fn op_range(r: RangeRequest) -> RequestOp {
+    RequestOp {
+        request: Some(Op::RequestRange(r)),
+    }
+}
+fn op_delete(k: &str, end: &[u8]) -> RequestOp {
+    RequestOp {
+        request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
+            key: k.into(),
+            range_end: end.to_vec(),
+            prev_kv: true,
+        })),
+    }
+}
+fn cmp(
+    k: &str,
+    end: &[u8],
+    target: CompareTarget,
+    result: CompareResult,
+    value: TargetUnion,
+) -> Compare {
+    Compare {
+        key: k.into(),
+        range_end: end.to_vec(),
+        target: target as i32,
+        result: result as i32,
+        target_union: Some(value),
+    }
+}
+
+fn script() -> Vec<Step> {
+    use CompareResult::*;
+    use CompareTarget as T;
+    let mut s = vec![
+        put("a", "1"),
+        put_prev("b", "2"),
+        put_prev("a", "3"),
+        put("c", "4"),
+        put("a/x", "5"),
+        put("a/y", "6"),
+        put("d", "0"),
+        Step::Range(get("a")),
+        Step::Range(get("missing")),
+        Step::Range(range("a", b"c")),
+        Step::Range(range("a/", b"a0")),
+        Step::Range(range("\0", b"\0")),
+        Step::Range(range("b", b"\0")),
+        Step::Range(RangeRequest {
+            limit: 2,
+            ..range("\0", b"\0")
+        }),
+        Step::Range(RangeRequest {
+            limit: 10,
+            ..range("\0", b"\0")
+        }),
+        Step::Range(RangeRequest {
+            sort_order: SortOrder::Descend as i32,
+            ..range("\0", b"\0")
+        }),
+        Step::Range(RangeRequest {
+            sort_order: SortOrder::Ascend as i32,
+            sort_target: SortTarget::Value as i32,
+            limit: 3,
+            ..range("\0", b"\0")
+        }),
+        Step::Range(RangeRequest {
+            sort_order: SortOrder::Descend as i32,
+            sort_target: SortTarget::Create as i32,
+            ..range("\0", b"\0")
+        }),
+        Step::Range(RangeRequest {
+            sort_order: SortOrder::Ascend as i32,
+            sort_target: SortTarget::Mod as i32,
+            ..range("\0", b"\0")
+        }),
+        Step::Range(RangeRequest {
+            sort_order: SortOrder::Descend as i32,
+            sort_target: SortTarget::Version as i32,
+            ..range("\0", b"\0")
+        }),
+        Step::Range(RangeRequest {
+            sort_target: SortTarget::Key as i32,
+            ..range("\0", b"\0")
+        }),
+        Step::Range(RangeRequest {
+            keys_only: true,
+            ..range("a", b"b")
+        }),
+        Step::Range(RangeRequest {
+            count_only: true,
+            ..range("a", b"b")
+        }),
+        Step::Range(RangeRequest {
+            revision: 2,
+            ..range("\0", b"\0")
+        }),
+        Step::Range(RangeRequest {
+            revision: 3,
+            ..get("a")
+        }),
+        Step::Range(RangeRequest {
+            min_mod_revision: 4,
+            ..range("\0", b"\0")
+        }),
+        Step::Range(RangeRequest {
+            max_mod_revision: 3,
+            ..range("\0", b"\0")
+        }),
+        Step::Range(RangeRequest {
+            min_create_revision: 3,
+            max_create_revision: 5,
+            ..range("\0", b"\0")
+        }),
+        Step::Range(RangeRequest {
+            serializable: true,
+            ..get("a")
+        }),
+        Step::Range(RangeRequest {
+            revision: 1000,
+            ..get("a")
+        }),
+        // errors
+        Step::Range(get("")),
+        put("", "x"),
+        Step::Delete(DeleteRangeRequest {
+            key: vec![],
+            ..Default::default()
+        }),
+        Step::Put(PutRequest {
+            key: "nokey".into(),
+            ignore_value: true,
+            ..Default::default()
+        }),
+        Step::Put(PutRequest {
+            key: "nokey".into(),
+            ignore_lease: true,
+            ..Default::default()
+        }),
+        Step::Put(PutRequest {
+            key: "a".into(),
+            value: "v".into(),
+            ignore_value: true,
+            ..Default::default()
+        }),
+        Step::Put(PutRequest {
+            key: "a".into(),
+            lease: 7,
+            ignore_lease: true,
+            ..Default::default()
+        }),
+        Step::Put(PutRequest {
+            key: "a".into(),
+            value: "v".into(),
+            lease: 12345,
+            ..Default::default()
+        }),
+        Step::Put(PutRequest {
+            key: "big".into(),
+            value: vec![b'x'; 1700 * 1024],
+            ..Default::default()
+        }),
+        // ignore_value keeps the value
+        Step::Put(PutRequest {
+            key: "a".into(),
+            ignore_value: true,
+            prev_kv: true,
+            ..Default::default()
+        }),
+        Step::Range(get("a")),
+        // deletes
+        Step::Delete(DeleteRangeRequest {
+            key: "b".into(),
+            prev_kv: true,
+            ..Default::default()
+        }),
+        Step::Delete(DeleteRangeRequest {
+            key: "a/".into(),
+            range_end: b"a0".to_vec(),
+            prev_kv: true,
+        }),
+        Step::Delete(DeleteRangeRequest {
+            key: "zzz".into(),
+            ..Default::default()
+        }),
+        Step::Range(range("\0", b"\0")),
+        // re-create after delete: version restarts, new create revision
+        put_prev("b", "again"),
+        Step::Range(get("b")),
+    ];
+    // transactions
+    s.extend([
+        Step::Txn(TxnRequest {
+            compare: vec![cmp("a", b"", T::Version, Equal, TargetUnion::Version(3))],
+            success: vec![
+                op_put("t1", "yes"),
+                op_range(get("t1")),
+                op_delete("c", b""),
+            ],
+            failure: vec![op_put("t1", "no")],
+        }),
+        Step::Txn(TxnRequest {
+            compare: vec![cmp(
+                "a",
+                b"",
+                T::Value,
+                Equal,
+                TargetUnion::Value(b"nope".to_vec()),
+            )],
+            success: vec![op_put("t2", "yes")],
+            failure: vec![op_put("t2", "no"), op_range(range("t", b"u"))],
+        }),
+        Step::Txn(TxnRequest {
+            compare: vec![
+                cmp("a", b"", T::Create, Less, TargetUnion::CreateRevision(100)),
+                cmp("a", b"", T::Mod, Greater, TargetUnion::ModRevision(1)),
+                cmp("t", b"u", T::Version, Greater, TargetUnion::Version(0)),
+                cmp("a", b"", T::Lease, Equal, TargetUnion::Lease(0)),
+                cmp(
+                    "a",
+                    b"",
+                    T::Value,
+                    NotEqual,
+                    TargetUnion::Value(b"zzz".to_vec()),
+                ),
+            ],
+            success: vec![RequestOp {
+                request: Some(Op::RequestTxn(TxnRequest {
+                    compare: vec![cmp(
+                        "missing",
+                        b"",
+                        T::Version,
+                        Equal,
+                        TargetUnion::Version(0),
+                    )],
+                    success: vec![op_put("nested", "1"), op_range(get("nested"))],
+                    failure: vec![],
+                })),
+            }],
+            failure: vec![],
+        }),
+        Step::Txn(TxnRequest {
+            compare: vec![],
+            success: vec![op_range(get("a"))],
+            failure: vec![],
+        }),
+        Step::Txn(TxnRequest::default()),
+        Step::Txn(TxnRequest {
+            compare: vec![],
+            success: vec![op_put("dup", "1"), op_put("dup", "2")],
+            failure: vec![],
+        }),
+        Step::Txn(TxnRequest {
+            compare: vec![],
+            success: vec![op_put("dup/a", "1"), op_delete("dup/", b"dup0")],
+            failure: vec![],
+        }),
+        Step::Txn(TxnRequest {
+            compare: vec![],
+            success: (0..129).map(|i| op_put(&format!("many{i}"), "v")).collect(),
+            failure: vec![],
+        }),
+        Step::Range(range("\0", b"\0")),
+    ]);
+    // compaction and history
+    s.extend([
+        Step::Compact(CompactionRequest {
+            revision: 1000,
+            physical: false,
+        }),
+        Step::Compact(CompactionRequest {
+            revision: 5,
+            physical: true,
+        }),
+        Step::Compact(CompactionRequest {
+            revision: 5,
+            physical: false,
+        }),
+        Step::Compact(CompactionRequest {
+            revision: 3,
+            physical: false,
+        }),
+        Step::Range(RangeRequest {
+            revision: 4,
+            ..range("\0", b"\0")
+        }),
+        Step::Range(RangeRequest {
+            revision: 5,
+            ..range("\0", b"\0")
+        }),
+        Step::Range(RangeRequest {
+            revision: 9,
+            ..range("\0", b"\0")
+        }),
+        put_prev("a", "after-compact"),
+        Step::Range(range("\0", b"\0")),
+    ]);
+    s
+}
+
+/// Zero the ids that legitimately differ between servers.
+fn scrub(h: &mut Option<ResponseHeader>) {
+    if let Some(h) = h {
+        h.cluster_id = 0;
+        h.member_id = 0;
+        h.raft_term = 0;
+    }
+}
+
+fn scrub_ops(ops: &mut [metastore_proto::etcdserverpb::ResponseOp]) {
+    for op in ops {
+        match &mut op.response {
+            Some(OpResp::ResponseRange(r)) => scrub(&mut r.header),
+            Some(OpResp::ResponsePut(r)) => scrub(&mut r.header),
+            Some(OpResp::ResponseDeleteRange(r)) => scrub(&mut r.header),
+            Some(OpResp::ResponseTxn(r)) => {
+                scrub(&mut r.header);
+                scrub_ops(&mut r.responses);
+            }
+            None => {}
+        }
+    }
+}
+
+async fn run(server: &Server) -> Vec<String> {
+    let mut kv = server.kv().await;
+    let mut out = Vec::new();
+    for (i, step) in script().into_iter().enumerate() {
+        let res = match step.clone() {
+            Step::Range(r) => kv.range(r).await.map(|r| {
+                let mut r = r.into_inner();
+                scrub(&mut r.header);
+                format!("{r:?}")
+            }),
+            Step::Put(r) => kv.put(r).await.map(|r| {
+                let mut r = r.into_inner();
+                scrub(&mut r.header);
+                format!("{r:?}")
+            }),
+            Step::Delete(r) => kv.delete_range(r).await.map(|r| {
+                let mut r = r.into_inner();
+                scrub(&mut r.header);
+                format!("{r:?}")
+            }),
+            Step::Txn(r) => kv.txn(r).await.map(|r| {
+                let mut r = r.into_inner();
+                scrub(&mut r.header);
+                scrub_ops(&mut r.responses);
+                format!("{r:?}")
+            }),
+            Step::Compact(r) => kv.compact(r).await.map(|r| {
+                let mut r = r.into_inner();
+                scrub(&mut r.header);
+                format!("{r:?}")
+            }),
+        };
+        let line = match res {
+            Ok(s) => s,
+            Err(status) => format!("ERROR {:?}: {}", status.code(), status.message()),
+        };
+        let summary: String = format!("{step:?}").chars().take(160).collect();
+        out.push(format!("#{i} {summary}\n  => {line}"));
+    }
+    out
+}
+
+async fn compare_with_etcd(kind: Kind) {
+    let etcd = Server::start(Kind::Etcd).await;
+    let expected = run(&etcd).await;
+    drop(etcd);
+    let ours = Server::start(kind).await;
+    let got = run(&ours).await;
+    if std::env::var_os("METASTORE_DIFF_DUMP").is_some() {
+        eprintln!("{}", got.join("\n"));
+    }
+    let mut mismatches = Vec::new();
+    for (e, g) in expected.iter().zip(&got) {
+        if e != g {
+            mismatches.push(format!("etcd:      {e}\nmetastore: {g}"));
+        }
+    }
+    assert_eq!(expected.len(), got.len());
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} steps differ from etcd:\n{}",
+        mismatches.len(),
+        expected.len(),
+        mismatches.join("\n\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_matches_etcd_memory_engine() {
+    compare_with_etcd(Kind::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_matches_etcd_rocksdb_engine() {
+    compare_with_etcd(Kind::Rocks).await;
+}

@@ -1,0 +1,186 @@
+//! Test support: start real servers (MetaStore's binary, or Debian's etcd) on free loopback ports
+//! in temporary directories, wait until they answer, and kill them when dropped.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use metastore_proto::etcdserverpb::kv_client::KvClient;
+use metastore_proto::etcdserverpb::RangeRequest;
+use tonic::transport::Channel;
+
+/// A free TCP port on 127.0.0.1 (bound then released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Which server a test talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// MetaStore with the memory engine.
+    Memory,
+    /// MetaStore with the RocksDB engine.
+    Rocks,
+    /// Real etcd from Debian's etcd-server package.
+    Etcd,
+}
+
+/// A running server process.
+pub struct Server {
+    pub kind: Kind,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+    extra: Vec<String>,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Start a server of `kind` in a fresh temporary data dir.
+    pub async fn start(kind: Kind) -> Server {
+        Server::start_with(kind, &[]).await
+    }
+
+    /// Start a server of `kind` in a fresh temporary data dir with extra flags.
+    pub async fn start_with(kind: Kind, extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().join("data");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (client_port, peer_port) = (free_port(), free_port());
+        let child = spawn(kind, &data_dir, client_port, peer_port, &extra);
+        let server = Server {
+            kind,
+            client_port,
+            peer_port,
+            data_dir,
+            extra,
+            child: Some(child),
+            _dir: Some(dir),
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    /// `http://127.0.0.1:<client port>`
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// A KV client from MetaStore's own generated protocol types.
+    pub async fn kv(&self) -> KvClient<Channel> {
+        KvClient::connect(self.endpoint()).await.expect("connect")
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut kv) = KvClient::connect(self.endpoint()).await {
+                let req = RangeRequest {
+                    key: b"ready-probe".to_vec(),
+                    ..Default::default()
+                };
+                if kv.range(req).await.is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{:?} server on port {} did not become ready",
+                self.kind,
+                self.client_port
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL the process and wait for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kill, then start again on the same data dir and ports.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let child = spawn(
+            self.kind,
+            &self.data_dir,
+            self.client_port,
+            self.peer_port,
+            &self.extra,
+        );
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The metastore binary built for these tests.
+pub fn metastore_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_metastore")
+}
+
+fn spawn(kind: Kind, data_dir: &Path, client_port: u16, peer_port: u16, extra: &[String]) -> Child {
+    let client = format!("http://127.0.0.1:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let cluster = format!("m1={peer}");
+    let mut cmd = match kind {
+        Kind::Etcd => Command::new("etcd"),
+        Kind::Memory | Kind::Rocks => Command::new(metastore_bin()),
+    };
+    cmd.args(["--name", "m1", "--data-dir"])
+        .arg(data_dir)
+        .args([
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args([
+            "--initial-cluster",
+            &cluster,
+            "--initial-cluster-state",
+            "new",
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("METASTORE_TEST_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
+    match kind {
+        Kind::Memory => {
+            cmd.args(["--storage-engine", "memory"]);
+        }
+        Kind::Rocks => {
+            cmd.args(["--storage-engine", "rocksdb"]);
+        }
+        Kind::Etcd => {}
+    }
+    cmd.spawn().unwrap_or_else(|e| {
+        panic!("starting {kind:?}: {e} (is etcd installed? `cargo xtask test` installs it)")
+    })
+}
