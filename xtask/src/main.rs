@@ -252,7 +252,11 @@ fn ci() -> Result<()> {
 /// from GitHub, which machines limited to package registries cannot reach: there the advisories
 /// check is reported as skipped; anywhere else its findings fail the run.
 fn deny() -> Result<()> {
-    let installed = cargo().args(["deny", "--version"]).output().map(|o| o.status.success()).unwrap_or(false);
+    let installed = cargo()
+        .args(["deny", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !installed {
         let mut install = cargo();
         install.args(["install", "--locked", "cargo-deny"]);
@@ -261,7 +265,10 @@ fn deny() -> Result<()> {
     let mut check = cargo();
     check.args(["deny", "check", "bans", "licenses", "sources"]);
     status(check)?;
-    let out = cargo().args(["deny", "check", "advisories"]).output().context("running cargo deny check advisories")?;
+    let out = cargo()
+        .args(["deny", "check", "advisories"])
+        .output()
+        .context("running cargo deny check advisories")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.success() {
         eprintln!("xtask: advisories ok");

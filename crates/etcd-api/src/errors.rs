@@ -33,10 +33,30 @@ pub fn apply_error_status(e: &ApplyError) -> Status {
     match e {
         ApplyError::Mvcc(m) => mvcc_status(m),
         ApplyError::Unsupported(what) => Status::internal(format!("etcdserver: {what}")),
+        ApplyError::NoSpace => no_space(),
+        ApplyError::Corrupt => Status::data_loss("etcdserver: corrupt cluster"),
+        ApplyError::Alarm(e) => Status::internal(format!("etcdserver: {e}")),
+        ApplyError::Lease(e) => lease_status(e),
+    }
+}
+
+/// The status etcd answers for a lease refusal.
+pub fn lease_status(e: &metastore_lease::LeaseError) -> Status {
+    let code = Code::from_i32(e.grpc_code());
+    match e {
+        metastore_lease::LeaseError::Storage(_) | metastore_lease::LeaseError::Corrupt(_) => {
+            Status::new(code, format!("etcdserver: {e}"))
+        }
+        _ => Status::new(code, e.to_string()),
     }
 }
 
 /// etcd's answer to a request over `--max-request-bytes`.
 pub fn request_too_large() -> Status {
     Status::invalid_argument("etcdserver: request is too large")
+}
+
+/// etcd's answer to a write while the NOSPACE alarm is active or past the backend quota.
+pub fn no_space() -> Status {
+    Status::resource_exhausted("etcdserver: mvcc: database space exceeded")
 }

@@ -4,8 +4,6 @@
 //! waiter gets the applied result. Linearizable ranges pass a ReadIndex barrier first;
 //! serializable ones read the local store at once. Reads run on blocking threads.
 
-use std::time::Duration;
-
 use metastore_mvcc::{Applied, WriteResponse};
 use metastore_proto::etcdserverpb::kv_server::Kv;
 use metastore_proto::etcdserverpb::{
@@ -13,15 +11,11 @@ use metastore_proto::etcdserverpb::{
     PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
 use metastore_proto::metastorepb::internal_raft_request::Request;
-use metastore_state_machine::encode_request;
+use metastore_state_machine::Output;
 use tonic::{Request as GrpcRequest, Response, Status};
 
-use crate::errors::{apply_error_status, mvcc_status, raft_status, request_too_large};
-use crate::ServerContext;
-
-/// How long a proposal may wait to be applied before etcd's `request timed out` (etcd: 5 s plus
-/// twice the election timeout).
-const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(7);
+use crate::errors::{mvcc_status, raft_status};
+use crate::{ServerContext, PROPOSAL_TIMEOUT};
 
 /// etcd's KV service.
 pub struct KvService {
@@ -35,15 +29,9 @@ impl KvService {
     }
 
     async fn propose(&self, request: Request) -> Result<Applied, Status> {
-        let data = encode_request(request);
-        if data.len() > self.ctx.limits.max_request_bytes {
-            return Err(request_too_large());
-        }
-        match tokio::time::timeout(PROPOSAL_TIMEOUT, self.ctx.raft.propose(data)).await {
-            Err(_) => Err(Status::unavailable("etcdserver: request timed out")),
-            Ok(Err(e)) => Err(raft_status(&e)),
-            Ok(Ok(Err(e))) => Err(apply_error_status(&e)),
-            Ok(Ok(Ok(applied))) => Ok(applied),
+        match self.ctx.propose(request).await? {
+            Output::Kv(applied) => Ok(applied),
+            _ => Err(unexpected("kv request")),
         }
     }
 
@@ -86,6 +74,9 @@ impl Kv for KvService {
     async fn put(&self, request: GrpcRequest<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let req = request.into_inner();
         metastore_mvcc::check_put(&req).map_err(|e| mvcc_status(&e))?;
+        self.ctx
+            .check_quota(metastore_alarm::put_cost(&req))
+            .await?;
         let applied = self.propose(Request::Put(req)).await?;
         match applied.response {
             WriteResponse::Put(mut resp) => {
@@ -129,6 +120,9 @@ impl Kv for KvService {
             resp.header = Some(self.ctx.header(revision));
             return Ok(Response::new(resp));
         }
+        self.ctx
+            .check_quota(metastore_alarm::txn_cost(&req))
+            .await?;
         let applied = self.propose(Request::Txn(req)).await?;
         match applied.response {
             WriteResponse::Txn(mut resp) => {

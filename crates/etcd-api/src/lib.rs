@@ -1,19 +1,33 @@
 //! etcd's v3 gRPC services.
 //!
-//! Owns: the tonic services (KV so far), request validation as etcd's v3rpc layer does it, the
+//! Owns: the tonic services (KV, Watch, Lease), request validation as etcd's v3rpc layer does it, the
 //! mapping of domain errors to etcd's gRPC codes and messages, and response headers.
 //!
 //! Must not depend on: the engine choice, raft internals beyond [`RaftNode`]'s handle.
 
 mod errors;
 mod kv;
+mod lease;
+mod watch;
 
-pub use errors::{apply_error_status, mvcc_status, raft_status};
+pub use errors::{apply_error_status, mvcc_status, no_space, raft_status, request_too_large};
 pub use kv::KvService;
+pub use lease::{spawn_lease_expiry, LeaseService};
+pub use watch::{WatchService, DEFAULT_PROGRESS_NOTIFY_INTERVAL};
 
-use metastore_proto::etcdserverpb::ResponseHeader;
+use std::time::Duration;
+
+use metastore_alarm::{AlarmTable, Quota};
+use metastore_proto::etcdserverpb::alarm_request::AlarmAction;
+use metastore_proto::etcdserverpb::{AlarmRequest, AlarmType, ResponseHeader};
+use metastore_proto::metastorepb::internal_raft_request::Request;
 use metastore_raft_node::RaftNode;
-use metastore_state_machine::{ApplyOutput, StoreHandle};
+use metastore_state_machine::{encode_request, ApplyError, ApplyOutput, Output, StoreHandle};
+use tonic::Status;
+
+/// How long a proposal may wait to be applied before etcd's `request timed out` (etcd: 5 s plus
+/// twice the election timeout).
+pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(7);
 
 /// Limits that etcd enforces at its API (`--max-request-bytes`, `--max-txn-ops`).
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +60,10 @@ pub struct ServerContext {
     pub member_id: u64,
     /// Request limits.
     pub limits: Limits,
+    /// The replicated alarm table (read side; changes go through raft).
+    pub alarms: AlarmTable,
+    /// The backend quota (`--quota-backend-bytes`).
+    pub quota: Quota,
 }
 
 impl ServerContext {
@@ -61,6 +79,67 @@ impl ServerContext {
             member_id: self.member_id,
             revision,
             raft_term: self.raft.status().term,
+        }
+    }
+}
+
+impl ServerContext {
+    /// Propose `request` through raft and wait until it is applied here: etcd's
+    /// `request is too large` / `request timed out` / `no leader`, or the applied result.
+    pub async fn propose(&self, request: Request) -> Result<Output, Status> {
+        let data = encode_request(request);
+        if data.len() > self.limits.max_request_bytes {
+            return Err(errors::request_too_large());
+        }
+        match tokio::time::timeout(PROPOSAL_TIMEOUT, self.raft.propose(data)).await {
+            Err(_) => Err(Status::unavailable("etcdserver: request timed out")),
+            Ok(Err(e)) => Err(raft_status(&e)),
+            Ok(Ok(Err(e))) => {
+                if matches!(e, ApplyError::NoSpace) {
+                    self.raise_no_space().await;
+                }
+                Err(apply_error_status(&e))
+            }
+            Ok(Ok(Ok(output))) => Ok(output),
+        }
+    }
+
+    /// etcd's quota check before proposing a write costing `cost_bytes`: when it does not fit,
+    /// raise the NOSPACE alarm (through raft) and answer `database space exceeded`.
+    pub async fn check_quota(&self, cost_bytes: u64) -> Result<(), Status> {
+        let quota = self.quota.clone();
+        let fits = tokio::task::spawn_blocking(move || quota.available(cost_bytes))
+            .await
+            .map_err(|e| Status::internal(format!("etcdserver: quota task failed: {e}")))?;
+        if fits {
+            return Ok(());
+        }
+        self.raise_no_space().await;
+        Err(errors::no_space())
+    }
+
+    /// Propose this member's NOSPACE alarm unless it is already active. Failures are logged:
+    /// the caller answers `database space exceeded` either way, and the next write retries.
+    async fn raise_no_space(&self) {
+        if self.alarms.is_active(AlarmType::Nospace) {
+            return;
+        }
+        tracing::warn!(
+            member_id = %format!("{:x}", self.member_id),
+            quota_bytes = self.quota.quota_bytes(),
+            "backend quota exceeded; raising the NOSPACE alarm"
+        );
+        let request = Request::Alarm(AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: self.member_id,
+            alarm: AlarmType::Nospace as i32,
+        });
+        let data = encode_request(request);
+        match tokio::time::timeout(PROPOSAL_TIMEOUT, self.raft.propose(data)).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "raising the NOSPACE alarm failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "raising the NOSPACE alarm failed"),
+            Err(_) => tracing::error!("raising the NOSPACE alarm timed out"),
         }
     }
 }

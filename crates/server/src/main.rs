@@ -2,6 +2,7 @@
 //! and serves etcd's gRPC API. Thin by design: the other crates do the work.
 
 mod config;
+mod snapshot_cmd;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,8 +10,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use metastore_etcd_api::{KvService, Limits, ServerContext};
+use metastore_etcd_api::{
+    spawn_lease_expiry, KvService, LeaseService, Limits, ServerContext, WatchService,
+};
+use metastore_maintenance_api::MaintenanceService;
 use metastore_proto::etcdserverpb::kv_server::KvServer;
+use metastore_proto::etcdserverpb::lease_server::LeaseServer;
+use metastore_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use metastore_proto::etcdserverpb::watch_server::WatchServer;
 use metastore_raft_node::{RaftConfig, RaftNode, Transport};
 use metastore_state_machine::KvStateMachine;
 use metastore_storage::Backend;
@@ -82,6 +89,10 @@ fn open_backend(cfg: &Config, member_dir: &Path) -> Result<Arc<dyn Backend>> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("snapshot") {
+        return snapshot_cmd::run(&args[2..]);
+    }
     let cfg = Config::parse();
     init_logging(&cfg);
 
@@ -106,8 +117,21 @@ async fn main() -> Result<()> {
     check_engine_marker(&member_dir, cfg.storage_engine)?;
 
     let backend = open_backend(&cfg, &member_dir)?;
-    let sm = KvStateMachine::open(backend.clone()).context("opening the mvcc store")?;
+    let sm = KvStateMachine::open(backend.clone())
+        .context("opening the mvcc store")?
+        .with_quota_bytes(cfg.quota_backend_bytes);
+    let alarms = sm.alarms();
     let store = sm.store();
+    let lessor = sm.lessor();
+    // etcd's minimum lease TTL: 1.5 election timeouts, rounded up to whole seconds.
+    let election_ticks = cfg.election_timeout / cfg.heartbeat_interval.max(1);
+    let min_ttl_ms = (3 * election_ticks / 2) * cfg.heartbeat_interval;
+    lessor.set_min_ttl_secs(min_ttl_ms.div_ceil(1000) as i64);
+    let watch_hub = sm.watch_hub();
+    watch_hub.set_max_response_bytes(cfg.max_request_bytes);
+    watch_hub
+        .start_sync_thread()
+        .context("starting the watch catch-up thread")?;
 
     let mut raft_cfg = RaftConfig::new(member_id, member_dir.clone());
     raft_cfg.peers = members.iter().map(|m| m.id).collect();
@@ -136,8 +160,15 @@ async fn main() -> Result<()> {
             max_request_bytes: cfg.max_request_bytes,
             max_txn_ops: cfg.max_txn_ops,
         },
+        alarms,
+        quota: metastore_alarm::Quota::new(backend.clone(), cfg.quota_backend_bytes),
     };
     let max_recv = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    spawn_lease_expiry(
+        ctx.clone(),
+        lessor.clone(),
+        Duration::from_millis(cfg.election_timeout),
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
@@ -148,11 +179,24 @@ async fn main() -> Result<()> {
             .with_context(|| format!("listening for clients on {url}"))?;
         info!(address = %addr, "serving client requests");
         let kv = KvServer::new(KvService::new(ctx.clone())).max_decoding_message_size(max_recv);
+        let maintenance =
+            MaintenanceServer::new(MaintenanceService::new(ctx.clone(), backend.clone()));
+        let watch = WatchServer::new(WatchService::new(
+            ctx.clone(),
+            watch_hub.clone(),
+            cfg.experimental_watch_progress_notify_interval,
+        ))
+        .max_decoding_message_size(max_recv);
+        let lease = LeaseServer::new(LeaseService::new(ctx.clone(), lessor.clone()))
+            .max_decoding_message_size(max_recv);
         let mut stop = stop_rx.clone();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         servers.push(tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(kv)
+                .add_service(watch)
+                .add_service(lease)
+                .add_service(maintenance)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 }),

@@ -141,11 +141,22 @@ async fn sigkill_with_frequent_snapshots_rocksdb_engine() {
 
 /// Runs the metastore binary on `data_dir` until it exits or `timeout` passes; returns whether it
 /// exited (and how) and what it wrote to stderr.
-fn run_until_exit(data_dir: &std::path::Path, timeout: Duration) -> (Option<std::process::ExitStatus>, String) {
+fn run_until_exit(
+    data_dir: &std::path::Path,
+    timeout: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
     use std::io::Read;
     let client = format!("http://127.0.0.1:{}", support::free_port());
     let mut child = std::process::Command::new(support::metastore_bin())
-        .args(["--name", "m1", "--log-format", "text", "--listen-client-urls", &client, "--data-dir"])
+        .args([
+            "--name",
+            "m1",
+            "--log-format",
+            "text",
+            "--listen-client-urls",
+            &client,
+            "--data-dir",
+        ])
         .arg(data_dir)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -165,16 +176,25 @@ fn run_until_exit(data_dir: &std::path::Path, timeout: Duration) -> (Option<std:
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     (status, err)
 }
 
 async fn write_some(server: &Server, n: usize) {
     let mut kv = server.kv().await;
     for i in 0..n {
-        kv.put(PutRequest { key: format!("k{i:04}").into_bytes(), value: vec![b'v'; 100], ..Default::default() })
-            .await
-            .expect("put");
+        kv.put(PutRequest {
+            key: format!("k{i:04}").into_bytes(),
+            value: vec![b'v'; 100],
+            ..Default::default()
+        })
+        .await
+        .expect("put");
     }
 }
 
@@ -205,8 +225,14 @@ async fn corrupted_wal_record_stops_the_server_with_file_and_offset() {
     let status = status.expect("the server must refuse to start, not run");
     assert!(!status.success());
     let name = seg.file_name().unwrap().to_string_lossy().to_string();
-    assert!(stderr.contains(&name), "error must name the file {name}: {stderr}");
-    assert!(stderr.contains("offset"), "error must give the offset: {stderr}");
+    assert!(
+        stderr.contains(&name),
+        "error must name the file {name}: {stderr}"
+    );
+    assert!(
+        stderr.contains("offset"),
+        "error must give the offset: {stderr}"
+    );
 }
 
 /// A record torn at the end of the last segment (a crash in the middle of an append) is cut
@@ -225,7 +251,11 @@ async fn torn_wal_tail_is_repaired_at_start() {
     server.restart().await;
     let mut kv = server.kv().await;
     let resp = kv
-        .range(RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() })
+        .range(RangeRequest {
+            key: b"k".to_vec(),
+            range_end: b"l".to_vec(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -1,9 +1,12 @@
 //! The replicated state machine.
 //!
 //! Owns: decoding committed raft entries (`metastorepb::InternalRaftRequest`) and applying them
-//! deterministically — no wall clock, no local randomness — to the mvcc store; raft snapshots
-//! (export/import of the backend) and the applied index, which mvcc persists atomically with every
-//! change it makes (etcd's `consistent_index`).
+//! deterministically — no wall clock, no local randomness — to the mvcc store and the alarm table
+//! (with etcd's apply-time refusals while an alarm is active and its apply-time quota check) and
+//! the lease table (grants; revokes, which delete the attached keys in one revision; key
+//! attachments, rebuilt from the key index on open); publishing every applied revision's events to
+//! the watch hub; raft snapshots (export/import of the backend) and the applied index, which mvcc
+//! persists atomically with every change it makes (etcd's `consistent_index`).
 //!
 //! Exposes [`KvStateMachine`] (the `raft_node::StateMachine` implementation), [`StoreHandle`] (how
 //! the read path reaches the current mvcc store, which a snapshot restore replaces) and
@@ -14,16 +17,26 @@
 use std::io::{Read, Write};
 use std::sync::Arc;
 
-use metastore_mvcc::{Applied, LeaseLookup, MvccError, Store, WriteRequest};
+use metastore_alarm::{AlarmError, AlarmTable, Quota};
+use metastore_lease::{LeaseError, Lessor};
+use metastore_mvcc::{Applied, MvccError, Store, WriteRequest};
+use metastore_proto::etcdserverpb::{
+    request_op, AlarmResponse, AlarmType, DeleteRangeRequest, LeaseGrantRequest, RangeRequest,
+    RequestOp, TxnRequest,
+};
 use metastore_proto::metastorepb::{internal_raft_request::Request, InternalRaftRequest};
 use metastore_raft_node::StateMachine;
-use metastore_storage::{Backend, StorageError};
+use metastore_storage::{Backend, StorageError, WriteBatch};
+use metastore_watch::{StoreSource, WatchHub};
 use parking_lot::RwLock;
 use prost::Message;
 
 /// Every bucket the server opens its backend with.
 pub fn buckets() -> Vec<&'static str> {
-    metastore_mvcc::BUCKETS.to_vec()
+    let mut buckets = metastore_mvcc::BUCKETS.to_vec();
+    buckets.push(metastore_alarm::ALARM_BUCKET);
+    buckets.push(metastore_lease::LEASE_BUCKET);
+    buckets
 }
 
 /// Why a committed entry produced no result. Deterministic: every member gets the same one.
@@ -35,10 +48,44 @@ pub enum ApplyError {
     /// The entry is not a request this version understands.
     #[error("etcdserver: unsupported request in raft entry: {0}")]
     Unsupported(String),
+    /// A write refused because the NOSPACE alarm is active, or a put/txn applied past the
+    /// backend quota (etcd applies it and still answers this error).
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    /// A request refused because the CORRUPT alarm is active.
+    #[error("etcdserver: corrupt cluster")]
+    Corrupt,
+    /// The alarm table could not be changed.
+    #[error(transparent)]
+    Alarm(#[from] AlarmError),
+    /// A lease grant or revoke was refused (unknown lease, id in use, TTL too large).
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+}
+
+/// The result of an applied entry, by kind of request.
+#[derive(Debug)]
+pub enum Output {
+    /// A KV write (Put, DeleteRange, Txn, Compaction).
+    Kv(Applied),
+    /// An alarm request.
+    Alarm(AlarmResponse),
+    /// A lease grant: the TTL granted (at least the minimum TTL).
+    LeaseGrant {
+        /// The lease id.
+        id: i64,
+        /// The TTL granted, in seconds.
+        ttl_secs: i64,
+    },
+    /// A lease revoke; its attached keys were deleted at `revision`.
+    LeaseRevoke {
+        /// The store revision after the revoke.
+        revision: i64,
+    },
 }
 
 /// What applying one entry gives its proposer.
-pub type ApplyOutput = Result<Applied, ApplyError>;
+pub type ApplyOutput = Result<Output, ApplyError>;
 
 /// Encode a request as the payload of a raft entry.
 pub fn encode_request(request: Request) -> Vec<u8> {
@@ -68,30 +115,67 @@ impl StoreHandle {
     }
 }
 
-/// No lease exists until the Lease service lands: a Put naming a lease is refused with etcd's
-/// `requested lease not found`, exactly as etcd answers for an unknown lease.
-struct NoLeases;
-
-impl LeaseLookup for NoLeases {
-    fn exists(&self, _lease_id: i64) -> bool {
-        false
-    }
-}
-
 /// The state machine that raft-node drives.
 pub struct KvStateMachine {
     backend: Arc<dyn Backend>,
     store: StoreHandle,
+    alarms: AlarmTable,
+    quota: Quota,
+    lessor: Arc<Lessor>,
+    watch: Arc<WatchHub>,
+}
+
+impl StoreSource for StoreHandle {
+    fn store(&self) -> Arc<Store> {
+        self.current()
+    }
+}
+
+/// Rebuilds the lease table from the backend and the store's live keys (attachments are not
+/// stored separately: each key's `lease` field says it).
+fn recover_leases(lessor: &Lessor, backend: &dyn Backend, store: &Store) -> Result<(), MvccError> {
+    let all_keys = RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        ..Default::default()
+    };
+    let live = store.range(&all_keys)?.kvs;
+    lessor
+        .recover(&*backend.snapshot()?, live)
+        .map_err(|e| MvccError::Corrupt(e.to_string()))
 }
 
 impl KvStateMachine {
     /// Open the mvcc store on `backend` (which must hold [`buckets`]).
     pub fn open(backend: Arc<dyn Backend>) -> Result<Self, MvccError> {
         let store = Store::open(backend.clone())?;
+        let alarms = AlarmTable::new();
+        alarms
+            .load(&*backend.snapshot()?)
+            .map_err(|e| MvccError::Corrupt(e.to_string()))?;
+        let lessor = Arc::new(Lessor::new());
+        recover_leases(&lessor, &*backend, &store)?;
+        let store = StoreHandle::new(store);
         Ok(KvStateMachine {
+            quota: Quota::new(backend.clone(), 0),
             backend,
-            store: StoreHandle::new(store),
+            watch: WatchHub::new(Arc::new(store.clone())),
+            store,
+            alarms,
+            lessor,
         })
+    }
+
+    /// Use `quota_bytes` (`--quota-backend-bytes`; 0 = etcd's default 2 GiB) for the
+    /// apply-time quota check.
+    pub fn with_quota_bytes(mut self, quota_bytes: u64) -> Self {
+        self.quota = Quota::new(self.backend.clone(), quota_bytes);
+        self
+    }
+
+    /// The alarm table this state machine maintains (for the API's reads).
+    pub fn alarms(&self) -> AlarmTable {
+        self.alarms.clone()
     }
 
     /// The handle the read path uses.
@@ -99,8 +183,93 @@ impl KvStateMachine {
         self.store.clone()
     }
 
+    /// The lease table this state machine maintains (the Lease service reads and renews it).
+    pub fn lessor(&self) -> Arc<Lessor> {
+        self.lessor.clone()
+    }
+
+    /// The watchers, fed with every applied revision's events.
+    pub fn watch_hub(&self) -> Arc<WatchHub> {
+        self.watch.clone()
+    }
+
+    fn apply_lease_grant(&self, index: u64, store: &Store, r: &LeaseGrantRequest) -> ApplyOutput {
+        if self.alarms.is_active(AlarmType::Nospace) {
+            return Err(ApplyError::NoSpace);
+        }
+        let mut batch = WriteBatch::new();
+        let ttl_secs = self.lessor.grant(r.id, r.ttl, &mut batch)?;
+        store.record_applied(index, batch)?;
+        Ok(Output::LeaseGrant { id: r.id, ttl_secs })
+    }
+
+    /// A revoke deletes every attached key in one revision (one txn), as etcd does.
+    fn apply_lease_revoke(&self, index: u64, store: &Store, lease_id: i64) -> ApplyOutput {
+        let mut batch = WriteBatch::new();
+        let keys = self.lessor.revoke(lease_id, &mut batch)?;
+        if keys.is_empty() {
+            store.record_applied(index, batch)?;
+            self.lessor.forget(lease_id);
+            return Ok(Output::LeaseRevoke {
+                revision: store.current_revision(),
+            });
+        }
+        let deletes = keys
+            .into_iter()
+            .map(|key| RequestOp {
+                request: Some(request_op::Request::RequestDeleteRange(
+                    DeleteRangeRequest {
+                        key,
+                        ..Default::default()
+                    },
+                )),
+            })
+            .collect();
+        let txn = WriteRequest::Txn(TxnRequest {
+            success: deletes,
+            ..Default::default()
+        });
+        let applied = store.apply_write(txn, &*self.lessor, index, batch)?;
+        self.lessor.forget(lease_id);
+        self.publish(&applied);
+        Ok(Output::LeaseRevoke {
+            revision: applied.revision,
+        })
+    }
+
+    /// Keeps lease attachments in step with the key space and hands the events to watchers.
+    fn publish(&self, applied: &Applied) {
+        self.lessor.apply_events(&applied.events);
+        self.watch.notify(applied.revision, &applied.events);
+    }
+
     fn apply_request(&mut self, index: u64, request: Request) -> ApplyOutput {
         let store = self.store.current();
+        if let Request::Alarm(r) = &request {
+            let resp = self
+                .alarms
+                .apply(r, |batch| store.record_applied(index, batch))?;
+            return Ok(Output::Alarm(resp));
+        }
+        // etcd's corrupt and capped appliers: decided from the replicated alarm table only.
+        let cost = match &request {
+            Request::Put(r) => metastore_alarm::put_cost(r),
+            Request::Txn(r) => metastore_alarm::txn_cost(r),
+            _ => 0,
+        };
+        if self.alarms.is_active(AlarmType::Corrupt) {
+            return Err(ApplyError::Corrupt);
+        }
+        if cost > 0 && self.alarms.is_active(AlarmType::Nospace) {
+            return Err(ApplyError::NoSpace);
+        }
+        match &request {
+            Request::LeaseGrant(r) => return self.apply_lease_grant(index, &store, r),
+            Request::LeaseRevoke(r) => return self.apply_lease_revoke(index, &store, r.id),
+            _ => {}
+        }
+        // etcd's quota applier: checked before applying, reported after.
+        let fits = self.quota.available(cost);
         let write = match request {
             Request::Put(r) => WriteRequest::Put(r),
             Request::DeleteRange(r) => WriteRequest::DeleteRange(r),
@@ -108,7 +277,12 @@ impl KvStateMachine {
             Request::Compaction(r) => WriteRequest::Compact(r),
             other => return Err(ApplyError::Unsupported(format!("{other:?}"))),
         };
-        Ok(store.apply_write(write, &NoLeases, index, Default::default())?)
+        let applied = store.apply_write(write, &*self.lessor, index, Default::default())?;
+        self.publish(&applied);
+        if !fits {
+            return Err(ApplyError::NoSpace);
+        }
+        Ok(Output::Kv(applied))
     }
 }
 
@@ -159,6 +333,10 @@ impl StateMachine for KvStateMachine {
     fn restore(&mut self, index: u64, _term: u64, reader: &mut dyn Read) -> std::io::Result<()> {
         self.backend.import(reader).map_err(std::io::Error::other)?;
         let store = Store::open(self.backend.clone()).map_err(std::io::Error::other)?;
+        let view = self.backend.snapshot().map_err(std::io::Error::other)?;
+        self.alarms.load(&*view).map_err(std::io::Error::other)?;
+        recover_leases(&self.lessor, &*self.backend, &store).map_err(std::io::Error::other)?;
+        self.watch.reset(store.current_revision());
         tracing::info!(
             index,
             revision = store.current_revision(),

@@ -1,0 +1,225 @@
+//! The Lease service: Grant, Revoke, KeepAlive, TimeToLive, Leases, and the leader's expiry loop.
+//!
+//! Grant picks the lease id before proposing (when the client leaves it 0), so that applying stays
+//! deterministic. Renewals and TTL reads are local to the lessor; only the leader counts leases
+//! down, and [`spawn_lease_expiry`] proposes a revoke for each lease that ran out.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metastore_lease::{LeaseError, Lessor, MAX_LEASE_TTL_SECS};
+use metastore_proto::etcdserverpb::lease_server::Lease;
+use metastore_proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
+    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
+use metastore_proto::metastorepb::internal_raft_request::Request;
+use metastore_state_machine::Output;
+use tokio_stream::Stream;
+use tonic::{Request as GrpcRequest, Response, Status, Streaming};
+
+use crate::errors::{lease_status, raft_status};
+use crate::{ServerContext, PROPOSAL_TIMEOUT};
+
+/// How often the leader looks for expired leases (etcd: every 500 ms).
+const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+/// Most revokes proposed per check.
+const MAX_REVOKES_PER_CHECK: usize = 64;
+
+/// etcd's Lease service.
+pub struct LeaseService {
+    ctx: ServerContext,
+    lessor: Arc<Lessor>,
+}
+
+impl LeaseService {
+    /// A Lease service over the member's lease table.
+    pub fn new(ctx: ServerContext, lessor: Arc<Lessor>) -> Self {
+        LeaseService { ctx, lessor }
+    }
+
+    fn unexpected() -> Status {
+        Status::internal("etcdserver: unexpected apply result for a lease request")
+    }
+}
+
+/// Follows this member's leadership (promoting or demoting the lessor; a promotion restarts every
+/// countdown with `extend` on top) and, while leader, proposes a revoke for each expired lease.
+pub fn spawn_lease_expiry(
+    ctx: ServerContext,
+    lessor: Arc<Lessor>,
+    extend: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(EXPIRY_CHECK_INTERVAL);
+        loop {
+            ticker.tick().await;
+            let leader = ctx.raft.status().is_leader;
+            if leader != lessor.is_primary() {
+                if leader {
+                    lessor.promote(extend);
+                } else {
+                    lessor.demote();
+                }
+            }
+            if !leader {
+                continue;
+            }
+            let mut revokes = tokio::task::JoinSet::new();
+            for id in lessor.expired(MAX_REVOKES_PER_CHECK) {
+                let ctx = ctx.clone();
+                revokes.spawn(async move {
+                    let result = ctx
+                        .propose(Request::LeaseRevoke(LeaseRevokeRequest { id }))
+                        .await;
+                    (id, result)
+                });
+            }
+            while let Some(done) = revokes.join_next().await {
+                match done {
+                    Ok((id, Err(status))) if status.code() != tonic::Code::NotFound => {
+                        tracing::warn!(lease_id = id, error = %status.message(), "revoking an expired lease failed");
+                    }
+                    Ok((id, _)) => tracing::debug!(lease_id = id, "expired lease revoked"),
+                    Err(e) => tracing::warn!(error = %e, "lease revoke task failed"),
+                }
+            }
+        }
+    })
+}
+
+type KeepAliveStream =
+    Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Lease for LeaseService {
+    async fn lease_grant(
+        &self,
+        request: GrpcRequest<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
+        let req = request.into_inner();
+        if req.ttl > MAX_LEASE_TTL_SECS {
+            return Err(lease_status(&LeaseError::TtlTooLarge));
+        }
+        let id = if req.id != 0 {
+            req.id
+        } else {
+            // Chosen here, not when applying: every member must apply the same id.
+            loop {
+                let id = rand::random::<i64>() & i64::MAX;
+                if id != 0 && !self.lessor.contains(id) {
+                    break id;
+                }
+            }
+        };
+        if self.lessor.contains(id) {
+            return Err(lease_status(&LeaseError::Exists));
+        }
+        let grant = LeaseGrantRequest { ttl: req.ttl, id };
+        match self.ctx.propose(Request::LeaseGrant(grant)).await? {
+            Output::LeaseGrant { id, ttl_secs } => Ok(Response::new(LeaseGrantResponse {
+                header: Some(self.ctx.header(0)),
+                id,
+                ttl: ttl_secs,
+                error: String::new(),
+            })),
+            _ => Err(Self::unexpected()),
+        }
+    }
+
+    async fn lease_revoke(
+        &self,
+        request: GrpcRequest<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let req = request.into_inner();
+        match self.ctx.propose(Request::LeaseRevoke(req)).await? {
+            Output::LeaseRevoke { revision } => Ok(Response::new(LeaseRevokeResponse {
+                header: Some(self.ctx.header(revision)),
+            })),
+            _ => Err(Self::unexpected()),
+        }
+    }
+
+    type LeaseKeepAliveStream = KeepAliveStream;
+
+    async fn lease_keep_alive(
+        &self,
+        request: GrpcRequest<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let ctx = self.ctx.clone();
+        let lessor = self.lessor.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(req)) = inbound.message().await {
+                // etcd answers TTL 0 for a lease it does not know (or that just expired).
+                let ttl = match lessor.renew(req.id) {
+                    Ok(ttl) => ttl,
+                    Err(LeaseError::NotFound) => 0,
+                    Err(e) => {
+                        let _ = tx.send(Err(lease_status(&e))).await;
+                        return;
+                    }
+                };
+                let resp = LeaseKeepAliveResponse {
+                    header: Some(ctx.header(0)),
+                    id: req.id,
+                    ttl,
+                };
+                if tx.send(Ok(resp)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: GrpcRequest<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let req = request.into_inner();
+        // Linearizable: the table reflects every grant and revoke committed before the call.
+        match tokio::time::timeout(PROPOSAL_TIMEOUT, self.ctx.raft.read_index()).await {
+            Err(_) => return Err(Status::unavailable("etcdserver: request timed out")),
+            Ok(Err(e)) => return Err(raft_status(&e)),
+            Ok(Ok(_)) => {}
+        }
+        let resp = match self.lessor.time_to_live(req.id) {
+            None => LeaseTimeToLiveResponse {
+                header: Some(self.ctx.header(0)),
+                id: req.id,
+                ttl: -1,
+                ..Default::default()
+            },
+            Some(status) => LeaseTimeToLiveResponse {
+                header: Some(self.ctx.header(0)),
+                id: req.id,
+                ttl: status.remaining_ttl_secs,
+                granted_ttl: status.granted_ttl_secs,
+                keys: if req.keys { status.keys } else { Vec::new() },
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn lease_leases(
+        &self,
+        _request: GrpcRequest<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        let leases = self
+            .lessor
+            .leases()
+            .into_iter()
+            .map(|id| LeaseStatus { id })
+            .collect();
+        Ok(Response::new(LeaseLeasesResponse {
+            header: Some(self.ctx.header(0)),
+            leases,
+        }))
+    }
+}

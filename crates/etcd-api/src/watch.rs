@@ -1,0 +1,92 @@
+//! The Watch service: one bidirectional stream carries any number of watchers.
+//!
+//! Requests (create, cancel, progress) are read by a task per stream and handed to the stream's
+//! [`WatchStream`]; responses come from the hub's bounded per-stream channel, with the header's
+//! cluster, member and term filled in here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metastore_proto::etcdserverpb::watch_request::RequestUnion;
+use metastore_proto::etcdserverpb::watch_server::Watch;
+use metastore_proto::etcdserverpb::{WatchRequest, WatchResponse};
+use metastore_watch::WatchHub;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request as GrpcRequest, Response, Status, Streaming};
+
+use crate::ServerContext;
+
+/// etcd's default `--experimental-watch-progress-notify-interval`.
+pub const DEFAULT_PROGRESS_NOTIFY_INTERVAL: Duration = Duration::from_secs(600);
+
+/// etcd's Watch service.
+pub struct WatchService {
+    ctx: ServerContext,
+    hub: Arc<WatchHub>,
+    progress_notify_interval: Duration,
+}
+
+impl WatchService {
+    /// A Watch service over the member's watch hub; watchers created with `progress_notify` get
+    /// an empty response every `progress_notify_interval`.
+    pub fn new(ctx: ServerContext, hub: Arc<WatchHub>, progress_notify_interval: Duration) -> Self {
+        WatchService {
+            ctx,
+            hub,
+            progress_notify_interval: progress_notify_interval.max(Duration::from_millis(1)),
+        }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = ResponseStream;
+
+    async fn watch(
+        &self,
+        request: GrpcRequest<Streaming<WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (stream, rx) = self.hub.open_stream();
+        let interval = self.progress_notify_interval;
+        tokio::spawn(async move {
+            let mut ticker =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            loop {
+                tokio::select! {
+                    message = inbound.message() => {
+                        let Ok(Some(req)) = message else { break };
+                        let handled = match req.request_union {
+                            Some(RequestUnion::CreateRequest(create)) => stream.create(create).await,
+                            Some(RequestUnion::CancelRequest(cancel)) => {
+                                stream.cancel(cancel.watch_id).await
+                            }
+                            Some(RequestUnion::ProgressRequest(_)) => stream.request_progress().await,
+                            None => Ok(()),
+                        };
+                        if handled.is_err() {
+                            break;
+                        }
+                    }
+                    _ = ticker.tick() => stream.progress_notify(),
+                }
+            }
+            // Dropping the stream removes its watchers and ends the response stream.
+            drop(stream);
+        });
+        let ctx = self.ctx.clone();
+        let responses =
+            tokio_stream::wrappers::ReceiverStream::new(rx).map(move |mut resp: WatchResponse| {
+                if let Some(header) = resp.header.as_mut() {
+                    header.cluster_id = ctx.cluster_id;
+                    header.member_id = ctx.member_id;
+                    header.raft_term = ctx.raft.status().term;
+                }
+                Ok(resp)
+            });
+        Ok(Response::new(Box::pin(responses)))
+    }
+}

@@ -1,0 +1,639 @@
+//! The Maintenance service through real clients (`etcdctl`, the `etcd-client` crate and
+//! MetaStore's generated gRPC client) on both engines, and HashKV compared with real etcd for the
+//! same scripted history.
+
+mod support;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use metastore_proto::etcdserverpb::alarm_request::AlarmAction;
+use metastore_proto::etcdserverpb::kv_client::KvClient;
+use metastore_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use metastore_proto::etcdserverpb::request_op::Request as Op;
+use metastore_proto::etcdserverpb::{
+    AlarmRequest, AlarmType, CompactionRequest, Compare, DeleteRangeRequest, HashKvRequest,
+    HashRequest, MoveLeaderRequest, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest,
+};
+use support::{Kind, Server};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
+
+/// etcdctl with a scheme-less endpoint: etcdctl 3.4 dials the per-endpoint commands (`endpoint
+/// status`, `defrag`, `snapshot save`, …) with the endpoint string as the HTTP/2 `:authority`,
+/// which for `http://host:port` is invalid and refused by MetaStore's HTTP/2 server.
+fn etcdctl_run(server: &Server, args: &[&str]) -> Output {
+    Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints=127.0.0.1:{}", server.client_port))
+        .args(args)
+        .output()
+        .expect("etcdctl (installed by `cargo xtask test`)")
+}
+
+fn etcdctl(server: &Server, args: &[&str]) -> String {
+    let out = etcdctl_run(server, args);
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// The unsigned number after `"field":` in etcdctl's JSON output.
+fn json_u64(json: &str, field: &str) -> u64 {
+    let tag = format!("\"{field}\":");
+    let start = json
+        .find(&tag)
+        .unwrap_or_else(|| panic!("{field} missing in {json}"))
+        + tag.len();
+    json[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap_or_else(|_| panic!("{field} is not a number in {json}"))
+}
+
+async fn maintenance(server: &Server) -> MaintenanceClient<Channel> {
+    MaintenanceClient::connect(server.endpoint())
+        .await
+        .expect("connect")
+}
+
+fn put(key: &str, value: &str) -> PutRequest {
+    PutRequest {
+        key: key.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+fn all_keys() -> RangeRequest {
+    RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        ..Default::default()
+    }
+}
+
+async fn endpoint_status(kind: Kind) {
+    let server = Server::start(kind).await;
+    etcdctl(&server, &["put", "a", "1"]);
+    let json = etcdctl(&server, &["endpoint", "status", "-w", "json"]);
+    assert!(json.contains("\"version\":\"3.6.0\""), "{json}");
+    let member_id = json_u64(&json, "member_id");
+    assert_eq!(json_u64(&json, "leader"), member_id, "{json}");
+    assert!(json_u64(&json, "raftTerm") >= 1);
+    let applied = json_u64(&json, "raftAppliedIndex");
+    assert!(applied >= 2, "a no-op and the put: {json}");
+    assert!(json_u64(&json, "raftIndex") >= applied);
+    let db_size = json_u64(&json, "dbSize");
+    assert!(db_size > 0, "{json}");
+    assert!(json_u64(&json, "dbSizeInUse") <= db_size, "{json}");
+    assert!(!json.contains("errors"), "no errors expected: {json}");
+
+    // Fields newer than etcdctl 3.4 knows, through the generated client.
+    let status = maintenance(&server)
+        .await
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.db_size_quota, 2 * 1024 * 1024 * 1024);
+    assert!(!status.is_learner);
+    assert!(status.errors.is_empty());
+    assert_eq!(status.leader, member_id);
+    assert_eq!(status.header.unwrap().revision, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_status_memory_engine() {
+    endpoint_status(Kind::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_status_rocksdb_engine() {
+    endpoint_status(Kind::Rocks).await;
+}
+
+/// What HashKV answered at one revision: `(hash, compact_revision, header revision)` or the
+/// error's code and message.
+type HashAnswer = Result<(u32, i64, i64), (Code, String)>;
+
+/// One scripted history with two physical compactions, then HashKV at every revision around it.
+async fn scripted_hashes(server: &Server) -> Vec<(i64, HashAnswer)> {
+    let mut kv: KvClient<Channel> = server.kv().await;
+    for i in 0..30 {
+        kv.put(put(&format!("k{}", i % 7), &format!("v{i}")))
+            .await
+            .unwrap();
+    }
+    kv.delete_range(DeleteRangeRequest {
+        key: b"k3".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let op = |r: Op| RequestOp { request: Some(r) };
+    kv.txn(TxnRequest {
+        compare: vec![Compare {
+            key: b"k1".to_vec(),
+            target: 0, // version
+            result: 1, // greater
+            ..Default::default()
+        }],
+        success: vec![
+            op(Op::RequestPut(put("k8", "txn"))),
+            op(Op::RequestDeleteRange(DeleteRangeRequest {
+                key: b"k2".to_vec(),
+                ..Default::default()
+            })),
+        ],
+        failure: vec![],
+    })
+    .await
+    .unwrap();
+    kv.compact(CompactionRequest {
+        revision: 20,
+        physical: true,
+    })
+    .await
+    .unwrap();
+    for i in 0..10 {
+        kv.put(put(&format!("j{}", i % 3), "w")).await.unwrap();
+    }
+    kv.delete_range(DeleteRangeRequest {
+        key: b"k".to_vec(),
+        range_end: b"l".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let resp = kv
+        .compact(CompactionRequest {
+            revision: 36,
+            physical: true,
+        })
+        .await
+        .unwrap();
+    let current = resp.into_inner().header.unwrap().revision;
+    kv.put(put("after", "compaction")).await.unwrap();
+
+    let mut maint = maintenance(server).await;
+    let mut answers = Vec::new();
+    let revisions = [0, 1, 19, 20, 35].into_iter().chain(36..=current + 2);
+    for rev in revisions {
+        let answer = match maint.hash_kv(HashKvRequest { revision: rev }).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                Ok((r.hash, r.compact_revision, r.header.unwrap().revision))
+            }
+            Err(s) => Err((s.code(), s.message().to_string())),
+        };
+        answers.push((rev, answer));
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashkv_equal_on_both_engines_and_real_etcd() {
+    let memory = Server::start(Kind::Memory).await;
+    let rocks = Server::start(Kind::Rocks).await;
+    let etcd = Server::start(Kind::Etcd).await;
+    let on_memory = scripted_hashes(&memory).await;
+    let on_rocks = scripted_hashes(&rocks).await;
+    let on_etcd = scripted_hashes(&etcd).await;
+    assert_eq!(on_memory, on_rocks, "memory vs rocksdb");
+    // At a revision a compaction ran at, MetaStore answers as etcd 3.6 does (the hash that
+    // compaction stored, with the compact revision before it; etcd 3.6 also accepts
+    // rev == compact revision), while Debian's etcd 3.4 answers `compacted`. Everywhere else the
+    // answers are the same, byte for byte.
+    let at = |answers: &[(i64, HashAnswer)], rev: i64| {
+        answers.iter().find(|(r, _)| *r == rev).unwrap().1.clone()
+    };
+    assert_eq!(at(&on_memory, 20).map(|(_, c, _)| c), Ok(-1));
+    assert_eq!(at(&on_memory, 36).map(|(_, c, _)| c), Ok(20));
+    let comparable = |answers: &[(i64, HashAnswer)]| {
+        answers
+            .iter()
+            .filter(|(rev, _)| *rev != 20 && *rev != 36)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        comparable(&on_memory),
+        comparable(&on_etcd),
+        "metastore vs etcd"
+    );
+    assert!(
+        on_memory
+            .iter()
+            .any(|(_, a)| matches!(a, Err((Code::OutOfRange, m))
+            if m == "etcdserver: mvcc: required revision has been compacted")),
+        "{on_memory:?}"
+    );
+    assert!(
+        on_memory
+            .iter()
+            .any(|(_, a)| matches!(a, Err((Code::OutOfRange, m))
+            if m == "etcdserver: mvcc: required revision is a future revision")),
+        "{on_memory:?}"
+    );
+
+    // etcdctl's view of the current hash agrees too.
+    let hash_of = |s: &Server| json_u64(&etcdctl(s, &["endpoint", "hashkv", "-w", "json"]), "hash");
+    assert_eq!(hash_of(&memory), hash_of(&rocks));
+    assert_eq!(hash_of(&memory), hash_of(&etcd));
+
+    // The whole-backend Hash is MetaStore's own (etcd hashes its bbolt file), but both engines
+    // agree on it for the same history.
+    let backend_hash = |s: &Server| {
+        let endpoint = s.endpoint();
+        async move {
+            MaintenanceClient::connect(endpoint)
+                .await
+                .unwrap()
+                .hash(HashRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .hash
+        }
+    };
+    assert_eq!(backend_hash(&memory).await, backend_hash(&rocks).await);
+}
+
+async fn nospace_alarm(kind: Kind) {
+    let mut server = Server::start_with(kind, &["--quota-backend-bytes", "262144"]).await;
+    let mut kv = server.kv().await;
+    let value = "x".repeat(8 * 1024);
+    let mut refused = None;
+    for i in 0..200 {
+        if let Err(status) = kv.put(put(&format!("big/{i:03}"), &value)).await {
+            refused = Some(status);
+            break;
+        }
+    }
+    let refused = refused.expect("a 256 KiB quota must refuse 1.6 MB of puts");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(refused.message(), NO_SPACE);
+
+    let alarms = etcdctl(&server, &["alarm", "list"]);
+    assert!(alarms.contains("alarm:NOSPACE"), "{alarms}");
+    let json = etcdctl(&server, &["endpoint", "status", "-w", "json"]);
+    assert!(json.contains("alarm:NOSPACE"), "{json}");
+
+    let blocked = etcdctl_run(&server, &["put", "small", "v"]);
+    assert!(!blocked.status.success());
+    assert!(String::from_utf8_lossy(&blocked.stderr).contains("database space exceeded"));
+    let txn = kv
+        .txn(TxnRequest {
+            success: vec![RequestOp {
+                request: Some(Op::RequestPut(put("small", "v"))),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (txn.code(), txn.message()),
+        (Code::ResourceExhausted, NO_SPACE)
+    );
+    // Reads still work.
+    assert_eq!(
+        etcdctl(&server, &["get", "big/000", "--print-value-only"]).len(),
+        value.len() + 1
+    );
+
+    // The alarm is persisted: it is still there after a restart.
+    server.restart().await;
+    let alarms = etcdctl(&server, &["alarm", "list"]);
+    assert!(alarms.contains("alarm:NOSPACE"), "{alarms}");
+    assert!(!etcdctl_run(&server, &["put", "small", "v"])
+        .status
+        .success());
+
+    // Free space: delete, compact, defragment, then disarm.
+    etcdctl(&server, &["del", "big/", "--prefix"]);
+    let json = etcdctl(&server, &["endpoint", "status", "-w", "json"]);
+    let revision = json_u64(&json, "revision");
+    etcdctl(
+        &server,
+        &["compaction", "--physical", &revision.to_string()],
+    );
+    assert!(etcdctl(&server, &["defrag"]).contains("Finished defragmenting"));
+    // Space is back, but writes stay refused until the alarm is disarmed.
+    assert!(!etcdctl_run(&server, &["put", "small", "v"])
+        .status
+        .success());
+    let disarmed = etcdctl(&server, &["alarm", "disarm"]);
+    assert!(disarmed.contains("alarm:NOSPACE"), "{disarmed}");
+    assert_eq!(etcdctl(&server, &["alarm", "list"]), "");
+    assert_eq!(etcdctl(&server, &["put", "small", "v"]), "OK\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nospace_alarm_memory_engine() {
+    nospace_alarm(Kind::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nospace_alarm_rocksdb_engine() {
+    nospace_alarm(Kind::Rocks).await;
+}
+
+async fn corrupt_alarm(kind: Kind) {
+    let server = Server::start(kind).await;
+    let mut kv = server.kv().await;
+    kv.put(put("k", "v")).await.unwrap();
+    let mut maint = maintenance(&server).await;
+    let member_id = maint
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .member_id;
+    let alarm = |action: AlarmAction| AlarmRequest {
+        action: action as i32,
+        member_id,
+        alarm: AlarmType::Corrupt as i32,
+    };
+    let on = maint.alarm(alarm(AlarmAction::Activate)).await.unwrap();
+    assert_eq!(on.into_inner().alarms.len(), 1);
+
+    let refused = kv.put(put("k", "w")).await.unwrap_err();
+    assert_eq!(
+        (refused.code(), refused.message()),
+        (Code::DataLoss, "etcdserver: corrupt cluster")
+    );
+    let got = kv
+        .range(put("k", "").into_range())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.kvs[0].value, b"v");
+    let alarms = etcdctl(&server, &["alarm", "list"]);
+    assert!(alarms.contains("alarm:CORRUPT"), "{alarms}");
+
+    let off = maint.alarm(alarm(AlarmAction::Deactivate)).await.unwrap();
+    assert_eq!(off.into_inner().alarms.len(), 1);
+    kv.put(put("k", "w")).await.unwrap();
+}
+
+trait IntoRange {
+    fn into_range(self) -> RangeRequest;
+}
+
+impl IntoRange for PutRequest {
+    fn into_range(self) -> RangeRequest {
+        RangeRequest {
+            key: self.key,
+            ..Default::default()
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_alarm_memory_engine() {
+    corrupt_alarm(Kind::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_alarm_rocksdb_engine() {
+    corrupt_alarm(Kind::Rocks).await;
+}
+
+async fn defrag_while_writing(kind: Kind) {
+    let server = Server::start(kind).await;
+    let mut kv = server.kv().await;
+    for i in 0..300 {
+        kv.put(put(&format!("d/{}", i % 20), &"v".repeat(512)))
+            .await
+            .unwrap();
+    }
+    let revision = kv.range(all_keys()).await.unwrap().into_inner();
+    kv.compact(CompactionRequest {
+        revision: revision.header.unwrap().revision,
+        physical: true,
+    })
+    .await
+    .unwrap();
+
+    let endpoint = server.endpoint();
+    let writer = tokio::spawn(async move {
+        let mut kv = KvClient::connect(endpoint).await.unwrap();
+        for i in 0..100 {
+            kv.put(put(&format!("w/{i}"), "during defrag"))
+                .await
+                .unwrap();
+        }
+    });
+    assert!(etcdctl(&server, &["defrag"]).contains("Finished defragmenting etcd member"));
+    tokio::time::timeout(Duration::from_secs(60), writer)
+        .await
+        .expect("writes go on during defragmentation")
+        .unwrap();
+    let count = kv
+        .range(RangeRequest {
+            key: b"w/".to_vec(),
+            range_end: b"w0".to_vec(),
+            count_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(count, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defrag_memory_engine() {
+    defrag_while_writing(Kind::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defrag_rocksdb_engine() {
+    defrag_while_writing(Kind::Rocks).await;
+}
+
+async fn snapshot_save(kind: Kind) {
+    let server = Server::start(kind).await;
+    let mut kv = server.kv().await;
+    for i in 0..600 {
+        kv.put(put(
+            &format!("s/{:04}", i % 400),
+            &format!("value-{i}-{}", "p".repeat(200)),
+        ))
+        .await
+        .unwrap();
+    }
+    kv.delete_range(DeleteRangeRequest {
+        key: b"s/0100".to_vec(),
+        range_end: b"s/0150".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    kv.compact(CompactionRequest {
+        revision: 300,
+        physical: true,
+    })
+    .await
+    .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("backup.db");
+    let path_str = path.to_str().unwrap();
+    let out = etcdctl_run(&server, &["snapshot", "save", path_str]);
+    assert!(
+        out.status.success(),
+        "snapshot save: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(size % 512, 32, "etcdctl's own check");
+
+    // Restore the file into a fresh backend: same keys, values and HashKV as the server.
+    let backend = std::sync::Arc::new(metastore_storage_mem::MemBackend::new(
+        &metastore_state_machine::buckets(),
+    ));
+    metastore_maintenance_api::snapshot::import_file(&*backend, &path).unwrap();
+    let restored = metastore_mvcc::Store::open(backend).unwrap();
+    let served = kv.range(all_keys()).await.unwrap().into_inner();
+    let local = restored.range(&all_keys()).unwrap();
+    assert_eq!(local.kvs, served.kvs);
+    assert_eq!(local.count, 350);
+    let served_hash = maintenance(&server)
+        .await
+        .hash_kv(HashKvRequest { revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let local_hash = restored.hash_kv(0).unwrap();
+    assert_eq!(
+        (local_hash.hash, local_hash.compact_revision),
+        (served_hash.hash, served_hash.compact_revision)
+    );
+
+    // `metastore snapshot status` verifies the file and agrees with the server.
+    let out = Command::new(support::metastore_bin())
+        .args(["snapshot", "status", "-w", "json", path_str])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = String::from_utf8(out.stdout).unwrap();
+    let served_revision = served.header.unwrap().revision as u64;
+    assert_eq!(json_u64(&json, "revision"), served_revision, "{json}");
+    assert_eq!(json_u64(&json, "totalSize"), size);
+    let backend_hash = maintenance(&server)
+        .await
+        .hash(HashRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .hash;
+    assert_eq!(json_u64(&json, "hash"), u64::from(backend_hash), "{json}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_save_memory_engine() {
+    snapshot_save(Kind::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_save_rocksdb_engine() {
+    snapshot_save(Kind::Rocks).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_leader_single_member() {
+    let server = Server::start(Kind::Memory).await;
+    let mut maint = maintenance(&server).await;
+    let me = maint
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .leader;
+    maint
+        .move_leader(MoveLeaderRequest { target_id: me })
+        .await
+        .expect("moving leadership to the leader itself succeeds at once");
+    let err = maint
+        .move_leader(MoveLeaderRequest { target_id: me ^ 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::FailedPrecondition,
+            "etcdserver: bad leader transferee"
+        )
+    );
+}
+
+/// The third-party `etcd-client` crate's maintenance calls.
+async fn etcd_client_maintenance(kind: Kind) {
+    let server = Server::start(kind).await;
+    let mut client = etcd_client::Client::connect([server.endpoint()], None)
+        .await
+        .expect("connect");
+    client.put("k", "v", None).await.unwrap();
+
+    let status = client.status().await.unwrap();
+    assert_eq!(status.version(), "3.6.0");
+    assert_eq!(status.db_size_quota(), 2 * 1024 * 1024 * 1024);
+    assert!(status.errors().is_empty());
+    let me = status.leader();
+    assert_eq!(status.header().unwrap().member_id(), me);
+
+    let hash = client.hash_kv(0).await.unwrap();
+    assert_eq!(hash.hash_revision(), 2);
+    let alarms = client
+        .alarm(
+            etcd_client::AlarmAction::Get,
+            etcd_client::AlarmType::None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(alarms.alarms().is_empty());
+    client.defragment().await.unwrap();
+    client.move_leader(me).await.unwrap();
+
+    // The stream: chunks whose remaining_bytes count down to 0, then the SHA-256.
+    let mut stream = client.snapshot().await.unwrap();
+    let mut bytes = Vec::new();
+    let mut last_remaining = u64::MAX;
+    while let Some(msg) = stream.message().await.unwrap() {
+        assert!(msg.remaining_bytes() <= last_remaining);
+        last_remaining = msg.remaining_bytes();
+        bytes.extend_from_slice(msg.blob());
+    }
+    assert_eq!(last_remaining, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snap.db");
+    std::fs::write(&path, &bytes).unwrap();
+    metastore_maintenance_api::snapshot::verify_file(&path).expect("trailing SHA-256 matches");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_maintenance_memory_engine() {
+    etcd_client_maintenance(Kind::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_maintenance_rocksdb_engine() {
+    etcd_client_maintenance(Kind::Rocks).await;
+}

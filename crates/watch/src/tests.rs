@@ -1,0 +1,238 @@
+use std::sync::Arc;
+
+use metastore_mvcc::{Store, WriteRequest};
+use metastore_proto::etcdserverpb::{
+    request_op, CompactionRequest, PutRequest, RequestOp, TxnRequest, WatchCreateRequest,
+    WatchResponse,
+};
+use metastore_storage::WriteBatch;
+use metastore_storage_mem::MemBackend;
+use tokio::sync::mpsc::Receiver;
+
+use super::*;
+
+struct Fixed(Arc<Store>);
+
+impl StoreSource for Fixed {
+    fn store(&self) -> Arc<Store> {
+        self.0.clone()
+    }
+}
+
+fn setup() -> (Arc<Store>, Arc<WatchHub>) {
+    let backend = Arc::new(MemBackend::new(metastore_mvcc::BUCKETS));
+    let store = Arc::new(Store::open(backend).unwrap());
+    let hub = WatchHub::new(Arc::new(Fixed(store.clone())));
+    hub.start_sync_thread().unwrap();
+    (store, hub)
+}
+
+fn write(store: &Store, hub: &WatchHub, req: WriteRequest) {
+    let applied = store
+        .apply_write(req, &|_| false, 0, WriteBatch::new())
+        .unwrap();
+    hub.notify(applied.revision, &applied.events);
+}
+
+fn put(store: &Store, hub: &WatchHub, key: &str, value: &str) {
+    write(
+        store,
+        hub,
+        WriteRequest::Put(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        }),
+    );
+}
+
+async fn next(rx: &mut Receiver<WatchResponse>) -> WatchResponse {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("a response within 5s")
+        .expect("stream open")
+}
+
+fn revisions(resp: &WatchResponse) -> Vec<i64> {
+    resp.events
+        .iter()
+        .map(|e| e.kv.as_ref().unwrap().mod_revision)
+        .collect()
+}
+
+#[tokio::test]
+async fn live_events_txn_in_one_response_filters_and_prev_kv() {
+    let (store, hub) = setup();
+    let (stream, mut rx) = hub.open_stream();
+    stream
+        .create(WatchCreateRequest {
+            key: b"a".to_vec(),
+            range_end: b"b".to_vec(),
+            prev_kv: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    stream
+        .create(WatchCreateRequest {
+            key: b"a1".to_vec(),
+            watch_id: 7,
+            filters: vec![FilterType::Noput as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let created = next(&mut rx).await;
+    assert!(created.created && created.watch_id == 0);
+    let created = next(&mut rx).await;
+    assert!(created.created && created.watch_id == 7);
+    stream
+        .create(WatchCreateRequest {
+            key: b"x".to_vec(),
+            watch_id: 7,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dup = next(&mut rx).await;
+    assert!(dup.canceled && dup.watch_id == -1);
+    assert_eq!(dup.cancel_reason, DUPLICATE_ID);
+
+    put(&store, &hub, "a1", "v1");
+    let op = |k: &str| RequestOp {
+        request: Some(request_op::Request::RequestPut(PutRequest {
+            key: k.into(),
+            value: b"v2".to_vec(),
+            ..Default::default()
+        })),
+    };
+    write(
+        &store,
+        &hub,
+        WriteRequest::Txn(TxnRequest {
+            success: vec![op("a1"), op("a2"), op("zz")],
+            ..Default::default()
+        }),
+    );
+    let first = next(&mut rx).await;
+    assert_eq!((first.watch_id, revisions(&first)), (0, vec![2]));
+    let txn = next(&mut rx).await;
+    assert_eq!((txn.watch_id, revisions(&txn)), (0, vec![3, 3]));
+    assert_eq!(txn.events[0].prev_kv.as_ref().unwrap().value, b"v1");
+    assert!(rx.try_recv().is_err(), "watcher 7 filters puts out");
+
+    stream.cancel(0).await.unwrap();
+    let canceled = next(&mut rx).await;
+    assert!(canceled.canceled && canceled.watch_id == 0);
+    put(&store, &hub, "a1", "v3");
+    stream.request_progress().await.unwrap();
+    let progress = next(&mut rx).await;
+    assert_eq!(progress.watch_id, PROGRESS_ALL_WATCHERS);
+    assert_eq!(progress.header.unwrap().revision, 4);
+}
+
+#[tokio::test]
+async fn history_replay_and_compaction_cancel() {
+    let (store, hub) = setup();
+    for i in 0..5 {
+        put(&store, &hub, "k", &format!("v{i}"));
+    }
+    let (stream, mut rx) = hub.open_stream();
+    stream
+        .create(WatchCreateRequest {
+            key: b"k".to_vec(),
+            start_revision: 3,
+            prev_kv: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(next(&mut rx).await.created);
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let resp = next(&mut rx).await;
+        if seen.is_empty() {
+            assert_eq!(resp.events[0].prev_kv.as_ref().unwrap().value, b"v0");
+        }
+        seen.extend(revisions(&resp));
+    }
+    assert_eq!(seen, vec![3, 4, 5, 6]);
+    put(&store, &hub, "k", "live");
+    assert_eq!(revisions(&next(&mut rx).await), vec![7]);
+
+    write(
+        &store,
+        &hub,
+        WriteRequest::Compact(CompactionRequest {
+            revision: 5,
+            physical: false,
+        }),
+    );
+    stream
+        .create(WatchCreateRequest {
+            key: b"k".to_vec(),
+            start_revision: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let created = next(&mut rx).await;
+    assert!(created.created && !created.canceled);
+    let canceled = next(&mut rx).await;
+    assert!(canceled.canceled);
+    assert_eq!(
+        (canceled.watch_id, canceled.compact_revision),
+        (created.watch_id, 5)
+    );
+}
+
+#[tokio::test]
+async fn slow_stream_falls_back_to_history_without_loss_or_duplicates() {
+    let (store, hub) = setup();
+    let (stream, mut rx) = hub.open_stream();
+    stream
+        .create(WatchCreateRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(next(&mut rx).await.created);
+    let writes = STREAM_BUFFER as i64 * 3;
+    for i in 0..writes {
+        put(&store, &hub, "k", &i.to_string());
+    }
+    assert!(
+        hub.watcher_counts().1 == 1 || rx.len() == STREAM_BUFFER,
+        "the watcher fell behind"
+    );
+    let mut seen = Vec::new();
+    while seen.len() < writes as usize {
+        seen.extend(revisions(&next(&mut rx).await));
+    }
+    assert_eq!(seen, (2..2 + writes).collect::<Vec<_>>());
+    assert!(tokio::time::timeout(Duration::from_millis(300), rx.recv())
+        .await
+        .is_err());
+    assert_eq!(hub.watcher_counts(), (1, 0));
+}
+
+#[test]
+fn fragments_split_events_and_mark_all_but_the_last() {
+    let mut resp = response(9, 1);
+    resp.events = (0..10)
+        .map(|i| Event {
+            kv: Some(metastore_proto::mvccpb::KeyValue {
+                key: vec![i],
+                value: vec![0; 100],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect();
+    let parts = fragments(resp, 300);
+    assert!(parts.len() > 1);
+    assert_eq!(parts.iter().map(|p| p.events.len()).sum::<usize>(), 10);
+    assert!(parts[..parts.len() - 1].iter().all(|p| p.fragment));
+    assert!(!parts.last().unwrap().fragment);
+}
