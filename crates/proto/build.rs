@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time: a build script binary compiled in one checkout may be reused for another.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     let well_known = protoc_bin_vendored::include_path()?;
     // tonic-prost-build reads the compiler from PROTOC.

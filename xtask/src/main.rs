@@ -35,11 +35,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// The checkout xtask was started from. Read at run time (cargo run sets CARGO_MANIFEST_DIR):
+/// with a shared target directory, a binary built in one checkout may be run for another.
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+        .map(Path::to_path_buf)
+        .unwrap_or(manifest_dir)
 }
 
 fn cargo() -> Command {
