@@ -117,6 +117,10 @@ impl Lease for LeaseService {
         if self.lessor.contains(id) {
             return Err(lease_status(&LeaseError::Exists));
         }
+        // etcd refuses new leases while NOSPACE is active, before proposing (and again at apply).
+        self.ctx
+            .check_quota(metastore_alarm::lease_grant_cost())
+            .await?;
         let grant = LeaseGrantRequest { ttl: req.ttl, id };
         match self.ctx.propose(Request::LeaseGrant(grant)).await? {
             Output::LeaseGrant { id, ttl_secs } => Ok(Response::new(LeaseGrantResponse {

@@ -303,6 +303,10 @@ async fn nospace_alarm(kind: Kind) {
         (txn.code(), txn.message()),
         (Code::ResourceExhausted, NO_SPACE)
     );
+    // New leases are refused too.
+    let grant = etcdctl_run(&server, &["lease", "grant", "60"]);
+    assert!(!grant.status.success());
+    assert!(String::from_utf8_lossy(&grant.stderr).contains("database space exceeded"));
     // Reads still work.
     assert_eq!(
         etcdctl(&server, &["get", "big/000", "--print-value-only"]).len(),
