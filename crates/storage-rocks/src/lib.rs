@@ -2,8 +2,8 @@
 //!
 //! Owns: [`RocksBackend`], an implementation of [`Backend`] over one RocksDB database with a
 //! column family per bucket. Every write batch is one atomic RocksDB write batch across column
-//! families, logged in the WAL and fsynced before `write` returns, so it survives a crash whole
-//! or not at all. Read views own a RocksDB snapshot; size figures come from RocksDB's own
+//! families, logged in the WAL and (unless [`RocksBackend::with_sync_writes`] turned it off)
+//! fsynced before `write` returns, so it survives a crash whole or not at all. Read views own a RocksDB snapshot; size figures come from RocksDB's own
 //! properties; defragmentation is a flush plus a full manual compaction, which runs beside
 //! readers and writers.
 //!
@@ -68,6 +68,8 @@ pub struct RocksBackend {
     /// Writes take it shared, the replace step of an import takes it exclusive, so that no write
     /// lands between an import's clear and its last batch.
     import_gate: RwLock<()>,
+    /// Whether `write` fsyncs RocksDB's WAL before returning (the default).
+    sync_writes: bool,
 }
 
 impl RocksBackend {
@@ -115,7 +117,19 @@ impl RocksBackend {
             all_cfs,
             path: path.to_path_buf(),
             import_gate: RwLock::new(()),
+            sync_writes: true,
         })
+    }
+
+    /// Whether `write` fsyncs before returning (default: yes). A caller whose changes are already
+    /// durable elsewhere turns it off: MetaStore's raft WAL is fsynced before an entry is applied
+    /// and replays every entry after the applied index that the backend persisted, so the fsync
+    /// here would be a second one per entry on the apply path. RocksDB still logs each batch in
+    /// its own WAL, so batches stay atomic and a killed process loses none of them; a power loss
+    /// can lose a tail of batches, which the raft WAL brings back.
+    pub fn with_sync_writes(mut self, sync_writes: bool) -> Self {
+        self.sync_writes = sync_writes;
+        self
     }
 
     fn cf(&self, bucket: &str) -> Result<&ColumnFamily> {
@@ -262,7 +276,13 @@ impl Backend for RocksBackend {
             }
         }
         let _gate = self.import_gate.read();
-        self.write_synced(rocks_batch)
+        if self.sync_writes {
+            self.write_synced(rocks_batch)
+        } else {
+            self.db
+                .write_opt(rocks_batch, &WriteOptions::default())
+                .map_err(engine_error)
+        }
     }
 
     /// The view keeps the database open until it is dropped, even after the backend is.
