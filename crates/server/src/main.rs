@@ -173,6 +173,10 @@ async fn main() -> Result<()> {
         Duration::from_millis(cfg.election_timeout),
     );
 
+    // grpc.health.v1: the overall status ("") is SERVING while this member knows a leader.
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(health_reporter, raft.clone()));
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
     for url in &cfg.listen_client_urls {
@@ -202,6 +206,7 @@ async fn main() -> Result<()> {
                 .add_service(watch)
                 .add_service(lease)
                 .add_service(maintenance)
+                .add_service(health_service.clone())
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 }),
@@ -216,6 +221,29 @@ async fn main() -> Result<()> {
     }
     raft.shutdown();
     Ok(())
+}
+
+/// Keeps the gRPC health status in step with leadership: a member without a leader can serve
+/// neither writes nor linearizable reads.
+async fn report_health<O: Send + 'static>(
+    reporter: tonic_health::server::HealthReporter,
+    raft: RaftNode<O>,
+) {
+    use tonic_health::ServingStatus;
+    let mut last = None;
+    loop {
+        let has_leader = raft.status().leader_id != 0;
+        if last != Some(has_leader) {
+            let status = if has_leader {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            last = Some(has_leader);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn shutdown_signal() {
