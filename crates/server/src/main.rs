@@ -140,8 +140,7 @@ async fn main() -> Result<()> {
     raft_cfg.peers = members.iter().map(|m| m.id).collect();
     raft_cfg.snapshot_count = cfg.snapshot_count;
     raft_cfg.tick_interval = Duration::from_millis(cfg.heartbeat_interval.max(1));
-    raft_cfg.election_ticks =
-        (cfg.election_timeout / cfg.heartbeat_interval.max(1)).max(2) as usize;
+    raft_cfg.election_ticks = election_ticks.max(2) as usize;
     raft_cfg.heartbeat_ticks = 1;
     let raft = RaftNode::start(raft_cfg, sm, Arc::new(NoPeers)).context("starting raft")?;
     info!(
