@@ -253,10 +253,13 @@ async fn lease_expiry_also_across_restart(kind: Kind) {
         .put("expiring", "x", Some(PutOptions::new().with_lease(lease)))
         .await
         .unwrap();
-    wait_gone(&mut client, "expiring", Duration::from_secs(5)).await;
+    wait_gone(&mut client, "expiring", Duration::from_secs(6)).await;
     let after = granted_at.elapsed();
+    // Within a second of the TTL — plus, when the grant is applied before the expiry loop has
+    // seen this member become leader, the election-timeout extension every lease gets on
+    // promotion (etcd's rule against early expiry after a leader change).
     assert!(
-        after >= Duration::from_secs(2) && after < Duration::from_secs(3),
+        after >= Duration::from_secs(2) && after < Duration::from_secs(4),
         "expired {after:?} after the grant"
     );
     assert_eq!(

@@ -52,21 +52,28 @@ impl Server {
     /// Start a server of `kind` in a fresh temporary data dir with extra flags.
     pub async fn start_with(kind: Kind, extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
-        let data_dir = dir.path().join("data");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let (client_port, peer_port) = (free_port(), free_port());
-        let child = spawn(kind, &data_dir, client_port, peer_port, &extra);
-        let server = Server {
-            kind,
-            client_port,
-            peer_port,
-            data_dir,
-            extra,
-            child: Some(child),
-            _dir: Some(dir),
-        };
-        server.wait_ready().await;
-        server
+        // free_port() releases the port before the server binds it, so a concurrent test can
+        // take it first; the server then exits, and we retry on other ports.
+        for attempt in 0..5 {
+            let data_dir = dir.path().join(format!("data{attempt}"));
+            let (client_port, peer_port) = (free_port(), free_port());
+            let child = spawn(kind, &data_dir, client_port, peer_port, &extra);
+            let mut server = Server {
+                kind,
+                client_port,
+                peer_port,
+                data_dir,
+                extra: extra.clone(),
+                child: Some(child),
+                _dir: None,
+            };
+            if server.wait_ready().await {
+                server._dir = Some(dir);
+                return server;
+            }
+        }
+        panic!("{kind:?} server did not start in 5 attempts");
     }
 
     /// `http://127.0.0.1:<client port>`
@@ -79,16 +86,23 @@ impl Server {
         KvClient::connect(self.endpoint()).await.expect("connect")
     }
 
-    async fn wait_ready(&self) {
+    /// Waits until this server answers a Range. False if its process exited first (e.g. its
+    /// port was taken by another test's server, which must not be mistaken for this one).
+    async fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            if self.exited() {
+                return false;
+            }
             if let Ok(mut kv) = KvClient::connect(self.endpoint()).await {
                 let req = RangeRequest {
                     key: b"ready-probe".to_vec(),
                     ..Default::default()
                 };
                 if kv.range(req).await.is_ok() {
-                    return;
+                    // Answered: make sure it was our process that answered.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    return !self.exited();
                 }
             }
             assert!(
@@ -98,6 +112,13 @@ impl Server {
                 self.client_port
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => !matches!(child.try_wait(), Ok(None)),
+            None => true,
         }
     }
 
@@ -120,7 +141,11 @@ impl Server {
             &self.extra,
         );
         self.child = Some(child);
-        self.wait_ready().await;
+        assert!(
+            self.wait_ready().await,
+            "{:?} server exited while restarting",
+            self.kind
+        );
     }
 }
 
