@@ -286,11 +286,7 @@ impl Store {
             );
             index_ops.push((change.key, change.rev, change.tombstone));
         }
-        batch.put(
-            META_BUCKET,
-            CONSISTENT_INDEX_KEY,
-            consistent_index.to_be_bytes().to_vec(),
-        );
+        put_consistent_index(&mut batch, consistent_index);
         append(&mut batch, extra);
         // Readers keep reading the previous state meanwhile: new revisions only add keys.
         self.backend.write(batch)?;
@@ -324,11 +320,7 @@ impl Store {
     ) -> Result<(), MvccError> {
         let state = self.state.upgradable_read();
         let mut batch = WriteBatch::new();
-        batch.put(
-            META_BUCKET,
-            CONSISTENT_INDEX_KEY,
-            consistent_index.to_be_bytes().to_vec(),
-        );
+        put_consistent_index(&mut batch, consistent_index);
         append(&mut batch, extra);
         self.backend.write(batch)?;
         RwLockUpgradableReadGuard::upgrade(state).consistent_index = consistent_index;
@@ -380,11 +372,7 @@ impl Store {
         let mark = Revision::new(rev, 0).to_key(false);
         batch.put(META_BUCKET, SCHEDULED_COMPACT_KEY, mark.clone());
         batch.put(META_BUCKET, FINISHED_COMPACT_KEY, mark);
-        batch.put(
-            META_BUCKET,
-            CONSISTENT_INDEX_KEY,
-            consistent_index.to_be_bytes().to_vec(),
-        );
+        put_consistent_index(&mut batch, consistent_index);
         append(&mut batch, extra);
         drop(view);
 
@@ -583,4 +571,14 @@ fn read_compact_mark(view: &dyn ReadView, name: &[u8]) -> Result<Option<i64>, Mv
             ))),
         },
     }
+}
+
+/// Queue the applied raft index into `batch`: every batch mvcc writes carries it, so the index is
+/// always persisted atomically with the state it produced.
+fn put_consistent_index(batch: &mut WriteBatch, consistent_index: u64) {
+    batch.put(
+        META_BUCKET,
+        CONSISTENT_INDEX_KEY,
+        consistent_index.to_be_bytes().to_vec(),
+    );
 }
