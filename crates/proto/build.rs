@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "etcd/server/etcdserver/api/v3lock/v3lockpb/v3lock.proto",
         "etcd/server/etcdserver/api/v3election/v3electionpb/v3election.proto",
         "metastore/internal.proto",
+        "metastore/peer.proto",
     ];
     let paths: Vec<PathBuf> = files.iter().map(|f| root.join(f)).collect();
     tonic_prost_build::configure()

@@ -37,6 +37,11 @@ pub fn apply_error_status(e: &ApplyError) -> Status {
         ApplyError::Corrupt => Status::data_loss("etcdserver: corrupt cluster"),
         ApplyError::Alarm(e) => Status::internal(format!("etcdserver: {e}")),
         ApplyError::Lease(e) => lease_status(e),
+        // etcd answers a refused membership change as a failed precondition.
+        ApplyError::MembershipRefused(reason) => {
+            Status::failed_precondition(format!("etcdserver: {reason}"))
+        }
+        ApplyError::MemberNotFound => member_not_found(),
     }
 }
 
@@ -59,4 +64,9 @@ pub fn request_too_large() -> Status {
 /// etcd's answer to a write while the NOSPACE alarm is active or past the backend quota.
 pub fn no_space() -> Status {
     Status::resource_exhausted("etcdserver: mvcc: database space exceeded")
+}
+
+/// etcd's answer when a member id is not in the cluster.
+pub fn member_not_found() -> Status {
+    Status::not_found("etcdserver: member not found")
 }

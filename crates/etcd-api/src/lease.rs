@@ -20,8 +20,8 @@ use metastore_state_machine::Output;
 use tokio_stream::Stream;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
-use crate::errors::{lease_status, raft_status};
-use crate::{ServerContext, PROPOSAL_TIMEOUT};
+use crate::errors::lease_status;
+use crate::ServerContext;
 
 /// How often the leader looks for expired leases (etcd: every 500 ms).
 const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_millis(200);
@@ -158,12 +158,22 @@ impl Lease for LeaseService {
         let lessor = self.lessor.clone();
         tokio::spawn(async move {
             while let Ok(Some(req)) = inbound.message().await {
+                // Only the leader counts leases down: a follower forwards the renewal.
+                let renewed = match ctx.remote_leader() {
+                    Ok(None) => lessor.renew(req.id).map_err(|e| lease_status(&e)),
+                    Ok(Some(leader)) => ctx
+                        .forwarder
+                        .lease_renew(leader, req.id)
+                        .await
+                        .and_then(|ttl| ttl.ok_or_else(|| lease_status(&LeaseError::NotFound))),
+                    Err(status) => Err(status),
+                };
                 // etcd answers TTL 0 for a lease it does not know (or that just expired).
-                let ttl = match lessor.renew(req.id) {
+                let ttl = match renewed {
                     Ok(ttl) => ttl,
-                    Err(LeaseError::NotFound) => 0,
-                    Err(e) => {
-                        let _ = tx.send(Err(lease_status(&e))).await;
+                    Err(status) if status.code() == tonic::Code::NotFound => 0,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
                         return;
                     }
                 };
@@ -188,12 +198,19 @@ impl Lease for LeaseService {
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let req = request.into_inner();
         // Linearizable: the table reflects every grant and revoke committed before the call.
-        match tokio::time::timeout(PROPOSAL_TIMEOUT, self.ctx.raft.read_index()).await {
-            Err(_) => return Err(Status::unavailable("etcdserver: request timed out")),
-            Ok(Err(e)) => return Err(raft_status(&e)),
-            Ok(Ok(_)) => {}
+        self.ctx.linearizable_barrier().await?;
+        let mut found = self.lessor.time_to_live(req.id);
+        // The remaining TTL is only counted on the leader.
+        if let (Some(status), Some(leader)) = (found.as_mut(), self.ctx.remote_leader()?) {
+            match self.ctx.forwarder.lease_ttl(leader, req.id).await? {
+                Some((remaining, granted)) => {
+                    status.remaining_ttl_secs = remaining;
+                    status.granted_ttl_secs = granted;
+                }
+                None => found = None,
+            }
         }
-        let resp = match self.lessor.time_to_live(req.id) {
+        let resp = match found {
             None => LeaseTimeToLiveResponse {
                 header: Some(self.ctx.header(0)),
                 id: req.id,

@@ -1,20 +1,27 @@
 //! etcd's v3 gRPC services.
 //!
-//! Owns: the tonic services (KV, Watch, Lease), request validation as etcd's v3rpc layer does it, the
-//! mapping of domain errors to etcd's gRPC codes and messages, and response headers.
+//! Owns: the tonic services (KV, Watch, Lease, Lock, Election), request validation as etcd's v3rpc
+//! layer does it, the mapping of domain errors to etcd's gRPC codes and messages, and response
+//! headers.
 //!
 //! Must not depend on: the engine choice, raft internals beyond [`RaftNode`]'s handle.
 
+mod cluster;
 mod errors;
 mod kv;
 mod lease;
 mod watch;
 
+pub use cluster::{member_to_pb, spawn_publish, ClusterService};
 pub use errors::{apply_error_status, mvcc_status, no_space, raft_status, request_too_large};
 pub use kv::KvService;
 pub use lease::{spawn_lease_expiry, LeaseService};
 pub use watch::{WatchService, DEFAULT_PROGRESS_NOTIFY_INTERVAL};
 
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use metastore_alarm::{AlarmTable, Quota};
@@ -22,7 +29,9 @@ use metastore_proto::etcdserverpb::alarm_request::AlarmAction;
 use metastore_proto::etcdserverpb::{AlarmRequest, AlarmType, ResponseHeader};
 use metastore_proto::metastorepb::internal_raft_request::Request;
 use metastore_raft_node::RaftNode;
-use metastore_state_machine::{encode_request, ApplyError, ApplyOutput, Output, StoreHandle};
+use metastore_state_machine::{
+    encode_request, ApplyError, ApplyOutput, MemberTable, Output, StoreHandle,
+};
 use tonic::Status;
 
 /// How long a proposal may wait to be applied before etcd's `request timed out` (etcd: 5 s plus
@@ -47,6 +56,20 @@ impl Default for Limits {
     }
 }
 
+/// A boxed future, for the object-safe [`LeaderForwarder`].
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Requests a follower hands to the leader (over the peer network): only the leader counts
+/// lease TTLs down and knows how far each member has replicated.
+pub trait LeaderForwarder: Send + Sync + 'static {
+    /// Renews lease `id` on `leader`: its TTL, or `None` when the leader does not know it.
+    fn lease_renew(&self, leader: u64, id: i64) -> BoxFuture<Result<Option<i64>, Status>>;
+    /// Remaining and granted TTL of lease `id` on `leader`, or `None` when unknown.
+    fn lease_ttl(&self, leader: u64, id: i64) -> BoxFuture<Result<Option<(i64, i64)>, Status>>;
+    /// The leader's replication progress: match index by member id.
+    fn leader_progress(&self, leader: u64) -> BoxFuture<Result<BTreeMap<u64, u64>, Status>>;
+}
+
 /// What every service needs: the raft handle, the store, identity and limits.
 #[derive(Clone)]
 pub struct ServerContext {
@@ -64,6 +87,10 @@ pub struct ServerContext {
     pub alarms: AlarmTable,
     /// The backend quota (`--quota-backend-bytes`).
     pub quota: Quota,
+    /// The replicated membership table (read side; changes go through raft).
+    pub members: MemberTable,
+    /// Reaches the leader for what only the leader knows.
+    pub forwarder: Arc<dyn LeaderForwarder>,
 }
 
 impl ServerContext {
@@ -84,6 +111,28 @@ impl ServerContext {
 }
 
 impl ServerContext {
+    /// Waits for a linearizable read barrier (ReadIndex), with etcd's errors.
+    pub async fn linearizable_barrier(&self) -> Result<(), Status> {
+        match tokio::time::timeout(PROPOSAL_TIMEOUT, self.raft.read_index()).await {
+            Err(_) => Err(Status::unavailable("etcdserver: request timed out")),
+            Ok(Err(e)) => Err(raft_status(&e)),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// The leader's id when another member leads; `None` when this member leads; etcd's
+    /// `no leader` when there is none.
+    pub fn remote_leader(&self) -> Result<Option<u64>, Status> {
+        let status = self.raft.status();
+        if status.is_leader {
+            Ok(None)
+        } else if status.leader_id == 0 {
+            Err(Status::unavailable("etcdserver: no leader"))
+        } else {
+            Ok(Some(status.leader_id))
+        }
+    }
+
     /// Propose `request` through raft and wait until it is applied here: etcd's
     /// `request is too large` / `request timed out` / `no leader`, or the applied result.
     pub async fn propose(&self, request: Request) -> Result<Output, Status> {

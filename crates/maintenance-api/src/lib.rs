@@ -132,8 +132,7 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: raft.applied_index,
             errors,
             db_size_in_use: i64::try_from(size.size_in_use_bytes).unwrap_or(i64::MAX),
-            // Learners arrive with multi-member support.
-            is_learner: false,
+            is_learner: raft.membership.learners.contains(&self.ctx.member_id),
             storage_version: ETCD_API_VERSION.to_string(),
             db_size_quota: i64::try_from(self.ctx.quota.quota_bytes()).unwrap_or(i64::MAX),
             downgrade_info: Some(DowngradeInfo {
@@ -223,15 +222,35 @@ impl Maintenance for MaintenanceService {
         if !raft.is_leader {
             return Err(Status::failed_precondition("etcdserver: not leader"));
         }
-        // A single-member cluster has one voter: this member, which already leads.
-        if target != self.ctx.member_id {
+        if target == self.ctx.member_id {
+            return Ok(Response::new(MoveLeaderResponse {
+                header: Some(self.ctx.header(0)),
+            }));
+        }
+        if !raft.membership.voters.contains(&target) {
             return Err(Status::failed_precondition(
                 "etcdserver: bad leader transferee",
             ));
         }
-        Ok(Response::new(MoveLeaderResponse {
-            header: Some(self.ctx.header(0)),
-        }))
+        self.ctx
+            .raft
+            .transfer_leader(target)
+            .map_err(|e| metastore_etcd_api::raft_status(&e))?;
+        // etcd waits up to its request timeout for the transferee to lead.
+        match self
+            .ctx
+            .raft
+            .wait_leader_is(target, metastore_etcd_api::PROPOSAL_TIMEOUT)
+            .await
+        {
+            Ok(()) => Ok(Response::new(MoveLeaderResponse {
+                header: Some(self.ctx.header(0)),
+            })),
+            Err(metastore_raft_node::RaftError::Timeout) => Err(Status::unavailable(
+                "etcdserver: request timed out, leader transfer took too long",
+            )),
+            Err(e) => Err(metastore_etcd_api::raft_status(&e)),
+        }
     }
 
     async fn downgrade(

@@ -13,6 +13,14 @@ pub struct RaftConfig {
     /// Voters of a new cluster, including this member. Only used when the data directory holds no
     /// WAL yet; afterwards the membership comes from the log.
     pub peers: Vec<u64>,
+    /// Payloads of the initial members, by id: a new cluster's log starts with one committed
+    /// membership change per member carrying them (as etcd's bootstrap does), so that every
+    /// member — and every member added later — applies the same initial membership. Empty: the
+    /// log starts empty.
+    pub bootstrap: Vec<(u64, Vec<u8>)>,
+    /// Join an existing cluster: start with no membership and an empty log, and learn both from
+    /// the leader (etcd's `--initial-cluster-state existing`). `peers` and `bootstrap` are unused.
+    pub join: bool,
     /// Directory that holds `wal/` and `snap/` (etcd's `<data-dir>/member`).
     pub data_dir: PathBuf,
     /// Applied entries between two snapshots (etcd `--snapshot-count`); 0 disables snapshots.
@@ -38,6 +46,8 @@ impl RaftConfig {
         RaftConfig {
             member_id,
             peers: vec![member_id],
+            bootstrap: Vec::new(),
+            join: false,
             data_dir: data_dir.into(),
             snapshot_count: 10_000,
             tick_interval: Duration::from_millis(100),
@@ -71,7 +81,7 @@ impl RaftConfig {
         if self.member_id == 0 {
             return Err(RaftError::InvalidConfig("member id must not be 0".into()));
         }
-        if !self.peers.contains(&self.member_id) {
+        if !self.join && !self.peers.contains(&self.member_id) {
             return Err(RaftError::InvalidConfig(format!(
                 "peers {:?} must include this member's id {:x}",
                 self.peers, self.member_id

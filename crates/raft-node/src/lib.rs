@@ -30,6 +30,7 @@ mod wal;
 pub use config::RaftConfig;
 pub use error::RaftError;
 pub use node::{RaftNode, RaftStatus};
+pub use raft::eraftpb::MessageType;
 pub use snap::SnapError;
 pub use wal::WalError;
 
@@ -52,8 +53,17 @@ pub trait StateMachine: Send + 'static {
     /// Applies a committed normal entry's payload at `index` (deterministic).
     fn apply(&mut self, index: u64, term: u64, payload: &[u8]) -> Self::Output;
 
-    /// An entry with no payload (a new leader's no-op) or a conf change was committed at `index`.
+    /// An entry with no payload (a new leader's no-op) was committed at `index`.
     fn apply_noop(&mut self, index: u64, term: u64);
+
+    /// A membership change was committed at `index` and raft has applied it (or refused it: see
+    /// [`MembershipChange::outcome`]). Deterministic like [`StateMachine::apply`].
+    fn apply_membership(
+        &mut self,
+        index: u64,
+        term: u64,
+        change: &MembershipChange<'_>,
+    ) -> Self::Output;
 
     /// Captures the current state cheaply; the returned writer serializes it on another thread
     /// while the loop keeps applying.
@@ -66,6 +76,44 @@ pub trait StateMachine: Send + 'static {
         term: u64,
         reader: &mut dyn std::io::Read,
     ) -> std::io::Result<()>;
+}
+
+/// One step of a membership change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    /// Add a voter, or promote a learner to voter.
+    AddVoter(u64),
+    /// Add a learner: it receives the log but does not vote.
+    AddLearner(u64),
+    /// Remove a voter or learner.
+    Remove(u64),
+}
+
+/// The voters and learners of the cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Membership {
+    /// Members that vote, sorted.
+    pub voters: Vec<u64>,
+    /// Members that only replicate, sorted.
+    pub learners: Vec<u64>,
+}
+
+impl Membership {
+    /// Whether `id` is a voter or a learner.
+    pub fn contains(&self, id: u64) -> bool {
+        self.voters.contains(&id) || self.learners.contains(&id)
+    }
+}
+
+/// A committed membership change, as handed to [`StateMachine::apply_membership`].
+#[derive(Debug)]
+pub struct MembershipChange<'a> {
+    /// What was asked.
+    pub changes: Vec<MemberChange>,
+    /// The proposer's payload (e.g. the new member's name and URLs).
+    pub payload: &'a [u8],
+    /// The membership after the change, or why raft refused it (the same on every member).
+    pub outcome: Result<Membership, String>,
 }
 
 /// Serializes a state captured by [`StateMachine::snapshot`] into the given writer.

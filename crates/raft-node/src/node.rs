@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
@@ -16,7 +17,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use protobuf::Message as _;
 use raft::eraftpb::{
-    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot, SnapshotMetadata,
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType,
+    HardState, Message, MessageType, Snapshot, SnapshotMetadata,
 };
 use raft::storage::MemStorage;
 use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
@@ -26,7 +28,9 @@ use crate::logger::raft_logger;
 use crate::snap::{SnapError, SnapshotFile, Snapshotter};
 use crate::storage::LogStore;
 use crate::wal::Wal;
-use crate::{RaftConfig, RaftError, StateMachine, Transport};
+use crate::{
+    MemberChange, Membership, MembershipChange, RaftConfig, RaftError, StateMachine, Transport,
+};
 
 /// Most commands handled before the loop turns to raft's Ready, so ticks stay on time under load.
 const MAX_COMMANDS_PER_ROUND: usize = 4096;
@@ -52,6 +56,14 @@ pub struct RaftStatus {
     pub applied_index: u64,
     /// Whether this member is the leader.
     pub is_leader: bool,
+    /// The membership raft currently uses.
+    pub membership: Membership,
+    /// On the leader: the highest log index known to be replicated on each member (its
+    /// "match" index), by member id. Empty on other members.
+    pub progress: BTreeMap<u64, u64>,
+    /// A membership change applied since the start removed this member: it must stop (and
+    /// remember it, see the server).
+    pub removed: bool,
 }
 
 type ProposalWaiter<O> = oneshot::Sender<Result<O, RaftError>>;
@@ -64,6 +76,12 @@ enum Command<O> {
         data: Vec<u8>,
         waiter: ProposalWaiter<O>,
     },
+    ProposeMembership {
+        request_id: u64,
+        change: ConfChangeV2,
+        waiter: ProposalWaiter<O>,
+    },
+    TransferLeader(u64),
     ReadIndex(ReadWaiter),
     Step(Box<Message>),
     ReportUnreachable(u64),
@@ -110,6 +128,7 @@ pub struct RaftNode<O> {
 
 struct Inner<O> {
     member_id: u64,
+    snapshotter: Arc<Snapshotter>,
     commands: mpsc::Sender<Command<O>>,
     ids: Arc<RequestIds>,
     status: Arc<Mutex<RaftStatus>>,
@@ -173,7 +192,7 @@ impl<O: Send + 'static> RaftNode<O> {
         let snapshotter = Arc::new(Snapshotter::new(&cfg.snap_dir())?);
         let recovered = recover(&cfg, &mut sm, &snapshotter)?;
 
-        let store = LogStore::new(recovered.mem, Arc::clone(&snapshotter));
+        let store = LogStore::new(recovered.mem);
         let snapshot_index = recovered.snapshot.as_ref().map_or(0, |f| f.metadata.index);
         if let Some(file) = recovered.snapshot {
             store.set_latest_snapshot(file);
@@ -211,8 +230,10 @@ impl<O: Send + 'static> RaftNode<O> {
             ..RaftStatus::default()
         }));
         let (leader_tx, leader_rx) = watch::channel(INVALID_ID);
+        let snapshotter_handle = Arc::clone(&snapshotter);
         let worker = Worker {
             member_id,
+            removed: false,
             raw,
             store,
             wal: recovered.wal,
@@ -250,6 +271,7 @@ impl<O: Send + 'static> RaftNode<O> {
         Ok(RaftNode {
             inner: Arc::new(Inner {
                 member_id,
+                snapshotter: snapshotter_handle,
                 commands: commands_tx,
                 ids,
                 status,
@@ -278,6 +300,96 @@ impl<O: Send + 'static> RaftNode<O> {
             waiter,
         })?;
         result.await.unwrap_or(Err(RaftError::Stopped))
+    }
+
+    /// Proposes a membership change and resolves with the state machine's output once it is
+    /// committed and applied here ([`StateMachine::apply_membership`]). `payload` reaches the
+    /// state machine with the change. Raft refuses a change while another one is still being
+    /// applied; the state machine then sees the refusal in [`MembershipChange::outcome`].
+    pub async fn propose_membership(
+        &self,
+        changes: &[MemberChange],
+        payload: Vec<u8>,
+    ) -> Result<O, RaftError> {
+        let request_id = self.inner.ids.next();
+        let mut context = Vec::with_capacity(REQUEST_ID_LEN + payload.len());
+        context.extend_from_slice(&request_id.to_be_bytes());
+        context.extend_from_slice(&payload);
+        let change = ConfChangeV2 {
+            changes: changes.iter().map(|c| single_change(*c)).collect(),
+            context: context.into(),
+            ..Default::default()
+        };
+        let (waiter, result) = oneshot::channel();
+        self.send(Command::ProposeMembership {
+            request_id,
+            change,
+            waiter,
+        })?;
+        result.await.unwrap_or(Err(RaftError::Stopped))
+    }
+
+    /// Asks the leader (this member) to hand leadership to `to`. Returns at once; watch
+    /// [`RaftNode::status`] or [`RaftNode::wait_leader_is`] for the outcome.
+    pub fn transfer_leader(&self, to: u64) -> Result<(), RaftError> {
+        self.send(Command::TransferLeader(to))
+    }
+
+    /// Waits until this member sees `leader_id` as the leader.
+    pub async fn wait_leader_is(&self, leader_id: u64, timeout: Duration) -> Result<(), RaftError> {
+        let mut leader = self.inner.leader.clone();
+        let outcome =
+            match tokio::time::timeout(timeout, leader.wait_for(|id| *id == leader_id)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(_)) => Err(RaftError::Stopped),
+                Err(_) => Err(RaftError::Timeout),
+            };
+        outcome
+    }
+
+    /// Opens the snapshot file a `MsgSnapshot` from this member refers to (raft messages carry
+    /// only the snapshot's metadata; transports stream the file itself). Returns the reader and
+    /// the file's length in bytes.
+    pub fn open_snapshot(&self, msg: &Message) -> Result<(Box<dyn Read + Send>, u64), RaftError> {
+        let metadata = msg.get_snapshot().get_metadata();
+        let path = self
+            .inner
+            .snapshotter
+            .path_of(metadata.term, metadata.index);
+        let file = std::fs::File::open(&path).map_err(|source| {
+            RaftError::Snap(SnapError::Io {
+                op: "open",
+                path: path.clone(),
+                source,
+            })
+        })?;
+        let len = file
+            .metadata()
+            .map_err(|source| {
+                RaftError::Snap(SnapError::Io {
+                    op: "stat",
+                    path: path.clone(),
+                    source,
+                })
+            })?
+            .len();
+        Ok((Box::new(file), len))
+    }
+
+    /// Receives a snapshot file streamed by the sender of `msg` (a `MsgSnapshot`): writes it
+    /// durably next to this member's own snapshots, verifies it, then hands `msg` to raft.
+    /// Blocking file I/O: call it from a blocking context.
+    pub fn receive_snapshot(&self, msg: Message, file: &mut dyn Read) -> Result<(), RaftError> {
+        if msg.get_msg_type() != MessageType::MsgSnapshot {
+            return Err(RaftError::Raft(format!(
+                "expected a snapshot message, got {:?}",
+                msg.get_msg_type()
+            )));
+        }
+        let metadata = msg.get_snapshot().get_metadata().clone();
+        self.inner.snapshotter.receive(&metadata, file)?;
+        self.step(msg);
+        Ok(())
     }
 
     /// A linearizable read barrier: resolves with a read index once this member has applied at
@@ -373,15 +485,33 @@ fn recover<S: StateMachine>(
                 wal_dir.display()
             )));
         }
-        let conf_state = ConfState::from((cfg.peers.clone(), vec![]));
+        let conf_state = if cfg.join {
+            ConfState::default()
+        } else {
+            ConfState::from((cfg.peers.clone(), vec![]))
+        };
         let mut bootstrap = SnapshotMetadata::default();
         bootstrap.set_conf_state(conf_state.clone());
-        let wal = Wal::create(&wal_dir, cfg.wal_segment_size_bytes, &bootstrap)?;
+        let mut wal = Wal::create(&wal_dir, cfg.wal_segment_size_bytes, &bootstrap)?;
         let mem = MemStorage::new();
         mem.wl().set_conf_state(conf_state);
+        if !cfg.join && !cfg.bootstrap.is_empty() {
+            let entries = bootstrap_entries(&cfg.bootstrap);
+            let hard_state = HardState {
+                term: 1,
+                commit: entries.len() as u64,
+                ..Default::default()
+            };
+            wal.save(None, &entries, Some(&hard_state))?;
+            wal.sync()?;
+            let mut core = mem.wl();
+            core.append(&entries).map_err(raft_err)?;
+            core.set_hardstate(hard_state);
+        }
         tracing::info!(
             member_id = format_args!("{:x}", cfg.member_id),
             peers = ?cfg.peers,
+            join = cfg.join,
             "starting a new member"
         );
         return Ok(Recovered {
@@ -517,17 +647,88 @@ fn recover<S: StateMachine>(
     })
 }
 
+/// A membership change entry as a `ConfChangeV2` (version 1 changes are converted).
+fn decode_conf_change(entry: &Entry) -> Result<ConfChangeV2, String> {
+    match entry.get_entry_type() {
+        EntryType::EntryConfChange => {
+            let cc = ConfChange::parse_from_bytes(&entry.data).map_err(|e| e.to_string())?;
+            Ok(ConfChangeV2 {
+                changes: vec![ConfChangeSingle {
+                    change_type: cc.change_type,
+                    node_id: cc.node_id,
+                    ..Default::default()
+                }]
+                .into(),
+                context: cc.context,
+                ..Default::default()
+            })
+        }
+        EntryType::EntryConfChangeV2 => {
+            ConfChangeV2::parse_from_bytes(&entry.data).map_err(|e| e.to_string())
+        }
+        EntryType::EntryNormal => Err("not a membership change".into()),
+    }
+}
+
+fn single_change(change: MemberChange) -> ConfChangeSingle {
+    let (change_type, node_id) = match change {
+        MemberChange::AddVoter(id) => (ConfChangeType::AddNode, id),
+        MemberChange::AddLearner(id) => (ConfChangeType::AddLearnerNode, id),
+        MemberChange::Remove(id) => (ConfChangeType::RemoveNode, id),
+    };
+    ConfChangeSingle {
+        change_type,
+        node_id,
+        ..Default::default()
+    }
+}
+
+fn member_change(single: &ConfChangeSingle) -> Option<MemberChange> {
+    Some(match single.get_change_type() {
+        ConfChangeType::AddNode => MemberChange::AddVoter(single.node_id),
+        ConfChangeType::AddLearnerNode => MemberChange::AddLearner(single.node_id),
+        ConfChangeType::RemoveNode => MemberChange::Remove(single.node_id),
+    })
+}
+
+fn membership_of(conf_state: &ConfState) -> Membership {
+    let mut voters = conf_state.voters.clone();
+    let mut learners = conf_state.learners.clone();
+    voters.sort_unstable();
+    learners.sort_unstable();
+    Membership { voters, learners }
+}
+
+/// The first entries of a new cluster's log: one committed membership change per initial
+/// member, carrying its payload, identical on every initial member.
+fn bootstrap_entries(members: &[(u64, Vec<u8>)]) -> Vec<Entry> {
+    let mut members = members.to_vec();
+    members.sort_by_key(|(id, _)| *id);
+    members
+        .into_iter()
+        .enumerate()
+        .map(|(i, (id, payload))| {
+            let mut context = vec![0u8; REQUEST_ID_LEN];
+            context.extend_from_slice(&payload);
+            let change = ConfChangeV2 {
+                changes: vec![single_change(MemberChange::AddVoter(id))].into(),
+                context: context.into(),
+                ..Default::default()
+            };
+            let mut entry = Entry::default();
+            entry.set_entry_type(EntryType::EntryConfChangeV2);
+            entry.term = 1;
+            entry.index = i as u64 + 1;
+            entry.data = change.write_to_bytes().unwrap_or_default().into();
+            entry
+        })
+        .collect()
+}
+
 /// Applies a committed membership change entry to raft and to the log's conf state.
 fn apply_conf_change(raw: &mut RawNode<LogStore>, store: &LogStore, entry: &Entry) {
-    let result = match entry.get_entry_type() {
-        EntryType::EntryConfChange => ConfChange::parse_from_bytes(&entry.data)
-            .map_err(|e| e.to_string())
-            .and_then(|cc| raw.apply_conf_change(&cc).map_err(|e| e.to_string())),
-        EntryType::EntryConfChangeV2 => ConfChangeV2::parse_from_bytes(&entry.data)
-            .map_err(|e| e.to_string())
-            .and_then(|cc| raw.apply_conf_change(&cc).map_err(|e| e.to_string())),
-        EntryType::EntryNormal => return,
-    };
+    let result = decode_conf_change(entry)
+        .and_then(|cc| raw.apply_conf_change(&cc).map_err(|e| e.to_string()));
     match result {
         Ok(conf_state) => {
             tracing::info!(
@@ -552,6 +753,8 @@ struct ReadBatch {
 /// The state owned by the loop thread.
 struct Worker<S: StateMachine> {
     member_id: u64,
+    /// A committed membership change removed this member.
+    removed: bool,
     raw: RawNode<LogStore>,
     store: LogStore,
     wal: Wal,
@@ -647,6 +850,17 @@ impl<S: StateMachine> Worker<S> {
                 data,
                 waiter,
             } => self.propose(request_id, data, waiter),
+            Command::ProposeMembership {
+                request_id,
+                change,
+                waiter,
+            } => self.propose_membership(request_id, change, waiter),
+            Command::TransferLeader(to) => {
+                if self.raw.raft.state == StateRole::Leader && to != self.member_id {
+                    tracing::info!(to = format_args!("{to:x}"), "transferring leadership");
+                    self.raw.transfer_leader(to);
+                }
+            }
             Command::ReadIndex(waiter) => self.new_reads.push(waiter),
             Command::Step(msg) => {
                 let from = msg.from;
@@ -674,6 +888,32 @@ impl<S: StateMachine> Worker<S> {
             return;
         }
         match self.raw.propose(Vec::new(), data) {
+            Ok(()) => {
+                if self.raw.raft.state == StateRole::Leader {
+                    let index = self.raw.raft.raft_log.last_index();
+                    self.proposed_at.insert(index, request_id);
+                }
+                self.proposals.insert(request_id, waiter);
+            }
+            Err(raft::Error::ProposalDropped) => {
+                let _ = waiter.send(Err(RaftError::NoLeader));
+            }
+            Err(e) => {
+                let _ = waiter.send(Err(RaftError::Raft(e.to_string())));
+            }
+        }
+    }
+
+    fn propose_membership(
+        &mut self,
+        request_id: u64,
+        change: ConfChangeV2,
+        waiter: ProposalWaiter<S::Output>,
+    ) {
+        if waiter.is_closed() {
+            return;
+        }
+        match self.raw.propose_conf_change(Vec::new(), change) {
             Ok(()) => {
                 if self.raw.raft.state == StateRole::Leader {
                     let index = self.raw.raft.raft_log.last_index();
@@ -766,9 +1006,15 @@ impl<S: StateMachine> Worker<S> {
                 None
             } else {
                 let snapshot = ready.snapshot().clone();
-                let file = self
-                    .snapshotter
-                    .save_bytes(snapshot.get_metadata(), &snapshot.data)?;
+                let metadata = snapshot.get_metadata();
+                // Transports deliver the file before the message (RaftNode::receive_snapshot);
+                // a message that carries the data itself is saved here.
+                let file = if snapshot.data.is_empty() {
+                    self.snapshotter
+                        .load(&self.snapshotter.path_of(metadata.term, metadata.index))?
+                } else {
+                    self.snapshotter.save_bytes(metadata, &snapshot.data)?
+                };
                 Some((snapshot, file))
             };
             self.wal.save(
@@ -836,8 +1082,9 @@ impl<S: StateMachine> Worker<S> {
             .wl()
             .apply_snapshot(snapshot.clone())
             .map_err(|e| RaftError::Raft(e.to_string()))?;
+        let mut data = self.snapshotter.open_data(&file)?;
         self.sm
-            .restore(index, term, &mut &snapshot.data[..])
+            .restore(index, term, &mut data)
             .map_err(|source| RaftError::Restore { index, source })?;
         self.applied_index = index;
         self.snapshot_index = index;
@@ -856,6 +1103,7 @@ impl<S: StateMachine> Worker<S> {
             return;
         }
         let mut outputs = Vec::new();
+        let mut membership_changed = false;
         for entry in entries {
             if entry.index <= self.applied_index {
                 continue;
@@ -863,8 +1111,8 @@ impl<S: StateMachine> Worker<S> {
             match entry.get_entry_type() {
                 EntryType::EntryNormal => outputs.extend(self.apply_normal(&entry)),
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    apply_conf_change(&mut self.raw, &self.store, &entry);
-                    self.sm.apply_noop(entry.index, entry.term);
+                    outputs.extend(self.apply_membership(&entry));
+                    membership_changed = true;
                 }
             }
             self.applied_index = entry.index;
@@ -873,6 +1121,10 @@ impl<S: StateMachine> Worker<S> {
             let mut status = self.status.lock();
             status.applied_index = self.applied_index;
             status.committed_index = self.raw.raft.raft_log.committed;
+            if membership_changed {
+                status.membership = membership_of(&self.raw.raft.prs().conf().to_conf_state());
+                status.removed = self.removed;
+            }
         }
         for (waiter, output) in outputs {
             let _ = waiter.send(Ok(output));
@@ -898,6 +1150,66 @@ impl<S: StateMachine> Worker<S> {
         let output = self.sm.apply(entry.index, entry.term, payload);
         self.proposals
             .remove(&u64::from_be_bytes(*id))
+            .map(|waiter| (waiter, output))
+    }
+
+    /// Applies a committed membership change to raft, then to the state machine; returns the
+    /// output for this member's proposer, if any.
+    fn apply_membership(
+        &mut self,
+        entry: &Entry,
+    ) -> Option<(ProposalWaiter<S::Output>, S::Output)> {
+        let change = match decode_conf_change(entry) {
+            Ok(change) => change,
+            Err(e) => {
+                tracing::error!(index = entry.index, error = %e, "undecodable membership change");
+                self.sm.apply_noop(entry.index, entry.term);
+                return None;
+            }
+        };
+        let outcome = match self.raw.apply_conf_change(&change) {
+            Ok(conf_state) => {
+                let membership = membership_of(&conf_state);
+                tracing::info!(
+                    index = entry.index,
+                    voters = ?membership.voters,
+                    learners = ?membership.learners,
+                    "applied membership change"
+                );
+                self.store.mem.wl().set_conf_state(conf_state);
+                let removes_me = change.changes.iter().any(|c| {
+                    c.get_change_type() == ConfChangeType::RemoveNode && c.node_id == self.member_id
+                });
+                if removes_me && !membership.contains(self.member_id) {
+                    tracing::warn!(
+                        member_id = format_args!("{:x}", self.member_id),
+                        "this member was removed from the cluster"
+                    );
+                    self.removed = true;
+                }
+                Ok(membership)
+            }
+            Err(e) => {
+                tracing::warn!(index = entry.index, error = %e, "raft refused a membership change");
+                Err(e.to_string())
+            }
+        };
+        let changes = change.changes.iter().filter_map(member_change).collect();
+        let (request_id, payload) = match change.context.split_first_chunk::<REQUEST_ID_LEN>() {
+            Some((id, payload)) => (u64::from_be_bytes(*id), payload),
+            None => (0, &[][..]),
+        };
+        let output = self.sm.apply_membership(
+            entry.index,
+            entry.term,
+            &MembershipChange {
+                changes,
+                payload,
+                outcome,
+            },
+        );
+        self.proposals
+            .remove(&request_id)
             .map(|waiter| (waiter, output))
     }
 
@@ -940,10 +1252,11 @@ impl<S: StateMachine> Worker<S> {
 
     /// Starts writing a snapshot on another thread once enough entries were applied.
     fn maybe_snapshot(&mut self) {
-        if self.snapshot_count == 0
-            || self.snapshot_thread.is_some()
-            || self.applied_index < self.next_snapshot_at
-        {
+        if self.snapshot_thread.is_some() {
+            return;
+        }
+        let wanted = self.store.take_snapshot_wanted() && self.applied_index > self.snapshot_index;
+        if !wanted && (self.snapshot_count == 0 || self.applied_index < self.next_snapshot_at) {
             return;
         }
         let index = self.applied_index;
@@ -1039,6 +1352,16 @@ impl<S: StateMachine> Worker<S> {
             committed_index: raft.raft_log.committed,
             applied_index: self.applied_index,
             is_leader: raft.state == StateRole::Leader,
+            membership: membership_of(&raft.prs().conf().to_conf_state()),
+            progress: if raft.state == StateRole::Leader {
+                raft.prs()
+                    .iter()
+                    .map(|(id, pr)| (*id, pr.matched))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            },
+            removed: self.removed,
         };
         let leader_id = status.leader_id;
         let term = status.term;

@@ -202,6 +202,50 @@ impl Snapshotter {
         Ok((data_offset, data_len))
     }
 
+    /// Where the snapshot file for (`term`, `index`) lives.
+    pub(crate) fn path_of(&self, term: u64, index: u64) -> PathBuf {
+        self.dir.join(snap_name(term, index))
+    }
+
+    /// Writes a whole snapshot file streamed from another member (its exact bytes), durably,
+    /// and verifies it before it takes its final name. The file must describe `metadata`.
+    pub(crate) fn receive(
+        &self,
+        metadata: &SnapshotMetadata,
+        file: &mut dyn Read,
+    ) -> Result<SnapshotFile, SnapError> {
+        let name = snap_name(metadata.term, metadata.index);
+        let path = self.dir.join(&name);
+        let tmp_path = self.dir.join(format!("{name}.recv{TMP_SUFFIX}"));
+        let written = (|| {
+            let mut out = File::create(&tmp_path).map_err(io_err("create", &tmp_path))?;
+            io::copy(file, &mut out).map_err(io_err("write", &tmp_path))?;
+            out.sync_all().map_err(io_err("fsync", &tmp_path))?;
+            // Verify under a name `load` accepts: structure, length, checksum, metadata.
+            let verified = self.load_as(&tmp_path, &name)?;
+            if verified.metadata.index != metadata.index || verified.metadata.term != metadata.term
+            {
+                return Err(SnapError::Corrupt {
+                    path: tmp_path.clone(),
+                    reason: "received file does not match the snapshot message".into(),
+                });
+            }
+            Ok(verified)
+        })();
+        let verified = match written {
+            Ok(verified) => verified,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp_path);
+                return Err(e);
+            }
+        };
+        fs::rename(&tmp_path, &path).map_err(io_err("rename", &tmp_path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("fsync directory", &self.dir))?;
+        Ok(SnapshotFile { path, ..verified })
+    }
+
     /// Writes a snapshot received from the leader.
     pub(crate) fn save_bytes(
         &self,
@@ -227,6 +271,16 @@ impl Snapshotter {
 
     /// Opens and verifies a snapshot file: structure, length and checksum.
     pub(crate) fn load(&self, path: &Path) -> Result<SnapshotFile, SnapError> {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        self.load_as(path, &name)
+    }
+
+    /// [`Snapshotter::load`] for a file whose metadata must match the snapshot name `name`.
+    fn load_as(&self, path: &Path, name: &str) -> Result<SnapshotFile, SnapError> {
         let corrupt = |reason: String| SnapError::Corrupt {
             path: path.to_path_buf(),
             reason,
@@ -292,10 +346,7 @@ impl Snapshotter {
         }
         let metadata = SnapshotMetadata::parse_from_bytes(&meta_bytes)
             .map_err(|e| corrupt(format!("undecodable metadata: {e}")))?;
-        let named = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(parse_snap_name);
+        let named = parse_snap_name(name);
         if named != Some((metadata.term, metadata.index)) {
             return Err(corrupt(format!(
                 "metadata (term {}, index {}) does not match the file name",
@@ -318,7 +369,8 @@ impl Snapshotter {
         Ok(BufReader::new(file).take(snapshot.data_len))
     }
 
-    /// A verified file's state machine data, in memory (to send it to a follower).
+    /// A verified file's state machine data, in memory.
+    #[cfg(test)]
     pub(crate) fn read_data(&self, snapshot: &SnapshotFile) -> Result<Vec<u8>, SnapError> {
         let mut data = Vec::with_capacity(usize::try_from(snapshot.data_len).unwrap_or(0));
         self.open_data(snapshot)?

@@ -1,6 +1,7 @@
 //! raft-rs's view of the log: an in-memory copy of the durable log (the WAL is the durable copy)
 //! plus the newest snapshot file, which is what a lagging follower is sent.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -8,7 +9,7 @@ use raft::eraftpb::{Entry, Snapshot};
 use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
-use crate::snap::{SnapshotFile, Snapshotter};
+use crate::snap::SnapshotFile;
 
 /// The raft log as raft-rs reads it. Cloning shares the same log.
 #[derive(Clone)]
@@ -16,16 +17,23 @@ pub(crate) struct LogStore {
     /// Entries, hard state and membership, mirrored from the WAL.
     pub mem: MemStorage,
     latest_snapshot: Arc<Mutex<Option<SnapshotFile>>>,
-    snapshotter: Arc<Snapshotter>,
+    /// Set when a follower needed a snapshot the newest file cannot serve (too old, or taken
+    /// before the follower joined): the loop then takes a new one at once.
+    wanted: Arc<AtomicBool>,
 }
 
 impl LogStore {
-    pub(crate) fn new(mem: MemStorage, snapshotter: Arc<Snapshotter>) -> Self {
+    pub(crate) fn new(mem: MemStorage) -> Self {
         LogStore {
             mem,
             latest_snapshot: Arc::new(Mutex::new(None)),
-            snapshotter,
+            wanted: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Whether a follower asked for a snapshot newer than the newest file; clears the request.
+    pub(crate) fn take_snapshot_wanted(&self) -> bool {
+        self.wanted.swap(false, Ordering::Relaxed)
     }
 
     /// Makes `snapshot` the one sent to followers that need a snapshot.
@@ -61,36 +69,35 @@ impl Storage for LogStore {
         self.mem.last_index()
     }
 
-    /// The newest snapshot file with its data. raft-rs retries later on
-    /// `SnapshotTemporarilyUnavailable` (and treats any other error as fatal), so every failure
-    /// maps to it.
+    /// The newest snapshot file's metadata. The data stays on disk: the transport streams the
+    /// file ([`crate::RaftNode::open_snapshot`]), so a leader never holds a whole snapshot in
+    /// memory. raft-rs retries later on `SnapshotTemporarilyUnavailable` (and treats any other
+    /// error as fatal), so a missing snapshot maps to it.
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let unavailable = || raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable);
         let Some(file) = self.latest_snapshot.lock().clone() else {
+            self.wanted.store(true, Ordering::Relaxed);
             return Err(unavailable());
         };
-        if file.metadata.index < request_index {
+        let conf_state = file.metadata.get_conf_state();
+        // A member must be in the snapshot's membership, or it refuses the snapshot.
+        let includes_follower = conf_state.voters.contains(&to)
+            || conf_state.learners.contains(&to)
+            || conf_state.voters_outgoing.contains(&to)
+            || conf_state.learners_next.contains(&to);
+        if file.metadata.index < request_index || !includes_follower {
+            self.wanted.store(true, Ordering::Relaxed);
             return Err(unavailable());
         }
-        match self.snapshotter.read_data(&file) {
-            Ok(data) => {
-                let snapshot = Snapshot {
-                    data: data.into(),
-                    metadata: Some(file.metadata).into(),
-                    ..Default::default()
-                };
-                tracing::info!(
-                    to = format_args!("{to:x}"),
-                    index = snapshot.get_metadata().index,
-                    size_bytes = snapshot.data.len(),
-                    "sending snapshot"
-                );
-                Ok(snapshot)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read snapshot for a follower");
-                Err(unavailable())
-            }
-        }
+        tracing::info!(
+            to = format_args!("{to:x}"),
+            index = file.metadata.index,
+            path = %file.path.display(),
+            "sending snapshot"
+        );
+        Ok(Snapshot {
+            metadata: Some(file.metadata).into(),
+            ..Default::default()
+        })
     }
 }

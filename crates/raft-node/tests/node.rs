@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use metastore_raft_node::{
-    Message, RaftConfig, RaftError, RaftNode, SnapshotWriter, StateMachine, Transport,
+    MemberChange, MembershipChange, Message, RaftConfig, RaftError, RaftNode, SnapshotWriter,
+    StateMachine, Transport,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -57,6 +58,16 @@ impl StateMachine for LogMachine {
     }
 
     fn apply_noop(&mut self, _index: u64, _term: u64) {}
+
+    /// Membership changes are not logged; the output is the outcome, rendered.
+    fn apply_membership(
+        &mut self,
+        index: u64,
+        _term: u64,
+        change: &MembershipChange<'_>,
+    ) -> Self::Output {
+        (index, format!("{:?}", change.outcome).into_bytes())
+    }
 
     fn snapshot(&self) -> SnapshotWriter {
         let log = self.log();
@@ -118,10 +129,19 @@ impl Transport for ChannelTransport {
         for msg in messages {
             let (from, to) = (msg.from, msg.to);
             let is_snapshot = msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
-            let delivered = !isolated.contains(&from) && !isolated.contains(&to);
+            let mut delivered = !isolated.contains(&from) && !isolated.contains(&to);
             if delivered {
-                if let Some(node) = nodes.get(&to) {
-                    node.step(msg);
+                match (nodes.get(&to), nodes.get(&from)) {
+                    // Snapshot messages carry only metadata: stream the file, as a real
+                    // transport does.
+                    (Some(receiver), Some(sender)) if is_snapshot => {
+                        delivered = sender
+                            .open_snapshot(&msg)
+                            .and_then(|(mut file, _)| receiver.receive_snapshot(msg, &mut file))
+                            .is_ok();
+                    }
+                    (Some(receiver), _) => receiver.step(msg),
+                    _ => delivered = false,
                 }
             }
             if is_snapshot {
@@ -545,5 +565,82 @@ async fn a_lagging_member_catches_up_from_a_snapshot() {
         !lagging_machine.restores().is_empty(),
         "the lagging member was sent a snapshot"
     );
+    shutdown_all(&network);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_join_as_learners_get_promoted_and_removed_and_leadership_moves() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let network = Arc::new(Network::default());
+    // A snapshot every 10 entries, so that the joining member is sent one.
+    let machines = start_cluster(&network, &dirs[..3], 10);
+    let leader = agreed_leader(&network, &[1, 2, 3]).await;
+    propose_many(&node(&network, leader), "before", 30).await;
+
+    // Member 4 joins empty, learns everything from the leader.
+    let mut cfg = config(4, dirs[3].path());
+    cfg.join = true;
+    cfg.peers = Vec::new();
+    cfg.tick_interval = Duration::from_millis(20);
+    let joiner = LogMachine::default();
+    let transport = Arc::new(ChannelTransport {
+        network: Arc::clone(&network),
+    });
+    let node4 = RaftNode::start(cfg, joiner.clone(), transport).unwrap();
+    network.nodes.write().unwrap().insert(4, node4.clone());
+    let (_, outcome) = bounded(
+        "adding a learner",
+        node(&network, leader).propose_membership(&[MemberChange::AddLearner(4)], b"m4".to_vec()),
+    )
+    .await
+    .unwrap();
+    let outcome = String::from_utf8(outcome).unwrap();
+    assert!(outcome.contains("learners: [4]"), "{outcome}");
+    wait_until("the learner to catch up", || joiner.log().len() == 30).await;
+    assert_eq!(joiner.log(), machines[leader as usize - 1].log());
+    assert!(
+        !joiner.restores().is_empty(),
+        "the learner was sent a snapshot"
+    );
+    assert_eq!(node4.status().membership.learners, vec![4]);
+
+    // Promote it; then make it the leader.
+    bounded(
+        "promoting the learner",
+        node(&network, leader).propose_membership(&[MemberChange::AddVoter(4)], Vec::new()),
+    )
+    .await
+    .unwrap();
+    wait_until("member 4 to be a voter everywhere", || {
+        (1..=4).all(|id| node(&network, id).status().membership.voters == vec![1, 2, 3, 4])
+    })
+    .await;
+    wait_until("member 4 to catch up", || {
+        let progress = node(&network, leader).status().progress;
+        progress.get(&4) == progress.get(&leader)
+    })
+    .await;
+    node(&network, leader).transfer_leader(4).unwrap();
+    bounded(
+        "leadership to move to member 4",
+        node4.wait_leader_is(4, Duration::from_secs(10)),
+    )
+    .await
+    .unwrap();
+    assert!(node4.status().is_leader);
+    propose_many(&node4, "after", 5).await;
+
+    // Remove the old leader: it learns it was removed.
+    bounded(
+        "removing a member",
+        node4.propose_membership(&[MemberChange::Remove(leader)], Vec::new()),
+    )
+    .await
+    .unwrap();
+    wait_until("the removed member to notice", || {
+        node(&network, leader).status().removed
+    })
+    .await;
+    assert!(!node4.status().membership.contains(leader));
     shutdown_all(&network);
 }

@@ -1,6 +1,7 @@
 //! The `metastore` binary: parses etcd's flags, opens the storage engine, starts the raft node
 //! and serves etcd's gRPC API. Thin by design: the other crates do the work.
 
+mod boot;
 mod config;
 mod snapshot_cmd;
 
@@ -11,15 +12,19 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use metastore_etcd_api::{
-    spawn_lease_expiry, KvService, LeaseService, Limits, ServerContext, WatchService,
+    spawn_lease_expiry, spawn_publish, BoxFuture, ClusterService, KvService, LeaderForwarder,
+    LeaseService, Limits, ServerContext, WatchService,
 };
+use metastore_lease::Lessor;
 use metastore_maintenance_api::MaintenanceService;
+use metastore_peer::{LeaseHandler, PeerNetwork, PeerService};
+use metastore_proto::etcdserverpb::cluster_server::ClusterServer;
 use metastore_proto::etcdserverpb::kv_server::KvServer;
 use metastore_proto::etcdserverpb::lease_server::LeaseServer;
 use metastore_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use metastore_proto::etcdserverpb::watch_server::WatchServer;
-use metastore_raft_node::{RaftConfig, RaftNode, Transport};
-use metastore_state_machine::KvStateMachine;
+use metastore_raft_node::{RaftConfig, RaftNode};
+use metastore_state_machine::{ApplyOutput, KvStateMachine, MemberTable};
 use metastore_storage::Backend;
 use tracing::info;
 
@@ -29,18 +34,62 @@ use config::{Config, Engine};
 /// an oversized request reaches our check and gets etcd's own error.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
-/// A single member sends no raft messages; peers arrive with multi-member support.
-struct NoPeers;
+/// The leader's side of forwarded lease requests.
+struct Leases(Arc<Lessor>);
 
-impl Transport for NoPeers {
-    fn send(&self, messages: Vec<metastore_raft_node::Message>) {
-        if !messages.is_empty() {
-            tracing::warn!(
-                count = messages.len(),
-                "raft produced messages for peers, but this member has none"
-            );
-        }
+impl LeaseHandler for Leases {
+    fn renew(&self, id: i64) -> Option<i64> {
+        self.0.renew(id).ok()
     }
+
+    fn ttl(&self, id: i64) -> Option<(i64, i64)> {
+        self.0
+            .time_to_live(id)
+            .map(|s| (s.remaining_ttl_secs, s.granted_ttl_secs))
+    }
+}
+
+/// A follower's way to the leader: the peer network.
+struct Forwarder(PeerNetwork<ApplyOutput>);
+
+impl LeaderForwarder for Forwarder {
+    fn lease_renew(&self, leader: u64, id: i64) -> BoxFuture<Result<Option<i64>, tonic::Status>> {
+        let network = self.0.clone();
+        Box::pin(async move { network.lease_renew(leader, id).await })
+    }
+
+    fn lease_ttl(
+        &self,
+        leader: u64,
+        id: i64,
+    ) -> BoxFuture<Result<Option<(i64, i64)>, tonic::Status>> {
+        let network = self.0.clone();
+        Box::pin(async move { network.lease_ttl(leader, id).await })
+    }
+
+    fn leader_progress(
+        &self,
+        leader: u64,
+    ) -> BoxFuture<Result<std::collections::BTreeMap<u64, u64>, tonic::Status>> {
+        let network = self.0.clone();
+        Box::pin(async move { Ok(network.leader_progress(leader).await?.into_iter().collect()) })
+    }
+}
+
+/// Peer URLs of a member: the replicated membership table first, then what the flags or the
+/// running cluster said at start.
+fn url_resolver(
+    members: MemberTable,
+    known: std::collections::HashMap<u64, Vec<String>>,
+) -> metastore_peer::UrlResolver {
+    Arc::new(move |id| {
+        members
+            .get(id)
+            .map(|m| m.peer_urls)
+            .filter(|urls| !urls.is_empty())
+            .or_else(|| known.get(&id).cloned())
+            .unwrap_or_default()
+    })
 }
 
 fn init_logging(cfg: &Config) {
@@ -99,25 +148,31 @@ async fn main() -> Result<()> {
     let cfg = Config::parse();
     init_logging(&cfg);
 
-    let members = cfg.initial_members()?;
-    if members.len() > 1 {
-        bail!(
-            "--initial-cluster names {} members; this build serves single-member clusters only",
-            members.len()
-        );
-    }
-    let me = members
-        .iter()
-        .find(|m| m.name == cfg.name)
-        .context("this member is not in --initial-cluster")?;
-    let member_id = me.id;
-    let cluster_id = config::cluster_id(&members.iter().map(|m| m.id).collect::<Vec<_>>());
-
     let data_dir = cfg.data_dir();
     let member_dir = data_dir.join("member");
     std::fs::create_dir_all(&member_dir)
         .with_context(|| format!("creating {}", member_dir.display()))?;
     check_engine_marker(&member_dir, cfg.storage_engine)?;
+    let removed_marker = member_dir.join("removed");
+    if removed_marker.exists() {
+        bail!(
+            "this member was permanently removed from the cluster ({} exists); start a new \
+             member with an empty --data-dir instead",
+            removed_marker.display()
+        );
+    }
+    let identity = boot::identify(&cfg, &member_dir).await?;
+    let (member_id, cluster_id) = (identity.member_id, identity.cluster_id);
+
+    // Bind the peer port before anything starts, so a taken port fails fast.
+    let mut peer_listeners = Vec::new();
+    for url in &cfg.listen_peer_urls {
+        let addr = config::parse_url(url)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for peers on {url}"))?;
+        peer_listeners.push((addr, listener));
+    }
 
     let backend = open_backend(&cfg, &member_dir)?;
     let sm = KvStateMachine::open(backend.clone())
@@ -130,6 +185,7 @@ async fn main() -> Result<()> {
     let election_ticks = cfg.election_timeout / cfg.heartbeat_interval.max(1);
     let min_ttl_ms = (3 * election_ticks / 2) * cfg.heartbeat_interval;
     lessor.set_min_ttl_secs(min_ttl_ms.div_ceil(1000) as i64);
+    let members = sm.members();
     let watch_hub = sm.watch_hub();
     watch_hub.set_max_response_bytes(cfg.max_request_bytes);
     watch_hub
@@ -137,19 +193,29 @@ async fn main() -> Result<()> {
         .context("starting the watch catch-up thread")?;
 
     let mut raft_cfg = RaftConfig::new(member_id, member_dir.clone());
-    raft_cfg.peers = members.iter().map(|m| m.id).collect();
+    raft_cfg.peers = identity.peers.clone();
+    raft_cfg.bootstrap = identity.bootstrap.clone();
+    raft_cfg.join = identity.join;
     raft_cfg.snapshot_count = cfg.snapshot_count;
     raft_cfg.tick_interval = Duration::from_millis(cfg.heartbeat_interval.max(1));
     raft_cfg.election_ticks = election_ticks.max(2) as usize;
     raft_cfg.heartbeat_ticks = 1;
-    let raft = RaftNode::start(raft_cfg, sm, Arc::new(NoPeers)).context("starting raft")?;
+    let network = PeerNetwork::new(
+        cluster_id,
+        member_id,
+        url_resolver(members.clone(), identity.known_urls.clone()),
+        tokio::runtime::Handle::current(),
+    );
+    let raft = RaftNode::start(raft_cfg, sm, Arc::new(network.clone())).context("starting raft")?;
+    network.set_node(raft.clone());
+    boot::write_identity(&member_dir, member_id, cluster_id)?;
     info!(
         name = %cfg.name,
         member_id = %format!("{member_id:x}"),
         cluster_id = %format!("{cluster_id:x}"),
         data_dir = %data_dir.display(),
         engine = cfg.storage_engine.name(),
-        peer_urls = %me.peer_urls.join(","),
+        peer_urls = %cfg.initial_advertise_peer_urls.join(","),
         "starting member"
     );
 
@@ -164,7 +230,14 @@ async fn main() -> Result<()> {
         },
         alarms,
         quota: metastore_alarm::Quota::new(backend.clone(), cfg.quota_backend_bytes),
+        members: members.clone(),
+        forwarder: Arc::new(Forwarder(network.clone())),
     };
+    spawn_publish(
+        ctx.clone(),
+        cfg.name.clone(),
+        cfg.advertise_client_urls.clone(),
+    );
     let max_recv = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     spawn_lease_expiry(
         ctx.clone(),
@@ -178,6 +251,34 @@ async fn main() -> Result<()> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
+    let members_source: metastore_peer::MemberSource = {
+        let members = members.clone();
+        Arc::new(move || members.list())
+    };
+    for (addr, listener) in peer_listeners {
+        info!(address = %addr, "serving peer traffic");
+        let peer = PeerService::server(
+            cluster_id,
+            member_id,
+            raft.clone(),
+            members_source.clone(),
+            {
+                let members = members.clone();
+                Arc::new(move |id| members.is_empty() || members.contains(id))
+            },
+            Arc::new(Leases(lessor.clone())),
+        );
+        let mut stop = stop_rx.clone();
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        servers.push(tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(peer)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }),
+        ));
+    }
     for url in &cfg.listen_client_urls {
         let addr = config::parse_url(url)?;
         let listener = tokio::net::TcpListener::bind(addr)
@@ -195,6 +296,7 @@ async fn main() -> Result<()> {
         .max_decoding_message_size(max_recv);
         let lease = LeaseServer::new(LeaseService::new(ctx.clone(), lessor.clone()))
             .max_decoding_message_size(max_recv);
+        let cluster = ClusterServer::new(ClusterService::new(ctx.clone()));
         let mut stop = stop_rx.clone();
         // Small responses must not wait for Nagle's algorithm (40 ms with delayed ACKs).
         let incoming =
@@ -205,6 +307,7 @@ async fn main() -> Result<()> {
                 .add_service(watch)
                 .add_service(lease)
                 .add_service(maintenance)
+                .add_service(cluster)
                 .add_service(health_service.clone())
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
@@ -212,8 +315,18 @@ async fn main() -> Result<()> {
         ));
     }
 
-    shutdown_signal().await;
-    info!("shutting down");
+    tokio::select! {
+        _ = shutdown_signal() => info!("shutting down"),
+        _ = removed(raft.clone(), network.clone()) => {
+            tracing::warn!(
+                member_id = %format!("{member_id:x}"),
+                "this member was removed from the cluster; shutting down"
+            );
+            if let Err(e) = std::fs::write(&removed_marker, format!("{member_id:x}\n")) {
+                tracing::error!(error = %e, "cannot record the removal");
+            }
+        }
+    }
     let _ = stop_tx.send(true);
     for server in servers {
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
@@ -240,6 +353,16 @@ async fn report_health<O: Send + 'static>(
             };
             reporter.set_service_status("", status).await;
             last = Some(has_leader);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Resolves once a committed membership change removed this member.
+async fn removed<O: Send + 'static>(raft: RaftNode<O>, network: PeerNetwork<O>) {
+    loop {
+        if raft.status().removed || network.removed() {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -14,8 +14,12 @@
 //!
 //! Must not depend on: gRPC services, the engine choice (it holds an `Arc<dyn Backend>`).
 
+mod members;
+
 use std::io::{Read, Write};
 use std::sync::Arc;
+
+pub use members::{MemberTable, MEMBERS_BUCKET};
 
 use metastore_alarm::{AlarmError, AlarmTable, Quota};
 use metastore_lease::{LeaseError, Lessor};
@@ -24,8 +28,9 @@ use metastore_proto::etcdserverpb::{
     request_op, AlarmResponse, AlarmType, DeleteRangeRequest, LeaseGrantRequest, RangeRequest,
     RequestOp, TxnRequest,
 };
+use metastore_proto::metastorepb::Member;
 use metastore_proto::metastorepb::{internal_raft_request::Request, InternalRaftRequest};
-use metastore_raft_node::StateMachine;
+use metastore_raft_node::{MembershipChange, StateMachine};
 use metastore_storage::{Backend, StorageError, WriteBatch};
 use metastore_watch::{StoreSource, WatchHub};
 use parking_lot::RwLock;
@@ -36,6 +41,7 @@ pub fn buckets() -> Vec<&'static str> {
     let mut buckets = metastore_mvcc::BUCKETS.to_vec();
     buckets.push(metastore_alarm::ALARM_BUCKET);
     buckets.push(metastore_lease::LEASE_BUCKET);
+    buckets.push(MEMBERS_BUCKET);
     buckets
 }
 
@@ -61,6 +67,12 @@ pub enum ApplyError {
     /// A lease grant or revoke was refused (unknown lease, id in use, TTL too large).
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    /// Raft refused a membership change (e.g. another change is still in progress).
+    #[error("etcdserver: membership change refused: {0}")]
+    MembershipRefused(String),
+    /// A member-update request named a member that is not in the cluster.
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
 }
 
 /// The result of an applied entry, by kind of request.
@@ -82,6 +94,8 @@ pub enum Output {
         /// The store revision after the revoke.
         revision: i64,
     },
+    /// A membership change or member update: the members afterwards.
+    Members(Vec<Member>),
 }
 
 /// What applying one entry gives its proposer.
@@ -123,6 +137,7 @@ pub struct KvStateMachine {
     quota: Quota,
     lessor: Arc<Lessor>,
     watch: Arc<WatchHub>,
+    members: MemberTable,
 }
 
 impl StoreSource for StoreHandle {
@@ -155,6 +170,10 @@ impl KvStateMachine {
             .map_err(|e| MvccError::Corrupt(e.to_string()))?;
         let lessor = Arc::new(Lessor::new());
         recover_leases(&lessor, &*backend, &store)?;
+        let members = MemberTable::default();
+        members
+            .load(&*backend.snapshot()?)
+            .map_err(|e| MvccError::Corrupt(e.to_string()))?;
         let store = StoreHandle::new(store);
         Ok(KvStateMachine {
             quota: Quota::new(backend.clone(), 0),
@@ -163,7 +182,13 @@ impl KvStateMachine {
             store,
             alarms,
             lessor,
+            members,
         })
+    }
+
+    /// The membership table this state machine maintains.
+    pub fn members(&self) -> MemberTable {
+        self.members.clone()
     }
 
     /// Use `quota_bytes` (`--quota-backend-bytes`; 0 = etcd's default 2 GiB) for the
@@ -245,11 +270,32 @@ impl KvStateMachine {
 
     fn apply_request(&mut self, index: u64, request: Request) -> ApplyOutput {
         let store = self.store.current();
-        if let Request::Alarm(r) = &request {
-            let resp = self
-                .alarms
-                .apply(r, |batch| store.record_applied(index, batch))?;
-            return Ok(Output::Alarm(resp));
+        match &request {
+            Request::Alarm(r) => {
+                let resp = self
+                    .alarms
+                    .apply(r, |batch| store.record_applied(index, batch))?;
+                return Ok(Output::Alarm(resp));
+            }
+            Request::MemberAttributes(r) => {
+                let mut batch = WriteBatch::new();
+                self.members
+                    .publish(r.id, &r.name, &r.client_urls, &mut batch);
+                store.record_applied(index, batch)?;
+                return Ok(Output::Members(self.members.list()));
+            }
+            Request::MemberPeerUrls(r) => {
+                let mut batch = WriteBatch::new();
+                if !self
+                    .members
+                    .update_peer_urls(r.id, &r.peer_urls, &mut batch)
+                {
+                    return Err(ApplyError::MemberNotFound);
+                }
+                store.record_applied(index, batch)?;
+                return Ok(Output::Members(self.members.list()));
+            }
+            _ => {}
         }
         // etcd's corrupt and capped appliers: decided from the replicated alarm table only.
         let cost = match &request {
@@ -319,6 +365,26 @@ impl StateMachine for KvStateMachine {
         // Nothing to persist: replaying a no-op after a restart is harmless.
     }
 
+    fn apply_membership(
+        &mut self,
+        index: u64,
+        _term: u64,
+        change: &MembershipChange<'_>,
+    ) -> ApplyOutput {
+        let store = self.store.current();
+        let mut batch = WriteBatch::new();
+        let result = match &change.outcome {
+            Ok(membership) => {
+                self.members
+                    .apply_change(&change.changes, change.payload, membership, &mut batch);
+                Ok(Output::Members(self.members.list()))
+            }
+            Err(reason) => Err(ApplyError::MembershipRefused(reason.clone())),
+        };
+        store.record_applied(index, batch)?;
+        result
+    }
+
     fn snapshot(&self) -> Box<dyn FnOnce(&mut dyn Write) -> std::io::Result<()> + Send> {
         let view = self.backend.snapshot();
         let buckets = buckets();
@@ -335,6 +401,7 @@ impl StateMachine for KvStateMachine {
         let store = Store::open(self.backend.clone()).map_err(std::io::Error::other)?;
         let view = self.backend.snapshot().map_err(std::io::Error::other)?;
         self.alarms.load(&*view).map_err(std::io::Error::other)?;
+        self.members.load(&*view).map_err(std::io::Error::other)?;
         recover_leases(&self.lessor, &*self.backend, &store).map_err(std::io::Error::other)?;
         self.watch.reset(store.current_revision());
         tracing::info!(

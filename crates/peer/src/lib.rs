@@ -1,0 +1,625 @@
+//! Member-to-member communication over gRPC (the `metastorepb.Peer` service on the peer URLs).
+//!
+//! Owns:
+//! - [`PeerNetwork`], raft-node's [`Transport`]: one queue and one sending task per member. A
+//!   task sends everything queued as one batch per call (one call in flight per member), so
+//!   batches grow with the load; a full queue drops messages and tells raft the member is
+//!   unreachable (backpressure: raft then probes instead of streaming). Snapshot messages carry
+//!   only metadata; their file is streamed in 1 MiB chunks from disk, so neither side holds a
+//!   whole snapshot in memory.
+//! - [`PeerService`], the receiving side: checks the cluster id of every request, hands
+//!   messages to raft, writes streamed snapshots to disk before raft sees the message, answers
+//!   membership queries (a member joining an existing cluster learns its id from them) and lease
+//!   requests forwarded by followers to the leader.
+//!
+//! Must not know about: mvcc, the engines, the client API. Membership and leases are reached
+//! through the [`MemberSource`] closure and the [`LeaseHandler`] trait.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use metastore_proto::metastorepb::peer_client::PeerClient;
+use metastore_proto::metastorepb::peer_server::{Peer, PeerServer};
+use metastore_proto::metastorepb::{
+    LeaseForward, LeaseForwardResponse, Member, MembersRequest, MembersResponse, PeerAck,
+    ProgressResponse, RaftBatch, SnapshotChunk,
+};
+use metastore_raft_node::{Message, MessageType, RaftNode, Transport};
+use parking_lot::Mutex;
+use protobuf::Message as _;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Messages queued for one member before new ones are dropped.
+const QUEUE_LEN: usize = 8192;
+/// Largest batch sent in one call, in bytes (one message may exceed it alone).
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Largest request a member accepts from a peer.
+pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Size of one snapshot chunk.
+const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+/// Pause after a failed call before the next one, so an unreachable member costs no busy loop.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Bound on one batch call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most one warning per member per this interval.
+const WARN_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The current members (for Members queries).
+pub type MemberSource = Arc<dyn Fn() -> Vec<Member> + Send + Sync>;
+
+/// Whether raft messages from a member id are accepted: false for a member that was removed.
+pub type MemberCheck = Arc<dyn Fn(u64) -> bool + Send + Sync>;
+
+/// What a removed member is told when it sends raft messages (etcd's wording).
+const REMOVED_MESSAGE: &str = "the member has been permanently removed from the cluster";
+
+/// The peer URLs of a member id, as currently known (membership table, then `--initial-cluster`).
+pub type UrlResolver = Arc<dyn Fn(u64) -> Vec<String> + Send + Sync>;
+
+/// What the leader does with lease requests forwarded by followers.
+pub trait LeaseHandler: Send + Sync + 'static {
+    /// Renews lease `id`; its TTL, or `None` when it is unknown or expired.
+    fn renew(&self, id: i64) -> Option<i64>;
+    /// Remaining and granted TTL of lease `id`, or `None` when it is unknown.
+    fn ttl(&self, id: i64) -> Option<(i64, i64)>;
+}
+
+/// The error a member of another cluster gets.
+fn cluster_mismatch(mine: u64, theirs: u64) -> Status {
+    Status::failed_precondition(format!(
+        "cluster id mismatch: this member belongs to cluster {mine:x}, the request to cluster \
+         {theirs:x} (check --initial-cluster and --initial-cluster-token)"
+    ))
+}
+
+fn channel_to(url: &str) -> Result<Channel, Status> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| Status::invalid_argument(format!("bad peer URL {url:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    Ok(endpoint.connect_lazy())
+}
+
+fn client(channel: Channel) -> PeerClient<Channel> {
+    PeerClient::new(channel)
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES)
+}
+
+/// Sends raft messages to the other members and forwards requests to the leader.
+pub struct PeerNetwork<O> {
+    inner: Arc<Inner<O>>,
+}
+
+impl<O> Clone for PeerNetwork<O> {
+    fn clone(&self) -> Self {
+        PeerNetwork {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+struct Inner<O> {
+    cluster_id: u64,
+    member_id: u64,
+    node: OnceLock<RaftNode<O>>,
+    resolve: UrlResolver,
+    queues: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
+    runtime: tokio::runtime::Handle,
+    /// A peer answered that this member was removed from the cluster.
+    removed: AtomicBool,
+}
+
+impl<O: Send + 'static> PeerNetwork<O> {
+    /// A network for member `member_id` of cluster `cluster_id`, spawning its tasks on
+    /// `runtime`. Call [`PeerNetwork::set_node`] once the raft node is started.
+    pub fn new(
+        cluster_id: u64,
+        member_id: u64,
+        resolve: UrlResolver,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        PeerNetwork {
+            inner: Arc::new(Inner {
+                cluster_id,
+                member_id,
+                node: OnceLock::new(),
+                resolve,
+                queues: Mutex::new(HashMap::new()),
+                runtime,
+                removed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The raft node whose messages this network carries (for unreachable and snapshot
+    /// reports, and to read snapshot files). Messages sent before are dropped.
+    pub fn set_node(&self, node: RaftNode<O>) {
+        let _ = self.inner.node.set(node);
+    }
+
+    /// Whether a peer told this member that it was removed from the cluster (it missed the
+    /// commit of its own removal): it must stop.
+    pub fn removed(&self) -> bool {
+        self.inner.removed.load(Ordering::Relaxed)
+    }
+
+    /// Renews lease `id` on member `to` (the leader): its TTL, or `None` if unknown there.
+    pub async fn lease_renew(&self, to: u64, id: i64) -> Result<Option<i64>, Status> {
+        let resp = self
+            .call(to, |mut c, req| async move { c.lease_renew(req).await }, id)
+            .await?;
+        Ok(resp.found.then_some(resp.ttl))
+    }
+
+    /// Remaining and granted TTL of lease `id` on member `to` (the leader).
+    pub async fn lease_ttl(&self, to: u64, id: i64) -> Result<Option<(i64, i64)>, Status> {
+        let resp = self
+            .call(to, |mut c, req| async move { c.lease_ttl(req).await }, id)
+            .await?;
+        Ok(resp.found.then_some((resp.ttl, resp.granted_ttl)))
+    }
+
+    /// The replication progress (match index by member) as leader `to` sees it.
+    pub async fn leader_progress(&self, to: u64) -> Result<Vec<(u64, u64)>, Status> {
+        let urls = (self.inner.resolve)(to);
+        let url = urls
+            .first()
+            .ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
+        let mut peer = client(channel_to(url)?);
+        let call = peer.progress(MembersRequest {
+            cluster_id: self.inner.cluster_id,
+        });
+        let resp = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(resp)) => resp.into_inner(),
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(Status::unavailable("etcdserver: request timed out")),
+        };
+        Ok(resp.ids.into_iter().zip(resp.matched).collect())
+    }
+
+    async fn call<F, Fut>(&self, to: u64, f: F, id: i64) -> Result<LeaseForwardResponse, Status>
+    where
+        F: Fn(PeerClient<Channel>, LeaseForward) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<LeaseForwardResponse>, Status>>,
+    {
+        let urls = (self.inner.resolve)(to);
+        let url = urls
+            .first()
+            .ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
+        let req = LeaseForward {
+            cluster_id: self.inner.cluster_id,
+            id,
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, f(client(channel_to(url)?), req)).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(status),
+            Err(_) => Err(Status::unavailable("etcdserver: request timed out")),
+        }
+    }
+
+    fn queue_for(&self, to: u64) -> mpsc::Sender<Message> {
+        let mut queues = self.inner.queues.lock();
+        if let Some(tx) = queues.get(&to) {
+            if !tx.is_closed() {
+                return tx.clone();
+            }
+        }
+        let (tx, rx) = mpsc::channel(QUEUE_LEN);
+        queues.insert(to, tx.clone());
+        let network = self.clone();
+        self.inner
+            .runtime
+            .spawn(async move { network.run_sender(to, rx).await });
+        tx
+    }
+
+    fn report_unreachable(&self, to: u64) {
+        if let Some(node) = self.inner.node.get() {
+            node.report_unreachable(to);
+        }
+    }
+
+    /// Sends batches to member `to` until the network is dropped.
+    async fn run_sender(self, to: u64, mut rx: mpsc::Receiver<Message>) {
+        let mut peer: Option<(String, PeerClient<Channel>)> = None;
+        let mut last_warning: Option<Instant> = None;
+        while let Some(first) = rx.recv().await {
+            let mut bytes = first.compute_size() as usize;
+            let mut batch = vec![first];
+            while bytes < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(msg) => {
+                        bytes += msg.compute_size() as usize;
+                        batch.push(msg);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let urls = (self.inner.resolve)(to);
+            let Some(url) = urls.first().cloned() else {
+                warn_limited(&mut last_warning, to, "no peer URL known for this member");
+                continue;
+            };
+            if peer.as_ref().is_none_or(|(known, _)| *known != url) {
+                match channel_to(&url) {
+                    Ok(channel) => peer = Some((url.clone(), client(channel))),
+                    Err(status) => {
+                        warn_limited(&mut last_warning, to, status.message());
+                        continue;
+                    }
+                }
+            }
+            let Some((_, client)) = peer.as_mut() else {
+                continue;
+            };
+            let messages = batch
+                .iter()
+                .filter_map(|m| m.write_to_bytes().ok())
+                .collect();
+            let req = RaftBatch {
+                cluster_id: self.inner.cluster_id,
+                from: self.inner.member_id,
+                to,
+                messages,
+            };
+            let outcome = tokio::time::timeout(CALL_TIMEOUT, client.raft(req)).await;
+            let failure = match &outcome {
+                Ok(Ok(_)) => None,
+                Ok(Err(status)) => Some(format!("{}: {}", status.code(), status.message())),
+                Err(_) => Some("timed out".to_string()),
+            };
+            if matches!(&outcome, Ok(Err(status)) if status.message().contains(REMOVED_MESSAGE)) {
+                tracing::warn!(to = format_args!("{to:x}"), "{REMOVED_MESSAGE}");
+                self.inner.removed.store(true, Ordering::Relaxed);
+            }
+            if let Some(failure) = failure {
+                warn_limited(
+                    &mut last_warning,
+                    to,
+                    &format!("sending raft messages to {url} failed: {failure}"),
+                );
+                self.report_unreachable(to);
+                peer = None;
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
+    }
+
+    /// Streams the snapshot file `msg` refers to, then reports the outcome to raft.
+    fn send_snapshot(&self, msg: Message) {
+        let network = self.clone();
+        self.inner.runtime.spawn(async move {
+            let to = msg.to;
+            let index = msg.get_snapshot().get_metadata().index;
+            let delivered = match network.stream_snapshot(msg).await {
+                Ok(bytes) => {
+                    tracing::info!(
+                        to = format_args!("{to:x}"),
+                        index,
+                        bytes,
+                        "sent snapshot"
+                    );
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(to = format_args!("{to:x}"), index, error = %e, "sending snapshot failed");
+                    false
+                }
+            };
+            if let Some(node) = network.inner.node.get() {
+                node.report_snapshot(to, delivered);
+            }
+        });
+    }
+
+    async fn stream_snapshot(&self, msg: Message) -> Result<u64, String> {
+        let node = self.inner.node.get().ok_or("raft node not started")?;
+        let to = msg.to;
+        let (mut file, len) = node.open_snapshot(&msg).map_err(|e| e.to_string())?;
+        let url = (self.inner.resolve)(to)
+            .first()
+            .cloned()
+            .ok_or("no peer URL known for this member")?;
+        let message = msg.write_to_bytes().map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel::<SnapshotChunk>(2);
+        let cluster_id = self.inner.cluster_id;
+        // Read on a blocking thread, at most a few chunks ahead of the network.
+        let reader = tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let mut first = Some(message);
+            loop {
+                let mut data = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+                let mut filled = 0;
+                while filled < data.len() {
+                    let n = file.read(&mut data[filled..])?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                data.truncate(filled);
+                let last = filled < SNAPSHOT_CHUNK_BYTES;
+                let chunk = SnapshotChunk {
+                    cluster_id,
+                    message: first.take().unwrap_or_default(),
+                    data,
+                };
+                if tx.blocking_send(chunk).is_err() || last {
+                    return Ok(());
+                }
+            }
+        });
+        let mut peer = client(channel_to(&url).map_err(|s| s.message().to_string())?);
+        let sent = peer
+            .snapshot(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        reader
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("reading the snapshot file: {e}"))?;
+        sent.map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+        Ok(len)
+    }
+}
+
+fn warn_limited(last: &mut Option<Instant>, to: u64, what: &str) {
+    if last.is_none_or(|at| at.elapsed() >= WARN_INTERVAL) {
+        tracing::warn!(to = format_args!("{to:x}"), "{what}");
+        *last = Some(Instant::now());
+    }
+}
+
+impl<O: Send + 'static> Transport for PeerNetwork<O> {
+    fn send(&self, messages: Vec<Message>) {
+        let mut current: Option<(u64, mpsc::Sender<Message>)> = None;
+        for msg in messages {
+            if msg.get_msg_type() == MessageType::MsgSnapshot {
+                self.send_snapshot(msg);
+                continue;
+            }
+            let to = msg.to;
+            let tx = match &current {
+                Some((id, tx)) if *id == to => tx.clone(),
+                _ => {
+                    let tx = self.queue_for(to);
+                    current = Some((to, tx.clone()));
+                    tx
+                }
+            };
+            if tx.try_send(msg).is_err() {
+                self.report_unreachable(to);
+            }
+        }
+    }
+}
+
+/// Asks the members at `urls` for the cluster's membership (a member joining an existing
+/// cluster learns its own id and the cluster id this way). Returns the first answer.
+pub async fn fetch_members(urls: &[String]) -> Result<(u64, Vec<Member>), String> {
+    let mut errors = Vec::new();
+    for url in urls {
+        let channel = match channel_to(url) {
+            Ok(c) => c,
+            Err(e) => {
+                errors.push(format!("{url}: {}", e.message()));
+                continue;
+            }
+        };
+        let mut peer = client(channel);
+        let call = peer.members(MembersRequest { cluster_id: 0 });
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(resp)) => {
+                let resp = resp.into_inner();
+                return Ok((resp.cluster_id, resp.members));
+            }
+            Ok(Err(status)) => errors.push(format!("{url}: {}", status.message())),
+            Err(_) => errors.push(format!("{url}: timed out")),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+/// The receiving side of the peer protocol.
+pub struct PeerService<O> {
+    cluster_id: u64,
+    member_id: u64,
+    node: RaftNode<O>,
+    members: MemberSource,
+    accepts: MemberCheck,
+    leases: Arc<dyn LeaseHandler>,
+}
+
+impl<O: Send + 'static> PeerService<O> {
+    /// The service of member `member_id` of cluster `cluster_id`, wrapped for tonic.
+    pub fn server(
+        cluster_id: u64,
+        member_id: u64,
+        node: RaftNode<O>,
+        members: MemberSource,
+        accepts: MemberCheck,
+        leases: Arc<dyn LeaseHandler>,
+    ) -> PeerServer<Self> {
+        PeerServer::new(PeerService {
+            cluster_id,
+            member_id,
+            node,
+            members,
+            accepts,
+            leases,
+        })
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES)
+    }
+
+    fn check_cluster(&self, cluster_id: u64) -> Result<(), Status> {
+        if cluster_id != self.cluster_id {
+            return Err(cluster_mismatch(self.cluster_id, cluster_id));
+        }
+        Ok(())
+    }
+
+    fn lease_reply(&self, found: Option<(i64, i64)>) -> Response<LeaseForwardResponse> {
+        let (ttl, granted_ttl) = found.unwrap_or((0, 0));
+        Response::new(LeaseForwardResponse {
+            ttl,
+            granted_ttl,
+            found: found.is_some(),
+        })
+    }
+}
+
+/// A `Read` over snapshot chunks arriving from the network.
+struct ChunkReader {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[tonic::async_trait]
+impl<O: Send + 'static> Peer for PeerService<O> {
+    async fn raft(&self, request: Request<RaftBatch>) -> Result<Response<PeerAck>, Status> {
+        let batch = request.into_inner();
+        self.check_cluster(batch.cluster_id)?;
+        if batch.to != self.member_id {
+            return Err(Status::failed_precondition(format!(
+                "member id mismatch: messages for {:x} reached member {:x}",
+                batch.to, self.member_id
+            )));
+        }
+        if !(self.accepts)(batch.from) {
+            return Err(Status::failed_precondition(REMOVED_MESSAGE));
+        }
+        for bytes in &batch.messages {
+            let msg = Message::parse_from_bytes(bytes)
+                .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
+            self.node.step(msg);
+        }
+        Ok(Response::new(PeerAck {}))
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<PeerAck>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        self.check_cluster(first.cluster_id)?;
+        let msg = Message::parse_from_bytes(&first.message)
+            .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
+        let (tx, rx) = mpsc::channel(4);
+        let node = self.node.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut reader = ChunkReader {
+                rx,
+                chunk: Vec::new(),
+                pos: 0,
+            };
+            node.receive_snapshot(msg, &mut reader)
+        });
+        let mut next = Some(first.data);
+        while let Some(data) = next.take() {
+            if !data.is_empty() && tx.send(Ok(data)).await.is_err() {
+                break;
+            }
+            match stream.message().await {
+                Ok(Some(chunk)) => next = Some(chunk.data),
+                Ok(None) => {}
+                Err(status) => {
+                    let _ = tx
+                        .send(Err(io::Error::other(status.message().to_string())))
+                        .await;
+                }
+            }
+        }
+        drop(tx);
+        writer
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::data_loss(format!("snapshot not installed: {e}")))?;
+        Ok(Response::new(PeerAck {}))
+    }
+
+    async fn members(
+        &self,
+        request: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        let req = request.into_inner();
+        // 0: a joining member that does not know the cluster id yet.
+        if req.cluster_id != 0 {
+            self.check_cluster(req.cluster_id)?;
+        }
+        Ok(Response::new(MembersResponse {
+            cluster_id: self.cluster_id,
+            members: (self.members)(),
+        }))
+    }
+
+    async fn progress(
+        &self,
+        request: Request<MembersRequest>,
+    ) -> Result<Response<ProgressResponse>, Status> {
+        self.check_cluster(request.into_inner().cluster_id)?;
+        let status = self.node.status();
+        if !status.is_leader {
+            return Err(Status::unavailable("etcdserver: not leader"));
+        }
+        Ok(Response::new(ProgressResponse {
+            ids: status.progress.keys().copied().collect(),
+            matched: status.progress.values().copied().collect(),
+        }))
+    }
+
+    async fn lease_renew(
+        &self,
+        request: Request<LeaseForward>,
+    ) -> Result<Response<LeaseForwardResponse>, Status> {
+        let req = request.into_inner();
+        self.check_cluster(req.cluster_id)?;
+        if !self.node.status().is_leader {
+            return Err(Status::unavailable("etcdserver: not leader"));
+        }
+        let found = self.leases.renew(req.id).map(|ttl| (ttl, ttl));
+        Ok(self.lease_reply(found))
+    }
+
+    async fn lease_ttl(
+        &self,
+        request: Request<LeaseForward>,
+    ) -> Result<Response<LeaseForwardResponse>, Status> {
+        let req = request.into_inner();
+        self.check_cluster(req.cluster_id)?;
+        if !self.node.status().is_leader {
+            return Err(Status::unavailable("etcdserver: not leader"));
+        }
+        Ok(self.lease_reply(self.leases.ttl(req.id)))
+    }
+}
