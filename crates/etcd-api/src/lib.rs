@@ -7,15 +7,20 @@
 //! Must not depend on: the engine choice, raft internals beyond [`RaftNode`]'s handle.
 
 mod cluster;
+mod election;
 mod errors;
 mod kv;
 mod lease;
+mod lock;
+mod recipes;
 mod watch;
 
 pub use cluster::{member_to_pb, spawn_publish, ClusterService};
+pub use election::ElectionService;
 pub use errors::{apply_error_status, mvcc_status, no_space, raft_status, request_too_large};
 pub use kv::KvService;
 pub use lease::{spawn_lease_expiry, LeaseService};
+pub use lock::LockService;
 pub use watch::{WatchService, DEFAULT_PROGRESS_NOTIFY_INTERVAL};
 
 use std::collections::BTreeMap;

@@ -15,6 +15,7 @@ use metastore_etcd_api::{
     spawn_lease_expiry, spawn_publish, BoxFuture, ClusterService, KvService, LeaderForwarder,
     LeaseService, Limits, ServerContext, WatchService,
 };
+use metastore_etcd_api::{ElectionService, LockService};
 use metastore_lease::Lessor;
 use metastore_maintenance_api::MaintenanceService;
 use metastore_peer::{LeaseHandler, PeerNetwork, PeerService};
@@ -23,6 +24,8 @@ use metastore_proto::etcdserverpb::kv_server::KvServer;
 use metastore_proto::etcdserverpb::lease_server::LeaseServer;
 use metastore_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use metastore_proto::etcdserverpb::watch_server::WatchServer;
+use metastore_proto::v3electionpb::election_server::ElectionServer;
+use metastore_proto::v3lockpb::lock_server::LockServer;
 use metastore_raft_node::{RaftConfig, RaftNode};
 use metastore_state_machine::{ApplyOutput, KvStateMachine, MemberTable};
 use metastore_storage::Backend;
@@ -308,6 +311,8 @@ async fn main() -> Result<()> {
                 .add_service(lease)
                 .add_service(maintenance)
                 .add_service(cluster)
+                .add_service(LockServer::new(LockService::new(&ctx, &watch_hub)))
+                .add_service(ElectionServer::new(ElectionService::new(&ctx, &watch_hub)))
                 .add_service(health_service.clone())
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
