@@ -29,7 +29,7 @@ mod wal;
 
 pub use config::RaftConfig;
 pub use error::RaftError;
-pub use node::{RaftNode, RaftStatus};
+pub use node::{bootstrap_from_snapshot, RaftNode, RaftStatus};
 pub use raft::eraftpb::MessageType;
 pub use snap::SnapError;
 pub use wal::WalError;

@@ -457,6 +457,48 @@ impl<O: Send + 'static> RaftNode<O> {
     }
 }
 
+/// Creates the raft state of a member from a full state-machine snapshot instead of an empty
+/// log (what `snapshot restore` does): a snapshot file at (`term`, `index`) whose membership is
+/// `voters`, and a WAL that starts with it. The state machine must already hold that state with
+/// applied index `index` (or be volatile: it is then restored from the file on start).
+/// Refuses a directory that already holds a WAL.
+pub fn bootstrap_from_snapshot(
+    cfg: &RaftConfig,
+    index: u64,
+    term: u64,
+    voters: Vec<u64>,
+    write: crate::SnapshotWriter,
+) -> Result<(), RaftError> {
+    if index == 0 || term == 0 || voters.is_empty() {
+        return Err(RaftError::InvalidConfig(
+            "a restored snapshot needs an index, a term and voters".into(),
+        ));
+    }
+    if Wal::exists(&cfg.wal_dir())? {
+        return Err(RaftError::Inconsistent(format!(
+            "{} already holds a WAL",
+            cfg.wal_dir().display()
+        )));
+    }
+    let metadata = SnapshotMetadata {
+        index,
+        term,
+        conf_state: Some(ConfState::from((voters, vec![]))).into(),
+        ..Default::default()
+    };
+    let snapshotter = Snapshotter::new(&cfg.snap_dir())?;
+    snapshotter.save(&metadata, write)?;
+    let mut wal = Wal::create(&cfg.wal_dir(), cfg.wal_segment_size_bytes, &metadata)?;
+    let hard_state = HardState {
+        term,
+        commit: index,
+        ..Default::default()
+    };
+    wal.save(None, &[], Some(&hard_state))?;
+    wal.sync()?;
+    Ok(())
+}
+
 /// What recovery from disk produced.
 struct Recovered {
     wal: Wal,

@@ -45,6 +45,33 @@ pub fn buckets() -> Vec<&'static str> {
     buckets
 }
 
+/// Prepares a backend that holds a restored snapshot to start a new cluster: replaces the
+/// membership table with `members`, clears the alarms (they named the old cluster's members)
+/// and records `applied_index` as the index the state corresponds to. Used by
+/// `metastore snapshot restore`.
+pub fn reset_for_restore(
+    backend: Arc<dyn Backend>,
+    members: &[Member],
+    applied_index: u64,
+) -> Result<(), MvccError> {
+    let view = backend.snapshot()?;
+    let mut batch = WriteBatch::new();
+    for bucket in [MEMBERS_BUCKET, metastore_alarm::ALARM_BUCKET] {
+        for (key, _) in view.collect(bucket, metastore_storage::ScanRange::all())? {
+            batch.delete(bucket, key);
+        }
+    }
+    for member in members {
+        batch.put(
+            MEMBERS_BUCKET,
+            member.id.to_be_bytes().to_vec(),
+            member.encode_to_vec(),
+        );
+    }
+    let store = Store::open(backend)?;
+    store.record_applied(applied_index, batch)
+}
+
 /// Why a committed entry produced no result. Deterministic: every member gets the same one.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
