@@ -1042,6 +1042,10 @@ impl<S: StateMachine> Worker<S> {
     fn handle_readies(&mut self) -> Result<(), RaftError> {
         while self.raw.has_ready() {
             let mut ready = self.raw.ready();
+            // raft-rs separates the messages that do not depend on this member's log being
+            // durable (a leader's appends and heartbeats) from those that do: sending the first
+            // kind now lets followers write their WAL while this member writes its own.
+            self.send(ready.take_messages());
 
             // Durability first: nothing below is sent or acknowledged before the fsync.
             let received = if ready.snapshot().is_empty() {
@@ -1082,7 +1086,6 @@ impl<S: StateMachine> Worker<S> {
                 self.store.mem.wl().set_hardstate(hard_state.clone());
             }
 
-            self.send(ready.take_messages());
             self.send(ready.take_persisted_messages());
             for read_state in ready.take_read_states() {
                 let Ok(ctx) = <[u8; 8]>::try_from(read_state.request_ctx.as_slice()) else {
