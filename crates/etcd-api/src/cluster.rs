@@ -139,6 +139,7 @@ impl Cluster for ClusterService {
         &self,
         request: GrpcRequest<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let req = request.into_inner();
         if req.peer_ur_ls.is_empty() || !req.peer_ur_ls.iter().all(|u| valid_url(u)) {
             return Err(bad_urls());
@@ -184,6 +185,7 @@ impl Cluster for ClusterService {
         &self,
         request: GrpcRequest<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let id = request.into_inner().id;
         if self.ctx.members.get(id).is_none() && !self.ctx.raft.status().membership.contains(id) {
             return Err(member_not_found());
@@ -199,6 +201,7 @@ impl Cluster for ClusterService {
         &self,
         request: GrpcRequest<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let req = request.into_inner();
         if req.peer_ur_ls.is_empty() || !req.peer_ur_ls.iter().all(|u| valid_url(u)) {
             return Err(bad_urls());
@@ -233,6 +236,7 @@ impl Cluster for ClusterService {
         &self,
         request: GrpcRequest<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         if request.into_inner().linearizable {
             self.ctx.linearizable_barrier().await?;
         }
@@ -246,6 +250,7 @@ impl Cluster for ClusterService {
         &self,
         request: GrpcRequest<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let id = request.into_inner().id;
         let Some(member) = self.ctx.members.get(id) else {
             return Err(member_not_found());
@@ -285,7 +290,7 @@ pub fn spawn_publish(
                 .is_some_and(|m| m.name == name && m.client_urls == client_urls);
             // Not in the table yet (a joining member still catching up): wait.
             if up_to_date || current.is_none() || ctx.raft.status().leader_id == 0 {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
             let publish = Request::MemberAttributes(MemberAttributes {

@@ -283,6 +283,7 @@ impl Election for ElectionService {
         &self,
         request: GrpcRequest<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
+        self.recipes.ctx().refuse_on_learner()?;
         ElectionService::campaign(self, request.into_inner())
             .await
             .map(Response::new)
@@ -293,6 +294,7 @@ impl Election for ElectionService {
         &self,
         request: GrpcRequest<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
+        self.recipes.ctx().refuse_on_learner()?;
         ElectionService::proclaim(self, request.into_inner())
             .await
             .map(Response::new)
@@ -303,6 +305,7 @@ impl Election for ElectionService {
         &self,
         request: GrpcRequest<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
+        self.recipes.ctx().refuse_on_learner()?;
         ElectionService::leader(self, request.into_inner())
             .await
             .map(Response::new)
@@ -315,6 +318,7 @@ impl Election for ElectionService {
         &self,
         request: GrpcRequest<LeaderRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
+        self.recipes.ctx().refuse_on_learner()?;
         let prefix = election_prefix(&request.into_inner().name);
         // Unbuffered in etcd; a small buffer keeps the observer a step ahead at most.
         let (tx, rx) = mpsc::channel(1);
@@ -336,6 +340,7 @@ impl Election for ElectionService {
         &self,
         request: GrpcRequest<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
+        self.recipes.ctx().refuse_on_learner()?;
         ElectionService::resign(self, request.into_inner())
             .await
             .map(Response::new)

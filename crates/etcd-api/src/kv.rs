@@ -59,6 +59,7 @@ impl Kv for KvService {
         let req = request.into_inner();
         metastore_mvcc::check_range(&req).map_err(|e| mvcc_status(&e))?;
         if !req.serializable {
+            self.ctx.refuse_on_learner()?;
             self.read_barrier().await?;
         }
         let store = self.ctx.store.current();
@@ -72,6 +73,7 @@ impl Kv for KvService {
     }
 
     async fn put(&self, request: GrpcRequest<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let req = request.into_inner();
         metastore_mvcc::check_put(&req).map_err(|e| mvcc_status(&e))?;
         self.ctx
@@ -91,6 +93,7 @@ impl Kv for KvService {
         &self,
         request: GrpcRequest<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let req = request.into_inner();
         metastore_mvcc::check_delete(&req).map_err(|e| mvcc_status(&e))?;
         let applied = self.propose(Request::DeleteRange(req)).await?;
@@ -104,6 +107,7 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, request: GrpcRequest<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let req = request.into_inner();
         metastore_mvcc::check_txn(&req, self.ctx.limits.max_txn_ops)
             .map_err(|e| mvcc_status(&e))?;
@@ -137,6 +141,7 @@ impl Kv for KvService {
         &self,
         request: GrpcRequest<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let req = request.into_inner();
         let applied = self.propose(Request::Compaction(req)).await?;
         match applied.response {

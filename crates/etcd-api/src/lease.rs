@@ -56,7 +56,7 @@ pub fn spawn_lease_expiry(
         let mut ticker = tokio::time::interval(EXPIRY_CHECK_INTERVAL);
         loop {
             ticker.tick().await;
-            let leader = ctx.raft.status().is_leader;
+            let leader = ctx.raft.with_status(|s| s.is_leader);
             if leader != lessor.is_primary() {
                 if leader {
                     lessor.promote(extend);
@@ -99,6 +99,7 @@ impl Lease for LeaseService {
         &self,
         request: GrpcRequest<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let req = request.into_inner();
         if req.ttl > MAX_LEASE_TTL_SECS {
             return Err(lease_status(&LeaseError::TtlTooLarge));
@@ -137,6 +138,7 @@ impl Lease for LeaseService {
         &self,
         request: GrpcRequest<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let req = request.into_inner();
         match self.ctx.propose(Request::LeaseRevoke(req)).await? {
             Output::LeaseRevoke { revision } => Ok(Response::new(LeaseRevokeResponse {
@@ -152,6 +154,7 @@ impl Lease for LeaseService {
         &self,
         request: GrpcRequest<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        self.ctx.refuse_on_learner()?;
         let mut inbound = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let ctx = self.ctx.clone();
@@ -196,6 +199,7 @@ impl Lease for LeaseService {
         &self,
         request: GrpcRequest<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let req = request.into_inner();
         // Linearizable: the table reflects every grant and revoke committed before the call.
         self.ctx.linearizable_barrier().await?;
@@ -232,6 +236,7 @@ impl Lease for LeaseService {
         &self,
         _request: GrpcRequest<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let leases = self
             .lessor
             .leases()

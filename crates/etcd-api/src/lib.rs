@@ -110,7 +110,7 @@ impl ServerContext {
             cluster_id: self.cluster_id,
             member_id: self.member_id,
             revision,
-            raft_term: self.raft.status().term,
+            raft_term: self.raft.with_status(|s| s.term),
         }
     }
 }
@@ -128,14 +128,29 @@ impl ServerContext {
     /// The leader's id when another member leads; `None` when this member leads; etcd's
     /// `no leader` when there is none.
     pub fn remote_leader(&self) -> Result<Option<u64>, Status> {
-        let status = self.raft.status();
-        if status.is_leader {
+        let (is_leader, leader_id) = self.raft.with_status(|s| (s.is_leader, s.leader_id));
+        if is_leader {
             Ok(None)
-        } else if status.leader_id == 0 {
+        } else if leader_id == 0 {
             Err(Status::unavailable("etcdserver: no leader"))
         } else {
-            Ok(Some(status.leader_id))
+            Ok(Some(leader_id))
         }
+    }
+
+    /// etcd serves only Status and serializable Range on a learner; everything else gets
+    /// `rpc not supported for learner`.
+    pub fn refuse_on_learner(&self) -> Result<(), Status> {
+        let member_id = self.member_id;
+        if self
+            .raft
+            .with_status(|s| s.membership.learners.contains(&member_id))
+        {
+            return Err(Status::unavailable(
+                "etcdserver: rpc not supported for learner",
+            ));
+        }
+        Ok(())
     }
 
     /// Propose `request` through raft and wait until it is applied here: etcd's

@@ -104,6 +104,7 @@ impl Lock for LockService {
         &self,
         request: GrpcRequest<LockRequest>,
     ) -> Result<Response<LockResponse>, Status> {
+        self.recipes.ctx().refuse_on_learner()?;
         LockService::lock(self, request.into_inner())
             .await
             .map(Response::new)
@@ -114,6 +115,7 @@ impl Lock for LockService {
         &self,
         request: GrpcRequest<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
+        self.recipes.ctx().refuse_on_learner()?;
         let resp = self
             .recipes
             .delete(request.into_inner().key)

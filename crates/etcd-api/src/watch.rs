@@ -49,6 +49,7 @@ impl Watch for WatchService {
         &self,
         request: GrpcRequest<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.ctx.refuse_on_learner()?;
         let mut inbound = request.into_inner();
         let (stream, rx) = self.hub.open_stream();
         let interval = self.progress_notify_interval;
@@ -83,7 +84,7 @@ impl Watch for WatchService {
                 if let Some(header) = resp.header.as_mut() {
                     header.cluster_id = ctx.cluster_id;
                     header.member_id = ctx.member_id;
-                    header.raft_term = ctx.raft.status().term;
+                    header.raft_term = ctx.raft.with_status(|s| s.term);
                 }
                 Ok(resp)
             });

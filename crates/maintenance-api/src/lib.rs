@@ -89,6 +89,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: GrpcRequest<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let req = request.into_inner();
         match self.ctx.propose(Request::Alarm(req)).await? {
             Output::Alarm(mut resp) => {
@@ -146,6 +147,7 @@ impl Maintenance for MaintenanceService {
         &self,
         _request: GrpcRequest<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let backend = self.backend.clone();
         let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || backend.defragment())
@@ -165,6 +167,7 @@ impl Maintenance for MaintenanceService {
         &self,
         _request: GrpcRequest<HashRequest>,
     ) -> Result<Response<HashResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let revision = self.ctx.store.current().current_revision();
         let backend = self.backend.clone();
         let hash = tokio::task::spawn_blocking(move || backend_hash(&*backend))
@@ -181,6 +184,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: GrpcRequest<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let revision = request.into_inner().revision;
         let store = self.ctx.store.current();
         let h = tokio::task::spawn_blocking(move || store.hash_kv(revision))
@@ -202,6 +206,7 @@ impl Maintenance for MaintenanceService {
         &self,
         _request: GrpcRequest<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.ctx.refuse_on_learner()?;
         let header = self.ctx.header(0);
         let rx = snapshot::stream(
             self.backend.clone(),
@@ -217,6 +222,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: GrpcRequest<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         let target = request.into_inner().target_id;
         let raft = self.ctx.raft.status();
         if !raft.is_leader {
@@ -257,6 +263,7 @@ impl Maintenance for MaintenanceService {
         &self,
         _request: GrpcRequest<DowngradeRequest>,
     ) -> Result<Response<DowngradeResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
         Err(Status::unimplemented(
             "etcdserver: Downgrade is not implemented by MetaStore",
         ))

@@ -431,6 +431,11 @@ impl<O: Send + 'static> RaftNode<O> {
         self.inner.status.lock().clone()
     }
 
+    /// Reads the node's raft state without copying it (for hot paths).
+    pub fn with_status<T>(&self, read: impl FnOnce(&RaftStatus) -> T) -> T {
+        read(&self.inner.status.lock())
+    }
+
     /// Waits until a leader is known and returns its id.
     pub async fn wait_leader(&self, timeout: Duration) -> Result<u64, RaftError> {
         let mut leader = self.inner.leader.clone();

@@ -349,7 +349,7 @@ async fn report_health<O: Send + 'static>(
     use tonic_health::ServingStatus;
     let mut last = None;
     loop {
-        let has_leader = raft.status().leader_id != 0;
+        let has_leader = raft.with_status(|s| s.leader_id != 0);
         if last != Some(has_leader) {
             let status = if has_leader {
                 ServingStatus::Serving

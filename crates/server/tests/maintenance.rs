@@ -15,7 +15,7 @@ use metastore_proto::etcdserverpb::{
     AlarmRequest, AlarmType, CompactionRequest, Compare, DeleteRangeRequest, HashKvRequest,
     HashRequest, MoveLeaderRequest, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest,
 };
-use support::{Kind, Server};
+use support::{free_port, metastore_bin, Kind, Server};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -627,4 +627,147 @@ async fn etcd_client_maintenance_memory_engine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_client_maintenance_rocksdb_engine() {
     etcd_client_maintenance(Kind::Rocks).await;
+}
+
+/// `metastore snapshot restore`: a snapshot of a single member becomes a new 3-member cluster
+/// whose members run different engines; the data, HashKV and revision carry over, the
+/// membership is the new one, and the cluster takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_restore_creates_a_new_cluster() {
+    use std::process::Stdio;
+    let source = Server::start(Kind::Rocks).await;
+    for i in 0..50 {
+        etcdctl(&source, &["put", &format!("key{i}"), &format!("value{i}")]);
+    }
+    etcdctl(&source, &["del", "key1", "--prefix"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("snap.db");
+    etcdctl(&source, &["snapshot", "save", file.to_str().unwrap()]);
+    let source_hash = json_u64(
+        &etcdctl(&source, &["endpoint", "hashkv", "-w", "json"]),
+        "hash",
+    );
+    let source_rev = json_u64(
+        &etcdctl(&source, &["endpoint", "status", "-w", "json"]),
+        "revision",
+    );
+    drop(source);
+
+    // Refuses a damaged file.
+    let damaged = dir.path().join("damaged.db");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[20] ^= 0xff;
+    std::fs::write(&damaged, bytes).unwrap();
+    let refused = Command::new(metastore_bin())
+        .args([
+            "snapshot",
+            "restore",
+            damaged.to_str().unwrap(),
+            "--data-dir",
+        ])
+        .arg(dir.path().join("never"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let cluster = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| format!("r{i}=http://127.0.0.1:{peer}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let engines = ["memory", "rocksdb", "memory"];
+    let mut children = Vec::new();
+    for (i, (client, peer)) in ports.iter().enumerate() {
+        let data_dir = dir.path().join(format!("r{i}"));
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let client_url = format!("http://127.0.0.1:{client}");
+        let restored = Command::new(metastore_bin())
+            .args(["snapshot", "restore", file.to_str().unwrap()])
+            .args(["--name", &format!("r{i}"), "--initial-cluster", &cluster])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--storage-engine", engines[i], "--data-dir"])
+            .arg(&data_dir)
+            .output()
+            .unwrap();
+        assert!(
+            restored.status.success(),
+            "{}",
+            String::from_utf8_lossy(&restored.stderr)
+        );
+        children.push(
+            Command::new(metastore_bin())
+                .args(["--name", &format!("r{i}"), "--initial-cluster", &cluster])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
+                .args(["--storage-engine", engines[i], "--data-dir"])
+                .arg(&data_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    struct KillOnDrop(Vec<std::process::Child>);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let _children = KillOnDrop(children);
+    let endpoints = ports
+        .iter()
+        .map(|(c, _)| format!("127.0.0.1:{c}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let ctl = |args: &[&str]| {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoints}"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ctl(&["put", "after-restore", "1"]).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "restored cluster never took a write"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = String::from_utf8(ctl(&["endpoint", "status", "-w", "json"]).stdout).unwrap();
+    // One more revision than the source: the write above.
+    assert_eq!(json_u64(&status, "revision"), source_rev + 1, "{status}");
+    let hashes = String::from_utf8(
+        ctl(&[
+            "endpoint",
+            "hashkv",
+            "--rev",
+            &source_rev.to_string(),
+            "-w",
+            "json",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        hashes.matches(&format!("\"hash\":{source_hash}")).count(),
+        3,
+        "{hashes}"
+    );
+    let members = String::from_utf8(ctl(&["member", "list"]).stdout).unwrap();
+    for i in 0..3 {
+        assert!(members.contains(&format!(", started, r{i}, ")), "{members}");
+    }
+    let got = String::from_utf8(ctl(&["get", "key42", "--print-value-only"]).stdout).unwrap();
+    assert_eq!(got.trim(), "value42");
+    let gone = String::from_utf8(ctl(&["get", "key1", "--prefix", "--keys-only"]).stdout).unwrap();
+    assert!(gone.trim().is_empty(), "{gone}");
 }

@@ -12,6 +12,8 @@ use metastore_proto::etcdserverpb::kv_client::KvClient;
 use metastore_proto::etcdserverpb::RangeRequest;
 use tonic::transport::Channel;
 
+pub mod cluster;
+
 /// A free TCP port on 127.0.0.1 (bound then released; good enough for tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

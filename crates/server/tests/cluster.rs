@@ -1,0 +1,736 @@
+//! Multi-member clusters: replication, leader failure, snapshot catch-up, membership changes
+//! through etcdctl, and partitions. Every scenario is written once and run against real etcd
+//! (the reference) and MetaStore on both engines; each ends with `assert_converged`.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use metastore_proto::etcdserverpb::kv_client::KvClient;
+use metastore_proto::etcdserverpb::{Member, PutRequest};
+use support::cluster::{Cluster, Json, Removal};
+use support::Kind;
+
+/// Bound of one put or get in a scenario.
+const CALL: Duration = Duration::from_secs(5);
+
+/// Runs a scenario `async fn NAME(kind: Kind)` as `NAME::etcd`, `NAME::memory` and
+/// `NAME::rocks`.
+macro_rules! per_kind {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn etcd() {
+                super::$scenario(Kind::Etcd).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$scenario(Kind::Memory).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rocks() {
+                super::$scenario(Kind::Rocks).await;
+            }
+        }
+    )*};
+}
+
+per_kind!(
+    writes_through_any_member,
+    member_list_through_any_member,
+    leader_kill_elects_a_new_leader,
+    restarted_follower_catches_up_by_snapshot,
+    learner_add_promote_update_remove,
+    partitioned_member_serves_no_stale_read,
+);
+
+/// A put through member `i` that must succeed.
+async fn put(c: &Cluster, i: usize, key: &str, value: &str) -> i64 {
+    c.put(i, key, value, CALL)
+        .await
+        .unwrap_or_else(|e| panic!("put {key} through m{}: {e}", i + 1))
+}
+
+/// A linearizable get through member `i` that must succeed.
+async fn get(c: &Cluster, i: usize, key: &str) -> Option<String> {
+    c.get(i, key, false, CALL)
+        .await
+        .unwrap_or_else(|e| panic!("get {key} through m{}: {e}", i + 1))
+}
+
+/// A put through member `i` into a cluster that is still settling (e.g. a healed member
+/// disrupting the leader): retried for a bounded time.
+async fn put_eventually(c: &Cluster, i: usize, key: &str, value: &str) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match c.put(i, key, value, CALL).await {
+            Ok(revision) => return revision,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "put {key} through m{} kept failing: {e}",
+                i + 1
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A linearizable get through member `i` in a cluster that is still settling: transient
+/// errors are retried for a bounded time (and printed).
+async fn get_eventually(c: &Cluster, i: usize, key: &str) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match c.get(i, key, false, CALL).await {
+            Ok(value) => return value,
+            Err(e) => {
+                eprintln!("get {key} through m{} refused (retrying): {e}", i + 1);
+                assert!(
+                    Instant::now() < deadline,
+                    "get {key} through m{} kept failing: {e}",
+                    i + 1
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `etcdctl` through member `i`, retried for a bounded time until it succeeds; its stdout.
+/// Prints the first refusal.
+fn etcdctl_eventually(c: &Cluster, i: usize, args: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut first_refusal = true;
+    loop {
+        let out = c.etcdctl(i, args);
+        if out.status.success() {
+            return String::from_utf8(out.stdout).expect("utf-8 output");
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if first_refusal {
+            eprintln!("etcdctl {args:?} refused (retrying): {stderr}");
+            first_refusal = false;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "etcdctl {args:?} kept failing: {stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// `count` puts through member `i` over 500 keys, 32 at a time.
+async fn put_many(c: &Cluster, i: usize, count: usize) {
+    let kv = c.kv(i).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..32 {
+        let mut kv: KvClient<_> = kv.clone();
+        tasks.spawn(async move {
+            let mut n = worker;
+            while n < count {
+                let req = PutRequest {
+                    key: format!("bulk/{:03}", n % 500).into_bytes(),
+                    value: format!("value-{n}").into_bytes(),
+                    ..Default::default()
+                };
+                tokio::time::timeout(CALL, kv.put(req))
+                    .await
+                    .unwrap_or_else(|_| panic!("put {n} timed out"))
+                    .unwrap_or_else(|e| panic!("put {n}: {e}"));
+                n += 32;
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("writer task");
+    }
+}
+
+/// The hexadecimal member id in etcdctl's `Member <id> added to cluster <cid>`-style lines.
+fn member_id_in(line: &str) -> String {
+    let mut words = line.split_whitespace();
+    assert_eq!(words.next(), Some("Member"), "{line}");
+    words.next().expect("member id").to_string()
+}
+
+/// `etcdctl member list -w json` through member `i`: the members array.
+fn member_list_json(c: &Cluster, i: usize) -> Vec<Json> {
+    let json = Json::parse(&c.etcdctl_ok(i, &["member", "list", "-w", "json"]));
+    json.get("members")
+        .expect("members in member list")
+        .as_array()
+        .to_vec()
+}
+
+/// The member with hexadecimal id `id` in a `member list -w json` array.
+fn find_member<'a>(members: &'a [Json], id: &str) -> Option<&'a Json> {
+    let id = u64::from_str_radix(id, 16).expect("hex member id");
+    members
+        .iter()
+        .find(|m| m.get("ID").and_then(Json::as_u64) == Some(id))
+}
+
+/// (a) A put through any member is read linearizably through every member.
+async fn writes_through_any_member(kind: Kind) {
+    let mut c = Cluster::start(kind, 3, &[]).await;
+    for round in 0..2 {
+        for i in 0..3 {
+            let key = format!("written-through/m{}", i + 1);
+            let value = format!("round {round}");
+            let revision = put(&c, i, &key, &value).await;
+            for j in 0..3 {
+                assert_eq!(
+                    get(&c, j, &key).await.as_deref(),
+                    Some(value.as_str()),
+                    "{key} (revision {revision}) read through m{}",
+                    j + 1
+                );
+            }
+        }
+    }
+    // Through etcdctl too: put on one member, linearizable get on another.
+    c.etcdctl_ok(1, &["put", "via-etcdctl", "yes"]);
+    assert_eq!(
+        c.etcdctl_ok(2, &["get", "via-etcdctl", "--print-value-only"]),
+        "yes\n"
+    );
+    c.assert_converged().await;
+}
+
+/// Cluster.MemberList through any member: the same members with names and URLs; headers with
+/// one cluster id, the answering member's own id and a raft term.
+async fn member_list_through_any_member(kind: Kind) {
+    let mut c = Cluster::start(kind, 3, &[]).await;
+    let mut cluster_id = None;
+    let mut first: Option<Vec<Member>> = None;
+    for i in 0..3 {
+        let resp = c
+            .member_list(i)
+            .await
+            .unwrap_or_else(|e| panic!("MemberList through m{}: {e}", i + 1));
+        let header = resp.header.expect("header");
+        assert_ne!(header.cluster_id, 0);
+        assert_eq!(
+            *cluster_id.get_or_insert(header.cluster_id),
+            header.cluster_id
+        );
+        assert!(header.raft_term > 0, "raft_term in {header:?}");
+        let mut members = resp.members;
+        members.sort_by_key(|m| m.id);
+        assert_eq!(members.len(), 3, "{members:?}");
+        for k in 0..3 {
+            let m = members
+                .iter()
+                .find(|m| m.name == format!("m{}", k + 1))
+                .unwrap_or_else(|| panic!("m{} missing in {members:?}", k + 1));
+            assert_eq!(m.peer_ur_ls, vec![c.peer_url(k)], "peer URLs of {m:?}");
+            assert_eq!(m.client_ur_ls, vec![c.endpoint(k)], "client URLs of {m:?}");
+            assert!(!m.is_learner, "{m:?} is no learner");
+            assert_ne!(m.id, 0);
+        }
+        // The header names the member that answered.
+        let me = members
+            .iter()
+            .find(|m| m.client_ur_ls == vec![c.endpoint(i)])
+            .expect("the answering member");
+        assert_eq!(
+            header.member_id,
+            me.id,
+            "member_id in the header of m{}",
+            i + 1
+        );
+        let status = c.status(i).await.expect("status");
+        assert_eq!(status.header.unwrap().member_id, me.id);
+        match &first {
+            Some(first) => assert_eq!(&members, first, "m{} lists other members", i + 1),
+            None => first = Some(members),
+        }
+    }
+    c.assert_converged().await;
+}
+
+/// (b) Killing the leader elects a new one; writes resume; an acknowledged write survives.
+async fn leader_kill_elects_a_new_leader(kind: Kind) {
+    let mut c = Cluster::start(kind, 3, &[]).await;
+    let old = c.wait_leader().await;
+    let follower = (old + 1) % 3;
+    put(&c, follower, "before-kill", "acknowledged").await;
+    c.kill(old);
+    let new = c.wait_leader().await;
+    assert_ne!(new, old, "the killed member cannot lead");
+    for i in c.live() {
+        put(&c, i, &format!("after-kill/m{}", i + 1), "written").await;
+        assert_eq!(
+            get(&c, i, "before-kill").await.as_deref(),
+            Some("acknowledged")
+        );
+    }
+    c.restart(old).await;
+    c.wait_leader().await;
+    assert_eq!(
+        get_eventually(&c, old, &format!("after-kill/m{}", new + 1))
+            .await
+            .as_deref(),
+        Some("written")
+    );
+    c.assert_converged().await;
+}
+
+/// (c) A follower restarted after the others wrote far past `--snapshot-count` catches up.
+/// etcd keeps 5,000 entries behind its newest snapshot for slow followers, so the others
+/// write more than that: the follower can only catch up from a snapshot.
+async fn restarted_follower_catches_up_by_snapshot(kind: Kind) {
+    let mut c = Cluster::start(kind, 3, &["--snapshot-count", "100"]).await;
+    let leader = c.wait_leader().await;
+    let follower = (leader + 1) % 3;
+    put(&c, follower, "before", "kill").await;
+    c.assert_converged().await;
+    c.kill(follower);
+    let started = Instant::now();
+    put_many(&c, leader, 5_600).await;
+    eprintln!("5,600 puts took {:?}", started.elapsed());
+    put(&c, leader, "last", "write").await;
+    c.restart(follower).await;
+    c.assert_converged().await;
+    // Right after a restart an election may still be settling: a transient refusal
+    // (`etcdserver: leader changed`) is fine, a wrong value is not.
+    assert_eq!(
+        get_eventually(&c, follower, "last").await.as_deref(),
+        Some("write")
+    );
+    let log = c.log(follower);
+    let marker = match kind {
+        Kind::Etcd => "applied incoming snapshot",
+        Kind::Memory | Kind::Rocks => "installed snapshot from the leader",
+    };
+    assert!(
+        log.contains(marker),
+        "the follower caught up without a snapshot"
+    );
+}
+
+/// (d) Learner lifecycle through etcdctl: add, promote (refused while the learner is behind),
+/// list, update its peer URLs, remove; the removed member stops serving.
+async fn learner_add_promote_update_remove(kind: Kind) {
+    let mut c = Cluster::start(kind, 3, &[]).await;
+    put(&c, 0, "before-add", "x").await;
+    let new = c.reserve_member("m4");
+    let url = c.peer_url(new);
+
+    // etcd refuses reconfiguration until its member has been connected to every peer for
+    // 5 s (`etcdserver: unhealthy cluster`), which a fresh cluster has not.
+    let added = etcdctl_eventually(
+        &c,
+        0,
+        &[
+            "member",
+            "add",
+            "m4",
+            &format!("--peer-urls={url}"),
+            "--learner",
+        ],
+    );
+    eprintln!("member add:\n{added}");
+    let first_line = added.lines().next().expect("member add output");
+    let id = member_id_in(first_line);
+    assert!(first_line.ends_with(&format!("added to cluster {}", cluster_id_hex(&c).await)));
+    assert!(added.contains("ETCD_NAME=\"m4\""), "{added}");
+    assert!(
+        added.contains("ETCD_INITIAL_CLUSTER_STATE=\"existing\""),
+        "{added}"
+    );
+    assert!(
+        added.contains(&format!("ETCD_INITIAL_ADVERTISE_PEER_URLS=\"{url}\"")),
+        "{added}"
+    );
+
+    // Listed as an unstarted learner: no name, no client URLs yet. (Listed through the member
+    // that ran the change: it applied the change before answering; others may lag.)
+    let members = member_list_json(&c, 0);
+    let learner = find_member(&members, &id).expect("the added learner is listed");
+    assert_eq!(learner.get("isLearner").and_then(Json::as_bool), Some(true));
+    assert_eq!(learner.strings("peerURLs"), vec![url.clone()]);
+    assert_eq!(learner.get("name").and_then(Json::as_str).unwrap_or(""), "");
+
+    // A learner that has not caught up cannot be promoted.
+    let refused = c.etcdctl(0, &["member", "promote", &id]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    eprintln!("promote while behind: {stderr}");
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("can only promote a learner member which is in sync with leader"),
+        "{stderr}"
+    );
+
+    assert_eq!(c.add_member_process("m4").await, new);
+    // A learner serves serializable reads only.
+    let refused = c.get(new, "before-add", false, CALL).await;
+    eprintln!("linearizable get through the learner: {refused:?}");
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("etcdserver: rpc not supported for learner")),
+        "{refused:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.get(new, "before-add", true, CALL).await != Ok(Some("x".to_string())) {
+        assert!(Instant::now() < deadline, "the learner did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Once started, the new member publishes its name and client URLs through raft.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let members = member_list_json(&c, 0);
+        let named = find_member(&members, &id)
+            .and_then(|m| m.get("name").and_then(Json::as_str).map(str::to_string));
+        if named.as_deref() == Some("m4") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "m4 never published its name");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let promoted = loop {
+        let out = c.etcdctl(0, &["member", "promote", &id]);
+        if out.status.success() {
+            break String::from_utf8(out.stdout).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "promote kept failing: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    eprintln!("member promote: {promoted}");
+    assert_eq!(
+        promoted.trim(),
+        format!(
+            "Member {id} promoted in cluster {}",
+            cluster_id_hex(&c).await
+        )
+    );
+    let members = member_list_json(&c, 0);
+    assert_eq!(members.len(), 4);
+    let voter = find_member(&members, &id).expect("m4 is listed");
+    assert_eq!(voter.get("name").and_then(Json::as_str), Some("m4"));
+    assert_ne!(
+        voter.get("isLearner").and_then(Json::as_bool),
+        Some(true),
+        "{voter}"
+    );
+    assert_eq!(voter.strings("clientURLs"), vec![c.endpoint(new)]);
+    put(&c, new, "written-through-m4", "voter").await;
+    c.assert_converged().await;
+
+    // Update its peer URLs to another proxy of the same member.
+    let alias = c.add_peer_alias(new);
+    let updated = c.etcdctl_ok(
+        0,
+        &["member", "update", &id, &format!("--peer-urls={alias}")],
+    );
+    eprintln!("member update: {updated}");
+    assert_eq!(
+        updated.trim(),
+        format!(
+            "Member {id} updated in cluster {}",
+            cluster_id_hex(&c).await
+        )
+    );
+    let members = member_list_json(&c, 0);
+    let updated = find_member(&members, &id).expect("m4 is listed");
+    assert_eq!(updated.strings("peerURLs"), vec![alias]);
+    put(&c, 1, "after-update", "y").await;
+    assert_eq!(get(&c, new, "after-update").await.as_deref(), Some("y"));
+    c.assert_converged().await;
+
+    let removed = c.etcdctl_ok(0, &["member", "remove", &id]);
+    eprintln!("member remove: {removed}");
+    assert_eq!(
+        removed.trim(),
+        format!(
+            "Member {id} removed from cluster {}",
+            cluster_id_hex(&c).await
+        )
+    );
+    let outcome = c.wait_removed(new, Duration::from_secs(30)).await;
+    eprintln!(
+        "the removed member: {outcome:?}\n{}",
+        tail_text(&c.log(new), 8)
+    );
+    if kind == Kind::Etcd {
+        assert!(matches!(outcome, Removal::Exited(_)), "{outcome:?}");
+    }
+    let members = member_list_json(&c, 0);
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert!(find_member(&members, &id).is_none());
+    put(&c, 2, "after-remove", "z").await;
+    c.assert_converged().await;
+}
+
+/// (e) A member cut off from its peers serves no stale linearizable read; a serializable read
+/// may be stale; after healing it converges.
+async fn partitioned_member_serves_no_stale_read(kind: Kind) {
+    let mut c = Cluster::start(kind, 3, &[]).await;
+    let leader = c.wait_leader().await;
+    let isolated = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    put(&c, leader, "k", "old").await;
+    c.assert_converged().await;
+
+    c.isolate(isolated);
+    put(&c, other, "k", "new").await;
+    assert_eq!(get(&c, leader, "k").await.as_deref(), Some("new"));
+
+    // Hearing nobody, it stops following (campaigns, or pre-campaigns, in vain).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = c
+            .status(isolated)
+            .await
+            .expect("the isolated member answers Status");
+        if status.leader == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the isolated member still follows {:x}",
+            status.leader
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let asked = Instant::now();
+    let linearizable = c.get(isolated, "k", false, Duration::from_secs(10)).await;
+    eprintln!(
+        "linearizable get through the isolated member: {linearizable:?} after {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        linearizable.is_err(),
+        "the isolated member answered a linearizable read: {linearizable:?}"
+    );
+    let out = c.etcdctl(
+        isolated,
+        &["--command-timeout=3s", "get", "k", "--print-value-only"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "etcdctl get through the isolated member: {:?} {stdout:?} {:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "answered {stdout:?}");
+    assert!(!stdout.contains("old"), "stale read: {stdout:?}");
+    let serializable = c.etcdctl_ok(
+        isolated,
+        &["get", "k", "--consistency=s", "--print-value-only"],
+    );
+    assert!(
+        serializable == "old\n" || serializable == "new\n",
+        "{serializable:?}"
+    );
+
+    c.heal(isolated);
+    put_eventually(&c, other, "after-heal", "yes").await;
+    c.wait_leader().await;
+    c.assert_converged().await;
+    assert_eq!(
+        get_eventually(&c, isolated, "k").await.as_deref(),
+        Some("new")
+    );
+}
+
+/// The cluster id as etcdctl prints it (hexadecimal).
+async fn cluster_id_hex(c: &Cluster) -> String {
+    let resp = c.member_list(0).await.expect("member list");
+    format!("{:x}", resp.header.expect("header").cluster_id)
+}
+
+fn tail_text(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+// ---- MetaStore-only scenarios ------------------------------------------------------------
+
+/// Members running different engines apply the same log to the same state: HashKV and the
+/// whole-state Hash agree on every member; MoveLeader hands leadership to each member in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_engines_agree_on_hash_and_move_leader_moves_it() {
+    use metastore_proto::etcdserverpb::{HashRequest, MoveLeaderRequest};
+    let mut c = Cluster::start_mixed(&[Kind::Memory, Kind::Rocks, Kind::Memory], &[]).await;
+    for i in 0..60 {
+        put(&c, i % 3, &format!("k{i:03}"), &format!("v{i}")).await;
+    }
+    c.etcdctl_ok(1, &["del", "k01", "--prefix"]);
+    let revision = put(&c, 2, "last", "x").await;
+    c.etcdctl_ok(0, &["compaction", &(revision - 5).to_string()]);
+    put(&c, 0, "after-compaction", "y").await;
+    c.assert_converged().await;
+
+    // Hash covers every bucket (membership included): wait until all applied the same index.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut applied = Vec::new();
+        for i in 0..3 {
+            applied.push(c.status(i).await.unwrap().raft_applied_index);
+        }
+        if applied.iter().all(|a| *a == applied[0]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "applied indexes differ: {applied:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut hashes = Vec::new();
+    for i in 0..3 {
+        let mut m = c.maintenance(i).await;
+        hashes.push(m.hash(HashRequest {}).await.unwrap().into_inner().hash);
+    }
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+
+    // MoveLeader to every other member: it returns once the target leads.
+    for round in 0..3 {
+        let leader = c.wait_leader().await;
+        let target = (leader + 1 + round % 2) % 3;
+        let target_id = c.status(target).await.unwrap().header.unwrap().member_id;
+        let mut m = c.maintenance(leader).await;
+        m.move_leader(MoveLeaderRequest { target_id })
+            .await
+            .unwrap_or_else(|e| panic!("move-leader to m{}: {e}", target + 1));
+        let status = c.status(leader).await.unwrap();
+        assert_eq!(
+            status.leader, target_id,
+            "MoveLeader returned before the target led"
+        );
+        put(&c, target, &format!("after-move-{round}"), "z").await;
+    }
+    // A follower refuses MoveLeader, as etcd does.
+    let leader = c.wait_leader().await;
+    let follower = (leader + 1) % 3;
+    let mut m = c.maintenance(follower).await;
+    let err = m
+        .move_leader(MoveLeaderRequest { target_id: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.message(), "etcdserver: not leader");
+    c.assert_converged().await;
+}
+
+/// Leases live on the leader: keep-alives and TimeToLive through a follower reach it, and a
+/// leader change neither loses a lease nor expires it early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_through_followers_survive_a_leader_change() {
+    let mut c = Cluster::start(Kind::Memory, 3, &[]).await;
+    let leader = c.wait_leader().await;
+    let follower = (leader + 1) % 3;
+    let granted = c.etcdctl_ok(follower, &["lease", "grant", "30"]);
+    let lease = granted
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    c.etcdctl_ok(follower, &["put", "leased", "v", "--lease", &lease]);
+    let kept = c.etcdctl_ok(follower, &["lease", "keep-alive", "--once", &lease]);
+    assert!(kept.contains("TTL(30)"), "{kept}");
+    let ttl = c.etcdctl_ok(follower, &["lease", "timetolive", &lease, "--keys"]);
+    assert!(
+        ttl.contains("granted with TTL(30s)") && ttl.contains("leased"),
+        "{ttl}"
+    );
+
+    c.kill(leader);
+    let survivor = (leader + 2) % 3;
+    let new_leader = c.wait_leader().await;
+    assert_ne!(new_leader, leader);
+    // Still there on every survivor, with most of its TTL left.
+    for i in [follower, survivor] {
+        let ttl = c.etcdctl_ok(i, &["lease", "timetolive", &lease]);
+        let remaining: i64 = ttl
+            .split("remaining(")
+            .nth(1)
+            .and_then(|r| r.split('s').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{ttl}"));
+        assert!(
+            remaining > 15,
+            "the lease lost its TTL across the leader change: {ttl}"
+        );
+        assert_eq!(get(&c, i, "leased").await.as_deref(), Some("v"));
+    }
+    c.restart(leader).await;
+    c.assert_converged().await;
+}
+
+/// etcd's lock recipe across members: the holder's member dies; the lock stays held until the
+/// holder's lease expires, then the waiter on another member gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_outlives_its_holders_member_until_the_lease_expires() {
+    use etcd_client::{Client, LockOptions};
+    let mut c = Cluster::start(Kind::Rocks, 3, &[]).await;
+    let leader = c.wait_leader().await;
+    let holder_member = (leader + 1) % 3;
+    let waiter_member = (leader + 2) % 3;
+    let mut holder = Client::connect([c.endpoint(holder_member)], None)
+        .await
+        .unwrap();
+    let mut waiter = Client::connect([c.endpoint(waiter_member)], None)
+        .await
+        .unwrap();
+    const TTL: i64 = 4;
+    let holder_lease = holder.lease_grant(TTL, None).await.unwrap().id();
+    let waiter_lease = waiter.lease_grant(60, None).await.unwrap().id();
+    let held = holder
+        .lock("shared", Some(LockOptions::new().with_lease(holder_lease)))
+        .await
+        .unwrap();
+    let held_key = held.key().to_vec();
+    // Keep the holder's lease alive through its member until that member dies.
+    let (mut keeper, _responses) = holder.lease_keep_alive(holder_lease).await.unwrap();
+    let keep = tokio::spawn(async move {
+        while keeper.keep_alive().await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let wait = tokio::spawn(async move {
+        let locked = waiter
+            .lock("shared", Some(LockOptions::new().with_lease(waiter_lease)))
+            .await
+            .unwrap();
+        (Instant::now(), locked.key().to_vec())
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!wait.is_finished(), "the waiter got a held lock");
+    let killed_at = Instant::now();
+    c.kill(holder_member);
+    let (acquired_at, key) = tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .expect("the waiter never got the lock")
+        .unwrap();
+    keep.abort();
+    assert_ne!(key, held_key);
+    // The holder's key went away with its lease, not with its member.
+    let held_for = acquired_at - killed_at;
+    assert!(
+        held_for >= Duration::from_secs(1),
+        "the lock was released {held_for:?} after the holder's member died, before its lease \
+         could expire"
+    );
+    let mut kv = c.kv(waiter_member).await;
+    let gone = kv
+        .range(metastore_proto::etcdserverpb::RangeRequest {
+            key: held_key,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(gone.count, 0);
+}
