@@ -73,6 +73,12 @@ pub trait LeaderForwarder: Send + Sync + 'static {
     fn lease_ttl(&self, leader: u64, id: i64) -> BoxFuture<Result<Option<(i64, i64)>, Status>>;
     /// The leader's replication progress: match index by member id.
     fn leader_progress(&self, leader: u64) -> BoxFuture<Result<BTreeMap<u64, u64>, Status>>;
+    /// Member `member`'s HashKV at `revision`: (hash, compact revision, hash revision).
+    fn peer_hash_kv(
+        &self,
+        member: u64,
+        revision: i64,
+    ) -> BoxFuture<Result<(u32, i64, i64), Status>>;
 }
 
 /// What every service needs: the raft handle, the store, identity and limits.

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use metastore_proto::metastorepb::peer_client::PeerClient;
 use metastore_proto::metastorepb::peer_server::{Peer, PeerServer};
 use metastore_proto::metastorepb::{
-    LeaseForward, LeaseForwardResponse, Member, MembersRequest, MembersResponse, PeerAck,
-    ProgressResponse, RaftBatch, SnapshotChunk,
+    HashKvForward, HashKvForwardResponse, LeaseForward, LeaseForwardResponse, Member,
+    MembersRequest, MembersResponse, PeerAck, ProgressResponse, RaftBatch, SnapshotChunk,
 };
 use metastore_raft_node::{Message, MessageType, RaftNode, Transport};
 use parking_lot::Mutex;
@@ -67,6 +67,9 @@ pub trait LeaseHandler: Send + Sync + 'static {
     fn renew(&self, id: i64) -> Option<i64>;
     /// Remaining and granted TTL of lease `id`, or `None` when it is unknown.
     fn ttl(&self, id: i64) -> Option<(i64, i64)>;
+    /// This member's HashKV at `revision`: (hash, compact revision, hash revision), or etcd's
+    /// error status.
+    fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64), Status>;
 }
 
 /// The error a member of another cluster gets.
@@ -183,6 +186,24 @@ impl<O: Send + 'static> PeerNetwork<O> {
             Err(_) => return Err(Status::unavailable("etcdserver: request timed out")),
         };
         Ok(resp.ids.into_iter().zip(resp.matched).collect())
+    }
+
+    /// Member `to`'s HashKV at `revision`.
+    pub async fn hash_kv(&self, to: u64, revision: i64) -> Result<HashKvForwardResponse, Status> {
+        let urls = (self.inner.resolve)(to);
+        let url = urls
+            .first()
+            .ok_or_else(|| Status::unavailable("no peer URL known for this member"))?;
+        let mut peer = client(channel_to(url)?);
+        let call = peer.hash_kv(HashKvForward {
+            cluster_id: self.inner.cluster_id,
+            revision,
+        });
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(status),
+            Err(_) => Err(Status::unavailable("etcdserver: request timed out")),
+        }
     }
 
     async fn call<F, Fut>(&self, to: u64, f: F, id: i64) -> Result<LeaseForwardResponse, Status>
@@ -595,6 +616,25 @@ impl<O: Send + 'static> Peer for PeerService<O> {
         Ok(Response::new(ProgressResponse {
             ids: status.progress.keys().copied().collect(),
             matched: status.progress.values().copied().collect(),
+        }))
+    }
+
+    async fn hash_kv(
+        &self,
+        request: Request<HashKvForward>,
+    ) -> Result<Response<HashKvForwardResponse>, Status> {
+        let req = request.into_inner();
+        self.check_cluster(req.cluster_id)?;
+        let leases = Arc::clone(&self.leases);
+        let (hash, compact_revision, hash_revision) =
+            tokio::task::spawn_blocking(move || leases.hash_kv(req.revision))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(HashKvForwardResponse {
+            member_id: self.member_id,
+            hash,
+            compact_revision,
+            hash_revision,
         }))
     }
 

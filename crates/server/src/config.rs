@@ -79,6 +79,10 @@ pub struct Config {
     /// Interval of watch progress notifications, as a duration (`10m`, `5s`, `500ms`).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub experimental_watch_progress_notify_interval: std::time::Duration,
+    /// How often the leader compares every member's HashKV with its own and raises the CORRUPT
+    /// alarm for a member that differs (`0s`: never, as etcd's default).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub experimental_corrupt_check_time: std::time::Duration,
     /// Storage engine.
     #[arg(long, value_enum, default_value = "memory")]
     pub storage_engine: Engine,

@@ -37,10 +37,20 @@ use config::{Config, Engine};
 /// an oversized request reaches our check and gets etcd's own error.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
-/// The leader's side of forwarded lease requests.
-struct Leases(Arc<Lessor>);
+/// The leader's side of forwarded lease requests, and this member's HashKV for the leader's
+/// corruption check.
+struct Leases(Arc<Lessor>, metastore_state_machine::StoreHandle);
 
 impl LeaseHandler for Leases {
+    fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64), tonic::Status> {
+        let h = self
+            .1
+            .current()
+            .hash_kv(revision)
+            .map_err(|e| metastore_etcd_api::mvcc_status(&e))?;
+        Ok((h.hash, h.compact_revision, h.hash_revision))
+    }
+
     fn renew(&self, id: i64) -> Option<i64> {
         self.0.renew(id).ok()
     }
@@ -68,6 +78,18 @@ impl LeaderForwarder for Forwarder {
     ) -> BoxFuture<Result<Option<(i64, i64)>, tonic::Status>> {
         let network = self.0.clone();
         Box::pin(async move { network.lease_ttl(leader, id).await })
+    }
+
+    fn peer_hash_kv(
+        &self,
+        member: u64,
+        revision: i64,
+    ) -> BoxFuture<Result<(u32, i64, i64), tonic::Status>> {
+        let network = self.0.clone();
+        Box::pin(async move {
+            let h = network.hash_kv(member, revision).await?;
+            Ok((h.hash, h.compact_revision, h.hash_revision))
+        })
     }
 
     fn leader_progress(
@@ -236,6 +258,12 @@ async fn main() -> Result<()> {
         members: members.clone(),
         forwarder: Arc::new(Forwarder(network.clone())),
     };
+    if !cfg.experimental_corrupt_check_time.is_zero() {
+        metastore_maintenance_api::spawn_corruption_check(
+            ctx.clone(),
+            cfg.experimental_corrupt_check_time,
+        );
+    }
     spawn_publish(
         ctx.clone(),
         cfg.name.clone(),
@@ -269,7 +297,7 @@ async fn main() -> Result<()> {
                 let members = members.clone();
                 Arc::new(move |id| members.is_empty() || members.contains(id))
             },
-            Arc::new(Leases(lessor.clone())),
+            Arc::new(Leases(lessor.clone(), ctx.store.clone())),
         );
         let mut stop = stop_rx.clone();
         let incoming =

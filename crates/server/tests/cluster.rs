@@ -336,7 +336,12 @@ async fn learner_add_promote_update_remove(kind: Kind) {
     eprintln!("member add:\n{added}");
     let first_line = added.lines().next().expect("member add output");
     let id = member_id_in(first_line);
-    assert!(first_line.ends_with(&format!("added to cluster {}", cluster_id_hex(&c).await)));
+    // etcdctl prints ids with %16x: a short id is padded with spaces.
+    assert_eq!(
+        first_line.split_whitespace().last(),
+        Some(cluster_id_hex(&c).await.as_str()),
+        "{first_line}"
+    );
     assert!(added.contains("ETCD_NAME=\"m4\""), "{added}");
     assert!(
         added.contains("ETCD_INITIAL_CLUSTER_STATE=\"existing\""),
@@ -408,11 +413,11 @@ async fn learner_add_promote_update_remove(kind: Kind) {
     };
     eprintln!("member promote: {promoted}");
     assert_eq!(
-        promoted.trim(),
-        format!(
+        words(promoted.trim()),
+        words(&format!(
             "Member {id} promoted in cluster {}",
             cluster_id_hex(&c).await
-        )
+        ))
     );
     let members = member_list_json(&c, 0);
     assert_eq!(members.len(), 4);
@@ -435,11 +440,11 @@ async fn learner_add_promote_update_remove(kind: Kind) {
     );
     eprintln!("member update: {updated}");
     assert_eq!(
-        updated.trim(),
-        format!(
+        words(updated.trim()),
+        words(&format!(
             "Member {id} updated in cluster {}",
             cluster_id_hex(&c).await
-        )
+        ))
     );
     let members = member_list_json(&c, 0);
     let updated = find_member(&members, &id).expect("m4 is listed");
@@ -451,11 +456,11 @@ async fn learner_add_promote_update_remove(kind: Kind) {
     let removed = c.etcdctl_ok(0, &["member", "remove", &id]);
     eprintln!("member remove: {removed}");
     assert_eq!(
-        removed.trim(),
-        format!(
+        words(removed.trim()),
+        words(&format!(
             "Member {id} removed from cluster {}",
             cluster_id_hex(&c).await
-        )
+        ))
     );
     let outcome = c.wait_removed(new, Duration::from_secs(30)).await;
     eprintln!(
@@ -549,6 +554,11 @@ async fn partitioned_member_serves_no_stale_read(kind: Kind) {
 async fn cluster_id_hex(c: &Cluster) -> String {
     let resp = c.member_list(0).await.expect("member list");
     format!("{:x}", resp.header.expect("header").cluster_id)
+}
+
+/// The words of etcdctl's output: it pads ids (`%16x`) with spaces.
+fn words(text: &str) -> Vec<String> {
+    text.split_whitespace().map(str::to_string).collect()
 }
 
 fn tail_text(text: &str, n: usize) -> String {
@@ -733,4 +743,64 @@ async fn lock_outlives_its_holders_member_until_the_lease_expires() {
         .unwrap()
         .into_inner();
     assert_eq!(gone.count, 0);
+}
+
+/// The leader's periodic corruption check (`--experimental-corrupt-check-time`): a member whose
+/// data was altered behind raft's back gets the CORRUPT alarm, and the cluster refuses writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corruption_check_raises_corrupt_for_a_diverged_member() {
+    use prost::Message as _;
+    let mut c = Cluster::start(Kind::Rocks, 3, &["--experimental-corrupt-check-time", "1s"]).await;
+    for i in 0..20 {
+        put(&c, i % 3, &format!("k{i:03}"), "v").await;
+    }
+    c.assert_converged().await;
+    let leader = c.wait_leader().await;
+    let victim = (leader + 1) % 3;
+    let victim_id = c.status(victim).await.unwrap().header.unwrap().member_id;
+    // Healthy: no alarm after a few checks.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let alarms = c.etcdctl_ok(leader, &["alarm", "list"]);
+    assert!(alarms.trim().is_empty(), "{alarms}");
+
+    // Rewrite the first revision's record on one member's disk.
+    c.kill(victim);
+    {
+        let db = c.member(victim).data_dir.join("member").join("db");
+        let backend =
+            metastore_storage_rocks::RocksBackend::open(&db, &metastore_state_machine::buckets())
+                .unwrap();
+        let forged = metastore_proto::mvccpb::KeyValue {
+            key: b"k000".to_vec(),
+            value: b"forged".to_vec(),
+            create_revision: 2,
+            mod_revision: 2,
+            version: 1,
+            lease: 0,
+        };
+        let mut batch = metastore_storage::WriteBatch::new();
+        batch.put(
+            metastore_mvcc::KEY_BUCKET,
+            metastore_mvcc::Revision::new(2, 0).to_key(false),
+            forged.encode_to_vec(),
+        );
+        metastore_storage::Backend::write(&backend, batch).unwrap();
+    }
+    c.restart(victim).await;
+
+    let expected = format!("memberID:{victim_id} alarm:CORRUPT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let alarms = c.etcdctl_ok(leader, &["alarm", "list"]);
+        if alarms.contains(&expected) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no CORRUPT alarm: {alarms:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let refused = c
+        .put(leader, "after", "corruption", CALL)
+        .await
+        .unwrap_err();
+    assert!(refused.contains("etcdserver: corrupt cluster"), "{refused}");
 }
