@@ -25,7 +25,8 @@ use metastore_proto::metastorepb::peer_client::PeerClient;
 use metastore_proto::metastorepb::peer_server::{Peer, PeerServer};
 use metastore_proto::metastorepb::{
     HashKvForward, HashKvForwardResponse, LeaseForward, LeaseForwardResponse, Member,
-    MembersRequest, MembersResponse, PeerAck, ProgressResponse, RaftBatch, SnapshotChunk,
+    MembersRequest, MembersResponse, PeerAck, ProgressResponse, RaftBatch, RemovedNotice,
+    SnapshotChunk,
 };
 use metastore_raft_node::{Message, MessageType, RaftNode, Transport};
 use parking_lot::Mutex;
@@ -152,6 +153,29 @@ impl<O: Send + 'static> PeerNetwork<O> {
     /// commit of its own removal): it must stop.
     pub fn removed(&self) -> bool {
         self.inner.removed.load(Ordering::Relaxed)
+    }
+
+    /// Marks this member as removed (see [`PeerNetwork::removed`]).
+    pub fn mark_removed(&self) {
+        self.inner.removed.store(true, Ordering::Relaxed);
+    }
+
+    /// Tells member `to`, at `urls` (its URLs before it was removed), that it was removed.
+    /// Best effort: a member that cannot be reached learns it when it next talks to a peer.
+    pub async fn notify_removed(&self, to: u64, urls: &[String]) {
+        for url in urls {
+            let Ok(channel) = channel_to(url) else {
+                continue;
+            };
+            let mut peer = client(channel);
+            let call = peer.removed(RemovedNotice {
+                cluster_id: self.inner.cluster_id,
+                member_id: to,
+            });
+            if let Ok(Ok(_)) = tokio::time::timeout(CALL_TIMEOUT, call).await {
+                return;
+            }
+        }
     }
 
     /// Renews lease `id` on member `to` (the leader): its TTL, or `None` if unknown there.
@@ -455,6 +479,7 @@ pub struct PeerService<O> {
     members: MemberSource,
     accepts: MemberCheck,
     leases: Arc<dyn LeaseHandler>,
+    on_removed: Arc<dyn Fn() + Send + Sync>,
 }
 
 impl<O: Send + 'static> PeerService<O> {
@@ -466,6 +491,7 @@ impl<O: Send + 'static> PeerService<O> {
         members: MemberSource,
         accepts: MemberCheck,
         leases: Arc<dyn LeaseHandler>,
+        on_removed: Arc<dyn Fn() + Send + Sync>,
     ) -> PeerServer<Self> {
         PeerServer::new(PeerService {
             cluster_id,
@@ -474,6 +500,7 @@ impl<O: Send + 'static> PeerService<O> {
             members,
             accepts,
             leases,
+            on_removed,
         })
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES)
@@ -617,6 +644,20 @@ impl<O: Send + 'static> Peer for PeerService<O> {
             ids: status.progress.keys().copied().collect(),
             matched: status.progress.values().copied().collect(),
         }))
+    }
+
+    async fn removed(&self, request: Request<RemovedNotice>) -> Result<Response<PeerAck>, Status> {
+        let notice = request.into_inner();
+        self.check_cluster(notice.cluster_id)?;
+        if notice.member_id != self.member_id {
+            return Err(Status::failed_precondition(format!(
+                "member id mismatch: notice for {:x} reached member {:x}",
+                notice.member_id, self.member_id
+            )));
+        }
+        tracing::warn!("{REMOVED_MESSAGE} (told by a peer)");
+        (self.on_removed)();
+        Ok(Response::new(PeerAck {}))
     }
 
     async fn hash_kv(

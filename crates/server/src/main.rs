@@ -264,6 +264,11 @@ async fn main() -> Result<()> {
             cfg.experimental_corrupt_check_time,
         );
     }
+    tokio::spawn(notify_removed_members(
+        raft.clone(),
+        network.clone(),
+        members.clone(),
+    ));
     spawn_publish(
         ctx.clone(),
         cfg.name.clone(),
@@ -298,6 +303,10 @@ async fn main() -> Result<()> {
                 Arc::new(move |id| members.is_empty() || members.contains(id))
             },
             Arc::new(Leases(lessor.clone(), ctx.store.clone())),
+            {
+                let network = network.clone();
+                Arc::new(move || network.mark_removed())
+            },
         );
         let mut stop = stop_rx.clone();
         let incoming =
@@ -388,6 +397,37 @@ async fn report_health<O: Send + 'static>(
             last = Some(has_leader);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// On the leader, tells each member that a committed change removed (a removed member does not
+/// learn the commit of its own removal, since the leader stops replicating to it).
+async fn notify_removed_members(
+    raft: RaftNode<ApplyOutput>,
+    network: PeerNetwork<ApplyOutput>,
+    members: MemberTable,
+) {
+    let mut known: std::collections::HashMap<u64, Vec<String>> = Default::default();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (membership, is_leader) = raft.with_status(|s| (s.membership.clone(), s.is_leader));
+        let gone: Vec<(u64, Vec<String>)> = known
+            .iter()
+            .filter(|(id, _)| !membership.contains(**id))
+            .map(|(id, urls)| (*id, urls.clone()))
+            .collect();
+        for (id, urls) in gone {
+            known.remove(&id);
+            if is_leader {
+                let network = network.clone();
+                tokio::spawn(async move { network.notify_removed(id, &urls).await });
+            }
+        }
+        for m in members.list() {
+            if membership.contains(m.id) {
+                known.insert(m.id, m.peer_urls);
+            }
+        }
     }
 }
 

@@ -804,3 +804,98 @@ async fn corruption_check_raises_corrupt_for_a_diverged_member() {
         .unwrap_err();
     assert!(refused.contains("etcdserver: corrupt cluster"), "{refused}");
 }
+
+/// A member that does not belong to the cluster cannot join it: one that was never added is
+/// refused at start, one bootstrapped with another cluster's token is refused by every peer
+/// with `cluster id mismatch`; the cluster is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_of_another_cluster_are_refused() {
+    use std::process::{Command, Stdio};
+    let c = Cluster::start(Kind::Memory, 3, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (client, peer) = (support::free_port(), support::free_port());
+    let own_peer = format!("http://127.0.0.1:{peer}");
+    let client_url = format!("http://127.0.0.1:{client}");
+    let others = format!("m1={},m2={}", c.peer_url(0), c.peer_url(1));
+    let command = |state: &str, token: &str, log: &std::path::Path| {
+        let mut cmd = Command::new(support::metastore_bin());
+        cmd.args(["--name", "x1", "--data-dir"])
+            .arg(dir.path().join(format!("x1-{state}")))
+            .args(["--initial-cluster", &format!("{others},x1={own_peer}")])
+            .args(["--initial-advertise-peer-urls", &own_peer])
+            .args(["--listen-peer-urls", &own_peer])
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--initial-cluster-state", state])
+            .args(["--initial-cluster-token", token])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap());
+        cmd
+    };
+
+    // Never added with `member add`: refused at start, with the fix in the message.
+    let log = dir.path().join("existing.log");
+    let status = command("existing", &c.token, &log).status().unwrap();
+    assert!(!status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("add this member first"), "{text}");
+
+    // Bootstrapped as a new cluster with another token, naming our members as its peers.
+    let log = dir.path().join("new.log");
+    let mut intruder = command("new", "another-cluster", &log).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("cluster id mismatch") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no cluster id mismatch reported:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = intruder.kill();
+    let _ = intruder.wait();
+    put(&c, 2, "still", "fine").await;
+    let members = c.member_list(0).await.unwrap().members;
+    assert_eq!(members.len(), 3);
+}
+
+/// A learner removed before it was promoted stops too: it never receives the commit of its own
+/// removal, so the leader tells it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_learner_stops() {
+    let mut c = Cluster::start(Kind::Memory, 3, &[]).await;
+    put(&c, 0, "before-add", "x").await;
+    let new = c.reserve_member("m4");
+    let url = c.peer_url(new);
+    let added = etcdctl_eventually(
+        &c,
+        0,
+        &[
+            "member",
+            "add",
+            "m4",
+            &format!("--peer-urls={url}"),
+            "--learner",
+        ],
+    );
+    let id = member_id_in(added.lines().next().expect("member add output"));
+    assert_eq!(c.add_member_process("m4").await, new);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.get(new, "before-add", true, CALL).await != Ok(Some("x".to_string())) {
+        assert!(Instant::now() < deadline, "the learner did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.etcdctl_ok(0, &["member", "remove", &id]);
+    let outcome = c.wait_removed(new, Duration::from_secs(30)).await;
+    assert!(matches!(outcome, Removal::Exited(_)), "{outcome:?}");
+    assert!(c
+        .member(new)
+        .data_dir
+        .join("member")
+        .join("removed")
+        .exists());
+    c.assert_converged().await;
+}
