@@ -5,6 +5,8 @@
 //! - `test`: check prerequisites (libclang for RocksDB, etcd + etcdctl for differential tests),
 //!   then run every test of the workspace.
 //! - `ci`: formatting check, clippy with `-D warnings`, `cargo deny`, then `test`.
+//! - `bench [--quick]`: MetaStore (both engines) beside etcd, 1 and 3 members, written to
+//!   `bench/results/<date>.md` (see `bench.rs`).
 //!
 //! Missing Debian packages are installed when running as root on Debian/Ubuntu; elsewhere the exact
 //! command to run is printed and xtask stops.
@@ -15,14 +17,17 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
+mod bench;
+
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("ci") => ci(),
+        Some("bench") => bench::bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <run [server flags…] | test [test filter…] | ci>");
+            eprintln!("usage: cargo xtask <run [server flags…] | test [test filter…] | ci | bench [--quick]>");
             return ExitCode::from(2);
         }
     };

@@ -1,0 +1,416 @@
+//! `cargo xtask bench`: MetaStore (both engines) beside real etcd on this machine, in one run.
+//!
+//! Builds the release binaries, then for each topology (1 member, 3 members on loopback) and
+//! each server (etcd, MetaStore memory, MetaStore RocksDB) starts a fresh cluster with fsync on,
+//! runs the standard workloads with `metastore-bench`, records each member's peak RSS and the
+//! data directories' size, stops it, and writes `bench/results/<date>.md` with MetaStore/etcd
+//! ratios. Every server gets the same flags (etcd's names).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{cargo, ensure, status, workspace_root, ETCD, ETCDCTL, LIBCLANG};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Server {
+    Etcd,
+    Memory,
+    Rocksdb,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::Etcd => "etcd",
+            Server::Memory => "memory",
+            Server::Rocksdb => "rocksdb",
+        }
+    }
+}
+
+const SERVERS: [Server; 3] = [Server::Etcd, Server::Memory, Server::Rocksdb];
+
+/// One workload: a label and `metastore-bench` arguments (after the global ones).
+struct Workload {
+    label: &'static str,
+    clients: usize,
+    conns: usize,
+    total: usize,
+    args: &'static [&'static str],
+}
+
+const PUT: &[&str] = &[
+    "put",
+    "--key-size",
+    "8",
+    "--val-size",
+    "256",
+    "--key-space-size",
+    "100000",
+];
+
+fn workloads(quick: bool) -> Vec<Workload> {
+    let scale = |n: usize| if quick { n / 10 } else { n };
+    vec![
+        Workload {
+            label: "put, 1 client",
+            clients: 1,
+            conns: 1,
+            total: scale(2_000),
+            args: PUT,
+        },
+        Workload {
+            label: "put, 100 clients",
+            clients: 100,
+            conns: 10,
+            total: scale(30_000),
+            args: PUT,
+        },
+        Workload {
+            label: "put, 1000 clients",
+            clients: 1000,
+            conns: 100,
+            total: scale(50_000),
+            args: PUT,
+        },
+        Workload {
+            label: "range linearizable, 1 client",
+            clients: 1,
+            conns: 1,
+            total: scale(5_000),
+            args: &["range", "00000001"],
+        },
+        Workload {
+            label: "range linearizable, 1000 clients",
+            clients: 1000,
+            conns: 100,
+            total: scale(50_000),
+            args: &["range", "00000001"],
+        },
+        Workload {
+            label: "range serializable, 1 client",
+            clients: 1,
+            conns: 1,
+            total: scale(5_000),
+            args: &["range", "00000001", "--consistency", "s"],
+        },
+        Workload {
+            label: "range serializable, 1000 clients",
+            clients: 1000,
+            conns: 100,
+            total: scale(50_000),
+            args: &["range", "00000001", "--consistency", "s"],
+        },
+    ]
+}
+
+/// A result line of `metastore-bench --json`.
+struct Measured {
+    per_sec: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn json_number(json: &str, field: &str) -> Option<f64> {
+    let tag = format!("\"{field}\":");
+    let start = json.find(&tag)? + tag.len();
+    let text: String = json[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == '-' || *c == 'e')
+        .collect();
+    text.parse().ok()
+}
+
+struct Cluster {
+    children: Vec<Child>,
+    dirs: Vec<PathBuf>,
+    endpoints: Vec<String>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn start(server: Server, members: usize, bin: &Path, work: &Path, token: &str) -> Result<Cluster> {
+    let ports: Vec<(u16, u16)> = (0..members)
+        .map(|_| Ok((free_port()?, free_port()?)))
+        .collect::<Result<_>>()?;
+    let initial = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| format!("b{i}=http://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cluster = Cluster {
+        children: Vec::new(),
+        dirs: Vec::new(),
+        endpoints: Vec::new(),
+    };
+    for (i, (client, peer)) in ports.iter().enumerate() {
+        let dir = work.join(format!("{}-{members}-{i}", server.name()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let log = std::fs::File::create(work.join(format!("{}-{members}-{i}.log", server.name())))?;
+        let mut cmd = match server {
+            Server::Etcd => Command::new("etcd"),
+            Server::Memory | Server::Rocksdb => {
+                let mut cmd = Command::new(bin.join("metastore"));
+                cmd.args(["--storage-engine", server.name()]);
+                cmd
+            }
+        };
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        cmd.args(["--name", &format!("b{i}"), "--data-dir"])
+            .arg(&dir)
+            .args([
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
+            .args([
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-token",
+                token,
+            ])
+            .args(["--quota-backend-bytes", "8589934592"])
+            .stdout(Stdio::null())
+            .stderr(log);
+        cluster.children.push(
+            cmd.spawn()
+                .with_context(|| format!("starting {}", server.name()))?,
+        );
+        cluster.dirs.push(dir);
+        cluster.endpoints.push(format!("127.0.0.1:{client}"));
+    }
+    // Ready when every member answers and a write goes through.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ok = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", cluster.endpoints.join(",")))
+            .args(["put", "bench-ready", "1"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if ok {
+            return Ok(cluster);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} ({members} members) did not become ready; logs in {}",
+                server.name(),
+                work.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn run_workload(bin: &Path, endpoints: &[String], w: &Workload) -> Result<Measured> {
+    let out = Command::new(bin.join("metastore-bench"))
+        .args(["--endpoints", &endpoints.join(",")])
+        .args([
+            "--clients",
+            &w.clients.to_string(),
+            "--conns",
+            &w.conns.to_string(),
+        ])
+        .args(["--total", &w.total.to_string(), "--json"])
+        .args(w.args)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running metastore-bench")?;
+    if !out.status.success() {
+        bail!("metastore-bench {} failed", w.label);
+    }
+    let json = String::from_utf8_lossy(&out.stdout);
+    Ok(Measured {
+        per_sec: json_number(&json, "requests_per_sec").context("no throughput in bench output")?,
+        p99_ms: json_number(&json, "p99_ms").unwrap_or(f64::NAN),
+        errors: json_number(&json, "errors").unwrap_or(0.0) as u64,
+    })
+}
+
+fn peak_rss_kb(child: &Child) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// `cargo xtask bench [--quick]`.
+pub fn bench(args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    ensure(&[LIBCLANG, ETCD, ETCDCTL])?;
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "metastore-server",
+        "-p",
+        "metastore-bench",
+    ]);
+    status(build)?;
+    let bin = target_dir().join("release");
+    let work = std::env::temp_dir().join(format!("metastore-xtask-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let workloads = workloads(quick);
+
+    let mut report = String::new();
+    let date = Command::new("date").arg("+%Y-%m-%d").output()?;
+    let date = String::from_utf8_lossy(&date.stdout).trim().to_string();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let etcd_version = Command::new("etcd").arg("--version").output()?;
+    let etcd_version = String::from_utf8_lossy(&etcd_version.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    writeln!(report, "# MetaStore vs etcd, {date}\n")?;
+    writeln!(
+        report,
+        "Machine: {cpu}, {cores} cores; {etcd_version}. Command: `cargo xtask bench{}`.",
+        if quick { " --quick" } else { "" }
+    )?;
+    writeln!(report, "Every server runs with fsync, members on loopback, the load generator on the same machine. 8-byte keys, 256-byte values. Ratios are MetaStore / etcd (throughput: higher is better; p99: lower is better).\n")?;
+
+    for members in [1usize, 3] {
+        writeln!(
+            report,
+            "## {members} member{}\n",
+            if members > 1 { "s" } else { "" }
+        )?;
+        writeln!(report, "| workload | etcd req/s | memory req/s | ratio | rocksdb req/s | ratio | p99 ms etcd / memory / rocksdb |")?;
+        writeln!(report, "|---|---|---|---|---|---|---|")?;
+        let mut rows: Vec<Vec<Measured>> = workloads.iter().map(|_| Vec::new()).collect();
+        let mut footprint = Vec::new();
+        for server in SERVERS {
+            eprintln!("xtask bench: {} with {members} member(s)", server.name());
+            let token = format!("bench-{}-{members}-{}", server.name(), std::process::id());
+            let cluster = start(server, members, &bin, &work, &token)?;
+            for (i, w) in workloads.iter().enumerate() {
+                if w.args[0] == "range" {
+                    // The key the range workloads read.
+                    let _ = Command::new("etcdctl")
+                        .env("ETCDCTL_API", "3")
+                        .arg(format!("--endpoints={}", cluster.endpoints.join(",")))
+                        .args(["put", "00000001", &"v".repeat(256)])
+                        .output();
+                }
+                let m = run_workload(&bin, &cluster.endpoints, w)?;
+                eprintln!(
+                    "  {:<36} {:>10.0} req/s  p99 {:.2} ms  errors {}",
+                    w.label, m.per_sec, m.p99_ms, m.errors
+                );
+                rows[i].push(m);
+            }
+            let rss: Vec<u64> = cluster.children.iter().map(peak_rss_kb).collect();
+            let disk: u64 = cluster.dirs.iter().map(|d| dir_size(d)).sum();
+            footprint.push((server, rss, disk));
+            drop(cluster);
+        }
+        for (w, measured) in workloads.iter().zip(&rows) {
+            let (e, m, r) = (&measured[0], &measured[1], &measured[2]);
+            writeln!(
+                report,
+                "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.1} / {:.1} / {:.1} |",
+                w.label,
+                e.per_sec,
+                m.per_sec,
+                m.per_sec / e.per_sec,
+                r.per_sec,
+                r.per_sec / e.per_sec,
+                e.p99_ms,
+                m.p99_ms,
+                r.p99_ms
+            )?;
+        }
+        writeln!(report)?;
+        writeln!(
+            report,
+            "| server | peak RSS per member (MB) | data on disk, all members (MB) |"
+        )?;
+        writeln!(report, "|---|---|---|")?;
+        for (server, rss, disk) in &footprint {
+            let rss: Vec<String> = rss
+                .iter()
+                .map(|kb| format!("{:.0}", *kb as f64 / 1024.0))
+                .collect();
+            writeln!(
+                report,
+                "| {} | {} | {:.1} |",
+                server.name(),
+                rss.join(" / "),
+                *disk as f64 / 1e6
+            )?;
+        }
+        writeln!(report)?;
+    }
+    writeln!(report, "Not measured yet by this command (issue 7): txn-put, watch latency, 90/10 mixed, restart time with 1 million keys.")?;
+
+    let dir = workspace_root().join("bench").join("results");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(format!("{date}.md"));
+    std::fs::write(&file, &report)?;
+    let _ = std::fs::remove_dir_all(&work);
+    println!("{report}");
+    eprintln!("xtask bench: wrote {}", file.display());
+    Ok(())
+}
