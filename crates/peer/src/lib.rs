@@ -45,7 +45,9 @@ pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 /// Pause after a failed call before the next one, so an unreachable member costs no busy loop.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
-/// Bound on one batch call.
+/// Batches buffered on a member's stream before the sender waits (backpressure).
+const STREAM_BATCHES: usize = 64;
+/// Bound on one request-response call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most one warning per member per this interval.
 const WARN_INTERVAL: Duration = Duration::from_secs(5);
@@ -272,69 +274,84 @@ impl<O: Send + 'static> PeerNetwork<O> {
         }
     }
 
-    /// Sends batches to member `to` until the network is dropped.
+    /// Sends batches to member `to` over one long-lived stream until the network is dropped;
+    /// opens a new stream after a failure.
     async fn run_sender(self, to: u64, mut rx: mpsc::Receiver<Message>) {
-        let mut peer: Option<(String, PeerClient<Channel>)> = None;
         let mut last_warning: Option<Instant> = None;
-        while let Some(first) = rx.recv().await {
-            let mut bytes = first.compute_size() as usize;
-            let mut batch = vec![first];
-            while bytes < MAX_BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(msg) => {
-                        bytes += msg.compute_size() as usize;
-                        batch.push(msg);
-                    }
-                    Err(_) => break,
-                }
-            }
+        loop {
+            // Wait for something to send before connecting.
+            let Some(first) = rx.recv().await else {
+                return;
+            };
             let urls = (self.inner.resolve)(to);
             let Some(url) = urls.first().cloned() else {
                 warn_limited(&mut last_warning, to, "no peer URL known for this member");
+                tokio::time::sleep(RETRY_PAUSE).await;
                 continue;
             };
-            if peer.as_ref().is_none_or(|(known, _)| *known != url) {
-                match channel_to(&url) {
-                    Ok(channel) => peer = Some((url.clone(), client(channel))),
-                    Err(status) => {
-                        warn_limited(&mut last_warning, to, status.message());
-                        continue;
-                    }
+            let mut peer = match channel_to(&url) {
+                Ok(channel) => client(channel),
+                Err(status) => {
+                    warn_limited(&mut last_warning, to, status.message());
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
                 }
-            }
-            let Some((_, client)) = peer.as_mut() else {
-                continue;
             };
-            let messages = batch
-                .iter()
-                .filter_map(|m| m.write_to_bytes().ok())
-                .collect();
-            let req = RaftBatch {
-                cluster_id: self.inner.cluster_id,
-                from: self.inner.member_id,
-                to,
-                messages,
+            let (batches, body) = mpsc::channel::<RaftBatch>(STREAM_BATCHES);
+            let mut call = tokio::spawn(async move {
+                peer.raft(tokio_stream::wrappers::ReceiverStream::new(body))
+                    .await
+            });
+            let mut next = Some(first);
+            let failure = loop {
+                let msg = match next.take() {
+                    Some(msg) => msg,
+                    None => tokio::select! {
+                        msg = rx.recv() => match msg {
+                            Some(msg) => msg,
+                            None => return,
+                        },
+                        ended = &mut call => break describe_end(ended),
+                    },
+                };
+                let batch = self.batch(to, msg, &mut rx);
+                if batches.send(batch).await.is_err() {
+                    break describe_end((&mut call).await);
+                }
             };
-            let outcome = tokio::time::timeout(CALL_TIMEOUT, client.raft(req)).await;
-            let failure = match &outcome {
-                Ok(Ok(_)) => None,
-                Ok(Err(status)) => Some(format!("{}: {}", status.code(), status.message())),
-                Err(_) => Some("timed out".to_string()),
-            };
-            if matches!(&outcome, Ok(Err(status)) if status.message().contains(REMOVED_MESSAGE)) {
+            if failure.contains(REMOVED_MESSAGE) {
                 tracing::warn!(to = format_args!("{to:x}"), "{REMOVED_MESSAGE}");
                 self.inner.removed.store(true, Ordering::Relaxed);
             }
-            if let Some(failure) = failure {
-                warn_limited(
-                    &mut last_warning,
-                    to,
-                    &format!("sending raft messages to {url} failed: {failure}"),
-                );
-                self.report_unreachable(to);
-                peer = None;
-                tokio::time::sleep(RETRY_PAUSE).await;
+            warn_limited(
+                &mut last_warning,
+                to,
+                &format!("sending raft messages to {url} failed: {failure}"),
+            );
+            self.report_unreachable(to);
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// `first` and whatever else is queued for `to`, up to the batch size.
+    fn batch(&self, to: u64, first: Message, rx: &mut mpsc::Receiver<Message>) -> RaftBatch {
+        let mut bytes = first.compute_size() as usize;
+        let mut messages = Vec::new();
+        messages.extend(first.write_to_bytes().ok());
+        while bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(msg) => {
+                    bytes += msg.compute_size() as usize;
+                    messages.extend(msg.write_to_bytes().ok());
+                }
+                Err(_) => break,
             }
+        }
+        RaftBatch {
+            cluster_id: self.inner.cluster_id,
+            from: self.inner.member_id,
+            to,
+            messages,
         }
     }
 
@@ -411,6 +428,17 @@ impl<O: Send + 'static> PeerNetwork<O> {
             .map_err(|e| format!("reading the snapshot file: {e}"))?;
         sent.map_err(|s| format!("{}: {}", s.code(), s.message()))?;
         Ok(len)
+    }
+}
+
+/// Why a raft stream ended.
+fn describe_end(
+    ended: Result<Result<Response<PeerAck>, Status>, tokio::task::JoinError>,
+) -> String {
+    match ended {
+        Ok(Ok(_)) => "the peer closed the stream".to_string(),
+        Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
+        Err(e) => format!("stream task failed: {e}"),
     }
 }
 
@@ -551,22 +579,28 @@ impl Read for ChunkReader {
 
 #[tonic::async_trait]
 impl<O: Send + 'static> Peer for PeerService<O> {
-    async fn raft(&self, request: Request<RaftBatch>) -> Result<Response<PeerAck>, Status> {
-        let batch = request.into_inner();
-        self.check_cluster(batch.cluster_id)?;
-        if batch.to != self.member_id {
-            return Err(Status::failed_precondition(format!(
-                "member id mismatch: messages for {:x} reached member {:x}",
-                batch.to, self.member_id
-            )));
-        }
-        if !(self.accepts)(batch.from) {
-            return Err(Status::failed_precondition(REMOVED_MESSAGE));
-        }
-        for bytes in &batch.messages {
-            let msg = Message::parse_from_bytes(bytes)
-                .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
-            self.node.step(msg);
+    async fn raft(
+        &self,
+        request: Request<Streaming<RaftBatch>>,
+    ) -> Result<Response<PeerAck>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(batch) = stream.message().await? {
+            self.check_cluster(batch.cluster_id)?;
+            if batch.to != self.member_id {
+                return Err(Status::failed_precondition(format!(
+                    "member id mismatch: messages for {:x} reached member {:x}",
+                    batch.to, self.member_id
+                )));
+            }
+            if !(self.accepts)(batch.from) {
+                return Err(Status::failed_precondition(REMOVED_MESSAGE));
+            }
+            for bytes in &batch.messages {
+                let msg = Message::parse_from_bytes(bytes).map_err(|e| {
+                    Status::invalid_argument(format!("undecodable raft message: {e}"))
+                })?;
+                self.node.step(msg);
+            }
         }
         Ok(Response::new(PeerAck {}))
     }

@@ -287,6 +287,7 @@ async fn main() -> Result<()> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
+    let mut peer_servers = Vec::new();
     let members_source: metastore_peer::MemberSource = {
         let members = members.clone();
         Arc::new(move || members.list())
@@ -311,7 +312,7 @@ async fn main() -> Result<()> {
         let mut stop = stop_rx.clone();
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        servers.push(tokio::spawn(
+        peer_servers.push(tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(peer)
                 .serve_with_incoming_shutdown(incoming, async move {
@@ -369,9 +370,20 @@ async fn main() -> Result<()> {
             }
         }
     }
+    // Peers keep long-lived streams open and retry anyway: no grace for them. Clients get a
+    // moment to finish what is in flight (watch streams would hold a graceful stop forever).
+    for server in &peer_servers {
+        server.abort();
+    }
     let _ = stop_tx.send(true);
     for server in servers {
-        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        let abort = server.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(1), server)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
     }
     raft.shutdown();
     Ok(())

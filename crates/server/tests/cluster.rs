@@ -888,7 +888,7 @@ async fn a_removed_learner_stops() {
         assert!(Instant::now() < deadline, "the learner did not catch up");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    c.etcdctl_ok(0, &["member", "remove", &id]);
+    etcdctl_eventually(&c, 0, &["member", "remove", &id]);
     let outcome = c.wait_removed(new, Duration::from_secs(30)).await;
     assert!(matches!(outcome, Removal::Exited(_)), "{outcome:?}");
     assert!(c
