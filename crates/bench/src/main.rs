@@ -9,7 +9,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
 use metastore_proto::etcdserverpb::kv_client::KvClient;
-use metastore_proto::etcdserverpb::{PutRequest, RangeRequest};
+use metastore_proto::etcdserverpb::lease_client::LeaseClient;
+use metastore_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use metastore_proto::etcdserverpb::request_op::Request as Op;
+use metastore_proto::etcdserverpb::watch_client::WatchClient;
+use metastore_proto::etcdserverpb::{
+    watch_request, LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, RequestOp,
+    StatusRequest, TxnRequest, WatchCreateRequest, WatchRequest,
+};
 use rand::Rng;
 use tonic::transport::{Channel, Endpoint};
 
@@ -56,6 +63,26 @@ struct Global {
     /// No progress bar.
     #[arg(long, global = true)]
     no_progress: bool,
+    /// Send every request to the leader only (asks each endpoint's Status first).
+    #[arg(long, global = true)]
+    target_leader: bool,
+}
+
+/// Keys and values written by the write workloads.
+#[derive(Args, Debug, Clone)]
+struct KeyArgs {
+    /// Key size in bytes.
+    #[arg(long, default_value_t = 8)]
+    key_size: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 8)]
+    val_size: usize,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 1)]
+    key_space_size: u64,
+    /// Use keys in order instead of at random.
+    #[arg(long)]
+    sequential_keys: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,6 +115,49 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         limit: i64,
     },
+    /// Transactions of `--txn-ops` puts each.
+    TxnPut {
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// Puts per transaction.
+        #[arg(long, default_value_t = 1)]
+        txn_ops: usize,
+    },
+    /// Transactions that each read or write one key, `--rw-ratio` reads per write.
+    TxnMixed {
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// Reads per write (e.g. 9 for 90% reads).
+        #[arg(long, default_value_t = 1.0)]
+        rw_ratio: f64,
+    },
+    /// Plain Range and Put requests on one key space, `--read-ratio` of them reads.
+    Mixed {
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// Share of reads, 0 to 1.
+        #[arg(long, default_value_t = 0.9)]
+        read_ratio: f64,
+        /// Consistency of the reads: `l` or `s`.
+        #[arg(long, value_enum, default_value = "l")]
+        consistency: Consistency,
+    },
+    /// Each client keeps one lease alive; every keep-alive round trip is a request.
+    LeaseKeepalive,
+    /// Watch event throughput and latency: `--watchers` watchers on one key over
+    /// `--watch-streams` streams, while `--clients` writers put `--total` times to that key.
+    /// Latency is from sending the put to each watcher's event.
+    WatchLatency {
+        /// Watchers in all.
+        #[arg(long, default_value_t = 100)]
+        watchers: usize,
+        /// Watch streams the watchers share.
+        #[arg(long, default_value_t = 10)]
+        watch_streams: usize,
+        /// Value size in bytes.
+        #[arg(long, default_value_t = 32)]
+        val_size: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -96,16 +166,52 @@ enum Consistency {
     S,
 }
 
+/// Which keys and values a write workload uses.
+#[derive(Clone)]
+struct KeyGen {
+    key_size: usize,
+    value: Vec<u8>,
+    key_space: u64,
+    sequential: bool,
+}
+
+impl KeyGen {
+    fn new(args: &KeyArgs) -> Self {
+        KeyGen {
+            key_size: args.key_size.max(1),
+            value: vec![b'v'; args.val_size],
+            key_space: args.key_space_size.max(1),
+            sequential: args.sequential_keys,
+        }
+    }
+
+    fn key(&self, n: u64) -> Vec<u8> {
+        let k = if self.sequential {
+            n % self.key_space
+        } else {
+            rand::rng().random_range(0..self.key_space)
+        };
+        make_key(k, self.key_size)
+    }
+
+    fn put(&self, n: u64) -> PutRequest {
+        PutRequest {
+            key: self.key(n),
+            value: self.value.clone(),
+            ..Default::default()
+        }
+    }
+}
+
 /// What one worker sends.
 #[derive(Clone)]
 enum Work {
-    Put {
-        key_size: usize,
-        value: Vec<u8>,
-        key_space: u64,
-        sequential: bool,
-    },
+    Put(KeyGen),
     Range(RangeRequest),
+    TxnPut(KeyGen, usize),
+    TxnMixed(KeyGen, f64),
+    Mixed(KeyGen, f64, bool),
+    LeaseKeepalive,
 }
 
 fn make_key(n: u64, size: usize) -> Vec<u8> {
@@ -139,9 +245,79 @@ struct Outcome {
     first_error: Option<String>,
 }
 
-async fn run(global: Global, work: Work) -> Result<()> {
+/// One lease kept alive over one stream: each round trip is a request.
+struct KeepAlive {
+    id: i64,
+    tx: tokio::sync::mpsc::Sender<LeaseKeepAliveRequest>,
+    rx: tonic::Streaming<metastore_proto::etcdserverpb::LeaseKeepAliveResponse>,
+}
+
+impl KeepAlive {
+    async fn start(channel: Channel) -> KeepAlive {
+        let mut lease = LeaseClient::new(channel);
+        let id = lease
+            .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+            .await
+            .map(|r| r.into_inner().id)
+            .unwrap_or(0);
+        let (tx, body) = tokio::sync::mpsc::channel(1);
+        // etcd (grpc-go) sends the response headers with the first response: queue a request
+        // before waiting for the call, or both sides wait for each other.
+        let _ = tx.send(LeaseKeepAliveRequest { id }).await;
+        let mut rx = lease
+            .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(body))
+            .await
+            .map(|r| r.into_inner())
+            .expect("lease keep-alive stream");
+        let _ = rx.message().await;
+        KeepAlive { id, tx, rx }
+    }
+
+    async fn round_trip(&mut self) -> Result<(), tonic::Status> {
+        self.tx
+            .send(LeaseKeepAliveRequest { id: self.id })
+            .await
+            .map_err(|_| tonic::Status::unavailable("keep-alive stream closed"))?;
+        match self.rx.message().await? {
+            Some(r) if r.ttl > 0 => Ok(()),
+            Some(_) => Err(tonic::Status::not_found("lease expired")),
+            None => Err(tonic::Status::unavailable("keep-alive stream closed")),
+        }
+    }
+}
+
+/// The endpoint of the member that leads, as each endpoint's Status says (waits up to 10 s for
+/// an election).
+async fn leader_endpoint(endpoints: &[String]) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        for ep in endpoints {
+            let channel = connect(std::slice::from_ref(ep), 1).await?.remove(0);
+            let Ok(status) = MaintenanceClient::new(channel)
+                .status(StatusRequest {})
+                .await
+            else {
+                continue;
+            };
+            let status = status.into_inner();
+            let member = status.header.map(|h| h.member_id).unwrap_or(0);
+            if status.leader != 0 && status.leader == member {
+                return Ok(ep.clone());
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("no endpoint among {endpoints:?} is the leader");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn run(mut global: Global, work: Work) -> Result<()> {
     if global.endpoints.is_empty() {
         bail!("--endpoints is empty");
+    }
+    if global.target_leader {
+        global.endpoints = vec![leader_endpoint(&global.endpoints).await?];
     }
     let channels = connect(&global.endpoints, global.conns).await?;
     let issued = Arc::new(AtomicU64::new(0));
@@ -162,7 +338,12 @@ async fn run(global: Global, work: Work) -> Result<()> {
         let done = done.clone();
         let work = work.clone();
         let (total, rate) = (global.total, global.rate);
+        let lease_channel = channels[c % channels.len()].clone();
         workers.push(tokio::spawn(async move {
+            let mut keepalive = match &work {
+                Work::LeaseKeepalive => Some(KeepAlive::start(lease_channel).await),
+                _ => None,
+            };
             let mut out = Outcome {
                 histogram: Histogram::new_with_bounds(1, 60_000_000, 3)
                     .expect("valid histogram bounds"),
@@ -180,25 +361,63 @@ async fn run(global: Global, work: Work) -> Result<()> {
                 }
                 let began = Instant::now();
                 let result = match &work {
-                    Work::Put {
-                        key_size,
-                        value,
-                        key_space,
-                        sequential,
-                    } => {
-                        let k = if *sequential {
-                            n % key_space
+                    Work::Put(keys) => kv.put(keys.put(n)).await.map(|_| ()),
+                    Work::Range(req) => kv.range(req.clone()).await.map(|_| ()),
+                    Work::TxnPut(keys, ops) => {
+                        // Distinct keys within one txn (etcd refuses duplicates).
+                        let base = if keys.sequential {
+                            n * *ops as u64
                         } else {
-                            rand::rng().random_range(0..*key_space)
+                            rand::rng().random_range(0..keys.key_space)
                         };
-                        let req = PutRequest {
-                            key: make_key(k, *key_size),
-                            value: value.clone(),
+                        let success = (0..*ops as u64)
+                            .map(|i| RequestOp {
+                                request: Some(Op::RequestPut(PutRequest {
+                                    key: make_key((base + i) % keys.key_space, keys.key_size),
+                                    value: keys.value.clone(),
+                                    ..Default::default()
+                                })),
+                            })
+                            .collect();
+                        kv.txn(TxnRequest {
+                            success,
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ())
+                    }
+                    Work::TxnMixed(keys, rw_ratio) => {
+                        let read = rand::rng().random_bool(rw_ratio / (rw_ratio + 1.0));
+                        let op = if read {
+                            Op::RequestRange(RangeRequest {
+                                key: keys.key(n),
+                                ..Default::default()
+                            })
+                        } else {
+                            Op::RequestPut(keys.put(n))
+                        };
+                        let txn = TxnRequest {
+                            success: vec![RequestOp { request: Some(op) }],
                             ..Default::default()
                         };
-                        kv.put(req).await.map(|_| ())
+                        kv.txn(txn).await.map(|_| ())
                     }
-                    Work::Range(req) => kv.range(req.clone()).await.map(|_| ()),
+                    Work::Mixed(keys, read_ratio, serializable) => {
+                        if rand::rng().random_bool(read_ratio.clamp(0.0, 1.0)) {
+                            let req = RangeRequest {
+                                key: keys.key(n),
+                                serializable: *serializable,
+                                ..Default::default()
+                            };
+                            kv.range(req).await.map(|_| ())
+                        } else {
+                            kv.put(keys.put(n)).await.map(|_| ())
+                        }
+                    }
+                    Work::LeaseKeepalive => match keepalive.as_mut() {
+                        Some(k) => k.round_trip().await,
+                        None => Err(tonic::Status::internal("no lease")),
+                    },
                 };
                 let micros = began.elapsed().as_micros().max(1) as u64;
                 match result {
@@ -241,6 +460,156 @@ async fn run(global: Global, work: Work) -> Result<()> {
     ticker.abort();
     bar.finish_and_clear();
     let elapsed = start.elapsed().as_secs_f64();
+    report(&global, &histogram, errors, first_error, elapsed);
+    Ok(())
+}
+
+/// `watch-latency`: watchers on one key, writers putting to it; every event's delay after the
+/// put that caused it was sent.
+async fn watch_latency(
+    mut global: Global,
+    watchers: usize,
+    streams: usize,
+    val_size: usize,
+) -> Result<()> {
+    if global.target_leader {
+        global.endpoints = vec![leader_endpoint(&global.endpoints).await?];
+    }
+    let channels = connect(&global.endpoints, global.conns).await?;
+    let key = b"metastore-bench-watch-latency".to_vec();
+    let streams = streams.clamp(1, watchers.max(1));
+    // Acknowledgement time of each put, by the value's sequence number.
+    let acked: Arc<parking_lot::Mutex<std::collections::HashMap<u64, Instant>>> =
+        Default::default();
+    let expected = global.total * watchers as u64;
+    let received = Arc::new(AtomicU64::new(0));
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(streams);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut listeners = Vec::new();
+    for s in 0..streams {
+        let per_stream = watchers / streams + usize::from(s < watchers % streams);
+        let mut client = WatchClient::new(channels[s % channels.len()].clone());
+        let (tx, body) = tokio::sync::mpsc::channel(per_stream.max(1));
+        for _ in 0..per_stream {
+            tx.send(WatchRequest {
+                request_union: Some(watch_request::RequestUnion::CreateRequest(
+                    WatchCreateRequest {
+                        key: key.clone(),
+                        ..Default::default()
+                    },
+                )),
+            })
+            .await?;
+        }
+        let mut events = client
+            .watch(tokio_stream::wrappers::ReceiverStream::new(body))
+            .await?
+            .into_inner();
+        let acked = acked.clone();
+        let received = received.clone();
+        let ready = ready_tx.clone();
+        let mut stop = stop_rx.clone();
+        listeners.push(tokio::spawn(async move {
+            let _keep_open = tx;
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let mut created = 0;
+            loop {
+                let resp = tokio::select! {
+                    msg = events.message() => match msg {
+                        Ok(Some(resp)) => resp,
+                        _ => break,
+                    },
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                if resp.created {
+                    created += 1;
+                    if created == per_stream {
+                        let _ = ready.send(()).await;
+                    }
+                    continue;
+                }
+                let now = Instant::now();
+                for ev in resp.events {
+                    let Some(kv) = ev.kv else { continue };
+                    let seq: u64 = String::from_utf8_lossy(&kv.value[..kv.value.len().min(20)])
+                        .trim_end_matches('v')
+                        .parse()
+                        .unwrap_or(u64::MAX);
+                    let at = acked.lock().get(&seq).copied();
+                    let micros = at.map_or(1, |t| {
+                        now.saturating_duration_since(t).as_micros().max(1) as u64
+                    });
+                    let _ = h.record(micros.min(60_000_000));
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            h
+        }));
+    }
+    drop(ready_tx);
+    for _ in 0..streams {
+        ready_rx
+            .recv()
+            .await
+            .context("a watch stream ended before its watchers were created")?;
+    }
+
+    let start = Instant::now();
+    let issued = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for c in 0..global.clients.max(1) {
+        let mut kv = KvClient::new(channels[c % channels.len()].clone());
+        let (issued, acked, key) = (issued.clone(), acked.clone(), key.clone());
+        let (total, rate) = (global.total, global.rate);
+        writers.push(tokio::spawn(async move {
+            let mut errors = 0u64;
+            loop {
+                let n = issued.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    break;
+                }
+                if rate > 0 {
+                    let due = start + Duration::from_secs_f64(n as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let mut value = format!("{n:020}").into_bytes();
+                value.resize(val_size.max(20), b'v');
+                // Latency counts from the moment the put is sent, as etcd's tool does.
+                acked.lock().insert(n, Instant::now());
+                let put = PutRequest {
+                    key: key.clone(),
+                    value,
+                    ..Default::default()
+                };
+                if kv.put(put).await.is_err() {
+                    errors += 1;
+                }
+            }
+            errors
+        }));
+    }
+    let mut errors = 0;
+    for w in writers {
+        errors += w.await?;
+    }
+    let wait_until = Instant::now() + Duration::from_secs(30);
+    while received.load(Ordering::Relaxed) < expected.saturating_sub(errors * watchers as u64)
+        && Instant::now() < wait_until
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let _ = stop_tx.send(true);
+    for l in listeners {
+        if let Ok(h) = l.await {
+            histogram.add(&h)?;
+        }
+    }
+    let got = received.load(Ordering::Relaxed);
+    let first_error =
+        (got < expected).then(|| format!("{} of {expected} events not received", expected - got));
+    // Throughput here is events delivered per second.
     report(&global, &histogram, errors, first_error, elapsed);
     Ok(())
 }
@@ -300,12 +669,29 @@ async fn main() -> Result<()> {
             val_size,
             key_space_size,
             sequential_keys,
-        } => Work::Put {
-            key_size: key_size.max(1),
-            value: vec![b'v'; val_size],
-            key_space: key_space_size.max(1),
-            sequential: sequential_keys,
-        },
+        } => Work::Put(KeyGen::new(&KeyArgs {
+            key_size,
+            val_size,
+            key_space_size,
+            sequential_keys,
+        })),
+        Cmd::TxnPut { keys, txn_ops } => Work::TxnPut(KeyGen::new(&keys), txn_ops.max(1)),
+        Cmd::TxnMixed { keys, rw_ratio } => Work::TxnMixed(KeyGen::new(&keys), rw_ratio.max(0.0)),
+        Cmd::Mixed {
+            keys,
+            read_ratio,
+            consistency,
+        } => Work::Mixed(
+            KeyGen::new(&keys),
+            read_ratio,
+            matches!(consistency, Consistency::S),
+        ),
+        Cmd::LeaseKeepalive => Work::LeaseKeepalive,
+        Cmd::WatchLatency {
+            watchers,
+            watch_streams,
+            val_size,
+        } => return watch_latency(cli.global, watchers, watch_streams, val_size).await,
         Cmd::Range {
             key,
             end,

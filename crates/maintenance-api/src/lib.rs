@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use metastore_etcd_api::{mvcc_status, ServerContext};
+use metastore_proto::etcdserverpb::downgrade_request::DowngradeAction;
 use metastore_proto::etcdserverpb::maintenance_server::Maintenance;
 use metastore_proto::etcdserverpb::{
     AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse, DowngradeInfo,
@@ -259,14 +260,36 @@ impl Maintenance for MaintenanceService {
         }
     }
 
+    /// etcd's rules, for the versions MetaStore supports: a target must be a `major.minor[.patch]`
+    /// version (else `wrong downgrade target version format`) and a release this cluster could
+    /// downgrade to. MetaStore has a single release, serving etcd's 3.6 API, so no target is
+    /// valid (`invalid downgrade target version`), no downgrade is ever in progress, and CANCEL
+    /// answers `no inflight downgrade job` — exactly what etcd answers in those situations.
     async fn downgrade(
         &self,
-        _request: GrpcRequest<DowngradeRequest>,
+        request: GrpcRequest<DowngradeRequest>,
     ) -> Result<Response<DowngradeResponse>, Status> {
         self.ctx.refuse_on_learner()?;
-        Err(Status::unimplemented(
-            "etcdserver: Downgrade is not implemented by MetaStore",
-        ))
+        let req = request.into_inner();
+        match DowngradeAction::try_from(req.action) {
+            Ok(DowngradeAction::Cancel) => Err(Status::failed_precondition(
+                "etcdserver: no inflight downgrade job",
+            )),
+            Ok(DowngradeAction::Validate | DowngradeAction::Enable) => {
+                if !is_cluster_version(&req.version) {
+                    return Err(Status::invalid_argument(
+                        "etcdserver: wrong downgrade target version format",
+                    ));
+                }
+                Err(Status::invalid_argument(
+                    "etcdserver: invalid downgrade target version",
+                ))
+            }
+            Err(_) => Err(Status::invalid_argument(format!(
+                "etcdserver: unknown downgrade action {}",
+                req.action
+            ))),
+        }
     }
 }
 
@@ -343,4 +366,14 @@ async fn check_members_once(ctx: &ServerContext) -> Result<(), Status> {
         ctx.propose(request).await?;
     }
     Ok(())
+}
+
+/// `major.minor` or `major.minor.patch`, numbers only (etcd parses the target as a semantic
+/// version and keeps major.minor).
+fn is_cluster_version(text: &str) -> bool {
+    let parts: Vec<&str> = text.split('.').collect();
+    (2..=3).contains(&parts.len())
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
 }

@@ -771,3 +771,53 @@ async fn snapshot_restore_creates_a_new_cluster() {
     let gone = String::from_utf8(ctl(&["get", "key1", "--prefix", "--keys-only"]).stdout).unwrap();
     assert!(gone.trim().is_empty(), "{gone}");
 }
+
+/// Downgrade answers with etcd's rules and errors: MetaStore has no older release to
+/// downgrade to, so every target is refused and there is never a job to cancel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downgrade_refuses_with_etcds_errors() {
+    use metastore_proto::etcdserverpb::downgrade_request::DowngradeAction;
+    use metastore_proto::etcdserverpb::DowngradeRequest;
+    let server = Server::start(Kind::Memory).await;
+    let mut m = maintenance(&server).await;
+    let call = |action: DowngradeAction, version: &str| DowngradeRequest {
+        action: action as i32,
+        version: version.to_string(),
+    };
+    for (action, version, code, message) in [
+        (
+            DowngradeAction::Validate,
+            "3.5",
+            Code::InvalidArgument,
+            "etcdserver: invalid downgrade target version",
+        ),
+        (
+            DowngradeAction::Enable,
+            "3.5.0",
+            Code::InvalidArgument,
+            "etcdserver: invalid downgrade target version",
+        ),
+        (
+            DowngradeAction::Validate,
+            "three",
+            Code::InvalidArgument,
+            "etcdserver: wrong downgrade target version format",
+        ),
+        (
+            DowngradeAction::Cancel,
+            "",
+            Code::FailedPrecondition,
+            "etcdserver: no inflight downgrade job",
+        ),
+    ] {
+        let err = m.downgrade(call(action, version)).await.unwrap_err();
+        assert_eq!(
+            (err.code(), err.message()),
+            (code, message),
+            "{action:?} {version}"
+        );
+    }
+    // Nothing changed: Status reports no downgrade.
+    let status = m.status(StatusRequest {}).await.unwrap().into_inner();
+    assert!(!status.downgrade_info.unwrap().enabled);
+}
