@@ -620,6 +620,18 @@ async fn mixed_engines_agree_on_hash_and_move_leader_moves_it() {
             status.leader, target_id,
             "MoveLeader returned before the target led"
         );
+        // Every member confirms the new leader.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for i in 0..3 {
+            while c.status(i).await.unwrap().leader != target_id {
+                assert!(
+                    Instant::now() < deadline,
+                    "m{} does not see the new leader",
+                    i + 1
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         put(&c, target, &format!("after-move-{round}"), "z").await;
     }
     // A follower refuses MoveLeader, as etcd does.

@@ -642,14 +642,44 @@ async fn snapshot_restore_creates_a_new_cluster() {
     etcdctl(&source, &["del", "key1", "--prefix"]);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("snap.db");
+    // The snapshot is taken while a client keeps writing.
+    let mut kv = source.kv().await;
+    let writer = tokio::spawn(async move {
+        for i in 0..u64::MAX {
+            let req = PutRequest {
+                key: format!("load{}", i % 200).into_bytes(),
+                value: vec![b'w'; 512],
+                ..Default::default()
+            };
+            if kv.put(req).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     etcdctl(&source, &["snapshot", "save", file.to_str().unwrap()]);
+    writer.abort();
+    // The revision the file holds, and the source's HashKV at that revision.
+    let described = Command::new(metastore_bin())
+        .args(["snapshot", "status", file.to_str().unwrap(), "-w", "json"])
+        .output()
+        .unwrap();
+    let source_rev = json_u64(&String::from_utf8(described.stdout).unwrap(), "revision");
+    let rev = source_rev.to_string();
     let source_hash = json_u64(
-        &etcdctl(&source, &["endpoint", "hashkv", "-w", "json"]),
+        &etcdctl(
+            &source,
+            &["endpoint", "hashkv", "--rev", &rev, "-w", "json"],
+        ),
         "hash",
     );
-    let source_rev = json_u64(
+    let source_latest = json_u64(
         &etcdctl(&source, &["endpoint", "status", "-w", "json"]),
         "revision",
+    );
+    assert!(
+        source_latest > source_rev,
+        "the writes did not continue past the snapshot"
     );
     drop(source);
 
