@@ -815,6 +815,25 @@ async fn corruption_check_raises_corrupt_for_a_diverged_member() {
         .await
         .unwrap_err();
     assert!(refused.contains("etcdserver: corrupt cluster"), "{refused}");
+    // The alarm went through raft: every member lists it, also after a restart.
+    let bystander = (leader + 2) % 3;
+    c.kill(bystander);
+    c.restart(bystander).await;
+    for i in 0..3 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let alarms = c.etcdctl_ok(i, &["alarm", "list"]);
+            if alarms.contains(&expected) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "m{} does not list the alarm: {alarms:?}",
+                i + 1
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 /// A member that does not belong to the cluster cannot join it: one that was never added is
