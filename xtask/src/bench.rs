@@ -181,6 +181,57 @@ struct Cluster {
     children: Vec<Child>,
     dirs: Vec<PathBuf>,
     endpoints: Vec<String>,
+    /// How each member was started (program, arguments, log file), to start it again.
+    specs: Vec<(PathBuf, Vec<String>, PathBuf)>,
+}
+
+fn spawn((program, args, log): &(PathBuf, Vec<String>, PathBuf)) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))
+}
+
+impl Cluster {
+    /// Waits until a write goes through.
+    fn wait_ready(&self, what: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let ok = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={}", self.endpoints.join(",")))
+                .args(["put", "bench-ready", "1"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{what} did not become ready");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILLs every member, starts them again on their data, and returns how long it took
+    /// until a write went through.
+    fn kill_and_restart(&mut self) -> Result<Duration> {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let started = Instant::now();
+        self.children = self.specs.iter().map(spawn).collect::<Result<_>>()?;
+        self.wait_ready("the restarted cluster")?;
+        Ok(started.elapsed())
+    }
 }
 
 impl Drop for Cluster {
@@ -212,48 +263,46 @@ fn start(server: Server, members: usize, bin: &Path, work: &Path, token: &str) -
         children: Vec::new(),
         dirs: Vec::new(),
         endpoints: Vec::new(),
+        specs: Vec::new(),
     };
     for (i, (client, peer)) in ports.iter().enumerate() {
         let dir = work.join(format!("{}-{members}-{i}", server.name()));
         let _ = std::fs::remove_dir_all(&dir);
-        let log = std::fs::File::create(work.join(format!("{}-{members}-{i}.log", server.name())))?;
-        let mut cmd = match server {
-            Server::Etcd => Command::new("etcd"),
-            Server::Memory | Server::Rocksdb => {
-                let mut cmd = Command::new(bin.join("metastore"));
-                cmd.args(["--storage-engine", server.name()]);
-                cmd
-            }
+        let log = work.join(format!("{}-{members}-{i}.log", server.name()));
+        let (program, mut args) = match server {
+            Server::Etcd => (PathBuf::from("etcd"), Vec::new()),
+            Server::Memory | Server::Rocksdb => (
+                bin.join("metastore"),
+                vec!["--storage-engine".to_string(), server.name().to_string()],
+            ),
         };
         let client_url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        cmd.args(["--name", &format!("b{i}"), "--data-dir"])
-            .arg(&dir)
-            .args([
-                "--listen-client-urls",
-                &client_url,
-                "--advertise-client-urls",
-                &client_url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-            ])
-            .args([
-                "--initial-cluster",
-                &initial,
-                "--initial-cluster-token",
-                token,
-            ])
-            .args(["--quota-backend-bytes", "8589934592"])
-            .stdout(Stdio::null())
-            .stderr(log);
-        cluster.children.push(
-            cmd.spawn()
-                .with_context(|| format!("starting {}", server.name()))?,
-        );
+        for arg in [
+            "--name",
+            &format!("b{i}"),
+            "--data-dir",
+            &dir.display().to_string(),
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &initial,
+            "--initial-cluster-token",
+            token,
+            "--quota-backend-bytes",
+            "8589934592",
+        ] {
+            args.push(arg.to_string());
+        }
+        let spec = (program, args, log);
+        cluster.children.push(spawn(&spec)?);
+        cluster.specs.push(spec);
         cluster.dirs.push(dir);
         cluster.endpoints.push(format!("127.0.0.1:{client}"));
     }
@@ -455,7 +504,63 @@ pub fn bench(args: &[String]) -> Result<()> {
         }
         writeln!(report)?;
     }
-    writeln!(report, "The watch row counts events delivered per second; its p99 is the delay from sending a put to each watcher receiving its event. Not measured yet by this command: the time to restart a member holding 1 million keys.")?;
+    // A member holding many keys: peak RSS after writing them, and the time to restart it.
+    let keys: usize = if quick { 100_000 } else { 1_000_000 };
+    writeln!(
+        report,
+        "## One member holding {keys} keys of 256-byte values\n"
+    )?;
+    writeln!(report, "Written by 1000 clients over 100 connections (sequential keys), then the member is SIGKILLed and started again on its data; restart time is until a write goes through.\n")?;
+    writeln!(report, "| server | write req/s | peak RSS after writing (MB) | data on disk (MB) | restart (s) | RSS ratio | restart ratio |")?;
+    writeln!(report, "|---|---|---|---|---|---|---|")?;
+    let load = Workload {
+        label: "load",
+        clients: 1000,
+        conns: 100,
+        total: keys,
+        args: &[
+            "put",
+            "--key-size",
+            "16",
+            "--val-size",
+            "256",
+            "--sequential-keys",
+            "--key-space-size",
+            "100000000",
+        ],
+    };
+    let mut baseline: Option<(u64, f64)> = None;
+    for server in SERVERS {
+        eprintln!("xtask bench: {} holding {keys} keys", server.name());
+        let token = format!("bench-load-{}-{}", server.name(), std::process::id());
+        let mut cluster = start(server, 1, &bin, &work, &token)?;
+        let m = run_workload(&bin, &cluster.endpoints, &load)?;
+        let rss = peak_rss_kb(&cluster.children[0]);
+        let disk = dir_size(&cluster.dirs[0]);
+        let restart = cluster.kill_and_restart()?.as_secs_f64();
+        let (rss_ratio, restart_ratio) = match baseline {
+            None => {
+                baseline = Some((rss, restart));
+                ("—".to_string(), "—".to_string())
+            }
+            Some((e_rss, e_restart)) => (
+                format!("{:.2}", rss as f64 / e_rss.max(1) as f64),
+                format!("{:.2}", restart / e_restart.max(0.001)),
+            ),
+        };
+        writeln!(
+            report,
+            "| {} | {:.0} | {:.0} | {:.1} | {:.2} | {rss_ratio} | {restart_ratio} |",
+            server.name(),
+            m.per_sec,
+            rss as f64 / 1024.0,
+            disk as f64 / 1e6,
+            restart
+        )?;
+        drop(cluster);
+    }
+    writeln!(report)?;
+    writeln!(report, "The watch row counts events delivered per second; its p99 is the delay from sending a put to each watcher receiving its event. RSS and restart ratios are MetaStore / etcd (lower is better).")?;
 
     let dir = workspace_root().join("bench").join("results");
     std::fs::create_dir_all(&dir)?;
