@@ -218,8 +218,14 @@ impl<O: Send + 'static> RaftNode<O> {
         for entry in &recovered.applied_conf_changes {
             apply_conf_change(&mut raw, &store, entry);
         }
-        if raw.raft.prs().is_singleton() && raw.raft.prs().conf().voters().contains(member_id) {
+        // The only voter elects itself at once rather than after an election timeout; raft
+        // refuses to campaign while committed membership changes (a new cluster's bootstrap
+        // entries) are unapplied, so the loop campaigns once they are.
+        let mut campaign_alone =
+            raw.raft.prs().is_singleton() && raw.raft.prs().conf().voters().contains(member_id);
+        if campaign_alone {
             raw.campaign().map_err(|e| RaftError::Raft(e.to_string()))?;
+            campaign_alone = raw.raft.state != StateRole::Leader;
         }
 
         let (commands_tx, commands_rx) = mpsc::channel();
@@ -233,6 +239,7 @@ impl<O: Send + 'static> RaftNode<O> {
         let snapshotter_handle = Arc::clone(&snapshotter);
         let worker = Worker {
             member_id,
+            campaign_alone,
             removed: false,
             raw,
             store,
@@ -800,6 +807,8 @@ struct ReadBatch {
 /// The state owned by the loop thread.
 struct Worker<S: StateMachine> {
     member_id: u64,
+    /// The only voter: campaign as soon as every committed entry is applied.
+    campaign_alone: bool,
     /// A committed membership change removed this member.
     removed: bool,
     raw: RawNode<LogStore>,
@@ -838,6 +847,12 @@ struct Worker<S: StateMachine> {
 impl<S: StateMachine> Worker<S> {
     fn run(mut self) {
         let mut next_tick = Instant::now() + self.tick_interval;
+        // Handle what recovery left ready (and a lone voter's campaign) before any request.
+        if let Err(e) = self.round(Instant::now()) {
+            self.fatal(&e);
+            self.stop();
+            return;
+        }
         self.update_status();
         loop {
             let timeout = next_tick.saturating_duration_since(Instant::now());
@@ -996,6 +1011,15 @@ impl<S: StateMachine> Worker<S> {
     fn round(&mut self, now: Instant) -> Result<(), RaftError> {
         self.send_reads(now);
         self.handle_readies()?;
+        if self.campaign_alone && self.applied_index >= self.raw.raft.raft_log.committed {
+            self.campaign_alone = false;
+            if self.raw.raft.state != StateRole::Leader {
+                self.raw
+                    .campaign()
+                    .map_err(|e| RaftError::Raft(e.to_string()))?;
+                self.handle_readies()?;
+            }
+        }
         // A new leader holds reads back until its first commit, which the Ready above may have
         // made; send them now rather than a tick later.
         if self.pending_reads.values().any(|b| b.last_sent.is_none()) {
