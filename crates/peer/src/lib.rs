@@ -55,7 +55,8 @@ const WARN_INTERVAL: Duration = Duration::from_secs(5);
 /// The current members (for Members queries).
 pub type MemberSource = Arc<dyn Fn() -> Vec<Member> + Send + Sync>;
 
-/// Whether raft messages from a member id are accepted: false for a member that was removed.
+/// Whether raft messages from a member id are accepted: false only for a member that a committed
+/// change removed (not for one this member merely does not know yet).
 pub type MemberCheck = Arc<dyn Fn(u64) -> bool + Send + Sync>;
 
 /// What a removed member is told when it sends raft messages (etcd's wording).

@@ -301,7 +301,7 @@ async fn main() -> Result<()> {
             members_source.clone(),
             {
                 let members = members.clone();
-                Arc::new(move |id| members.is_empty() || members.contains(id))
+                Arc::new(move |id| !members.is_removed(id))
             },
             Arc::new(Leases(lessor.clone(), ctx.store.clone())),
             {

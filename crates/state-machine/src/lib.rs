@@ -19,7 +19,7 @@ mod members;
 use std::io::{Read, Write};
 use std::sync::Arc;
 
-pub use members::{MemberTable, MEMBERS_BUCKET};
+pub use members::{MemberTable, MEMBERS_BUCKET, MEMBERS_REMOVED_BUCKET};
 
 use metastore_alarm::{AlarmError, AlarmTable, Quota};
 use metastore_lease::{LeaseError, Lessor};
@@ -42,6 +42,7 @@ pub fn buckets() -> Vec<&'static str> {
     buckets.push(metastore_alarm::ALARM_BUCKET);
     buckets.push(metastore_lease::LEASE_BUCKET);
     buckets.push(MEMBERS_BUCKET);
+    buckets.push(MEMBERS_REMOVED_BUCKET);
     buckets
 }
 
@@ -56,7 +57,11 @@ pub fn reset_for_restore(
 ) -> Result<(), MvccError> {
     let view = backend.snapshot()?;
     let mut batch = WriteBatch::new();
-    for bucket in [MEMBERS_BUCKET, metastore_alarm::ALARM_BUCKET] {
+    for bucket in [
+        MEMBERS_BUCKET,
+        MEMBERS_REMOVED_BUCKET,
+        metastore_alarm::ALARM_BUCKET,
+    ] {
         for (key, _) in view.collect(bucket, metastore_storage::ScanRange::all())? {
             batch.delete(bucket, key);
         }

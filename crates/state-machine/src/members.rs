@@ -5,7 +5,7 @@
 //! committed entries: membership changes (add, promote, remove), `MemberAttributes` (a member
 //! publishing its name and client URLs) and `MemberPeerUrls` (MemberUpdate).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use metastore_proto::metastorepb::Member;
@@ -16,12 +16,23 @@ use prost::Message;
 
 /// The bucket holding the membership table.
 pub const MEMBERS_BUCKET: &str = "members";
+/// The bucket holding the ids of removed members (etcd's `members_removed`): peers refuse them.
+pub const MEMBERS_REMOVED_BUCKET: &str = "members_removed";
 
 /// The replicated membership table (read side; changes are applied by the state machine).
 #[derive(Clone, Default)]
-pub struct MemberTable(Arc<RwLock<BTreeMap<u64, Member>>>);
+pub struct MemberTable(
+    Arc<RwLock<BTreeMap<u64, Member>>>,
+    Arc<RwLock<BTreeSet<u64>>>,
+);
 
 impl MemberTable {
+    /// Whether a committed change removed member `id` (a member that is merely unknown yet,
+    /// e.g. to a member still catching up, is not removed).
+    pub fn is_removed(&self, id: u64) -> bool {
+        self.1.read().contains(&id)
+    }
+
     /// Every member, ordered by id.
     pub fn list(&self) -> Vec<Member> {
         self.0.read().values().cloned().collect()
@@ -54,7 +65,15 @@ impl MemberTable {
             }
             Visit::Continue
         })?;
+        let mut removed = BTreeSet::new();
+        view.scan(MEMBERS_REMOVED_BUCKET, ScanRange::all(), &mut |k, _| {
+            if let Ok(id) = <[u8; 8]>::try_from(k) {
+                removed.insert(u64::from_be_bytes(id));
+            }
+            Visit::Continue
+        })?;
         *self.0.write() = loaded;
+        *self.1.write() = removed;
         Ok(())
     }
 
@@ -92,7 +111,13 @@ impl MemberTable {
                 }
                 MemberChange::Remove(id) => {
                     batch.delete(MEMBERS_BUCKET, id.to_be_bytes().to_vec());
+                    batch.put(
+                        MEMBERS_REMOVED_BUCKET,
+                        id.to_be_bytes().to_vec(),
+                        Vec::new(),
+                    );
                     self.0.write().remove(&id);
+                    self.1.write().insert(id);
                 }
             }
         }
