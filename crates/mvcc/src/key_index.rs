@@ -55,7 +55,10 @@ impl KeyIndex {
     /// Record a put at `rev`. Revisions must arrive in increasing order.
     fn put(&mut self, rev: Revision) {
         debug_assert!(rev > self.modified, "put with a smaller revision");
+        // Memory: most keys have one generation and few revisions, so the first allocation of
+        // each list is exact (a `Vec` would start at 4 elements: 192 + 64 bytes per key).
         if self.generations.is_empty() {
+            self.generations.reserve_exact(1);
             self.generations.push(Generation::default());
         }
         let g = self
@@ -64,6 +67,9 @@ impl KeyIndex {
             .expect("at least one generation");
         if g.revs.is_empty() {
             g.created = rev;
+        }
+        if g.revs.capacity() == 0 {
+            g.revs.reserve_exact(1);
         }
         g.revs.push(rev);
         g.ver += 1;
