@@ -307,27 +307,12 @@ fn start(server: Server, members: usize, bin: &Path, work: &Path, token: &str) -
         cluster.endpoints.push(format!("127.0.0.1:{client}"));
     }
     // Ready when every member answers and a write goes through.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ok = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", cluster.endpoints.join(",")))
-            .args(["put", "bench-ready", "1"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if ok {
-            return Ok(cluster);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{} ({members} members) did not become ready; logs in {}",
-                server.name(),
-                work.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    cluster.wait_ready(&format!(
+        "{} ({members} members; logs in {})",
+        server.name(),
+        work.display()
+    ))?;
+    Ok(cluster)
 }
 
 fn run_workload(bin: &Path, endpoints: &[String], w: &Workload) -> Result<Measured> {

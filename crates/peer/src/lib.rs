@@ -542,6 +542,15 @@ impl<O: Send + 'static> PeerService<O> {
         Ok(())
     }
 
+    /// Requests only the leader can answer.
+    fn require_leader(&self) -> Result<(), Status> {
+        if self.node.with_status(|s| s.is_leader) {
+            Ok(())
+        } else {
+            Err(Status::unavailable("etcdserver: not leader"))
+        }
+    }
+
     fn lease_reply(&self, found: Option<(i64, i64)>) -> Response<LeaseForwardResponse> {
         let (ttl, granted_ttl) = found.unwrap_or((0, 0));
         Response::new(LeaseForwardResponse {
@@ -720,9 +729,7 @@ impl<O: Send + 'static> Peer for PeerService<O> {
     ) -> Result<Response<LeaseForwardResponse>, Status> {
         let req = request.into_inner();
         self.check_cluster(req.cluster_id)?;
-        if !self.node.status().is_leader {
-            return Err(Status::unavailable("etcdserver: not leader"));
-        }
+        self.require_leader()?;
         let found = self.leases.renew(req.id).map(|ttl| (ttl, ttl));
         Ok(self.lease_reply(found))
     }
@@ -733,9 +740,7 @@ impl<O: Send + 'static> Peer for PeerService<O> {
     ) -> Result<Response<LeaseForwardResponse>, Status> {
         let req = request.into_inner();
         self.check_cluster(req.cluster_id)?;
-        if !self.node.status().is_leader {
-            return Err(Status::unavailable("etcdserver: not leader"));
-        }
+        self.require_leader()?;
         Ok(self.lease_reply(self.leases.ttl(req.id)))
     }
 }

@@ -949,21 +949,8 @@ impl<S: StateMachine> Worker<S> {
         if waiter.is_closed() {
             return;
         }
-        match self.raw.propose(Vec::new(), data) {
-            Ok(()) => {
-                if self.raw.raft.state == StateRole::Leader {
-                    let index = self.raw.raft.raft_log.last_index();
-                    self.proposed_at.insert(index, request_id);
-                }
-                self.proposals.insert(request_id, waiter);
-            }
-            Err(raft::Error::ProposalDropped) => {
-                let _ = waiter.send(Err(RaftError::NoLeader));
-            }
-            Err(e) => {
-                let _ = waiter.send(Err(RaftError::Raft(e.to_string())));
-            }
-        }
+        let proposed = self.raw.propose(Vec::new(), data);
+        self.track(request_id, proposed, waiter);
     }
 
     fn propose_membership(
@@ -975,7 +962,19 @@ impl<S: StateMachine> Worker<S> {
         if waiter.is_closed() {
             return;
         }
-        match self.raw.propose_conf_change(Vec::new(), change) {
+        let proposed = self.raw.propose_conf_change(Vec::new(), change);
+        self.track(request_id, proposed, waiter);
+    }
+
+    /// Keeps the waiter of a proposal raft accepted (remembering its log position when this
+    /// member leads), or fails it at once.
+    fn track(
+        &mut self,
+        request_id: u64,
+        proposed: raft::Result<()>,
+        waiter: ProposalWaiter<S::Output>,
+    ) {
+        match proposed {
             Ok(()) => {
                 if self.raw.raft.state == StateRole::Leader {
                     let index = self.raw.raft.raft_log.last_index();
