@@ -12,13 +12,14 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use metastore_proto::etcdserverpb::alarm_request::AlarmAction;
 use metastore_proto::etcdserverpb::{
     request_op, AlarmMember, AlarmRequest, AlarmResponse, AlarmType, PutRequest, TxnRequest,
 };
 use metastore_storage::{Backend, ReadView, ScanRange, StorageError, Visit, WriteBatch};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use prost::Message;
 
 /// Name of the bucket holding active alarms (etcd's `alarm` bucket).
@@ -182,11 +183,19 @@ pub fn alarm_text(m: &AlarmMember) -> String {
     format!("memberID:{} alarm:{} ", m.member_id, name)
 }
 
-/// The backend space quota (`--quota-backend-bytes`). Cheap to clone.
+/// How long a measured backend size answers quota checks. Reading RocksDB's size queries
+/// several properties of every column family: once per write (at the API and again at apply)
+/// showed in the write path, while the size moves little in a few milliseconds.
+const SIZE_REFRESH: Duration = Duration::from_millis(20);
+
+/// The backend space quota (`--quota-backend-bytes`). Cheap to clone; clones share the cached
+/// backend size.
 #[derive(Clone)]
 pub struct Quota {
     backend: Arc<dyn Backend>,
     quota_bytes: u64,
+    /// The last measured backend size and when it was measured.
+    size: Arc<Mutex<Option<(Instant, u64)>>>,
 }
 
 impl std::fmt::Debug for Quota {
@@ -208,6 +217,7 @@ impl Quota {
         Quota {
             backend,
             quota_bytes,
+            size: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -224,10 +234,23 @@ impl Quota {
         if cost_bytes == 0 {
             return true;
         }
-        match self.backend.size() {
-            Ok(size) => size.size_bytes.saturating_add(cost_bytes) < self.quota_bytes,
-            Err(_) => true,
+        match self.backend_size() {
+            Some(size) => size.saturating_add(cost_bytes) < self.quota_bytes,
+            None => true,
         }
+    }
+
+    /// The backend size, measured at most every [`SIZE_REFRESH`].
+    fn backend_size(&self) -> Option<u64> {
+        let mut cached = self.size.lock();
+        if let Some((at, bytes)) = *cached {
+            if at.elapsed() < SIZE_REFRESH {
+                return Some(bytes);
+            }
+        }
+        let bytes = self.backend.size().ok()?.size_bytes;
+        *cached = Some((Instant::now(), bytes));
+        Some(bytes)
     }
 }
 
@@ -356,6 +379,8 @@ mod tests {
         let mut batch = WriteBatch::new();
         batch.put(ALARM_BUCKET, vec![1; 50], vec![2; 50]);
         backend.write(batch).unwrap();
+        // A quota measures the size at most every SIZE_REFRESH; a fresh one measures now.
+        let quota = Quota::new(backend.clone(), 300);
         assert!(!quota.available(267));
         assert!(quota.available(0));
     }
