@@ -14,8 +14,8 @@ use metastore_proto::metastorepb::internal_raft_request::Request;
 use metastore_state_machine::Output;
 use tonic::{Request as GrpcRequest, Response, Status};
 
-use crate::errors::{mvcc_status, raft_status};
-use crate::{ServerContext, PROPOSAL_TIMEOUT};
+use crate::errors::mvcc_status;
+use crate::ServerContext;
 
 /// etcd's KV service.
 pub struct KvService {
@@ -34,16 +34,6 @@ impl KvService {
             _ => Err(unexpected("kv request")),
         }
     }
-
-    /// A linearizable read waits until this member has applied everything committed when the
-    /// read arrived.
-    async fn read_barrier(&self) -> Result<(), Status> {
-        match tokio::time::timeout(PROPOSAL_TIMEOUT, self.ctx.raft.read_index()).await {
-            Err(_) => Err(Status::unavailable("etcdserver: request timed out")),
-            Ok(Err(e)) => Err(raft_status(&e)),
-            Ok(Ok(_)) => Ok(()),
-        }
-    }
 }
 
 fn unexpected(what: &str) -> Status {
@@ -57,18 +47,10 @@ impl Kv for KvService {
         request: GrpcRequest<RangeRequest>,
     ) -> Result<Response<RangeResponse>, Status> {
         let req = request.into_inner();
-        metastore_mvcc::check_range(&req).map_err(|e| mvcc_status(&e))?;
         if !req.serializable {
             self.ctx.refuse_on_learner()?;
-            self.read_barrier().await?;
         }
-        let store = self.ctx.store.current();
-        let (mut resp, revision) =
-            tokio::task::spawn_blocking(move || store.range_with_revision(&req))
-                .await
-                .map_err(|e| Status::internal(format!("etcdserver: range task failed: {e}")))?
-                .map_err(|e| mvcc_status(&e))?;
-        resp.header = Some(self.ctx.header(revision));
+        let resp = self.ctx.range(req).await?;
         Ok(Response::new(resp))
     }
 
@@ -114,7 +96,7 @@ impl Kv for KvService {
         if metastore_mvcc::is_txn_read_only(&req) {
             // Like etcd, a read-only txn is served locally after the read barrier: it changes
             // nothing, so it need not go through the log.
-            self.read_barrier().await?;
+            self.ctx.linearizable_barrier().await?;
             let store = self.ctx.store.current();
             let (mut resp, revision) =
                 tokio::task::spawn_blocking(move || store.txn_read_only(&req))

@@ -31,7 +31,9 @@ use std::time::Duration;
 
 use metastore_alarm::{AlarmTable, Quota};
 use metastore_proto::etcdserverpb::alarm_request::AlarmAction;
-use metastore_proto::etcdserverpb::{AlarmRequest, AlarmType, ResponseHeader};
+use metastore_proto::etcdserverpb::{
+    AlarmRequest, AlarmType, RangeRequest, RangeResponse, ResponseHeader,
+};
 use metastore_proto::metastorepb::internal_raft_request::Request;
 use metastore_raft_node::RaftNode;
 use metastore_state_machine::{
@@ -129,6 +131,23 @@ impl ServerContext {
             Ok(Err(e)) => Err(raft_status(&e)),
             Ok(Ok(_)) => Ok(()),
         }
+    }
+
+    /// A Range as etcd serves it: validated, linearizable unless `serializable` (ReadIndex
+    /// first), read on a blocking thread, with the header at the revision read.
+    pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Status> {
+        metastore_mvcc::check_range(&req).map_err(|e| mvcc_status(&e))?;
+        if !req.serializable {
+            self.linearizable_barrier().await?;
+        }
+        let store = self.store.current();
+        let (mut resp, revision) =
+            tokio::task::spawn_blocking(move || store.range_with_revision(&req))
+                .await
+                .map_err(|e| Status::internal(format!("etcdserver: range task failed: {e}")))?
+                .map_err(|e| mvcc_status(&e))?;
+        resp.header = Some(self.header(revision));
+        Ok(resp)
     }
 
     /// The leader's id when another member leads; `None` when this member leads; etcd's

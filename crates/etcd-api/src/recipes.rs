@@ -166,16 +166,12 @@ impl Recipes {
 
     /// A linearizable Range, validated as the KV service does; the header is filled in.
     pub(crate) async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Status> {
-        metastore_mvcc::check_range(&req).map_err(|e| mvcc_status(&e))?;
-        self.ctx.linearizable_barrier().await?;
-        let store = self.ctx.store.current();
-        let (mut resp, revision) =
-            tokio::task::spawn_blocking(move || store.range_with_revision(&req))
-                .await
-                .map_err(|e| Status::internal(format!("etcdserver: range task failed: {e}")))?
-                .map_err(|e| mvcc_status(&e))?;
-        resp.header = Some(self.ctx.header(revision));
-        Ok(resp)
+        self.ctx
+            .range(RangeRequest {
+                serializable: false,
+                ..req
+            })
+            .await
     }
 
     async fn propose_kv(&self, request: Request) -> Result<Applied, Status> {

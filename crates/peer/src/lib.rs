@@ -680,14 +680,14 @@ impl<O: Send + 'static> Peer for PeerService<O> {
         request: Request<MembersRequest>,
     ) -> Result<Response<ProgressResponse>, Status> {
         self.check_cluster(request.into_inner().cluster_id)?;
-        let status = self.node.status();
-        if !status.is_leader {
-            return Err(Status::unavailable("etcdserver: not leader"));
-        }
-        Ok(Response::new(ProgressResponse {
-            ids: status.progress.keys().copied().collect(),
-            matched: status.progress.values().copied().collect(),
-        }))
+        self.require_leader()?;
+        let (ids, matched) = self.node.with_status(|s| {
+            (
+                s.progress.keys().copied().collect(),
+                s.progress.values().copied().collect(),
+            )
+        });
+        Ok(Response::new(ProgressResponse { ids, matched }))
     }
 
     async fn removed(&self, request: Request<RemovedNotice>) -> Result<Response<PeerAck>, Status> {
