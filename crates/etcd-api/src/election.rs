@@ -29,6 +29,7 @@ use crate::recipes::{
     as_client_error, by_create_revision, created_at, delete_op, get, is_delete, prefix_range_end,
     put_op, range_op, session_key, txn_range_kvs, Recipes, ReleaseOnCancel, WatchBatch,
 };
+use crate::Caller;
 use crate::ServerContext;
 
 /// etcd's `ErrElectionNotLeader`: the leader key is gone or was re-created.
@@ -284,6 +285,9 @@ impl Election for ElectionService {
         request: GrpcRequest<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
         self.recipes.ctx().refuse_on_learner()?;
+        let prefix = election_prefix(&request.get_ref().name);
+        self.recipes
+            .authorize_prefix(&Caller::of(&request), &prefix, true)?;
         ElectionService::campaign(self, request.into_inner())
             .await
             .map(Response::new)
@@ -295,6 +299,13 @@ impl Election for ElectionService {
         request: GrpcRequest<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
         self.recipes.ctx().refuse_on_learner()?;
+        let key = request
+            .get_ref()
+            .leader
+            .as_ref()
+            .map(|l| l.key.clone())
+            .unwrap_or_default();
+        self.recipes.authorize_key(&Caller::of(&request), &key)?;
         ElectionService::proclaim(self, request.into_inner())
             .await
             .map(Response::new)
@@ -306,6 +317,9 @@ impl Election for ElectionService {
         request: GrpcRequest<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
         self.recipes.ctx().refuse_on_learner()?;
+        let prefix = election_prefix(&request.get_ref().name);
+        self.recipes
+            .authorize_prefix(&Caller::of(&request), &prefix, false)?;
         ElectionService::leader(self, request.into_inner())
             .await
             .map(Response::new)
@@ -319,7 +333,9 @@ impl Election for ElectionService {
         request: GrpcRequest<LeaderRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
         self.recipes.ctx().refuse_on_learner()?;
+        let caller = Caller::of(&request);
         let prefix = election_prefix(&request.into_inner().name);
+        self.recipes.authorize_prefix(&caller, &prefix, false)?;
         // Unbuffered in etcd; a small buffer keeps the observer a step ahead at most.
         let (tx, rx) = mpsc::channel(1);
         let recipes = self.recipes.clone();
@@ -341,6 +357,13 @@ impl Election for ElectionService {
         request: GrpcRequest<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
         self.recipes.ctx().refuse_on_learner()?;
+        let key = request
+            .get_ref()
+            .leader
+            .as_ref()
+            .map(|l| l.key.clone())
+            .unwrap_or_default();
+        self.recipes.authorize_key(&Caller::of(&request), &key)?;
         ElectionService::resign(self, request.into_inner())
             .await
             .map(Response::new)

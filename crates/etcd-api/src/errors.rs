@@ -42,6 +42,7 @@ pub fn apply_error_status(e: &ApplyError) -> Status {
             Status::failed_precondition(format!("etcdserver: {reason}"))
         }
         ApplyError::MemberNotFound => member_not_found(),
+        ApplyError::Auth(e) => crate::auth::auth_status(e),
     }
 }
 

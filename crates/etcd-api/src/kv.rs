@@ -14,8 +14,10 @@ use metastore_proto::metastorepb::internal_raft_request::Request;
 use metastore_state_machine::Output;
 use tonic::{Request as GrpcRequest, Response, Status};
 
+use metastore_auth::{needs, AuthInfo, Need};
+
 use crate::errors::mvcc_status;
-use crate::ServerContext;
+use crate::{Caller, ServerContext};
 
 /// etcd's KV service.
 pub struct KvService {
@@ -28,8 +30,8 @@ impl KvService {
         KvService { ctx }
     }
 
-    async fn propose(&self, request: Request) -> Result<Applied, Status> {
-        match self.ctx.propose(request).await? {
+    async fn propose(&self, request: Request, who: &AuthInfo) -> Result<Applied, Status> {
+        match self.ctx.propose_as(request, who).await? {
             Output::Kv(applied) => Ok(applied),
             _ => Err(unexpected("kv request")),
         }
@@ -46,22 +48,32 @@ impl Kv for KvService {
         &self,
         request: GrpcRequest<RangeRequest>,
     ) -> Result<Response<RangeResponse>, Status> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         if !req.serializable {
             self.ctx.refuse_on_learner()?;
         }
-        let resp = self.ctx.range(req).await?;
+        let resp = self.ctx.range(Some(&caller), req).await?;
         Ok(Response::new(resp))
     }
 
     async fn put(&self, request: GrpcRequest<PutRequest>) -> Result<Response<PutResponse>, Status> {
         self.ctx.refuse_on_learner()?;
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         metastore_mvcc::check_put(&req).map_err(|e| mvcc_status(&e))?;
+        // etcd's checkLeasePuts: the lease's keys must be writable too.
+        let lease_keys = match req.lease {
+            0 => Vec::new(),
+            id => self.ctx.lease_keys(id),
+        };
+        let mut put_needs = needs::put(&req);
+        put_needs.extend(lease_keys.iter().map(|k| Need::Write(k, &[])));
+        let who = self.ctx.authorize(&caller, &put_needs)?;
         self.ctx
             .check_quota(metastore_alarm::put_cost(&req))
             .await?;
-        let applied = self.propose(Request::Put(req)).await?;
+        let applied = self.propose(Request::Put(req), &who).await?;
         match applied.response {
             WriteResponse::Put(mut resp) => {
                 resp.header = Some(self.ctx.header(applied.revision));
@@ -76,9 +88,11 @@ impl Kv for KvService {
         request: GrpcRequest<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
         self.ctx.refuse_on_learner()?;
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         metastore_mvcc::check_delete(&req).map_err(|e| mvcc_status(&e))?;
-        let applied = self.propose(Request::DeleteRange(req)).await?;
+        let who = self.ctx.authorize(&caller, &needs::delete_range(&req))?;
+        let applied = self.propose(Request::DeleteRange(req), &who).await?;
         match applied.response {
             WriteResponse::DeleteRange(mut resp) => {
                 resp.header = Some(self.ctx.header(applied.revision));
@@ -90,6 +104,7 @@ impl Kv for KvService {
 
     async fn txn(&self, request: GrpcRequest<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         self.ctx.refuse_on_learner()?;
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         metastore_mvcc::check_txn(&req, self.ctx.limits.max_txn_ops)
             .map_err(|e| mvcc_status(&e))?;
@@ -97,6 +112,7 @@ impl Kv for KvService {
             // Like etcd, a read-only txn is served locally after the read barrier: it changes
             // nothing, so it need not go through the log.
             self.ctx.linearizable_barrier().await?;
+            self.ctx.authorize(&caller, &needs::txn(&req))?;
             let store = self.ctx.store.current();
             let (mut resp, revision) =
                 tokio::task::spawn_blocking(move || store.txn_read_only(&req))
@@ -106,10 +122,11 @@ impl Kv for KvService {
             resp.header = Some(self.ctx.header(revision));
             return Ok(Response::new(resp));
         }
+        let who = self.ctx.authorize(&caller, &needs::txn(&req))?;
         self.ctx
             .check_quota(metastore_alarm::txn_cost(&req))
             .await?;
-        let applied = self.propose(Request::Txn(req)).await?;
+        let applied = self.propose(Request::Txn(req), &who).await?;
         match applied.response {
             WriteResponse::Txn(mut resp) => {
                 resp.header = Some(self.ctx.header(applied.revision));
@@ -124,8 +141,9 @@ impl Kv for KvService {
         request: GrpcRequest<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
         self.ctx.refuse_on_learner()?;
+        let who = self.ctx.authorize(&Caller::of(&request), &[Need::Admin])?;
         let req = request.into_inner();
-        let applied = self.propose(Request::Compaction(req)).await?;
+        let applied = self.propose(Request::Compaction(req), &who).await?;
         match applied.response {
             WriteResponse::Compact(mut resp) => {
                 resp.header = Some(self.ctx.header(applied.revision));

@@ -21,7 +21,9 @@ use tokio_stream::Stream;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
 use crate::errors::lease_status;
-use crate::ServerContext;
+use metastore_auth::Need;
+
+use crate::{Caller, ServerContext};
 
 /// How often the leader looks for expired leases (etcd: every 500 ms).
 const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_millis(200);
@@ -100,6 +102,9 @@ impl Lease for LeaseService {
         request: GrpcRequest<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
         self.ctx.refuse_on_learner()?;
+        let who = self
+            .ctx
+            .authorize(&Caller::of(&request), &[Need::Authenticated])?;
         let req = request.into_inner();
         if req.ttl > MAX_LEASE_TTL_SECS {
             return Err(lease_status(&LeaseError::TtlTooLarge));
@@ -123,7 +128,11 @@ impl Lease for LeaseService {
             .check_quota(metastore_alarm::lease_grant_cost())
             .await?;
         let grant = LeaseGrantRequest { ttl: req.ttl, id };
-        match self.ctx.propose(Request::LeaseGrant(grant)).await? {
+        match self
+            .ctx
+            .propose_as(Request::LeaseGrant(grant), &who)
+            .await?
+        {
             Output::LeaseGrant { id, ttl_secs } => Ok(Response::new(LeaseGrantResponse {
                 header: Some(self.ctx.header(0)),
                 id,
@@ -139,8 +148,13 @@ impl Lease for LeaseService {
         request: GrpcRequest<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         self.ctx.refuse_on_learner()?;
+        let caller = Caller::of(&request);
         let req = request.into_inner();
-        match self.ctx.propose(Request::LeaseRevoke(req)).await? {
+        // etcd's checkLeasePuts: write permission on every attached key.
+        let keys = self.lessor.attached_keys(req.id).unwrap_or_default();
+        let needs: Vec<Need<'_>> = keys.iter().map(|k| Need::Write(k, &[])).collect();
+        let who = self.ctx.authorize(&caller, &needs)?;
+        match self.ctx.propose_as(Request::LeaseRevoke(req), &who).await? {
             Output::LeaseRevoke { revision } => Ok(Response::new(LeaseRevokeResponse {
                 header: Some(self.ctx.header(revision)),
             })),
@@ -155,12 +169,22 @@ impl Lease for LeaseService {
         request: GrpcRequest<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         self.ctx.refuse_on_learner()?;
+        let caller = Caller::of(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let ctx = self.ctx.clone();
         let lessor = self.lessor.clone();
         tokio::spawn(async move {
             while let Ok(Some(req)) = inbound.message().await {
+                // etcd 3.5+: renewing needs write permission on the lease's keys.
+                let keys = ctx.lease_keys(req.id);
+                let needs: Vec<Need<'_>> = keys.iter().map(|k| Need::Write(k, &[])).collect();
+                let mut needs = needs;
+                needs.push(Need::Authenticated);
+                if let Err(status) = ctx.authorize(&caller, &needs) {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
                 // Only the leader counts leases down: a follower forwards the renewal.
                 let renewed = match ctx.remote_leader() {
                     Ok(None) => lessor.renew(req.id).map_err(|e| lease_status(&e)),
@@ -200,10 +224,21 @@ impl Lease for LeaseService {
         request: GrpcRequest<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         self.ctx.refuse_on_learner()?;
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         // Linearizable: the table reflects every grant and revoke committed before the call.
         self.ctx.linearizable_barrier().await?;
         let mut found = self.lessor.time_to_live(req.id);
+        // etcd's checkLeaseTimeToLive: listing the keys needs read permission on each.
+        match (&found, req.keys) {
+            (Some(status), true) => {
+                let needs: Vec<Need<'_>> = status.keys.iter().map(|k| Need::Read(k, &[])).collect();
+                self.ctx.authorize(&caller, &needs)?;
+            }
+            _ => {
+                self.ctx.authorize(&caller, &[Need::Authenticated])?;
+            }
+        }
         // The remaining TTL is only counted on the leader.
         if let (Some(status), Some(leader)) = (found.as_mut(), self.ctx.remote_leader()?) {
             match self.ctx.forwarder.lease_ttl(leader, req.id).await? {
@@ -234,9 +269,15 @@ impl Lease for LeaseService {
 
     async fn lease_leases(
         &self,
-        _request: GrpcRequest<LeaseLeasesRequest>,
+        request: GrpcRequest<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
         self.ctx.refuse_on_learner()?;
+        // etcd 3.5+: listing leases needs read permission on every attached key.
+        let ids = self.lessor.leases();
+        let keys: Vec<Vec<u8>> = ids.iter().flat_map(|id| self.ctx.lease_keys(*id)).collect();
+        let mut needs: Vec<Need<'_>> = keys.iter().map(|k| Need::Read(k, &[])).collect();
+        needs.push(Need::Authenticated);
+        self.ctx.authorize(&Caller::of(&request), &needs)?;
         let leases = self
             .lessor
             .leases()

@@ -6,6 +6,7 @@
 //!
 //! Must not depend on: the engine choice, raft internals beyond [`RaftNode`]'s handle.
 
+mod auth;
 mod cluster;
 mod election;
 mod errors;
@@ -15,6 +16,7 @@ mod lock;
 mod recipes;
 mod watch;
 
+pub use auth::{auth_status, AuthGate, AuthLayer, AuthService, Caller};
 pub use cluster::{member_to_pb, spawn_publish, ClusterService};
 pub use election::ElectionService;
 pub use errors::{apply_error_status, mvcc_status, no_space, raft_status, request_too_large};
@@ -30,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metastore_alarm::{AlarmTable, Quota};
+use metastore_auth::AuthInfo;
 use metastore_proto::etcdserverpb::alarm_request::AlarmAction;
 use metastore_proto::etcdserverpb::{
     AlarmRequest, AlarmType, RangeRequest, RangeResponse, ResponseHeader,
@@ -37,7 +40,7 @@ use metastore_proto::etcdserverpb::{
 use metastore_proto::metastorepb::internal_raft_request::Request;
 use metastore_raft_node::RaftNode;
 use metastore_state_machine::{
-    encode_request, ApplyError, ApplyOutput, MemberTable, Output, StoreHandle,
+    encode_request, encode_request_as, ApplyError, ApplyOutput, MemberTable, Output, StoreHandle,
 };
 use tonic::Status;
 
@@ -104,6 +107,10 @@ pub struct ServerContext {
     pub members: MemberTable,
     /// Reaches the leader for what only the leader knows.
     pub forwarder: Arc<dyn LeaderForwarder>,
+    /// Users, roles and tokens.
+    pub auth: Arc<AuthGate>,
+    /// The lease table (read side), for the permission checks on attached keys.
+    pub lessor: Arc<metastore_lease::Lessor>,
 }
 
 impl ServerContext {
@@ -124,6 +131,11 @@ impl ServerContext {
 }
 
 impl ServerContext {
+    /// The keys attached to lease `id` (none when unknown).
+    pub fn lease_keys(&self, id: i64) -> Vec<Vec<u8>> {
+        self.lessor.attached_keys(id).unwrap_or_default()
+    }
+
     /// Waits for a linearizable read barrier (ReadIndex), with etcd's errors.
     pub async fn linearizable_barrier(&self) -> Result<(), Status> {
         match tokio::time::timeout(PROPOSAL_TIMEOUT, self.raft.read_index()).await {
@@ -134,11 +146,21 @@ impl ServerContext {
     }
 
     /// A Range as etcd serves it: validated, linearizable unless `serializable` (ReadIndex
-    /// first), read on a blocking thread, with the header at the revision read.
-    pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Status> {
+    /// first), checked against `caller`'s read permission as of after the barrier, read on a
+    /// blocking thread, with the header at the revision read.
+    /// `caller: None` is the server's own read (the lock and election recipes, whose callers
+    /// were checked on the recipe's prefix).
+    pub async fn range(
+        &self,
+        caller: Option<&Caller>,
+        req: RangeRequest,
+    ) -> Result<RangeResponse, Status> {
         metastore_mvcc::check_range(&req).map_err(|e| mvcc_status(&e))?;
         if !req.serializable {
             self.linearizable_barrier().await?;
+        }
+        if let Some(caller) = caller {
+            self.authorize(caller, &metastore_auth::needs::range(&req))?;
         }
         let store = self.store.current();
         let (mut resp, revision) =
@@ -178,10 +200,19 @@ impl ServerContext {
         Ok(())
     }
 
-    /// Propose `request` through raft and wait until it is applied here: etcd's
-    /// `request is too large` / `request timed out` / `no leader`, or the applied result.
+    /// Propose a request the server makes itself (not subject to permissions) through raft
+    /// and wait until it is applied here: etcd's `request is too large` / `request timed out` /
+    /// `no leader`, or the applied result.
     pub async fn propose(&self, request: Request) -> Result<Output, Status> {
-        let data = encode_request(request);
+        self.propose_data(encode_request(request)).await
+    }
+
+    /// Propose a client's request, made by `who`: the apply step checks its permissions again.
+    pub async fn propose_as(&self, request: Request, who: &AuthInfo) -> Result<Output, Status> {
+        self.propose_data(encode_request_as(request, who)).await
+    }
+
+    async fn propose_data(&self, data: Vec<u8>) -> Result<Output, Status> {
         if data.len() > self.limits.max_request_bytes {
             return Err(errors::request_too_large());
         }

@@ -20,6 +20,7 @@ use crate::recipes::{
     as_client_error, by_create_revision, created_at, get, put_op, range_op, session_key,
     txn_range_kvs, Recipes, ReleaseOnCancel,
 };
+use crate::Caller;
 use crate::ServerContext;
 
 /// etcd's error when the waiter's own key vanished (its lease expired) while it waited.
@@ -105,6 +106,9 @@ impl Lock for LockService {
         request: GrpcRequest<LockRequest>,
     ) -> Result<Response<LockResponse>, Status> {
         self.recipes.ctx().refuse_on_learner()?;
+        let prefix = [request.get_ref().name.as_slice(), b"/"].concat();
+        self.recipes
+            .authorize_prefix(&Caller::of(&request), &prefix, true)?;
         LockService::lock(self, request.into_inner())
             .await
             .map(Response::new)
@@ -116,6 +120,8 @@ impl Lock for LockService {
         request: GrpcRequest<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
         self.recipes.ctx().refuse_on_learner()?;
+        self.recipes
+            .authorize_key(&Caller::of(&request), &request.get_ref().key)?;
         let resp = self
             .recipes
             .delete(request.into_inner().key)

@@ -27,7 +27,9 @@ use tokio::sync::mpsc;
 use tonic::{Code, Status};
 
 use crate::errors::mvcc_status;
-use crate::ServerContext;
+use metastore_auth::Need;
+
+use crate::{Caller, ServerContext};
 
 /// TTL of the lease a Lock or Campaign without a lease gets (etcd's `defaultSessionTTL`).
 const SESSION_TTL_SECS: i64 = 60;
@@ -164,13 +166,40 @@ impl Recipes {
         &self.ctx
     }
 
+    /// Checks that `caller` may use the recipe keys under `prefix` (lock or election name plus
+    /// `/`): read, and write too when `write`. The recipe's own reads and writes are then made
+    /// by the server.
+    pub(crate) fn authorize_prefix(
+        &self,
+        caller: &Caller,
+        prefix: &[u8],
+        write: bool,
+    ) -> Result<(), Status> {
+        let end = prefix_range_end(prefix);
+        let mut needs = vec![Need::Read(prefix, &end)];
+        if write {
+            needs.push(Need::Write(prefix, &end));
+        }
+        self.ctx.authorize(caller, &needs)?;
+        Ok(())
+    }
+
+    /// Checks that `caller` may write `key` (unlock, proclaim, resign).
+    pub(crate) fn authorize_key(&self, caller: &Caller, key: &[u8]) -> Result<(), Status> {
+        self.ctx.authorize(caller, &[Need::Write(key, &[])])?;
+        Ok(())
+    }
+
     /// A linearizable Range, validated as the KV service does; the header is filled in.
     pub(crate) async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Status> {
         self.ctx
-            .range(RangeRequest {
-                serializable: false,
-                ..req
-            })
+            .range(
+                None,
+                RangeRequest {
+                    serializable: false,
+                    ..req
+                },
+            )
             .await
     }
 

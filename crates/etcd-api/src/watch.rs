@@ -15,7 +15,36 @@ use metastore_watch::WatchHub;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
-use crate::ServerContext;
+use metastore_auth::Need;
+
+use crate::{Caller, ServerContext};
+
+/// etcd's answer to a watch create the caller may not read: created and canceled at once, the
+/// reason being the gRPC error's text as Go prints it.
+fn refused(ctx: &ServerContext, status: &Status) -> WatchResponse {
+    WatchResponse {
+        header: Some(ctx.header(0)),
+        watch_id: -1,
+        created: true,
+        canceled: true,
+        cancel_reason: format!(
+            "rpc error: code = {} desc = {}",
+            go_code_name(status.code()),
+            status.message()
+        ),
+        ..Default::default()
+    }
+}
+
+/// gRPC code names as grpc-go prints them.
+fn go_code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::PermissionDenied => "PermissionDenied",
+        tonic::Code::InvalidArgument => "InvalidArgument",
+        tonic::Code::Unauthenticated => "Unauthenticated",
+        _ => "Unknown",
+    }
+}
 
 /// etcd's default `--experimental-watch-progress-notify-interval`.
 pub const DEFAULT_PROGRESS_NOTIFY_INTERVAL: Duration = Duration::from_secs(600);
@@ -50,9 +79,11 @@ impl Watch for WatchService {
         request: GrpcRequest<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.ctx.refuse_on_learner()?;
+        let caller = Caller::of(&request);
         let mut inbound = request.into_inner();
         let (stream, rx) = self.hub.open_stream();
         let interval = self.progress_notify_interval;
+        let ctx = self.ctx.clone();
         tokio::spawn(async move {
             let mut ticker =
                 tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -61,7 +92,15 @@ impl Watch for WatchService {
                     message = inbound.message() => {
                         let Ok(Some(req)) = message else { break };
                         let handled = match req.request_union {
-                            Some(RequestUnion::CreateRequest(create)) => stream.create(create).await,
+                            Some(RequestUnion::CreateRequest(create)) => {
+                                // etcd checks read permission once, when the watcher is created,
+                                // and answers a refusal as a created-and-canceled watcher.
+                                let needs = [Need::Read(&create.key, &create.range_end)];
+                                match ctx.authorize(&caller, &needs) {
+                                    Ok(_) => stream.create(create).await,
+                                    Err(status) => stream.send(refused(&ctx, &status)).await,
+                                }
+                            }
                             Some(RequestUnion::CancelRequest(cancel)) => {
                                 stream.cancel(cancel.watch_id).await
                             }

@@ -91,8 +91,18 @@ impl Maintenance for MaintenanceService {
         request: GrpcRequest<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
         self.ctx.refuse_on_learner()?;
+        let caller = metastore_etcd_api::Caller::of(&request);
         let req = request.into_inner();
-        match self.ctx.propose(Request::Alarm(req)).await? {
+        // etcd 3.5+: any user may list alarms; raising or clearing one needs root.
+        let need = if req.action
+            == metastore_proto::etcdserverpb::alarm_request::AlarmAction::Get as i32
+        {
+            metastore_auth::Need::Authenticated
+        } else {
+            metastore_auth::Need::Admin
+        };
+        let who = self.ctx.authorize(&caller, &[need])?;
+        match self.ctx.propose_as(Request::Alarm(req), &who).await? {
             Output::Alarm(mut resp) => {
                 resp.header = Some(self.ctx.header(0));
                 Ok(Response::new(resp))

@@ -32,7 +32,7 @@ use metastore_raft_node::{Message, MessageType, RaftNode, Transport};
 use parking_lot::Mutex;
 use protobuf::Message as _;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 /// Messages queued for one member before new ones are dropped.
@@ -84,13 +84,32 @@ fn cluster_mismatch(mine: u64, theirs: u64) -> Status {
     ))
 }
 
+/// How this member reaches `https://` peers (`--peer-trusted-ca-file`, and its own
+/// certificate for `--peer-client-cert-auth`). Set once at start.
+static PEER_CLIENT_TLS: std::sync::OnceLock<ClientTlsConfig> = std::sync::OnceLock::new();
+
+/// Sets the TLS configuration used for `https://` peer URLs (once, at start).
+pub fn set_client_tls(tls: ClientTlsConfig) {
+    let _ = PEER_CLIENT_TLS.set(tls);
+}
+
 fn channel_to(url: &str) -> Result<Channel, Status> {
-    let endpoint = Endpoint::from_shared(url.to_string())
+    let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| Status::invalid_argument(format!("bad peer URL {url:?}: {e}")))?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
+    if url.starts_with("https://") {
+        let tls = PEER_CLIENT_TLS.get().cloned().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "peer URL {url} is https:// but no --peer-trusted-ca-file was given"
+            ))
+        })?;
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| Status::invalid_argument(format!("peer TLS for {url}: {e}")))?;
+    }
     Ok(endpoint.connect_lazy())
 }
 

@@ -86,6 +86,40 @@ pub struct Config {
     /// Storage engine.
     #[arg(long, value_enum, default_value = "memory")]
     pub storage_engine: Engine,
+    /// Auth token type: `simple`, or `jwt,pub-key=FILE,priv-key=FILE,sign-method=ALG[,ttl=5m]`.
+    #[arg(long, default_value = "simple")]
+    pub auth_token: String,
+    /// Seconds a simple token stays valid after its last use.
+    #[arg(long, default_value_t = 300)]
+    pub auth_token_ttl: u64,
+    /// bcrypt cost of stored password hashes (4..=31).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
+    pub bcrypt_cost: u32,
+    /// Client TLS certificate (PEM), for https:// client URLs.
+    #[arg(long)]
+    pub cert_file: Option<PathBuf>,
+    /// Client TLS key (PEM).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// CA bundle (PEM) that signs client certificates.
+    #[arg(long)]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Require client certificates signed by --trusted-ca-file; the certificate's CN is the
+    /// user when a request carries no token.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub client_cert_auth: bool,
+    /// Peer TLS certificate (PEM), for https:// peer URLs; also presented to peers as client.
+    #[arg(long)]
+    pub peer_cert_file: Option<PathBuf>,
+    /// Peer TLS key (PEM).
+    #[arg(long)]
+    pub peer_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) that signs peer certificates.
+    #[arg(long)]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// Require peers to present certificates signed by --peer-trusted-ca-file.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub peer_client_cert_auth: bool,
     /// Log level: debug, info, warn, error.
     #[arg(long, default_value = "info")]
     pub log_level: String,

@@ -4,6 +4,7 @@
 mod boot;
 mod config;
 mod snapshot_cmd;
+mod tls;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,10 +16,11 @@ use metastore_etcd_api::{
     spawn_lease_expiry, spawn_publish, BoxFuture, ClusterService, KvService, LeaderForwarder,
     LeaseService, Limits, ServerContext, WatchService,
 };
-use metastore_etcd_api::{ElectionService, LockService};
+use metastore_etcd_api::{AuthGate, AuthLayer, AuthService, ElectionService, LockService};
 use metastore_lease::Lessor;
 use metastore_maintenance_api::MaintenanceService;
 use metastore_peer::{LeaseHandler, PeerNetwork, PeerService};
+use metastore_proto::etcdserverpb::auth_server::AuthServer;
 use metastore_proto::etcdserverpb::cluster_server::ClusterServer;
 use metastore_proto::etcdserverpb::kv_server::KvServer;
 use metastore_proto::etcdserverpb::lease_server::LeaseServer;
@@ -172,6 +174,9 @@ async fn main() -> Result<()> {
     }
     let cfg = Config::parse();
     init_logging(&cfg);
+    // Before anything talks to peers (joining asks the running members).
+    let client_tls = tls::client_side(&cfg)?;
+    let peer_tls = tls::peer_side(&cfg)?;
 
     let data_dir = cfg.data_dir();
     let member_dir = data_dir.join("member");
@@ -211,6 +216,18 @@ async fn main() -> Result<()> {
     let min_ttl_ms = (3 * election_ticks / 2) * cfg.heartbeat_interval;
     lessor.set_min_ttl_secs(min_ttl_ms.div_ceil(1000) as i64);
     let members = sm.members();
+    let auth_store = sm.auth();
+    auth_store
+        .simple_tokens()
+        .set_ttl(Duration::from_secs(cfg.auth_token_ttl.max(1)));
+    let tokens = metastore_auth::tokens::TokenProvider::from_flag(&cfg.auth_token)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let auth_gate = Arc::new(AuthGate::new(
+        auth_store,
+        tokens,
+        cfg.bcrypt_cost,
+        cfg.client_cert_auth,
+    ));
     let watch_hub = sm.watch_hub();
     watch_hub.set_max_response_bytes(cfg.max_request_bytes);
     watch_hub
@@ -257,6 +274,8 @@ async fn main() -> Result<()> {
         quota: metastore_alarm::Quota::new(backend.clone(), cfg.quota_backend_bytes),
         members: members.clone(),
         forwarder: Arc::new(Forwarder(network.clone())),
+        auth: auth_gate,
+        lessor: lessor.clone(),
     };
     if !cfg.experimental_corrupt_check_time.is_zero() {
         metastore_maintenance_api::spawn_corruption_check(
@@ -312,8 +331,12 @@ async fn main() -> Result<()> {
         let mut stop = stop_rx.clone();
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &peer_tls {
+            builder = builder.tls_config(tls.clone())?;
+        }
         peer_servers.push(tokio::spawn(
-            tonic::transport::Server::builder()
+            builder
                 .add_service(peer)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
@@ -342,13 +365,26 @@ async fn main() -> Result<()> {
         // Small responses must not wait for Nagle's algorithm (40 ms with delayed ACKs).
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let mut builder = tonic::transport::Server::builder();
+        if url.starts_with("https://") {
+            let tls = client_tls.clone().with_context(|| {
+                format!(
+                    "TLS key/cert (--cert-file, --key-file) must be provided for client url \
+                     {url} with HTTPS scheme"
+                )
+            })?;
+            builder = builder.tls_config(tls)?;
+        }
         servers.push(tokio::spawn(
-            tonic::transport::Server::builder()
+            builder
+                // Every call passes the auth layer: one place decides who may call what.
+                .layer(AuthLayer::new(ctx.clone()))
                 .add_service(kv)
                 .add_service(watch)
                 .add_service(lease)
                 .add_service(maintenance)
                 .add_service(cluster)
+                .add_service(AuthServer::new(AuthService::new(ctx.clone())))
                 .add_service(LockServer::new(LockService::new(&ctx, &watch_hub)))
                 .add_service(ElectionServer::new(ElectionService::new(&ctx, &watch_hub)))
                 .add_service(health_service.clone())

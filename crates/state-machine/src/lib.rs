@@ -22,14 +22,18 @@ use std::sync::Arc;
 pub use members::{MemberTable, MEMBERS_BUCKET, MEMBERS_REMOVED_BUCKET};
 
 use metastore_alarm::{AlarmError, AlarmTable, Quota};
+use metastore_auth::{AuthError, AuthInfo, AuthStore, Need};
 use metastore_lease::{LeaseError, Lessor};
 use metastore_mvcc::{Applied, MvccError, Store, WriteRequest};
+use metastore_proto::etcdserverpb::alarm_request::AlarmAction;
 use metastore_proto::etcdserverpb::{
     request_op, AlarmResponse, AlarmType, DeleteRangeRequest, LeaseGrantRequest, RangeRequest,
     RequestOp, TxnRequest,
 };
 use metastore_proto::metastorepb::Member;
-use metastore_proto::metastorepb::{internal_raft_request::Request, InternalRaftRequest};
+use metastore_proto::metastorepb::{
+    internal_raft_request::Request, InternalRaftRequest, RequestHeader,
+};
 use metastore_raft_node::{MembershipChange, StateMachine};
 use metastore_storage::{Backend, StorageError, WriteBatch};
 use metastore_watch::{StoreSource, WatchHub};
@@ -43,6 +47,7 @@ pub fn buckets() -> Vec<&'static str> {
     buckets.push(metastore_lease::LEASE_BUCKET);
     buckets.push(MEMBERS_BUCKET);
     buckets.push(MEMBERS_REMOVED_BUCKET);
+    buckets.extend(metastore_auth::BUCKETS);
     buckets
 }
 
@@ -105,6 +110,10 @@ pub enum ApplyError {
     /// A member-update request named a member that is not in the cluster.
     #[error("etcdserver: member not found")]
     MemberNotFound,
+    /// The auth store refused the request (permissions as of this log position, or an auth
+    /// management rule).
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 /// The result of an applied entry, by kind of request.
@@ -128,15 +137,46 @@ pub enum Output {
     },
     /// A membership change or member update: the members afterwards.
     Members(Vec<Member>),
+    /// An auth management change; the auth revision afterwards.
+    Auth {
+        /// The auth revision after the change.
+        revision: u64,
+    },
+    /// An applied Authenticate: the simple token issued (none for JWT, which the receiving
+    /// member signs) and the auth revision.
+    Authenticated {
+        /// The simple token, when one was asked for.
+        token: Option<String>,
+        /// The auth revision the token is valid for.
+        revision: u64,
+    },
 }
 
 /// What applying one entry gives its proposer.
 pub type ApplyOutput = Result<Output, ApplyError>;
 
-/// Encode a request as the payload of a raft entry.
+/// Encode a request the server issues itself (lease expiry, alarms, publish) as the payload of
+/// a raft entry: not subject to permissions.
 pub fn encode_request(request: Request) -> Vec<u8> {
     InternalRaftRequest {
-        header: None,
+        header: Some(RequestHeader {
+            internal: true,
+            ..Default::default()
+        }),
+        request: Some(request),
+    }
+    .encode_to_vec()
+}
+
+/// Encode a client's request, made by `who`, as the payload of a raft entry: the apply step
+/// checks its permissions again as of its log position.
+pub fn encode_request_as(request: Request, who: &AuthInfo) -> Vec<u8> {
+    InternalRaftRequest {
+        header: Some(RequestHeader {
+            username: who.username.clone(),
+            auth_revision: who.revision,
+            ..Default::default()
+        }),
         request: Some(request),
     }
     .encode_to_vec()
@@ -170,6 +210,7 @@ pub struct KvStateMachine {
     lessor: Arc<Lessor>,
     watch: Arc<WatchHub>,
     members: MemberTable,
+    auth: AuthStore,
 }
 
 impl StoreSource for StoreHandle {
@@ -206,8 +247,12 @@ impl KvStateMachine {
         members
             .load(&*backend.snapshot()?)
             .map_err(|e| MvccError::Corrupt(e.to_string()))?;
+        let auth = AuthStore::new();
+        auth.load(&*backend.snapshot()?)
+            .map_err(|e| MvccError::Corrupt(e.to_string()))?;
         let store = StoreHandle::new(store);
         Ok(KvStateMachine {
+            auth,
             quota: Quota::new(backend.clone(), 0),
             backend,
             watch: WatchHub::new(Arc::new(store.clone())),
@@ -221,6 +266,11 @@ impl KvStateMachine {
     /// The membership table this state machine maintains.
     pub fn members(&self) -> MemberTable {
         self.members.clone()
+    }
+
+    /// The auth store this state machine maintains (the API checks callers against it).
+    pub fn auth(&self) -> AuthStore {
+        self.auth.clone()
     }
 
     /// Use `quota_bytes` (`--quota-backend-bytes`; 0 = etcd's default 2 GiB) for the
@@ -300,8 +350,91 @@ impl KvStateMachine {
         self.watch.notify(applied.revision, &applied.events);
     }
 
-    fn apply_request(&mut self, index: u64, request: Request) -> ApplyOutput {
+    /// etcd's auth applier: a client's request is checked against the auth store as of this
+    /// log position (the same on every member), with the user and auth revision the proposing
+    /// member established.
+    fn check_auth(&self, header: &RequestHeader, request: &Request) -> Result<(), ApplyError> {
+        if header.internal || !self.auth.is_enabled() {
+            return Ok(());
+        }
+        let who = AuthInfo {
+            username: header.username.clone(),
+            revision: header.auth_revision,
+        };
+        let keys;
+        let needs: Vec<Need<'_>> = match request {
+            Request::Put(r) => {
+                // etcd's checkLeasePuts: attaching a lease needs write permission on the keys
+                // it already holds (whoever may not write them could not revoke it).
+                keys = self.lessor.attached_keys(r.lease).unwrap_or_default();
+                let mut needs = metastore_auth::needs::put(r);
+                needs.extend(keys.iter().map(|k| Need::Write(k, &[])));
+                needs
+            }
+            Request::DeleteRange(r) => metastore_auth::needs::delete_range(r),
+            Request::Txn(r) => metastore_auth::needs::txn(r),
+            Request::LeaseGrant(_) => vec![Need::Authenticated],
+            Request::Alarm(r) if r.action == AlarmAction::Get as i32 => vec![Need::Authenticated],
+            Request::LeaseRevoke(r) => {
+                keys = self.lessor.attached_keys(r.id).unwrap_or_default();
+                keys.iter().map(|k| Need::Write(k, &[])).collect()
+            }
+            // Checked with the password by the receiving member; the user must still exist.
+            Request::Authenticate(_) => return Ok(()),
+            _ => vec![Need::Admin],
+        };
+        self.auth.check(&who, &needs)?;
+        Ok(())
+    }
+
+    fn apply_auth(&self, index: u64, store: &Store, request: &Request) -> Option<ApplyOutput> {
+        let auth = &self.auth;
+        let mut batch = WriteBatch::new();
+        let result = match request {
+            Request::Authenticate(r) => {
+                return Some(
+                    auth.apply_authenticate(&r.name, &r.simple_token_prefix, index)
+                        .map(|(token, revision)| Output::Authenticated { token, revision })
+                        .map_err(ApplyError::from),
+                )
+            }
+            Request::AuthEnable(_) => auth.apply_enable(&mut batch),
+            Request::AuthDisable(_) => auth.apply_disable(&mut batch),
+            Request::UserAdd(r) => auth.apply_user_add(r, &mut batch),
+            Request::UserDelete(r) => auth.apply_user_delete(&r.name, &mut batch),
+            Request::UserChangePassword(r) => {
+                auth.apply_user_change_password(&r.name, &r.hashed_password, &mut batch)
+            }
+            Request::UserGrantRole(r) => auth.apply_user_grant_role(&r.user, &r.role, &mut batch),
+            Request::UserRevokeRole(r) => auth.apply_user_revoke_role(&r.name, &r.role, &mut batch),
+            Request::RoleAdd(r) => auth.apply_role_add(&r.name, &mut batch),
+            Request::RoleDelete(r) => auth.apply_role_delete(&r.role, &mut batch),
+            Request::RoleGrantPermission(r) => auth.apply_role_grant_permission(r, &mut batch),
+            Request::RoleRevokePermission(r) => auth.apply_role_revoke_permission(r, &mut batch),
+            _ => return None,
+        };
+        Some(match result {
+            Ok(()) => match store.record_applied(index, batch) {
+                Ok(()) => Ok(Output::Auth {
+                    revision: auth.revision(),
+                }),
+                Err(e) => Err(e.into()),
+            },
+            Err(e) => Err(e.into()),
+        })
+    }
+
+    fn apply_request(
+        &mut self,
+        index: u64,
+        header: RequestHeader,
+        request: Request,
+    ) -> ApplyOutput {
+        self.check_auth(&header, &request)?;
         let store = self.store.current();
+        if let Some(output) = self.apply_auth(index, &store, &request) {
+            return output;
+        }
         match &request {
             Request::Alarm(r) => {
                 let resp = self
@@ -375,8 +508,8 @@ impl StateMachine for KvStateMachine {
         let result = match InternalRaftRequest::decode(payload) {
             Ok(InternalRaftRequest {
                 request: Some(request),
-                ..
-            }) => self.apply_request(index, request),
+                header,
+            }) => self.apply_request(index, header.unwrap_or_default(), request),
             Ok(_) => Err(ApplyError::Unsupported("empty request".into())),
             Err(e) => Err(ApplyError::Unsupported(format!("undecodable entry: {e}"))),
         };
@@ -434,6 +567,7 @@ impl StateMachine for KvStateMachine {
         let view = self.backend.snapshot().map_err(std::io::Error::other)?;
         self.alarms.load(&*view).map_err(std::io::Error::other)?;
         self.members.load(&*view).map_err(std::io::Error::other)?;
+        self.auth.load(&*view).map_err(std::io::Error::other)?;
         recover_leases(&self.lessor, &*self.backend, &store).map_err(std::io::Error::other)?;
         self.watch.reset(store.current_revision());
         tracing::info!(

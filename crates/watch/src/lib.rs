@@ -588,6 +588,11 @@ impl WatchStream {
         Ok(())
     }
 
+    /// Queues a response made outside the hub (a create refused before it reached the hub).
+    pub async fn send(&self, resp: WatchResponse) -> Result<(), WatchError> {
+        self.tx.send(resp).await.map_err(|_| WatchError::Closed)
+    }
+
     /// Cancels a watcher of this stream; an unknown id is ignored, as etcd does.
     pub async fn cancel(&self, watch_id: i64) -> Result<(), WatchError> {
         let permit = self

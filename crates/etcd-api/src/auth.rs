@@ -1,0 +1,617 @@
+//! Authentication and authorization at the API, in one place.
+//!
+//! [`AuthLayer`] wraps every client-port service. For each call it looks the method up in
+//! [`metastore_auth::needs::RPC_RULES`], resolves the caller's credentials (the `token` metadata
+//! etcd clients send, or the client certificate's CN under `--client-cert-auth`), refuses what
+//! the rule forbids, and hands the resolved [`Caller`] to the handler in the request's extensions.
+//! Handlers whose rule depends on the request's keys call [`ServerContext::authorize`] with the
+//! needs computed by `metastore_auth::needs` — the same lists the apply step checks again.
+//!
+//! The Auth service itself is [`AuthService`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use metastore_auth::needs::{rule_for, Rule};
+use metastore_auth::tokens::TokenProvider;
+use metastore_auth::{AuthError, AuthInfo, AuthStore, Need};
+use metastore_proto::authpb::Permission;
+use metastore_proto::etcdserverpb::auth_server::Auth;
+use metastore_proto::etcdserverpb::*;
+use metastore_proto::metastorepb::internal_raft_request::Request;
+use metastore_proto::metastorepb::AuthenticateInternal;
+use metastore_state_machine::Output;
+use parking_lot::Mutex;
+use tonic::{Request as GrpcRequest, Response, Status};
+
+use crate::ServerContext;
+
+/// The status etcd answers for an auth refusal.
+pub fn auth_status(e: &AuthError) -> Status {
+    Status::new(tonic::Code::from_i32(e.grpc_code()), e.to_string())
+}
+
+/// Who is calling, as the credentials of the request say. Anonymous when the request carried
+/// none (or auth was disabled when it arrived).
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The user name; empty for an anonymous caller.
+    pub username: String,
+    /// The auth revision a JWT token was signed at; `None` for simple tokens and certificate
+    /// users, which are valid for the store's current revision.
+    pub token_revision: Option<u64>,
+}
+
+impl Caller {
+    /// The caller of `request`: what [`AuthLayer`] resolved, or anonymous.
+    pub fn of<T>(request: &GrpcRequest<T>) -> Caller {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// What authentication needs at the API: the replicated store, the token scheme and the
+/// per-user Authenticate rate limit.
+pub struct AuthGate {
+    /// The replicated auth store (read side).
+    pub store: AuthStore,
+    /// `--auth-token`.
+    pub tokens: TokenProvider,
+    /// `--bcrypt-cost`.
+    pub bcrypt_cost: u32,
+    /// `--client-cert-auth`: a verified client certificate's CN names the user.
+    pub client_cert_auth: bool,
+    attempts: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+/// Authenticate attempts one user may burst, and how many per second are refilled.
+const AUTH_BURST: f64 = 10.0;
+const AUTH_REFILL_PER_SEC: f64 = 5.0;
+
+impl AuthGate {
+    /// A gate over `store`.
+    pub fn new(
+        store: AuthStore,
+        tokens: TokenProvider,
+        bcrypt_cost: u32,
+        client_cert_auth: bool,
+    ) -> Self {
+        AuthGate {
+            store,
+            tokens,
+            bcrypt_cost,
+            client_cert_auth,
+            attempts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Resolves the credentials of a call: the `token` metadata, else the certificate's CN.
+    fn resolve(
+        &self,
+        token: Option<&str>,
+        cert_user: impl FnOnce() -> Option<String>,
+    ) -> Result<Caller, AuthError> {
+        if !self.store.is_enabled() {
+            return Ok(Caller::default());
+        }
+        if let Some(token) = token {
+            return match &self.tokens {
+                TokenProvider::Simple => self
+                    .store
+                    .simple_tokens()
+                    .lookup(token)
+                    .map(|username| Caller {
+                        username,
+                        token_revision: None,
+                    })
+                    .ok_or(AuthError::InvalidAuthToken),
+                TokenProvider::Jwt(jwt) => {
+                    let (username, revision) = jwt.verify(token)?;
+                    Ok(Caller {
+                        username,
+                        token_revision: Some(revision),
+                    })
+                }
+            };
+        }
+        if self.client_cert_auth {
+            if let Some(username) = cert_user() {
+                return Ok(Caller {
+                    username,
+                    token_revision: None,
+                });
+            }
+        }
+        Ok(Caller::default())
+    }
+
+    /// The identity to check `caller` with, at the auth revision current now.
+    pub fn info(&self, caller: &Caller) -> AuthInfo {
+        AuthInfo {
+            username: caller.username.clone(),
+            revision: caller
+                .token_revision
+                .unwrap_or_else(|| self.store.revision()),
+        }
+    }
+
+    /// Admits an Authenticate attempt for `user` unless it exceeds the per-user rate.
+    fn admit_attempt(&self, user: &str) -> Result<(), AuthError> {
+        let mut attempts = self.attempts.lock();
+        let now = Instant::now();
+        if attempts.len() > 10_000 {
+            attempts.retain(|_, (_, at)| now.duration_since(*at).as_secs() < 60);
+        }
+        let (tokens, at) = attempts
+            .entry(user.to_string())
+            .or_insert((AUTH_BURST, now));
+        *tokens =
+            (*tokens + now.duration_since(*at).as_secs_f64() * AUTH_REFILL_PER_SEC).min(AUTH_BURST);
+        *at = now;
+        if *tokens < 1.0 {
+            return Err(AuthError::TooManyRequests);
+        }
+        *tokens -= 1.0;
+        Ok(())
+    }
+}
+
+/// The CN of the first verified client certificate of a TLS connection.
+fn certificate_cn<B>(request: &http::Request<B>) -> Option<String> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let certs = request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?
+        .peer_certs()?;
+    let der = certs.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    Some(cn)
+}
+
+/// The tower layer that admits calls on the client port (see the module's description).
+#[derive(Clone)]
+pub struct AuthLayer {
+    ctx: ServerContext,
+}
+
+impl AuthLayer {
+    /// A layer checking calls against `ctx`'s auth gate.
+    pub fn new(ctx: ServerContext) -> Self {
+        AuthLayer { ctx }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for AuthLayer {
+    type Service = AuthMiddleware<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthMiddleware {
+            inner,
+            ctx: self.ctx.clone(),
+        }
+    }
+}
+
+/// The service [`AuthLayer`] builds.
+#[derive(Clone)]
+pub struct AuthMiddleware<S> {
+    inner: S,
+    ctx: ServerContext,
+}
+
+impl AuthMiddleware<()> {
+    /// Decides on one call: `Ok(Some(caller))` to let it through with that caller.
+    fn admit<B>(ctx: &ServerContext, request: &http::Request<B>) -> Result<Option<Caller>, Status> {
+        let gate = &ctx.auth;
+        if !gate.store.is_enabled() {
+            return Ok(None);
+        }
+        let rule = rule_for(request.uri().path());
+        if rule == Rule::Open {
+            return Ok(None);
+        }
+        // etcd clients send `token`; etcd 3.5+ also takes `authorization`, with or without
+        // `Bearer `.
+        let token = request
+            .headers()
+            .get("token")
+            .or_else(|| request.headers().get("authorization"))
+            .and_then(|v| v.to_str().ok())
+            .map(|t| t.strip_prefix("Bearer ").unwrap_or(t));
+        let caller = gate
+            .resolve(token, || certificate_cn(request))
+            .map_err(|e| auth_status(&e))?;
+        let need = match rule {
+            Rule::Admin => Some(Need::Admin),
+            Rule::Authenticated | Rule::Keys | Rule::SelfOrAdmin => Some(Need::Authenticated),
+            Rule::Open => None,
+        };
+        if let Some(need) = need {
+            gate.store
+                .check(&gate.info(&caller), &[need])
+                .map_err(|e| auth_status(&e))?;
+        }
+        Ok(Some(caller))
+    }
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for AuthMiddleware<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        match AuthMiddleware::admit(&self.ctx, &request) {
+            Ok(Some(caller)) => {
+                request.extensions_mut().insert(caller);
+            }
+            Ok(None) => {}
+            Err(status) => return Box::pin(async move { Ok(status.into_http()) }),
+        }
+        Box::pin(self.inner.call(request))
+    }
+}
+
+impl ServerContext {
+    /// Checks `caller` against `needs` with the auth store as of now (after any read barrier),
+    /// with etcd's errors; the identity to propose with.
+    pub fn authorize(&self, caller: &Caller, needs: &[Need<'_>]) -> Result<AuthInfo, Status> {
+        let info = self.auth.info(caller);
+        self.auth
+            .store
+            .check(&info, needs)
+            .map_err(|e| auth_status(&e))?;
+        Ok(info)
+    }
+}
+
+/// etcd's Auth service.
+pub struct AuthService {
+    ctx: ServerContext,
+}
+
+impl AuthService {
+    /// An Auth service over `ctx`.
+    pub fn new(ctx: ServerContext) -> Self {
+        AuthService { ctx }
+    }
+
+    async fn propose(&self, caller: Caller, r: Request) -> Result<u64, Status> {
+        self.ctx.refuse_on_learner()?;
+        let who = self.ctx.auth.info(&caller);
+        match self.ctx.propose_as(r, &who).await? {
+            Output::Auth { revision } => Ok(revision),
+            _ => Err(Status::internal(
+                "etcdserver: unexpected apply result for auth",
+            )),
+        }
+    }
+
+    fn header(&self) -> Option<ResponseHeader> {
+        Some(self.ctx.header(0))
+    }
+
+    async fn hash(&self, password: String) -> Result<String, Status> {
+        let cost = self.ctx.auth.bcrypt_cost;
+        tokio::task::spawn_blocking(move || metastore_auth::hash_password(&password, cost))
+            .await
+            .map_err(|e| Status::internal(format!("etcdserver: hashing failed: {e}")))?
+            .map_err(|e| auth_status(&e))
+    }
+
+    /// Linearizable reads of the auth store, like etcd's (which go through the log).
+    async fn read_barrier(&self) -> Result<(), Status> {
+        self.ctx.refuse_on_learner()?;
+        self.ctx.linearizable_barrier().await
+    }
+}
+
+#[tonic::async_trait]
+impl Auth for AuthService {
+    async fn auth_enable(
+        &self,
+        request: GrpcRequest<AuthEnableRequest>,
+    ) -> Result<Response<AuthEnableResponse>, Status> {
+        self.propose(
+            Caller::of(&request),
+            Request::AuthEnable(AuthEnableRequest {}),
+        )
+        .await?;
+        Ok(Response::new(AuthEnableResponse {
+            header: self.header(),
+        }))
+    }
+
+    async fn auth_disable(
+        &self,
+        request: GrpcRequest<AuthDisableRequest>,
+    ) -> Result<Response<AuthDisableResponse>, Status> {
+        self.propose(
+            Caller::of(&request),
+            Request::AuthDisable(AuthDisableRequest {}),
+        )
+        .await?;
+        Ok(Response::new(AuthDisableResponse {
+            header: self.header(),
+        }))
+    }
+
+    async fn auth_status(
+        &self,
+        _request: GrpcRequest<AuthStatusRequest>,
+    ) -> Result<Response<AuthStatusResponse>, Status> {
+        self.read_barrier().await?;
+        Ok(Response::new(AuthStatusResponse {
+            header: self.header(),
+            enabled: self.ctx.auth.store.is_enabled(),
+            auth_revision: self.ctx.auth.store.revision(),
+        }))
+    }
+
+    async fn authenticate(
+        &self,
+        request: GrpcRequest<AuthenticateRequest>,
+    ) -> Result<Response<AuthenticateResponse>, Status> {
+        self.ctx.refuse_on_learner()?;
+        let req = request.into_inner();
+        let gate = &self.ctx.auth;
+        if !gate.store.is_enabled() {
+            return Err(auth_status(&AuthError::NotEnabled));
+        }
+        gate.admit_attempt(&req.name).map_err(|e| auth_status(&e))?;
+        let store = gate.store.clone();
+        let (name, password) = (req.name.clone(), req.password);
+        tokio::task::spawn_blocking(move || store.check_password(&name, &password))
+            .await
+            .map_err(|e| Status::internal(format!("etcdserver: password check failed: {e}")))?
+            .map_err(|e| {
+                tracing::info!(user = %req.name, error = %e, "authentication failed");
+                auth_status(&e)
+            })?;
+        let simple_token_prefix = match gate.tokens {
+            TokenProvider::Simple => metastore_auth::tokens::simple_token_prefix(),
+            TokenProvider::Jwt(_) => String::new(),
+        };
+        let proposal = Request::Authenticate(AuthenticateInternal {
+            name: req.name.clone(),
+            simple_token_prefix,
+        });
+        let (token, revision) = match self.ctx.propose(proposal).await? {
+            Output::Authenticated { token, revision } => (token, revision),
+            _ => {
+                return Err(Status::internal(
+                    "etcdserver: unexpected apply result for authenticate",
+                ))
+            }
+        };
+        let token = match (&gate.tokens, token) {
+            (TokenProvider::Jwt(jwt), _) => {
+                jwt.sign(&req.name, revision).map_err(|e| auth_status(&e))?
+            }
+            (TokenProvider::Simple, Some(token)) => token,
+            (TokenProvider::Simple, None) => {
+                return Err(Status::internal("etcdserver: no token was issued"))
+            }
+        };
+        Ok(Response::new(AuthenticateResponse {
+            header: self.header(),
+            token,
+        }))
+    }
+
+    async fn user_add(
+        &self,
+        request: GrpcRequest<AuthUserAddRequest>,
+    ) -> Result<Response<AuthUserAddResponse>, Status> {
+        let no_password = request
+            .get_ref()
+            .options
+            .as_ref()
+            .is_some_and(|o| o.no_password);
+        let mut req = request.get_ref().clone();
+        if req.name.is_empty() {
+            return Err(auth_status(&AuthError::UserEmpty));
+        }
+        // Only the hash enters the log.
+        req.hashed_password = if no_password {
+            String::new()
+        } else {
+            self.hash(std::mem::take(&mut req.password)).await?
+        };
+        req.password.clear();
+        self.propose(Caller::of(&request), Request::UserAdd(req))
+            .await?;
+        Ok(Response::new(AuthUserAddResponse {
+            header: self.header(),
+        }))
+    }
+
+    async fn user_get(
+        &self,
+        request: GrpcRequest<AuthUserGetRequest>,
+    ) -> Result<Response<AuthUserGetResponse>, Status> {
+        self.read_barrier().await?;
+        let caller = Caller::of(&request);
+        let name = &request.get_ref().name;
+        if caller.username != *name {
+            self.ctx.authorize(&caller, &[Need::Admin])?;
+        }
+        let roles = self
+            .ctx
+            .auth
+            .store
+            .user_get(name)
+            .map_err(|e| auth_status(&e))?;
+        Ok(Response::new(AuthUserGetResponse {
+            header: self.header(),
+            roles,
+        }))
+    }
+
+    async fn user_list(
+        &self,
+        _request: GrpcRequest<AuthUserListRequest>,
+    ) -> Result<Response<AuthUserListResponse>, Status> {
+        self.read_barrier().await?;
+        Ok(Response::new(AuthUserListResponse {
+            header: self.header(),
+            users: self.ctx.auth.store.user_list(),
+        }))
+    }
+
+    async fn user_delete(
+        &self,
+        request: GrpcRequest<AuthUserDeleteRequest>,
+    ) -> Result<Response<AuthUserDeleteResponse>, Status> {
+        let req = request.get_ref().clone();
+        self.propose(Caller::of(&request), Request::UserDelete(req))
+            .await?;
+        Ok(Response::new(AuthUserDeleteResponse {
+            header: self.header(),
+        }))
+    }
+
+    async fn user_change_password(
+        &self,
+        request: GrpcRequest<AuthUserChangePasswordRequest>,
+    ) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
+        let mut req = request.get_ref().clone();
+        if !self.ctx.auth.store.user_exists(&req.name) {
+            return Err(auth_status(&AuthError::UserNotFound));
+        }
+        req.hashed_password = self.hash(std::mem::take(&mut req.password)).await?;
+        self.propose(Caller::of(&request), Request::UserChangePassword(req))
+            .await?;
+        Ok(Response::new(AuthUserChangePasswordResponse {
+            header: self.header(),
+        }))
+    }
+
+    async fn user_grant_role(
+        &self,
+        request: GrpcRequest<AuthUserGrantRoleRequest>,
+    ) -> Result<Response<AuthUserGrantRoleResponse>, Status> {
+        let req = request.get_ref().clone();
+        self.propose(Caller::of(&request), Request::UserGrantRole(req))
+            .await?;
+        Ok(Response::new(AuthUserGrantRoleResponse {
+            header: self.header(),
+        }))
+    }
+
+    async fn user_revoke_role(
+        &self,
+        request: GrpcRequest<AuthUserRevokeRoleRequest>,
+    ) -> Result<Response<AuthUserRevokeRoleResponse>, Status> {
+        let req = request.get_ref().clone();
+        self.propose(Caller::of(&request), Request::UserRevokeRole(req))
+            .await?;
+        Ok(Response::new(AuthUserRevokeRoleResponse {
+            header: self.header(),
+        }))
+    }
+
+    async fn role_add(
+        &self,
+        request: GrpcRequest<AuthRoleAddRequest>,
+    ) -> Result<Response<AuthRoleAddResponse>, Status> {
+        let req = request.get_ref().clone();
+        self.propose(Caller::of(&request), Request::RoleAdd(req))
+            .await?;
+        Ok(Response::new(AuthRoleAddResponse {
+            header: self.header(),
+        }))
+    }
+
+    async fn role_get(
+        &self,
+        request: GrpcRequest<AuthRoleGetRequest>,
+    ) -> Result<Response<AuthRoleGetResponse>, Status> {
+        self.read_barrier().await?;
+        let caller = Caller::of(&request);
+        let role = &request.get_ref().role;
+        if !self.ctx.auth.store.has_role(&caller.username, role) {
+            self.ctx.authorize(&caller, &[Need::Admin])?;
+        }
+        let perm: Vec<Permission> = self
+            .ctx
+            .auth
+            .store
+            .role_get(role)
+            .map_err(|e| auth_status(&e))?;
+        Ok(Response::new(AuthRoleGetResponse {
+            header: self.header(),
+            perm,
+        }))
+    }
+
+    async fn role_list(
+        &self,
+        _request: GrpcRequest<AuthRoleListRequest>,
+    ) -> Result<Response<AuthRoleListResponse>, Status> {
+        self.read_barrier().await?;
+        Ok(Response::new(AuthRoleListResponse {
+            header: self.header(),
+            roles: self.ctx.auth.store.role_list(),
+        }))
+    }
+
+    async fn role_delete(
+        &self,
+        request: GrpcRequest<AuthRoleDeleteRequest>,
+    ) -> Result<Response<AuthRoleDeleteResponse>, Status> {
+        let req = request.get_ref().clone();
+        self.propose(Caller::of(&request), Request::RoleDelete(req))
+            .await?;
+        Ok(Response::new(AuthRoleDeleteResponse {
+            header: self.header(),
+        }))
+    }
+
+    async fn role_grant_permission(
+        &self,
+        request: GrpcRequest<AuthRoleGrantPermissionRequest>,
+    ) -> Result<Response<AuthRoleGrantPermissionResponse>, Status> {
+        let req = request.get_ref().clone();
+        self.propose(Caller::of(&request), Request::RoleGrantPermission(req))
+            .await?;
+        Ok(Response::new(AuthRoleGrantPermissionResponse {
+            header: self.header(),
+        }))
+    }
+
+    async fn role_revoke_permission(
+        &self,
+        request: GrpcRequest<AuthRoleRevokePermissionRequest>,
+    ) -> Result<Response<AuthRoleRevokePermissionResponse>, Status> {
+        let req = request.get_ref().clone();
+        self.propose(Caller::of(&request), Request::RoleRevokePermission(req))
+            .await?;
+        Ok(Response::new(AuthRoleRevokePermissionResponse {
+            header: self.header(),
+        }))
+    }
+}
