@@ -387,8 +387,8 @@ impl AuthStore {
         if !state.users.contains_key(name) {
             return Err(AuthError::AuthFailed);
         }
-        let token =
-            (!prefix.is_empty()).then(|| self.tokens.assign(format!("{prefix}.{index}"), name));
+        let issue = !prefix.is_empty() && !self.tokens.is_replayed(index);
+        let token = issue.then(|| self.tokens.assign(format!("{prefix}.{index}"), name));
         Ok((token, state.revision))
     }
 

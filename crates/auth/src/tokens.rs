@@ -24,6 +24,8 @@ pub const DEFAULT_SIMPLE_TTL: Duration = Duration::from_secs(300);
 /// The simple tokens a member knows: token → (user, deadline).
 pub struct SimpleTokens {
     ttl: Mutex<Duration>,
+    /// Authenticate entries up to this log index belong to an earlier run: no token for them.
+    skip_until: std::sync::atomic::AtomicU64,
     live: Mutex<HashMap<String, (String, Instant)>>,
 }
 
@@ -31,6 +33,7 @@ impl Default for SimpleTokens {
     fn default() -> Self {
         SimpleTokens {
             ttl: Mutex::new(DEFAULT_SIMPLE_TTL),
+            skip_until: std::sync::atomic::AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
         }
     }
@@ -40,6 +43,17 @@ impl SimpleTokens {
     /// Sets the idle lifetime of tokens (`--auth-token-ttl`).
     pub fn set_ttl(&self, ttl: Duration) {
         *self.ttl.lock() = ttl;
+    }
+
+    /// Issue no token for Authenticate entries up to `index` (an earlier run's).
+    pub fn skip_until(&self, index: u64) {
+        self.skip_until
+            .store(index, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether an Authenticate entry at `index` was applied by an earlier run.
+    pub(crate) fn is_replayed(&self, index: u64) -> bool {
+        index <= self.skip_until.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Records `token` for `user`; returns it.

@@ -50,6 +50,11 @@ pub trait StateMachine: Send + 'static {
     /// state). Called once at start; entries after it are applied again.
     fn applied_index(&self) -> u64;
 
+    /// Called once at start with the index of the last entry this member's log holds: entries
+    /// up to it that are applied now were already applied by an earlier run (or proposed by
+    /// one), so effects meant only for that run's clients (e.g. auth tokens) can be skipped.
+    fn recovered(&mut self, _last_index: u64) {}
+
     /// Applies a committed normal entry's payload at `index` (deterministic).
     fn apply(&mut self, index: u64, term: u64, payload: &[u8]) -> Self::Output;
 

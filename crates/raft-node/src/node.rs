@@ -629,6 +629,7 @@ fn recover<S: StateMachine>(
         }
     }
     let last_index = entries.last().map_or(base.index, |e| e.index);
+    sm.recovered(last_index);
     if sm_applied > last_index {
         return Err(RaftError::Inconsistent(format!(
             "the state machine has applied index {sm_applied}, beyond the log's last index \

@@ -526,6 +526,12 @@ impl StateMachine for KvStateMachine {
         result
     }
 
+    fn recovered(&mut self, last_index: u64) {
+        // Tokens issued by a previous run die with it (the Authenticate entries it applied are
+        // replayed by the memory engine, but their tokens were for that run's clients).
+        self.auth.simple_tokens().skip_until(last_index);
+    }
+
     fn apply_noop(&mut self, _index: u64, _term: u64) {
         // Nothing to persist: replaying a no-op after a restart is harmless.
     }

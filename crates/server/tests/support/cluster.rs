@@ -45,6 +45,23 @@ const START_ATTEMPTS: usize = 5;
 
 static CLUSTERS: AtomicU64 = AtomicU64::new(0);
 
+/// Peer URLs use `https://` when set (per test process: nextest runs each test in its own).
+static PEER_HTTPS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every cluster started later in this test process use `https://` peer URLs; the
+/// caller passes the `--peer-*` TLS flags as extra flags.
+pub fn use_https_peers() {
+    PEER_HTTPS.store(true, Ordering::Relaxed);
+}
+
+fn peer_scheme() -> &'static str {
+    if PEER_HTTPS.load(Ordering::Relaxed) {
+        "https"
+    } else {
+        "http"
+    }
+}
+
 /// One member: its ports, data dir, command-line state and process.
 pub struct Member {
     /// `m1`, `m2`, … (or the name given to [`Cluster::reserve_member`]).
@@ -75,7 +92,7 @@ impl Member {
 
     /// The advertised peer URL (the first proxy).
     pub fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.proxy_ports[0])
+        format!("{}://127.0.0.1:{}", peer_scheme(), self.proxy_ports[0])
     }
 
     fn exited(&mut self) -> bool {
@@ -750,7 +767,7 @@ impl Cluster {
         let kind = self.engines.get(i).copied().unwrap_or(self.kind);
         let m = &self.members[i];
         let client = m.client_url();
-        let listen_peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let listen_peer = format!("{}://127.0.0.1:{}", peer_scheme(), m.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

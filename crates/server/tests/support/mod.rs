@@ -13,6 +13,7 @@ use metastore_proto::etcdserverpb::RangeRequest;
 use tonic::transport::Channel;
 
 pub mod cluster;
+pub mod tls;
 
 /// A free TCP port on 127.0.0.1 (bound then released; good enough for tests).
 pub fn free_port() -> u16 {
@@ -101,7 +102,13 @@ impl Server {
                     key: b"ready-probe".to_vec(),
                     ..Default::default()
                 };
-                if kv.range(req).await.is_ok() {
+                // With auth enabled an anonymous read is refused, which still shows the server
+                // is up.
+                let answered = match kv.range(req).await {
+                    Ok(_) => true,
+                    Err(status) => status.message().contains("user name is empty"),
+                };
+                if answered {
                     // Answered: make sure it was our process that answered.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     return !self.exited();
