@@ -1104,7 +1104,7 @@ async fn mutual_tls_and_certificate_users() {
     };
     let run = |leaf: Option<&support::tls::Leaf>, args: &[&str]| {
         let mut all: Vec<String> = leaf
-            .map(|l| tls(l))
+            .map(&tls)
             .unwrap_or_else(|| vec![format!("--cacert={}", ca.cert_path.display())]);
         all.extend(args.iter().map(|s| s.to_string()));
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
