@@ -22,7 +22,7 @@ use metastore_storage::{
 use parking_lot::RwLock;
 use rocksdb::properties::{CUR_SIZE_ALL_MEM_TABLES, ESTIMATE_LIVE_DATA_SIZE, TOTAL_SST_FILES_SIZE};
 use rocksdb::{
-    BottommostLevelCompaction, ColumnFamily, ColumnFamilyDescriptor, CompactOptions,
+    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamily, ColumnFamilyDescriptor, CompactOptions,
     DBCompressionType, DBWithThreadMode, FlushOptions, Options, ReadOptions, SingleThreaded,
     SnapshotWithThreadMode, WriteOptions,
 };
@@ -72,6 +72,13 @@ pub struct RocksBackend {
     sync_writes: bool,
 }
 
+/// Size of one memtable of one column family.
+const MEMTABLE_BYTES: usize = 16 << 20;
+/// All memtables together: past it RocksDB flushes the largest.
+const MEMTABLE_BUDGET_BYTES: usize = 48 << 20;
+/// The block cache shared by every column family (data, index and filter blocks).
+const BLOCK_CACHE_BYTES: usize = 32 << 20;
+
 impl RocksBackend {
     /// Open (creating if missing) the database at `path` with a column family per bucket.
     /// Missing column families are created; column families already in the database that are
@@ -84,6 +91,18 @@ impl RocksBackend {
         // for the bottommost level, where most data ends up.
         opts.set_compression_type(DBCompressionType::Lz4);
         opts.set_bottommost_compression_type(DBCompressionType::Zstd);
+        // Memory: RocksDB's defaults give every column family two 64 MiB memtables and keep
+        // index and filter blocks outside any budget. MetaStore's raft WAL already holds recent
+        // writes, so small memtables under one shared budget cost little, and index/filter
+        // blocks share one bounded block cache with the data blocks.
+        opts.set_write_buffer_size(MEMTABLE_BYTES);
+        opts.set_max_write_buffer_number(2);
+        opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&Cache::new_lru_cache(BLOCK_CACHE_BYTES));
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        opts.set_block_based_table_factory(&table);
 
         let mut names: Vec<String> = match Db::list_cf(&opts, path) {
             Ok(existing) => existing,
