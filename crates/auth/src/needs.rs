@@ -85,7 +85,7 @@ pub enum Rule {
 /// missing here is refused to everyone but `root`.
 pub const RPC_RULES: &[(&str, Rule, &str)] = &[
     ("/etcdserverpb.KV/Range", Rule::Keys, "read on the range"),
-    ("/etcdserverpb.KV/Put", Rule::Keys, "write on the key (and read with prev_kv)"),
+    ("/etcdserverpb.KV/Put", Rule::Keys, "write on the key; read too with prev_kv; write on the keys already attached to its lease"),
     ("/etcdserverpb.KV/DeleteRange", Rule::Keys, "write on the range (and read with prev_kv)"),
     ("/etcdserverpb.KV/Txn", Rule::Keys, "read on every compared key; each operation's own need, in both branches, nested txns included"),
     ("/etcdserverpb.KV/Compact", Rule::Admin, "root (etcd checks nothing)"),

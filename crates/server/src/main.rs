@@ -35,6 +35,11 @@ use tracing::info;
 
 use config::{Config, Engine};
 
+/// glibc's allocator spent 15–20% of a loaded leader's CPU in malloc/free; mimalloc's
+/// thread-local free lists suit the many small, short-lived allocations of the request path.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Bytes gRPC may receive on top of `--max-request-bytes` (etcd's `grpcOverheadBytes`), so that
 /// an oversized request reaches our check and gets etcd's own error.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;

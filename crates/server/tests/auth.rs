@@ -1244,6 +1244,29 @@ async fn three_members_peer_tls_and_revocation_everywhere() {
         readers.push(alice);
     }
     root.put("/a/x", "replicated", None).await.unwrap();
+    // A simple token issued through one member works on every member (each issued it when
+    // applying the Authenticate entry).
+    let ch0 = Channel::from_shared(cluster.endpoint(0))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let token = token_of(&ch0, "alice", "alicepw").await;
+    let range = pb::RangeRequest {
+        key: b"/a/x".to_vec(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    for i in 1..3 {
+        let ch = Channel::from_shared(cluster.endpoint(i))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        call(&ch, Some(&token), "/etcdserverpb.KV/Range", range.clone())
+            .await
+            .unwrap_or_else(|e| panic!("member {i} refused member 0's token: {e:?}"));
+    }
     root.role_revoke_permission(
         "reader",
         "/a/",
@@ -1261,5 +1284,58 @@ async fn three_members_peer_tls_and_revocation_everywhere() {
             .unwrap();
         let got = root.get("/a/x", None).await.unwrap();
         assert_eq!(got.kvs()[0].value(), b"replicated", "member {i}");
+    }
+}
+
+/// JWT tokens are signed by the member that authenticates and verified by any member holding the
+/// same key.
+#[tokio::test]
+async fn jwt_tokens_work_on_every_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let (private, public) = support::tls::jwt_keys(dir.path());
+    let spec = format!(
+        "jwt,pub-key={},priv-key={},sign-method=ES256,ttl=1m",
+        public.display(),
+        private.display()
+    );
+    let cluster = Cluster::start(
+        Kind::Rocks,
+        3,
+        &["--auth-token", &spec, "--bcrypt-cost", "4"],
+    )
+    .await;
+    set_up_users(&cluster.endpoint(0)).await;
+    let ch0 = Channel::from_shared(cluster.endpoint(0))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let token = token_of(&ch0, "bob", "bobpw").await;
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    let put = pb::PutRequest {
+        key: b"/b/jwt".to_vec(),
+        value: b"v".to_vec(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let denied = pb::PutRequest {
+        key: b"/a/jwt".to_vec(),
+        value: b"v".to_vec(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    for i in 0..3 {
+        let ch = Channel::from_shared(cluster.endpoint(i))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        call(&ch, Some(&token), "/etcdserverpb.KV/Put", put.clone())
+            .await
+            .unwrap_or_else(|e| panic!("member {i} refused the token: {e:?}"));
+        let e = call(&ch, Some(&token), "/etcdserverpb.KV/Put", denied.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(e.message(), DENIED, "member {i}");
     }
 }

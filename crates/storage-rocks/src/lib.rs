@@ -22,9 +22,9 @@ use metastore_storage::{
 use parking_lot::RwLock;
 use rocksdb::properties::{CUR_SIZE_ALL_MEM_TABLES, ESTIMATE_LIVE_DATA_SIZE, TOTAL_SST_FILES_SIZE};
 use rocksdb::{
-    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamily, ColumnFamilyDescriptor, CompactOptions,
-    DBCompressionType, DBWithThreadMode, FlushOptions, Options, ReadOptions, SingleThreaded,
-    SnapshotWithThreadMode, WriteOptions,
+    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamily, ColumnFamilyDescriptor,
+    CompactOptions, DBCompressionType, DBWithThreadMode, FlushOptions, Options, ReadOptions,
+    SingleThreaded, SnapshotWithThreadMode, WriteOptions,
 };
 
 /// Column families are created once at open and never dropped, so the single-threaded mode (plain
