@@ -38,6 +38,9 @@ const MAX_COMMANDS_PER_ROUND: usize = 4096;
 const READ_INDEX_RETRY: Duration = Duration::from_millis(500);
 /// Snapshot files kept on disk.
 const KEEP_SNAPSHOTS: usize = 2;
+/// Applied entries kept in the in-memory log for followers that lag a little (etcd's
+/// `SnapshotCatchUpEntries`).
+const MEMORY_CATCH_UP_ENTRIES: u64 = 5_000;
 /// Length of a proposal's request id prefix.
 const REQUEST_ID_LEN: usize = 8;
 
@@ -1027,8 +1030,33 @@ impl<S: StateMachine> Worker<S> {
             self.handle_readies()?;
         }
         self.maybe_snapshot();
+        self.trim_memory_log();
         self.update_status();
         Ok(())
+    }
+
+    /// Drops applied entries from the in-memory log, keeping [`MEMORY_CATCH_UP_ENTRIES`] for
+    /// followers that lag a little and, on a leader, everything a follower has not yet
+    /// replicated. Without this the memory log grows to `--snapshot-count` entries (about 40 MB
+    /// at 100,000 entries of 256-byte values). The entries stay in the WAL files until the
+    /// next snapshot; a follower that needs a trimmed entry gets a fresh snapshot.
+    fn trim_memory_log(&mut self) {
+        let mut upto = self.applied_index.saturating_sub(MEMORY_CATCH_UP_ENTRIES);
+        if self.raw.raft.state == StateRole::Leader {
+            for (id, progress) in self.raw.raft.prs().iter() {
+                if *id != self.member_id {
+                    upto = upto.min(progress.matched + 1);
+                }
+            }
+        }
+        let first = raft::Storage::first_index(&self.store.mem).unwrap_or(0);
+        // In steps, not on every round.
+        if upto < first.saturating_add(MEMORY_CATCH_UP_ENTRIES) {
+            return;
+        }
+        if let Err(e) = self.store.mem.wl().compact(upto) {
+            tracing::warn!(index = upto, error = %e, "cannot trim the in-memory raft log");
+        }
     }
 
     /// Turns this round's read requests into one raft read, and resends unanswered ones.

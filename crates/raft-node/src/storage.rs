@@ -85,7 +85,13 @@ impl Storage for LogStore {
             || conf_state.learners.contains(&to)
             || conf_state.voters_outgoing.contains(&to)
             || conf_state.learners_next.contains(&to);
-        if file.metadata.index < request_index || !includes_follower {
+        // The log in memory may have been trimmed past the snapshot (see `trim_memory_log`): a
+        // follower given this snapshot would still miss the entries in between.
+        let first_in_memory = self.mem.first_index().unwrap_or(0);
+        if file.metadata.index < request_index
+            || file.metadata.index + 1 < first_in_memory
+            || !includes_follower
+        {
             self.wanted.store(true, Ordering::Relaxed);
             return Err(unavailable());
         }

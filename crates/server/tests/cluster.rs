@@ -568,6 +568,37 @@ fn tail_text(text: &str, n: usize) -> String {
 
 // ---- MetaStore-only scenarios ------------------------------------------------------------
 
+/// Members trim their in-memory log to 5,000 entries behind what they applied. A member that
+/// was a follower while the others wrote, then leads, no longer holds the entries a lagging
+/// member needs: it must take and send a fresh snapshot (the newest snapshot file is older than
+/// its log in memory, or there is none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_leader_with_a_trimmed_log_catches_a_member_up_by_snapshot() {
+    let mut c = Cluster::start(Kind::Memory, 3, &[]).await;
+    let leader = c.wait_leader().await;
+    let lagging = (leader + 1) % 3;
+    put(&c, leader, "before", "kill").await;
+    c.assert_converged().await;
+    c.kill(lagging);
+    put_many(&c, leader, 12_000).await;
+    put(&c, leader, "last", "write").await;
+    // The third member has applied everything and trimmed its log; the old leader goes away,
+    // so it must lead and bring `lagging` up to date.
+    c.kill(leader);
+    c.restart(lagging).await;
+    assert_eq!(
+        get_eventually(&c, lagging, "last").await.as_deref(),
+        Some("write")
+    );
+    assert!(
+        c.log(lagging)
+            .contains("installed snapshot from the leader"),
+        "the lagging member caught up without a snapshot"
+    );
+    c.restart(leader).await;
+    c.assert_converged().await;
+}
+
 /// Members running different engines apply the same log to the same state: HashKV and the
 /// whole-state Hash agree on every member; MoveLeader hands leadership to each member in turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

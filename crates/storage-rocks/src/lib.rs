@@ -75,9 +75,9 @@ pub struct RocksBackend {
 /// Size of one memtable of one column family.
 const MEMTABLE_BYTES: usize = 16 << 20;
 /// All memtables together: past it RocksDB flushes the largest.
-const MEMTABLE_BUDGET_BYTES: usize = 48 << 20;
+const MEMTABLE_BUDGET_BYTES: usize = 32 << 20;
 /// The block cache shared by every column family (data, index and filter blocks).
-const BLOCK_CACHE_BYTES: usize = 32 << 20;
+const BLOCK_CACHE_BYTES: usize = 16 << 20;
 
 impl RocksBackend {
     /// Open (creating if missing) the database at `path` with a column family per bucket.
