@@ -122,6 +122,29 @@ impl State {
     }
 }
 
+/// Every record of `bucket`, by name.
+fn load_bucket<T: Message + Default>(
+    view: &dyn ReadView,
+    bucket: &str,
+) -> Result<BTreeMap<String, T>, AuthError> {
+    let mut records = BTreeMap::new();
+    let mut bad = None;
+    view.scan(bucket, ScanRange::all(), &mut |k, v| match T::decode(v) {
+        Ok(record) => {
+            records.insert(String::from_utf8_lossy(k).into_owned(), record);
+            Visit::Continue
+        }
+        Err(e) => {
+            bad = Some(format!("{bucket} {:?}: {e}", String::from_utf8_lossy(k)));
+            Visit::Stop
+        }
+    })?;
+    match bad {
+        Some(bad) => Err(AuthError::Storage(format!("corrupt auth record: {bad}"))),
+        None => Ok(records),
+    }
+}
+
 /// The replicated auth store. Cheap to clone; the apply step changes it, the API reads it.
 #[derive(Clone, Default)]
 pub struct AuthStore {
@@ -160,7 +183,7 @@ impl AuthStore {
 
     /// Replaces the state with the buckets' content.
     pub fn load(&self, view: &dyn ReadView) -> Result<(), AuthError> {
-        let mut state = State {
+        let state = State {
             enabled: view
                 .get(AUTH_BUCKET, ENABLED_KEY)?
                 .is_some_and(|v| v == [1]),
@@ -172,34 +195,9 @@ impl AuthStore {
                 ),
                 None => 0,
             },
-            ..Default::default()
+            users: load_bucket(view, AUTH_USERS_BUCKET)?,
+            roles: load_bucket(view, AUTH_ROLES_BUCKET)?,
         };
-        let mut bad = None;
-        view.scan(AUTH_USERS_BUCKET, ScanRange::all(), &mut |k, v| {
-            match User::decode(v) {
-                Ok(u) => {
-                    state
-                        .users
-                        .insert(String::from_utf8_lossy(k).into_owned(), u);
-                }
-                Err(e) => bad = Some(format!("user {:?}: {e}", String::from_utf8_lossy(k))),
-            }
-            Visit::Continue
-        })?;
-        view.scan(AUTH_ROLES_BUCKET, ScanRange::all(), &mut |k, v| {
-            match Role::decode(v) {
-                Ok(r) => {
-                    state
-                        .roles
-                        .insert(String::from_utf8_lossy(k).into_owned(), r);
-                }
-                Err(e) => bad = Some(format!("role {:?}: {e}", String::from_utf8_lossy(k))),
-            }
-            Visit::Continue
-        })?;
-        if let Some(bad) = bad {
-            return Err(AuthError::Storage(format!("corrupt auth record: {bad}")));
-        }
         *self.state.write() = state;
         Ok(())
     }

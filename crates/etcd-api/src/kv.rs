@@ -63,10 +63,7 @@ impl Kv for KvService {
         let req = request.into_inner();
         metastore_mvcc::check_put(&req).map_err(|e| mvcc_status(&e))?;
         // etcd's checkLeasePuts: the lease's keys must be writable too.
-        let lease_keys = match req.lease {
-            0 => Vec::new(),
-            id => self.ctx.lease_keys(id),
-        };
+        let lease_keys = self.ctx.lease_keys_to_check(req.lease);
         let mut put_needs = needs::put(&req);
         put_needs.extend(lease_keys.iter().map(|k| Need::Write(k, &[])));
         let who = self.ctx.authorize(&caller, &put_needs)?;

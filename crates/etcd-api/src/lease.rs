@@ -151,7 +151,7 @@ impl Lease for LeaseService {
         let caller = Caller::of(&request);
         let req = request.into_inner();
         // etcd's checkLeasePuts: write permission on every attached key.
-        let keys = self.lessor.attached_keys(req.id).unwrap_or_default();
+        let keys = self.ctx.lease_keys_to_check(req.id);
         let needs: Vec<Need<'_>> = keys.iter().map(|k| Need::Write(k, &[])).collect();
         let who = self.ctx.authorize(&caller, &needs)?;
         match self.ctx.propose_as(Request::LeaseRevoke(req), &who).await? {
@@ -177,7 +177,7 @@ impl Lease for LeaseService {
         tokio::spawn(async move {
             while let Ok(Some(req)) = inbound.message().await {
                 // etcd 3.5+: renewing needs write permission on the lease's keys.
-                let keys = ctx.lease_keys(req.id);
+                let keys = ctx.lease_keys_to_check(req.id);
                 let needs: Vec<Need<'_>> = keys.iter().map(|k| Need::Write(k, &[])).collect();
                 let mut needs = needs;
                 needs.push(Need::Authenticated);
@@ -274,7 +274,10 @@ impl Lease for LeaseService {
         self.ctx.refuse_on_learner()?;
         // etcd 3.5+: listing leases needs read permission on every attached key.
         let ids = self.lessor.leases();
-        let keys: Vec<Vec<u8>> = ids.iter().flat_map(|id| self.ctx.lease_keys(*id)).collect();
+        let keys: Vec<Vec<u8>> = ids
+            .iter()
+            .flat_map(|id| self.ctx.lease_keys_to_check(*id))
+            .collect();
         let mut needs: Vec<Need<'_>> = keys.iter().map(|k| Need::Read(k, &[])).collect();
         needs.push(Need::Authenticated);
         self.ctx.authorize(&Caller::of(&request), &needs)?;
