@@ -211,9 +211,21 @@ pub struct AuthMiddleware<S> {
     ctx: ServerContext,
 }
 
+/// Why a call was not admitted at once.
+enum NotAdmitted {
+    /// Refused with this status.
+    Refused(Status),
+    /// Its simple token was issued at this log index, which this member has not applied yet
+    /// (the client authenticated through a faster member): wait, then decide.
+    NotYetApplied(u64),
+}
+
 impl AuthMiddleware<()> {
     /// Decides on one call: `Ok(Some(caller))` to let it through with that caller.
-    fn admit<B>(ctx: &ServerContext, request: &http::Request<B>) -> Result<Option<Caller>, Status> {
+    fn admit<B>(
+        ctx: &ServerContext,
+        request: &http::Request<B>,
+    ) -> Result<Option<Caller>, NotAdmitted> {
         let gate = &ctx.auth;
         if !gate.store.is_enabled() {
             return Ok(None);
@@ -230,9 +242,24 @@ impl AuthMiddleware<()> {
             .or_else(|| request.headers().get("authorization"))
             .and_then(|v| v.to_str().ok())
             .map(|t| t.strip_prefix("Bearer ").unwrap_or(t));
-        let caller = gate
-            .resolve(token, || certificate_cn(request))
-            .map_err(|e| auth_status(&e))?;
+        let caller = match gate.resolve(token, || certificate_cn(request)) {
+            Ok(caller) => caller,
+            Err(AuthError::InvalidAuthToken) => {
+                // etcd's simple tokens are `<prefix>.<index>`: like etcd, wait for a token
+                // issued at an index not yet applied here.
+                let index = token
+                    .and_then(|t| t.rsplit_once('.'))
+                    .and_then(|(_, i)| i.parse::<u64>().ok());
+                let applied = ctx.raft.with_status(|s| s.applied_index);
+                return Err(match (&gate.tokens, index) {
+                    (TokenProvider::Simple, Some(index)) if index > applied => {
+                        NotAdmitted::NotYetApplied(index)
+                    }
+                    _ => NotAdmitted::Refused(auth_status(&AuthError::InvalidAuthToken)),
+                });
+            }
+            Err(e) => return Err(NotAdmitted::Refused(auth_status(&e))),
+        };
         let need = match rule {
             Rule::Admin => Some(Need::Admin),
             Rule::Authenticated | Rule::Keys | Rule::SelfOrAdmin => Some(Need::Authenticated),
@@ -241,15 +268,26 @@ impl AuthMiddleware<()> {
         if let Some(need) = need {
             gate.store
                 .check(&gate.info(&caller), &[need])
-                .map_err(|e| auth_status(&e))?;
+                .map_err(|e| NotAdmitted::Refused(auth_status(&e)))?;
         }
         Ok(Some(caller))
+    }
+}
+
+/// Waits until this member applied `index`, at most [`crate::PROPOSAL_TIMEOUT`].
+async fn wait_applied(ctx: &ServerContext, index: u64) {
+    let deadline = tokio::time::Instant::now() + crate::PROPOSAL_TIMEOUT;
+    while ctx.raft.with_status(|s| s.applied_index) < index
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
 }
 
 impl<S, B> tower_service::Service<http::Request<B>> for AuthMiddleware<S>
 where
     S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -269,7 +307,29 @@ where
                 request.extensions_mut().insert(caller);
             }
             Ok(None) => {}
-            Err(status) => return Box::pin(async move { Ok(status.into_http()) }),
+            Err(NotAdmitted::Refused(status)) => {
+                return Box::pin(async move { Ok(status.into_http()) })
+            }
+            Err(NotAdmitted::NotYetApplied(index)) => {
+                // The service that was polled ready goes with the request.
+                let ready = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, ready);
+                let ctx = self.ctx.clone();
+                return Box::pin(async move {
+                    wait_applied(&ctx, index).await;
+                    match AuthMiddleware::admit(&ctx, &request) {
+                        Ok(Some(caller)) => {
+                            request.extensions_mut().insert(caller);
+                        }
+                        Ok(None) => {}
+                        Err(NotAdmitted::Refused(status)) => return Ok(status.into_http()),
+                        Err(NotAdmitted::NotYetApplied(_)) => {
+                            return Ok(auth_status(&AuthError::InvalidAuthToken).into_http())
+                        }
+                    }
+                    inner.call(request).await
+                });
+            }
         }
         Box::pin(self.inner.call(request))
     }
