@@ -339,6 +339,10 @@ impl ServerContext {
     /// Checks `caller` against `needs` with the auth store as of now (after any read barrier),
     /// with etcd's errors; the identity to propose with.
     pub fn authorize(&self, caller: &Caller, needs: &[Need<'_>]) -> Result<AuthInfo, Status> {
+        if !self.auth.store.is_enabled() {
+            // Nothing is checked; the apply step re-checks should auth be enabled meanwhile.
+            return Ok(AuthInfo::default());
+        }
         let info = self.auth.info(caller);
         self.auth
             .store

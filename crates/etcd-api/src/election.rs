@@ -48,6 +48,11 @@ fn election_prefix(name: &[u8]) -> Vec<u8> {
     [name, b"/"].concat()
 }
 
+/// The key of a request's leader (empty when missing; the recipe then refuses it).
+fn leader_key(leader: &Option<LeaderKey>) -> &[u8] {
+    leader.as_ref().map_or(&[], |l| l.key.as_slice())
+}
+
 fn leader_of(leader: Option<LeaderKey>) -> Result<LeaderKey, Status> {
     leader.ok_or_else(|| Status::unknown(MISSING_LEADER_KEY))
 }
@@ -299,13 +304,8 @@ impl Election for ElectionService {
         request: GrpcRequest<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
         self.recipes.ctx().refuse_on_learner()?;
-        let key = request
-            .get_ref()
-            .leader
-            .as_ref()
-            .map(|l| l.key.clone())
-            .unwrap_or_default();
-        self.recipes.authorize_key(&Caller::of(&request), &key)?;
+        self.recipes
+            .authorize_key(&Caller::of(&request), leader_key(&request.get_ref().leader))?;
         ElectionService::proclaim(self, request.into_inner())
             .await
             .map(Response::new)
@@ -357,13 +357,8 @@ impl Election for ElectionService {
         request: GrpcRequest<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
         self.recipes.ctx().refuse_on_learner()?;
-        let key = request
-            .get_ref()
-            .leader
-            .as_ref()
-            .map(|l| l.key.clone())
-            .unwrap_or_default();
-        self.recipes.authorize_key(&Caller::of(&request), &key)?;
+        self.recipes
+            .authorize_key(&Caller::of(&request), leader_key(&request.get_ref().leader))?;
         ElectionService::resign(self, request.into_inner())
             .await
             .map(Response::new)
