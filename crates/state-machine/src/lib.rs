@@ -221,16 +221,51 @@ impl StoreSource for StoreHandle {
 
 /// Rebuilds the lease table from the backend and the store's live keys (attachments are not
 /// stored separately: each key's `lease` field says it).
+///
+/// The live keys are read a page at a time, so that a store of millions of keys is never held
+/// twice in memory.
 fn recover_leases(lessor: &Lessor, backend: &dyn Backend, store: &Store) -> Result<(), MvccError> {
-    let all_keys = RangeRequest {
-        key: vec![0],
-        range_end: vec![0],
-        ..Default::default()
-    };
-    let live = store.range(&all_keys)?.kvs;
+    recover_leases_paged(lessor, backend, store, 50_000)
+}
+
+fn recover_leases_paged(
+    lessor: &Lessor,
+    backend: &dyn Backend,
+    store: &Store,
+    page_keys: i64,
+) -> Result<(), MvccError> {
+    let revision = store.current_revision();
+    let mut next_key = Some(vec![0u8]);
+    let mut failure = None;
+    let pages = std::iter::from_fn(|| {
+        let page = RangeRequest {
+            key: next_key.take()?,
+            range_end: vec![0],
+            limit: page_keys,
+            revision,
+            ..Default::default()
+        };
+        match store.range(&page) {
+            Ok(resp) => {
+                if resp.more {
+                    next_key = resp.kvs.last().map(|kv| {
+                        let mut after = kv.key.clone();
+                        after.push(0);
+                        after
+                    });
+                }
+                Some(resp.kvs)
+            }
+            Err(e) => {
+                failure = Some(e);
+                None
+            }
+        }
+    });
     lessor
-        .recover(&*backend.snapshot()?, live)
-        .map_err(|e| MvccError::Corrupt(e.to_string()))
+        .recover(&*backend.snapshot()?, pages.flatten())
+        .map_err(|e| MvccError::Corrupt(e.to_string()))?;
+    failure.map_or(Ok(()), Err)
 }
 
 impl KvStateMachine {
@@ -589,5 +624,65 @@ impl StateMachine for KvStateMachine {
 impl From<StorageError> for ApplyError {
     fn from(e: StorageError) -> Self {
         ApplyError::Mvcc(MvccError::from(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metastore_proto::etcdserverpb::{LeaseGrantRequest, PutRequest};
+    use metastore_proto::metastorepb::internal_raft_request::Request;
+    use metastore_raft_node::StateMachine;
+    use metastore_storage_mem::MemBackend;
+
+    #[test]
+    fn lease_recovery_reads_the_keys_page_by_page() {
+        let backend: Arc<dyn Backend> = Arc::new(MemBackend::new(&buckets()));
+        let mut sm = KvStateMachine::open(backend.clone()).unwrap();
+        let mut index = 0;
+        let mut apply = |sm: &mut KvStateMachine, req| {
+            index += 1;
+            sm.apply(index, 1, &encode_request(req)).unwrap();
+        };
+        for id in [1, 2] {
+            apply(
+                &mut sm,
+                Request::LeaseGrant(LeaseGrantRequest { id, ttl: 60 }),
+            );
+        }
+        // Leased keys first, last and at page boundaries (pages of 2 and of 3 keys).
+        let keys = [
+            ("a", 1),
+            ("b", 0),
+            ("c", 2),
+            ("d", 1),
+            ("e", 0),
+            ("f", 0),
+            ("g", 2),
+        ];
+        for (key, lease) in keys {
+            apply(
+                &mut sm,
+                Request::Put(PutRequest {
+                    key: key.into(),
+                    value: b"v".to_vec(),
+                    lease,
+                    ..Default::default()
+                }),
+            );
+        }
+        let store = sm.store().current();
+        for page in [1, 2, 3, 50_000] {
+            let lessor = Lessor::new();
+            recover_leases_paged(&lessor, &*backend, &store, page).unwrap();
+            let as_strings = |id| {
+                let keys = lessor.attached_keys(id).unwrap();
+                keys.into_iter()
+                    .map(|k| String::from_utf8(k).unwrap())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(as_strings(1), ["a", "d"], "pages of {page}");
+            assert_eq!(as_strings(2), ["c", "g"], "pages of {page}");
+        }
     }
 }

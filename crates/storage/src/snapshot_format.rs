@@ -114,7 +114,10 @@ impl HashingReader<'_> {
     /// Reads `len` bytes, growing the buffer as data arrives: a corrupted length cannot make
     /// the reader allocate more than the stream really holds.
     fn bytes(&mut self, len: usize) -> Result<Vec<u8>> {
-        let mut v = Vec::new();
+        // Exactly `len` bytes of capacity: a memory engine keeps these buffers as they are, and
+        // `read_to_end` on an empty vector would leave up to twice that. A length announced by a
+        // corrupt stream is not trusted for the first allocation.
+        let mut v = Vec::with_capacity(len.min(1 << 20));
         (&mut *self.inner).take(len as u64).read_to_end(&mut v)?;
         if v.len() != len {
             return Err(StorageError::BadSnapshot("stream cut short".into()));
