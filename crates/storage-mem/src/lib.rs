@@ -1,38 +1,39 @@
 //! The in-memory storage engine.
 //!
-//! Owns: [`MemBackend`], an implementation of [`Backend`] over persistent ordered maps (`imbl`):
-//! a snapshot is an O(1) clone that later writes never touch, so readers and snapshot exports run
-//! while writes continue. Durability is not this crate's business: the raft WAL and snapshot files
+//! Owns: [`MemBackend`], an implementation of [`Backend`] over persistent ordered maps whose
+//! pairs are packed into blocks ([`packed::PackedMap`]): a snapshot is an O(1) clone that later
+//! writes never touch, so readers and snapshot exports run while writes continue. Durability is not this crate's business: the raft WAL and snapshot files
 //! rebuild the content on restart.
 //!
 //! Must not depend on: mvcc, raft, the RocksDB engine.
 
+mod packed;
+
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::ops::Bound;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use imbl::OrdMap;
 use metastore_storage::{
     snapshot_format, Backend, Direction, ReadView, Result, ScanRange, SizeInfo, StorageError,
     Visit, WriteBatch, WriteOp,
 };
+use packed::PackedMap;
 use parking_lot::Mutex;
 
-/// Bytes counted per stored pair on top of its key and value: a rough share of the tree node.
-const PER_ENTRY_OVERHEAD: u64 = 48;
+/// Bytes counted per stored pair on top of its key and value: its header and offset in a block,
+/// and a share of the tree of blocks.
+const PER_ENTRY_OVERHEAD: u64 = 16;
 
 #[derive(Clone, Default)]
 struct Buckets {
-    maps: BTreeMap<&'static str, OrdMap<Bytes, Bytes>>,
+    maps: BTreeMap<&'static str, PackedMap>,
     live_bytes: u64,
     /// Bumped on every write; lets defragment detect that it raced with a writer.
     generation: u64,
 }
 
 impl Buckets {
-    fn map(&self, bucket: &str) -> Result<&OrdMap<Bytes, Bytes>> {
+    fn map(&self, bucket: &str) -> Result<&PackedMap> {
         self.maps
             .get(bucket)
             .ok_or_else(|| StorageError::UnknownBucket(bucket.to_string()))
@@ -51,7 +52,7 @@ pub struct MemBackend {
 impl MemBackend {
     /// An empty backend holding `buckets`.
     pub fn new(buckets: &[&'static str]) -> Self {
-        let maps = buckets.iter().map(|b| (*b, OrdMap::new())).collect();
+        let maps = buckets.iter().map(|b| (*b, PackedMap::default())).collect();
         MemBackend {
             state: Mutex::new(Buckets {
                 maps,
@@ -83,34 +84,13 @@ impl ReadView for MemView {
         if range.end.is_some_and(|end| end <= range.start) {
             return Ok(0);
         }
-        let lower = Bound::Included(range.start);
-        let upper = match range.end {
-            Some(end) => Bound::Excluded(end),
-            None => Bound::Unbounded,
-        };
-        let iter = map.range::<_, [u8]>((lower, upper));
         let mut visited = 0usize;
-        let mut step = |k: &Bytes, v: &Bytes| {
+        let reverse = range.direction == Direction::Reverse;
+        map.visit(range.start, range.end, reverse, &mut |k, v| {
             visited += 1;
             let go_on = visitor(k, v) == Visit::Continue;
             go_on && (range.limit == 0 || visited < range.limit)
-        };
-        match range.direction {
-            Direction::Forward => {
-                for (k, v) in iter {
-                    if !step(k, v) {
-                        break;
-                    }
-                }
-            }
-            Direction::Reverse => {
-                for (k, v) in iter.rev() {
-                    if !step(k, v) {
-                        break;
-                    }
-                }
-            }
-        }
+        });
         Ok(visited)
     }
 }
@@ -139,15 +119,15 @@ impl Backend for MemBackend {
                 WriteOp::Put { bucket, key, value } => {
                     let added = entry_size(&key, &value);
                     let map = state.maps.get_mut(bucket).expect("bucket checked above");
-                    if let Some(old) = map.insert(Bytes::from(key.clone()), Bytes::from(value)) {
-                        live -= entry_size(&key, &old);
+                    if let Some(old_len) = map.insert(&key, &value) {
+                        live -= entry_size(&key, &[]) + old_len as u64;
                     }
                     live += added;
                 }
                 WriteOp::Delete { bucket, key } => {
                     let map = state.maps.get_mut(bucket).expect("bucket checked above");
-                    if let Some(old) = map.remove(&key[..]) {
-                        live -= entry_size(&key, &old);
+                    if let Some(old_len) = map.remove(&key) {
+                        live -= entry_size(&key, &[]) + old_len as u64;
                     }
                 }
             }
@@ -169,7 +149,7 @@ impl Backend for MemBackend {
         })
     }
 
-    /// Rebuilds every map from a snapshot so that nodes left sparse by deletes are packed again.
+    /// Rebuilds every map from a snapshot so that blocks left sparse by deletes are packed again.
     /// The rebuild runs without the lock; if a write lands meanwhile the rebuild is retried, and
     /// after a few lost races the current maps are kept (they are correct, only less compact).
     fn defragment(&self) -> Result<()> {
@@ -179,10 +159,12 @@ impl Backend for MemBackend {
                 .maps
                 .iter()
                 .map(|(name, map)| {
-                    (
-                        *name,
-                        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                    )
+                    let mut packed = PackedMap::default();
+                    map.visit(&[], None, false, &mut |k, v| {
+                        packed.insert(k, v);
+                        true
+                    });
+                    (*name, packed)
                 })
                 .collect();
             let mut state = self.state.lock();
@@ -196,16 +178,16 @@ impl Backend for MemBackend {
 
     fn import(&self, reader: &mut dyn Read) -> Result<()> {
         let names: Vec<&'static str> = self.buckets();
-        let mut staged: BTreeMap<&'static str, OrdMap<Bytes, Bytes>> =
-            names.iter().map(|b| (*b, OrdMap::new())).collect();
+        let mut staged: BTreeMap<&'static str, PackedMap> =
+            names.iter().map(|b| (*b, PackedMap::default())).collect();
         let mut live = 0u64;
         snapshot_format::read_stream(reader, &mut |bucket, key, value| {
             let map = staged
                 .get_mut(bucket)
                 .ok_or_else(|| StorageError::UnknownBucket(bucket.to_string()))?;
             live += entry_size(&key, &value);
-            if let Some(old) = map.insert(Bytes::from(key.clone()), Bytes::from(value)) {
-                live -= entry_size(&key, &old);
+            if let Some(old_len) = map.insert(&key, &value) {
+                live -= entry_size(&key, &[]) + old_len as u64;
             }
             Ok(())
         })?;
