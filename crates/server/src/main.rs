@@ -40,6 +40,23 @@ use config::{Config, Engine};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc asks the kernel for transparent huge pages on its arenas (`madvise(MADV_HUGEPAGE)`).
+/// Then every fresh or purged-and-reused 4 KiB of heap costs a 2 MiB page to fault in and clear:
+/// on a loaded 3-member cluster that was about 5% of each member's CPU in `clear_page`, and
+/// resident memory grew in 2 MiB steps (25–30% more RSS per member). Turned off for this process
+/// only; the system setting is not touched.
+fn disable_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes no memory we own.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc != 0 {
+        // Old kernels lack it; nothing depends on it but memory use.
+        eprintln!(
+            "metastore: cannot disable transparent huge pages: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Bytes gRPC may receive on top of `--max-request-bytes` (etcd's `grpcOverheadBytes`), so that
 /// an oversized request reaches our check and gets etcd's own error.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
@@ -173,6 +190,7 @@ fn open_backend(cfg: &Config, member_dir: &Path) -> Result<Arc<dyn Backend>> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    disable_transparent_huge_pages();
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("snapshot") {
         return snapshot_cmd::run(&args[2..]);
