@@ -377,10 +377,18 @@ impl Index {
         &'s self,
         range: KeyRange<'s>,
     ) -> impl Iterator<Item = (&'s [u8], &'s KeyIndex)> + 's {
-        let bounds = range.bounds();
-        bounds
+        // A single key (every Put, most Ranges) is a plain lookup: a one-key `range` walks the
+        // tree twice, once per bound.
+        let (single, span) = match range {
+            KeyRange::Single(key) => (self.keys.get_key_value(key), None),
+            KeyRange::Span(..) => (None, range.bounds()),
+        };
+        single
             .into_iter()
-            .flat_map(move |b| self.keys.range::<[u8], _>(b))
+            .chain(
+                span.into_iter()
+                    .flat_map(move |b| self.keys.range::<[u8], _>(b)),
+            )
             .map(|(k, v)| (k.as_slice(), v))
     }
 
