@@ -87,6 +87,9 @@ struct Lease {
 #[derive(Default)]
 struct Table {
     leases: HashMap<i64, Lease>,
+    /// The lease of every key that has one (etcd's `itemMap`): a put learns which lease a key
+    /// leaves without reading the key's previous value.
+    key_leases: HashMap<Vec<u8>, i64>,
     primary: bool,
 }
 
@@ -168,14 +171,17 @@ impl Lessor {
         if let Some(e) = failure {
             return Err(e);
         }
+        let mut key_leases = HashMap::new();
         for kv in live_keys {
             if let Some(l) = leases.get_mut(&kv.lease) {
-                l.keys.insert(kv.key);
+                l.keys.insert(kv.key.clone());
+                key_leases.insert(kv.key, kv.lease);
             }
         }
         let mut table = self.table.lock();
         let primary = table.primary;
         table.leases = leases;
+        table.key_leases = key_leases;
         if primary {
             let now = Instant::now();
             for l in table.leases.values_mut() {
@@ -238,20 +244,31 @@ impl Lessor {
     }
 
     /// Follows applied changes: a key written with a lease is attached to it and detached from
-    /// the lease it had before; a deleted key is detached.
+    /// the lease it had before; a deleted key is detached. Events need not carry `prev_kv`.
     pub fn apply_events(&self, events: &[Event]) {
-        let mut table = self.table.lock();
+        let mut guard = self.table.lock();
+        let table = &mut *guard;
         for event in events {
             let Some(kv) = &event.kv else { continue };
-            if let Some(prev) = &event.prev_kv {
-                if prev.lease != 0 {
-                    if let Some(l) = table.leases.get_mut(&prev.lease) {
-                        l.keys.remove(&prev.key);
-                    }
+            let lease = if event.r#type == EventType::Put as i32 {
+                kv.lease
+            } else {
+                0
+            };
+            let before = if lease != 0 {
+                table.key_leases.insert(kv.key.clone(), lease)
+            } else if table.key_leases.is_empty() {
+                None
+            } else {
+                table.key_leases.remove(&kv.key)
+            };
+            if let Some(before) = before.filter(|b| *b != lease) {
+                if let Some(l) = table.leases.get_mut(&before) {
+                    l.keys.remove(&kv.key);
                 }
             }
-            if event.r#type == EventType::Put as i32 && kv.lease != 0 {
-                if let Some(l) = table.leases.get_mut(&kv.lease) {
+            if lease != 0 {
+                if let Some(l) = table.leases.get_mut(&lease) {
                     l.keys.insert(kv.key.clone());
                 }
             }

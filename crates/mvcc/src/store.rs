@@ -66,9 +66,10 @@ impl WriteResponse {
 pub struct Applied {
     /// The response, header `None`.
     pub response: WriteResponse,
-    /// The changes in sub-revision order, each with `prev_kv` set to the key's previous value
-    /// (`None` for a creation). A deletion's `kv` holds only `key` and `mod_revision`, as etcd's
-    /// watch events do.
+    /// The changes in sub-revision order. A deletion's `kv` holds only `key` and `mod_revision`,
+    /// as etcd's watch events do, and its `prev_kv` the deleted value. A put's `prev_kv` is the
+    /// previous value only when the request read it (`prev_kv`, `ignore_value`, `ignore_lease`);
+    /// otherwise `None`, and a consumer that needs it reads the key at `mod_revision - 1`.
     pub events: Vec<Event>,
     /// The store revision after the request: what etcd puts in the response header. Unchanged
     /// when the request changed nothing.

@@ -761,7 +761,15 @@ fn txn_is_one_revision_and_ranges_see_earlier_writes() {
             EventType::Delete as i32
         ]
     );
-    assert_eq!(applied.events[0].prev_kv.as_ref().unwrap().value, b"old");
+    // A put that did not ask for its previous value does not read it: create revision and
+    // version come from the index. The delete's event carries the deleted value.
+    let put_a = &applied.events[0];
+    assert_eq!(put_a.prev_kv, None);
+    let kv = put_a.kv.as_ref().unwrap();
+    assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (2, 4, 2));
+    let put_b = applied.events[1].kv.as_ref().unwrap();
+    assert_eq!((put_b.create_revision, put_b.version), (4, 1));
+    assert_eq!(applied.events[2].prev_kv.as_ref().unwrap().value, b"x");
     assert_eq!(h.get("b").unwrap().mod_revision, 4);
 }
 

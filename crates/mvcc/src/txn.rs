@@ -323,10 +323,30 @@ impl<'a> Tx<'a> {
         Ok(resp)
     }
 
-    fn put(&mut self, key: Vec<u8>, value: Vec<u8>, lease: i64, prev: Option<KeyValue>) {
+    /// The create revision and version of `key` as this txn sees it (its own writes included),
+    /// from the index alone: no value is read.
+    fn existing(&self, key: &[u8]) -> Option<(i64, i64)> {
+        if let Some(written) = self.pending.get(key) {
+            return written.as_ref().map(|kv| (kv.create_revision, kv.version));
+        }
+        let (_, ki) = self.index.iter_range(KeyRange::Single(key)).next()?;
+        ki.get(self.base_rev)
+            .map(|at| (at.created.main, at.version))
+    }
+
+    /// Writes `key`. `existing` is the key's (create revision, version) if it exists; `prev` its
+    /// previous value when the request needed it (the event carries it then).
+    fn put(
+        &mut self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: i64,
+        existing: Option<(i64, i64)>,
+        prev: Option<KeyValue>,
+    ) {
         let rev = Revision::new(self.base_rev + 1, self.changes.len() as i64);
-        let (create_revision, version) = match &prev {
-            Some(p) => (p.create_revision, p.version + 1),
+        let (create_revision, version) = match existing {
+            Some((created, version)) => (created, version + 1),
             None => (rev.main, 1),
         };
         let kv = KeyValue {
@@ -388,10 +408,23 @@ impl<'a> Tx<'a> {
         if top_level && req.lease != 0 && !leases.exists(req.lease) {
             return Err(MvccError::LeaseNotFound);
         }
-        let prev = self.get(&req.key)?;
+        // The previous value is read only when the request needs it: a plain put learns the
+        // key's create revision and version from the index, as etcd's does. (Watchers that
+        // want previous values read them themselves; leases track their keys by key.)
+        let needs_prev = req.prev_kv || req.ignore_value || req.ignore_lease;
+        let prev = if needs_prev {
+            self.get(&req.key)?
+        } else {
+            None
+        };
         if (req.ignore_value || req.ignore_lease) && prev.is_none() {
             return Err(MvccError::KeyNotFound);
         }
+        let existing = match &prev {
+            Some(p) => Some((p.create_revision, p.version)),
+            None if needs_prev => None,
+            None => self.existing(&req.key),
+        };
         let value = match (&prev, req.ignore_value) {
             (Some(p), true) => p.value.clone(),
             _ => req.value.clone(),
@@ -401,7 +434,7 @@ impl<'a> Tx<'a> {
             _ => req.lease,
         };
         let prev_kv = if req.prev_kv { prev.clone() } else { None };
-        self.put(req.key.clone(), value, lease, prev);
+        self.put(req.key.clone(), value, lease, existing, prev);
         Ok(PutResponse {
             header: header(self.base_rev + 1),
             prev_kv,

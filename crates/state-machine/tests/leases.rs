@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use metastore_proto::etcdserverpb::{
-    LeaseGrantRequest, LeaseRevokeRequest, PutRequest, RangeRequest, WatchCreateRequest,
+    DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, PutRequest, RangeRequest,
+    WatchCreateRequest,
 };
 use metastore_proto::metastorepb::internal_raft_request::Request;
 use metastore_raft_node::StateMachine;
@@ -121,4 +122,22 @@ async fn grant_attach_revoke_and_reopen() {
         restored.lessor().attached_keys(20).unwrap(),
         vec![b"k3".to_vec()]
     );
+
+    // A put without a lease detaches the key (the put does not read the previous value; the
+    // lessor knows each key's lease), and so does a delete.
+    assert!(restored.apply(11, 1, &put("k5", 20)).is_ok());
+    assert!(restored.apply(12, 1, &put("k3", 0)).is_ok());
+    assert_eq!(
+        restored.lessor().attached_keys(20).unwrap(),
+        vec![b"k5".to_vec()]
+    );
+    let delete_k5 = encode_request(Request::DeleteRange(DeleteRangeRequest {
+        key: b"k5".to_vec(),
+        ..Default::default()
+    }));
+    assert!(restored.apply(13, 1, &delete_k5).is_ok());
+    assert!(restored.lessor().attached_keys(20).unwrap().is_empty());
+    // Revoking lease 20 now deletes nothing: k3 left it.
+    assert!(restored.apply(14, 1, &revoke(20)).is_ok());
+    assert_eq!(count(&restored, "k3", ""), 1);
 }

@@ -255,6 +255,21 @@ impl WatchHub {
         if events.is_empty() || inner.synced.is_empty() {
             return;
         }
+        // The apply path reads a put's previous value only when the request needed it; watchers
+        // that want previous values get them read here, as etcd's watch server does.
+        let filled;
+        let events = if inner.synced.values().any(|w| w.prev_kv)
+            && events
+                .iter()
+                .any(|e| e.r#type == EventType::Put as i32 && e.prev_kv.is_none())
+        {
+            let mut copy = events.to_vec();
+            fill_prev_kv(&self.source.store(), &mut copy);
+            filled = copy;
+            &filled[..]
+        } else {
+            events
+        };
         let max_bytes = self.max_response_bytes.load(Ordering::Relaxed);
         let mut lagging = Vec::new();
         let mut gone = Vec::new();
@@ -552,9 +567,12 @@ fn send(
 }
 
 /// etcd's watch server reads an event's previous value at `mod_revision - 1`; a compacted one is
-/// left out.
+/// left out. Events that already carry one keep it.
 fn fill_prev_kv(store: &Store, events: &mut [Event]) {
     for event in events {
+        if event.prev_kv.is_some() {
+            continue;
+        }
         let Some(kv) = &event.kv else { continue };
         let req = RangeRequest {
             key: kv.key.clone(),
