@@ -256,19 +256,33 @@ impl WatchHub {
             return;
         }
         // The apply path reads a put's previous value only when the request needed it; watchers
-        // that want previous values get them read here, as etcd's watch server does.
+        // that want previous values get them read here, as etcd's watch server does: only for
+        // the puts such a watcher is sent.
+        let wanted: Vec<usize> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| {
+                e.r#type == EventType::Put as i32
+                    && e.prev_kv.is_none()
+                    && e.kv.as_ref().is_some_and(|kv| {
+                        inner.synced.values().any(|w| {
+                            w.prev_kv && !w.no_put && w.next_rev <= revision && w.matches(&kv.key)
+                        })
+                    })
+            })
+            .map(|(i, _)| i)
+            .collect();
         let filled;
-        let events = if inner.synced.values().any(|w| w.prev_kv)
-            && events
-                .iter()
-                .any(|e| e.r#type == EventType::Put as i32 && e.prev_kv.is_none())
-        {
+        let events = if wanted.is_empty() {
+            events
+        } else {
             let mut copy = events.to_vec();
-            fill_prev_kv(&self.source.store(), &mut copy);
+            let store = self.source.store();
+            for i in wanted {
+                fill_prev_kv(&store, &mut copy[i..=i]);
+            }
             filled = copy;
             &filled[..]
-        } else {
-            events
         };
         let max_bytes = self.max_response_bytes.load(Ordering::Relaxed);
         let mut lagging = Vec::new();
