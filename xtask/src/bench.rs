@@ -415,7 +415,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         "Machine: {cpu}, {cores} cores; {etcd_version}. Command: `cargo xtask bench{}`.",
         if quick { " --quick" } else { "" }
     )?;
-    writeln!(report, "Every server runs with fsync, members on loopback, the load generator on the same machine. 8-byte keys, 256-byte values. Ratios are MetaStore / etcd (throughput: higher is better; p99: lower is better).\n")?;
+    writeln!(report, "Every server runs with fsync, members on loopback, the load generator on the same machine (its runtime has twice as many threads as there are cores, see `metastore-bench --help`). 8-byte keys, 256-byte values. Ratios are MetaStore / etcd (throughput: higher is better; p99: lower is better).\n")?;
 
     for members in [1usize, 3] {
         writeln!(
