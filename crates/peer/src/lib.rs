@@ -138,6 +138,10 @@ struct Inner<O> {
     node: OnceLock<RaftNode<O>>,
     resolve: UrlResolver,
     queues: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
+    /// One channel per peer URL for unary calls (lease forwarding, progress, HashKV): a tonic
+    /// channel multiplexes calls over one connection and reconnects by itself. Without it every
+    /// forwarded lease keep-alive opened a new TCP and HTTP/2 connection to the leader.
+    channels: Mutex<HashMap<String, Channel>>,
     runtime: tokio::runtime::Handle,
     /// A peer answered that this member was removed from the cluster.
     removed: AtomicBool,
@@ -158,6 +162,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
                 member_id,
                 node: OnceLock::new(),
                 resolve,
+                channels: Mutex::new(HashMap::new()),
                 queues: Mutex::new(HashMap::new()),
                 runtime,
                 removed: AtomicBool::new(false),
@@ -222,7 +227,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
         let url = urls
             .first()
             .ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
-        let mut peer = client(channel_to(url)?);
+        let mut peer = client(self.channel(url)?);
         let call = peer.progress(MembersRequest {
             cluster_id: self.inner.cluster_id,
         });
@@ -240,7 +245,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
         let url = urls
             .first()
             .ok_or_else(|| Status::unavailable("no peer URL known for this member"))?;
-        let mut peer = client(channel_to(url)?);
+        let mut peer = client(self.channel(url)?);
         let call = peer.hash_kv(HashKvForward {
             cluster_id: self.inner.cluster_id,
             revision,
@@ -265,11 +270,22 @@ impl<O: Send + 'static> PeerNetwork<O> {
             cluster_id: self.inner.cluster_id,
             id,
         };
-        match tokio::time::timeout(CALL_TIMEOUT, f(client(channel_to(url)?), req)).await {
+        match tokio::time::timeout(CALL_TIMEOUT, f(client(self.channel(url)?), req)).await {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
             Ok(Err(status)) => Err(status),
             Err(_) => Err(Status::unavailable("etcdserver: request timed out")),
         }
+    }
+
+    /// The shared channel to `url` for unary calls.
+    fn channel(&self, url: &str) -> Result<Channel, Status> {
+        let mut channels = self.inner.channels.lock();
+        if let Some(channel) = channels.get(url) {
+            return Ok(channel.clone());
+        }
+        let channel = channel_to(url)?;
+        channels.insert(url.to_string(), channel.clone());
+        Ok(channel)
     }
 
     fn queue_for(&self, to: u64) -> mpsc::Sender<Message> {
