@@ -170,8 +170,9 @@ pub enum TokenProvider {
     Jwt(JwtTokens),
 }
 
-/// Parses a Go-style duration: `300ms`, `10s`, `5m`, `1h`, `1h30m`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
+/// Parses a Go-style duration (`300ms`, `10s`, `5m`, `1h`, `1h30m`, `1.5s`), as etcd's duration
+/// flags and the JWT `ttl` option take them. The server's duration flags use it too.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     if rest.is_empty() {
@@ -195,7 +196,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
             "h" => 3600.0,
             other => return Err(format!("unknown unit {other:?} in duration {s:?}")),
         };
-        total += Duration::from_secs_f64(value * unit);
+        total = Duration::try_from_secs_f64(value * unit)
+            .ok()
+            .and_then(|d| total.checked_add(d))
+            .ok_or_else(|| format!("duration {s:?} is out of range"))?;
         rest = &rest[unit_len..];
     }
     Ok(total)
@@ -285,6 +289,7 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("99999999999999999999999h").is_err());
     }
 
     #[test]

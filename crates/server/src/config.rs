@@ -77,11 +77,11 @@ pub struct Config {
     #[arg(long, default_value_t = 0)]
     pub quota_backend_bytes: u64,
     /// Interval of watch progress notifications, as a duration (`10m`, `5s`, `500ms`).
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = metastore_auth::tokens::parse_duration)]
     pub experimental_watch_progress_notify_interval: std::time::Duration,
     /// How often the leader compares every member's HashKV with its own and raises the CORRUPT
     /// alarm for a member that differs (`0s`: never, as etcd's default).
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = metastore_auth::tokens::parse_duration)]
     pub experimental_corrupt_check_time: std::time::Duration,
     /// Storage engine.
     #[arg(long, value_enum, default_value = "memory")]
@@ -222,26 +222,6 @@ pub fn parse_url(url: &str) -> Result<SocketAddr> {
         .map_err(|_| anyhow!("{url:?}: expected http://IP:PORT"))
 }
 
-/// Parses a Go-style duration with one unit (`500ms`, `5s`, `10m`, `1h`), as etcd's duration flags
-/// take them.
-pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{text:?}: missing unit (ms, s, m or h)"))?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?}: not a duration"))?;
-    let ms = match unit {
-        "ms" => 1,
-        "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m or h)")),
-    };
-    Ok(std::time::Duration::from_millis(n.saturating_mul(ms)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +248,7 @@ mod tests {
 
     #[test]
     fn durations_parse_like_go() {
+        use metastore_auth::tokens::parse_duration;
         use std::time::Duration;
         assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
