@@ -495,7 +495,8 @@ impl Auth for AuthService {
             .options
             .as_ref()
             .is_some_and(|o| o.no_password);
-        let mut req = request.get_ref().clone();
+        let caller = Caller::of(&request);
+        let mut req = request.into_inner();
         if req.name.is_empty() {
             return Err(auth_status(&AuthError::UserEmpty));
         }
@@ -506,8 +507,7 @@ impl Auth for AuthService {
             self.hash(std::mem::take(&mut req.password)).await?
         };
         req.password.clear();
-        self.propose(Caller::of(&request), Request::UserAdd(req))
-            .await?;
+        self.propose(caller, Request::UserAdd(req)).await?;
         Ok(Response::new(AuthUserAddResponse {
             header: self.header(),
         }))
@@ -550,8 +550,8 @@ impl Auth for AuthService {
         &self,
         request: GrpcRequest<AuthUserDeleteRequest>,
     ) -> Result<Response<AuthUserDeleteResponse>, Status> {
-        let req = request.get_ref().clone();
-        self.propose(Caller::of(&request), Request::UserDelete(req))
+        let caller = Caller::of(&request);
+        self.propose(caller, Request::UserDelete(request.into_inner()))
             .await?;
         Ok(Response::new(AuthUserDeleteResponse {
             header: self.header(),
@@ -562,12 +562,13 @@ impl Auth for AuthService {
         &self,
         request: GrpcRequest<AuthUserChangePasswordRequest>,
     ) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
-        let mut req = request.get_ref().clone();
+        let caller = Caller::of(&request);
+        let mut req = request.into_inner();
         if !self.ctx.auth.store.user_exists(&req.name) {
             return Err(auth_status(&AuthError::UserNotFound));
         }
         req.hashed_password = self.hash(std::mem::take(&mut req.password)).await?;
-        self.propose(Caller::of(&request), Request::UserChangePassword(req))
+        self.propose(caller, Request::UserChangePassword(req))
             .await?;
         Ok(Response::new(AuthUserChangePasswordResponse {
             header: self.header(),
@@ -578,8 +579,8 @@ impl Auth for AuthService {
         &self,
         request: GrpcRequest<AuthUserGrantRoleRequest>,
     ) -> Result<Response<AuthUserGrantRoleResponse>, Status> {
-        let req = request.get_ref().clone();
-        self.propose(Caller::of(&request), Request::UserGrantRole(req))
+        let caller = Caller::of(&request);
+        self.propose(caller, Request::UserGrantRole(request.into_inner()))
             .await?;
         Ok(Response::new(AuthUserGrantRoleResponse {
             header: self.header(),
@@ -590,8 +591,8 @@ impl Auth for AuthService {
         &self,
         request: GrpcRequest<AuthUserRevokeRoleRequest>,
     ) -> Result<Response<AuthUserRevokeRoleResponse>, Status> {
-        let req = request.get_ref().clone();
-        self.propose(Caller::of(&request), Request::UserRevokeRole(req))
+        let caller = Caller::of(&request);
+        self.propose(caller, Request::UserRevokeRole(request.into_inner()))
             .await?;
         Ok(Response::new(AuthUserRevokeRoleResponse {
             header: self.header(),
@@ -602,8 +603,8 @@ impl Auth for AuthService {
         &self,
         request: GrpcRequest<AuthRoleAddRequest>,
     ) -> Result<Response<AuthRoleAddResponse>, Status> {
-        let req = request.get_ref().clone();
-        self.propose(Caller::of(&request), Request::RoleAdd(req))
+        let caller = Caller::of(&request);
+        self.propose(caller, Request::RoleAdd(request.into_inner()))
             .await?;
         Ok(Response::new(AuthRoleAddResponse {
             header: self.header(),
@@ -647,8 +648,8 @@ impl Auth for AuthService {
         &self,
         request: GrpcRequest<AuthRoleDeleteRequest>,
     ) -> Result<Response<AuthRoleDeleteResponse>, Status> {
-        let req = request.get_ref().clone();
-        self.propose(Caller::of(&request), Request::RoleDelete(req))
+        let caller = Caller::of(&request);
+        self.propose(caller, Request::RoleDelete(request.into_inner()))
             .await?;
         Ok(Response::new(AuthRoleDeleteResponse {
             header: self.header(),
@@ -659,8 +660,8 @@ impl Auth for AuthService {
         &self,
         request: GrpcRequest<AuthRoleGrantPermissionRequest>,
     ) -> Result<Response<AuthRoleGrantPermissionResponse>, Status> {
-        let req = request.get_ref().clone();
-        self.propose(Caller::of(&request), Request::RoleGrantPermission(req))
+        let caller = Caller::of(&request);
+        self.propose(caller, Request::RoleGrantPermission(request.into_inner()))
             .await?;
         Ok(Response::new(AuthRoleGrantPermissionResponse {
             header: self.header(),
@@ -671,8 +672,8 @@ impl Auth for AuthService {
         &self,
         request: GrpcRequest<AuthRoleRevokePermissionRequest>,
     ) -> Result<Response<AuthRoleRevokePermissionResponse>, Status> {
-        let req = request.get_ref().clone();
-        self.propose(Caller::of(&request), Request::RoleRevokePermission(req))
+        let caller = Caller::of(&request);
+        self.propose(caller, Request::RoleRevokePermission(request.into_inner()))
             .await?;
         Ok(Response::new(AuthRoleRevokePermissionResponse {
             header: self.header(),
