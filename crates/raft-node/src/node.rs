@@ -267,6 +267,9 @@ impl<O: Send + 'static> RaftNode<O> {
             snapshot_index,
             next_snapshot_at: snapshot_index.saturating_add(cfg.snapshot_count),
             snapshot_thread: None,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            max_batch_bytes: cfg.max_size_per_msg,
         };
         let thread = thread::Builder::new()
             .name(format!("raft-{member_id:x}"))
@@ -846,6 +849,13 @@ struct Worker<S: StateMachine> {
     /// Applied index at which the next snapshot is taken.
     next_snapshot_at: u64,
     snapshot_thread: Option<JoinHandle<()>>,
+    /// Proposals received this round, proposed together as one raft message (see
+    /// [`Worker::flush_proposals`]).
+    batch: Vec<(u64, Vec<u8>, ProposalWaiter<S::Output>)>,
+    /// Payload bytes in `batch`.
+    batch_bytes: u64,
+    /// Largest batch of proposals, in bytes (raft's `max_size_per_msg`).
+    max_batch_bytes: u64,
 }
 
 impl<S: StateMachine> Worker<S> {
@@ -893,29 +903,34 @@ impl<S: StateMachine> Worker<S> {
     /// Handles `first` and everything queued behind it. Returns false on shutdown.
     fn handle_commands(&mut self, first: Option<Command<S::Output>>) -> Result<bool, RaftError> {
         let Some(first) = first else { return Ok(true) };
-        if !self.handle(first)? {
-            return Ok(false);
-        }
+        let mut running = self.handle(first)?;
         for _ in 0..MAX_COMMANDS_PER_ROUND {
+            if !running {
+                break;
+            }
             match self.commands.try_recv() {
-                Ok(command) => {
-                    if !self.handle(command)? {
-                        return Ok(false);
-                    }
-                }
+                Ok(command) => running = self.handle(command)?,
                 Err(_) => break,
             }
         }
-        Ok(true)
+        self.flush_proposals();
+        Ok(running)
     }
 
     fn handle(&mut self, command: Command<S::Output>) -> Result<bool, RaftError> {
+        if let Command::Propose {
+            request_id,
+            data,
+            waiter,
+        } = command
+        {
+            self.queue_proposal(request_id, data, waiter);
+            return Ok(true);
+        }
+        // Everything else sees the proposals received before it already proposed.
+        self.flush_proposals();
         match command {
-            Command::Propose {
-                request_id,
-                data,
-                waiter,
-            } => self.propose(request_id, data, waiter),
+            Command::Propose { .. } => {}
             Command::ProposeMembership {
                 request_id,
                 change,
@@ -949,12 +964,57 @@ impl<S: StateMachine> Worker<S> {
         Ok(true)
     }
 
-    fn propose(&mut self, request_id: u64, data: Vec<u8>, waiter: ProposalWaiter<S::Output>) {
+    fn queue_proposal(
+        &mut self,
+        request_id: u64,
+        data: Vec<u8>,
+        waiter: ProposalWaiter<S::Output>,
+    ) {
         if waiter.is_closed() {
             return;
         }
-        let proposed = self.raw.propose(Vec::new(), data);
-        self.track(request_id, proposed, waiter);
+        if self.batch_bytes + data.len() as u64 > self.max_batch_bytes {
+            self.flush_proposals();
+        }
+        self.batch_bytes += data.len() as u64;
+        self.batch.push((request_id, data, waiter));
+    }
+
+    /// Proposes the queued proposals as one raft message: the leader appends them together and
+    /// sends each follower one append for all of them (one acknowledgement back), and a follower
+    /// forwards them to the leader in one message. Proposed one by one, every proposal cost its
+    /// own append message to each follower and its own acknowledgement.
+    fn flush_proposals(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        let mut msg = Message::default();
+        msg.set_msg_type(MessageType::MsgPropose);
+        msg.from = self.member_id;
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut tracked = Vec::with_capacity(batch.len());
+        for (request_id, data, waiter) in batch {
+            entries.push(Entry {
+                data: data.into(),
+                ..Default::default()
+            });
+            tracked.push((request_id, waiter));
+        }
+        msg.set_entries(entries.into());
+        let proposed = self.raw.raft.step(msg);
+        let count = tracked.len() as u64;
+        // A leader appended them as the last `count` entries; elsewhere the index is unused.
+        let first_index = (self.raw.raft.raft_log.last_index() + 1).saturating_sub(count);
+        for (offset, (request_id, waiter)) in (0..).zip(tracked) {
+            let outcome = match &proposed {
+                Ok(()) => Ok(first_index + offset),
+                Err(raft::Error::ProposalDropped) => Err(RaftError::NoLeader),
+                Err(e) => Err(RaftError::Raft(e.to_string())),
+            };
+            self.track_at(request_id, outcome, waiter);
+        }
     }
 
     fn propose_membership(
@@ -978,19 +1038,30 @@ impl<S: StateMachine> Worker<S> {
         proposed: raft::Result<()>,
         waiter: ProposalWaiter<S::Output>,
     ) {
-        match proposed {
-            Ok(()) => {
+        let outcome = match proposed {
+            Ok(()) => Ok(self.raw.raft.raft_log.last_index()),
+            Err(raft::Error::ProposalDropped) => Err(RaftError::NoLeader),
+            Err(e) => Err(RaftError::Raft(e.to_string())),
+        };
+        self.track_at(request_id, outcome, waiter);
+    }
+
+    /// [`Worker::track`] for a proposal whose outcome (its log index if accepted) is known.
+    fn track_at(
+        &mut self,
+        request_id: u64,
+        outcome: Result<u64, RaftError>,
+        waiter: ProposalWaiter<S::Output>,
+    ) {
+        match outcome {
+            Ok(index) => {
                 if self.raw.raft.state == StateRole::Leader {
-                    let index = self.raw.raft.raft_log.last_index();
                     self.proposed_at.insert(index, request_id);
                 }
                 self.proposals.insert(request_id, waiter);
             }
-            Err(raft::Error::ProposalDropped) => {
-                let _ = waiter.send(Err(RaftError::NoLeader));
-            }
             Err(e) => {
-                let _ = waiter.send(Err(RaftError::Raft(e.to_string())));
+                let _ = waiter.send(Err(e));
             }
         }
     }

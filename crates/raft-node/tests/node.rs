@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use metastore_raft_node::{
@@ -116,6 +116,13 @@ type Node = RaftNode<(u64, Vec<u8>)>;
 struct Network {
     nodes: RwLock<HashMap<u64, Node>>,
     isolated: RwLock<HashSet<u64>>,
+    /// A member whose raft loop blocks in its next send until this is cleared.
+    paused: Mutex<Option<u64>>,
+    resumed: Condvar,
+    /// (from, to, entries) of every append message with entries whose payload starts with
+    /// `traced`.
+    traced_appends: Mutex<Vec<(u64, u64, usize)>>,
+    traced: RwLock<Vec<u8>>,
 }
 
 struct ChannelTransport {
@@ -124,6 +131,25 @@ struct ChannelTransport {
 
 impl Transport for ChannelTransport {
     fn send(&self, messages: Vec<Message>) {
+        let mut paused = self.network.paused.lock().unwrap();
+        while messages.iter().any(|m| Some(m.from) == *paused) {
+            paused = self.network.resumed.wait(paused).unwrap();
+        }
+        drop(paused);
+        let traced = self.network.traced.read().unwrap().clone();
+        if !traced.is_empty() {
+            for msg in &messages {
+                let entries = msg
+                    .get_entries()
+                    .iter()
+                    .filter(|e| e.data.len() > 8 && e.data[8..].starts_with(&traced))
+                    .count();
+                if msg.get_msg_type() == raft::eraftpb::MessageType::MsgAppend && entries > 0 {
+                    let mut appends = self.network.traced_appends.lock().unwrap();
+                    appends.push((msg.from, msg.to, entries));
+                }
+            }
+        }
         let nodes = self.network.nodes.read().unwrap();
         let isolated = self.network.isolated.read().unwrap();
         for msg in messages {
@@ -438,12 +464,21 @@ fn start_cluster(
     dirs: &[tempfile::TempDir],
     snapshot_count: u64,
 ) -> Vec<LogMachine> {
+    start_cluster_ticking(network, dirs, snapshot_count, Duration::from_millis(20))
+}
+
+fn start_cluster_ticking(
+    network: &Arc<Network>,
+    dirs: &[tempfile::TempDir],
+    snapshot_count: u64,
+    tick_interval: Duration,
+) -> Vec<LogMachine> {
     let mut machines = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
         let member_id = i as u64 + 1;
         let mut cfg = config(member_id, dir.path());
         cfg.peers = vec![1, 2, 3];
-        cfg.tick_interval = Duration::from_millis(20);
+        cfg.tick_interval = tick_interval;
         cfg.snapshot_count = snapshot_count;
         let sm = LogMachine::default();
         let transport = Arc::new(ChannelTransport {
@@ -530,6 +565,53 @@ async fn three_members_replicate_forward_and_survive_losing_the_leader() {
     })
     .await;
     assert_eq!(survivors[0].log(), survivors[1].log());
+    shutdown_all(&network);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposals_queued_together_reach_each_follower_in_one_append() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let network = Arc::new(Network::default());
+    // Slow ticks: an election takes over a second, far longer than the pause below.
+    let machines = start_cluster_ticking(&network, &dirs, 0, Duration::from_millis(100));
+    let leader = agreed_leader(&network, &[1, 2, 3]).await;
+    let leader_node = node(&network, leader);
+    propose_many(&leader_node, "warm-up", 3).await;
+
+    // Hold the leader's loop (it blocks in its next send, a heartbeat at the latest) while 20
+    // proposals queue up behind it.
+    *network.traced.write().unwrap() = b"batched-".to_vec();
+    *network.paused.lock().unwrap() = Some(leader);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let proposals = {
+        let node = leader_node.clone();
+        tokio::spawn(async move { propose_many(&node, "batched", 20).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    *network.paused.lock().unwrap() = None;
+    network.resumed.notify_all();
+    let results = bounded("the batched proposals", proposals).await.unwrap();
+    assert_eq!(results.len(), 20);
+    wait_until("every member to apply them", || {
+        machines.iter().all(|m| m.log().len() == 23)
+    })
+    .await;
+
+    // Each follower got the 20 entries in a single append (proposed one by one, they went out
+    // as 20 appends per follower).
+    let appends = network.traced_appends.lock().unwrap().clone();
+    for follower in (1..=3).filter(|id| *id != leader) {
+        let to_follower: Vec<usize> = appends
+            .iter()
+            .filter(|(from, to, _)| *from == leader && *to == follower)
+            .map(|(_, _, entries)| *entries)
+            .collect();
+        assert_eq!(
+            to_follower,
+            vec![20],
+            "appends to member {follower}: {appends:?}"
+        );
+    }
     shutdown_all(&network);
 }
 
