@@ -20,9 +20,17 @@
 //! Every new segment starts with the latest snapshot marker and hard state, so segments wholly
 //! below a snapshot can be deleted. Only the last segment is written to; a record torn by a crash
 //! at its end is cut off on open. Any other unreadable record is [`WalError::Corrupt`].
+//!
+//! The last segment is extended with zeros [`PREALLOCATE_BYTES`] at a time ahead of the records
+//! (etcd preallocates its segments too): overwriting blocks that already exist makes each
+//! `fdatasync` flush only data, not the file size and block allocation as well, which costs about
+//! a third less CPU and time per sync. Zeros after the last record are the end of the data (no
+//! record is all zeros: its checksum covers the type byte); a finished segment is trimmed to its
+//! records when the next one starts.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use protobuf::Message as _;
@@ -32,6 +40,8 @@ use raft::eraftpb::{Entry, HardState, SnapshotMetadata};
 pub(crate) const DEFAULT_SEGMENT_SIZE_BYTES: u64 = 64 * 1024 * 1024;
 
 const RECORD_HEADER_LEN: usize = 9;
+/// How far the last segment is extended with zeros at a time.
+pub(crate) const PREALLOCATE_BYTES: u64 = 4 * 1024 * 1024;
 const RECORD_ENTRY: u8 = 1;
 const RECORD_HARD_STATE: u8 = 2;
 const RECORD_SNAPSHOT: u8 = 3;
@@ -286,7 +296,10 @@ pub(crate) struct Wal {
     segment_size_bytes: u64,
     segments: Vec<Segment>,
     file: File,
+    /// Where the records of the current segment end (the next record's offset).
     file_size: u64,
+    /// The current segment's length on disk: `file_size` plus preallocated zeros.
+    allocated: u64,
     /// Index of the last entry written (or of the snapshot that reset the log).
     last_index: u64,
     hard_state: HardState,
@@ -317,6 +330,7 @@ impl Wal {
             segments: vec![segment],
             file,
             file_size,
+            allocated: file_size,
             last_index: bootstrap.index,
             hard_state,
             latest_snapshot: bootstrap.clone(),
@@ -339,15 +353,16 @@ impl Wal {
             });
         };
         let mut contents = WalContents::default();
+        let mut file_size = 0;
         for (i, segment) in segments.iter().enumerate() {
             let is_last = i + 1 == segments.len();
-            replay_segment(segment, is_last, &mut contents)?;
+            file_size = replay_segment(segment, is_last, &mut contents)?;
         }
         let file = OpenOptions::new()
-            .append(true)
+            .write(true)
             .open(&last_segment.path)
             .map_err(io_err("open", &last_segment.path))?;
-        let file_size = file
+        let allocated = file
             .metadata()
             .map_err(io_err("stat", &last_segment.path))?
             .len();
@@ -362,6 +377,7 @@ impl Wal {
             segments,
             file,
             file_size,
+            allocated,
             last_index,
             hard_state: contents.hard_state.clone(),
             latest_snapshot,
@@ -470,16 +486,39 @@ impl Wal {
             return Ok(());
         }
         let path = self.current_path().to_path_buf();
+        let end = self.file_size + self.buf.len() as u64;
+        if end > self.allocated {
+            self.preallocate(end + PREALLOCATE_BYTES)
+                .map_err(io_err("preallocate", &path))?;
+        }
         self.file
-            .write_all(&self.buf)
+            .write_all_at(&self.buf, self.file_size)
             .map_err(io_err("write", &path))?;
-        self.file_size += self.buf.len() as u64;
+        self.file_size = end;
+        Ok(())
+    }
+
+    /// Extends the current segment with zeros up to `len` bytes. Durable with the next sync.
+    fn preallocate(&mut self, len: u64) -> io::Result<()> {
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let mut at = self.allocated;
+        while at < len {
+            let n = (len - at).min(ZEROS.len() as u64) as usize;
+            self.file.write_all_at(&ZEROS[..n], at)?;
+            at += n as u64;
+        }
+        self.allocated = len;
         Ok(())
     }
 
     /// Finishes the current segment and starts the next one.
     fn cut(&mut self) -> Result<(), WalError> {
-        self.sync()?;
+        // The finished segment keeps only its records.
+        let path = self.current_path().to_path_buf();
+        self.file
+            .set_len(self.file_size)
+            .map_err(io_err("truncate", &path))?;
+        self.file.sync_all().map_err(io_err("fsync", &path))?;
         let seq = self.segments.last().map_or(0, |s| s.seq + 1);
         let (file, segment, file_size) = create_segment(
             &self.dir,
@@ -490,6 +529,7 @@ impl Wal {
         )?;
         self.file = file;
         self.file_size = file_size;
+        self.allocated = file_size;
         self.segments.push(segment);
         Ok(())
     }
@@ -519,7 +559,7 @@ fn create_segment(
     fs::rename(&tmp_path, &path).map_err(io_err("rename", &tmp_path))?;
     sync_dir(dir)?;
     let file = OpenOptions::new()
-        .append(true)
+        .write(true)
         .open(&path)
         .map_err(io_err("open", &path))?;
     tracing::debug!(seq, first_index, "started WAL segment");
@@ -535,11 +575,12 @@ fn create_segment(
 }
 
 /// Replays one segment into `contents`; in the last segment a torn tail is truncated away.
+/// Returns where its records end.
 fn replay_segment(
     segment: &Segment,
     is_last: bool,
     contents: &mut WalContents,
-) -> Result<(), WalError> {
+) -> Result<u64, WalError> {
     let data = fs::read(&segment.path).map_err(io_err("read", &segment.path))?;
     let corrupt = |offset: usize, reason: String| WalError::Corrupt {
         file: segment.path.clone(),
@@ -548,6 +589,10 @@ fn replay_segment(
     };
     let mut offset = 0;
     while offset < data.len() {
+        if data[offset..].iter().all(|b| *b == 0) {
+            // Preallocated space: the records end here.
+            break;
+        }
         match decode_record(&data[offset..]) {
             Ok((record_type, payload, len)) => {
                 contents
@@ -557,10 +602,18 @@ fn replay_segment(
             }
             Err(e) => {
                 let rest = &data[offset..];
+                // A header that is all zeros was never written (no record's is): past the
+                // last sync, a crash can leave such holes before blocks that did reach the disk.
+                let unwritten = rest[..RECORD_HEADER_LEN.min(rest.len())]
+                    .iter()
+                    .all(|b| *b == 0);
                 let (torn, reason) = match e {
+                    _ if unwritten => (true, "record was never written".to_string()),
                     DecodeError::Incomplete => (true, "record is incomplete".to_string()),
+                    // Torn if nothing was written after it: the file or the preallocated
+                    // zeros end there.
                     DecodeError::Checksum { end } => (
-                        end == rest.len() || rest.iter().all(|b| *b == 0),
+                        rest[end..].iter().all(|b| *b == 0),
                         "checksum mismatch".to_string(),
                     ),
                 };
@@ -584,7 +637,7 @@ fn replay_segment(
             }
         }
     }
-    Ok(())
+    Ok(offset as u64)
 }
 
 #[cfg(test)]
@@ -660,14 +713,19 @@ mod tests {
             .unwrap();
         wal.sync().unwrap();
         let path = wal.segment_paths()[0].clone();
+        let good_len = wal.file_size;
         drop(wal);
-        let good_len = fs::metadata(&path).unwrap().len();
+        assert!(
+            fs::metadata(&path).unwrap().len() > good_len,
+            "preallocated"
+        );
 
         // A crash in the middle of writing entry 4: only part of its record reached the disk.
         let mut torn = Vec::new();
         encode_message(&mut torn, RECORD_ENTRY, "entry", &entry(4, 1, b"lost")).unwrap();
-        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-        file.write_all(&torn[..torn.len() - 3]).unwrap();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&torn[..torn.len() - 3], good_len)
+            .unwrap();
         drop(file);
 
         let (mut wal, contents) = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap();
@@ -693,15 +751,62 @@ mod tests {
             .unwrap();
         wal.sync().unwrap();
         let path = wal.segment_paths()[0].clone();
+        let end = wal.file_size as usize;
         drop(wal);
         // The last record's payload was only partly overwritten on disk.
         let mut data = fs::read(&path).unwrap();
-        let last = data.len() - 1;
-        data[last] ^= 0xff;
+        data[end - 1] ^= 0xff;
         fs::write(&path, &data).unwrap();
 
         let (_wal, contents) = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap();
         assert_eq!(indexes_terms(&contents.entries), vec![(1, 1)]);
+    }
+
+    #[test]
+    fn preallocated_zeros_end_the_records_and_appends_continue_after_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::create(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES, &bootstrap()).unwrap();
+        wal.save(None, &[entry(1, 1, b"one")], None).unwrap();
+        wal.sync().unwrap();
+        let path = wal.segment_paths()[0].clone();
+        let first_end = wal.file_size;
+        drop(wal);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            first_end + PREALLOCATE_BYTES
+        );
+
+        // Reopened, it writes after its records, inside the preallocated space.
+        let (mut wal, contents) = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap();
+        assert_eq!(indexes_terms(&contents.entries), vec![(1, 1)]);
+        assert_eq!(wal.file_size, first_end);
+        wal.save(None, &[entry(2, 1, b"two")], None).unwrap();
+        wal.sync().unwrap();
+        let end = wal.file_size;
+        drop(wal);
+        let len = fs::metadata(&path).unwrap().len();
+        assert_eq!(
+            len,
+            first_end + PREALLOCATE_BYTES,
+            "written in place, not extended"
+        );
+
+        // A crash left a block written after a hole that never reached the disk: the hole ends
+        // the records and what follows it is cut off, so it can never be read back later.
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(b"stale block", end + 4096).unwrap();
+        drop(file);
+        let (mut wal, contents) = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap();
+        assert_eq!(indexes_terms(&contents.entries), vec![(1, 1), (2, 1)]);
+        assert_eq!(fs::metadata(&path).unwrap().len(), end);
+        wal.save(None, &[entry(3, 1, b"three")], None).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let (_wal, contents) = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap();
+        assert_eq!(
+            indexes_terms(&contents.entries),
+            vec![(1, 1), (2, 1), (3, 1)]
+        );
     }
 
     #[test]
