@@ -675,11 +675,13 @@ fn main() -> Result<()> {
             .max(4),
         n => n,
     };
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()?
-        .block_on(run_command(cli))
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.worker_threads(threads).enable_all();
+    // Requests that clients of one connection issue together then leave in one write, as Go's
+    // gRPC client sends them (see .cargo/config.toml).
+    #[cfg(tokio_unstable)]
+    runtime.disable_lifo_slot();
+    runtime.build()?.block_on(run_command(cli))
 }
 
 async fn run_command(cli: Cli) -> Result<()> {

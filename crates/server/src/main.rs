@@ -188,8 +188,16 @@ fn open_backend(cfg: &Config, member_dir: &Path) -> Result<Arc<dyn Backend>> {
     })
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    // Responses finished together leave in one HTTP/2 write (see .cargo/config.toml).
+    #[cfg(tokio_unstable)]
+    runtime.disable_lifo_slot();
+    runtime.build()?.block_on(serve())
+}
+
+async fn serve() -> Result<()> {
     disable_transparent_huge_pages();
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("snapshot") {
