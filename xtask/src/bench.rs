@@ -1,10 +1,11 @@
 //! `cargo xtask bench`: MetaStore (both engines) beside real etcd on this machine, in one run.
 //!
-//! Builds the release binaries, then for each topology (1 member, 3 members on loopback) and
-//! each server (etcd, MetaStore memory, MetaStore RocksDB) starts a fresh cluster with fsync on,
-//! runs the standard workloads with `metastore-bench`, records each member's peak RSS and the
-//! data directories' size, stops it, and writes `bench/results/<date>.md` with MetaStore/etcd
-//! ratios. Every server gets the same flags (etcd's names).
+//! Builds the release binaries, then for each topology (1 member, 3 members on loopback) starts
+//! a fresh cluster of each server (etcd, MetaStore memory, MetaStore RocksDB) with fsync on, runs
+//! each standard workload with `metastore-bench` against the three in turn, records each
+//! member's peak RSS and the data directories' size, stops them, and writes
+//! `bench/results/<date>.md` with MetaStore/etcd ratios. Every server gets the same flags
+//! (etcd's names).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -415,7 +416,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         "Machine: {cpu}, {cores} cores; {etcd_version}. Command: `cargo xtask bench{}`.",
         if quick { " --quick" } else { "" }
     )?;
-    writeln!(report, "Every server runs with fsync, members on loopback, the load generator on the same machine (its runtime has twice as many threads as there are cores, see `metastore-bench --help`). 8-byte keys, 256-byte values. Ratios are MetaStore / etcd (throughput: higher is better; p99: lower is better).\n")?;
+    writeln!(report, "Every server runs with fsync, members on loopback, the load generator on the same machine (its runtime has twice as many threads as there are cores, see `metastore-bench --help`). 8-byte keys, 256-byte values. The three servers of a topology run side by side, each idle while another is measured, and every workload runs against the three in turn (rotating which goes first), so that the machine's speed drifting during the run affects all three alike. Ratios are MetaStore / etcd (throughput: higher is better; p99: lower is better).\n")?;
 
     for members in [1usize, 3] {
         writeln!(
@@ -425,13 +426,27 @@ pub fn bench(args: &[String]) -> Result<()> {
         )?;
         writeln!(report, "| workload | etcd req/s | memory req/s | ratio | rocksdb req/s | ratio | p99 ms etcd / memory / rocksdb |")?;
         writeln!(report, "|---|---|---|---|---|---|---|")?;
-        let mut rows: Vec<Vec<Measured>> = workloads.iter().map(|_| Vec::new()).collect();
-        let mut footprint = Vec::new();
+        // The three servers run side by side and each workload runs against each of them in
+        // turn, rotating which goes first: the machine's speed drifts over minutes on shared
+        // cores, and measuring etcd and MetaStore seconds apart keeps that drift out of the
+        // ratios. An idle cluster costs under 2% of one core.
+        let mut clusters = Vec::new();
         for server in SERVERS {
-            eprintln!("xtask bench: {} with {members} member(s)", server.name());
+            eprintln!(
+                "xtask bench: starting {} with {members} member(s)",
+                server.name()
+            );
             let token = format!("bench-{}-{members}-{}", server.name(), std::process::id());
-            let cluster = start(server, members, &bin, &work, &token)?;
-            for (i, w) in workloads.iter().enumerate() {
+            clusters.push(start(server, members, &bin, &work, &token)?);
+        }
+        let mut rows: Vec<Vec<Option<Measured>>> = workloads
+            .iter()
+            .map(|_| SERVERS.iter().map(|_| None).collect())
+            .collect();
+        for (i, w) in workloads.iter().enumerate() {
+            for turn in 0..SERVERS.len() {
+                let s = (i + turn) % SERVERS.len();
+                let cluster = &clusters[s];
                 if w.args[0] == "range" {
                     // The key the range workloads read.
                     let _ = Command::new("etcdctl")
@@ -442,16 +457,27 @@ pub fn bench(args: &[String]) -> Result<()> {
                 }
                 let m = run_workload(&bin, &cluster.endpoints, w)?;
                 eprintln!(
-                    "  {:<36} {:>10.0} req/s  p99 {:.2} ms  errors {}",
-                    w.label, m.per_sec, m.p99_ms, m.errors
+                    "  {:<8} {:<36} {:>10.0} req/s  p99 {:.2} ms  errors {}",
+                    SERVERS[s].name(),
+                    w.label,
+                    m.per_sec,
+                    m.p99_ms,
+                    m.errors
                 );
-                rows[i].push(m);
+                rows[i][s] = Some(m);
             }
+        }
+        let mut footprint = Vec::new();
+        for (server, cluster) in SERVERS.into_iter().zip(clusters) {
             let rss: Vec<u64> = cluster.children.iter().map(peak_rss_kb).collect();
             let disk: u64 = cluster.dirs.iter().map(|d| dir_size(d)).sum();
             footprint.push((server, rss, disk));
             drop(cluster);
         }
+        let rows: Vec<Vec<Measured>> = rows
+            .into_iter()
+            .map(|row| row.into_iter().flatten().collect())
+            .collect();
         for (w, measured) in workloads.iter().zip(&rows) {
             let (e, m, r) = (&measured[0], &measured[1], &measured[2]);
             writeln!(
