@@ -811,6 +811,14 @@ struct ReadBatch {
     last_sent: Option<Instant>,
 }
 
+/// What the proposer of a proposal raft refused is told.
+fn refused(error: &raft::Error) -> RaftError {
+    match error {
+        raft::Error::ProposalDropped => RaftError::NoLeader,
+        e => RaftError::Raft(e.to_string()),
+    }
+}
+
 /// The state owned by the loop thread.
 struct Worker<S: StateMachine> {
     member_id: u64,
@@ -1008,12 +1016,8 @@ impl<S: StateMachine> Worker<S> {
         // A leader appended them as the last `count` entries; elsewhere the index is unused.
         let first_index = (self.raw.raft.raft_log.last_index() + 1).saturating_sub(count);
         for (offset, (request_id, waiter)) in (0..).zip(tracked) {
-            let outcome = match &proposed {
-                Ok(()) => Ok(first_index + offset),
-                Err(raft::Error::ProposalDropped) => Err(RaftError::NoLeader),
-                Err(e) => Err(RaftError::Raft(e.to_string())),
-            };
-            self.track_at(request_id, outcome, waiter);
+            let outcome = proposed.as_ref().map(|()| first_index + offset);
+            self.track(request_id, outcome.map_err(refused), waiter);
         }
     }
 
@@ -1026,28 +1030,16 @@ impl<S: StateMachine> Worker<S> {
         if waiter.is_closed() {
             return;
         }
-        let proposed = self.raw.propose_conf_change(Vec::new(), change);
-        self.track(request_id, proposed, waiter);
+        let outcome = self
+            .raw
+            .propose_conf_change(Vec::new(), change)
+            .map(|()| self.raw.raft.raft_log.last_index());
+        self.track(request_id, outcome.map_err(|e| refused(&e)), waiter);
     }
 
-    /// Keeps the waiter of a proposal raft accepted (remembering its log position when this
-    /// member leads), or fails it at once.
+    /// Keeps the waiter of a proposal raft accepted at log index `outcome` (remembering that
+    /// position when this member leads), or fails it at once.
     fn track(
-        &mut self,
-        request_id: u64,
-        proposed: raft::Result<()>,
-        waiter: ProposalWaiter<S::Output>,
-    ) {
-        let outcome = match proposed {
-            Ok(()) => Ok(self.raw.raft.raft_log.last_index()),
-            Err(raft::Error::ProposalDropped) => Err(RaftError::NoLeader),
-            Err(e) => Err(RaftError::Raft(e.to_string())),
-        };
-        self.track_at(request_id, outcome, waiter);
-    }
-
-    /// [`Worker::track`] for a proposal whose outcome (its log index if accepted) is known.
-    fn track_at(
         &mut self,
         request_id: u64,
         outcome: Result<u64, RaftError>,
