@@ -28,7 +28,7 @@
 //! record is all zeros: its checksum covers the type byte); a finished segment is trimmed to its
 //! records when the next one starts. Blocks written after the last sync may reach the disk in any
 //! order, so in the last segment a record that fails its checksum and has a disk sector of zeros
-//! (or an all-zero header) is a torn write: it and everything after it are cut off on open, as
+//! (an all-zero header included) is a torn write: it and everything after it are cut off on open, as
 //! etcd does. The price, shared with etcd: a synced sector of the last segment that the disk
 //! later zeroes loses the records from there on instead of stopping the member.
 
@@ -624,18 +624,13 @@ fn replay_segment(
             }
             Err(e) => {
                 let rest = &data[offset..];
-                // A header that is all zeros was never written (no record's is): past the
-                // last sync, a crash can leave such holes before blocks that did reach the disk.
-                let unwritten = rest[..RECORD_HEADER_LEN.min(rest.len())]
-                    .iter()
-                    .all(|b| *b == 0);
                 let (torn, reason) = match e {
-                    _ if unwritten => (true, "record was never written".to_string()),
                     DecodeError::Incomplete => (true, "record is incomplete".to_string()),
                     // Torn if nothing was written after it (the file or the preallocated zeros
                     // end there), or if a disk sector of it never reached the disk: blocks
                     // written after the last sync reach the disk in any order (etcd's
-                    // `isTornEntry`).
+                    // `isTornEntry`). An all-zero header is such a sector too: it reads as an
+                    // empty record whose checksum cannot match.
                     DecodeError::Checksum { end } => (
                         rest[end..].iter().all(|b| *b == 0)
                             || has_unwritten_sector(&rest[..end], offset),
@@ -795,12 +790,8 @@ mod tests {
         wal.sync().unwrap();
         let start = wal.file_size as usize;
         // Entry 2 spans several sectors; entry 3 follows it.
-        wal.save(
-            None,
-            &[entry(2, 1, &[7u8; 2000]), entry(3, 1, b"three")],
-            None,
-        )
-        .unwrap();
+        let records = [entry(2, 1, &[7u8; 2000]), entry(3, 1, b"three")];
+        wal.save(None, &records, None).unwrap();
         let path = wal.segment_paths()[0].clone();
         drop(wal);
 
@@ -815,12 +806,7 @@ mod tests {
 
         // A flipped byte without a zeroed sector is corruption, not a torn write.
         let mut wal = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap().0;
-        wal.save(
-            None,
-            &[entry(2, 1, &[7u8; 2000]), entry(3, 1, b"three")],
-            None,
-        )
-        .unwrap();
+        wal.save(None, &records, None).unwrap();
         wal.sync().unwrap();
         drop(wal);
         let mut data = fs::read(&path).unwrap();
