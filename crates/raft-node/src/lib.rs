@@ -61,6 +61,12 @@ pub trait StateMachine: Send + 'static {
     /// An entry with no payload (a new leader's no-op) was committed at `index`.
     fn apply_noop(&mut self, index: u64, term: u64);
 
+    /// Called after each round of applied entries, before their proposers are woken and before
+    /// a snapshot can be taken: a state machine that buffers its writes hands them on here.
+    /// What it loses in a crash before this call must be what [`StateMachine::applied_index`]
+    /// then reports as not applied.
+    fn apply_round_done(&mut self) {}
+
     /// A membership change was committed at `index` and raft has applied it (or refused it: see
     /// [`MembershipChange::outcome`]). Deterministic like [`StateMachine::apply`].
     fn apply_membership(

@@ -1282,6 +1282,7 @@ impl<S: StateMachine> Worker<S> {
             }
             self.applied_index = entry.index;
         }
+        self.sm.apply_round_done();
         {
             let mut status = self.status.lock();
             status.applied_index = self.applied_index;

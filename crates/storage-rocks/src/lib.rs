@@ -3,7 +3,8 @@
 //! Owns: [`RocksBackend`], an implementation of [`Backend`] over one RocksDB database with a
 //! column family per bucket. Every write batch is one atomic RocksDB write batch across column
 //! families, logged in the WAL and (unless [`RocksBackend::with_sync_writes`] turned it off)
-//! fsynced before `write` returns, so it survives a crash whole or not at all. Read views own a RocksDB snapshot; size figures come from RocksDB's own
+//! fsynced before `write` returns, so it survives a crash whole or not at all. Read views own a
+//! RocksDB snapshot; size figures come from RocksDB's own
 //! properties; defragmentation is a flush plus a full manual compaction, which runs beside
 //! readers and writers.
 //!
@@ -68,7 +69,8 @@ pub struct RocksBackend {
     /// Writes take it shared, the replace step of an import takes it exclusive, so that no write
     /// lands between an import's clear and its last batch.
     import_gate: RwLock<()>,
-    /// Whether `write` fsyncs RocksDB's WAL before returning (the default).
+    /// Whether `write` fsyncs RocksDB's WAL before returning (the default). When off, the WAL
+    /// records stay in RocksDB's buffer until [`Backend::flush_buffered`].
     sync_writes: bool,
 }
 
@@ -98,6 +100,9 @@ impl RocksBackend {
         opts.set_write_buffer_size(MEMTABLE_BYTES);
         opts.set_max_write_buffer_number(2);
         opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
+        // WAL records wait in RocksDB's buffer until `flush_wal`: a synced write flushes it
+        // itself, an unsynced one only at `flush_buffered` (one write call per apply round).
+        opts.set_manual_wal_flush(true);
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&Cache::new_lru_cache(BLOCK_CACHE_BYTES));
         table.set_cache_index_and_filter_blocks(true);
@@ -144,8 +149,9 @@ impl RocksBackend {
     /// durable elsewhere turns it off: MetaStore's raft WAL is fsynced before an entry is applied
     /// and replays every entry after the applied index that the backend persisted, so the fsync
     /// here would be a second one per entry on the apply path. RocksDB still logs each batch in
-    /// its own WAL, so batches stay atomic and a killed process loses none of them; a power loss
-    /// can lose a tail of batches, which the raft WAL brings back.
+    /// its own WAL, so batches stay atomic, but the records stay in RocksDB's buffer until
+    /// [`Backend::flush_buffered`]: a process killed before it, or a power loss, loses a suffix
+    /// of whole batches, which the raft WAL brings back.
     pub fn with_sync_writes(mut self, sync_writes: bool) -> Self {
         self.sync_writes = sync_writes;
         self
@@ -302,6 +308,10 @@ impl Backend for RocksBackend {
                 .write_opt(rocks_batch, &WriteOptions::default())
                 .map_err(engine_error)
         }
+    }
+
+    fn flush_buffered(&self) -> Result<()> {
+        self.db.flush_wal(false).map_err(engine_error)
     }
 
     /// The view keeps the database open until it is dropped, even after the backend is.

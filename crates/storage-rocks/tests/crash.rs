@@ -4,6 +4,9 @@
 //! writes multi-key batches across two buckets in a loop and reports each acknowledged batch on
 //! stdout. The parent SIGKILLs it at a random point, reopens the database and checks that every
 //! batch is fully present or fully absent, and that every acknowledged batch is present.
+//!
+//! In buffered mode ([`RocksBackend::with_sync_writes`] off, as MetaStore's raft loop opens it)
+//! the child acknowledges batches only once `flush_buffered` has handed them to the OS.
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
@@ -18,6 +21,10 @@ use metastore_storage_rocks::RocksBackend;
 
 /// Set in the child's environment to the database directory it writes to.
 const CHILD_DIR_ENV: &str = "METASTORE_ROCKS_CHILD_DIR";
+/// Set in the child's environment when it writes unsynced and flushes every few batches.
+const CHILD_BUFFERED_ENV: &str = "METASTORE_ROCKS_CHILD_BUFFERED";
+/// A buffered child hands its log to the OS after this many batches.
+const BATCHES_PER_FLUSH: u64 = 3;
 /// Marks the child's progress lines, `acked <n>`, among libtest's output.
 const ACK_PREFIX: &str = "acked ";
 const BUCKETS: &[&str] = &["alpha", "beta"];
@@ -88,12 +95,22 @@ fn child_writer() {
     let Some(dir) = std::env::var_os(CHILD_DIR_ENV) else {
         return;
     };
-    let be = RocksBackend::open(Path::new(&dir), BUCKETS).expect("child: open");
+    let buffered = std::env::var_os(CHILD_BUFFERED_ENV).is_some();
+    let be = RocksBackend::open(Path::new(&dir), BUCKETS)
+        .expect("child: open")
+        .with_sync_writes(!buffered);
     let deadline = Instant::now() + TIMEOUT;
     let mut stdout = std::io::stdout().lock();
     let mut n = 0u64;
     while Instant::now() < deadline {
         be.write(batch(n)).expect("child: write");
+        if buffered {
+            if (n + 1) % BATCHES_PER_FLUSH != 0 {
+                n += 1;
+                continue;
+            }
+            be.flush_buffered().expect("child: flush");
+        }
         // A write error means the parent is gone: stop quietly.
         if writeln!(stdout, "{ACK_PREFIX}{n}")
             .and_then(|()| stdout.flush())
@@ -107,9 +124,13 @@ fn child_writer() {
 
 /// Runs the child until it has acknowledged `target` batches (bounded by [`TIMEOUT`]), kills
 /// it, and returns the highest batch number it acknowledged.
-fn run_child_and_kill(dir: &Path, target: u64) -> u64 {
+fn run_child_and_kill(dir: &Path, target: u64, buffered: bool) -> u64 {
     let exe = std::env::current_exe().expect("path of the test binary");
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    if buffered {
+        command.env(CHILD_BUFFERED_ENV, "1");
+    }
+    let mut child = command
         .args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
         .env(CHILD_DIR_ENV, dir)
         .stdin(Stdio::null())
@@ -169,37 +190,59 @@ fn batches_are_all_or_nothing_after_sigkill() {
     for round in 0..ROUNDS {
         let dir = tempfile::tempdir().expect("temporary directory");
         let target = 1 + random_below(60);
-        let acked = run_child_and_kill(dir.path(), target);
-
-        let be = RocksBackend::open(dir.path(), BUCKETS).expect("reopen after the crash");
-        let view = be.snapshot().unwrap();
-        let mut pairs_per_batch: BTreeMap<u64, usize> = BTreeMap::new();
-        for bucket in BUCKETS {
-            view.scan(bucket, ScanRange::all(), &mut |k, v| {
-                *pairs_per_batch.entry(batch_of(bucket, k, v)).or_default() += 1;
-                Visit::Continue
-            })
-            .unwrap();
-        }
-        for (n, pairs) in &pairs_per_batch {
-            assert_eq!(
-                *pairs, PAIRS_PER_BATCH,
-                "round {round}: batch {n} is partially present"
-            );
-        }
-        // Batches were written one after another, so the survivors are a prefix: every
-        // acknowledged batch, plus at most the one in flight at the kill.
-        let present: Vec<u64> = pairs_per_batch.keys().copied().collect();
-        let expected_prefix: Vec<u64> = (0..present.len() as u64).collect();
-        assert_eq!(
-            present, expected_prefix,
-            "round {round}: surviving batches are not a prefix"
-        );
-        let survivors = present.len() as u64;
+        let acked = run_child_and_kill(dir.path(), target, false);
+        let survivors = surviving_batches(dir.path(), round);
+        // Every acknowledged batch, plus at most the one in flight at the kill.
         assert!(
             survivors == acked + 1 || survivors == acked + 2,
             "round {round}: {survivors} batches survived, {} were acknowledged",
             acked + 1
         );
     }
+}
+
+/// Unsynced writes wait in RocksDB's buffer; every batch written before a `flush_buffered`
+/// survives the kill (a no-op flush would lose them: the buffer holds dozens of batches).
+#[test]
+fn buffered_batches_survive_sigkill_once_flushed() {
+    for round in 0..ROUNDS {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let target = BATCHES_PER_FLUSH * (1 + random_below(20));
+        let acked = run_child_and_kill(dir.path(), target, true);
+        let survivors = surviving_batches(dir.path(), round);
+        assert!(
+            survivors > acked,
+            "round {round}: {survivors} batches survived, {} were flushed",
+            acked + 1
+        );
+    }
+}
+
+/// Reopens the database a killed child wrote, checks that every batch in it is whole and that
+/// they are a prefix of the batches written, and returns how many there are.
+fn surviving_batches(dir: &Path, round: usize) -> u64 {
+    let be = RocksBackend::open(dir, BUCKETS).expect("reopen after the crash");
+    let view = be.snapshot().unwrap();
+    let mut pairs_per_batch: BTreeMap<u64, usize> = BTreeMap::new();
+    for bucket in BUCKETS {
+        view.scan(bucket, ScanRange::all(), &mut |k, v| {
+            *pairs_per_batch.entry(batch_of(bucket, k, v)).or_default() += 1;
+            Visit::Continue
+        })
+        .unwrap();
+    }
+    for (n, pairs) in &pairs_per_batch {
+        assert_eq!(
+            *pairs, PAIRS_PER_BATCH,
+            "round {round}: batch {n} is partially present"
+        );
+    }
+    // Batches were written one after another, so the survivors are a prefix.
+    let present: Vec<u64> = pairs_per_batch.keys().copied().collect();
+    let expected_prefix: Vec<u64> = (0..present.len() as u64).collect();
+    assert_eq!(
+        present, expected_prefix,
+        "round {round}: surviving batches are not a prefix"
+    );
+    present.len() as u64
 }

@@ -209,8 +209,18 @@ pub trait Backend: Send + Sync {
     /// The buckets this backend was opened with.
     fn buckets(&self) -> Vec<&'static str>;
 
-    /// Apply every change of `batch` atomically, durably where the engine is durable.
+    /// Apply every change of `batch` atomically, durably where the engine is durable (see
+    /// [`Backend::flush_buffered`] for an engine opened to buffer its log).
     fn write(&self, batch: WriteBatch) -> Result<()>;
+
+    /// Hands the log records of earlier writes to the operating system. An engine opened for a
+    /// caller that replays its own log after a crash (MetaStore's raft WAL) may keep them in
+    /// memory until this call, so that a round of writes costs one system call instead of one
+    /// per batch. Buffered batches are visible to readers at once; a crash before this call
+    /// loses a suffix of whole batches, never part of one. The default does nothing.
+    fn flush_buffered(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// A consistent view of all buckets as of now.
     fn snapshot(&self) -> Result<Arc<dyn ReadView>>;
