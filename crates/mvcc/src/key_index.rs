@@ -8,6 +8,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Bound;
 
+use smallvec::SmallVec;
+
 use crate::revision::Revision;
 
 /// One life of a key, from creation to deletion.
@@ -323,10 +325,15 @@ impl<'a> KeyRange<'a> {
     }
 }
 
+/// A key as the index stores it: up to 16 bytes inline, longer ones on the heap. The same size
+/// as a `Vec<u8>`, and ordered the same way (as byte strings).
+type IndexKey = SmallVec<[u8; 16]>;
+const _: () = assert!(std::mem::size_of::<IndexKey>() == std::mem::size_of::<Vec<u8>>());
+
 /// Every key's history, ordered by key.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Index {
-    keys: BTreeMap<Vec<u8>, KeyIndex>,
+    keys: BTreeMap<IndexKey, KeyIndex>,
 }
 
 impl Index {
@@ -335,7 +342,7 @@ impl Index {
         match self.keys.get_mut(key) {
             Some(ki) => ki.put(rev),
             None => {
-                self.keys.insert(key.to_vec(), KeyIndex::One(rev));
+                self.keys.insert(IndexKey::from_slice(key), KeyIndex::One(rev));
             }
         }
     }
@@ -367,7 +374,7 @@ impl Index {
                 } else {
                     KeyIndex::restore(Revision::new(created, 0), rev, version)
                 };
-                self.keys.insert(key.to_vec(), ki);
+                self.keys.insert(IndexKey::from_slice(key), ki);
             }
         }
     }
