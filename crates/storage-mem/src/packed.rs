@@ -102,12 +102,21 @@ impl Block {
             self.starts[i] as usize
         };
         let size = pair_bytes(key, value);
-        let mut pair = Vec::with_capacity(size);
-        pair.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        pair.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        pair.extend_from_slice(key);
-        pair.extend_from_slice(value);
-        self.data.splice(at..at, pair);
+        let parts = [
+            &(key.len() as u32).to_le_bytes()[..],
+            &(value.len() as u32).to_le_bytes()[..],
+            key,
+            value,
+        ];
+        if at == self.data.len() {
+            // An append (every MVCC revision key): no temporary copy, no tail to move.
+            self.data.reserve(size);
+            for part in parts {
+                self.data.extend_from_slice(part);
+            }
+        } else {
+            self.data.splice(at..at, parts.concat());
+        }
         for s in &mut self.starts[i..] {
             *s += size as u32;
         }
