@@ -342,7 +342,8 @@ impl Index {
         match self.keys.get_mut(key) {
             Some(ki) => ki.put(rev),
             None => {
-                self.keys.insert(IndexKey::from_slice(key), KeyIndex::One(rev));
+                self.keys
+                    .insert(IndexKey::from_slice(key), KeyIndex::One(rev));
             }
         }
     }
