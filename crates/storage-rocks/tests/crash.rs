@@ -105,7 +105,7 @@ fn child_writer() {
     while Instant::now() < deadline {
         be.write(batch(n)).expect("child: write");
         if buffered {
-            if (n + 1) % BATCHES_PER_FLUSH != 0 {
+            if !(n + 1).is_multiple_of(BATCHES_PER_FLUSH) {
                 n += 1;
                 continue;
             }
