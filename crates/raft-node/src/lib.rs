@@ -67,6 +67,15 @@ pub trait StateMachine: Send + 'static {
     /// then reports as not applied.
     fn apply_round_done(&mut self) {}
 
+    /// Makes everything applied so far durable, if the state machine keeps its state on disk,
+    /// and returns true: a periodic snapshot is then only a marker in the WAL, and restart takes
+    /// the state as it is (its [`StateMachine::applied_index`] covers the marker). False (the
+    /// default) means the state is volatile and every snapshot carries it whole. A snapshot a
+    /// follower needs is written whole either way.
+    fn persist(&mut self) -> std::io::Result<bool> {
+        Ok(false)
+    }
+
     /// A membership change was committed at `index` and raft has applied it (or refused it: see
     /// [`MembershipChange::outcome`]). Deterministic like [`StateMachine::apply`].
     fn apply_membership(

@@ -606,9 +606,23 @@ fn recover<S: StateMachine>(
             Err(e) => tracing::warn!(error = %e, "skipping unusable snapshot"),
         }
     }
-    let base = match &snapshot {
-        Some(file) => file.metadata.clone(),
-        None => contents
+    // A marker without a file is a snapshot taken in place (`persist`): the state machine holds
+    // the state up to it if its applied index covers it. The newest such marker beats an older
+    // file, whose later entries the WAL may no longer hold.
+    let in_place = contents
+        .snapshots
+        .iter()
+        .filter(|m| m.index > 0 && m.index <= sm_applied)
+        .max_by_key(|m| m.index)
+        .filter(|m| snapshot.as_ref().is_none_or(|f| m.index > f.metadata.index))
+        .cloned();
+    if in_place.is_some() {
+        snapshot = None;
+    }
+    let base = match (&in_place, &snapshot) {
+        (Some(marker), _) => marker.clone(),
+        (None, Some(file)) => file.metadata.clone(),
+        (None, None) => contents
             .snapshots
             .iter()
             .find(|m| m.index == 0)
@@ -1092,7 +1106,7 @@ impl<S: StateMachine> Worker<S> {
             self.send_reads(now);
             self.handle_readies()?;
         }
-        self.maybe_snapshot();
+        self.maybe_snapshot()?;
         self.trim_memory_log();
         self.update_status();
         Ok(())
@@ -1416,14 +1430,16 @@ impl<S: StateMachine> Worker<S> {
         }
     }
 
-    /// Starts writing a snapshot on another thread once enough entries were applied.
-    fn maybe_snapshot(&mut self) {
+    /// Once enough entries were applied: records a snapshot of a state machine that persisted
+    /// its state, or starts writing the whole state on another thread. A snapshot a follower
+    /// asked for is always written whole.
+    fn maybe_snapshot(&mut self) -> Result<(), RaftError> {
         if self.snapshot_thread.is_some() {
-            return;
+            return Ok(());
         }
         let wanted = self.store.take_snapshot_wanted() && self.applied_index > self.snapshot_index;
         if !wanted && (self.snapshot_count == 0 || self.applied_index < self.next_snapshot_at) {
-            return;
+            return Ok(());
         }
         let index = self.applied_index;
         let term = match self.raw.raft.raft_log.term(index) {
@@ -1431,7 +1447,7 @@ impl<S: StateMachine> Worker<S> {
             Err(e) => {
                 tracing::warn!(index, error = %e, "cannot snapshot: term unknown");
                 self.next_snapshot_at = index.saturating_add(self.snapshot_count);
-                return;
+                return Ok(());
             }
         };
         let metadata = SnapshotMetadata {
@@ -1440,6 +1456,15 @@ impl<S: StateMachine> Worker<S> {
             conf_state: Some(self.raw.raft.prs().conf().to_conf_state()).into(),
             ..Default::default()
         };
+        if !wanted {
+            match self.sm.persist() {
+                Ok(true) => return self.snapshot_in_place(metadata),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(index, error = %e, "cannot persist the state; writing it whole")
+                }
+            }
+        }
         let write = self.sm.snapshot();
         let snapshotter = Arc::clone(&self.snapshotter);
         let done = self.commands_tx.clone();
@@ -1457,6 +1482,37 @@ impl<S: StateMachine> Worker<S> {
                 self.next_snapshot_at = index.saturating_add(self.snapshot_count);
             }
         }
+        Ok(())
+    }
+
+    /// A snapshot of a state machine that holds its state durably: a WAL marker at the applied
+    /// index, after which the WAL below it is released. On restart the state machine's applied
+    /// index covers the marker, so recovery starts from it without a snapshot file. The
+    /// in-memory log keeps [`MEMORY_CATCH_UP_ENTRIES`] before the marker; a follower that needs
+    /// older entries gets a whole snapshot written for it.
+    fn snapshot_in_place(&mut self, metadata: SnapshotMetadata) -> Result<(), RaftError> {
+        let index = metadata.index;
+        self.wal.save_snapshot_marker(&metadata)?;
+        self.wal.sync()?;
+        // `snapshot_index` stays the newest snapshot *file*'s: a follower may still need one
+        // written at this index.
+        self.next_snapshot_at = index.saturating_add(self.snapshot_count);
+        // As etcd does, keep a few thousand entries before the snapshot in memory for slow
+        // followers; one further behind gets a snapshot written for it.
+        let compact_to = index.saturating_sub(MEMORY_CATCH_UP_ENTRIES);
+        if compact_to > raft::Storage::first_index(&self.store.mem).unwrap_or(0) {
+            self.store
+                .mem
+                .wl()
+                .compact(compact_to)
+                .map_err(|e| RaftError::Raft(e.to_string()))?;
+        }
+        tracing::info!(
+            index,
+            "state persisted in place; released the raft log before it"
+        );
+        self.release_old_files(index);
+        Ok(())
     }
 
     /// Records a finished snapshot in the WAL, then compacts the log and removes old files.

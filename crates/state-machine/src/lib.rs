@@ -571,6 +571,10 @@ impl StateMachine for KvStateMachine {
         // Nothing to persist: replaying a no-op after a restart is harmless.
     }
 
+    fn persist(&mut self) -> std::io::Result<bool> {
+        self.backend.sync().map_err(std::io::Error::other)
+    }
+
     fn apply_round_done(&mut self) {
         // The batches written since the last round reach the OS in one call. Lost on a crash
         // before it, they were never counted as applied: the applied index is in each batch.

@@ -314,6 +314,11 @@ impl Backend for RocksBackend {
         self.db.flush_wal(false).map_err(engine_error)
     }
 
+    fn sync(&self) -> Result<bool> {
+        self.db.flush_wal(true).map_err(engine_error)?;
+        Ok(true)
+    }
+
     /// The view keeps the database open until it is dropped, even after the backend is.
     fn snapshot(&self) -> Result<Arc<dyn ReadView>> {
         let db = Arc::clone(&self.db);

@@ -222,6 +222,12 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Makes every write so far durable, for an engine that keeps its data on disk, and returns
+    /// true; an engine whose data lives only in memory returns false (the default).
+    fn sync(&self) -> Result<bool> {
+        Ok(false)
+    }
+
     /// A consistent view of all buckets as of now.
     fn snapshot(&self) -> Result<Arc<dyn ReadView>>;
 
