@@ -12,6 +12,8 @@
 //!   any other damage is a [`WalError::Corrupt`] naming the file and byte offset;
 //! - snapshots: taken every [`RaftConfig::snapshot_count`] applied entries on a separate thread,
 //!   CRC-checked on load ([`SnapError`]), after which old WAL segments and snapshots are removed.
+//!   A state machine that keeps its state on disk ([`StateMachine::persist`]) gets a WAL marker
+//!   instead, and a snapshot file only when a follower needs one.
 //!
 //! What it must not know about: MVCC, leases, auth or any storage engine. The replicated state is
 //! only reachable through the [`StateMachine`] trait, whose payloads are opaque bytes, and peers
