@@ -203,14 +203,21 @@ impl Cluster {
     /// Waits until a write goes through. Each attempt gives up on connecting after 250 ms: with
     /// etcdctl's default 2 s dial timeout, gRPC's reconnect backoff (1 s, then longer) decided
     /// when a restarted member was first tried again, which rounded restart times up by as much
-    /// as 2 s.
+    /// as 2 s. A connected attempt waits up to a minute for its answer, so that the time is the
+    /// server's, not a multiple of etcdctl's 5 s command timeout.
     fn wait_ready(&self, what: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
             let ok = Command::new("etcdctl")
                 .env("ETCDCTL_API", "3")
                 .arg(format!("--endpoints={}", self.endpoints.join(",")))
-                .args(["--dial-timeout=250ms", "put", "bench-ready", "1"])
+                .args([
+                    "--dial-timeout=250ms",
+                    "--command-timeout=60s",
+                    "put",
+                    "bench-ready",
+                    "1",
+                ])
                 .output()
                 .map(|o| o.status.success())
                 .unwrap_or(false);
