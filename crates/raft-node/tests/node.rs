@@ -327,23 +327,38 @@ async fn restart_reapplies_committed_entries_in_the_same_order() {
     node.shutdown();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snapshots_compact_the_wal_and_restart_restores_from_snapshot_and_tail() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(1, dir.path());
+/// A single member snapshotting every 10 entries in 4 KiB WAL segments, after 100 proposals of
+/// 200-odd bytes; returns its config, the node and its applied index.
+async fn snapshotting_member(dir: &Path, sm: LogMachine) -> (RaftConfig, Node, u64) {
+    let mut cfg = config(1, dir);
     cfg.snapshot_count = 10;
     cfg.wal_segment_size_bytes = 4096;
-    let wal_dir = cfg.wal_dir();
-    let snap_dir = cfg.snap_dir();
-
-    let sm = LogMachine::default();
-    let node: Node = RaftNode::start(cfg.clone(), sm.clone(), Arc::new(NoPeers)).unwrap();
+    let node: Node = RaftNode::start(cfg.clone(), sm, Arc::new(NoPeers)).unwrap();
     bounded("a leader", node.wait_leader(WAIT)).await.unwrap();
     let padding = "x".repeat(200);
     for batch in 0..10 {
         propose_many(&node, &format!("{batch}-{padding}"), 10).await;
     }
     let last_index = node.status().applied_index;
+    (cfg, node, last_index)
+}
+
+/// Whether the WAL's first segment (the one starting at sequence 0) is gone.
+fn first_wal_segment_released(wal_dir: &Path) -> bool {
+    !files_with_suffix(wal_dir, ".wal")[0]
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("0000000000000000-")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_compact_the_wal_and_restart_restores_from_snapshot_and_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = LogMachine::default();
+    let (cfg, node, last_index) = snapshotting_member(dir.path(), sm.clone()).await;
+    let (wal_dir, snap_dir) = (cfg.wal_dir(), cfg.snap_dir());
     let newest_snapshot_index = || {
         files_with_suffix(&snap_dir, ".snap")
             .iter()
@@ -362,15 +377,10 @@ async fn snapshots_compact_the_wal_and_restart_restores_from_snapshot_and_tail()
             && files_with_suffix(&snap_dir, ".snap").len() <= 2
     })
     .await;
-    let segments = files_with_suffix(&wal_dir, ".wal");
     assert!(
-        !segments[0]
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .starts_with("0000000000000000-"),
-        "the first WAL segments were released: {segments:?}"
+        first_wal_segment_released(&wal_dir),
+        "the first WAL segments were released: {:?}",
+        files_with_suffix(&wal_dir, ".wal")
     );
     let before = sm.log();
     assert_eq!(before.len(), 100);
@@ -398,27 +408,11 @@ async fn snapshots_compact_the_wal_and_restart_restores_from_snapshot_and_tail()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_state_machine_snapshots_in_place_and_restarts_on_its_own_state() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(1, dir.path());
-    cfg.snapshot_count = 10;
-    cfg.wal_segment_size_bytes = 4096;
-    let wal_dir = cfg.wal_dir();
-    let snap_dir = cfg.snap_dir();
-
     let sm = LogMachine::durable();
-    let node: Node = RaftNode::start(cfg.clone(), sm.clone(), Arc::new(NoPeers)).unwrap();
-    bounded("a leader", node.wait_leader(WAIT)).await.unwrap();
-    let padding = "x".repeat(200);
-    for batch in 0..10 {
-        propose_many(&node, &format!("{batch}-{padding}"), 10).await;
-    }
-    let last_index = node.status().applied_index;
+    let (cfg, node, last_index) = snapshotting_member(dir.path(), sm.clone()).await;
+    let (wal_dir, snap_dir) = (cfg.wal_dir(), cfg.snap_dir());
     wait_until("the first WAL segments to be released", || {
-        !files_with_suffix(&wal_dir, ".wal")[0]
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .starts_with("0000000000000000-")
+        first_wal_segment_released(&wal_dir)
     })
     .await;
     assert!(files_with_suffix(&snap_dir, ".snap").is_empty());
