@@ -63,19 +63,14 @@ pub trait StateMachine: Send + 'static {
     /// An entry with no payload (a new leader's no-op) was committed at `index`.
     fn apply_noop(&mut self, index: u64, term: u64);
 
-    /// Called after each round of applied entries, before their proposers are woken and before
-    /// a snapshot can be taken: a state machine that buffers its writes hands them on here.
-    /// What it loses in a crash before this call must be what [`StateMachine::applied_index`]
-    /// then reports as not applied.
-    fn apply_round_done(&mut self) {}
-
-    /// Makes everything applied so far durable, if the state machine keeps its state on disk,
-    /// and returns true: a periodic snapshot is then only a marker in the WAL, and restart takes
-    /// the state as it is (its [`StateMachine::applied_index`] covers the marker). False (the
-    /// default) means the state is volatile and every snapshot carries it whole. A snapshot a
-    /// follower needs is written whole either way.
-    fn persist(&mut self) -> std::io::Result<bool> {
-        Ok(false)
+    /// For a state machine that keeps its state on disk: the work that makes everything applied
+    /// so far durable, which the loop runs on another thread while it goes on applying. A
+    /// periodic snapshot is then only a marker in the WAL, recorded once the work is done, and
+    /// restart takes the state as it is (its [`StateMachine::applied_index`] covers the marker).
+    /// None (the default) means the state is volatile and every snapshot carries it whole. A
+    /// snapshot a follower needs is written whole either way.
+    fn persist(&mut self) -> Option<PersistJob> {
+        None
     }
 
     /// A membership change was committed at `index` and raft has applied it (or refused it: see
@@ -141,6 +136,10 @@ pub struct MembershipChange<'a> {
 /// Serializes a state captured by [`StateMachine::snapshot`] into the given writer.
 pub type SnapshotWriter =
     Box<dyn FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send + 'static>;
+
+/// Makes a state machine's applied state durable (see [`StateMachine::persist`]); runs on a
+/// thread of its own.
+pub type PersistJob = Box<dyn FnOnce() -> std::io::Result<()> + Send + 'static>;
 
 /// Delivers raft messages to other members.
 ///

@@ -93,6 +93,11 @@ enum Command<O> {
         delivered: bool,
     },
     SnapshotSaved(Result<SnapshotFile, SnapError>),
+    /// The state machine's persist job for a snapshot in place finished.
+    PersistedInPlace {
+        metadata: SnapshotMetadata,
+        result: std::io::Result<()>,
+    },
     Shutdown,
 }
 
@@ -981,6 +986,9 @@ impl<S: StateMachine> Worker<S> {
                 self.raw.report_snapshot(to, status);
             }
             Command::SnapshotSaved(result) => self.on_snapshot_saved(result)?,
+            Command::PersistedInPlace { metadata, result } => {
+                self.on_persisted_in_place(metadata, result)?
+            }
             Command::Shutdown => return Ok(false),
         }
         Ok(true)
@@ -1296,7 +1304,6 @@ impl<S: StateMachine> Worker<S> {
             }
             self.applied_index = entry.index;
         }
-        self.sm.apply_round_done();
         {
             let mut status = self.status.lock();
             status.applied_index = self.applied_index;
@@ -1430,8 +1437,8 @@ impl<S: StateMachine> Worker<S> {
         }
     }
 
-    /// Once enough entries were applied: records a snapshot of a state machine that persisted
-    /// its state, or starts writing the whole state on another thread. A snapshot a follower
+    /// Once enough entries were applied: starts, on another thread, the state machine's persist
+    /// job (for a snapshot in place) or the writing of the whole state. A snapshot a follower
     /// asked for is always written whole.
     fn maybe_snapshot(&mut self) -> Result<(), RaftError> {
         if self.snapshot_thread.is_some() {
@@ -1456,25 +1463,28 @@ impl<S: StateMachine> Worker<S> {
             conf_state: Some(self.raw.raft.prs().conf().to_conf_state()).into(),
             ..Default::default()
         };
-        if !wanted {
-            match self.sm.persist() {
-                Ok(true) => return self.snapshot_in_place(metadata),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(index, error = %e, "cannot persist the state; writing it whole")
-                }
-            }
-        }
-        let write = self.sm.snapshot();
-        let snapshotter = Arc::clone(&self.snapshotter);
         let done = self.commands_tx.clone();
+        let persist = if wanted { None } else { self.sm.persist() };
+        let job: Box<dyn FnOnce() + Send> = match persist {
+            // The flush runs beside the loop: an apply round does not wait for the disk.
+            Some(persist) => Box::new(move || {
+                let result = persist();
+                // The loop may have stopped; then the marker is simply not written.
+                let _ = done.send(Command::PersistedInPlace { metadata, result });
+            }),
+            None => {
+                let write = self.sm.snapshot();
+                let snapshotter = Arc::clone(&self.snapshotter);
+                Box::new(move || {
+                    let result = snapshotter.save(&metadata, write);
+                    // The loop may have stopped; then the file is simply not used.
+                    let _ = done.send(Command::SnapshotSaved(result));
+                })
+            }
+        };
         let spawned = thread::Builder::new()
             .name(format!("raft-snap-{:x}", self.member_id))
-            .spawn(move || {
-                let result = snapshotter.save(&metadata, write);
-                // The loop may have stopped; then the file is simply not used.
-                let _ = done.send(Command::SnapshotSaved(result));
-            });
+            .spawn(job);
         match spawned {
             Ok(handle) => self.snapshot_thread = Some(handle),
             Err(e) => {
@@ -1492,11 +1502,15 @@ impl<S: StateMachine> Worker<S> {
     /// older entries gets a whole snapshot written for it.
     fn snapshot_in_place(&mut self, metadata: SnapshotMetadata) -> Result<(), RaftError> {
         let index = metadata.index;
+        self.next_snapshot_at = index.saturating_add(self.snapshot_count);
+        if index <= self.snapshot_index {
+            // A snapshot received from the leader while the state was persisted is newer.
+            return Ok(());
+        }
         self.wal.save_snapshot_marker(&metadata)?;
         self.wal.sync()?;
         // `snapshot_index` stays the newest snapshot *file*'s: a follower may still need one
         // written at this index.
-        self.next_snapshot_at = index.saturating_add(self.snapshot_count);
         // As etcd does, keep a few thousand entries before the snapshot in memory for slow
         // followers; one further behind gets a snapshot written for it.
         let compact_to = index.saturating_sub(MEMORY_CATCH_UP_ENTRIES);
@@ -1513,6 +1527,26 @@ impl<S: StateMachine> Worker<S> {
         );
         self.release_old_files(index);
         Ok(())
+    }
+
+    /// The persist job of a snapshot in place finished: records the marker if it succeeded.
+    fn on_persisted_in_place(
+        &mut self,
+        metadata: SnapshotMetadata,
+        result: std::io::Result<()>,
+    ) -> Result<(), RaftError> {
+        if let Some(handle) = self.snapshot_thread.take() {
+            // It sent its result as its last act, so this returns at once.
+            let _ = handle.join();
+        }
+        match result {
+            Ok(()) => self.snapshot_in_place(metadata),
+            Err(e) => {
+                tracing::error!(index = metadata.index, error = %e, "failed to persist the state");
+                self.next_snapshot_at = self.applied_index.saturating_add(self.snapshot_count);
+                Ok(())
+            }
+        }
     }
 
     /// Records a finished snapshot in the WAL, then compacts the log and removes old files.

@@ -9,8 +9,8 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use metastore_raft_node::{
-    MemberChange, MembershipChange, Message, RaftConfig, RaftError, RaftNode, SnapshotWriter,
-    StateMachine, Transport,
+    MemberChange, MembershipChange, Message, PersistJob, RaftConfig, RaftError, RaftNode,
+    SnapshotWriter, StateMachine, Transport,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -25,11 +25,18 @@ struct Applied {
 }
 
 /// An append-only log of payloads: volatile, or `durable` (its state outlives a restart when
-/// the test hands the same machine to the restarted node, as an engine on disk would).
+/// the test hands the same machine to the restarted node, as an engine on disk would). Like the
+/// RocksDB engine, a durable machine makes its entries durable only when its persist job runs:
+/// [`LogMachine::crash`] drops what came after.
 #[derive(Clone, Default)]
 struct LogMachine {
     applied: Arc<Mutex<Applied>>,
     durable: bool,
+    /// How many entries of the log the last persist job made durable.
+    persisted: Arc<Mutex<usize>>,
+    /// When set, a persist job first waits for a message here (or for its sender to be dropped),
+    /// as a slow disk would make it wait.
+    persist_gate: Option<Arc<Mutex<std::sync::mpsc::Receiver<()>>>>,
 }
 
 impl LogMachine {
@@ -47,6 +54,12 @@ impl LogMachine {
     fn restores(&self) -> Vec<u64> {
         self.applied.lock().unwrap().restores.clone()
     }
+
+    /// What a crash leaves of a durable machine: the log as its last persist job found it.
+    fn crash(&self) {
+        let persisted = *self.persisted.lock().unwrap();
+        self.applied.lock().unwrap().log.truncate(persisted);
+    }
 }
 
 impl StateMachine for LogMachine {
@@ -60,8 +73,20 @@ impl StateMachine for LogMachine {
         self.log().last().map_or(0, |(index, _)| *index)
     }
 
-    fn persist(&mut self) -> io::Result<bool> {
-        Ok(self.durable)
+    fn persist(&mut self) -> Option<PersistJob> {
+        if !self.durable {
+            return None;
+        }
+        let (applied, persisted) = (self.applied.clone(), self.persisted.clone());
+        let gate = self.persist_gate.clone();
+        // Everything applied by the time the job runs, as a flush would write it.
+        Some(Box::new(move || {
+            if let Some(gate) = gate {
+                let _ = gate.lock().unwrap().recv_timeout(WAIT);
+            }
+            *persisted.lock().unwrap() = applied.lock().unwrap().log.len();
+            Ok(())
+        }))
     }
 
     fn apply(&mut self, index: u64, _term: u64, payload: &[u8]) -> Self::Output {
@@ -416,9 +441,15 @@ async fn a_durable_state_machine_snapshots_in_place_and_restarts_on_its_own_stat
     })
     .await;
     assert!(files_with_suffix(&snap_dir, ".snap").is_empty());
+    // Fewer entries than `snapshot_count`: no persist job covers them.
+    propose_many(&node, "tail", 5).await;
     let before = sm.log();
-    assert_eq!(before.len(), 100);
+    assert_eq!(before.len(), 105);
     node.shutdown();
+    // Entries applied after the last persist job are lost, as unflushed memtables are: the WAL
+    // must still hold them.
+    sm.crash();
+    assert!(sm.log().len() < before.len(), "the crash loses a tail");
 
     let node: Node = RaftNode::start(cfg, sm.clone(), Arc::new(NoPeers)).unwrap();
     bounded("a leader", node.wait_leader(WAIT)).await.unwrap();
@@ -430,6 +461,30 @@ async fn a_durable_state_machine_snapshots_in_place_and_restarts_on_its_own_stat
     let mut expected = before;
     expected.push((index, b"after".to_vec()));
     assert_eq!(sm.log(), expected, "nothing applied twice, nothing lost");
+    node.shutdown();
+}
+
+/// The persist job runs beside the loop: entries go on being applied and acknowledged while it
+/// waits for its disk, and the WAL is released only once it is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persist_job_does_not_hold_up_applying() {
+    let dir = tempfile::tempdir().unwrap();
+    let (open_gate, gate) = std::sync::mpsc::channel();
+    let sm = LogMachine {
+        persist_gate: Some(Arc::new(Mutex::new(gate))),
+        ..LogMachine::durable()
+    };
+    // 100 entries with a snapshot every 10: the first persist job starts early and waits.
+    let (cfg, node, _) = snapshotting_member(dir.path(), sm.clone()).await;
+    assert_eq!(sm.log().len(), 100);
+    assert_eq!(*sm.persisted.lock().unwrap(), 0, "the job is still waiting");
+    assert!(!first_wal_segment_released(&cfg.wal_dir()));
+    drop(open_gate);
+    wait_until("the first WAL segments to be released", || {
+        first_wal_segment_released(&cfg.wal_dir())
+    })
+    .await;
+    assert!(*sm.persisted.lock().unwrap() > 0);
     node.shutdown();
 }
 

@@ -34,7 +34,7 @@ use metastore_proto::metastorepb::Member;
 use metastore_proto::metastorepb::{
     internal_raft_request::Request, InternalRaftRequest, RequestHeader,
 };
-use metastore_raft_node::{MembershipChange, StateMachine};
+use metastore_raft_node::{MembershipChange, PersistJob, StateMachine};
 use metastore_storage::{Backend, StorageError, WriteBatch};
 use metastore_watch::{StoreSource, WatchHub};
 use parking_lot::RwLock;
@@ -571,16 +571,14 @@ impl StateMachine for KvStateMachine {
         // Nothing to persist: replaying a no-op after a restart is harmless.
     }
 
-    fn persist(&mut self) -> std::io::Result<bool> {
-        self.backend.sync().map_err(std::io::Error::other)
-    }
-
-    fn apply_round_done(&mut self) {
-        // The batches written since the last round reach the OS in one call. Lost on a crash
-        // before it, they were never counted as applied: the applied index is in each batch.
-        if let Err(e) = self.backend.flush_buffered() {
-            tracing::error!(error = %e, "handing applied writes to the disk failed");
+    fn persist(&mut self) -> Option<PersistJob> {
+        if !self.backend.durable() {
+            return None;
         }
+        let backend = Arc::clone(&self.backend);
+        Some(Box::new(move || {
+            backend.sync().map_err(std::io::Error::other)
+        }))
     }
 
     fn apply_membership(

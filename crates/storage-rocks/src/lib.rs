@@ -2,9 +2,10 @@
 //!
 //! Owns: [`RocksBackend`], an implementation of [`Backend`] over one RocksDB database with a
 //! column family per bucket. Every write batch is one atomic RocksDB write batch across column
-//! families, logged in the WAL and (unless [`RocksBackend::with_sync_writes`] turned it off)
-//! fsynced before `write` returns, so it survives a crash whole or not at all. Read views own a
-//! RocksDB snapshot; size figures come from RocksDB's own
+//! families, logged in the WAL and fsynced before `write` returns, so it survives a crash whole
+//! or not at all; or, with [`RocksBackend::with_sync_writes`] off, kept in the memtables until a
+//! flush, atomic across column families, makes a prefix of whole batches durable. Read views own
+//! a RocksDB snapshot; size figures come from RocksDB's own
 //! properties; defragmentation is a flush plus a full manual compaction, which runs beside
 //! readers and writers.
 //!
@@ -69,8 +70,8 @@ pub struct RocksBackend {
     /// Writes take it shared, the replace step of an import takes it exclusive, so that no write
     /// lands between an import's clear and its last batch.
     import_gate: RwLock<()>,
-    /// Whether `write` fsyncs RocksDB's WAL before returning (the default). When off, the WAL
-    /// records stay in RocksDB's buffer until [`Backend::flush_buffered`].
+    /// Whether `write` fsyncs RocksDB's WAL before returning (the default). When off, writes
+    /// skip RocksDB's WAL and are durable once [`Backend::sync`] has flushed the memtables.
     sync_writes: bool,
 }
 
@@ -100,9 +101,10 @@ impl RocksBackend {
         opts.set_write_buffer_size(MEMTABLE_BYTES);
         opts.set_max_write_buffer_number(2);
         opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
-        // WAL records wait in RocksDB's buffer until `flush_wal`: a synced write flushes it
-        // itself, an unsynced one only at `flush_buffered` (one write call per apply round).
-        opts.set_manual_wal_flush(true);
+        // Every flush, RocksDB's own or `sync`'s, writes the memtables of all column families
+        // together: with writes that skip RocksDB's WAL, the files on disk then always hold the
+        // same whole batches in every column family, a cut that a crash cannot tear.
+        opts.set_atomic_flush(true);
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&Cache::new_lru_cache(BLOCK_CACHE_BYTES));
         table.set_cache_index_and_filter_blocks(true);
@@ -145,13 +147,16 @@ impl RocksBackend {
         })
     }
 
-    /// Whether `write` fsyncs before returning (default: yes). A caller whose changes are already
-    /// durable elsewhere turns it off: MetaStore's raft WAL is fsynced before an entry is applied
-    /// and replays every entry after the applied index that the backend persisted, so the fsync
-    /// here would be a second one per entry on the apply path. RocksDB still logs each batch in
-    /// its own WAL, so batches stay atomic, but the records stay in RocksDB's buffer until
-    /// [`Backend::flush_buffered`]: a process killed before it, or a power loss, loses a suffix
-    /// of whole batches, which the raft WAL brings back.
+    /// Whether `write` is durable when it returns (default: yes, through RocksDB's WAL, fsynced).
+    /// A caller whose changes are already durable elsewhere turns it off: MetaStore's raft WAL is
+    /// fsynced before an entry is applied and replays every entry after the applied index that
+    /// the backend persisted, so logging each batch a second time, in RocksDB's WAL, buys
+    /// nothing. Writes then go to the memtables only and become durable when a flush writes
+    /// them to table files: RocksDB's own when a memtable fills, or [`Backend::sync`]'s. A
+    /// process killed, or a power loss, loses the batches written since the last flush, a
+    /// suffix of whole batches (flushes are atomic across column families), which the raft WAL
+    /// brings back. This is the design etcd's bbolt backend has too: a batch is durable at the
+    /// periodic commit, and the WAL replays what came after.
     pub fn with_sync_writes(mut self, sync_writes: bool) -> Self {
         self.sync_writes = sync_writes;
         self
@@ -161,11 +166,36 @@ impl RocksBackend {
         self.buckets.cf(&self.db, bucket)
     }
 
-    /// Write `batch` through the WAL and fsync it before returning.
-    fn write_synced(&self, batch: rocksdb::WriteBatch) -> Result<()> {
+    /// Write `batch`: through the WAL, fsynced, or (without `sync_writes`) to the memtables only.
+    fn write_rocks(&self, batch: rocksdb::WriteBatch) -> Result<()> {
         let mut opts = WriteOptions::default();
-        opts.set_sync(true);
+        if self.sync_writes {
+            opts.set_sync(true);
+        } else {
+            opts.disable_wal(true);
+        }
         self.db.write_opt(batch, &opts).map_err(engine_error)
+    }
+
+    /// Every column family's handle, buckets or not.
+    fn all_cf_handles(&self) -> Result<Vec<&ColumnFamily>> {
+        self.all_cfs
+            .iter()
+            .map(|name| {
+                self.db
+                    .cf_handle(name)
+                    .ok_or_else(|| StorageError::Engine(format!("column family {name:?} vanished")))
+            })
+            .collect()
+    }
+
+    /// Writes the memtables of every column family to table files (one atomic flush), waiting
+    /// until they are durable.
+    fn flush_memtables(&self) -> Result<()> {
+        let cfs = self.all_cf_handles()?;
+        let mut flush = FlushOptions::default();
+        flush.set_wait(true);
+        self.db.flush_cfs_opt(&cfs, &flush).map_err(engine_error)
     }
 
     /// Sum an integer property over every column family.
@@ -301,22 +331,19 @@ impl Backend for RocksBackend {
             }
         }
         let _gate = self.import_gate.read();
+        self.write_rocks(rocks_batch)
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+
+    /// With `sync_writes` every write is durable already; without, the memtables are flushed.
+    fn sync(&self) -> Result<()> {
         if self.sync_writes {
-            self.write_synced(rocks_batch)
-        } else {
-            self.db
-                .write_opt(rocks_batch, &WriteOptions::default())
-                .map_err(engine_error)
+            return Ok(());
         }
-    }
-
-    fn flush_buffered(&self) -> Result<()> {
-        self.db.flush_wal(false).map_err(engine_error)
-    }
-
-    fn sync(&self) -> Result<bool> {
-        self.db.flush_wal(true).map_err(engine_error)?;
-        Ok(true)
+        self.flush_memtables()
     }
 
     /// The view keeps the database open until it is dropped, even after the backend is.
@@ -360,18 +387,8 @@ impl Backend for RocksBackend {
     /// bottommost level included, so that deleted and overwritten data and their tombstones are
     /// dropped. RocksDB runs both beside concurrent reads and writes; no lock is held here.
     fn defragment(&self) -> Result<()> {
-        let cfs = self
-            .all_cfs
-            .iter()
-            .map(|name| {
-                self.db
-                    .cf_handle(name)
-                    .ok_or_else(|| StorageError::Engine(format!("column family {name:?} vanished")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut flush = FlushOptions::default();
-        flush.set_wait(true);
-        self.db.flush_cfs_opt(&cfs, &flush).map_err(engine_error)?;
+        self.flush_memtables()?;
+        let cfs = self.all_cf_handles()?;
         let mut compact = CompactOptions::default();
         compact.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
         // Let automatic compactions go on meanwhile instead of pausing them.
@@ -414,11 +431,13 @@ impl Backend for RocksBackend {
             batch_bytes += key.len() + value.len();
             batch.put_cf(self.cf(bucket)?, key, value);
             if batch_bytes >= IMPORT_BATCH_BYTES {
-                self.write_synced(std::mem::take(&mut batch))?;
+                self.write_rocks(std::mem::take(&mut batch))?;
                 batch_bytes = 0;
             }
             Ok(())
         })?;
-        self.write_synced(batch)
+        self.write_rocks(batch)?;
+        // Durable before it returns either way: the raft layer counts the snapshot as applied.
+        self.sync()
     }
 }

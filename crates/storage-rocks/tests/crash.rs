@@ -5,8 +5,8 @@
 //! stdout. The parent SIGKILLs it at a random point, reopens the database and checks that every
 //! batch is fully present or fully absent, and that every acknowledged batch is present.
 //!
-//! In buffered mode ([`RocksBackend::with_sync_writes`] off, as MetaStore's raft loop opens it)
-//! the child acknowledges batches only once `flush_buffered` has handed them to the OS.
+//! In unlogged mode ([`RocksBackend::with_sync_writes`] off, as MetaStore's server opens it) the
+//! child acknowledges batches only once `sync` has flushed them to table files.
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
@@ -21,10 +21,10 @@ use metastore_storage_rocks::RocksBackend;
 
 /// Set in the child's environment to the database directory it writes to.
 const CHILD_DIR_ENV: &str = "METASTORE_ROCKS_CHILD_DIR";
-/// Set in the child's environment when it writes unsynced and flushes every few batches.
-const CHILD_BUFFERED_ENV: &str = "METASTORE_ROCKS_CHILD_BUFFERED";
-/// A buffered child hands its log to the OS after this many batches.
-const BATCHES_PER_FLUSH: u64 = 3;
+/// Set in the child's environment when it writes unsynced and syncs every few batches.
+const CHILD_UNLOGGED_ENV: &str = "METASTORE_ROCKS_CHILD_UNLOGGED";
+/// An unlogged child syncs after this many batches.
+const BATCHES_PER_SYNC: u64 = 3;
 /// Marks the child's progress lines, `acked <n>`, among libtest's output.
 const ACK_PREFIX: &str = "acked ";
 const BUCKETS: &[&str] = &["alpha", "beta"];
@@ -95,21 +95,21 @@ fn child_writer() {
     let Some(dir) = std::env::var_os(CHILD_DIR_ENV) else {
         return;
     };
-    let buffered = std::env::var_os(CHILD_BUFFERED_ENV).is_some();
+    let unlogged = std::env::var_os(CHILD_UNLOGGED_ENV).is_some();
     let be = RocksBackend::open(Path::new(&dir), BUCKETS)
         .expect("child: open")
-        .with_sync_writes(!buffered);
+        .with_sync_writes(!unlogged);
     let deadline = Instant::now() + TIMEOUT;
     let mut stdout = std::io::stdout().lock();
     let mut n = 0u64;
     while Instant::now() < deadline {
         be.write(batch(n)).expect("child: write");
-        if buffered {
-            if !(n + 1).is_multiple_of(BATCHES_PER_FLUSH) {
+        if unlogged {
+            if !(n + 1).is_multiple_of(BATCHES_PER_SYNC) {
                 n += 1;
                 continue;
             }
-            be.flush_buffered().expect("child: flush");
+            be.sync().expect("child: sync");
         }
         // A write error means the parent is gone: stop quietly.
         if writeln!(stdout, "{ACK_PREFIX}{n}")
@@ -124,11 +124,11 @@ fn child_writer() {
 
 /// Runs the child until it has acknowledged `target` batches (bounded by [`TIMEOUT`]), kills
 /// it, and returns the highest batch number it acknowledged.
-fn run_child_and_kill(dir: &Path, target: u64, buffered: bool) -> u64 {
+fn run_child_and_kill(dir: &Path, target: u64, unlogged: bool) -> u64 {
     let exe = std::env::current_exe().expect("path of the test binary");
     let mut command = Command::new(exe);
-    if buffered {
-        command.env(CHILD_BUFFERED_ENV, "1");
+    if unlogged {
+        command.env(CHILD_UNLOGGED_ENV, "1");
     }
     let mut child = command
         .args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
@@ -201,18 +201,19 @@ fn batches_are_all_or_nothing_after_sigkill() {
     }
 }
 
-/// Unsynced writes wait in RocksDB's buffer; every batch written before a `flush_buffered`
-/// survives the kill (a no-op flush would lose them: the buffer holds dozens of batches).
+/// Unlogged writes live in the memtables only; every batch written before a `sync` survives the
+/// kill, whole in both column families (a `sync` that did not flush would lose them all: the
+/// memtables hold every batch of the test).
 #[test]
-fn buffered_batches_survive_sigkill_once_flushed() {
+fn unlogged_batches_survive_sigkill_once_synced() {
     for round in 0..ROUNDS {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let target = BATCHES_PER_FLUSH * (1 + random_below(20));
+        let target = BATCHES_PER_SYNC * (1 + random_below(20));
         let acked = run_child_and_kill(dir.path(), target, true);
         let survivors = surviving_batches(dir.path(), round);
         assert!(
             survivors > acked,
-            "round {round}: {survivors} batches survived, {} were flushed",
+            "round {round}: {survivors} batches survived, {} were synced",
             acked + 1
         );
     }

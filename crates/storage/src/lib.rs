@@ -210,22 +210,23 @@ pub trait Backend: Send + Sync {
     fn buckets(&self) -> Vec<&'static str>;
 
     /// Apply every change of `batch` atomically, durably where the engine is durable (see
-    /// [`Backend::flush_buffered`] for an engine opened to buffer its log).
+    /// [`Backend::sync`] for an engine opened to defer durability).
     fn write(&self, batch: WriteBatch) -> Result<()>;
 
-    /// Hands the log records of earlier writes to the operating system. An engine opened for a
-    /// caller that replays its own log after a crash (MetaStore's raft WAL) may keep them in
-    /// memory until this call, so that a round of writes costs one system call instead of one
-    /// per batch. Buffered batches are visible to readers at once; a crash before this call
-    /// loses a suffix of whole batches, never part of one. The default does nothing.
-    fn flush_buffered(&self) -> Result<()> {
-        Ok(())
+    /// Whether this engine keeps its data on disk, so that [`Backend::sync`] makes it durable.
+    /// The default (an engine whose data lives only in memory) is false.
+    fn durable(&self) -> bool {
+        false
     }
 
-    /// Makes every write so far durable, for an engine that keeps its data on disk, and returns
-    /// true; an engine whose data lives only in memory returns false (the default).
-    fn sync(&self) -> Result<bool> {
-        Ok(false)
+    /// Makes every write so far durable, for a [`Backend::durable`] engine; does nothing for
+    /// one whose data lives only in memory (the default). An engine opened for a caller that
+    /// replays its own log after a crash (MetaStore's raft WAL) may keep writes in memory only
+    /// until this call: a crash before it loses a suffix of whole batches, never part of one.
+    /// Writes may go on from other threads while it runs; what they add may or may not be
+    /// made durable by it.
+    fn sync(&self) -> Result<()> {
+        Ok(())
     }
 
     /// A consistent view of all buckets as of now.
