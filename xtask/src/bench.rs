@@ -200,14 +200,26 @@ fn spawn((program, args, log): &(PathBuf, Vec<String>, PathBuf)) -> Result<Child
 }
 
 impl Cluster {
-    /// Waits until a write goes through. Each attempt gives up on connecting after 250 ms: with
-    /// etcdctl's default 2 s dial timeout, gRPC's reconnect backoff (1 s, then longer) decided
-    /// when a restarted member was first tried again, which rounded restart times up by as much
-    /// as 2 s. A connected attempt waits up to a minute for its answer, so that the time is the
-    /// server's, not a multiple of etcdctl's 5 s command timeout.
+    /// Waits until a write goes through. etcdctl is started only once every member accepts TCP
+    /// connections: started earlier, its gRPC reconnect backoff (1 s, then longer), not the
+    /// server, decided when it first got through, which rounded restart times up by as much as
+    /// 2.4 s even with a 250 ms dial timeout. A connected attempt waits up to a minute for its
+    /// answer, so that the time is the server's, not a multiple of etcdctl's 5 s command timeout.
     fn wait_ready(&self, what: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
+            if Instant::now() > deadline {
+                bail!("{what} did not become ready");
+            }
+            let listening = self.endpoints.iter().all(|endpoint| {
+                endpoint.parse().is_ok_and(|addr| {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
+                })
+            });
+            if !listening {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
             let ok = Command::new("etcdctl")
                 .env("ETCDCTL_API", "3")
                 .arg(format!("--endpoints={}", self.endpoints.join(",")))
@@ -223,9 +235,6 @@ impl Cluster {
                 .unwrap_or(false);
             if ok {
                 return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("{what} did not become ready");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
