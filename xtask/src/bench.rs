@@ -54,6 +54,9 @@ const PUT: &[&str] = &[
     "100000",
 ];
 
+/// The standard suite. Put and range totals are those of etcd's documented benchmark
+/// (`op-guide/performance.md`: 10,000 requests for one client, 100,000 for many), so that a run
+/// lasts seconds and not one: start-up effects and the machine's drift then weigh less.
 fn workloads(quick: bool) -> Vec<Workload> {
     let scale = |n: usize| if quick { n / 10 } else { n };
     vec![
@@ -61,49 +64,49 @@ fn workloads(quick: bool) -> Vec<Workload> {
             label: "put, 1 client",
             clients: 1,
             conns: 1,
-            total: scale(2_000),
+            total: scale(10_000),
             args: PUT,
         },
         Workload {
             label: "put, 100 clients",
             clients: 100,
             conns: 10,
-            total: scale(30_000),
+            total: scale(100_000),
             args: PUT,
         },
         Workload {
             label: "put, 1000 clients",
             clients: 1000,
             conns: 100,
-            total: scale(50_000),
+            total: scale(100_000),
             args: PUT,
         },
         Workload {
             label: "range linearizable, 1 client",
             clients: 1,
             conns: 1,
-            total: scale(5_000),
+            total: scale(10_000),
             args: &["range", "00000001"],
         },
         Workload {
             label: "range linearizable, 1000 clients",
             clients: 1000,
             conns: 100,
-            total: scale(50_000),
+            total: scale(100_000),
             args: &["range", "00000001"],
         },
         Workload {
             label: "range serializable, 1 client",
             clients: 1,
             conns: 1,
-            total: scale(5_000),
+            total: scale(10_000),
             args: &["range", "00000001", "--consistency", "s"],
         },
         Workload {
             label: "range serializable, 1000 clients",
             clients: 1000,
             conns: 100,
-            total: scale(50_000),
+            total: scale(100_000),
             args: &["range", "00000001", "--consistency", "s"],
         },
         Workload {
