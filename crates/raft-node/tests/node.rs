@@ -37,6 +37,8 @@ struct LogMachine {
     /// When set, a persist job first waits for a message here (or for its sender to be dropped),
     /// as a slow disk would make it wait.
     persist_gate: Option<Arc<Mutex<std::sync::mpsc::Receiver<()>>>>,
+    /// The nice value of the thread each persist job ran on.
+    persist_nice: Arc<Mutex<Vec<i32>>>,
 }
 
 impl LogMachine {
@@ -79,8 +81,13 @@ impl StateMachine for LogMachine {
         }
         let (applied, persisted) = (self.applied.clone(), self.persisted.clone());
         let gate = self.persist_gate.clone();
+        let nice = self.persist_nice.clone();
         // Everything applied by the time the job runs, as a flush would write it.
         Some(Box::new(move || {
+            // SAFETY: `getpriority` takes plain integers; `who` 0 is the calling thread.
+            nice.lock()
+                .unwrap()
+                .push(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) });
             if let Some(gate) = gate {
                 let _ = gate.lock().unwrap().recv_timeout(WAIT);
             }
@@ -485,6 +492,23 @@ async fn a_persist_job_does_not_hold_up_applying() {
     })
     .await;
     assert!(*sm.persisted.lock().unwrap() > 0);
+    node.shutdown();
+}
+
+/// Snapshots are background work: their thread runs at nice 10, the loop at the process's.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshot_thread_runs_at_a_lower_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = LogMachine::durable();
+    let (_, node, _) = snapshotting_member(dir.path(), sm.clone()).await;
+    wait_until("a persist job", || {
+        !sm.persist_nice.lock().unwrap().is_empty()
+    })
+    .await;
+    // SAFETY: as above.
+    let own = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    assert_eq!(sm.persist_nice.lock().unwrap()[0], (own + 10).min(19));
     node.shutdown();
 }
 
