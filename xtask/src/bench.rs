@@ -339,8 +339,15 @@ fn start(server: Server, members: usize, bin: &Path, work: &Path, token: &str) -
 }
 
 fn run_workload(bin: &Path, endpoints: &[String], w: &Workload) -> Result<Measured> {
-    let out = Command::new(bin.join("metastore-bench"))
-        .args(["--endpoints", &endpoints.join(",")])
+    let mut bench = Command::new(bin.join("metastore-bench"));
+    bench.args(["--endpoints", &endpoints.join(",")]);
+    // One connection goes to the first endpoint, which the election made leader or follower
+    // (a follower adds a hop to every request): one client of 3 members talks to the leader, as
+    // in etcd's documented "write to leader" row, so every server is measured in the same role.
+    if w.conns == 1 && endpoints.len() > 1 {
+        bench.arg("--target-leader");
+    }
+    let out = bench
         .args([
             "--clients",
             &w.clients.to_string(),
@@ -438,7 +445,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         "Machine: {cpu}, {cores} cores; {etcd_version}. Command: `cargo xtask bench{}`.",
         if quick { " --quick" } else { "" }
     )?;
-    writeln!(report, "Every server runs with fsync, members on loopback, the load generator on the same machine (its runtime has twice as many threads as there are cores, see `metastore-bench --help`). 8-byte keys, 256-byte values. The three servers of a topology run side by side, each idle while another is measured, and every workload runs against the three in turn (rotating which goes first), so that the machine's speed drifting during the run affects all three alike. Ratios are MetaStore / etcd (throughput: higher is better; p99: lower is better).\n")?;
+    writeln!(report, "Every server runs with fsync, members on loopback, the load generator on the same machine (its runtime has twice as many threads as there are cores, see `metastore-bench --help`). 8-byte keys, 256-byte values. The three servers of a topology run side by side, each idle while another is measured, and every workload runs against the three in turn (rotating which goes first), so that the machine's speed drifting during the run affects all three alike. With 3 members, one client talks to the leader (`--target-leader`); more clients are spread over all members. Ratios are MetaStore / etcd (throughput: higher is better; p99: lower is better).\n")?;
 
     for members in [1usize, 3] {
         writeln!(
