@@ -155,6 +155,34 @@ enum Cmd {
     },
     /// Each client keeps one lease alive; every keep-alive round trip is a request.
     LeaseKeepalive,
+    /// etcd's `benchmark watch`: `--streams` streams of `--watch-per-stream` watchers each on
+    /// `--watched-key-total` keys (watcher i watches key i modulo the key count), their creation
+    /// timed from the create request to its `created` answer; then `--put-total` puts, cycling
+    /// over the watched keys, by `--clients` writers at `--put-rate`, and every event timed from
+    /// sending its put to the watcher receiving it.
+    Watch {
+        /// Watch streams.
+        #[arg(long, default_value_t = 10)]
+        streams: usize,
+        /// Watchers per stream.
+        #[arg(long, default_value_t = 100)]
+        watch_per_stream: usize,
+        /// Distinct keys watched.
+        #[arg(long, default_value_t = 1)]
+        watched_key_total: usize,
+        /// Puts to the watched keys.
+        #[arg(long, default_value_t = 1000)]
+        put_total: u64,
+        /// Puts per second (0 = as fast as the writers go).
+        #[arg(long, default_value_t = 0)]
+        put_rate: u64,
+        /// Key size in bytes.
+        #[arg(long, default_value_t = 32)]
+        key_size: usize,
+        /// Value size in bytes (at least 20: the value carries the put's sequence number).
+        #[arg(long, default_value_t = 32)]
+        val_size: usize,
+    },
     /// Watch event throughput and latency: `--watchers` watchers on one key over
     /// `--watch-streams` streams, while `--clients` writers put `--total` times to that key.
     /// Latency is from sending the put to each watcher's event.
@@ -656,43 +684,75 @@ async fn run(mut global: Global, work: Work) -> Result<()> {
     Ok(())
 }
 
-/// `watch-latency`: watchers on one key, writers putting to it; every event's delay after the
-/// put that caused it was sent.
-async fn watch_latency(
-    mut global: Global,
-    watchers: usize,
+/// What a watch benchmark creates and writes (`watch` and `watch-latency`).
+struct WatchSpec {
     streams: usize,
+    /// Watchers in all, spread over the streams; watcher `i` watches `keys[i % keys.len()]`.
+    watchers: usize,
+    keys: Vec<Vec<u8>>,
+    /// Put `n` writes `keys[n % keys.len()]`.
+    puts: u64,
+    /// Puts per second; 0 = no limit.
+    rate: u64,
     val_size: usize,
-) -> Result<()> {
+    /// Report the watchers' creation first (`watch`).
+    creation_summary: bool,
+}
+
+impl WatchSpec {
+    /// Events the puts cause, over all watchers.
+    fn expected_events(&self) -> u64 {
+        let k = self.keys.len().max(1);
+        let watchers_of =
+            |key: usize| (self.watchers / k + usize::from(key < self.watchers % k)) as u64;
+        (0..k)
+            .map(|key| {
+                let puts = self.puts / k as u64 + u64::from((key as u64) < self.puts % k as u64);
+                puts * watchers_of(key)
+            })
+            .sum()
+    }
+}
+
+/// Watchers over `spec.streams` streams, then writers putting to the watched keys; every event
+/// is timed from the moment its put was sent.
+async fn watch_bench(mut global: Global, spec: WatchSpec) -> Result<()> {
     if global.target_leader {
         global.endpoints = vec![leader_endpoint(&global.endpoints).await?];
     }
+    if spec.keys.is_empty() {
+        bail!("no key to watch");
+    }
     let channels = connect(&global.endpoints, global.conns).await?;
-    let key = b"metastore-bench-watch-latency".to_vec();
-    let streams = streams.clamp(1, watchers.max(1));
-    // Acknowledgement time of each put, by the value's sequence number.
+    let streams = spec.streams.clamp(1, spec.watchers.max(1));
+    // Send time of each put, by the value's sequence number.
     let acked: Arc<parking_lot::Mutex<std::collections::HashMap<u64, Instant>>> =
         Default::default();
-    let expected = global.total * watchers as u64;
+    let expected = spec.expected_events();
     let received = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(streams);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let latencies = Arc::new(Latencies::new());
+    let creations = Arc::new(Latencies::new());
+    let created_at = Instant::now();
     let mut listeners = Vec::new();
+    let mut next_watcher = 0;
     for s in 0..streams {
-        let per_stream = watchers / streams + usize::from(s < watchers % streams);
+        let per_stream = spec.watchers / streams + usize::from(s < spec.watchers % streams);
         let mut client = WatchClient::new(channels[s % channels.len()].clone());
         let (tx, body) = tokio::sync::mpsc::channel(per_stream.max(1));
+        let sent = Instant::now();
         for _ in 0..per_stream {
             tx.send(WatchRequest {
                 request_union: Some(watch_request::RequestUnion::CreateRequest(
                     WatchCreateRequest {
-                        key: key.clone(),
+                        key: spec.keys[next_watcher % spec.keys.len()].clone(),
                         ..Default::default()
                     },
                 )),
             })
             .await?;
+            next_watcher += 1;
         }
         let mut events = client
             .watch(tokio_stream::wrappers::ReceiverStream::new(body))
@@ -701,6 +761,7 @@ async fn watch_latency(
         let acked = acked.clone();
         let received = received.clone();
         let latencies = latencies.clone();
+        let creations = creations.clone();
         let ready = ready_tx.clone();
         let mut stop = stop_rx.clone();
         listeners.push(tokio::spawn(async move {
@@ -715,6 +776,7 @@ async fn watch_latency(
                     _ = stop.wait_for(|s| *s) => break,
                 };
                 if resp.created {
+                    creations.record(s, sent.elapsed().as_micros().max(1) as u64);
                     created += 1;
                     if created == per_stream {
                         let _ = ready.send(()).await;
@@ -745,16 +807,27 @@ async fn watch_latency(
             .await
             .context("a watch stream ended before its watchers were created")?;
     }
+    if spec.creation_summary {
+        let elapsed = created_at.elapsed().as_secs_f64();
+        if !global.json {
+            println!("Watch creation summary:");
+        }
+        report(&global, &creations.merged()?, 0, None, elapsed);
+        if !global.json {
+            println!("\nWatch events received summary:");
+        }
+    }
 
     let start = Instant::now();
     let issued = Arc::new(AtomicU64::new(0));
+    let keys = Arc::new(spec.keys);
     let mut writers = Vec::new();
     for c in 0..global.clients.max(1) {
         let mut kv = metastore_proto::etcdserverpb::kv_client::KvClient::new(
             channels[c % channels.len()].clone(),
         );
-        let (issued, acked, key) = (issued.clone(), acked.clone(), key.clone());
-        let (total, rate) = (global.total, global.rate);
+        let (issued, acked, keys) = (issued.clone(), acked.clone(), keys.clone());
+        let (total, rate, val_size) = (spec.puts, spec.rate, spec.val_size);
         writers.push(tokio::spawn(async move {
             let mut errors = 0u64;
             loop {
@@ -771,7 +844,7 @@ async fn watch_latency(
                 // Latency counts from the moment the put is sent, as etcd's tool does.
                 acked.lock().insert(n, Instant::now());
                 let put = PutRequest {
-                    key: key.clone(),
+                    key: keys[(n % keys.len() as u64) as usize].clone(),
                     value,
                     ..Default::default()
                 };
@@ -786,8 +859,11 @@ async fn watch_latency(
     for w in writers {
         errors += w.await?;
     }
+    // A failed put causes no events; how many it would have caused depends on its key, so the
+    // wait allows for the most watched key's count per failure.
+    let most_watchers = spec.watchers.div_ceil(keys.len()) as u64;
     let wait_until = Instant::now() + Duration::from_secs(30);
-    while received.load(Ordering::Relaxed) < expected.saturating_sub(errors * watchers as u64)
+    while received.load(Ordering::Relaxed) < expected.saturating_sub(errors * most_watchers)
         && Instant::now() < wait_until
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -899,7 +975,40 @@ async fn run_command(cli: Cli) -> Result<()> {
             watchers,
             watch_streams,
             val_size,
-        } => return watch_latency(cli.global, watchers, watch_streams, val_size).await,
+        } => {
+            let spec = WatchSpec {
+                streams: watch_streams,
+                watchers,
+                keys: vec![b"metastore-bench-watch-latency".to_vec()],
+                puts: cli.global.total,
+                rate: cli.global.rate,
+                val_size,
+                creation_summary: false,
+            };
+            return watch_bench(cli.global, spec).await;
+        }
+        Cmd::Watch {
+            streams,
+            watch_per_stream,
+            watched_key_total,
+            put_total,
+            put_rate,
+            key_size,
+            val_size,
+        } => {
+            let spec = WatchSpec {
+                streams,
+                watchers: streams.saturating_mul(watch_per_stream),
+                keys: (0..watched_key_total.max(1) as u64)
+                    .map(|i| make_key(i, key_size.max(1)))
+                    .collect(),
+                puts: put_total,
+                rate: put_rate,
+                val_size,
+                creation_summary: true,
+            };
+            return watch_bench(cli.global, spec).await;
+        }
         Cmd::Range {
             key,
             end,
@@ -983,6 +1092,26 @@ mod tests {
         ) -> Result<Response<CompactionResponse>, Status> {
             Err(Status::unimplemented("not in this test"))
         }
+    }
+
+    #[test]
+    fn watch_events_expected_follow_the_keys_watchers() {
+        let spec = |watchers, keys: usize, puts| WatchSpec {
+            streams: 1,
+            watchers,
+            keys: (0..keys as u64).map(|i| make_key(i, 4)).collect(),
+            puts,
+            rate: 0,
+            val_size: 32,
+            creation_summary: false,
+        };
+        // One key: every put reaches every watcher.
+        assert_eq!(spec(100, 1, 1000).expected_events(), 100_000);
+        // Watchers 0, 3, 6, 9 on key 0, the others 3 each; puts 0, 3, 6 on key 0, 2 on each
+        // of the others: 4*3 + 3*2 + 3*2.
+        assert_eq!(spec(10, 3, 7).expected_events(), 24);
+        // More keys than watchers: puts to unwatched keys cause nothing.
+        assert_eq!(spec(2, 5, 10).expected_events(), 4);
     }
 
     #[tokio::test]
