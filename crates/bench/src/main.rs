@@ -1158,21 +1158,20 @@ mod tests {
         );
 
         // The connection still serves calls after an error, many at once.
-        let calls = (0..50).map(|i| {
-            let mut conn = conn.clone();
-            async move {
-                conn.put(PutRequest {
-                    value: vec![0; i],
-                    ..Default::default()
+        let calls: Vec<_> = (0..50)
+            .map(|i| {
+                let mut conn = conn.clone();
+                tokio::spawn(async move {
+                    conn.put(PutRequest {
+                        value: vec![0; i],
+                        ..Default::default()
+                    })
+                    .await
                 })
-                .await
-            }
-        });
-        for (i, put) in futures::future::join_all(calls)
-            .await
-            .into_iter()
-            .enumerate()
-        {
+            })
+            .collect();
+        for (i, call) in calls.into_iter().enumerate() {
+            let put = call.await.unwrap();
             assert_eq!(put.unwrap().header.unwrap().revision, i as i64);
         }
     }
