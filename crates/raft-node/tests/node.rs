@@ -401,37 +401,39 @@ async fn snapshots_compact_the_wal_and_restart_restores_from_snapshot_and_tail()
     let sm = LogMachine::default();
     let (cfg, node, last_index) = snapshotting_member(dir.path(), sm.clone()).await;
     let (wal_dir, snap_dir) = (cfg.wal_dir(), cfg.snap_dir());
-    let newest_snapshot_index = || {
+    let snapshot_indexes = || -> Vec<u64> {
         files_with_suffix(&snap_dir, ".snap")
             .iter()
             .map(|p| {
                 let name = p.file_name().unwrap().to_str().unwrap();
                 u64::from_str_radix(&name[17..33], 16).unwrap()
             })
-            .max()
-            .unwrap_or(0)
+            .collect()
     };
     // Snapshots are written in the background. Once the newest is less than `snapshot_count`
-    // entries behind no further one starts, and once at most 2 files remain the newest one was
-    // recorded in the WAL and older files removed.
+    // entries behind no further one starts; once the first WAL segment is gone, one of them
+    // was recorded in the WAL (the newest file may not be yet when the node stops).
     wait_until("snapshots to settle", || {
-        newest_snapshot_index() + 10 > last_index
-            && files_with_suffix(&snap_dir, ".snap").len() <= 2
+        snapshot_indexes()
+            .iter()
+            .max()
+            .is_some_and(|i| i + 10 > last_index)
+            && snapshot_indexes().len() <= 2
+            && first_wal_segment_released(&wal_dir)
     })
     .await;
-    assert!(
-        first_wal_segment_released(&wal_dir),
-        "the first WAL segments were released: {:?}",
-        files_with_suffix(&wal_dir, ".wal")
-    );
     let before = sm.log();
     assert_eq!(before.len(), 100);
     node.shutdown();
 
-    let snapshot_index = newest_snapshot_index();
+    let files = snapshot_indexes();
     let sm = LogMachine::default();
     let node: Node = RaftNode::start(cfg, sm.clone(), Arc::new(NoPeers)).unwrap();
-    assert_eq!(sm.restores(), vec![snapshot_index]);
+    let restores = sm.restores();
+    assert!(
+        restores.len() == 1 && files.contains(&restores[0]),
+        "restored {restores:?}, snapshot files at {files:?}"
+    );
     wait_until("the tail to be applied again", || {
         sm.log().len() >= before.len()
     })
@@ -810,6 +812,37 @@ async fn proposals_queued_together_reach_each_follower_in_one_append() {
     shutdown_all(&network);
 }
 
+/// Proposes batches of 10 entries, at least `min_batches`, until the member's raft log was
+/// compacted by a snapshot. Snapshots are written in the background at a lower priority, so
+/// how many entries that takes varies. A snapshot file is removed (the newest 2 are kept) only
+/// after a newer one was recorded and the log compacted to it: the sign waited for.
+async fn propose_until_compacted(node: &Node, snap_dir: &Path, prefix: &str, min_batches: usize) {
+    let mut seen = HashSet::new();
+    let compacted = |seen: &mut HashSet<PathBuf>| {
+        let current = files_with_suffix(snap_dir, ".snap");
+        seen.extend(current.iter().cloned());
+        seen.len() > current.len()
+    };
+    let deadline = Instant::now() + WAIT;
+    for batch in 0.. {
+        propose_many(node, &format!("{prefix}{batch}"), 10).await;
+        if batch + 1 < min_batches {
+            continue;
+        }
+        let polled = Instant::now();
+        while polled.elapsed() < Duration::from_millis(200) {
+            if compacted(&mut seen) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for a compaction"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_member_catches_up_from_a_snapshot() {
     lagging_member_catches_up(LogMachine::default).await;
@@ -833,24 +866,23 @@ async fn lagging_member_catches_up(machine: fn() -> LogMachine) {
     let lagging = (1..=3).find(|id| *id != leader).unwrap();
 
     network.isolated.write().unwrap().insert(lagging);
-    for batch in 0..5 {
-        propose_many(&node(&network, leader), &format!("b{batch}"), 10).await;
+    let snap_dir = dirs[leader as usize - 1].path().join("member").join("snap");
+    if durable {
+        for batch in 0..5 {
+            propose_many(&node(&network, leader), &format!("b{batch}"), 10).await;
+        }
+    } else {
+        // The leader must have compacted its log past what the lagging member has.
+        propose_until_compacted(&node(&network, leader), &snap_dir, "b", 5).await;
     }
     let leader_machine = &machines[leader as usize - 1];
     let lagging_machine = &machines[lagging as usize - 1];
-    assert!(lagging_machine.log().len() < 50);
-    // Wait for the leader to snapshot and compact its log past what the lagging member has.
-    let snap_dir = dirs[leader as usize - 1].path().join("member").join("snap");
-    if !durable {
-        wait_until("a leader snapshot", || {
-            !files_with_suffix(&snap_dir, ".snap").is_empty()
-        })
-        .await;
-    }
+    let expected = leader_machine.log().len();
+    assert!(lagging_machine.log().len() < expected);
 
     network.isolated.write().unwrap().clear();
     wait_until("the lagging member to catch up", || {
-        lagging_machine.log().len() == 50
+        lagging_machine.log().len() == expected
     })
     .await;
     assert_eq!(lagging_machine.log(), leader_machine.log());
@@ -873,32 +905,9 @@ async fn members_join_as_learners_get_promoted_and_removed_and_leadership_moves(
     // A snapshot every 10 entries, so that the joining member is sent one.
     let machines = start_cluster(&network, &dirs[..3], 10);
     let leader = agreed_leader(&network, &[1, 2, 3]).await;
-    // The leader must have compacted its log, or the joiner gets entries. Snapshots are written
-    // in the background (at a lower priority), so how many entries that takes varies. A snapshot
-    // file is removed (the newest 2 are kept) only after a newer one was recorded and the log
-    // compacted to it: the sign to wait for.
+    // The leader must have compacted its log, or the joiner gets entries.
     let snap_dir = dirs[leader as usize - 1].path().join("member").join("snap");
-    let mut seen = HashSet::new();
-    let deadline = Instant::now() + WAIT;
-    for batch in 0.. {
-        propose_many(&node(&network, leader), &format!("before{batch}"), 10).await;
-        let polled = Instant::now();
-        while polled.elapsed() < Duration::from_millis(200) {
-            let current = files_with_suffix(&snap_dir, ".snap");
-            seen.extend(current.iter().cloned());
-            if seen.len() > current.len() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if seen.len() > files_with_suffix(&snap_dir, ".snap").len() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for a compaction"
-        );
-    }
+    propose_until_compacted(&node(&network, leader), &snap_dir, "before", 3).await;
     let expected = machines[leader as usize - 1].log().len();
 
     // Member 4 joins empty, learns everything from the leader.
