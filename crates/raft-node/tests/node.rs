@@ -414,11 +414,9 @@ async fn snapshots_compact_the_wal_and_restart_restores_from_snapshot_and_tail()
     // entries behind no further one starts; once the first WAL segment is gone, one of them
     // was recorded in the WAL (the newest file may not be yet when the node stops).
     wait_until("snapshots to settle", || {
-        snapshot_indexes()
-            .iter()
-            .max()
-            .is_some_and(|i| i + 10 > last_index)
-            && snapshot_indexes().len() <= 2
+        let indexes = snapshot_indexes();
+        indexes.len() <= 2
+            && indexes.iter().max().is_some_and(|i| i + 10 > last_index)
             && first_wal_segment_released(&wal_dir)
     })
     .await;
