@@ -1,11 +1,11 @@
 //! `cargo xtask bench`: MetaStore (both engines) beside real etcd on this machine, in one run.
 //!
-//! Builds the release binaries, then for each topology (1 member, 3 members on loopback) starts
-//! a fresh cluster of each server (etcd, MetaStore memory, MetaStore RocksDB) with fsync on, runs
-//! each standard workload with `metastore-bench` against the three in turn, records each
-//! member's peak RSS and the data directories' size, stops them, and writes
-//! `bench/results/<date>.md` with MetaStore/etcd ratios. Every server gets the same flags
-//! (etcd's names).
+//! Builds the release binaries (and checks the server's size, as `cargo xtask size` does), then
+//! for each topology (1 member, 3 members on loopback) starts a fresh cluster of each server
+//! (etcd, MetaStore memory, MetaStore RocksDB) with fsync on, runs each standard workload with
+//! `metastore-bench` against the three in turn, records each member's peak RSS and the data
+//! directories' size, stops them, and writes `bench/results/<date>.md` with MetaStore/etcd
+//! ratios. Every server gets the same flags (etcd's names).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo, ensure, status, workspace_root, ETCD, ETCDCTL, LIBCLANG};
+use crate::{
+    cargo, check_release_size, ensure, status, target_dir, workspace_root, CXX, ETCD, ETCDCTL,
+    LIBCLANG,
+};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Server {
@@ -396,16 +399,10 @@ fn dir_size(path: &Path) -> u64 {
         .sum()
 }
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-}
-
 /// `cargo xtask bench [--quick]`.
 pub fn bench(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
-    ensure(&[LIBCLANG, ETCD, ETCDCTL])?;
+    ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL])?;
     let mut build = cargo();
     build.args([
         "build",
@@ -417,6 +414,7 @@ pub fn bench(args: &[String]) -> Result<()> {
     ]);
     status(build)?;
     let bin = target_dir().join("release");
+    check_release_size(&bin.join("metastore"))?;
     let work = std::env::temp_dir().join(format!("metastore-xtask-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let workloads = workloads(quick);

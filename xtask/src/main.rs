@@ -1,33 +1,41 @@
 //! Project automation, in Rust rather than shell scripts (`cargo xtask <command>`).
 //!
-//! - `run [ARGS…]`: check system prerequisites, build the server in release mode and start it
+//! - `run [--] [ARGS…]`: check system prerequisites, build the server in release mode, check the
+//!   binary's size (see `size`) and start it in the foreground, from the workspace root, with ARGS
 //!   (single member, memory engine, `127.0.0.1:2379` unless ARGS say otherwise).
-//! - `test`: check prerequisites (libclang for RocksDB, etcd + etcdctl for differential tests),
-//!   then run every test of the workspace.
+//! - `size`: build the server in release mode and fail if its binary is over 40 MB, so that debug
+//!   info does not creep back into release builds (`bench` checks it too).
+//! - `test`: check prerequisites (libclang and a C++ compiler for RocksDB, etcd + etcdctl for the
+//!   differential and client tests), then run every test of the workspace.
 //! - `ci`: formatting check, clippy with `-D warnings`, `cargo deny`, then `test`.
 //! - `bench [--quick]`: MetaStore (both engines) beside etcd, 1 and 3 members, written to
 //!   `bench/results/<date>.md` (see `bench.rs`).
 //!
-//! Missing Debian packages are installed when running as root on Debian/Ubuntu; elsewhere the exact
-//! command to run is printed and xtask stops.
+//! Prerequisites are looked for the way the build and the tests look for them (`prereq.rs`).
+//! Missing Debian packages are installed when running as root on Debian/Ubuntu; otherwise xtask
+//! names what is missing, prints the exact command to run and stops.
 
 use std::env;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod prereq;
+
+use prereq::{ensure, CXX, ETCD, ETCDCTL, LIBCLANG};
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
+        Some("size") => size(),
         Some("test") => test(&args[1..]),
         Some("ci") => ci(),
         Some("bench") => bench::bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <run [server flags…] | test [test filter…] | ci | bench [--quick]>");
+            eprintln!("usage: cargo xtask <run [--] [server flags…] | size | test [test filter…] | ci | bench [--quick]>");
             return ExitCode::from(2);
         }
     };
@@ -97,133 +105,151 @@ fn status(mut cmd: Command) -> Result<()> {
     Ok(())
 }
 
-/// A system prerequisite: how to find it and which Debian package brings it.
-struct Prereq {
-    what: &'static str,
-    package: &'static str,
-    present: fn() -> bool,
-}
+/// The largest `metastore` release binary `run`, `size` and `bench` accept. Built without debug
+/// info the server is about 30 MB; RocksDB's C++ compiled with `-g` once made it 512 MB. The limit
+/// leaves room to grow and catches debug info creeping back into `[profile.release]`.
+const MAX_SERVER_BYTES: u64 = 40_000_000;
 
-fn libclang_present() -> bool {
-    if let Ok(dir) = env::var("LIBCLANG_PATH") {
-        if Path::new(&dir).exists() {
-            return true;
-        }
-    }
-    let dirs = [
-        "/usr/lib",
-        "/usr/lib64",
-        "/usr/local/lib",
-        "/usr/lib/x86_64-linux-gnu",
-        "/usr/lib/aarch64-linux-gnu",
-    ];
-    let has_libclang = |dir: &Path| {
-        std::fs::read_dir(dir)
-            .map(|rd| {
-                rd.flatten()
-                    .any(|e| e.file_name().to_string_lossy().starts_with("libclang"))
-            })
-            .unwrap_or(false)
-    };
-    if dirs.iter().any(|d| has_libclang(Path::new(d))) {
-        return true;
-    }
-    // Debian keeps it under /usr/lib/llvm-N/lib
-    std::fs::read_dir("/usr/lib")
-        .map(|rd| {
-            rd.flatten().any(|e| {
-                e.file_name().to_string_lossy().starts_with("llvm-")
-                    && has_libclang(&e.path().join("lib"))
-            })
-        })
-        .unwrap_or(false)
-}
+const MB: f64 = 1_000_000.0;
 
-fn in_path(name: &str) -> bool {
-    env::var_os("PATH")
-        .map(|paths| env::split_paths(&paths).any(|p| p.join(name).is_file()))
-        .unwrap_or(false)
-}
-
-const LIBCLANG: Prereq = Prereq {
-    what: "libclang (RocksDB bindings)",
-    package: "libclang-dev",
-    present: libclang_present,
-};
-const ETCD: Prereq = Prereq {
-    what: "etcd (differential tests)",
-    package: "etcd-server",
-    present: || in_path("etcd"),
-};
-const ETCDCTL: Prereq = Prereq {
-    what: "etcdctl (client tests)",
-    package: "etcd-client",
-    present: || in_path("etcdctl"),
-};
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false)
-}
-
-fn ensure(prereqs: &[Prereq]) -> Result<()> {
-    let missing: Vec<&Prereq> = prereqs.iter().filter(|p| !(p.present)()).collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let packages: Vec<&str> = missing.iter().map(|p| p.package).collect();
-    let names: Vec<&str> = missing.iter().map(|p| p.what).collect();
-    let command = format!("apt-get install -y {}", packages.join(" "));
-    if !(is_root() && in_path("apt-get")) {
-        bail!(
-            "missing system prerequisites: {}.\nInstall them with:\n    sudo apt-get update && sudo {command}\n(on other systems install the equivalents: libclang, etcd 3.4+ with etcdctl), then run xtask again",
-            names.join(", ")
-        );
-    }
-    eprintln!(
-        "xtask: installing missing prerequisites ({}): {command}",
-        names.join(", ")
-    );
-    let mut update = Command::new("apt-get");
-    update.arg("update").arg("-qq");
-    status(update)?;
-    let mut install = Command::new("apt-get");
-    install
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-qq"])
-        .args(&packages);
-    status(install)?;
-    if let Some(still) = prereqs.iter().find(|p| !(p.present)()) {
-        bail!(
-            "{} is still missing after installing {}",
-            still.what,
-            still.package
-        );
-    }
-    Ok(())
-}
-
-fn run(server_args: &[String]) -> Result<()> {
-    ensure(&[LIBCLANG])?;
-    let mut cmd = cargo();
-    cmd.args([
-        "run",
+/// Builds the server in release mode; the path of the binary.
+fn build_server() -> Result<PathBuf> {
+    ensure(&[LIBCLANG, CXX])?;
+    let mut build = cargo();
+    build.args([
+        "build",
         "--release",
         "--package",
         "metastore-server",
         "--bin",
         "metastore",
-        "--",
-    ])
-    .args(server_args);
-    status(cmd)
+    ]);
+    status(build)?;
+    Ok(target_dir().join("release").join("metastore"))
+}
+
+/// Cargo's target directory, as `cargo metadata` reports it (this honours `CARGO_TARGET_DIR` and
+/// `build.target-dir`); failing that `$CARGO_TARGET_DIR`, else `target/` of the workspace.
+pub(crate) fn target_dir() -> PathBuf {
+    let metadata = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .stderr(Stdio::inherit())
+        .output()
+        .ok()
+        .filter(|out| out.status.success());
+    let dir = metadata
+        .and_then(|out| json_string(&String::from_utf8_lossy(&out.stdout), "target_directory"));
+    if let Some(dir) = dir {
+        return PathBuf::from(dir);
+    }
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// The string value of the first `"field":` in `json`, unescaped.
+fn json_string(json: &str, field: &str) -> Option<String> {
+    let tag = format!("\"{field}\":");
+    let rest = json[json.find(&tag)? + tag.len()..].trim_start();
+    let mut chars = rest.strip_prefix('"')?.chars();
+    let mut value = String::new();
+    loop {
+        match chars.next()? {
+            '"' => return Some(value),
+            '\\' => value.push(match chars.next()? {
+                'n' => '\n',
+                't' => '\t',
+                'r' => '\r',
+                'b' => '\u{8}',
+                'f' => '\u{c}',
+                'u' => {
+                    let hex: String = chars.by_ref().take(4).collect();
+                    char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?
+                }
+                c => c, // \" \\ \/
+            }),
+            c => value.push(c),
+        }
+    }
+}
+
+/// Fails unless the release binary at `bin` is within [`MAX_SERVER_BYTES`].
+pub(crate) fn check_release_size(bin: &Path) -> Result<()> {
+    let len = std::fs::metadata(bin)
+        .with_context(|| format!("reading the size of {}", bin.display()))?
+        .len();
+    let verdict = size_verdict(len);
+    if let Ok(size) = &verdict {
+        eprintln!("xtask: {}: {size}", bin.display());
+    }
+    verdict
+        .map(drop)
+        .with_context(|| format!("{} is too large", bin.display()))
+}
+
+fn size_verdict(len: u64) -> Result<String> {
+    let size = format!(
+        "{:.1} MB (limit {:.0} MB)",
+        len as f64 / MB,
+        MAX_SERVER_BYTES as f64 / MB
+    );
+    if len > MAX_SERVER_BYTES {
+        bail!(
+            "{size}: has debug info come back into [profile.release] of Cargo.toml? (The limit is MAX_SERVER_BYTES in xtask/src/main.rs.)"
+        );
+    }
+    Ok(size)
+}
+
+/// `cargo xtask size`: builds the server in release mode and checks the size of its binary.
+fn size() -> Result<()> {
+    check_release_size(&build_server()?)
+}
+
+/// The server's arguments in `cargo xtask run [--] ARGS`: one leading `--`, the user's separator
+/// (as the README writes it), is dropped; any further `--` goes to the server.
+fn server_args(args: &[String]) -> &[String] {
+    match args.split_first() {
+        Some((first, rest)) if first == "--" => rest,
+        _ => args,
+    }
+}
+
+/// The server started by `cargo xtask run`, from the workspace root (where its default data
+/// directory, `default.metastore`, then lands, ignored by git).
+fn server_command(bin: &Path, args: &[String]) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args(server_args(args)).current_dir(workspace_root());
+    cmd
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let bin = build_server()?;
+    check_release_size(&bin)?;
+    let cmd = server_command(&bin, args);
+    eprintln!("xtask: running {cmd:?}");
+    exec(cmd)
+}
+
+/// Replaces xtask with `cmd`: the server keeps the terminal in the foreground, takes Ctrl-C
+/// itself, and its exit status is that of `cargo xtask run` (cargo run also replaces itself).
+#[cfg(unix)]
+fn exec(mut cmd: Command) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("could not start {:?}", cmd.get_program()))
+}
+
+#[cfg(not(unix))]
+fn exec(mut cmd: Command) -> Result<()> {
+    let st = cmd
+        .status()
+        .with_context(|| format!("could not start {:?}", cmd.get_program()))?;
+    std::process::exit(st.code().unwrap_or(1))
 }
 
 fn test(filter: &[String]) -> Result<()> {
-    ensure(&[LIBCLANG, ETCD, ETCDCTL])?;
+    ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL])?;
     let nextest = cargo()
         .args(["nextest", "--version"])
         .output()
@@ -240,7 +266,7 @@ fn test(filter: &[String]) -> Result<()> {
 }
 
 fn ci() -> Result<()> {
-    ensure(&[LIBCLANG, ETCD, ETCDCTL])?;
+    ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL])?;
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     status(fmt)?;
@@ -289,5 +315,85 @@ fn deny() -> Result<()> {
     } else {
         eprintln!("{stderr}");
         bail!("cargo deny check advisories reported findings")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn run_args_with_or_without_separator() {
+        let flags = strings(&["--storage-engine", "rocksdb", "--data-dir", "/tmp/x"]);
+        let with = strings(&["--", "--storage-engine", "rocksdb", "--data-dir", "/tmp/x"]);
+        assert_eq!(server_args(&with), flags);
+        assert_eq!(server_args(&flags), flags);
+        assert_eq!(server_args(&[]), strings(&[]));
+        assert_eq!(server_args(&strings(&["--"])), strings(&[]));
+        // only the first `--` is the separator
+        assert_eq!(
+            server_args(&strings(&["--", "--", "x"])),
+            strings(&["--", "x"])
+        );
+    }
+
+    #[test]
+    fn server_command_runs_the_binary_with_the_flags() {
+        let bin = Path::new("/t/release/metastore");
+        for args in [
+            strings(&["--", "--storage-engine", "rocksdb"]),
+            strings(&["--storage-engine", "rocksdb"]),
+        ] {
+            let cmd = server_command(bin, &args);
+            assert_eq!(cmd.get_program(), bin.as_os_str());
+            let got: Vec<_> = cmd.get_args().collect();
+            assert_eq!(got, ["--storage-engine", "rocksdb"]);
+            assert_eq!(cmd.get_current_dir(), Some(workspace_root().as_path()));
+        }
+    }
+
+    #[test]
+    fn size_limit_is_40_mb() {
+        assert!(size_verdict(31 * 1024 * 1024).is_ok());
+        assert!(size_verdict(MAX_SERVER_BYTES).is_ok());
+        let err = size_verdict(MAX_SERVER_BYTES + 1).unwrap_err().to_string();
+        assert!(err.contains("limit 40 MB"), "{err}");
+        assert!(size_verdict(512 * 1024 * 1024).is_err());
+    }
+
+    #[test]
+    fn check_release_size_reads_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("metastore");
+        std::fs::write(&bin, b"\x7fELF").unwrap();
+        assert!(check_release_size(&bin).is_ok());
+        std::fs::File::create(&bin)
+            .unwrap()
+            .set_len(MAX_SERVER_BYTES + 1)
+            .unwrap();
+        let err = format!("{:#}", check_release_size(&bin).unwrap_err());
+        assert!(
+            err.contains("too large") && err.contains("MAX_SERVER_BYTES"),
+            "{err}"
+        );
+        assert!(check_release_size(&dir.path().join("absent")).is_err());
+    }
+
+    #[test]
+    fn target_directory_from_cargo_metadata() {
+        let json = r#"{"packages":[],"target_directory":"/srv/a \"b\"\\c\u00e9/t","version":1}"#;
+        assert_eq!(
+            json_string(json, "target_directory").as_deref(),
+            Some("/srv/a \"b\"\\c\u{e9}/t")
+        );
+        assert_eq!(json_string(json, "workspace_root"), None);
+        assert_eq!(
+            json_string(r#"{"target_directory":"/unterminated"#, "target_directory"),
+            None
+        );
     }
 }
