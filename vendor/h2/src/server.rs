@@ -1700,15 +1700,22 @@ impl proto::Peer for Peer {
 
         // A request translated from HTTP/1 must not include the :authority
         // header
+        //
+        // MetaStore patch: an :authority that is not a valid URI authority is
+        // left out of the request's URI instead of resetting the stream, as
+        // grpc-go servers (etcd) accept it. etcd's clients send such values:
+        // etcdctl 3.4 `http://127.0.0.1:2379`, clientv3 3.5.0
+        // `#initially=[https://host:2379]`, gRPC over a unix socket the
+        // socket's path, Envoy `outbound|2379||svc`.
         if let Some(authority) = pseudo.authority {
-            let maybe_authority = uri::Authority::from_maybe_shared(authority.clone().into_inner());
-            parts.authority = Some(maybe_authority.or_else(|why| {
-                malformed!(
-                    "malformed headers: malformed authority ({:?}): {}",
+            match uri::Authority::from_maybe_shared(authority.clone().into_inner()) {
+                Ok(parsed) => parts.authority = Some(parsed),
+                Err(why) => tracing::trace!(
+                    "non-URI authority ({:?}) left out of the request URI: {}",
                     authority,
                     why,
-                )
-            })?);
+                ),
+            }
         }
 
         // A :scheme is required, except CONNECT.
