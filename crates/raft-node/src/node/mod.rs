@@ -32,6 +32,10 @@ use crate::{
     MemberChange, Membership, MembershipChange, RaftConfig, RaftError, StateMachine, Transport,
 };
 
+mod propose;
+
+use propose::{split_request_id, with_request_id, ProposalWaiter, Proposals, REQUEST_ID_LEN};
+
 /// Most commands handled before the loop turns to raft's Ready, so ticks stay on time under load.
 const MAX_COMMANDS_PER_ROUND: usize = 4096;
 /// How long a ReadIndex request may go unanswered before it is sent again (etcd: 500ms).
@@ -41,8 +45,6 @@ const KEEP_SNAPSHOTS: usize = 2;
 /// Applied entries kept in the in-memory log for followers that lag a little (etcd's
 /// `SnapshotCatchUpEntries`).
 const MEMORY_CATCH_UP_ENTRIES: u64 = 5_000;
-/// Length of a proposal's request id prefix.
-const REQUEST_ID_LEN: usize = 8;
 
 /// The node's raft state as last seen by its loop.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -69,7 +71,6 @@ pub struct RaftStatus {
     pub removed: bool,
 }
 
-type ProposalWaiter<O> = oneshot::Sender<Result<O, RaftError>>;
 type ReadWaiter = oneshot::Sender<Result<u64, RaftError>>;
 
 enum Command<O> {
@@ -277,8 +278,7 @@ impl<O: Send + 'static> RaftNode<O> {
             tick_interval: cfg.tick_interval,
             request_timeout: cfg.request_timeout(),
             snapshot_count: cfg.snapshot_count,
-            proposals: HashMap::new(),
-            proposed_at: BTreeMap::new(),
+            proposals: Proposals::new(member_id, cfg.max_size_per_msg),
             new_reads: Vec::new(),
             pending_reads: HashMap::new(),
             ready_reads: Vec::new(),
@@ -286,9 +286,6 @@ impl<O: Send + 'static> RaftNode<O> {
             snapshot_index,
             next_snapshot_at: snapshot_index.saturating_add(cfg.snapshot_count),
             snapshot_thread: None,
-            batch: Vec::new(),
-            batch_bytes: 0,
-            max_batch_bytes: cfg.max_size_per_msg,
         };
         let thread = thread::Builder::new()
             .name(format!("raft-{member_id:x}"))
@@ -322,9 +319,7 @@ impl<O: Send + 'static> RaftNode<O> {
     /// answered, so bound the wait (e.g. with [`RaftConfig::request_timeout`]).
     pub async fn propose(&self, payload: Vec<u8>) -> Result<O, RaftError> {
         let request_id = self.inner.ids.next();
-        let mut data = Vec::with_capacity(REQUEST_ID_LEN + payload.len());
-        data.extend_from_slice(&request_id.to_be_bytes());
-        data.extend_from_slice(&payload);
+        let data = with_request_id(request_id, &payload);
         let (waiter, result) = oneshot::channel();
         self.send(Command::Propose {
             request_id,
@@ -344,9 +339,7 @@ impl<O: Send + 'static> RaftNode<O> {
         payload: Vec<u8>,
     ) -> Result<O, RaftError> {
         let request_id = self.inner.ids.next();
-        let mut context = Vec::with_capacity(REQUEST_ID_LEN + payload.len());
-        context.extend_from_slice(&request_id.to_be_bytes());
-        context.extend_from_slice(&payload);
+        let context = with_request_id(request_id, &payload);
         let change = ConfChangeV2 {
             changes: changes.iter().map(|c| single_change(*c)).collect(),
             context: context.into(),
@@ -844,14 +837,6 @@ struct ReadBatch {
     last_sent: Option<Instant>,
 }
 
-/// What the proposer of a proposal raft refused is told.
-fn refused(error: &raft::Error) -> RaftError {
-    match error {
-        raft::Error::ProposalDropped => RaftError::NoLeader,
-        e => RaftError::Raft(e.to_string()),
-    }
-}
-
 /// The state owned by the loop thread.
 struct Worker<S: StateMachine> {
     member_id: u64,
@@ -874,10 +859,7 @@ struct Worker<S: StateMachine> {
     tick_interval: Duration,
     request_timeout: Duration,
     snapshot_count: u64,
-    /// Waiters of this member's proposals by request id.
-    proposals: HashMap<u64, ProposalWaiter<S::Output>>,
-    /// Request ids of proposals this member appended as leader, by log index.
-    proposed_at: BTreeMap<u64, u64>,
+    proposals: Proposals<S::Output>,
     /// Read requests received this round.
     new_reads: Vec<ReadWaiter>,
     /// Read batches sent to raft, by request context.
@@ -890,13 +872,6 @@ struct Worker<S: StateMachine> {
     /// Applied index at which the next snapshot is taken.
     next_snapshot_at: u64,
     snapshot_thread: Option<JoinHandle<()>>,
-    /// Proposals received this round, proposed together as one raft message (see
-    /// [`Worker::flush_proposals`]).
-    batch: Vec<(u64, Vec<u8>, ProposalWaiter<S::Output>)>,
-    /// Payload bytes in `batch`.
-    batch_bytes: u64,
-    /// Largest batch of proposals, in bytes (raft's `max_size_per_msg`).
-    max_batch_bytes: u64,
 }
 
 impl<S: StateMachine> Worker<S> {
@@ -954,7 +929,7 @@ impl<S: StateMachine> Worker<S> {
                 Err(_) => break,
             }
         }
-        self.flush_proposals();
+        self.proposals.flush(&mut self.raw);
         Ok(running)
     }
 
@@ -965,18 +940,21 @@ impl<S: StateMachine> Worker<S> {
             waiter,
         } = command
         {
-            self.queue_proposal(request_id, data, waiter);
+            self.proposals
+                .queue(&mut self.raw, request_id, data, waiter);
             return Ok(true);
         }
         // Everything else sees the proposals received before it already proposed.
-        self.flush_proposals();
+        self.proposals.flush(&mut self.raw);
         match command {
             Command::Propose { .. } => {}
             Command::ProposeMembership {
                 request_id,
                 change,
                 waiter,
-            } => self.propose_membership(request_id, change, waiter),
+            } => self
+                .proposals
+                .propose_membership(&mut self.raw, request_id, change, waiter),
             Command::TransferLeader(to) => {
                 if self.raw.raft.state == StateRole::Leader && to != self.member_id {
                     tracing::info!(to = format_args!("{to:x}"), "transferring leadership");
@@ -1008,92 +986,6 @@ impl<S: StateMachine> Worker<S> {
         Ok(true)
     }
 
-    fn queue_proposal(
-        &mut self,
-        request_id: u64,
-        data: Vec<u8>,
-        waiter: ProposalWaiter<S::Output>,
-    ) {
-        if waiter.is_closed() {
-            return;
-        }
-        if self.batch_bytes + data.len() as u64 > self.max_batch_bytes {
-            self.flush_proposals();
-        }
-        self.batch_bytes += data.len() as u64;
-        self.batch.push((request_id, data, waiter));
-    }
-
-    /// Proposes the queued proposals as one raft message: the leader appends them together and
-    /// sends each follower one append for all of them (one acknowledgement back), and a follower
-    /// forwards them to the leader in one message. Proposed one by one, every proposal cost its
-    /// own append message to each follower and its own acknowledgement.
-    fn flush_proposals(&mut self) {
-        if self.batch.is_empty() {
-            return;
-        }
-        let batch = std::mem::take(&mut self.batch);
-        self.batch_bytes = 0;
-        let mut msg = Message::default();
-        msg.set_msg_type(MessageType::MsgPropose);
-        msg.from = self.member_id;
-        let mut entries = Vec::with_capacity(batch.len());
-        let mut tracked = Vec::with_capacity(batch.len());
-        for (request_id, data, waiter) in batch {
-            entries.push(Entry {
-                data: data.into(),
-                ..Default::default()
-            });
-            tracked.push((request_id, waiter));
-        }
-        msg.set_entries(entries.into());
-        let proposed = self.raw.raft.step(msg);
-        let count = tracked.len() as u64;
-        // A leader appended them as the last `count` entries; elsewhere the index is unused.
-        let first_index = (self.raw.raft.raft_log.last_index() + 1).saturating_sub(count);
-        for (offset, (request_id, waiter)) in (0..).zip(tracked) {
-            let outcome = proposed.as_ref().map(|()| first_index + offset);
-            self.track(request_id, outcome.map_err(refused), waiter);
-        }
-    }
-
-    fn propose_membership(
-        &mut self,
-        request_id: u64,
-        change: ConfChangeV2,
-        waiter: ProposalWaiter<S::Output>,
-    ) {
-        if waiter.is_closed() {
-            return;
-        }
-        let outcome = self
-            .raw
-            .propose_conf_change(Vec::new(), change)
-            .map(|()| self.raw.raft.raft_log.last_index());
-        self.track(request_id, outcome.map_err(|e| refused(&e)), waiter);
-    }
-
-    /// Keeps the waiter of a proposal raft accepted at log index `outcome` (remembering that
-    /// position when this member leads), or fails it at once.
-    fn track(
-        &mut self,
-        request_id: u64,
-        outcome: Result<u64, RaftError>,
-        waiter: ProposalWaiter<S::Output>,
-    ) {
-        match outcome {
-            Ok(index) => {
-                if self.raw.raft.state == StateRole::Leader {
-                    self.proposed_at.insert(index, request_id);
-                }
-                self.proposals.insert(request_id, waiter);
-            }
-            Err(e) => {
-                let _ = waiter.send(Err(e));
-            }
-        }
-    }
-
     fn on_tick(&mut self, now: Instant) {
         let timeout = self.request_timeout;
         self.pending_reads.retain(|_, batch| {
@@ -1106,7 +998,7 @@ impl<S: StateMachine> Worker<S> {
             false
         });
         // Callers that gave up (timed out) no longer need an answer.
-        self.proposals.retain(|_, waiter| !waiter.is_closed());
+        self.proposals.forget_abandoned();
     }
 
     /// Everything after the commands: reads, Ready, snapshots, status.
@@ -1291,7 +1183,7 @@ impl<S: StateMachine> Worker<S> {
         self.snapshot_index = index;
         self.next_snapshot_at = index.saturating_add(self.snapshot_count);
         self.store.set_latest_snapshot(file);
-        self.fail_lost_proposals();
+        self.proposals.fail_lost(self.applied_index);
         tracing::info!(index, term, "installed snapshot from the leader");
         self.release_old_files(index);
         Ok(())
@@ -1330,7 +1222,7 @@ impl<S: StateMachine> Worker<S> {
         for (waiter, output) in outputs {
             let _ = waiter.send(Ok(output));
         }
-        self.fail_lost_proposals();
+        self.proposals.fail_lost(self.applied_index);
     }
 
     /// Applies one normal entry; returns the output for this member's proposer, if any.
@@ -1339,7 +1231,7 @@ impl<S: StateMachine> Worker<S> {
             self.sm.apply_noop(entry.index, entry.term);
             return None;
         }
-        let Some((id, payload)) = entry.data.split_first_chunk::<REQUEST_ID_LEN>() else {
+        let Some((request_id, payload)) = split_request_id(&entry.data) else {
             // Not written by this crate; every member skips it alike.
             tracing::warn!(
                 index = entry.index,
@@ -1350,7 +1242,7 @@ impl<S: StateMachine> Worker<S> {
         };
         let output = self.sm.apply(entry.index, entry.term, payload);
         self.proposals
-            .remove(&u64::from_be_bytes(*id))
+            .take(request_id)
             .map(|waiter| (waiter, output))
     }
 
@@ -1396,10 +1288,7 @@ impl<S: StateMachine> Worker<S> {
             }
         };
         let changes = change.changes.iter().filter_map(member_change).collect();
-        let (request_id, payload) = match change.context.split_first_chunk::<REQUEST_ID_LEN>() {
-            Some((id, payload)) => (u64::from_be_bytes(*id), payload),
-            None => (0, &[][..]),
-        };
+        let (request_id, payload) = split_request_id(&change.context).unwrap_or((0, &[][..]));
         let output = self.sm.apply_membership(
             entry.index,
             entry.term,
@@ -1410,22 +1299,8 @@ impl<S: StateMachine> Worker<S> {
             },
         );
         self.proposals
-            .remove(&request_id)
+            .take(request_id)
             .map(|waiter| (waiter, output))
-    }
-
-    /// Fails proposals whose log position was applied with another entry: the leader that
-    /// appended them lost its leadership and its successor overwrote them.
-    fn fail_lost_proposals(&mut self) {
-        while let Some(slot) = self.proposed_at.first_entry() {
-            if *slot.key() > self.applied_index {
-                break;
-            }
-            let request_id = slot.remove();
-            if let Some(waiter) = self.proposals.remove(&request_id) {
-                let _ = waiter.send(Err(RaftError::LeaderChanged));
-            }
-        }
     }
 
     fn resolve_reads(&mut self) {
