@@ -15,10 +15,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use protobuf::Message as _;
 use raft::eraftpb::{
-    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType,
-    HardState, Message, MessageType, Snapshot, SnapshotMetadata,
+    ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot,
+    SnapshotMetadata,
 };
 use raft::storage::MemStorage;
 use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
@@ -28,13 +27,16 @@ use crate::logger::raft_logger;
 use crate::snap::{SnapError, SnapshotFile, Snapshotter};
 use crate::storage::LogStore;
 use crate::wal::Wal;
-use crate::{
-    MemberChange, Membership, MembershipChange, RaftConfig, RaftError, StateMachine, Transport,
-};
+use crate::{MemberChange, Membership, RaftConfig, RaftError, StateMachine, Transport};
 
+mod conf_change;
 mod propose;
 
-use propose::{split_request_id, with_request_id, ProposalWaiter, Proposals, REQUEST_ID_LEN};
+use conf_change::{
+    apply_conf_change, bootstrap_entries, membership_of, single_change, ConfChanges,
+};
+
+use propose::{split_request_id, with_request_id, ProposalWaiter, Proposals};
 
 /// Most commands handled before the loop turns to raft's Ready, so ticks stay on time under load.
 const MAX_COMMANDS_PER_ROUND: usize = 4096;
@@ -263,7 +265,7 @@ impl<O: Send + 'static> RaftNode<O> {
         let worker = Worker {
             member_id,
             campaign_alone,
-            removed: false,
+            conf_changes: ConfChanges::new(member_id),
             raw,
             store,
             wal: recovered.wal,
@@ -734,102 +736,6 @@ fn recover<S: StateMachine>(
     })
 }
 
-/// A membership change entry as a `ConfChangeV2` (version 1 changes are converted).
-fn decode_conf_change(entry: &Entry) -> Result<ConfChangeV2, String> {
-    match entry.get_entry_type() {
-        EntryType::EntryConfChange => {
-            let cc = ConfChange::parse_from_bytes(&entry.data).map_err(|e| e.to_string())?;
-            Ok(ConfChangeV2 {
-                changes: vec![ConfChangeSingle {
-                    change_type: cc.change_type,
-                    node_id: cc.node_id,
-                    ..Default::default()
-                }]
-                .into(),
-                context: cc.context,
-                ..Default::default()
-            })
-        }
-        EntryType::EntryConfChangeV2 => {
-            ConfChangeV2::parse_from_bytes(&entry.data).map_err(|e| e.to_string())
-        }
-        EntryType::EntryNormal => Err("not a membership change".into()),
-    }
-}
-
-fn single_change(change: MemberChange) -> ConfChangeSingle {
-    let (change_type, node_id) = match change {
-        MemberChange::AddVoter(id) => (ConfChangeType::AddNode, id),
-        MemberChange::AddLearner(id) => (ConfChangeType::AddLearnerNode, id),
-        MemberChange::Remove(id) => (ConfChangeType::RemoveNode, id),
-    };
-    ConfChangeSingle {
-        change_type,
-        node_id,
-        ..Default::default()
-    }
-}
-
-fn member_change(single: &ConfChangeSingle) -> Option<MemberChange> {
-    Some(match single.get_change_type() {
-        ConfChangeType::AddNode => MemberChange::AddVoter(single.node_id),
-        ConfChangeType::AddLearnerNode => MemberChange::AddLearner(single.node_id),
-        ConfChangeType::RemoveNode => MemberChange::Remove(single.node_id),
-    })
-}
-
-fn membership_of(conf_state: &ConfState) -> Membership {
-    let mut voters = conf_state.voters.clone();
-    let mut learners = conf_state.learners.clone();
-    voters.sort_unstable();
-    learners.sort_unstable();
-    Membership { voters, learners }
-}
-
-/// The first entries of a new cluster's log: one committed membership change per initial
-/// member, carrying its payload, identical on every initial member.
-fn bootstrap_entries(members: &[(u64, Vec<u8>)]) -> Vec<Entry> {
-    let mut members = members.to_vec();
-    members.sort_by_key(|(id, _)| *id);
-    members
-        .into_iter()
-        .enumerate()
-        .map(|(i, (id, payload))| {
-            let mut context = vec![0u8; REQUEST_ID_LEN];
-            context.extend_from_slice(&payload);
-            let change = ConfChangeV2 {
-                changes: vec![single_change(MemberChange::AddVoter(id))].into(),
-                context: context.into(),
-                ..Default::default()
-            };
-            let mut entry = Entry::default();
-            entry.set_entry_type(EntryType::EntryConfChangeV2);
-            entry.term = 1;
-            entry.index = i as u64 + 1;
-            entry.data = change.write_to_bytes().unwrap_or_default().into();
-            entry
-        })
-        .collect()
-}
-
-/// Applies a committed membership change entry to raft and to the log's conf state.
-fn apply_conf_change(raw: &mut RawNode<LogStore>, store: &LogStore, entry: &Entry) {
-    let result = decode_conf_change(entry)
-        .and_then(|cc| raw.apply_conf_change(&cc).map_err(|e| e.to_string()));
-    match result {
-        Ok(conf_state) => {
-            tracing::info!(
-                index = entry.index,
-                voters = ?conf_state.voters,
-                learners = ?conf_state.learners,
-                "applied membership change"
-            );
-            store.mem.wl().set_conf_state(conf_state);
-        }
-        Err(e) => tracing::error!(index = entry.index, error = %e, "rejected membership change"),
-    }
-}
-
 /// A group of ReadIndex requests answered by one raft read.
 struct ReadBatch {
     waiters: Vec<ReadWaiter>,
@@ -842,8 +748,7 @@ struct Worker<S: StateMachine> {
     member_id: u64,
     /// The only voter: campaign as soon as every committed entry is applied.
     campaign_alone: bool,
-    /// A committed membership change removed this member.
-    removed: bool,
+    conf_changes: ConfChanges,
     raw: RawNode<LogStore>,
     store: LogStore,
     wal: Wal,
@@ -955,12 +860,7 @@ impl<S: StateMachine> Worker<S> {
             } => self
                 .proposals
                 .propose_membership(&mut self.raw, request_id, change, waiter),
-            Command::TransferLeader(to) => {
-                if self.raw.raft.state == StateRole::Leader && to != self.member_id {
-                    tracing::info!(to = format_args!("{to:x}"), "transferring leadership");
-                    self.raw.transfer_leader(to);
-                }
-            }
+            Command::TransferLeader(to) => self.conf_changes.transfer_leader(&mut self.raw, to),
             Command::ReadIndex(waiter) => self.new_reads.push(waiter),
             Command::Step(msg) => {
                 let from = msg.from;
@@ -1216,7 +1116,7 @@ impl<S: StateMachine> Worker<S> {
             status.committed_index = self.raw.raft.raft_log.committed;
             if membership_changed {
                 status.membership = membership_of(&self.raw.raft.prs().conf().to_conf_state());
-                status.removed = self.removed;
+                status.removed = self.conf_changes.removed();
             }
         }
         for (waiter, output) in outputs {
@@ -1246,58 +1146,15 @@ impl<S: StateMachine> Worker<S> {
             .map(|waiter| (waiter, output))
     }
 
-    /// Applies a committed membership change to raft, then to the state machine; returns the
-    /// output for this member's proposer, if any.
+    /// Applies a committed membership change; returns the output for this member's proposer,
+    /// if any.
     fn apply_membership(
         &mut self,
         entry: &Entry,
     ) -> Option<(ProposalWaiter<S::Output>, S::Output)> {
-        let change = match decode_conf_change(entry) {
-            Ok(change) => change,
-            Err(e) => {
-                tracing::error!(index = entry.index, error = %e, "undecodable membership change");
-                self.sm.apply_noop(entry.index, entry.term);
-                return None;
-            }
-        };
-        let outcome = match self.raw.apply_conf_change(&change) {
-            Ok(conf_state) => {
-                let membership = membership_of(&conf_state);
-                tracing::info!(
-                    index = entry.index,
-                    voters = ?membership.voters,
-                    learners = ?membership.learners,
-                    "applied membership change"
-                );
-                self.store.mem.wl().set_conf_state(conf_state);
-                let removes_me = change.changes.iter().any(|c| {
-                    c.get_change_type() == ConfChangeType::RemoveNode && c.node_id == self.member_id
-                });
-                if removes_me && !membership.contains(self.member_id) {
-                    tracing::warn!(
-                        member_id = format_args!("{:x}", self.member_id),
-                        "this member was removed from the cluster"
-                    );
-                    self.removed = true;
-                }
-                Ok(membership)
-            }
-            Err(e) => {
-                tracing::warn!(index = entry.index, error = %e, "raft refused a membership change");
-                Err(e.to_string())
-            }
-        };
-        let changes = change.changes.iter().filter_map(member_change).collect();
-        let (request_id, payload) = split_request_id(&change.context).unwrap_or((0, &[][..]));
-        let output = self.sm.apply_membership(
-            entry.index,
-            entry.term,
-            &MembershipChange {
-                changes,
-                payload,
-                outcome,
-            },
-        );
+        let (request_id, output) =
+            self.conf_changes
+                .apply(&mut self.raw, &self.store, &mut self.sm, entry)?;
         self.proposals
             .take(request_id)
             .map(|waiter| (waiter, output))
@@ -1509,7 +1366,7 @@ impl<S: StateMachine> Worker<S> {
             } else {
                 BTreeMap::new()
             },
-            removed: self.removed,
+            removed: self.conf_changes.removed(),
         };
         let leader_id = status.leader_id;
         let term = status.term;
