@@ -5,7 +5,7 @@
 //! writes the WAL and fsyncs once, sends messages, applies committed entries and wakes waiters.
 //! Draining first is what makes concurrent proposals share one fsync.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,17 +31,17 @@ use crate::{MemberChange, Membership, RaftConfig, RaftError, StateMachine, Trans
 
 mod conf_change;
 mod propose;
+mod read;
 
 use conf_change::{
     apply_conf_change, bootstrap_entries, membership_of, single_change, ConfChanges,
 };
 
 use propose::{split_request_id, with_request_id, ProposalWaiter, Proposals};
+use read::{ReadWaiter, Reads};
 
 /// Most commands handled before the loop turns to raft's Ready, so ticks stay on time under load.
 const MAX_COMMANDS_PER_ROUND: usize = 4096;
-/// How long a ReadIndex request may go unanswered before it is sent again (etcd: 500ms).
-const READ_INDEX_RETRY: Duration = Duration::from_millis(500);
 /// Snapshot files kept on disk.
 const KEEP_SNAPSHOTS: usize = 2;
 /// Applied entries kept in the in-memory log for followers that lag a little (etcd's
@@ -72,8 +72,6 @@ pub struct RaftStatus {
     /// remember it, see the server).
     pub removed: bool,
 }
-
-type ReadWaiter = oneshot::Sender<Result<u64, RaftError>>;
 
 enum Command<O> {
     Propose {
@@ -274,16 +272,12 @@ impl<O: Send + 'static> RaftNode<O> {
             transport,
             commands: commands_rx,
             commands_tx: commands_tx.clone(),
-            ids: Arc::clone(&ids),
             status: Arc::clone(&status),
             leader_tx,
             tick_interval: cfg.tick_interval,
-            request_timeout: cfg.request_timeout(),
             snapshot_count: cfg.snapshot_count,
             proposals: Proposals::new(member_id, cfg.max_size_per_msg),
-            new_reads: Vec::new(),
-            pending_reads: HashMap::new(),
-            ready_reads: Vec::new(),
+            reads: Reads::new(Arc::clone(&ids), cfg.request_timeout()),
             applied_index: recovered.applied,
             snapshot_index,
             next_snapshot_at: snapshot_index.saturating_add(cfg.snapshot_count),
@@ -736,13 +730,6 @@ fn recover<S: StateMachine>(
     })
 }
 
-/// A group of ReadIndex requests answered by one raft read.
-struct ReadBatch {
-    waiters: Vec<ReadWaiter>,
-    created: Instant,
-    last_sent: Option<Instant>,
-}
-
 /// The state owned by the loop thread.
 struct Worker<S: StateMachine> {
     member_id: u64,
@@ -758,19 +745,12 @@ struct Worker<S: StateMachine> {
     commands: mpsc::Receiver<Command<S::Output>>,
     /// For the snapshot thread to report back.
     commands_tx: mpsc::Sender<Command<S::Output>>,
-    ids: Arc<RequestIds>,
     status: Arc<Mutex<RaftStatus>>,
     leader_tx: watch::Sender<u64>,
     tick_interval: Duration,
-    request_timeout: Duration,
     snapshot_count: u64,
     proposals: Proposals<S::Output>,
-    /// Read requests received this round.
-    new_reads: Vec<ReadWaiter>,
-    /// Read batches sent to raft, by request context.
-    pending_reads: HashMap<u64, ReadBatch>,
-    /// Read batches with a read index, waiting for the applied index to reach it.
-    ready_reads: Vec<(u64, Vec<ReadWaiter>)>,
+    reads: Reads,
     applied_index: u64,
     /// Index of the newest snapshot file.
     snapshot_index: u64,
@@ -861,7 +841,7 @@ impl<S: StateMachine> Worker<S> {
                 .proposals
                 .propose_membership(&mut self.raw, request_id, change, waiter),
             Command::TransferLeader(to) => self.conf_changes.transfer_leader(&mut self.raw, to),
-            Command::ReadIndex(waiter) => self.new_reads.push(waiter),
+            Command::ReadIndex(waiter) => self.reads.push(waiter),
             Command::Step(msg) => {
                 let from = msg.from;
                 if let Err(e) = self.raw.step(*msg) {
@@ -887,23 +867,14 @@ impl<S: StateMachine> Worker<S> {
     }
 
     fn on_tick(&mut self, now: Instant) {
-        let timeout = self.request_timeout;
-        self.pending_reads.retain(|_, batch| {
-            if now.duration_since(batch.created) < timeout {
-                return true;
-            }
-            for waiter in batch.waiters.drain(..) {
-                let _ = waiter.send(Err(RaftError::Timeout));
-            }
-            false
-        });
+        self.reads.expire(now);
         // Callers that gave up (timed out) no longer need an answer.
         self.proposals.forget_abandoned();
     }
 
     /// Everything after the commands: reads, Ready, snapshots, status.
     fn round(&mut self, now: Instant) -> Result<(), RaftError> {
-        self.send_reads(now);
+        self.reads.send(&mut self.raw, now);
         self.handle_readies()?;
         if self.campaign_alone && self.applied_index >= self.raw.raft.raft_log.committed {
             self.campaign_alone = false;
@@ -916,8 +887,8 @@ impl<S: StateMachine> Worker<S> {
         }
         // A new leader holds reads back until its first commit, which the Ready above may have
         // made; send them now rather than a tick later.
-        if self.pending_reads.values().any(|b| b.last_sent.is_none()) {
-            self.send_reads(now);
+        if self.reads.has_unsent() {
+            self.reads.send(&mut self.raw, now);
             self.handle_readies()?;
         }
         self.maybe_snapshot()?;
@@ -947,43 +918,6 @@ impl<S: StateMachine> Worker<S> {
         }
         if let Err(e) = self.store.mem.wl().compact(upto) {
             tracing::warn!(index = upto, error = %e, "cannot trim the in-memory raft log");
-        }
-    }
-
-    /// Turns this round's read requests into one raft read, and resends unanswered ones.
-    fn send_reads(&mut self, now: Instant) {
-        let leader_id = self.raw.raft.leader_id;
-        if !self.new_reads.is_empty() {
-            let waiters = std::mem::take(&mut self.new_reads);
-            if leader_id == INVALID_ID {
-                for waiter in waiters {
-                    let _ = waiter.send(Err(RaftError::NoLeader));
-                }
-            } else {
-                self.pending_reads.insert(
-                    self.ids.next(),
-                    ReadBatch {
-                        waiters,
-                        created: now,
-                        last_sent: None,
-                    },
-                );
-            }
-        }
-        // A leader that has not committed an entry of its term yet drops reads; wait instead.
-        let can_send = leader_id != INVALID_ID
-            && (self.raw.raft.state != StateRole::Leader || self.raw.raft.commit_to_current_term());
-        if !can_send {
-            return;
-        }
-        for (ctx, batch) in &mut self.pending_reads {
-            if batch
-                .last_sent
-                .is_none_or(|sent| now.duration_since(sent) >= READ_INDEX_RETRY)
-            {
-                self.raw.read_index(ctx.to_be_bytes().to_vec());
-                batch.last_sent = Some(now);
-            }
         }
     }
 
@@ -1035,14 +969,7 @@ impl<S: StateMachine> Worker<S> {
             }
 
             self.send(ready.take_persisted_messages());
-            for read_state in ready.take_read_states() {
-                let Ok(ctx) = <[u8; 8]>::try_from(read_state.request_ctx.as_slice()) else {
-                    continue;
-                };
-                if let Some(batch) = self.pending_reads.remove(&u64::from_be_bytes(ctx)) {
-                    self.ready_reads.push((read_state.index, batch.waiters));
-                }
-            }
+            self.reads.on_read_states(ready.take_read_states());
             self.apply(ready.take_committed_entries());
 
             let mut light = self.raw.advance(ready);
@@ -1058,7 +985,7 @@ impl<S: StateMachine> Worker<S> {
             self.send(light.take_messages());
             self.apply(light.take_committed_entries());
             self.raw.advance_apply();
-            self.resolve_reads();
+            self.reads.resolve(self.applied_index, &self.status);
         }
         Ok(())
     }
@@ -1158,23 +1085,6 @@ impl<S: StateMachine> Worker<S> {
         self.proposals
             .take(request_id)
             .map(|waiter| (waiter, output))
-    }
-
-    fn resolve_reads(&mut self) {
-        let applied = self.applied_index;
-        if self.ready_reads.is_empty() {
-            return;
-        }
-        self.status.lock().applied_index = applied;
-        self.ready_reads.retain_mut(|(index, waiters)| {
-            if *index > applied {
-                return true;
-            }
-            for waiter in waiters.drain(..) {
-                let _ = waiter.send(Ok(*index));
-            }
-            false
-        });
     }
 
     fn send(&self, messages: Vec<Message>) {
