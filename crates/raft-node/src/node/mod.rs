@@ -32,6 +32,7 @@ use crate::{MemberChange, Membership, RaftConfig, RaftError, StateMachine, Trans
 mod conf_change;
 mod propose;
 mod read;
+mod snapshot;
 
 use conf_change::{
     apply_conf_change, bootstrap_entries, membership_of, single_change, ConfChanges,
@@ -39,14 +40,10 @@ use conf_change::{
 
 use propose::{split_request_id, with_request_id, ProposalWaiter, Proposals};
 use read::{ReadWaiter, Reads};
+use snapshot::SnapshotScheduler;
 
 /// Most commands handled before the loop turns to raft's Ready, so ticks stay on time under load.
 const MAX_COMMANDS_PER_ROUND: usize = 4096;
-/// Snapshot files kept on disk.
-const KEEP_SNAPSHOTS: usize = 2;
-/// Applied entries kept in the in-memory log for followers that lag a little (etcd's
-/// `SnapshotCatchUpEntries`).
-const MEMORY_CATCH_UP_ENTRIES: u64 = 5_000;
 
 /// The node's raft state as last seen by its loop.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -100,20 +97,6 @@ enum Command<O> {
         result: std::io::Result<()>,
     },
     Shutdown,
-}
-
-/// Lowers the calling thread's CPU priority by 10 nice steps. A snapshot is background work: on
-/// a machine whose cores are busy serving requests, those should get the CPU first and the
-/// snapshot the rest (about a tenth under full contention), as RocksDB runs its compactions. On
-/// Linux the nice value belongs to the thread, so the loop and the servers keep theirs.
-fn lower_thread_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: `getpriority` and `setpriority` take plain integers; `who` 0 is the calling
-    // thread.
-    unsafe {
-        let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
-        libc::setpriority(libc::PRIO_PROCESS, 0, (nice + 10).min(19));
-    }
 }
 
 /// Cluster-unique request ids in etcd's layout: the member id's low 16 bits, then a counter
@@ -267,21 +250,23 @@ impl<O: Send + 'static> RaftNode<O> {
             raw,
             store,
             wal: recovered.wal,
-            snapshotter,
+            snapshotter: Arc::clone(&snapshotter),
             sm,
             transport,
             commands: commands_rx,
-            commands_tx: commands_tx.clone(),
             status: Arc::clone(&status),
             leader_tx,
             tick_interval: cfg.tick_interval,
-            snapshot_count: cfg.snapshot_count,
             proposals: Proposals::new(member_id, cfg.max_size_per_msg),
             reads: Reads::new(Arc::clone(&ids), cfg.request_timeout()),
             applied_index: recovered.applied,
-            snapshot_index,
-            next_snapshot_at: snapshot_index.saturating_add(cfg.snapshot_count),
-            snapshot_thread: None,
+            snapshots: SnapshotScheduler::new(
+                member_id,
+                snapshotter,
+                commands_tx.clone(),
+                cfg.snapshot_count,
+                snapshot_index,
+            ),
         };
         let thread = thread::Builder::new()
             .name(format!("raft-{member_id:x}"))
@@ -743,20 +728,13 @@ struct Worker<S: StateMachine> {
     sm: S,
     transport: Arc<dyn Transport>,
     commands: mpsc::Receiver<Command<S::Output>>,
-    /// For the snapshot thread to report back.
-    commands_tx: mpsc::Sender<Command<S::Output>>,
     status: Arc<Mutex<RaftStatus>>,
     leader_tx: watch::Sender<u64>,
     tick_interval: Duration,
-    snapshot_count: u64,
     proposals: Proposals<S::Output>,
     reads: Reads,
     applied_index: u64,
-    /// Index of the newest snapshot file.
-    snapshot_index: u64,
-    /// Applied index at which the next snapshot is taken.
-    next_snapshot_at: u64,
-    snapshot_thread: Option<JoinHandle<()>>,
+    snapshots: SnapshotScheduler<S::Output>,
 }
 
 impl<S: StateMachine> Worker<S> {
@@ -857,9 +835,20 @@ impl<S: StateMachine> Worker<S> {
                 };
                 self.raw.report_snapshot(to, status);
             }
-            Command::SnapshotSaved(result) => self.on_snapshot_saved(result)?,
+            Command::SnapshotSaved(result) => self.snapshots.on_snapshot_saved(
+                result,
+                &mut self.wal,
+                &self.store,
+                self.applied_index,
+            )?,
             Command::PersistedInPlace { metadata, result } => {
-                self.on_persisted_in_place(metadata, result)?
+                self.snapshots.on_persisted_in_place(
+                    metadata,
+                    result,
+                    &mut self.wal,
+                    &self.store,
+                    self.applied_index,
+                )?
             }
             Command::Shutdown => return Ok(false),
         }
@@ -891,34 +880,12 @@ impl<S: StateMachine> Worker<S> {
             self.reads.send(&mut self.raw, now);
             self.handle_readies()?;
         }
-        self.maybe_snapshot()?;
-        self.trim_memory_log();
+        self.snapshots
+            .maybe_snapshot(&self.raw, &self.store, &mut self.sm, self.applied_index)?;
+        self.snapshots
+            .trim_memory_log(&self.raw, &self.store, self.applied_index);
         self.update_status();
         Ok(())
-    }
-
-    /// Drops applied entries from the in-memory log, keeping [`MEMORY_CATCH_UP_ENTRIES`] for
-    /// followers that lag a little and, on a leader, everything a follower has not yet
-    /// replicated. Without this the memory log grows to `--snapshot-count` entries (about 40 MB
-    /// at 100,000 entries of 256-byte values). The entries stay in the WAL files until the
-    /// next snapshot; a follower that needs a trimmed entry gets a fresh snapshot.
-    fn trim_memory_log(&mut self) {
-        let mut upto = self.applied_index.saturating_sub(MEMORY_CATCH_UP_ENTRIES);
-        if self.raw.raft.state == StateRole::Leader {
-            for (id, progress) in self.raw.raft.prs().iter() {
-                if *id != self.member_id {
-                    upto = upto.min(progress.matched + 1);
-                }
-            }
-        }
-        let first = raft::Storage::first_index(&self.store.mem).unwrap_or(0);
-        // In steps, not on every round.
-        if upto < first.saturating_add(MEMORY_CATCH_UP_ENTRIES) {
-            return;
-        }
-        if let Err(e) = self.store.mem.wl().compact(upto) {
-            tracing::warn!(index = upto, error = %e, "cannot trim the in-memory raft log");
-        }
     }
 
     fn handle_readies(&mut self) -> Result<(), RaftError> {
@@ -1007,12 +974,11 @@ impl<S: StateMachine> Worker<S> {
             .restore(index, term, &mut data)
             .map_err(|source| RaftError::Restore { index, source })?;
         self.applied_index = index;
-        self.snapshot_index = index;
-        self.next_snapshot_at = index.saturating_add(self.snapshot_count);
+        self.snapshots.installed(index);
         self.store.set_latest_snapshot(file);
         self.proposals.fail_lost(self.applied_index);
         tracing::info!(index, term, "installed snapshot from the leader");
-        self.release_old_files(index);
+        self.snapshots.release_old_files(&mut self.wal, index);
         Ok(())
     }
 
@@ -1093,171 +1059,6 @@ impl<S: StateMachine> Worker<S> {
         }
     }
 
-    /// Once enough entries were applied: starts, on another thread, the state machine's persist
-    /// job (for a snapshot in place) or the writing of the whole state. A snapshot a follower
-    /// asked for is always written whole.
-    fn maybe_snapshot(&mut self) -> Result<(), RaftError> {
-        if self.snapshot_thread.is_some() {
-            return Ok(());
-        }
-        let wanted = self.store.take_snapshot_wanted() && self.applied_index > self.snapshot_index;
-        if !wanted && (self.snapshot_count == 0 || self.applied_index < self.next_snapshot_at) {
-            return Ok(());
-        }
-        let index = self.applied_index;
-        let term = match self.raw.raft.raft_log.term(index) {
-            Ok(term) => term,
-            Err(e) => {
-                tracing::warn!(index, error = %e, "cannot snapshot: term unknown");
-                self.next_snapshot_at = index.saturating_add(self.snapshot_count);
-                return Ok(());
-            }
-        };
-        let metadata = SnapshotMetadata {
-            index,
-            term,
-            conf_state: Some(self.raw.raft.prs().conf().to_conf_state()).into(),
-            ..Default::default()
-        };
-        let done = self.commands_tx.clone();
-        let persist = if wanted { None } else { self.sm.persist() };
-        let job: Box<dyn FnOnce() + Send> = match persist {
-            // The flush runs beside the loop: an apply round does not wait for the disk.
-            Some(persist) => Box::new(move || {
-                let result = persist();
-                // The loop may have stopped; then the marker is simply not written.
-                let _ = done.send(Command::PersistedInPlace { metadata, result });
-            }),
-            None => {
-                let write = self.sm.snapshot();
-                let snapshotter = Arc::clone(&self.snapshotter);
-                Box::new(move || {
-                    let result = snapshotter.save(&metadata, write);
-                    // The loop may have stopped; then the file is simply not used.
-                    let _ = done.send(Command::SnapshotSaved(result));
-                })
-            }
-        };
-        let spawned = thread::Builder::new()
-            .name(format!("raft-snap-{:x}", self.member_id))
-            .spawn(move || {
-                lower_thread_priority();
-                job()
-            });
-        match spawned {
-            Ok(handle) => self.snapshot_thread = Some(handle),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the snapshot thread");
-                self.next_snapshot_at = index.saturating_add(self.snapshot_count);
-            }
-        }
-        Ok(())
-    }
-
-    /// A snapshot of a state machine that holds its state durably: a WAL marker at the applied
-    /// index, after which the WAL below it is released. On restart the state machine's applied
-    /// index covers the marker, so recovery starts from it without a snapshot file. The
-    /// in-memory log keeps [`MEMORY_CATCH_UP_ENTRIES`] before the marker; a follower that needs
-    /// older entries gets a whole snapshot written for it.
-    fn snapshot_in_place(&mut self, metadata: SnapshotMetadata) -> Result<(), RaftError> {
-        let index = metadata.index;
-        self.next_snapshot_at = index.saturating_add(self.snapshot_count);
-        if index <= self.snapshot_index {
-            // A snapshot received from the leader while the state was persisted is newer.
-            return Ok(());
-        }
-        self.wal.save_snapshot_marker(&metadata)?;
-        self.wal.sync()?;
-        // `snapshot_index` stays the newest snapshot *file*'s: a follower may still need one
-        // written at this index.
-        // As etcd does, keep a few thousand entries before the snapshot in memory for slow
-        // followers; one further behind gets a snapshot written for it.
-        let compact_to = index.saturating_sub(MEMORY_CATCH_UP_ENTRIES);
-        if compact_to > raft::Storage::first_index(&self.store.mem).unwrap_or(0) {
-            self.store
-                .mem
-                .wl()
-                .compact(compact_to)
-                .map_err(|e| RaftError::Raft(e.to_string()))?;
-        }
-        tracing::info!(
-            index,
-            "state persisted in place; released the raft log before it"
-        );
-        self.release_old_files(index);
-        Ok(())
-    }
-
-    /// The persist job of a snapshot in place finished: records the marker if it succeeded.
-    fn on_persisted_in_place(
-        &mut self,
-        metadata: SnapshotMetadata,
-        result: std::io::Result<()>,
-    ) -> Result<(), RaftError> {
-        if let Some(handle) = self.snapshot_thread.take() {
-            // It sent its result as its last act, so this returns at once.
-            let _ = handle.join();
-        }
-        match result {
-            Ok(()) => self.snapshot_in_place(metadata),
-            Err(e) => {
-                tracing::error!(index = metadata.index, error = %e, "failed to persist the state");
-                self.next_snapshot_at = self.applied_index.saturating_add(self.snapshot_count);
-                Ok(())
-            }
-        }
-    }
-
-    /// Records a finished snapshot in the WAL, then compacts the log and removes old files.
-    fn on_snapshot_saved(
-        &mut self,
-        result: Result<SnapshotFile, SnapError>,
-    ) -> Result<(), RaftError> {
-        if let Some(handle) = self.snapshot_thread.take() {
-            // It sent its result as its last act, so this returns at once.
-            let _ = handle.join();
-        }
-        let file = match result {
-            Ok(file) => file,
-            Err(e) => {
-                tracing::error!(error = %e, "failed to write snapshot");
-                self.next_snapshot_at = self.applied_index.saturating_add(self.snapshot_count);
-                return Ok(());
-            }
-        };
-        let index = file.metadata.index;
-        self.next_snapshot_at = index.saturating_add(self.snapshot_count);
-        if index <= self.snapshot_index {
-            // A snapshot received from the leader in the meantime is newer.
-            return Ok(());
-        }
-        self.wal.save_snapshot_marker(&file.metadata)?;
-        self.wal.sync()?;
-        self.snapshot_index = index;
-        self.store.set_latest_snapshot(file);
-        self.store
-            .mem
-            .wl()
-            .compact(index)
-            .map_err(|e| RaftError::Raft(e.to_string()))?;
-        tracing::info!(index, "saved snapshot and compacted the raft log");
-        self.release_old_files(index);
-        Ok(())
-    }
-
-    /// Deletes WAL segments below a durable snapshot and all but the newest snapshot files.
-    /// Failing to delete is not fatal: the files are merely kept.
-    fn release_old_files(&mut self, snapshot_index: u64) {
-        match self.wal.release_to(snapshot_index) {
-            Ok(0) => {}
-            Ok(released) => tracing::debug!(released, "released WAL segments"),
-            Err(e) => tracing::warn!(error = %e, "cannot release WAL segments"),
-        }
-        if let Err(e) = self.snapshotter.purge(KEEP_SNAPSHOTS) {
-            tracing::warn!(error = %e, "cannot remove old snapshots");
-        }
-    }
-
     fn update_status(&mut self) {
         let raft = &self.raw.raft;
         let status = RaftStatus {
@@ -1307,9 +1108,7 @@ impl<S: StateMachine> Worker<S> {
     /// Leaves the loop: waits for a snapshot being written; pending requests fail with
     /// `Stopped` when their waiters are dropped with `self`.
     fn stop(&mut self) {
-        if let Some(handle) = self.snapshot_thread.take() {
-            let _ = handle.join();
-        }
+        self.snapshots.join();
         {
             let mut status = self.status.lock();
             status.leader_id = INVALID_ID;
