@@ -1,29 +1,33 @@
-//! The raft loop thread and the cloneable handle that talks to it.
+//! The raft node: the cloneable handle ([`RaftNode`]) that callers hold, the commands it sends
+//! to the loop thread, the status the loop publishes back ([`RaftStatus`]) and cluster-unique
+//! request ids.
 //!
-//! One thread owns the `RawNode`, the WAL and the state machine. It waits for commands (with a
-//! timeout so that it ticks on time), drains every queued command, then handles raft's Ready:
-//! writes the WAL and fsyncs once, sends messages, applies committed entries and wakes waiters.
-//! Draining first is what makes concurrent proposals share one fsync.
+//! The handle owns no raft state: it only sends [`Command`]s and reads the published status, so
+//! it must never block on the loop except to join it on shutdown. The loop and what it keeps are
+//! split by concern, each module owning its own state:
+//! - [`worker`]: the Ready loop thread, which owns the raft node, WAL and state machine, and
+//!   decides the order of everything;
+//! - [`propose`]: proposals and their waiters;
+//! - [`read`]: ReadIndex batches;
+//! - [`snapshot`]: snapshot scheduling and log compaction;
+//! - [`conf_change`]: membership changes and leader transfer;
+//! - [`recovery`]: start-up from the WAL and snapshots.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use raft::eraftpb::{
-    ConfChangeV2, Entry, EntryType, Message, MessageType, Snapshot, SnapshotMetadata,
-};
-use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
+use raft::eraftpb::{ConfChangeV2, Message, MessageType, SnapshotMetadata};
+use raft::INVALID_ID;
 use tokio::sync::{oneshot, watch};
 
 use crate::snap::{SnapError, SnapshotFile, Snapshotter};
-use crate::storage::LogStore;
-use crate::wal::Wal;
 use crate::{MemberChange, Membership, RaftConfig, RaftError, StateMachine, Transport};
 
 mod conf_change;
@@ -31,17 +35,13 @@ mod propose;
 mod read;
 mod recovery;
 mod snapshot;
+mod worker;
 
-use conf_change::{membership_of, single_change, ConfChanges};
-
-use propose::{split_request_id, with_request_id, ProposalWaiter, Proposals};
-use read::{ReadWaiter, Reads};
+use conf_change::single_change;
+use propose::{with_request_id, ProposalWaiter};
+use read::ReadWaiter;
 pub use recovery::bootstrap_from_snapshot;
-use recovery::Started;
-use snapshot::SnapshotScheduler;
-
-/// Most commands handled before the loop turns to raft's Ready, so ticks stay on time under load.
-const MAX_COMMANDS_PER_ROUND: usize = 4096;
+use worker::{Links, Worker};
 
 /// The node's raft state as last seen by its loop.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -68,6 +68,7 @@ pub struct RaftStatus {
     pub removed: bool,
 }
 
+/// What the handles (and the snapshot thread) ask of the loop thread, handled in the order sent.
 enum Command<O> {
     Propose {
         request_id: u64,
@@ -88,6 +89,7 @@ enum Command<O> {
         to: u64,
         delivered: bool,
     },
+    /// The snapshot thread finished writing a snapshot file.
     SnapshotSaved(Result<SnapshotFile, SnapError>),
     /// The state machine's persist job for a snapshot in place finished.
     PersistedInPlace {
@@ -194,14 +196,8 @@ impl<O: Send + 'static> RaftNode<O> {
         cfg.validate()?;
         let member_id = cfg.member_id;
         let snapshotter = Arc::new(Snapshotter::new(&cfg.snap_dir())?);
-        let Started {
-            raw,
-            store,
-            wal,
-            applied,
-            snapshot_index,
-            campaign_alone,
-        } = recovery::start_raft(&cfg, &mut sm, &snapshotter)?;
+        let started = recovery::start_raft(&cfg, &mut sm, &snapshotter)?;
+        let (applied, snapshot_index) = (started.applied, started.snapshot_index);
 
         let (commands_tx, commands_rx) = mpsc::channel();
         let ids = Arc::new(RequestIds::new(member_id));
@@ -211,32 +207,20 @@ impl<O: Send + 'static> RaftNode<O> {
             ..RaftStatus::default()
         }));
         let (leader_tx, leader_rx) = watch::channel(INVALID_ID);
-        let snapshotter_handle = Arc::clone(&snapshotter);
-        let worker = Worker {
-            member_id,
-            campaign_alone,
-            conf_changes: ConfChanges::new(member_id),
-            raw,
-            store,
-            wal,
-            snapshotter: Arc::clone(&snapshotter),
+        let worker = Worker::new(
+            &cfg,
+            started,
             sm,
             transport,
-            commands: commands_rx,
-            status: Arc::clone(&status),
-            leader_tx,
-            tick_interval: cfg.tick_interval,
-            proposals: Proposals::new(member_id, cfg.max_size_per_msg),
-            reads: Reads::new(Arc::clone(&ids), cfg.request_timeout()),
-            applied_index: applied,
-            snapshots: SnapshotScheduler::new(
-                member_id,
-                snapshotter,
-                commands_tx.clone(),
-                cfg.snapshot_count,
-                snapshot_index,
-            ),
-        };
+            Arc::clone(&snapshotter),
+            Links {
+                commands: commands_rx,
+                commands_tx: commands_tx.clone(),
+                ids: Arc::clone(&ids),
+                status: Arc::clone(&status),
+                leader_tx,
+            },
+        );
         let thread = thread::Builder::new()
             .name(format!("raft-{member_id:x}"))
             .spawn(move || worker.run())
@@ -250,7 +234,7 @@ impl<O: Send + 'static> RaftNode<O> {
         Ok(RaftNode {
             inner: Arc::new(Inner {
                 member_id,
-                snapshotter: snapshotter_handle,
+                snapshotter,
                 commands: commands_tx,
                 ids,
                 status,
@@ -282,7 +266,8 @@ impl<O: Send + 'static> RaftNode<O> {
     /// Proposes a membership change and resolves with the state machine's output once it is
     /// committed and applied here ([`StateMachine::apply_membership`]). `payload` reaches the
     /// state machine with the change. Raft refuses a change while another one is still being
-    /// applied; the state machine then sees the refusal in [`MembershipChange::outcome`].
+    /// applied; the state machine then sees the refusal in
+    /// [`MembershipChange::outcome`](crate::MembershipChange::outcome).
     pub async fn propose_membership(
         &self,
         changes: &[MemberChange],
@@ -434,411 +419,5 @@ impl<O: Send + 'static> RaftNode<O> {
             .commands
             .send(command)
             .map_err(|_| RaftError::Stopped)
-    }
-}
-
-/// The state owned by the loop thread.
-struct Worker<S: StateMachine> {
-    member_id: u64,
-    /// The only voter: campaign as soon as every committed entry is applied.
-    campaign_alone: bool,
-    conf_changes: ConfChanges,
-    raw: RawNode<LogStore>,
-    store: LogStore,
-    wal: Wal,
-    snapshotter: Arc<Snapshotter>,
-    sm: S,
-    transport: Arc<dyn Transport>,
-    commands: mpsc::Receiver<Command<S::Output>>,
-    status: Arc<Mutex<RaftStatus>>,
-    leader_tx: watch::Sender<u64>,
-    tick_interval: Duration,
-    proposals: Proposals<S::Output>,
-    reads: Reads,
-    applied_index: u64,
-    snapshots: SnapshotScheduler<S::Output>,
-}
-
-impl<S: StateMachine> Worker<S> {
-    fn run(mut self) {
-        let mut next_tick = Instant::now() + self.tick_interval;
-        // Handle what recovery left ready (and a lone voter's campaign) before any request.
-        if let Err(e) = self.round(Instant::now()) {
-            self.fatal(&e);
-            self.stop();
-            return;
-        }
-        self.update_status();
-        loop {
-            let timeout = next_tick.saturating_duration_since(Instant::now());
-            let first = match self.commands.recv_timeout(timeout) {
-                Ok(command) => Some(command),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            match self.handle_commands(first) {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(e) => {
-                    self.fatal(&e);
-                    break;
-                }
-            }
-            let now = Instant::now();
-            if now >= next_tick {
-                self.raw.tick();
-                self.on_tick(now);
-                next_tick += self.tick_interval;
-                if next_tick <= now {
-                    next_tick = now + self.tick_interval;
-                }
-            }
-            if let Err(e) = self.round(now) {
-                self.fatal(&e);
-                break;
-            }
-        }
-        self.stop();
-    }
-
-    /// Handles `first` and everything queued behind it. Returns false on shutdown.
-    fn handle_commands(&mut self, first: Option<Command<S::Output>>) -> Result<bool, RaftError> {
-        let Some(first) = first else { return Ok(true) };
-        let mut running = self.handle(first)?;
-        for _ in 0..MAX_COMMANDS_PER_ROUND {
-            if !running {
-                break;
-            }
-            match self.commands.try_recv() {
-                Ok(command) => running = self.handle(command)?,
-                Err(_) => break,
-            }
-        }
-        self.proposals.flush(&mut self.raw);
-        Ok(running)
-    }
-
-    fn handle(&mut self, command: Command<S::Output>) -> Result<bool, RaftError> {
-        if let Command::Propose {
-            request_id,
-            data,
-            waiter,
-        } = command
-        {
-            self.proposals
-                .queue(&mut self.raw, request_id, data, waiter);
-            return Ok(true);
-        }
-        // Everything else sees the proposals received before it already proposed.
-        self.proposals.flush(&mut self.raw);
-        match command {
-            Command::Propose { .. } => {}
-            Command::ProposeMembership {
-                request_id,
-                change,
-                waiter,
-            } => self
-                .proposals
-                .propose_membership(&mut self.raw, request_id, change, waiter),
-            Command::TransferLeader(to) => self.conf_changes.transfer_leader(&mut self.raw, to),
-            Command::ReadIndex(waiter) => self.reads.push(waiter),
-            Command::Step(msg) => {
-                let from = msg.from;
-                if let Err(e) = self.raw.step(*msg) {
-                    tracing::debug!(from = format_args!("{from:x}"), error = %e, "dropped raft message");
-                }
-            }
-            Command::ReportUnreachable(member_id) => self.raw.report_unreachable(member_id),
-            Command::ReportSnapshot { to, delivered } => {
-                let status = if delivered {
-                    SnapshotStatus::Finish
-                } else {
-                    SnapshotStatus::Failure
-                };
-                self.raw.report_snapshot(to, status);
-            }
-            Command::SnapshotSaved(result) => self.snapshots.on_snapshot_saved(
-                result,
-                &mut self.wal,
-                &self.store,
-                self.applied_index,
-            )?,
-            Command::PersistedInPlace { metadata, result } => {
-                self.snapshots.on_persisted_in_place(
-                    metadata,
-                    result,
-                    &mut self.wal,
-                    &self.store,
-                    self.applied_index,
-                )?
-            }
-            Command::Shutdown => return Ok(false),
-        }
-        Ok(true)
-    }
-
-    fn on_tick(&mut self, now: Instant) {
-        self.reads.expire(now);
-        // Callers that gave up (timed out) no longer need an answer.
-        self.proposals.forget_abandoned();
-    }
-
-    /// Everything after the commands: reads, Ready, snapshots, status.
-    fn round(&mut self, now: Instant) -> Result<(), RaftError> {
-        self.reads.send(&mut self.raw, now);
-        self.handle_readies()?;
-        if self.campaign_alone && self.applied_index >= self.raw.raft.raft_log.committed {
-            self.campaign_alone = false;
-            if self.raw.raft.state != StateRole::Leader {
-                self.raw
-                    .campaign()
-                    .map_err(|e| RaftError::Raft(e.to_string()))?;
-                self.handle_readies()?;
-            }
-        }
-        // A new leader holds reads back until its first commit, which the Ready above may have
-        // made; send them now rather than a tick later.
-        if self.reads.has_unsent() {
-            self.reads.send(&mut self.raw, now);
-            self.handle_readies()?;
-        }
-        self.snapshots
-            .maybe_snapshot(&self.raw, &self.store, &mut self.sm, self.applied_index)?;
-        self.snapshots
-            .trim_memory_log(&self.raw, &self.store, self.applied_index);
-        self.update_status();
-        Ok(())
-    }
-
-    fn handle_readies(&mut self) -> Result<(), RaftError> {
-        while self.raw.has_ready() {
-            let mut ready = self.raw.ready();
-            // raft-rs separates the messages that do not depend on this member's log being
-            // durable (a leader's appends and heartbeats) from those that do: sending the first
-            // kind now lets followers write their WAL while this member writes its own.
-            self.send(ready.take_messages());
-
-            // Durability first: nothing below is sent or acknowledged before the fsync.
-            let received = if ready.snapshot().is_empty() {
-                None
-            } else {
-                let snapshot = ready.snapshot().clone();
-                let metadata = snapshot.get_metadata();
-                // Transports deliver the file before the message (RaftNode::receive_snapshot);
-                // a message that carries the data itself is saved here.
-                let file = if snapshot.data.is_empty() {
-                    self.snapshotter
-                        .load(&self.snapshotter.path_of(metadata.term, metadata.index))?
-                } else {
-                    self.snapshotter.save_bytes(metadata, &snapshot.data)?
-                };
-                Some((snapshot, file))
-            };
-            self.wal.save(
-                received.as_ref().map(|(s, _)| s.get_metadata()),
-                ready.entries(),
-                ready.hs(),
-            )?;
-            if ready.must_sync() {
-                self.wal.sync()?;
-            }
-
-            if let Some((snapshot, file)) = received {
-                self.install_snapshot(snapshot, file)?;
-            }
-            if !ready.entries().is_empty() {
-                self.store
-                    .mem
-                    .wl()
-                    .append(ready.entries())
-                    .map_err(|e| RaftError::Raft(e.to_string()))?;
-            }
-            if let Some(hard_state) = ready.hs() {
-                self.store.mem.wl().set_hardstate(hard_state.clone());
-            }
-
-            self.send(ready.take_persisted_messages());
-            self.reads.on_read_states(ready.take_read_states());
-            self.apply(ready.take_committed_entries());
-
-            let mut light = self.raw.advance(ready);
-            if let Some(commit) = light.commit_index() {
-                let hard_state = {
-                    let mut core = self.store.mem.wl();
-                    core.mut_hard_state().set_commit(commit);
-                    core.hard_state().clone()
-                };
-                // No fsync needed: raft recomputes a lost commit index.
-                self.wal.save(None, &[], Some(&hard_state))?;
-            }
-            self.send(light.take_messages());
-            self.apply(light.take_committed_entries());
-            self.raw.advance_apply();
-            self.reads.resolve(self.applied_index, &self.status);
-        }
-        Ok(())
-    }
-
-    /// Replaces the state with a snapshot received from the leader (already durable).
-    fn install_snapshot(
-        &mut self,
-        snapshot: Snapshot,
-        file: SnapshotFile,
-    ) -> Result<(), RaftError> {
-        let (index, term) = (snapshot.get_metadata().index, snapshot.get_metadata().term);
-        self.store
-            .mem
-            .wl()
-            .apply_snapshot(snapshot.clone())
-            .map_err(|e| RaftError::Raft(e.to_string()))?;
-        let mut data = self.snapshotter.open_data(&file)?;
-        self.sm
-            .restore(index, term, &mut data)
-            .map_err(|source| RaftError::Restore { index, source })?;
-        self.applied_index = index;
-        self.snapshots.installed(index);
-        self.store.set_latest_snapshot(file);
-        self.proposals.fail_lost(self.applied_index);
-        tracing::info!(index, term, "installed snapshot from the leader");
-        self.snapshots.release_old_files(&mut self.wal, index);
-        Ok(())
-    }
-
-    /// Applies committed entries in order, then wakes the proposers among them. The status is
-    /// updated first, so a woken caller sees an applied index that covers its write.
-    fn apply(&mut self, entries: Vec<Entry>) {
-        if entries.is_empty() {
-            return;
-        }
-        let mut outputs = Vec::new();
-        let mut membership_changed = false;
-        for entry in entries {
-            if entry.index <= self.applied_index {
-                continue;
-            }
-            match entry.get_entry_type() {
-                EntryType::EntryNormal => outputs.extend(self.apply_normal(&entry)),
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    outputs.extend(self.apply_membership(&entry));
-                    membership_changed = true;
-                }
-            }
-            self.applied_index = entry.index;
-        }
-        {
-            let mut status = self.status.lock();
-            status.applied_index = self.applied_index;
-            status.committed_index = self.raw.raft.raft_log.committed;
-            if membership_changed {
-                status.membership = membership_of(&self.raw.raft.prs().conf().to_conf_state());
-                status.removed = self.conf_changes.removed();
-            }
-        }
-        for (waiter, output) in outputs {
-            let _ = waiter.send(Ok(output));
-        }
-        self.proposals.fail_lost(self.applied_index);
-    }
-
-    /// Applies one normal entry; returns the output for this member's proposer, if any.
-    fn apply_normal(&mut self, entry: &Entry) -> Option<(ProposalWaiter<S::Output>, S::Output)> {
-        if entry.data.is_empty() {
-            self.sm.apply_noop(entry.index, entry.term);
-            return None;
-        }
-        let Some((request_id, payload)) = split_request_id(&entry.data) else {
-            // Not written by this crate; every member skips it alike.
-            tracing::warn!(
-                index = entry.index,
-                "entry without a request id, applied as a no-op"
-            );
-            self.sm.apply_noop(entry.index, entry.term);
-            return None;
-        };
-        let output = self.sm.apply(entry.index, entry.term, payload);
-        self.proposals
-            .take(request_id)
-            .map(|waiter| (waiter, output))
-    }
-
-    /// Applies a committed membership change; returns the output for this member's proposer,
-    /// if any.
-    fn apply_membership(
-        &mut self,
-        entry: &Entry,
-    ) -> Option<(ProposalWaiter<S::Output>, S::Output)> {
-        let (request_id, output) =
-            self.conf_changes
-                .apply(&mut self.raw, &self.store, &mut self.sm, entry)?;
-        self.proposals
-            .take(request_id)
-            .map(|waiter| (waiter, output))
-    }
-
-    fn send(&self, messages: Vec<Message>) {
-        if !messages.is_empty() {
-            self.transport.send(messages);
-        }
-    }
-
-    fn update_status(&mut self) {
-        let raft = &self.raw.raft;
-        let status = RaftStatus {
-            member_id: self.member_id,
-            leader_id: raft.leader_id,
-            term: raft.term,
-            committed_index: raft.raft_log.committed,
-            applied_index: self.applied_index,
-            is_leader: raft.state == StateRole::Leader,
-            membership: membership_of(&raft.prs().conf().to_conf_state()),
-            progress: if raft.state == StateRole::Leader {
-                raft.prs()
-                    .iter()
-                    .map(|(id, pr)| (*id, pr.matched))
-                    .collect()
-            } else {
-                BTreeMap::new()
-            },
-            removed: self.conf_changes.removed(),
-        };
-        let leader_id = status.leader_id;
-        let term = status.term;
-        *self.status.lock() = status;
-        let changed = self.leader_tx.send_if_modified(|current| {
-            let changed = *current != leader_id;
-            *current = leader_id;
-            changed
-        });
-        if changed {
-            tracing::info!(
-                member_id = format_args!("{:x}", self.member_id),
-                leader_id = format_args!("{leader_id:x}"),
-                term,
-                "leader changed"
-            );
-        }
-    }
-
-    fn fatal(&self, error: &RaftError) {
-        tracing::error!(
-            member_id = format_args!("{:x}", self.member_id),
-            error = %error,
-            "raft loop stopped after a fatal error"
-        );
-    }
-
-    /// Leaves the loop: waits for a snapshot being written; pending requests fail with
-    /// `Stopped` when their waiters are dropped with `self`.
-    fn stop(&mut self) {
-        self.snapshots.join();
-        {
-            let mut status = self.status.lock();
-            status.leader_id = INVALID_ID;
-            status.is_leader = false;
-        }
-        tracing::info!(
-            member_id = format_args!("{:x}", self.member_id),
-            "raft loop stopped"
-        );
     }
 }

@@ -1,0 +1,497 @@
+//! The Ready loop: the thread that owns the `RawNode`, the WAL and the state machine.
+//!
+//! It waits for commands (with a timeout so that it ticks on time), drains every queued command,
+//! then handles raft's Ready: writes the WAL and fsyncs once, sends messages, installs a snapshot
+//! received from the leader, applies committed entries in log order, wakes their proposers and
+//! publishes the status. Draining first is what makes concurrent proposals share one fsync.
+//!
+//! It owns the order of things and the state they share (the raft node, the log, the WAL, the
+//! state machine, the applied index); what each kind of request needs is kept by its own module
+//! ([`super::propose`], [`super::read`], [`super::snapshot`], [`super::conf_change`]), which the
+//! loop calls. It must not block on anything but the WAL: snapshots and persist jobs run on
+//! another thread and report back through the command channel.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use raft::eraftpb::{Entry, EntryType, Message, Snapshot};
+use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
+use tokio::sync::watch;
+
+use super::conf_change::{membership_of, ConfChanges};
+use super::propose::{split_request_id, ProposalWaiter, Proposals};
+use super::read::Reads;
+use super::recovery::Started;
+use super::snapshot::SnapshotScheduler;
+use super::{Command, RaftStatus, RequestIds};
+use crate::snap::{SnapshotFile, Snapshotter};
+use crate::storage::LogStore;
+use crate::wal::Wal;
+use crate::{RaftConfig, RaftError, StateMachine, Transport};
+
+/// Most commands handled before the loop turns to raft's Ready, so ticks stay on time under load.
+const MAX_COMMANDS_PER_ROUND: usize = 4096;
+
+/// What connects the loop thread with the [`super::RaftNode`] handles.
+pub(super) struct Links<O> {
+    /// Commands from the handles (and from the snapshot thread).
+    pub(super) commands: mpsc::Receiver<Command<O>>,
+    /// For the snapshot thread to report back.
+    pub(super) commands_tx: mpsc::Sender<Command<O>>,
+    /// Request ids, shared with the handles (ReadIndex contexts come from it too).
+    pub(super) ids: Arc<RequestIds>,
+    /// The status the handles read.
+    pub(super) status: Arc<Mutex<RaftStatus>>,
+    /// The leader the handles wait for.
+    pub(super) leader_tx: watch::Sender<u64>,
+}
+
+/// The state owned by the loop thread: what every step of the loop shares, and one struct per
+/// concern. (Fields are dropped in this order when the loop ends, as before the split.)
+pub(super) struct Worker<S: StateMachine> {
+    member_id: u64,
+    /// The only voter: campaign as soon as every committed entry is applied.
+    campaign_alone: bool,
+    conf_changes: ConfChanges,
+    raw: RawNode<LogStore>,
+    /// The in-memory log raft reads; the WAL is its durable copy.
+    store: LogStore,
+    wal: Wal,
+    /// Where a snapshot received from the leader is read from (or saved to).
+    snapshotter: Arc<Snapshotter>,
+    sm: S,
+    transport: Arc<dyn Transport>,
+    commands: mpsc::Receiver<Command<S::Output>>,
+    status: Arc<Mutex<RaftStatus>>,
+    leader_tx: watch::Sender<u64>,
+    tick_interval: Duration,
+    proposals: Proposals<S::Output>,
+    reads: Reads,
+    /// Index of the last entry applied to `sm`.
+    applied_index: u64,
+    snapshots: SnapshotScheduler<S::Output>,
+}
+
+impl<S: StateMachine> Worker<S> {
+    pub(super) fn new(
+        cfg: &RaftConfig,
+        started: Started,
+        sm: S,
+        transport: Arc<dyn Transport>,
+        snapshotter: Arc<Snapshotter>,
+        links: Links<S::Output>,
+    ) -> Self {
+        let member_id = cfg.member_id;
+        Worker {
+            member_id,
+            campaign_alone: started.campaign_alone,
+            conf_changes: ConfChanges::new(member_id),
+            raw: started.raw,
+            store: started.store,
+            wal: started.wal,
+            snapshotter: Arc::clone(&snapshotter),
+            sm,
+            transport,
+            commands: links.commands,
+            status: links.status,
+            leader_tx: links.leader_tx,
+            tick_interval: cfg.tick_interval,
+            proposals: Proposals::new(member_id, cfg.max_size_per_msg),
+            reads: Reads::new(links.ids, cfg.request_timeout()),
+            applied_index: started.applied,
+            snapshots: SnapshotScheduler::new(
+                member_id,
+                snapshotter,
+                links.commands_tx,
+                cfg.snapshot_count,
+                started.snapshot_index,
+            ),
+        }
+    }
+
+    /// Runs the loop until shutdown, the last handle being dropped, or a fatal error.
+    pub(super) fn run(mut self) {
+        let mut next_tick = Instant::now() + self.tick_interval;
+        // Handle what recovery left ready (and a lone voter's campaign) before any request.
+        if let Err(e) = self.round(Instant::now()) {
+            self.fatal(&e);
+            self.stop();
+            return;
+        }
+        self.update_status();
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            let first = match self.commands.recv_timeout(timeout) {
+                Ok(command) => Some(command),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            match self.handle_commands(first) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    self.fatal(&e);
+                    break;
+                }
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raw.tick();
+                self.on_tick(now);
+                next_tick += self.tick_interval;
+                if next_tick <= now {
+                    next_tick = now + self.tick_interval;
+                }
+            }
+            if let Err(e) = self.round(now) {
+                self.fatal(&e);
+                break;
+            }
+        }
+        self.stop();
+    }
+
+    /// Handles `first` and everything queued behind it. Returns false on shutdown.
+    fn handle_commands(&mut self, first: Option<Command<S::Output>>) -> Result<bool, RaftError> {
+        let Some(first) = first else { return Ok(true) };
+        let mut running = self.handle(first)?;
+        for _ in 0..MAX_COMMANDS_PER_ROUND {
+            if !running {
+                break;
+            }
+            match self.commands.try_recv() {
+                Ok(command) => running = self.handle(command)?,
+                Err(_) => break,
+            }
+        }
+        self.proposals.flush(&mut self.raw);
+        Ok(running)
+    }
+
+    fn handle(&mut self, command: Command<S::Output>) -> Result<bool, RaftError> {
+        if let Command::Propose {
+            request_id,
+            data,
+            waiter,
+        } = command
+        {
+            self.proposals
+                .queue(&mut self.raw, request_id, data, waiter);
+            return Ok(true);
+        }
+        // Everything else sees the proposals received before it already proposed.
+        self.proposals.flush(&mut self.raw);
+        match command {
+            Command::Propose { .. } => {}
+            Command::ProposeMembership {
+                request_id,
+                change,
+                waiter,
+            } => self
+                .proposals
+                .propose_membership(&mut self.raw, request_id, change, waiter),
+            Command::TransferLeader(to) => self.conf_changes.transfer_leader(&mut self.raw, to),
+            Command::ReadIndex(waiter) => self.reads.push(waiter),
+            Command::Step(msg) => {
+                let from = msg.from;
+                if let Err(e) = self.raw.step(*msg) {
+                    tracing::debug!(from = format_args!("{from:x}"), error = %e, "dropped raft message");
+                }
+            }
+            Command::ReportUnreachable(member_id) => self.raw.report_unreachable(member_id),
+            Command::ReportSnapshot { to, delivered } => {
+                let status = if delivered {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, status);
+            }
+            Command::SnapshotSaved(result) => self.snapshots.on_snapshot_saved(
+                result,
+                &mut self.wal,
+                &self.store,
+                self.applied_index,
+            )?,
+            Command::PersistedInPlace { metadata, result } => {
+                self.snapshots.on_persisted_in_place(
+                    metadata,
+                    result,
+                    &mut self.wal,
+                    &self.store,
+                    self.applied_index,
+                )?
+            }
+            Command::Shutdown => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        self.reads.expire(now);
+        // Callers that gave up (timed out) no longer need an answer.
+        self.proposals.forget_abandoned();
+    }
+
+    /// Everything after the commands: reads, Ready, snapshots, status.
+    fn round(&mut self, now: Instant) -> Result<(), RaftError> {
+        self.reads.send(&mut self.raw, now);
+        self.handle_readies()?;
+        if self.campaign_alone && self.applied_index >= self.raw.raft.raft_log.committed {
+            self.campaign_alone = false;
+            if self.raw.raft.state != StateRole::Leader {
+                self.raw
+                    .campaign()
+                    .map_err(|e| RaftError::Raft(e.to_string()))?;
+                self.handle_readies()?;
+            }
+        }
+        // A new leader holds reads back until its first commit, which the Ready above may have
+        // made; send them now rather than a tick later.
+        if self.reads.has_unsent() {
+            self.reads.send(&mut self.raw, now);
+            self.handle_readies()?;
+        }
+        self.snapshots
+            .maybe_snapshot(&self.raw, &self.store, &mut self.sm, self.applied_index)?;
+        self.snapshots
+            .trim_memory_log(&self.raw, &self.store, self.applied_index);
+        self.update_status();
+        Ok(())
+    }
+
+    fn handle_readies(&mut self) -> Result<(), RaftError> {
+        while self.raw.has_ready() {
+            let mut ready = self.raw.ready();
+            // raft-rs separates the messages that do not depend on this member's log being
+            // durable (a leader's appends and heartbeats) from those that do: sending the first
+            // kind now lets followers write their WAL while this member writes its own.
+            self.send(ready.take_messages());
+
+            // Durability first: nothing below is sent or acknowledged before the fsync.
+            let received = if ready.snapshot().is_empty() {
+                None
+            } else {
+                let snapshot = ready.snapshot().clone();
+                let metadata = snapshot.get_metadata();
+                // Transports deliver the file before the message (RaftNode::receive_snapshot);
+                // a message that carries the data itself is saved here.
+                let file = if snapshot.data.is_empty() {
+                    self.snapshotter
+                        .load(&self.snapshotter.path_of(metadata.term, metadata.index))?
+                } else {
+                    self.snapshotter.save_bytes(metadata, &snapshot.data)?
+                };
+                Some((snapshot, file))
+            };
+            self.wal.save(
+                received.as_ref().map(|(s, _)| s.get_metadata()),
+                ready.entries(),
+                ready.hs(),
+            )?;
+            if ready.must_sync() {
+                self.wal.sync()?;
+            }
+
+            if let Some((snapshot, file)) = received {
+                self.install_snapshot(snapshot, file)?;
+            }
+            if !ready.entries().is_empty() {
+                self.store
+                    .mem
+                    .wl()
+                    .append(ready.entries())
+                    .map_err(|e| RaftError::Raft(e.to_string()))?;
+            }
+            if let Some(hard_state) = ready.hs() {
+                self.store.mem.wl().set_hardstate(hard_state.clone());
+            }
+
+            self.send(ready.take_persisted_messages());
+            self.reads.on_read_states(ready.take_read_states());
+            self.apply(ready.take_committed_entries());
+
+            let mut light = self.raw.advance(ready);
+            if let Some(commit) = light.commit_index() {
+                let hard_state = {
+                    let mut core = self.store.mem.wl();
+                    core.mut_hard_state().set_commit(commit);
+                    core.hard_state().clone()
+                };
+                // No fsync needed: raft recomputes a lost commit index.
+                self.wal.save(None, &[], Some(&hard_state))?;
+            }
+            self.send(light.take_messages());
+            self.apply(light.take_committed_entries());
+            self.raw.advance_apply();
+            self.reads.resolve(self.applied_index, &self.status);
+        }
+        Ok(())
+    }
+
+    /// Replaces the state with a snapshot received from the leader (already durable).
+    fn install_snapshot(
+        &mut self,
+        snapshot: Snapshot,
+        file: SnapshotFile,
+    ) -> Result<(), RaftError> {
+        let (index, term) = (snapshot.get_metadata().index, snapshot.get_metadata().term);
+        self.store
+            .mem
+            .wl()
+            .apply_snapshot(snapshot.clone())
+            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        let mut data = self.snapshotter.open_data(&file)?;
+        self.sm
+            .restore(index, term, &mut data)
+            .map_err(|source| RaftError::Restore { index, source })?;
+        self.applied_index = index;
+        self.snapshots.installed(index);
+        self.store.set_latest_snapshot(file);
+        self.proposals.fail_lost(self.applied_index);
+        tracing::info!(index, term, "installed snapshot from the leader");
+        self.snapshots.release_old_files(&mut self.wal, index);
+        Ok(())
+    }
+
+    /// Applies committed entries in order, then wakes the proposers among them. The status is
+    /// updated first, so a woken caller sees an applied index that covers its write.
+    fn apply(&mut self, entries: Vec<Entry>) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut outputs = Vec::new();
+        let mut membership_changed = false;
+        for entry in entries {
+            if entry.index <= self.applied_index {
+                continue;
+            }
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => outputs.extend(self.apply_normal(&entry)),
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    outputs.extend(self.apply_membership(&entry));
+                    membership_changed = true;
+                }
+            }
+            self.applied_index = entry.index;
+        }
+        {
+            let mut status = self.status.lock();
+            status.applied_index = self.applied_index;
+            status.committed_index = self.raw.raft.raft_log.committed;
+            if membership_changed {
+                status.membership = membership_of(&self.raw.raft.prs().conf().to_conf_state());
+                status.removed = self.conf_changes.removed();
+            }
+        }
+        for (waiter, output) in outputs {
+            let _ = waiter.send(Ok(output));
+        }
+        self.proposals.fail_lost(self.applied_index);
+    }
+
+    /// Applies one normal entry; returns the output for this member's proposer, if any.
+    fn apply_normal(&mut self, entry: &Entry) -> Option<(ProposalWaiter<S::Output>, S::Output)> {
+        if entry.data.is_empty() {
+            self.sm.apply_noop(entry.index, entry.term);
+            return None;
+        }
+        let Some((request_id, payload)) = split_request_id(&entry.data) else {
+            // Not written by this crate; every member skips it alike.
+            tracing::warn!(
+                index = entry.index,
+                "entry without a request id, applied as a no-op"
+            );
+            self.sm.apply_noop(entry.index, entry.term);
+            return None;
+        };
+        let output = self.sm.apply(entry.index, entry.term, payload);
+        self.proposals
+            .take(request_id)
+            .map(|waiter| (waiter, output))
+    }
+
+    /// Applies a committed membership change; returns the output for this member's proposer,
+    /// if any.
+    fn apply_membership(
+        &mut self,
+        entry: &Entry,
+    ) -> Option<(ProposalWaiter<S::Output>, S::Output)> {
+        let (request_id, output) =
+            self.conf_changes
+                .apply(&mut self.raw, &self.store, &mut self.sm, entry)?;
+        self.proposals
+            .take(request_id)
+            .map(|waiter| (waiter, output))
+    }
+
+    fn send(&self, messages: Vec<Message>) {
+        if !messages.is_empty() {
+            self.transport.send(messages);
+        }
+    }
+
+    fn update_status(&mut self) {
+        let raft = &self.raw.raft;
+        let status = RaftStatus {
+            member_id: self.member_id,
+            leader_id: raft.leader_id,
+            term: raft.term,
+            committed_index: raft.raft_log.committed,
+            applied_index: self.applied_index,
+            is_leader: raft.state == StateRole::Leader,
+            membership: membership_of(&raft.prs().conf().to_conf_state()),
+            progress: if raft.state == StateRole::Leader {
+                raft.prs()
+                    .iter()
+                    .map(|(id, pr)| (*id, pr.matched))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            },
+            removed: self.conf_changes.removed(),
+        };
+        let leader_id = status.leader_id;
+        let term = status.term;
+        *self.status.lock() = status;
+        let changed = self.leader_tx.send_if_modified(|current| {
+            let changed = *current != leader_id;
+            *current = leader_id;
+            changed
+        });
+        if changed {
+            tracing::info!(
+                member_id = format_args!("{:x}", self.member_id),
+                leader_id = format_args!("{leader_id:x}"),
+                term,
+                "leader changed"
+            );
+        }
+    }
+
+    fn fatal(&self, error: &RaftError) {
+        tracing::error!(
+            member_id = format_args!("{:x}", self.member_id),
+            error = %error,
+            "raft loop stopped after a fatal error"
+        );
+    }
+
+    /// Leaves the loop: waits for a snapshot being written; pending requests fail with
+    /// `Stopped` when their waiters are dropped with `self`.
+    fn stop(&mut self) {
+        self.snapshots.join();
+        {
+            let mut status = self.status.lock();
+            status.leader_id = INVALID_ID;
+            status.is_leader = false;
+        }
+        tracing::info!(
+            member_id = format_args!("{:x}", self.member_id),
+            "raft loop stopped"
+        );
+    }
+}
