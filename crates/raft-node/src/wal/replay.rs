@@ -1,0 +1,160 @@
+//! Replaying the WAL: reading each segment's records in order into [`WalContents`] (resolving
+//! overwritten entries and snapshot resets), where the records of a segment end (preallocated
+//! zeros), and telling a torn write at the end of the last segment, which is cut off, from
+//! corruption, which is an error.
+//!
+//! Runs only when the WAL is opened; it must not write anything but the truncation of a torn
+//! tail.
+
+use std::fs::{self, OpenOptions};
+
+use protobuf::Message as _;
+use raft::eraftpb::{Entry, HardState, SnapshotMetadata};
+
+use super::record::{decode_record, DecodeError, RECORD_ENTRY, RECORD_HARD_STATE, RECORD_SNAPSHOT};
+use super::segment::Segment;
+use super::{io_err, WalError};
+
+/// Everything a replay of the WAL found.
+#[derive(Debug, Default)]
+pub(crate) struct WalContents {
+    /// The last hard state written (default if none).
+    pub hard_state: HardState,
+    /// The surviving log: contiguous, conflicts and resets resolved.
+    pub entries: Vec<Entry>,
+    /// Snapshot markers in the order they were written (including the bootstrap marker at
+    /// index 0 that records the initial membership).
+    pub snapshots: Vec<SnapshotMetadata>,
+}
+
+impl WalContents {
+    /// Applies one decoded record; the error is the reason the record is invalid.
+    fn apply(&mut self, record_type: u8, payload: &[u8]) -> Result<(), String> {
+        match record_type {
+            RECORD_ENTRY => {
+                let entry = Entry::parse_from_bytes(payload)
+                    .map_err(|e| format!("undecodable entry: {e}"))?;
+                if let (Some(first), Some(last)) = (self.entries.first(), self.entries.last()) {
+                    let (first, last) = (first.index, last.index);
+                    if entry.index > last + 1 {
+                        return Err(format!(
+                            "entry index {} does not follow the previous entry's index {last}",
+                            entry.index
+                        ));
+                    }
+                    if entry.index < first {
+                        self.entries.clear();
+                    } else {
+                        // Conflict resolution: the later record wins, its suffix is gone.
+                        self.entries.truncate((entry.index - first) as usize);
+                    }
+                }
+                self.entries.push(entry);
+            }
+            RECORD_HARD_STATE => {
+                self.hard_state = HardState::parse_from_bytes(payload)
+                    .map_err(|e| format!("undecodable hard state: {e}"))?;
+            }
+            RECORD_SNAPSHOT => {
+                let marker = SnapshotMetadata::parse_from_bytes(payload)
+                    .map_err(|e| format!("undecodable snapshot marker: {e}"))?;
+                if let Some(first) = self.entries.first().map(|e| e.index) {
+                    let log_holds_marker = marker.index < first
+                        || self
+                            .entries
+                            .get((marker.index - first) as usize)
+                            .is_some_and(|e| e.term == marker.term);
+                    if !log_holds_marker {
+                        // A received snapshot replaced the whole log.
+                        self.entries.clear();
+                    }
+                }
+                self.snapshots.push(marker);
+            }
+            other => return Err(format!("unknown record type {other}")),
+        }
+        Ok(())
+    }
+}
+
+/// Sector size for torn-write detection (the smallest a disk writes atomically).
+pub(super) const SECTOR_BYTES: usize = 512;
+
+/// Whether `record`, which starts at byte `offset` of its file, has a piece within one disk
+/// sector that is all zeros.
+fn has_unwritten_sector(record: &[u8], offset: usize) -> bool {
+    let mut at = 0;
+    while at < record.len() {
+        let in_sector = SECTOR_BYTES - (offset + at) % SECTOR_BYTES;
+        let piece = &record[at..record.len().min(at + in_sector)];
+        if piece.iter().all(|b| *b == 0) {
+            return true;
+        }
+        at += piece.len();
+    }
+    false
+}
+
+/// Replays one segment into `contents`; in the last segment a torn tail is truncated away.
+/// Returns where its records end.
+pub(super) fn replay_segment(
+    segment: &Segment,
+    is_last: bool,
+    contents: &mut WalContents,
+) -> Result<u64, WalError> {
+    let data = fs::read(&segment.path).map_err(io_err("read", &segment.path))?;
+    let corrupt = |offset: usize, reason: String| WalError::Corrupt {
+        file: segment.path.clone(),
+        offset: offset as u64,
+        reason,
+    };
+    let mut offset = 0;
+    while offset < data.len() {
+        if data[offset..].iter().all(|b| *b == 0) {
+            // Preallocated space: the records end here.
+            break;
+        }
+        match decode_record(&data[offset..]) {
+            Ok((record_type, payload, len)) => {
+                contents
+                    .apply(record_type, payload)
+                    .map_err(|reason| corrupt(offset, reason))?;
+                offset += len;
+            }
+            Err(e) => {
+                let rest = &data[offset..];
+                let (torn, reason) = match e {
+                    DecodeError::Incomplete => (true, "record is incomplete".to_string()),
+                    // Torn if nothing was written after it (the file or the preallocated zeros
+                    // end there), or if a disk sector of it never reached the disk: blocks
+                    // written after the last sync reach the disk in any order (etcd's
+                    // `isTornEntry`). An all-zero header is such a sector too: it reads as an
+                    // empty record whose checksum cannot match.
+                    DecodeError::Checksum { end } => (
+                        rest[end..].iter().all(|b| *b == 0)
+                            || has_unwritten_sector(&rest[..end], offset),
+                        "checksum mismatch".to_string(),
+                    ),
+                };
+                if !(is_last && torn) {
+                    return Err(corrupt(offset, reason));
+                }
+                tracing::warn!(
+                    path = %segment.path.display(),
+                    offset,
+                    dropped_bytes = rest.len(),
+                    "truncating torn record at the end of the WAL ({reason})"
+                );
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(&segment.path)
+                    .map_err(io_err("open", &segment.path))?;
+                file.set_len(offset as u64)
+                    .map_err(io_err("truncate", &segment.path))?;
+                file.sync_all().map_err(io_err("fsync", &segment.path))?;
+                break;
+            }
+        }
+    }
+    Ok(offset as u64)
+}

@@ -1,0 +1,367 @@
+//! The WAL through its own API: round trips, rotation, torn tails and corruption.
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+
+use raft::eraftpb::{ConfState, Entry, HardState, SnapshotMetadata};
+
+use super::record::{encode_message, RECORD_ENTRY, RECORD_HEADER_LEN};
+use super::replay::SECTOR_BYTES;
+use super::segment::parse_segment_name;
+use super::writer::PREALLOCATE_BYTES;
+use super::{Wal, WalError, DEFAULT_SEGMENT_SIZE_BYTES};
+
+fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
+    Entry {
+        index,
+        term,
+        data: data.to_vec().into(),
+        ..Default::default()
+    }
+}
+
+fn hard_state(term: u64, vote: u64, commit: u64) -> HardState {
+    HardState {
+        term,
+        vote,
+        commit,
+        ..Default::default()
+    }
+}
+
+fn marker(index: u64, term: u64) -> SnapshotMetadata {
+    SnapshotMetadata {
+        index,
+        term,
+        conf_state: Some(ConfState::from((vec![1], vec![]))).into(),
+        ..Default::default()
+    }
+}
+
+fn bootstrap() -> SnapshotMetadata {
+    let mut m = SnapshotMetadata::default();
+    m.set_conf_state(ConfState::from((vec![1, 2, 3], vec![])));
+    m
+}
+
+fn indexes_terms(entries: &[Entry]) -> Vec<(u64, u64)> {
+    entries.iter().map(|e| (e.index, e.term)).collect()
+}
+
+#[test]
+fn round_trip_and_conflicting_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wal = Wal::create(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES, &bootstrap()).unwrap();
+    let first: Vec<Entry> = (1..=10).map(|i| entry(i, 1, b"a")).collect();
+    wal.save(None, &first, Some(&hard_state(1, 1, 5))).unwrap();
+    // A new leader overwrites 6..=10 with 6..=7 at term 2.
+    let second = vec![entry(6, 2, b"b"), entry(7, 2, b"c")];
+    wal.save(None, &second, Some(&hard_state(2, 2, 7))).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+
+    let (_wal, contents) = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap();
+    let mut expected: Vec<(u64, u64)> = (1..=5).map(|i| (i, 1)).collect();
+    expected.extend([(6, 2), (7, 2)]);
+    assert_eq!(indexes_terms(&contents.entries), expected);
+    assert_eq!(&contents.entries[6].data[..], b"c");
+    assert_eq!(contents.hard_state, hard_state(2, 2, 7));
+    assert_eq!(contents.snapshots.len(), 1);
+    assert_eq!(contents.snapshots[0].get_conf_state().voters, vec![1, 2, 3]);
+}
+
+#[test]
+fn torn_tail_is_truncated_and_next_append_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wal = Wal::create(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES, &bootstrap()).unwrap();
+    let entries: Vec<Entry> = (1..=3).map(|i| entry(i, 1, b"payload")).collect();
+    wal.save(None, &entries, Some(&hard_state(1, 1, 3)))
+        .unwrap();
+    wal.sync().unwrap();
+    let path = wal.segment_paths()[0].clone();
+    let good_len = wal.records_end();
+    drop(wal);
+    assert!(
+        fs::metadata(&path).unwrap().len() > good_len,
+        "preallocated"
+    );
+
+    // A crash in the middle of writing entry 4: only part of its record reached the disk.
+    let mut torn = Vec::new();
+    encode_message(&mut torn, RECORD_ENTRY, "entry", &entry(4, 1, b"lost")).unwrap();
+    let file = OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&torn[..torn.len() - 3], good_len)
+        .unwrap();
+    drop(file);
+
+    let (mut wal, contents) = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap();
+    assert_eq!(
+        indexes_terms(&contents.entries),
+        vec![(1, 1), (2, 1), (3, 1)]
+    );
+    assert_eq!(fs::metadata(&path).unwrap().len(), good_len);
+
+    wal.save(None, &[entry(4, 1, b"again")], None).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    let (_wal, contents) = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap();
+    assert_eq!(contents.entries.len(), 4);
+    assert_eq!(&contents.entries[3].data[..], b"again");
+}
+
+#[test]
+fn torn_tail_with_bad_checksum_is_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wal = Wal::create(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES, &bootstrap()).unwrap();
+    wal.save(None, &[entry(1, 1, b"one"), entry(2, 1, b"two")], None)
+        .unwrap();
+    wal.sync().unwrap();
+    let path = wal.segment_paths()[0].clone();
+    let end = wal.records_end() as usize;
+    drop(wal);
+    // The last record's payload was only partly overwritten on disk.
+    let mut data = fs::read(&path).unwrap();
+    data[end - 1] ^= 0xff;
+    fs::write(&path, &data).unwrap();
+
+    let (_wal, contents) = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap();
+    assert_eq!(indexes_terms(&contents.entries), vec![(1, 1)]);
+}
+
+#[test]
+fn a_record_with_a_sector_that_never_reached_the_disk_is_torn() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wal = Wal::create(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES, &bootstrap()).unwrap();
+    wal.save(None, &[entry(1, 1, b"one")], None).unwrap();
+    wal.sync().unwrap();
+    let start = wal.records_end() as usize;
+    // Entry 2 spans several sectors; entry 3 follows it.
+    let records = [entry(2, 1, &[7u8; 2000]), entry(3, 1, b"three")];
+    wal.save(None, &records, None).unwrap();
+    let path = wal.segment_paths()[0].clone();
+    drop(wal);
+
+    // The crash lost one sector in the middle of entry 2 but kept entry 3.
+    let mut data = fs::read(&path).unwrap();
+    let hole = (start / SECTOR_BYTES + 2) * SECTOR_BYTES;
+    data[hole..hole + SECTOR_BYTES].fill(0);
+    fs::write(&path, &data).unwrap();
+    let (_wal, contents) = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap();
+    assert_eq!(indexes_terms(&contents.entries), vec![(1, 1)]);
+    assert_eq!(fs::metadata(&path).unwrap().len(), start as u64);
+
+    // A flipped byte without a zeroed sector is corruption, not a torn write.
+    let mut wal = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap().0;
+    wal.save(None, &records, None).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    let mut data = fs::read(&path).unwrap();
+    data[start + 1000] ^= 0xff;
+    fs::write(&path, &data).unwrap();
+    let err = match Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES) {
+        Ok(_) => panic!("a corrupt record must stop the open"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, WalError::Corrupt { offset, .. } if offset == start as u64));
+}
+
+#[test]
+fn preallocated_zeros_end_the_records_and_appends_continue_after_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wal = Wal::create(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES, &bootstrap()).unwrap();
+    wal.save(None, &[entry(1, 1, b"one")], None).unwrap();
+    wal.sync().unwrap();
+    let path = wal.segment_paths()[0].clone();
+    let first_end = wal.records_end();
+    drop(wal);
+    assert_eq!(
+        fs::metadata(&path).unwrap().len(),
+        first_end + PREALLOCATE_BYTES
+    );
+
+    // Reopened, it writes after its records, inside the preallocated space.
+    let (mut wal, contents) = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap();
+    assert_eq!(indexes_terms(&contents.entries), vec![(1, 1)]);
+    assert_eq!(wal.records_end(), first_end);
+    wal.save(None, &[entry(2, 1, b"two")], None).unwrap();
+    wal.sync().unwrap();
+    let end = wal.records_end();
+    drop(wal);
+    let len = fs::metadata(&path).unwrap().len();
+    assert_eq!(
+        len,
+        first_end + PREALLOCATE_BYTES,
+        "written in place, not extended"
+    );
+
+    // A crash left a block written after a hole that never reached the disk: the hole ends
+    // the records and what follows it is cut off, so it can never be read back later.
+    let file = OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(b"stale block", end + 4096).unwrap();
+    drop(file);
+    let (mut wal, contents) = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap();
+    assert_eq!(indexes_terms(&contents.entries), vec![(1, 1), (2, 1)]);
+    assert_eq!(fs::metadata(&path).unwrap().len(), end);
+    wal.save(None, &[entry(3, 1, b"three")], None).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    let (_wal, contents) = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap();
+    assert_eq!(
+        indexes_terms(&contents.entries),
+        vec![(1, 1), (2, 1), (3, 1)]
+    );
+}
+
+#[test]
+fn corrupt_middle_record_names_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wal = Wal::create(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES, &bootstrap()).unwrap();
+    let path = wal.segment_paths()[0].clone();
+    let offset_of_first_entry = fs::metadata(&path).unwrap().len();
+    let entries: Vec<Entry> = (1..=5).map(|i| entry(i, 1, b"value")).collect();
+    wal.save(None, &entries, None).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+
+    let mut data = fs::read(&path).unwrap();
+    // Flip a payload byte of the first entry record; valid records follow it.
+    data[offset_of_first_entry as usize + RECORD_HEADER_LEN + 2] ^= 0x55;
+    fs::write(&path, &data).unwrap();
+
+    let err = match Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES) {
+        Err(err) => err,
+        Ok(_) => panic!("a corrupt middle record must not open"),
+    };
+    match &err {
+        WalError::Corrupt { file, offset, .. } => {
+            assert_eq!(file, &path);
+            assert_eq!(*offset, offset_of_first_entry);
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+    let message = err.to_string();
+    assert!(message.contains(&path.display().to_string()), "{message}");
+    assert!(
+        message.contains(&format!("byte offset {offset_of_first_entry}")),
+        "{message}"
+    );
+    // The file was not "repaired" behind the operator's back.
+    assert_eq!(fs::read(&path).unwrap(), data);
+}
+
+#[test]
+fn corrupt_record_in_older_segment_is_an_error_even_at_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wal = Wal::create(dir.path(), 200, &bootstrap()).unwrap();
+    for i in 1..=20 {
+        wal.save(None, &[entry(i, 1, &[7; 40])], None).unwrap();
+    }
+    wal.sync().unwrap();
+    let segments = wal.segment_paths();
+    assert!(segments.len() > 2, "{segments:?}");
+    drop(wal);
+    let first = &segments[0];
+    let mut data = fs::read(first).unwrap();
+    let last = data.len() - 1;
+    data[last] ^= 0xff;
+    fs::write(first, &data).unwrap();
+    let err = Wal::open(dir.path(), 200).err().expect("must fail");
+    assert!(
+        matches!(&err, WalError::Corrupt { file, .. } if file == first),
+        "{err}"
+    );
+}
+
+#[test]
+fn rotation_release_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wal = Wal::create(dir.path(), 512, &bootstrap()).unwrap();
+    for i in 1..=100 {
+        wal.save(None, &[entry(i, 1, &[1; 32])], Some(&hard_state(1, 1, i)))
+            .unwrap();
+    }
+    wal.sync().unwrap();
+    let before = wal.segment_paths();
+    assert!(before.len() > 5, "{} segments", before.len());
+
+    wal.save_snapshot_marker(&marker(60, 1)).unwrap();
+    wal.sync().unwrap();
+    let released = wal.release_to(60).unwrap();
+    assert!(released > 0);
+    let after = wal.segment_paths();
+    assert_eq!(after.len(), before.len() - released);
+    for removed in &before[..released] {
+        assert!(!removed.exists());
+    }
+    // The oldest kept segment still holds entry 60.
+    let (_, first_kept) =
+        parse_segment_name(after[0].file_name().unwrap().to_str().unwrap()).unwrap();
+    assert!(first_kept <= 60);
+    drop(wal);
+
+    let (_wal, contents) = Wal::open(dir.path(), 512).unwrap();
+    assert!(contents.entries.first().unwrap().index <= 60);
+    assert_eq!(contents.entries.last().unwrap().index, 100);
+    assert_eq!(contents.hard_state, hard_state(1, 1, 100));
+    assert_eq!(
+        contents.snapshots.last().map(|m| (m.index, m.term)),
+        Some((60, 1))
+    );
+}
+
+#[test]
+fn received_snapshot_marker_resets_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wal = Wal::create(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES, &bootstrap()).unwrap();
+    let entries: Vec<Entry> = (1..=5).map(|i| entry(i, 1, b"x")).collect();
+    wal.save(None, &entries, None).unwrap();
+    // A local snapshot of the log's own entry 3 keeps the log.
+    wal.save_snapshot_marker(&marker(3, 1)).unwrap();
+    // A snapshot received from a leader at index 50 replaces it.
+    wal.save(
+        Some(&marker(50, 4)),
+        &[entry(51, 4, b"y")],
+        Some(&hard_state(4, 0, 50)),
+    )
+    .unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+
+    let (_wal, contents) = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES).unwrap();
+    assert_eq!(indexes_terms(&contents.entries), vec![(51, 4)]);
+    let markers: Vec<(u64, u64)> = contents
+        .snapshots
+        .iter()
+        .map(|m| (m.index, m.term))
+        .collect();
+    assert_eq!(markers, vec![(0, 0), (3, 1), (50, 4)]);
+}
+
+#[test]
+fn gap_in_entries_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wal = Wal::create(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES, &bootstrap()).unwrap();
+    wal.save(None, &[entry(1, 1, b"a"), entry(3, 1, b"c")], None)
+        .unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    let err = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES)
+        .err()
+        .expect("must fail");
+    assert!(err.to_string().contains("does not follow"), "{err}");
+}
+
+#[test]
+fn missing_segment_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wal = Wal::create(dir.path(), 200, &bootstrap()).unwrap();
+    for i in 1..=20 {
+        wal.save(None, &[entry(i, 1, &[7; 40])], None).unwrap();
+    }
+    wal.sync().unwrap();
+    let segments = wal.segment_paths();
+    drop(wal);
+    fs::remove_file(&segments[1]).unwrap();
+    let err = Wal::open(dir.path(), 200).err().expect("must fail");
+    assert!(err.to_string().contains("sequence gap"), "{err}");
+}
