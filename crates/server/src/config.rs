@@ -2,12 +2,13 @@
 //! from them.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::{Parser, ValueEnum};
 use sha1::{Digest, Sha1};
+
+use crate::urls;
 
 /// Which storage engine holds the data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -128,6 +129,21 @@ pub struct Config {
     pub log_format: String,
 }
 
+impl Config {
+    /// Checks every URL flag (etcd's rules, see `urls`); errors name the flag.
+    pub fn check_urls(&self) -> Result<()> {
+        urls::parse_all("--listen-client-urls", &self.listen_client_urls)?;
+        urls::parse_all("--advertise-client-urls", &self.advertise_client_urls)?;
+        urls::parse_tcp("--listen-peer-urls", &self.listen_peer_urls)?;
+        urls::parse_tcp(
+            "--initial-advertise-peer-urls",
+            &self.initial_advertise_peer_urls,
+        )?;
+        self.initial_members()?;
+        Ok(())
+    }
+}
+
 /// One member of the initial cluster.
 #[derive(Debug, Clone)]
 pub struct InitialMember {
@@ -160,7 +176,7 @@ impl Config {
             let (name, url) = part
                 .split_once('=')
                 .ok_or_else(|| anyhow!("--initial-cluster: {part:?} is not name=url"))?;
-            parse_url(url).with_context(|| format!("--initial-cluster member {name}"))?;
+            crate::urls::parse_tcp("--initial-cluster", &[url.to_string()])?;
             by_name
                 .entry(name.to_string())
                 .or_default()
@@ -209,19 +225,6 @@ pub fn cluster_id(member_ids: &[u64]) -> u64 {
     u64::from_be_bytes(digest[..8].try_into().expect("sha1 is 20 bytes"))
 }
 
-/// `http://host:port` → a socket address (`localhost` → 127.0.0.1).
-pub fn parse_url(url: &str) -> Result<SocketAddr> {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| anyhow!("{url:?}: URL must start with http:// or https://"))?;
-    let hostport = rest.trim_end_matches('/');
-    let hostport = hostport.replace("localhost", "127.0.0.1");
-    hostport
-        .parse()
-        .map_err(|_| anyhow!("{url:?}: expected http://IP:PORT"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,15 +238,41 @@ mod tests {
         assert_eq!(format!("{:x}", cluster_id(&[id])), "cdf818194e3a8c32");
     }
 
+    fn config(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("metastore").chain(args.iter().copied())).unwrap()
+    }
+
     #[test]
-    fn urls_parse() {
-        assert_eq!(parse_url("http://127.0.0.1:2379").unwrap().port(), 2379);
-        assert_eq!(
-            parse_url("http://localhost:2380/").unwrap().to_string(),
-            "127.0.0.1:2380"
+    fn every_url_flag_is_checked_and_errors_name_the_flag() {
+        let check = |args: &[&str]| config(args).check_urls().map_err(|e| format!("{e:#}"));
+        assert!(check(&[]).is_ok());
+        assert!(check(&[
+            "--listen-client-urls",
+            "http://127.0.0.1:2379,unix:///tmp/x.sock,https://[::1]:2379",
+            "--advertise-client-urls",
+            "http://etcd-0.etcd:2379",
+            "--initial-advertise-peer-urls",
+            "http://etcd-0.etcd:2380",
+            "--initial-cluster",
+            "default=http://etcd-0.etcd:2380,b=http://etcd-1.etcd:2380",
+        ])
+        .is_ok());
+        for (flag, bad) in [
+            ("--listen-client-urls", "http://127.0.0.1"),
+            ("--advertise-client-urls", "127.0.0.1:2379"),
+            ("--listen-peer-urls", "unix:///tmp/peer.sock"),
+            ("--initial-advertise-peer-urls", "ftp://a:1"),
+        ] {
+            let e = check(&[flag, bad]).unwrap_err();
+            assert!(e.starts_with(&format!("{flag}: ")), "{flag} {bad}: {e}");
+        }
+        let e = config(&["--initial-cluster", "default=http://a:1,b=http://b"])
+            .initial_members()
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("--initial-cluster: URL address does not have the form"),
+            "{e:#}"
         );
-        assert!(parse_url("127.0.0.1:2379").is_err());
-        assert!(parse_url("http://nohost").is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod boot;
 mod config;
 mod snapshot_cmd;
 mod tls;
+mod urls;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -205,6 +206,7 @@ async fn serve() -> Result<()> {
     }
     let cfg = Config::parse();
     init_logging(&cfg);
+    cfg.check_urls()?;
     // Before anything talks to peers (joining asks the running members).
     let client_tls = tls::client_side(&cfg)?;
     let peer_tls = tls::peer_side(&cfg)?;
@@ -227,12 +229,23 @@ async fn serve() -> Result<()> {
 
     // Bind the peer port before anything starts, so a taken port fails fast.
     let mut peer_listeners = Vec::new();
-    for url in &cfg.listen_peer_urls {
-        let addr = config::parse_url(url)?;
+    for url in urls::parse_tcp("--listen-peer-urls", &cfg.listen_peer_urls)? {
+        let urls::Bind::Tcp(addr) = url.bind("--listen-peer-urls")? else {
+            unreachable!("parse_tcp refuses unix URLs")
+        };
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("listening for peers on {url}"))?;
+            .with_context(|| format!("listening for peers on {}", url.text))?;
         peer_listeners.push((addr, listener));
+    }
+    // Bound before the raft node starts too, so that a taken port or a bad socket path fails
+    // before anything else happens.
+    let mut client_listeners = Vec::new();
+    for url in urls::parse_all("--listen-client-urls", &cfg.listen_client_urls)? {
+        let listener = Listener::bind(&url.bind("--listen-client-urls")?)
+            .await
+            .with_context(|| format!("listening for clients on {}", url.text))?;
+        client_listeners.push((url, listener));
     }
 
     let backend = open_backend(&cfg, &member_dir)?;
@@ -374,12 +387,8 @@ async fn serve() -> Result<()> {
                 }),
         ));
     }
-    for url in &cfg.listen_client_urls {
-        let addr = config::parse_url(url)?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening for clients on {url}"))?;
-        info!(address = %addr, "serving client requests");
+    for (url, listener) in client_listeners {
+        info!(address = %listener.address(), url = %url.text, "serving client requests");
         let kv = KvServer::new(KvService::new(ctx.clone())).max_decoding_message_size(max_recv);
         let maintenance =
             MaintenanceServer::new(MaintenanceService::new(ctx.clone(), backend.clone()));
@@ -393,21 +402,18 @@ async fn serve() -> Result<()> {
             .max_decoding_message_size(max_recv);
         let cluster = ClusterServer::new(ClusterService::new(ctx.clone()));
         let mut stop = stop_rx.clone();
-        // Small responses must not wait for Nagle's algorithm (40 ms with delayed ACKs).
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let mut builder = tonic::transport::Server::builder();
-        if url.starts_with("https://") {
+        if url.scheme.tls() {
             let tls = client_tls.clone().with_context(|| {
                 format!(
                     "TLS key/cert (--cert-file, --key-file) must be provided for client url \
-                     {url} with HTTPS scheme"
+                     {} with HTTPS scheme",
+                    url.text
                 )
             })?;
             builder = builder.tls_config(tls)?;
         }
-        servers.push(tokio::spawn(
-            builder
+        let router = builder
                 // Every call passes the auth layer: one place decides who may call what.
                 .layer(AuthLayer::new(ctx.clone()))
                 .add_service(kv)
@@ -418,11 +424,22 @@ async fn serve() -> Result<()> {
                 .add_service(AuthServer::new(AuthService::new(ctx.clone())))
                 .add_service(LockServer::new(LockService::new(&ctx, &watch_hub)))
                 .add_service(ElectionServer::new(ElectionService::new(&ctx, &watch_hub)))
-                .add_service(health_service.clone())
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                }),
-        ));
+                .add_service(health_service.clone());
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        servers.push(match listener {
+            Listener::Tcp(listener) => {
+                // Small responses must not wait for Nagle's algorithm (40 ms with delayed ACKs).
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+            }
+            Listener::Unix(listener, _) => {
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+            }
+        });
     }
 
     tokio::select! {
@@ -454,6 +471,38 @@ async fn serve() -> Result<()> {
     }
     raft.shutdown();
     Ok(())
+}
+
+/// A bound client listener: TCP, or a unix socket (`unix://` and `unixs://` URLs).
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+impl Listener {
+    async fn bind(bind: &urls::Bind) -> std::io::Result<Listener> {
+        Ok(match bind {
+            urls::Bind::Tcp(addr) => Listener::Tcp(tokio::net::TcpListener::bind(addr).await?),
+            urls::Bind::Unix(path) => {
+                // As etcd: a socket file left by an earlier run is replaced.
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+                Listener::Unix(tokio::net::UnixListener::bind(path)?, path.clone())
+            }
+        })
+    }
+
+    fn address(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
 }
 
 /// Keeps the gRPC health status in step with leadership: a member without a leader can serve
