@@ -408,7 +408,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         "build",
         "--release",
         "-p",
-        "metastore-server",
+        "metastore",
         "-p",
         "metastore-bench",
     ]);

@@ -120,7 +120,7 @@ fn build_server() -> Result<PathBuf> {
         "build",
         "--release",
         "--package",
-        "metastore-server",
+        "metastore",
         "--bin",
         "metastore",
     ]);

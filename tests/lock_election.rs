@@ -2,7 +2,7 @@
 //! engines, the same scenarios against Debian's etcd (so the expectations are etcd's), and a
 //! differential script comparing responses and error strings with etcd's.
 
-mod support;
+use crate::support;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -148,20 +148,7 @@ async fn lock_excludes_contenders(kind: Kind) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_excludes_contenders_memory_engine() {
-    lock_excludes_contenders(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_excludes_contenders_rocksdb_engine() {
-    lock_excludes_contenders(Kind::Rocks).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_excludes_contenders_etcd() {
-    lock_excludes_contenders(Kind::Etcd).await;
-}
+per_kind!(lock_excludes_contenders);
 
 /// A holder whose lease is not kept alive loses the lock when the lease expires; the waiter gets
 /// it only after the holder's key was deleted.
@@ -218,20 +205,7 @@ async fn lock_lease_expiry_releases(kind: Kind) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_lease_expiry_releases_memory_engine() {
-    lock_lease_expiry_releases(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_lease_expiry_releases_rocksdb_engine() {
-    lock_lease_expiry_releases(Kind::Rocks).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_lease_expiry_releases_etcd() {
-    lock_lease_expiry_releases(Kind::Etcd).await;
-}
+per_kind!(lock_lease_expiry_releases);
 
 /// A lock waiter or election candidate that gives up (the client cancels its call) leaves the
 /// queue: its key is deleted, so it never gets the lock or leadership later and does not hold up
@@ -298,20 +272,7 @@ async fn cancelled_waiters_leave_the_queue(kind: Kind) {
     assert_eq!(error_line(err), "Unknown: election: no leader");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancelled_waiters_leave_the_queue_memory_engine() {
-    cancelled_waiters_leave_the_queue(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancelled_waiters_leave_the_queue_rocksdb_engine() {
-    cancelled_waiters_leave_the_queue(Kind::Rocks).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancelled_waiters_leave_the_queue_etcd() {
-    cancelled_waiters_leave_the_queue(Kind::Etcd).await;
-}
+per_kind!(cancelled_waiters_leave_the_queue);
 
 /// A waiter whose own lease expires while it waits is told so when the lock frees up: etcd
 /// 3.5+'s `mutex: session is expired` (etcd 3.4 answered success, for a key that no longer
@@ -349,15 +310,7 @@ async fn lock_waiter_lease_expiry_fails(kind: Kind) {
     assert_eq!(error_line(err), "Unknown: mutex: session is expired");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_waiter_lease_expiry_fails_memory_engine() {
-    lock_waiter_lease_expiry_fails(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_waiter_lease_expiry_fails_rocksdb_engine() {
-    lock_waiter_lease_expiry_fails(Kind::Rocks).await;
-}
+per_engine!(lock_waiter_lease_expiry_fails);
 
 /// Observes election `name` from a task (etcd sends the stream's headers only with its first
 /// message, so the call itself waits for a leader there) and hands on (key, value) pairs.
@@ -515,20 +468,7 @@ async fn election_three_candidates(kind: Kind) {
     assert_eq!(observed(&mut observations).await, pair(&k4, "v4"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn election_three_candidates_memory_engine() {
-    election_three_candidates(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn election_three_candidates_rocksdb_engine() {
-    election_three_candidates(Kind::Rocks).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn election_three_candidates_etcd() {
-    election_three_candidates(Kind::Etcd).await;
-}
+per_kind!(election_three_candidates);
 
 /// One script of Lock and Election calls, success and failure, as comparable lines: headers'
 /// revisions, keys (a server-chosen lease id shown as `<lease>`), values and error strings.
@@ -716,24 +656,5 @@ async fn script(server: &Server) -> Vec<String> {
     out
 }
 
-async fn compare_with_etcd(kind: Kind) {
-    let etcd = Server::start(Kind::Etcd).await;
-    let expected = script(&etcd).await;
-    drop(etcd);
-    let ours = Server::start(kind).await;
-    let got = script(&ours).await;
-    if std::env::var_os("METASTORE_DIFF_DUMP").is_some() {
-        eprintln!("{}", got.join("\n"));
-    }
-    assert_eq!(got, expected, "MetaStore (left) differs from etcd (right)");
-}
+differential!(script);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_and_election_match_etcd_memory_engine() {
-    compare_with_etcd(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_and_election_match_etcd_rocksdb_engine() {
-    compare_with_etcd(Kind::Rocks).await;
-}

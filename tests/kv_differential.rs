@@ -2,7 +2,7 @@
 //! runs against real etcd and against MetaStore on each engine; the responses must match field by
 //! field, apart from the cluster id, member id and raft term in headers.
 
-mod support;
+use crate::support;
 
 use metastore_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use metastore_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
@@ -12,7 +12,7 @@ use metastore_proto::etcdserverpb::{
     CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
     ResponseHeader, TxnRequest,
 };
-use support::{Kind, Server};
+use support::Server;
 
 /// One step of the script.
 #[derive(Clone, Debug)]
@@ -426,37 +426,5 @@ async fn run(server: &Server) -> Vec<String> {
     out
 }
 
-async fn compare_with_etcd(kind: Kind) {
-    let etcd = Server::start(Kind::Etcd).await;
-    let expected = run(&etcd).await;
-    drop(etcd);
-    let ours = Server::start(kind).await;
-    let got = run(&ours).await;
-    if std::env::var_os("METASTORE_DIFF_DUMP").is_some() {
-        eprintln!("{}", got.join("\n"));
-    }
-    let mut mismatches = Vec::new();
-    for (e, g) in expected.iter().zip(&got) {
-        if e != g {
-            mismatches.push(format!("etcd:      {e}\nmetastore: {g}"));
-        }
-    }
-    assert_eq!(expected.len(), got.len());
-    assert!(
-        mismatches.is_empty(),
-        "{} of {} steps differ from etcd:\n{}",
-        mismatches.len(),
-        expected.len(),
-        mismatches.join("\n\n")
-    );
-}
+differential!(run);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kv_matches_etcd_memory_engine() {
-    compare_with_etcd(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kv_matches_etcd_rocksdb_engine() {
-    compare_with_etcd(Kind::Rocks).await;
-}

@@ -2,7 +2,7 @@
 //! restarted, several times. Every acknowledged write must be there afterwards, and no
 //! unacknowledged write may appear half-applied (each write is a two-key transaction).
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

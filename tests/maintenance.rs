@@ -2,7 +2,7 @@
 //! MetaStore's generated gRPC client) on both engines, and HashKV compared with real etcd for the
 //! same scripted history.
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -21,13 +21,13 @@ use tonic::Code;
 
 const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
 
-/// etcdctl with a scheme-less endpoint: etcdctl 3.4 dials the per-endpoint commands (`endpoint
-/// status`, `defrag`, `snapshot save`, …) with the endpoint string as the HTTP/2 `:authority`,
-/// which for `http://host:port` is invalid and refused by MetaStore's HTTP/2 server.
+/// etcdctl with the endpoint as etcd's documentation writes it, `http://127.0.0.1:PORT` (for the
+/// per-endpoint commands, `endpoint status`, `defrag`, `snapshot save`, …, etcdctl 3.4 sends that
+/// string as the HTTP/2 `:authority`).
 fn etcdctl_run(server: &Server, args: &[&str]) -> Output {
     Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints=127.0.0.1:{}", server.client_port))
+        .arg(format!("--endpoints={}", server.endpoint()))
         .args(args)
         .output()
         .expect("etcdctl (installed by `cargo xtask test`)")
@@ -110,15 +110,7 @@ async fn endpoint_status(kind: Kind) {
     assert_eq!(status.header.unwrap().revision, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn endpoint_status_memory_engine() {
-    endpoint_status(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn endpoint_status_rocksdb_engine() {
-    endpoint_status(Kind::Rocks).await;
-}
+per_engine!(endpoint_status);
 
 /// What HashKV answered at one revision: `(hash, compact_revision, header revision)` or the
 /// error's code and message.
@@ -327,15 +319,7 @@ async fn nospace_alarm(kind: Kind) {
     assert_eq!(etcdctl(&server, &["put", "small", "v"]), "OK\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nospace_alarm_memory_engine() {
-    nospace_alarm(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nospace_alarm_rocksdb_engine() {
-    nospace_alarm(Kind::Rocks).await;
-}
+per_engine!(nospace_alarm);
 
 async fn corrupt_alarm(kind: Kind) {
     let server = Server::start(kind).await;
@@ -390,15 +374,7 @@ impl IntoRange for PutRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupt_alarm_memory_engine() {
-    corrupt_alarm(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupt_alarm_rocksdb_engine() {
-    corrupt_alarm(Kind::Rocks).await;
-}
+per_engine!(corrupt_alarm);
 
 async fn defrag_while_writing(kind: Kind) {
     let server = Server::start(kind).await;
@@ -444,15 +420,7 @@ async fn defrag_while_writing(kind: Kind) {
     assert_eq!(count, 100);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn defrag_memory_engine() {
-    defrag_while_writing(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn defrag_rocksdb_engine() {
-    defrag_while_writing(Kind::Rocks).await;
-}
+per_engine!(defrag_while_writing);
 
 async fn snapshot_save(kind: Kind) {
     let server = Server::start(kind).await;
@@ -537,15 +505,7 @@ async fn snapshot_save(kind: Kind) {
     assert_eq!(json_u64(&json, "hash"), u64::from(backend_hash), "{json}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snapshot_save_memory_engine() {
-    snapshot_save(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snapshot_save_rocksdb_engine() {
-    snapshot_save(Kind::Rocks).await;
-}
+per_engine!(snapshot_save);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn move_leader_single_member() {
@@ -619,15 +579,7 @@ async fn etcd_client_maintenance(kind: Kind) {
     metastore_maintenance_api::snapshot::verify_file(&path).expect("trailing SHA-256 matches");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_client_maintenance_memory_engine() {
-    etcd_client_maintenance(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_client_maintenance_rocksdb_engine() {
-    etcd_client_maintenance(Kind::Rocks).await;
-}
+per_engine!(etcd_client_maintenance);
 
 /// `metastore snapshot restore`: a snapshot of a single member becomes a new 3-member cluster
 /// whose members run different engines; the data, HashKV and revision carry over, the

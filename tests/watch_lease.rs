@@ -1,7 +1,7 @@
 //! Watch and Lease through real clients (the `etcd-client` crate and `etcdctl`) against a real
 //! MetaStore process, on both engines.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -109,15 +109,7 @@ async fn watch_with_etcd_client(kind: Kind) {
     assert_eq!(compacted.compact_revision(), 5);
 }
 
-#[tokio::test]
-async fn watch_etcd_client_memory_engine() {
-    watch_with_etcd_client(Kind::Memory).await;
-}
-
-#[tokio::test]
-async fn watch_etcd_client_rocksdb_engine() {
-    watch_with_etcd_client(Kind::Rocks).await;
-}
+per_kind!(watch_with_etcd_client);
 
 async fn lease_with_etcd_client(kind: Kind) {
     let server = Server::start(kind).await;
@@ -222,15 +214,7 @@ async fn lease_with_etcd_client(kind: Kind) {
     );
 }
 
-#[tokio::test]
-async fn lease_etcd_client_memory_engine() {
-    lease_with_etcd_client(Kind::Memory).await;
-}
-
-#[tokio::test]
-async fn lease_etcd_client_rocksdb_engine() {
-    lease_with_etcd_client(Kind::Rocks).await;
-}
+per_kind!(lease_with_etcd_client);
 
 /// Polls until `key` is gone; returns how long that took.
 async fn wait_gone(client: &mut Client, key: &str, limit: Duration) -> Duration {
@@ -291,15 +275,7 @@ async fn lease_expiry_also_across_restart(kind: Kind) {
     );
 }
 
-#[tokio::test]
-async fn lease_expiry_memory_engine() {
-    lease_expiry_also_across_restart(Kind::Memory).await;
-}
-
-#[tokio::test]
-async fn lease_expiry_rocksdb_engine() {
-    lease_expiry_also_across_restart(Kind::Rocks).await;
-}
+per_engine!(lease_expiry_also_across_restart);
 
 /// 10,000 watchers on one range (10 streams of 1,000) and a burst of writes: every watcher gets
 /// every event exactly once, in revision order, however far its stream fell behind.
@@ -466,31 +442,7 @@ async fn etcdctl_watch_and_lease(kind: Kind) {
     );
 }
 
-#[tokio::test]
-async fn etcdctl_watch_and_lease_memory_engine() {
-    etcdctl_watch_and_lease(Kind::Memory).await;
-}
-
-#[tokio::test]
-async fn etcdctl_watch_and_lease_rocksdb_engine() {
-    etcdctl_watch_and_lease(Kind::Rocks).await;
-}
-
-/// The same script against real etcd: the expected outputs above are etcd's.
-#[tokio::test]
-async fn etcdctl_watch_and_lease_real_etcd() {
-    etcdctl_watch_and_lease(Kind::Etcd).await;
-}
-
-#[tokio::test]
-async fn watch_etcd_client_real_etcd() {
-    watch_with_etcd_client(Kind::Etcd).await;
-}
-
-#[tokio::test]
-async fn lease_etcd_client_real_etcd() {
-    lease_with_etcd_client(Kind::Etcd).await;
-}
+per_kind!(etcdctl_watch_and_lease);
 
 /// `etcdctl lock` is clientv3's lock recipe (a lease-bound key, Txn, and a watch on the key ahead
 /// of it). Two clients compete; their critical sections never overlap.
@@ -544,15 +496,7 @@ async fn etcdctl_lock_mutual_exclusion(kind: Kind) {
     }
 }
 
-#[tokio::test]
-async fn etcdctl_lock_memory_engine() {
-    etcdctl_lock_mutual_exclusion(Kind::Memory).await;
-}
-
-#[tokio::test]
-async fn etcdctl_lock_rocksdb_engine() {
-    etcdctl_lock_mutual_exclusion(Kind::Rocks).await;
-}
+per_kind!(etcdctl_lock_mutual_exclusion);
 
 /// The leader is the candidate whose key was created first.
 const LEADER_QUERY: [&str; 8] = [
@@ -627,25 +571,7 @@ async fn etcdctl_elect_one_leader(kind: Kind) {
     let _ = second.wait();
 }
 
-#[tokio::test]
-async fn etcdctl_elect_memory_engine() {
-    etcdctl_elect_one_leader(Kind::Memory).await;
-}
-
-#[tokio::test]
-async fn etcdctl_elect_rocksdb_engine() {
-    etcdctl_elect_one_leader(Kind::Rocks).await;
-}
-
-#[tokio::test]
-async fn etcdctl_lock_real_etcd() {
-    etcdctl_lock_mutual_exclusion(Kind::Etcd).await;
-}
-
-#[tokio::test]
-async fn etcdctl_elect_real_etcd() {
-    etcdctl_elect_one_leader(Kind::Etcd).await;
-}
+per_kind!(etcdctl_elect_one_leader);
 
 /// `--experimental-watch-progress-notify-interval`: a watcher created with progress_notify gets
 /// empty responses carrying the current revision.

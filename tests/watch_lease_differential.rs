@@ -4,7 +4,7 @@
 //! remaining TTL, which depends on timing and is compared as "positive", and the order of
 //! attached keys and of responses to different watchers, which etcd leaves to Go map order).
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use metastore_proto::etcdserverpb::{
     ResponseHeader, TxnRequest, WatchCancelRequest, WatchCreateRequest, WatchProgressRequest,
     WatchRequest, WatchResponse,
 };
-use support::{Kind, Server};
+use support::Server;
 use tokio::sync::mpsc;
 use tonic::Streaming;
 
@@ -276,38 +276,5 @@ async fn run(server: &Server) -> Vec<String> {
     out
 }
 
-async fn compare_with_etcd(kind: Kind) {
-    let etcd = Server::start(Kind::Etcd).await;
-    let expected = run(&etcd).await;
-    drop(etcd);
-    let ours = Server::start(kind).await;
-    let got = run(&ours).await;
-    if std::env::var_os("METASTORE_DIFF_DUMP").is_some() {
-        eprintln!("{}", got.join("\n"));
-    }
-    let mismatches: Vec<String> = expected
-        .iter()
-        .zip(&got)
-        .filter(|(e, g)| e != g)
-        .map(|(e, g)| format!("etcd:      {e}\nmetastore: {g}"))
-        .collect();
-    assert!(
-        mismatches.is_empty() && expected.len() == got.len(),
-        "{} of {} lines differ from etcd ({} vs {} lines):\n{}\n\netcd: {expected:#?}\nmetastore: {got:#?}",
-        mismatches.len(),
-        expected.len(),
-        expected.len(),
-        got.len(),
-        mismatches.join("\n\n")
-    );
-}
+differential!(run);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_and_lease_match_etcd_memory_engine() {
-    compare_with_etcd(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_and_lease_match_etcd_rocksdb_engine() {
-    compare_with_etcd(Kind::Rocks).await;
-}

@@ -1,5 +1,6 @@
-//! The `metastore` binary: parses etcd's flags, opens the storage engine, starts the raft node
-//! and serves etcd's gRPC API. Thin by design: the other crates do the work.
+//! The server: parses etcd's flags, opens the storage engine, starts the raft node and serves
+//! etcd's gRPC API ([`main`]). The `metastore` binary (the workspace's root package) is a call to
+//! it. Thin by design: the other crates do the work.
 
 mod boot;
 mod config;
@@ -35,11 +36,6 @@ use metastore_storage::Backend;
 use tracing::info;
 
 use config::{Config, Engine};
-
-/// glibc's allocator spent 15–20% of a loaded leader's CPU in malloc/free; mimalloc's
-/// thread-local free lists suit the many small, short-lived allocations of the request path.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// mimalloc asks the kernel for transparent huge pages on its arenas (`madvise(MADV_HUGEPAGE)`).
 /// Then every fresh or purged-and-reused 4 KiB of heap costs a 2 MiB page to fault in and clear:
@@ -189,7 +185,9 @@ fn open_backend(cfg: &Config, member_dir: &Path) -> Result<Arc<dyn Backend>> {
     })
 }
 
-fn main() -> Result<()> {
+/// Runs `metastore` with the process's command line: a member (etcd's flags), or
+/// `metastore snapshot …`.
+pub fn main() -> Result<()> {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     // Responses finished together leave in one HTTP/2 write (see .cargo/config.toml).

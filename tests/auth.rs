@@ -5,7 +5,7 @@
 //! MetaStore deliberately follows etcd 3.5/3.6 (stricter lease, cluster and maintenance rules,
 //! nested txns checked) only MetaStore runs that part.
 
-mod support;
+use crate::support;
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -29,6 +29,16 @@ fn extra(kind: Kind, more: &[&str]) -> Vec<String> {
         flags.extend(BCRYPT.iter().map(|s| s.to_string()));
     }
     flags
+}
+
+
+/// A connected gRPC channel to `endpoint`.
+async fn connect(endpoint: &str) -> Channel {
+    Channel::from_shared(endpoint.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 async fn start(kind: Kind, more: &[&str]) -> Server {
@@ -269,20 +279,7 @@ async fn key_permissions(kind: Kind) {
     anon.get("/a/x", None).await.unwrap();
 }
 
-#[tokio::test]
-async fn key_permissions_memory() {
-    key_permissions(Kind::Memory).await;
-}
-
-#[tokio::test]
-async fn key_permissions_rocksdb() {
-    key_permissions(Kind::Rocks).await;
-}
-
-#[tokio::test]
-async fn key_permissions_etcd() {
-    key_permissions(Kind::Etcd).await;
-}
+per_kind!(key_permissions);
 
 /// What MetaStore checks beyond etcd 3.4, as etcd 3.5/3.6 do: nested txns, leases' keys,
 /// maintenance and cluster calls; state and rules survive a restart.
@@ -404,15 +401,7 @@ async fn stricter_rules_and_restart(kind: Kind) {
     assert_eq!(code(&e), Some(tonic::Code::Unauthenticated));
 }
 
-#[tokio::test]
-async fn stricter_rules_and_restart_memory() {
-    stricter_rules_and_restart(Kind::Memory).await;
-}
-
-#[tokio::test]
-async fn stricter_rules_and_restart_rocksdb() {
-    stricter_rules_and_restart(Kind::Rocks).await;
-}
+per_engine!(stricter_rules_and_restart);
 
 // ---- raw calls with a token: the rule table, token expiry ----
 
@@ -685,11 +674,7 @@ async fn token_of(channel: &Channel, user: &str, password: &str) -> String {
 
 /// AuthStatus as root.
 async fn auth_status(ep: &str) -> pb::AuthStatusResponse {
-    let channel = Channel::from_shared(ep.to_string())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(ep).await;
     let token = token_of(&channel, "root", "rootpw").await;
     let mut req = tonic::Request::new(pb::AuthStatusRequest {});
     req.metadata_mut().insert("token", token.parse().unwrap());
@@ -707,11 +692,7 @@ async fn every_rpc_follows_the_rule_table() {
     let server = start(Kind::Memory, &[]).await;
     let ep = server.endpoint();
     set_up_users(&ep).await;
-    let channel = Channel::from_shared(ep.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&ep).await;
     let root = token_of(&channel, "root", "rootpw").await;
     let carol = token_of(&channel, "carol", "carolpw").await;
     // A lease holding /k, for the lease rules.
@@ -774,10 +755,10 @@ async fn every_rpc_follows_the_rule_table() {
 #[test]
 fn the_rule_table_covers_every_served_method() {
     let protos = [
-        include_str!("../../../proto/etcd/api/etcdserverpb/rpc.proto"),
-        include_str!("../../../proto/etcd/server/etcdserver/api/v3lock/v3lockpb/v3lock.proto"),
+        include_str!("../proto/etcd/api/etcdserverpb/rpc.proto"),
+        include_str!("../proto/etcd/server/etcdserver/api/v3lock/v3lockpb/v3lock.proto"),
         include_str!(
-            "../../../proto/etcd/server/etcdserver/api/v3election/v3electionpb/v3election.proto"
+            "../proto/etcd/server/etcdserver/api/v3election/v3electionpb/v3election.proto"
         ),
     ];
     let mut missing = Vec::new();
@@ -808,7 +789,7 @@ fn the_rule_table_covers_every_served_method() {
         "methods missing from RPC_RULES: {missing:?}"
     );
     // docs/auth.md prints the table: every row, with its requirement.
-    let doc = include_str!("../../../docs/auth.md");
+    let doc = include_str!("../docs/auth.md");
     for (path, _, needs) in RPC_RULES {
         let row = format!("| `{path}` | {needs} |");
         assert!(doc.contains(&row), "docs/auth.md lacks the row {row}");
@@ -822,11 +803,7 @@ async fn tokens_expire() {
     let server = start(Kind::Memory, &["--auth-token-ttl", "2"]).await;
     let ep = server.endpoint();
     set_up_users(&ep).await;
-    let channel = Channel::from_shared(ep.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&ep).await;
     let token = token_of(&channel, "alice", "alicepw").await;
     let range = || {
         pb::RangeRequest {
@@ -865,11 +842,7 @@ async fn tokens_expire() {
     let server = start(Kind::Rocks, &["--auth-token", &spec]).await;
     let ep = server.endpoint();
     set_up_users(&ep).await;
-    let channel = Channel::from_shared(ep.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&ep).await;
     let token = token_of(&channel, "alice", "alicepw").await;
     assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
     call(&channel, Some(&token), "/etcdserverpb.KV/Range", range())
@@ -912,11 +885,7 @@ async fn authenticate_is_rate_limited_per_user() {
     let server = start(Kind::Memory, &[]).await;
     let ep = server.endpoint();
     set_up_users(&ep).await;
-    let channel = Channel::from_shared(ep.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&ep).await;
     let mut auth = pb::auth_client::AuthClient::new(channel.clone());
     let mut limited = 0;
     for _ in 0..40 {
@@ -976,7 +945,7 @@ fn failed(out: std::process::Output) -> String {
 #[tokio::test]
 async fn etcdctl_user_flags() {
     let server = start(Kind::Rocks, &[]).await;
-    let ep = format!("127.0.0.1:{}", server.client_port);
+    let ep = server.endpoint();
     ok(etcdctl(&ep, &["user", "add", "root:rootpw"]));
     // etcdctl's auth enable creates the root role and grants it when the server asks for it.
     ok(etcdctl(&ep, &["auth", "enable"]));
@@ -1246,11 +1215,7 @@ async fn three_members_peer_tls_and_revocation_everywhere() {
     root.put("/a/x", "replicated", None).await.unwrap();
     // A simple token issued through one member works on every member (each issued it when
     // applying the Authenticate entry).
-    let ch0 = Channel::from_shared(cluster.endpoint(0))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch0 = connect(&cluster.endpoint(0)).await;
     let token = token_of(&ch0, "alice", "alicepw").await;
     let range = pb::RangeRequest {
         key: b"/a/x".to_vec(),
@@ -1258,11 +1223,7 @@ async fn three_members_peer_tls_and_revocation_everywhere() {
     }
     .encode_to_vec();
     for i in 1..3 {
-        let ch = Channel::from_shared(cluster.endpoint(i))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let ch = connect(&cluster.endpoint(i)).await;
         call(&ch, Some(&token), "/etcdserverpb.KV/Range", range.clone())
             .await
             .unwrap_or_else(|e| panic!("member {i} refused member 0's token: {e:?}"));
@@ -1305,11 +1266,7 @@ async fn jwt_tokens_work_on_every_member() {
     )
     .await;
     set_up_users(&cluster.endpoint(0)).await;
-    let ch0 = Channel::from_shared(cluster.endpoint(0))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch0 = connect(&cluster.endpoint(0)).await;
     let token = token_of(&ch0, "bob", "bobpw").await;
     assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
     let put = pb::PutRequest {
@@ -1325,11 +1282,7 @@ async fn jwt_tokens_work_on_every_member() {
     }
     .encode_to_vec();
     for i in 0..3 {
-        let ch = Channel::from_shared(cluster.endpoint(i))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let ch = connect(&cluster.endpoint(i)).await;
         call(&ch, Some(&token), "/etcdserverpb.KV/Put", put.clone())
             .await
             .unwrap_or_else(|e| panic!("member {i} refused the token: {e:?}"));

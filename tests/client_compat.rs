@@ -2,7 +2,7 @@
 //! crate and etcd's own `etcdctl`. Also: after a restart, revisions continue where they stopped
 //! and history reads still work.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 
@@ -121,15 +121,7 @@ async fn etcd_client_roundtrip(kind: Kind) {
     assert_eq!(put.header().unwrap().revision(), rev_before_restart + 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_client_memory_engine() {
-    etcd_client_roundtrip(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_client_rocksdb_engine() {
-    etcd_client_roundtrip(Kind::Rocks).await;
-}
+per_engine!(etcd_client_roundtrip);
 
 fn etcdctl(server: &Server, args: &[&str], stdin: Option<&str>) -> String {
     use std::io::Write;
@@ -210,15 +202,7 @@ async fn etcdctl_commands(kind: Kind) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcdctl_memory_engine() {
-    etcdctl_commands(Kind::Memory).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcdctl_rocksdb_engine() {
-    etcdctl_commands(Kind::Rocks).await;
-}
+per_engine!(etcdctl_commands);
 
 /// The standard grpc.health.v1 service answers SERVING for the whole server once it has a leader,
 /// and NOT_FOUND for a service name it does not know.

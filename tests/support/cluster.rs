@@ -418,16 +418,11 @@ impl Cluster {
         timed(client.member_list(MemberListRequest::default())).await
     }
 
-    /// `etcdctl --endpoints=127.0.0.1:<client port of i> ARGS` with `ETCDCTL_API=3`.
-    /// (No `http://`: Debian's etcdctl 3.4 sends the endpoint as the HTTP/2 `:authority` in
-    /// some commands, which MetaStore's HTTP/2 layer refuses.)
+    /// `etcdctl --endpoints=http://127.0.0.1:<client port of i> ARGS` with `ETCDCTL_API=3`.
     pub fn etcdctl(&self, i: usize, args: &[&str]) -> Output {
         Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
-            .arg(format!(
-                "--endpoints=127.0.0.1:{}",
-                self.members[i].client_port
-            ))
+            .arg(format!("--endpoints={}", self.members[i].client_url()))
             .args(args)
             .stdin(Stdio::null())
             .output()

@@ -218,3 +218,26 @@ fn spawn(kind: Kind, data_dir: &Path, client_port: u16, peer_port: u16, extra: &
         panic!("starting {kind:?}: {e} (is etcd installed? `cargo xtask test` installs it)")
     })
 }
+
+/// Asserts that MetaStore printed the same lines as etcd, listing each line that differs
+/// (`METASTORE_DIFF_DUMP=1` prints MetaStore's lines too).
+pub fn assert_same_lines(etcd: &[String], metastore: &[String]) {
+    if std::env::var_os("METASTORE_DIFF_DUMP").is_some() {
+        eprintln!("{}", metastore.join("\n"));
+    }
+    let mismatches: Vec<String> = etcd
+        .iter()
+        .zip(metastore)
+        .filter(|(e, g)| e != g)
+        .map(|(e, g)| format!("etcd:      {e}\nmetastore: {g}"))
+        .collect();
+    assert!(
+        mismatches.is_empty() && etcd.len() == metastore.len(),
+        "{} of {} lines differ from etcd ({} against {} lines):\n{}\n\netcd: {etcd:#?}\nmetastore: {metastore:#?}",
+        mismatches.len(),
+        etcd.len(),
+        etcd.len(),
+        metastore.len(),
+        mismatches.join("\n\n")
+    );
+}

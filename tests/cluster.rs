@@ -2,7 +2,7 @@
 //! through etcdctl, and partitions. Every scenario is written once and run against real etcd
 //! (the reference) and MetaStore on both engines; each ends with `assert_converged`.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
@@ -13,31 +13,6 @@ use support::Kind;
 
 /// Bound of one put or get in a scenario.
 const CALL: Duration = Duration::from_secs(5);
-
-/// Runs a scenario `async fn NAME(kind: Kind)` as `NAME::etcd`, `NAME::memory` and
-/// `NAME::rocks`.
-macro_rules! per_kind {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn etcd() {
-                super::$scenario(Kind::Etcd).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                super::$scenario(Kind::Memory).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn rocks() {
-                super::$scenario(Kind::Rocks).await;
-            }
-        }
-    )*};
-}
 
 per_kind!(
     writes_through_any_member,

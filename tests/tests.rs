@@ -1,0 +1,18 @@
+//! The black-box tests: real `metastore` processes (either engine) and Debian's etcd, driven
+//! through real clients (etcdctl, the etcd-client crate, raw gRPC and raw HTTP/2). One test binary
+//! (as ripgrep's `tests/`): each module is one area, `support` starts servers and clusters, and
+//! `macros` runs one scenario against etcd and both engines.
+
+#[macro_use]
+mod macros;
+mod support;
+
+mod auth;
+mod client_compat;
+mod cluster;
+mod durability;
+mod kv_differential;
+mod lock_election;
+mod maintenance;
+mod watch_lease;
+mod watch_lease_differential;
