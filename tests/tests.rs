@@ -11,6 +11,7 @@ mod auth;
 mod client_compat;
 mod cluster;
 mod durability;
+mod endpoints;
 mod kv_differential;
 mod lock_election;
 mod maintenance;
