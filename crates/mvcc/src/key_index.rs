@@ -327,7 +327,7 @@ impl<'a> KeyRange<'a> {
 
 /// A key as the index stores it: up to 16 bytes inline, longer ones on the heap. The same size
 /// as a `Vec<u8>`, and ordered the same way (as byte strings).
-type IndexKey = SmallVec<[u8; 16]>;
+pub(crate) type IndexKey = SmallVec<[u8; 16]>;
 const _: () = assert!(std::mem::size_of::<IndexKey>() == std::mem::size_of::<Vec<u8>>());
 
 /// Every key's history, ordered by key.
@@ -401,6 +401,7 @@ impl Index {
     }
 
     /// Compact every key at `at_rev`; returns the revisions to keep on disk (etcd's `Compact`).
+    #[cfg(test)]
     pub(crate) fn compact(&mut self, at_rev: i64) -> HashSet<Revision> {
         let mut available = HashSet::new();
         self.keys.retain(|_, ki| {
@@ -408,6 +409,46 @@ impl Index {
             !ki.is_empty()
         });
         available
+    }
+
+    /// Compact at `at_rev` the first `limit` keys (at least one) after `after` (from the first
+    /// key when `None`), adding the revisions to keep on disk to `available`, and drop the keys
+    /// left without history. Returns the last key compacted, to pass as `after` next time, or
+    /// `None` once every key is done. Calling it until it answers `None` is [`Index::compact`]
+    /// in steps; puts and deletions in between (all after `at_rev`) do not change the outcome.
+    pub(crate) fn compact_some(
+        &mut self,
+        at_rev: i64,
+        after: Option<&[u8]>,
+        limit: usize,
+        available: &mut HashSet<Revision>,
+    ) -> Option<IndexKey> {
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let limit = limit.max(1);
+        let mut done = 0;
+        let mut last = None;
+        let mut emptied = Vec::new();
+        for (key, ki) in self
+            .keys
+            .range_mut::<[u8], _>((lower, Bound::Unbounded))
+            .take(limit)
+        {
+            ki.compact(at_rev, available);
+            if ki.is_empty() {
+                emptied.push(key.clone());
+            }
+            last = Some(key);
+            done += 1;
+        }
+        let last = last.cloned();
+        for key in emptied {
+            self.keys.remove(key.as_slice());
+        }
+        if done < limit {
+            None
+        } else {
+            last
+        }
     }
 
     /// The revisions a compaction at `at_rev` would keep on disk, without changing anything.
@@ -565,6 +606,48 @@ mod tests {
         assert_eq!(available, HashSet::from([r(5, 0)]));
         assert_eq!(idx.len(), 1);
         assert!(!idx.tombstone(b"zz", r(6, 0)));
+    }
+
+    #[test]
+    fn compaction_in_steps_equals_one_pass() {
+        let build = || {
+            let mut idx = Index::default();
+            let mut main = 2;
+            for round in 0..4 {
+                for k in 0..10u8 {
+                    let key = [b'k', k];
+                    if round == 3 && k == 0 {
+                        continue; // stays deleted: the compaction drops it from the index
+                    }
+                    if round == 2 && k % 3 == 0 {
+                        assert!(idx.tombstone(&key, r(main, 0)));
+                    } else {
+                        idx.put(&key, r(main, 0));
+                    }
+                    main += 1;
+                }
+            }
+            idx
+        };
+        let mut whole = build();
+        let expected = whole.compact(31);
+        for limit in [1, 3, 10, 11] {
+            let mut idx = build();
+            let mut available = HashSet::new();
+            let mut after = None;
+            let mut steps = 0;
+            loop {
+                steps += 1;
+                match idx.compact_some(31, after.as_deref(), limit, &mut available) {
+                    Some(last) => after = Some(last),
+                    None => break,
+                }
+            }
+            assert_eq!(available, expected, "limit {limit}");
+            assert_eq!(idx.keys, whole.keys, "limit {limit}");
+            assert_eq!(steps, 10 / limit + 1, "limit {limit}");
+            assert!(!idx.keys.contains_key(&b"k\0"[..]));
+        }
     }
 
     #[test]

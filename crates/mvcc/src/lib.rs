@@ -11,6 +11,11 @@
 //!   batch as every applied request), `scheduledCompactRev` and `finishedCompactRev` (encoded as
 //!   revision keys with sub revision 0).
 //!
+//! Threads: any number of readers; one apply thread calling [`Store::apply_write`] /
+//! [`Store::record_applied`]; and per store one compaction worker it owns, which deletes what a
+//! compaction supersedes in bounded batches in the background (module `compactor`; applying a
+//! Compact only schedules it).
+//!
 //! Also exposes etcd's request validation ([`check_range`], [`check_put`], [`check_delete`],
 //! [`check_txn`]) and the error strings etcd clients match on ([`MvccError::etcd_message`]).
 //!
@@ -20,6 +25,7 @@
 #![warn(missing_docs)]
 
 mod check;
+mod compactor;
 mod hash;
 mod key_index;
 mod revision;
@@ -27,6 +33,7 @@ mod store;
 mod txn;
 
 pub use check::{check_delete, check_put, check_range, check_txn};
+pub use compactor::CompactionConfig;
 pub use hash::HashKv;
 pub use revision::{Revision, REVISION_BYTES_LEN};
 pub use store::{Applied, Store, WriteRequest, WriteResponse};

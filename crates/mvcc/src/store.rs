@@ -1,16 +1,19 @@
-//! The [`Store`]: committed state, reads, the write path and compaction.
+//! The [`Store`]: committed state, reads, the write path and the apply-time half of
+//! compaction (the background half is in [`crate::compactor`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use metastore_proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
 use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
-use metastore_storage::{Backend, ReadView, ScanRange, Visit, WriteBatch, WriteOp};
+use metastore_storage::{Backend, ReadView, ScanRange, StorageError, Visit, WriteBatch, WriteOp};
 use parking_lot::{Mutex, RwLock, RwLockUpgradableReadGuard};
 
+use crate::compactor::{self, CompactionConfig, Compactor, Job};
 use crate::hash::{HashKv, KvHasher};
 use crate::key_index::{Index, KeyRange};
 use crate::revision::{main_prefix, Revision};
@@ -76,11 +79,38 @@ pub struct Applied {
     pub revision: i64,
 }
 
-struct State {
-    index: Index,
+pub(crate) struct State {
+    pub(crate) index: Index,
     current_rev: i64,
+    /// The revision of the last compaction applied (scheduled): reads below it fail, whether or
+    /// not the background job finished deleting.
     compact_rev: i64,
     consistent_index: u64,
+}
+
+/// What the store shares with its compaction worker.
+pub(crate) struct Inner {
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) state: RwLock<State>,
+    /// Hashes computed by compactions, answered by HashKV at their revision (etcd's hash storage).
+    compaction_hashes: Mutex<Vec<HashKv>>,
+    pub(crate) compactor: Compactor,
+}
+
+impl Inner {
+    /// Keep the hash a compaction at `rev` computed (with `prev` the compact revision before).
+    pub(crate) fn record_hash(&self, prev: i64, rev: i64, hash: u32) {
+        let mut hashes = self.compaction_hashes.lock();
+        hashes.push(HashKv {
+            hash,
+            compact_revision: prev,
+            hash_revision: rev,
+            current_revision: 0,
+        });
+        hashes.sort_by_key(|h| h.hash_revision);
+        let excess = hashes.len().saturating_sub(MAX_COMPACTION_HASHES);
+        hashes.drain(..excess);
+    }
 }
 
 /// etcd's MVCC key-value store over a [`Backend`].
@@ -89,18 +119,28 @@ struct State {
 /// single apply thread calls [`Store::apply_write`]. A reader sees the state after some whole
 /// write, never part of one: the index and the revision are published under a lock after the
 /// backend holds the write, and readers take their backend snapshot under the same lock.
+///
+/// Compaction runs on a worker thread the store owns (see [`crate::compactor`]): applying a
+/// Compact only schedules it. The worker stops when the store is dropped or
+/// [`Store::stop_compaction`] is called; a compaction it left unfinished is resumed by the next
+/// [`Store::open`] of the backend.
 pub struct Store {
-    backend: Arc<dyn Backend>,
-    state: RwLock<State>,
-    /// Hashes computed by compactions, answered by HashKV at their revision (etcd's hash storage).
-    compaction_hashes: Mutex<Vec<HashKv>>,
+    inner: Arc<Inner>,
+    /// The compaction worker, once a compaction was scheduled.
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.stop_compaction();
+    }
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let st = self.state.read();
+        let st = self.inner.state.read();
         f.debug_struct("Store")
-            .field("engine", &self.backend.engine_name())
+            .field("engine", &self.inner.backend.engine_name())
             .field("current_revision", &st.current_rev)
             .field("compact_revision", &st.compact_rev)
             .field("consistent_index", &st.consistent_index)
@@ -113,8 +153,17 @@ impl Store {
     /// index from the `key` bucket and restore the current revision (the highest main revision
     /// stored, at least the compact revision; 1 for an empty store, as in etcd), the compact
     /// revision and the consistent index. A compaction recorded as scheduled but not finished is
-    /// completed.
+    /// resumed in the background (its revision is the compact revision at once), with the
+    /// default [`CompactionConfig`].
     pub fn open(backend: Arc<dyn Backend>) -> Result<Store, MvccError> {
+        Store::open_with(backend, CompactionConfig::default())
+    }
+
+    /// [`Store::open`] with background compaction paced by `config`.
+    pub fn open_with(
+        backend: Arc<dyn Backend>,
+        config: CompactionConfig,
+    ) -> Result<Store, MvccError> {
         let view = backend.snapshot()?;
         let consistent_index = match view.get(META_BUCKET, CONSISTENT_INDEX_KEY)? {
             None => 0,
@@ -124,7 +173,9 @@ impl Store {
         };
         let finished = read_compact_mark(&*view, FINISHED_COMPACT_KEY)?;
         let scheduled = read_compact_mark(&*view, SCHEDULED_COMPACT_KEY)?;
-        let compact_rev = finished.unwrap_or(-1);
+        let finished = finished.unwrap_or(-1);
+        let resume = scheduled.filter(|s| *s > finished);
+        let compact_rev = resume.unwrap_or(finished);
 
         let mut index = Index::default();
         let mut current_rev = 1;
@@ -150,37 +201,98 @@ impl Store {
         drop(view);
 
         let store = Store {
-            backend,
-            state: RwLock::new(State {
-                index,
-                current_rev,
-                compact_rev,
-                consistent_index,
+            inner: Arc::new(Inner {
+                backend,
+                state: RwLock::new(State {
+                    index,
+                    current_rev,
+                    compact_rev,
+                    consistent_index,
+                }),
+                compaction_hashes: Mutex::new(Vec::new()),
+                compactor: Compactor::new(finished, config),
             }),
-            compaction_hashes: Mutex::new(Vec::new()),
+            worker: Mutex::new(None),
         };
-        if let Some(scheduled) = scheduled.filter(|s| *s > compact_rev) {
-            // etcd resumes an interrupted compaction on start and does not keep its hash.
-            let state = store.state.upgradable_read();
-            store.compact(state, scheduled, consistent_index, WriteBatch::new(), false)?;
+        if let Some(rev) = resume {
+            // etcd resumes an interrupted compaction on start and does not keep its hash: part
+            // of the history it covers may be gone already.
+            store.ensure_worker()?;
+            store.inner.compactor.enqueue(Job {
+                rev,
+                prev: finished,
+                record_hash: false,
+            });
         }
         Ok(store)
     }
 
+    /// Pace background compaction by `config` from its next step on.
+    pub fn set_compaction_config(&self, config: CompactionConfig) {
+        self.inner.compactor.set_config(config);
+    }
+
+    /// Stop the compaction worker after its current step and wait for it; compactions applied
+    /// later are not run by this store. What was left undone stays scheduled in the backend, so
+    /// the next [`Store::open`] of it resumes. Call before replacing the backend's content (a
+    /// snapshot restore): the worker must not write into it. Also done on drop.
+    pub fn stop_compaction(&self) {
+        self.inner.compactor.stop();
+        if let Some(worker) = self.worker.lock().take() {
+            // A panicking worker has nothing left to clean up.
+            let _ = worker.join();
+        }
+    }
+
+    /// Block until the compaction at `revision` (or a later one) has deleted everything it
+    /// supersedes: what etcd's Compact with `physical` waits for. `Ok(true)` once it has;
+    /// `Ok(false)` when this store will not run it (none at or above `revision` was applied, or
+    /// the worker was stopped: a store being replaced, whose successor resumes the compaction);
+    /// an error when the compaction failed. Never call it on the apply thread.
+    pub fn wait_compaction(&self, revision: i64) -> Result<bool, MvccError> {
+        self.inner.compactor.wait_finished(revision)
+    }
+
+    /// The revision of the last compaction that finished deleting (-1 when none): at most
+    /// [`Store::compact_revision`], lower while a compaction runs in the background.
+    pub fn finished_compact_revision(&self) -> i64 {
+        self.inner.compactor.finished()
+    }
+
+    /// Test hook: hold the compaction worker before its next step (`true`) or let it go on.
+    #[doc(hidden)]
+    pub fn pause_compaction(&self, paused: bool) {
+        self.inner.compactor.set_paused(paused);
+    }
+
+    /// Start the compaction worker unless it runs or was stopped.
+    fn ensure_worker(&self) -> Result<(), MvccError> {
+        let mut worker = self.worker.lock();
+        if worker.is_none() && !self.inner.compactor.is_stopped() {
+            let inner = Arc::clone(&self.inner);
+            let handle = std::thread::Builder::new()
+                .name("mvcc-compactor".into())
+                .spawn(move || compactor::run(inner))
+                .map_err(StorageError::Io)?;
+            *worker = Some(handle);
+        }
+        Ok(())
+    }
+
     /// The revision of the last write (1 for a store that never had one).
     pub fn current_revision(&self) -> i64 {
-        self.state.read().current_rev
+        self.inner.state.read().current_rev
     }
 
     /// The revision history was compacted at; -1 when it never was (etcd's value, which HashKV
     /// reports).
     pub fn compact_revision(&self) -> i64 {
-        self.state.read().compact_rev
+        self.inner.state.read().compact_rev
     }
 
     /// The raft index of the last applied entry, as persisted with it (0 when none was).
     pub fn consistent_index(&self) -> u64 {
-        self.state.read().consistent_index
+        self.inner.state.read().consistent_index
     }
 
     /// A Range request at a consistent point, with every option computed as etcd 3.5 does. The
@@ -199,7 +311,7 @@ impl Store {
         let no_pending = BTreeMap::new();
         let range = KeyRange::from_request(&req.key, &req.range_end);
         let (selected, total, view, cur) = {
-            let st = self.state.read();
+            let st = self.inner.state.read();
             let cur = st.current_rev;
             let plan = plan_range(req, cur, st.compact_rev)?;
             let limit = if req.count_only { 1 } else { plan.fetch_limit };
@@ -209,7 +321,7 @@ impl Store {
             let view = if req.count_only {
                 None
             } else {
-                Some(self.backend.snapshot()?)
+                Some(self.inner.backend.snapshot()?)
             };
             (selected, total, view, cur)
         };
@@ -227,8 +339,8 @@ impl Store {
         if !is_txn_read_only(req) {
             return Err(MvccError::NotReadOnly);
         }
-        let st = self.state.read();
-        let view = self.backend.snapshot()?;
+        let st = self.inner.state.read();
+        let view = self.inner.backend.snapshot()?;
         let mut tx = Tx::new(&st.index, &*view, st.current_rev, st.compact_rev);
         let no_leases = |_: i64| false;
         let mut resp = tx.apply_txn(req, &no_leases)?;
@@ -246,10 +358,11 @@ impl Store {
     /// a compacted or future revision, a compaction at or below the compact revision or above the
     /// current one. On error nothing is written, not even `consistent_index`.
     ///
-    /// Compaction runs synchronously inside this call: every revision it supersedes is deleted
-    /// in the same batch, so a large compaction delays the apply thread (and, while its batch is
-    /// written, readers) for its duration. As in etcd, a deletion at exactly the compact revision
-    /// stays stored until the next compaction, so watchers starting there still see it.
+    /// A compaction is only scheduled here, in O(1): the batch records `scheduledCompactRev`,
+    /// reads below the revision fail from now on, and the store's worker deletes what it
+    /// supersedes in the background (see [`crate::compactor`]; [`Store::wait_compaction`] waits
+    /// for it). As in etcd, a deletion at exactly the compact revision stays stored until the
+    /// next compaction, so watchers starting there still see it.
     ///
     /// Must be called from one thread at a time (the apply thread); concurrent calls are
     /// serialised.
@@ -260,11 +373,11 @@ impl Store {
         consistent_index: u64,
         extra: WriteBatch,
     ) -> Result<Applied, MvccError> {
-        let state = self.state.upgradable_read();
+        let state = self.inner.state.upgradable_read();
         if let WriteRequest::Compact(c) = &req {
-            return self.compact(state, c.revision, consistent_index, extra, true);
+            return self.compact(state, c.revision, consistent_index, extra);
         }
-        let view = self.backend.snapshot()?;
+        let view = self.inner.backend.snapshot()?;
         let mut tx = Tx::new(&state.index, &*view, state.current_rev, state.compact_rev);
         let mut response = match &req {
             WriteRequest::Put(p) => WriteResponse::Put(tx.apply_put(p, leases, true)?),
@@ -290,7 +403,7 @@ impl Store {
         put_consistent_index(&mut batch, consistent_index);
         append(&mut batch, extra);
         // Readers keep reading the previous state meanwhile: new revisions only add keys.
-        self.backend.write(batch)?;
+        self.inner.backend.write(batch)?;
 
         let mut st = RwLockUpgradableReadGuard::upgrade(state);
         for (key, rev, tombstone) in index_ops {
@@ -319,11 +432,11 @@ impl Store {
         consistent_index: u64,
         extra: WriteBatch,
     ) -> Result<(), MvccError> {
-        let state = self.state.upgradable_read();
+        let state = self.inner.state.upgradable_read();
         let mut batch = WriteBatch::new();
         put_consistent_index(&mut batch, consistent_index);
         append(&mut batch, extra);
-        self.backend.write(batch)?;
+        self.inner.backend.write(batch)?;
         RwLockUpgradableReadGuard::upgrade(state).consistent_index = consistent_index;
         Ok(())
     }
@@ -334,7 +447,6 @@ impl Store {
         rev: i64,
         consistent_index: u64,
         extra: WriteBatch,
-        record_hash: bool,
     ) -> Result<Applied, MvccError> {
         if rev <= state.compact_rev {
             return Err(MvccError::Compacted);
@@ -342,60 +454,26 @@ impl Store {
         if rev > state.current_rev {
             return Err(MvccError::FutureRev);
         }
-        let prev_compact_rev = state.compact_rev;
-        let available = state.index.compaction_available(rev);
-        let view = self.backend.snapshot()?;
-
+        self.ensure_worker()?;
+        let prev = state.compact_rev;
         let mut batch = WriteBatch::new();
-        // etcd hashes the history up to the compact revision as the compaction walks it, so that
-        // HashKV at that revision answers the same before and after compacting.
-        let mut hasher = KvHasher::new(prev_compact_rev, rev, &available);
-        let end = main_prefix(rev + 1);
-        let mut failure = None;
-        view.scan(
-            KEY_BUCKET,
-            ScanRange::between(&[], Some(&end)),
-            &mut |k, v| {
-                let Some((r, tombstone)) = Revision::from_key(k) else {
-                    failure = Some(bad_revision_key(k));
-                    return Visit::Stop;
-                };
-                if !available.contains(&r) {
-                    batch.delete(KEY_BUCKET, k.to_vec());
-                }
-                hasher.write(k, v, r, tombstone);
-                Visit::Continue
-            },
-        )?;
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        let mark = Revision::new(rev, 0).to_key(false);
-        batch.put(META_BUCKET, SCHEDULED_COMPACT_KEY, mark.clone());
-        batch.put(META_BUCKET, FINISHED_COMPACT_KEY, mark);
+        batch.put(
+            META_BUCKET,
+            SCHEDULED_COMPACT_KEY,
+            Revision::new(rev, 0).to_key(false),
+        );
         put_consistent_index(&mut batch, consistent_index);
         append(&mut batch, extra);
-        drop(view);
+        self.inner.backend.write(batch)?;
 
-        // Exclusive while the deletions land: a reader must not take a snapshot without them
-        // while the index still points at them, or the other way round.
         let mut st = RwLockUpgradableReadGuard::upgrade(state);
-        self.backend.write(batch)?;
-        st.index.compact(rev);
         st.compact_rev = rev;
         st.consistent_index = consistent_index;
-        if record_hash {
-            let mut hashes = self.compaction_hashes.lock();
-            hashes.push(HashKv {
-                hash: hasher.sum(),
-                compact_revision: prev_compact_rev,
-                hash_revision: rev,
-                current_revision: 0,
-            });
-            hashes.sort_by_key(|h| h.hash_revision);
-            let excess = hashes.len().saturating_sub(MAX_COMPACTION_HASHES);
-            hashes.drain(..excess);
-        }
+        self.inner.compactor.enqueue(Job {
+            rev,
+            prev,
+            record_hash: true,
+        });
         Ok(Applied {
             response: WriteResponse::Compact(CompactionResponse { header: None }),
             events: Vec::new(),
@@ -407,10 +485,16 @@ impl Store {
     /// `key`, then every revision key and value up to `rev` in revision order, skipping what
     /// compaction would drop. A revision a compaction ran at answers the hash that compaction
     /// computed (with the compact revision before it), as etcd does, so members agree whether or
-    /// not they have compacted yet. Fails for `rev` below the compact revision or above the
-    /// current one.
+    /// not they have compacted yet; while that compaction still runs in the background, the call
+    /// waits for it. Other revisions hash what is stored as if the running compaction had
+    /// finished, so the answer never depends on its progress. Fails for `rev` below the compact
+    /// revision or above the current one.
     pub fn hash_kv(&self, rev: i64) -> Result<HashKv, MvccError> {
+        if rev > 0 {
+            self.inner.compactor.wait_for_hash(rev);
+        }
         let stored = self
+            .inner
             .compaction_hashes
             .lock()
             .iter()
@@ -422,8 +506,8 @@ impl Store {
                 ..h
             });
         }
-        let (keep, view, compact_rev, current_rev, rev) = {
-            let st = self.state.read();
+        let (keep, compacting, view, compact_rev, current_rev, rev) = {
+            let st = self.inner.state.read();
             if rev > 0 && rev < st.compact_rev {
                 return Err(MvccError::Compacted);
             }
@@ -431,15 +515,22 @@ impl Store {
                 return Err(MvccError::FutureRev);
             }
             let rev = if rev == 0 { st.current_rev } else { rev };
+            // Under the state lock: a compaction still deleting at or below `compact_rev` is
+            // known here, and one applied later deletes nothing before this view is taken.
+            let running = self.inner.compactor.finished() < st.compact_rev;
             (
                 st.index.keep(rev),
-                self.backend.snapshot()?,
+                running.then(|| st.index.compaction_available(st.compact_rev)),
+                self.inner.backend.snapshot()?,
                 st.compact_rev,
                 st.current_rev,
                 rev,
             )
         };
         let mut hasher = KvHasher::new(compact_rev, rev, &keep);
+        if let Some(available) = &compacting {
+            hasher = hasher.skipping_compacted(available);
+        }
         let end = main_prefix(rev.saturating_add(1));
         let mut failure = None;
         view.scan(
@@ -481,11 +572,14 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Event>, MvccError> {
         let (view, end) = {
-            let st = self.state.read();
+            let st = self.inner.state.read();
             if start_revision < st.compact_rev {
                 return Err(MvccError::Compacted);
             }
-            (self.backend.snapshot()?, end_revision.min(st.current_rev))
+            (
+                self.inner.backend.snapshot()?,
+                end_revision.min(st.current_rev),
+            )
         };
         let mut events = Vec::new();
         if end < start_revision {
@@ -549,7 +643,7 @@ fn append(batch: &mut WriteBatch, extra: WriteBatch) {
     }
 }
 
-fn bad_revision_key(k: &[u8]) -> MvccError {
+pub(crate) fn bad_revision_key(k: &[u8]) -> MvccError {
     MvccError::Corrupt(format!("key bucket holds a non-revision key {k:02x?}"))
 }
 

@@ -64,10 +64,18 @@ impl Harness {
         }
     }
 
+    /// A physical compaction: applied, then waited for until the worker finished deleting.
     fn compact(&mut self, revision: i64) -> Result<Applied, MvccError> {
+        let applied = self.schedule_compaction(revision)?;
+        assert!(self.store.wait_compaction(revision).expect("compaction"));
+        Ok(applied)
+    }
+
+    /// Apply a Compact and return at once: the worker deletes in the background.
+    fn schedule_compaction(&mut self, revision: i64) -> Result<Applied, MvccError> {
         self.apply(WriteRequest::Compact(CompactionRequest {
             revision,
-            physical: true,
+            physical: false,
         }))
     }
 
