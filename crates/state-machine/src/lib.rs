@@ -8,6 +8,12 @@
 //! the watch hub; raft snapshots (export/import of the backend) and the applied index, which mvcc
 //! persists atomically with every change it makes (etcd's `consistent_index`).
 //!
+//! Threads: raft-node calls [`KvStateMachine`] on its raft thread. Applying a Compaction there
+//! only schedules it; the mvcc store's own compaction worker deletes the history in the
+//! background, paced by [`KvStateMachine::with_compaction_config`]. A snapshot restore stops the
+//! old store's worker before the backend's content is replaced, and the new store resumes a
+//! compaction the snapshot recorded as unfinished.
+//!
 //! Exposes [`KvStateMachine`] (the `raft_node::StateMachine` implementation), [`StoreHandle`] (how
 //! the read path reaches the current mvcc store, which a snapshot restore replaces) and
 //! [`encode_request`].
@@ -24,7 +30,7 @@ pub use members::{MemberTable, MEMBERS_BUCKET, MEMBERS_REMOVED_BUCKET};
 use metastore_alarm::{AlarmError, AlarmTable, Quota};
 use metastore_auth::{AuthError, AuthInfo, AuthStore, Need};
 use metastore_lease::{LeaseError, Lessor};
-use metastore_mvcc::{Applied, MvccError, Store, WriteRequest};
+use metastore_mvcc::{Applied, CompactionConfig, MvccError, Store, WriteRequest};
 use metastore_proto::etcdserverpb::alarm_request::AlarmAction;
 use metastore_proto::etcdserverpb::{
     request_op, AlarmResponse, AlarmType, DeleteRangeRequest, LeaseGrantRequest, RangeRequest,
@@ -211,6 +217,7 @@ pub struct KvStateMachine {
     watch: Arc<WatchHub>,
     members: MemberTable,
     auth: AuthStore,
+    compaction: CompactionConfig,
 }
 
 impl StoreSource for StoreHandle {
@@ -295,7 +302,17 @@ impl KvStateMachine {
             alarms,
             lessor,
             members,
+            compaction: CompactionConfig::default(),
         })
+    }
+
+    /// Pace background compaction by `config` (etcd's `--experimental-compaction-batch-limit`
+    /// and `--experimental-compaction-sleep-interval`), for this store and those that snapshot
+    /// restores open later.
+    pub fn with_compaction_config(mut self, config: CompactionConfig) -> Self {
+        self.compaction = config;
+        self.store.current().set_compaction_config(config);
+        self
     }
 
     /// The membership table this state machine maintains.
@@ -613,8 +630,18 @@ impl StateMachine for KvStateMachine {
     }
 
     fn restore(&mut self, index: u64, _term: u64, reader: &mut dyn Read) -> std::io::Result<()> {
-        self.backend.import(reader).map_err(std::io::Error::other)?;
-        let store = Store::open(self.backend.clone()).map_err(std::io::Error::other)?;
+        // The old store's compaction worker must not delete from, or mark, the imported content.
+        self.store.current().stop_compaction();
+        if let Err(e) = self.backend.import(reader) {
+            // The previous content is still in place: a store reopened on it resumes what the
+            // stopped worker left undone.
+            if let Ok(store) = Store::open_with(self.backend.clone(), self.compaction) {
+                self.store.replace(store);
+            }
+            return Err(std::io::Error::other(e));
+        }
+        let store = Store::open_with(self.backend.clone(), self.compaction)
+            .map_err(std::io::Error::other)?;
         let view = self.backend.snapshot().map_err(std::io::Error::other)?;
         self.alarms.load(&*view).map_err(std::io::Error::other)?;
         self.members.load(&*view).map_err(std::io::Error::other)?;
