@@ -2,7 +2,11 @@
 //!
 //! Writes are validated as etcd's v3rpc layer does, then proposed through raft; the proposer's
 //! waiter gets the applied result. Linearizable ranges pass a ReadIndex barrier first;
-//! serializable ones read the local store at once. Reads run on blocking threads.
+//! serializable ones read the local store at once. Reads run on blocking threads. A Compact is
+//! answered once applied (the store deletes history in the background), or with `physical` once
+//! the store's compaction worker finished deleting, as etcd does.
+
+use std::sync::Arc;
 
 use metastore_mvcc::{Applied, WriteResponse};
 use metastore_proto::etcdserverpb::kv_server::Kv;
@@ -28,6 +32,22 @@ impl KvService {
     /// A KV service over `ctx`.
     pub fn new(ctx: ServerContext) -> Self {
         KvService { ctx }
+    }
+
+    /// Wait until the compaction at `revision` finished deleting. A snapshot restore may replace
+    /// the store meanwhile; the new one resumes the compaction, so the wait goes on there.
+    async fn wait_compaction(&self, revision: i64) -> Result<(), Status> {
+        loop {
+            let store = self.ctx.store.current();
+            let waited = Arc::clone(&store);
+            let finished = tokio::task::spawn_blocking(move || waited.wait_compaction(revision))
+                .await
+                .map_err(|e| Status::internal(format!("etcdserver: compaction wait failed: {e}")))?
+                .map_err(|e| mvcc_status(&e))?;
+            if finished || Arc::ptr_eq(&store, &self.ctx.store.current()) {
+                return Ok(());
+            }
+        }
     }
 
     async fn propose(&self, request: Request, who: &AuthInfo) -> Result<Applied, Status> {
@@ -140,7 +160,11 @@ impl Kv for KvService {
         self.ctx.refuse_on_learner()?;
         let who = self.ctx.authorize(&Caller::of(&request), &[Need::Admin])?;
         let req = request.into_inner();
+        let (revision, physical) = (req.revision, req.physical);
         let applied = self.propose(Request::Compaction(req), &who).await?;
+        if physical {
+            self.wait_compaction(revision).await?;
+        }
         match applied.response {
             WriteResponse::Compact(mut resp) => {
                 resp.header = Some(self.ctx.header(applied.revision));
