@@ -19,15 +19,21 @@ fn leases(id: i64) -> bool {
     id == 7 || id == 8
 }
 
+mod compaction;
+
 struct Harness {
-    backend: Arc<MemBackend>,
+    backend: Arc<dyn Backend>,
     store: Store,
     applied_index: u64,
 }
 
 impl Harness {
     fn new() -> Self {
-        let backend = Arc::new(MemBackend::new(&["key", "meta", "app"]));
+        Harness::on(Arc::new(MemBackend::new(&["key", "meta", "app"])))
+    }
+
+    /// A harness over `backend`, opened with etcd's default compaction pacing.
+    fn on(backend: Arc<dyn Backend>) -> Self {
         let store = Store::open(backend.clone()).expect("open empty store");
         Harness {
             backend,
