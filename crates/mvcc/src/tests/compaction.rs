@@ -554,3 +554,95 @@ fn a_dropped_store_stops_its_worker_and_waiters() {
     let reopened = Harness::on(h.backend.clone());
     assert!(reopened.store.wait_compaction(next).unwrap());
 }
+
+/// The issue's scenario on the memory engine: 1M revisions over 10,000 keys, compacted at 900k
+/// while puts and reads go on. Prints timings, asserts nothing about them. Run with
+/// `cargo test --release -p metastore-mvcc measure_ -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_compaction_of_a_million_revisions() {
+    use std::time::Instant;
+    let mut h = Harness::new();
+    let value = "v".repeat(100);
+    let started = Instant::now();
+    for i in 0..1_000_000 {
+        h.put(&format!("/registry/pods/{:05}", i % 10_000), &value);
+    }
+    eprintln!("history: {:?}", started.elapsed());
+    let c = 900_000;
+    let t = Instant::now();
+    h.schedule_compaction(c).unwrap();
+    let apply = t.elapsed();
+
+    let store = Arc::new(h.store);
+    let reader = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let (mut n, mut worst) = (0u64, Duration::ZERO);
+            while store.finished_compact_revision() < c {
+                let t = Instant::now();
+                store
+                    .range(&RangeRequest {
+                        key: format!("/registry/pods/{:05}", n % 10_000).into_bytes(),
+                        ..Default::default()
+                    })
+                    .unwrap();
+                worst = worst.max(t.elapsed());
+                n += 1;
+            }
+            (n, worst)
+        })
+    };
+    let (mut puts, mut worst) = (0u64, Duration::ZERO);
+    let mut index = h.applied_index;
+    while store.finished_compact_revision() < c {
+        index += 1;
+        let t = Instant::now();
+        store
+            .apply_write(
+                WriteRequest::Put(put_req(
+                    &format!("/registry/pods/{:05}", puts % 10_000),
+                    &value,
+                )),
+                &leases,
+                index,
+                WriteBatch::new(),
+            )
+            .unwrap();
+        worst = worst.max(t.elapsed());
+        puts += 1;
+    }
+    let job = t.elapsed();
+    let (reads, worst_read) = reader.join().unwrap();
+    eprintln!(
+        "apply of Compact: {apply:?}; background job: {job:?}; during it {puts} puts \
+         (slowest {worst:?}), {reads} reads (slowest {worst_read:?})"
+    );
+    // The same loop without a compaction running, for comparison.
+    let (mut base, mut worst) = (0u64, Duration::ZERO);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        index += 1;
+        let p = Instant::now();
+        store
+            .apply_write(
+                WriteRequest::Put(put_req(
+                    &format!("/registry/pods/{:05}", base % 10_000),
+                    &value,
+                )),
+                &leases,
+                index,
+                WriteBatch::new(),
+            )
+            .unwrap();
+        worst = worst.max(p.elapsed());
+        base += 1;
+    }
+    eprintln!("no compaction, 3 s: {base} puts (slowest {worst:?})");
+    let t = Instant::now();
+    let hash = store.hash_kv(c).unwrap();
+    eprintln!(
+        "HashKV at the compact revision (stored): {:?} {hash:?}",
+        t.elapsed()
+    );
+}
