@@ -120,7 +120,7 @@ impl Inner {
 /// write, never part of one: the index and the revision are published under a lock after the
 /// backend holds the write, and readers take their backend snapshot under the same lock.
 ///
-/// Compaction runs on a worker thread the store owns (see [`crate::compactor`]): applying a
+/// Compaction runs on a worker thread the store owns (module `compactor`): applying a
 /// Compact only schedules it. The worker stops when the store is dropped or
 /// [`Store::stop_compaction`] is called; a compaction it left unfinished is resumed by the next
 /// [`Store::open`] of the backend.
@@ -360,7 +360,7 @@ impl Store {
     ///
     /// A compaction is only scheduled here, in O(1): the batch records `scheduledCompactRev`,
     /// reads below the revision fail from now on, and the store's worker deletes what it
-    /// supersedes in the background (see [`crate::compactor`]; [`Store::wait_compaction`] waits
+    /// supersedes in the background (module `compactor`; [`Store::wait_compaction`] waits
     /// for it). As in etcd, a deletion at exactly the compact revision stays stored until the
     /// next compaction, so watchers starting there still see it.
     ///
