@@ -3,7 +3,10 @@
 //! Owns: the [`WatchHub`] — every watcher of every watch stream, split into *synced* watchers
 //! (up to date: they get each applied revision's events straight from the apply path through
 //! [`WatchHub::notify`]) and *unsynced* ones (starting in the past, or too slow to keep up), which a
-//! background thread catches up from mvcc's history without holding up the apply path; the
+//! background thread catches up from mvcc's history without holding up the apply path. Both
+//! sets are indexed by what their watchers watch (a key map plus an interval tree, as etcd's
+//! `watcherGroup`; see `index`), so an event is matched against the watchers it concerns only:
+//! O(log n + matches), not O(watchers). Also owned: the
 //! cancellation of watchers whose start revision was compacted; progress notifications; and
 //! fragmentation of large responses.
 //!
@@ -20,6 +23,7 @@
 #![warn(missing_docs)]
 
 use std::collections::{HashMap, HashSet};
+use std::mem;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::thread::{JoinHandle, Thread};
@@ -34,6 +38,9 @@ use metastore_proto::mvccpb::{event::EventType, Event};
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::mpsc::{self, error::TrySendError, OwnedPermit};
+
+mod index;
+use index::KeyIndex;
 
 /// Responses buffered per stream before its watchers fall back to catching up from history
 /// (etcd's `chanBufLen`).
@@ -109,13 +116,101 @@ struct StreamState {
     ids: HashSet<i64>,
 }
 
+/// Watchers together with a [`KeyIndex`] of what they watch. Every insert and removal goes
+/// through it, so the index never disagrees with the map.
+struct WatcherSet {
+    watchers: HashMap<WatcherKey, Watcher>,
+    index: KeyIndex<WatcherKey>,
+}
+
+impl WatcherSet {
+    fn new() -> Self {
+        WatcherSet {
+            watchers: HashMap::new(),
+            index: KeyIndex::new(),
+        }
+    }
+
+    fn insert(&mut self, key: WatcherKey, w: Watcher) {
+        if let Some(old) = self.watchers.remove(&key) {
+            self.index.remove(key, &old.key, old.range_end.as_deref());
+        }
+        self.index.insert(key, &w.key, w.range_end.as_deref());
+        self.watchers.insert(key, w);
+    }
+
+    fn remove(&mut self, key: WatcherKey) -> Option<Watcher> {
+        let w = self.watchers.remove(&key)?;
+        self.index.remove(key, &w.key, w.range_end.as_deref());
+        Some(w)
+    }
+
+    fn take_all(&mut self) -> HashMap<WatcherKey, Watcher> {
+        self.index.clear();
+        mem::take(&mut self.watchers)
+    }
+
+    fn get(&self, key: &WatcherKey) -> Option<&Watcher> {
+        self.watchers.get(key)
+    }
+
+    fn get_mut(&mut self, key: &WatcherKey) -> Option<&mut Watcher> {
+        self.watchers.get_mut(key)
+    }
+
+    fn len(&self) -> usize {
+        self.watchers.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.watchers.is_empty()
+    }
+
+    /// For each event, the watchers of this set whose key or range contains its key: a map from
+    /// watcher to the indices of its events, in order. Adds the index entries looked at to
+    /// `visited`.
+    fn matching(&self, events: &[Event], visited: &mut u64) -> HashMap<WatcherKey, Vec<usize>> {
+        let mut matched: HashMap<WatcherKey, Vec<usize>> = HashMap::new();
+        for (i, event) in events.iter().enumerate() {
+            let Some(kv) = &event.kv else { continue };
+            let looked = self
+                .index
+                .stab(&kv.key, |id| matched.entry(id).or_default().push(i));
+            *visited += looked as u64;
+        }
+        matched
+    }
+}
+
+/// What the hub has done so far ([`WatchHub::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WatchStats {
+    /// Watchers that get events as they are applied.
+    pub synced: usize,
+    /// Watchers catching up from history.
+    pub unsynced: usize,
+    /// Since the hub was made: watchers whose key or range matched a live event, each counted
+    /// once per revision. Watchers on other keys are not looked at, so with no matches this
+    /// stays put however many watchers there are.
+    pub examined: u64,
+    /// Since the hub was made: index entries (single-key buckets and interval-tree nodes)
+    /// looked at to find those matches, O(log n) per event.
+    pub index_visits: u64,
+}
+
 struct HubInner {
     /// The newest revision whose events were handed to [`WatchHub::notify`].
     notified_rev: i64,
+    /// Every revision up to this one has been handed to the synced watchers: a synced watcher
+    /// has been sent everything before `max(next_rev, dispatched_rev + 1)` (its own `next_rev`
+    /// moves only when an event concerns it, so that a write costs nothing for the others).
+    dispatched_rev: i64,
     next_stream_id: u64,
     streams: HashMap<u64, StreamState>,
-    synced: HashMap<WatcherKey, Watcher>,
-    unsynced: HashMap<WatcherKey, Watcher>,
+    synced: WatcherSet,
+    unsynced: WatcherSet,
+    examined: u64,
+    index_visits: u64,
 }
 
 impl HubInner {
@@ -123,7 +218,25 @@ impl HubInner {
         if let Some(s) = self.streams.get_mut(&key.0) {
             s.ids.remove(&key.1);
         }
-        self.synced.remove(&key).is_some() || self.unsynced.remove(&key).is_some()
+        self.synced.remove(key).is_some() || self.unsynced.remove(key).is_some()
+    }
+
+    /// Moves a synced watcher to the unsynced set, its `next_rev` made explicit.
+    fn unsync(&mut self, key: WatcherKey) {
+        if let Some(mut w) = self.synced.remove(key) {
+            w.next_rev = w.next_rev.max(self.dispatched_rev + 1);
+            self.unsynced.insert(key, w);
+        }
+    }
+
+    /// The revision up to which a watcher has been sent everything.
+    fn progress(&self, key: &WatcherKey) -> Option<i64> {
+        let sent = match (self.synced.get(key), self.unsynced.get(key)) {
+            (Some(w), _) => (w.next_rev - 1).max(self.dispatched_rev),
+            (None, Some(w)) => w.next_rev - 1,
+            (None, None) => return None,
+        };
+        Some(sent.min(self.notified_rev))
     }
 }
 
@@ -188,10 +301,13 @@ impl WatchHub {
             source,
             inner: Mutex::new(HubInner {
                 notified_rev,
+                dispatched_rev: notified_rev,
                 next_stream_id: 0,
                 streams: HashMap::new(),
-                synced: HashMap::new(),
-                unsynced: HashMap::new(),
+                synced: WatcherSet::new(),
+                unsynced: WatcherSet::new(),
+                examined: 0,
+                index_visits: 0,
             }),
             max_response_bytes: AtomicUsize::new(1536 * 1024),
             sync_thread: OnceLock::new(),
@@ -213,9 +329,13 @@ impl WatchHub {
             .name("watch-sync".into())
             .spawn(move || loop {
                 let Some(hub) = weak.upgrade() else { return };
-                let more = hub.sync_round();
+                let round = hub.sync_round();
                 drop(hub);
-                std::thread::park_timeout(Duration::from_millis(if more { 10 } else { 100 }));
+                match round {
+                    Round::Progressed => {}
+                    Round::Stuck => std::thread::park_timeout(Duration::from_millis(10)),
+                    Round::Idle => std::thread::park_timeout(Duration::from_millis(100)),
+                }
             })?;
         let _ = self.sync_thread.set(handle.thread().clone());
         Ok(handle)
@@ -233,13 +353,28 @@ impl WatchHub {
         (inner.synced.len(), inner.unsynced.len())
     }
 
+    /// Watcher counts and the work done matching events to watchers.
+    pub fn stats(&self) -> WatchStats {
+        let inner = self.inner.lock();
+        WatchStats {
+            synced: inner.synced.len(),
+            unsynced: inner.unsynced.len(),
+            examined: inner.examined,
+            index_visits: inner.index_visits,
+        }
+    }
+
     /// The state jumped to `revision` (a snapshot was restored): every watcher catches up from
     /// history.
     pub fn reset(&self, revision: i64) {
         let mut inner = self.inner.lock();
+        let dispatched = inner.dispatched_rev;
+        for (key, mut w) in inner.synced.take_all() {
+            w.next_rev = w.next_rev.max(dispatched + 1);
+            inner.unsynced.insert(key, w);
+        }
         inner.notified_rev = revision;
-        let synced = std::mem::take(&mut inner.synced);
-        inner.unsynced.extend(synced);
+        inner.dispatched_rev = revision;
         drop(inner);
         self.wake_sync();
     }
@@ -252,61 +387,59 @@ impl WatchHub {
             return;
         }
         inner.notified_rev = revision;
-        if events.is_empty() || inner.synced.is_empty() {
+        if !events.is_empty() && !inner.synced.is_empty() {
+            let mut events = events.to_vec();
+            self.dispatch(&mut inner, revision, &mut events);
+        }
+        inner.dispatched_rev = revision;
+    }
+
+    /// Returns once every revision notified before the call has been handed to the synced
+    /// watchers (so far [`WatchHub::notify`] does that itself).
+    #[cfg(test)]
+    fn flush(&self) {}
+
+    /// Hands the events of `revision` to the synced watchers they concern, found through the
+    /// index: the cost is the matching watchers', not all watchers'. A watcher whose stream
+    /// cannot take its response moves to the unsynced set.
+    fn dispatch(&self, inner: &mut HubInner, revision: i64, events: &mut [Event]) {
+        let mut visited = 0;
+        let mut matched = inner.synced.matching(events, &mut visited);
+        inner.index_visits += visited;
+        inner.examined += matched.len() as u64;
+        matched.retain(|key, _| {
+            inner
+                .synced
+                .get(key)
+                .is_some_and(|w| w.next_rev <= revision)
+        });
+        if matched.is_empty() {
             return;
         }
-        // The apply path reads a put's previous value only when the request needed it; watchers
-        // that want previous values get them read here, as etcd's watch server does: only for
-        // the puts such a watcher is sent.
-        let wanted: Vec<usize> = events
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| {
-                e.r#type == EventType::Put as i32
-                    && e.prev_kv.is_none()
-                    && e.kv.as_ref().is_some_and(|kv| {
-                        inner.synced.values().any(|w| {
-                            w.prev_kv && !w.no_put && w.next_rev <= revision && w.matches(&kv.key)
-                        })
-                    })
-            })
-            .map(|(i, _)| i)
-            .collect();
-        let filled;
-        let events = if wanted.is_empty() {
-            events
-        } else {
-            let mut copy = events.to_vec();
-            let store = self.source.store();
-            for i in wanted {
-                fill_prev_kv(&store, &mut copy[i..=i]);
-            }
-            filled = copy;
-            &filled[..]
-        };
+        self.fill_wanted_prev_kv(&inner.synced, &matched, events);
         let max_bytes = self.max_response_bytes.load(Ordering::Relaxed);
         let mut lagging = Vec::new();
         let mut gone = Vec::new();
-        for (key, w) in inner.synced.iter_mut() {
-            if w.next_rev > revision {
+        for (key, indices) in matched {
+            let Some(w) = inner.synced.get_mut(&key) else {
                 continue;
-            }
+            };
             if w.tx.capacity() == 0 && !w.tx.is_closed() {
-                lagging.push(*key);
+                lagging.push(key);
                 continue;
             }
-            let selected = w.select(events.iter());
+            let selected = w.select(indices.iter().map(|&i| &events[i]));
             if !selected.is_empty() {
                 let mut resp = response(revision, key.1);
                 resp.events = selected;
                 match send(&w.tx, resp, w.fragment, max_bytes) {
                     Ok(()) => {}
                     Err(SendFailure::Full) => {
-                        lagging.push(*key);
+                        lagging.push(key);
                         continue;
                     }
                     Err(SendFailure::Closed) => {
-                        gone.push(*key);
+                        gone.push(key);
                         continue;
                     }
                 }
@@ -318,13 +451,41 @@ impl WatchHub {
         }
         let woke = !lagging.is_empty();
         for key in lagging {
-            if let Some(w) = inner.synced.remove(&key) {
-                inner.unsynced.insert(key, w);
-            }
+            inner.unsync(key);
         }
-        drop(inner);
         if woke {
             self.wake_sync();
+        }
+    }
+
+    /// Reads the previous value of each event that a matched watcher of `set` will be sent
+    /// with `prev_kv` and that lacks one (the apply path reads a put's previous value only when
+    /// the request needed it; history never has them). As etcd's watch server does: only for
+    /// the events such a watcher is sent.
+    fn fill_wanted_prev_kv(
+        &self,
+        set: &WatcherSet,
+        matched: &HashMap<WatcherKey, Vec<usize>>,
+        events: &mut [Event],
+    ) {
+        let mut wanted = vec![false; events.len()];
+        for (key, indices) in matched {
+            let Some(w) = set.get(key) else { continue };
+            if !w.prev_kv {
+                continue;
+            }
+            for &i in indices {
+                let is_put = events[i].r#type == EventType::Put as i32;
+                wanted[i] |=
+                    events[i].prev_kv.is_none() && !(is_put && w.no_put || !is_put && w.no_delete);
+            }
+        }
+        if !wanted.contains(&true) {
+            return;
+        }
+        let store = self.source.store();
+        for (event, _) in events.iter_mut().zip(wanted).filter(|(_, w)| *w) {
+            fill_prev_kv(&store, std::slice::from_mut(event));
         }
     }
 
@@ -360,6 +521,7 @@ impl WatchHub {
     ) {
         let mut inner = self.inner.lock();
         let now = inner.notified_rev;
+        let live_from = inner.dispatched_rev;
         let Some(stream) = inner.streams.get_mut(&stream_id) else {
             return;
         };
@@ -415,7 +577,9 @@ impl WatchHub {
         created.created = true;
         permit.send(created);
         let key = (stream_id, watch_id);
-        if next_rev > now {
+        // Revisions after `live_from` are still to be handed to the synced watchers: one that
+        // needs nothing older gets them there.
+        if next_rev > live_from {
             inner.synced.insert(key, watcher);
         } else {
             inner.unsynced.insert(key, watcher);
@@ -437,39 +601,39 @@ impl WatchHub {
     /// The revision up to which every watcher of the stream has been sent everything.
     fn stream_progress(inner: &HubInner, stream_id: u64) -> Option<i64> {
         let stream = inner.streams.get(&stream_id)?;
-        let lagging = stream
+        let least = stream
             .ids
             .iter()
-            .filter_map(|id| inner.unsynced.get(&(stream_id, *id)))
-            .map(|w| w.next_rev - 1)
+            .filter_map(|id| inner.progress(&(stream_id, *id)))
             .min();
-        Some(lagging.map_or(inner.notified_rev, |r| r.min(inner.notified_rev)))
+        Some(least.unwrap_or(inner.notified_rev))
     }
 
     fn close_stream(&self, stream_id: u64) {
         let mut inner = self.inner.lock();
         if let Some(stream) = inner.streams.remove(&stream_id) {
             for id in stream.ids {
-                inner.synced.remove(&(stream_id, id));
-                inner.unsynced.remove(&(stream_id, id));
+                inner.synced.remove((stream_id, id));
+                inner.unsynced.remove((stream_id, id));
             }
         }
     }
 
     /// One catch-up round: reads the history the most lagging watcher needs (one read shared by
-    /// every unsynced watcher, outside the lock), then hands each watcher its part. Returns
-    /// whether unsynced watchers remain.
-    fn sync_round(&self) -> bool {
-        let (min_rev, target, want_prev) = {
+    /// every unsynced watcher, outside the lock), then hands each watcher its part, found
+    /// through the unsynced set's index (a round costs O(watchers + events × log watchers +
+    /// matches), not O(watchers × events)).
+    fn sync_round(&self) -> Round {
+        let (min_rev, notified) = {
             let inner = self.inner.lock();
-            if inner.unsynced.is_empty() {
-                return false;
-            }
-            let min_rev = inner.unsynced.values().map(|w| w.next_rev).min();
-            let want_prev = inner.unsynced.values().any(|w| w.prev_kv);
-            (min_rev.unwrap_or(0), inner.notified_rev, want_prev)
+            let Some(min_rev) = inner.unsynced.watchers.values().map(|w| w.next_rev).min() else {
+                return Round::Idle;
+            };
+            (min_rev, inner.notified_rev)
         };
         let store = self.source.store();
+        // Never claim to have covered revisions this store does not have yet.
+        let target = notified.min(store.current_revision());
         let start = min_rev.max(store.compact_revision()).max(1);
         let (mut events, covered) = if start > target {
             (Vec::new(), target)
@@ -487,22 +651,36 @@ impl WatchHub {
                     (events, covered)
                 }
                 // Compacted meanwhile: the next round cancels the watchers concerned.
-                Err(MvccError::Compacted) => return true,
+                Err(MvccError::Compacted) => return Round::Progressed,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading history for watchers failed");
-                    return true;
+                    return Round::Stuck;
                 }
             }
         };
-        if want_prev {
-            fill_prev_kv(&store, &mut events);
-        }
 
         let max_bytes = self.max_response_bytes.load(Ordering::Relaxed);
         let mut inner = self.inner.lock();
+        let mut visited = 0;
+        let mut matched = inner.unsynced.matching(&events, &mut visited);
+        // Only the events at or after each watcher's next_rev are its.
+        matched.retain(|key, indices| {
+            let Some(w) = inner.unsynced.get(key) else {
+                return false;
+            };
+            indices.retain(|&i| {
+                events[i]
+                    .kv
+                    .as_ref()
+                    .is_some_and(|kv| kv.mod_revision >= w.next_rev)
+            });
+            !indices.is_empty() && w.next_rev <= covered
+        });
+        self.fill_wanted_prev_kv(&inner.unsynced, &matched, &mut events);
         let compact_rev = store.compact_revision();
-        let now = inner.notified_rev;
-        let keys: Vec<WatcherKey> = inner.unsynced.keys().copied().collect();
+        let live_from = inner.dispatched_rev;
+        let mut progressed = false;
+        let keys: Vec<WatcherKey> = inner.unsynced.watchers.keys().copied().collect();
         for key in keys {
             let Some(w) = inner.unsynced.get_mut(&key) else {
                 continue;
@@ -515,6 +693,7 @@ impl WatchHub {
                 match w.tx.try_send(resp) {
                     Ok(()) | Err(TrySendError::Closed(_)) => {
                         inner.remove(key);
+                        progressed = true;
                     }
                     Err(TrySendError::Full(_)) => {}
                 }
@@ -522,35 +701,53 @@ impl WatchHub {
             }
             if w.next_rev <= covered {
                 if w.tx.capacity() == 0 && !w.tx.is_closed() {
-                    // Its stream is full: nothing would fit, don't filter for it this round.
+                    // Its stream is full: nothing would fit.
                     continue;
                 }
-                let selected = w.select(events.iter().filter(|e| {
-                    e.kv.as_ref()
-                        .is_some_and(|kv| kv.mod_revision >= w.next_rev)
-                }));
-                if !selected.is_empty() {
-                    let mut resp = response(covered, key.1);
-                    resp.events = selected;
-                    match send(&w.tx, resp, w.fragment, max_bytes) {
-                        Ok(()) => {}
-                        Err(SendFailure::Full) => continue,
-                        Err(SendFailure::Closed) => {
-                            inner.remove(key);
-                            continue;
+                if let Some(indices) = matched.get(&key) {
+                    let selected = w.select(indices.iter().map(|&i| &events[i]));
+                    if !selected.is_empty() {
+                        let mut resp = response(covered, key.1);
+                        resp.events = selected;
+                        match send(&w.tx, resp, w.fragment, max_bytes) {
+                            Ok(()) => {}
+                            Err(SendFailure::Full) => continue,
+                            Err(SendFailure::Closed) => {
+                                inner.remove(key);
+                                continue;
+                            }
                         }
                     }
                 }
                 w.next_rev = covered + 1;
+                progressed = true;
             }
-            if w.next_rev > now {
-                if let Some(w) = inner.unsynced.remove(&key) {
+            // Everything after `live_from` is still to be handed to the synced watchers.
+            if w.next_rev > live_from {
+                if let Some(w) = inner.unsynced.remove(key) {
                     inner.synced.insert(key, w);
                 }
+                progressed = true;
             }
         }
-        !inner.unsynced.is_empty()
+        if inner.unsynced.is_empty() {
+            Round::Idle
+        } else if progressed {
+            Round::Progressed
+        } else {
+            Round::Stuck
+        }
     }
+}
+
+/// What a catch-up round achieved, which decides how soon the next one runs.
+enum Round {
+    /// No unsynced watcher is left.
+    Idle,
+    /// Some watcher moved on: run again at once.
+    Progressed,
+    /// None could (full streams, a failed read): wait a little.
+    Stuck,
 }
 
 fn send(
@@ -661,9 +858,11 @@ impl WatchStream {
             return;
         };
         for id in &stream.ids {
-            if let Some(w) = inner.synced.get(&(self.id, *id)) {
+            let key = (self.id, *id);
+            if let Some(w) = inner.synced.get(&key) {
                 if w.progress_notify {
-                    let _ = w.tx.try_send(response(inner.notified_rev, *id));
+                    let rev = inner.progress(&key).unwrap_or(inner.notified_rev);
+                    let _ = w.tx.try_send(response(rev, *id));
                 }
             }
         }

@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use metastore_mvcc::{Store, WriteRequest};
@@ -235,4 +236,179 @@ fn fragments_split_events_and_mark_all_but_the_last() {
     assert_eq!(parts.iter().map(|p| p.events.len()).sum::<usize>(), 10);
     assert!(parts[..parts.len() - 1].iter().all(|p| p.fragment));
     assert!(!parts.last().unwrap().fragment);
+}
+
+/// Creates a watcher and returns its id (from the `created` response).
+async fn watch(
+    stream: &WatchStream,
+    rx: &mut Receiver<WatchResponse>,
+    req: WatchCreateRequest,
+) -> i64 {
+    stream.create(req).await.unwrap();
+    let created = next(rx).await;
+    assert!(created.created && !created.canceled);
+    created.watch_id
+}
+
+fn single(key: &str) -> WatchCreateRequest {
+    WatchCreateRequest {
+        key: key.into(),
+        ..Default::default()
+    }
+}
+
+fn range(key: &str, end: &[u8]) -> WatchCreateRequest {
+    WatchCreateRequest {
+        key: key.into(),
+        range_end: end.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Both watcher sets agree with their indexes.
+fn assert_indexed(hub: &WatchHub) {
+    let inner = hub.inner.lock();
+    for set in [&inner.synced, &inner.unsynced] {
+        assert_eq!(set.index.len(), set.watchers.len());
+        for (key, w) in &set.watchers {
+            let mut found = false;
+            set.index.stab(&w.key, |k| found |= k == *key);
+            assert!(found, "watcher {key:?} is indexed under its key");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_write_examines_only_the_watchers_it_concerns() {
+    let (store, hub) = setup();
+    let (stream, mut rx) = hub.open_stream();
+    for i in 0..10_000 {
+        watch(&stream, &mut rx, single(&format!("/other/{i}"))).await;
+    }
+    for i in 0..1_000 {
+        let prefix = format!("/prefix/{i:04}/");
+        let mut end = prefix.clone().into_bytes();
+        *end.last_mut().unwrap() += 1;
+        watch(&stream, &mut rx, range(&prefix, &end)).await;
+    }
+    let key_watcher = watch(&stream, &mut rx, single("/prefix/0500/x")).await;
+    let from_key = watch(&stream, &mut rx, range("/prefix/0500/", &[0])).await;
+    assert_eq!(hub.watcher_counts(), (11_002, 0));
+    assert_indexed(&hub);
+
+    let before = hub.stats();
+    put(&store, &hub, "/a/unwatched", "v");
+    hub.flush();
+    let after = hub.stats();
+    assert_eq!(
+        after.examined, before.examined,
+        "nobody watches /a/unwatched"
+    );
+    assert!(
+        after.index_visits - before.index_visits < 100,
+        "a miss looks at O(log n) index entries, not 11,002: {}",
+        after.index_visits - before.index_visits
+    );
+
+    put(&store, &hub, "/prefix/0500/x", "v");
+    hub.flush();
+    let hit = hub.stats();
+    assert_eq!(
+        hit.examined - after.examined,
+        3,
+        "the key watcher, its prefix watcher and the from-key watcher"
+    );
+    assert!(hit.index_visits - after.index_visits < 100);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let resp = next(&mut rx).await;
+        assert_eq!(revisions(&resp), vec![3]);
+        got.push(resp.watch_id);
+    }
+    got.sort_unstable();
+    assert_eq!(got, vec![10_500, key_watcher, from_key]);
+    assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn range_prefix_and_from_key_watchers_get_exactly_their_keys() {
+    let (store, hub) = setup();
+    let (stream, mut rx) = hub.open_stream();
+    let key = watch(&stream, &mut rx, single("b")).await;
+    let ab = watch(&stream, &mut rx, range("a", b"b")).await;
+    let prefix_b = watch(&stream, &mut rx, range("b", b"c")).await;
+    let from_b = watch(&stream, &mut rx, range("b", &[0])).await;
+    let everything = watch(&stream, &mut rx, range("\0", &[0])).await;
+    write(
+        &store,
+        &hub,
+        WriteRequest::Txn(TxnRequest {
+            success: ["a", "az", "b", "b1", "c", "zz"]
+                .iter()
+                .map(|k| RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: k.as_bytes().to_vec(),
+                        value: b"v".to_vec(),
+                        ..Default::default()
+                    })),
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    );
+    let mut by_watcher = HashMap::new();
+    for _ in 0..5 {
+        let resp = next(&mut rx).await;
+        let keys: Vec<String> = resp
+            .events
+            .iter()
+            .map(|e| String::from_utf8(e.kv.as_ref().unwrap().key.clone()).unwrap())
+            .collect();
+        assert!(
+            by_watcher.insert(resp.watch_id, keys).is_none(),
+            "one response each"
+        );
+    }
+    let keys = |ks: &[&str]| ks.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+    assert_eq!(by_watcher[&key], keys(&["b"]));
+    assert_eq!(by_watcher[&ab], keys(&["a", "az"]));
+    assert_eq!(by_watcher[&prefix_b], keys(&["b", "b1"]));
+    assert_eq!(by_watcher[&from_b], keys(&["b", "b1", "c", "zz"]));
+    assert_eq!(
+        by_watcher[&everything],
+        keys(&["a", "az", "b", "b1", "c", "zz"])
+    );
+    assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn cancel_and_close_take_watchers_out_of_the_index() {
+    let (store, hub) = setup();
+    let (stream, mut rx) = hub.open_stream();
+    let (other, mut other_rx) = hub.open_stream();
+    let canceled = watch(&stream, &mut rx, single("k")).await;
+    let kept = watch(&stream, &mut rx, range("k", &[0])).await;
+    for _ in 0..3 {
+        watch(&other, &mut other_rx, range("a", b"z")).await;
+    }
+    assert_eq!(hub.inner.lock().synced.index.len(), 5);
+
+    stream.cancel(canceled).await.unwrap();
+    assert!(next(&mut rx).await.canceled);
+    drop(other);
+    assert_eq!(hub.watcher_counts(), (1, 0));
+    assert_indexed(&hub);
+    assert_eq!(hub.inner.lock().synced.index.len(), 1);
+
+    let before = hub.stats();
+    put(&store, &hub, "k", "v");
+    hub.flush();
+    assert_eq!(
+        hub.stats().examined - before.examined,
+        1,
+        "only the kept watcher"
+    );
+    let resp = next(&mut rx).await;
+    assert_eq!((resp.watch_id, revisions(&resp)), (kept, vec![2]));
+    assert!(rx.try_recv().is_err());
 }
