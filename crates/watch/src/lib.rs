@@ -674,7 +674,7 @@ impl WatchHub {
                     .as_ref()
                     .is_some_and(|kv| kv.mod_revision >= w.next_rev)
             });
-            !indices.is_empty() && w.next_rev <= covered
+            !indices.is_empty() && (start..=covered).contains(&w.next_rev)
         });
         self.fill_wanted_prev_kv(&inner.unsynced, &matched, &mut events);
         let compact_rev = store.compact_revision();
@@ -697,6 +697,12 @@ impl WatchHub {
                     }
                     Err(TrySendError::Full(_)) => {}
                 }
+                continue;
+            }
+            // The read covers [start, covered]: a watcher that became unsynced during it with an
+            // older next_rev needs more than that, and waits for the next round.
+            if w.next_rev < start {
+                progressed = true;
                 continue;
             }
             if w.next_rev <= covered {
@@ -744,7 +750,7 @@ impl WatchHub {
 enum Round {
     /// No unsynced watcher is left.
     Idle,
-    /// Some watcher moved on: run again at once.
+    /// Some watcher moved on, or one needs an older read: run again at once.
     Progressed,
     /// None could (full streams, a failed read): wait a little.
     Stuck,

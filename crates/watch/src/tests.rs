@@ -412,3 +412,79 @@ async fn cancel_and_close_take_watchers_out_of_the_index() {
     assert_eq!((resp.watch_id, revisions(&resp)), (kept, vec![2]));
     assert!(rx.try_recv().is_err());
 }
+
+/// Drains `rx` until `count` events arrived; returns (watch_id, revision, value) per event.
+async fn collect(rx: &mut Receiver<WatchResponse>, count: usize) -> Vec<(i64, i64, Vec<u8>)> {
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        let resp = next(rx).await;
+        assert!(!resp.canceled, "unexpected cancel {resp:?}");
+        for e in &resp.events {
+            let kv = e.kv.as_ref().unwrap();
+            seen.push((resp.watch_id, kv.mod_revision, kv.value.clone()));
+        }
+    }
+    seen
+}
+
+fn revisions_of(seen: &[(i64, i64, Vec<u8>)], watch_id: i64) -> Vec<i64> {
+    seen.iter()
+        .filter(|(id, _, _)| *id == watch_id)
+        .map(|(_, rev, _)| *rev)
+        .collect()
+}
+
+#[tokio::test]
+async fn many_unsynced_watchers_catch_up_with_exactly_their_events() {
+    let (store, hub) = setup();
+    let keys = 300;
+    let writes = 3 * CATCH_UP_BATCH as i64;
+    for i in 0..writes {
+        put(&store, &hub, &format!("k{:03}", i % keys), &i.to_string());
+    }
+    let (stream, mut rx) = hub.open_stream();
+    // Created from another task: their catch-up starts at once, interleaved with the created
+    // responses, and the stream's buffer must be drained meanwhile. Ids are given in order.
+    let creating = tokio::spawn(async move {
+        for k in 0..keys {
+            stream
+                .create(WatchCreateRequest {
+                    key: format!("k{k:03}").into_bytes(),
+                    start_revision: 1,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        stream
+            .create(WatchCreateRequest {
+                key: b"k".to_vec(),
+                range_end: b"l".to_vec(),
+                start_revision: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        stream
+    });
+    let ids: Vec<i64> = (0..keys).collect();
+    let all = keys;
+    let seen = collect(&mut rx, 2 * writes as usize).await;
+    for (k, id) in ids.iter().enumerate() {
+        let expected: Vec<i64> = (0..writes)
+            .filter(|i| i % keys == k as i64)
+            .map(|i| i + 2)
+            .collect();
+        assert_eq!(revisions_of(&seen, *id), expected, "watcher of k{k:03}");
+    }
+    assert_eq!(
+        revisions_of(&seen, all),
+        (2..2 + writes).collect::<Vec<_>>()
+    );
+    assert!(tokio::time::timeout(Duration::from_millis(200), rx.recv())
+        .await
+        .is_err());
+    assert_eq!(hub.watcher_counts(), (keys as usize + 1, 0));
+    drop(creating.await.unwrap());
+    assert_eq!(hub.watcher_counts(), (0, 0));
+}
