@@ -1,28 +1,53 @@
 //! etcd's watchers.
 //!
 //! Owns: the [`WatchHub`] — every watcher of every watch stream, split into *synced* watchers
-//! (up to date: they get each applied revision's events straight from the apply path through
-//! [`WatchHub::notify`]) and *unsynced* ones (starting in the past, or too slow to keep up), which a
-//! background thread catches up from mvcc's history without holding up the apply path. Both
-//! sets are indexed by what their watchers watch (a key map plus an interval tree, as etcd's
-//! `watcherGroup`; see `index`), so an event is matched against the watchers it concerns only:
-//! O(log n + matches), not O(watchers). Also owned: the
-//! cancellation of watchers whose start revision was compacted; progress notifications; and
-//! fragmentation of large responses.
+//! (up to date: they get each applied revision's events as the dispatcher hands them out) and
+//! *unsynced* ones (starting in the past, or too slow to keep up), which are caught up from
+//! mvcc's history; the cancellation of watchers whose start revision was compacted; progress
+//! notifications; and fragmentation of large responses.
 //!
-//! Each stream has one bounded channel of responses ([`WatchHub::open_stream`]). The apply path
-//! never waits on it: a watcher whose events do not fit is moved to the unsynced set and later
-//! caught up from history, so a slow client costs at most its channel's worth of memory. A
-//! watcher's `next_rev` (the first revision it has not been sent) is the single source of truth,
-//! checked under the hub's lock on both paths, so no event is lost or sent twice and every
-//! revision's events (one Txn) travel in one response.
+//! Threads. The apply path (the raft loop) calls [`WatchHub::notify`], which only appends the
+//! revision's events to a bounded queue behind its own small lock and wakes the *dispatcher*
+//! thread (`watch-dispatch`, started by the first `notify`): `notify` never takes the hub's
+//! lock, never waits on a client, and does no work per watcher (only a snapshot restore's
+//! [`WatchHub::reset`] takes the hub's lock on the apply path). The dispatcher hands each
+//! queued revision to the synced watchers; the *catch-up* thread (`watch-sync`,
+//! [`WatchHub::start_sync_thread`]) serves the unsynced ones from history, one read per round
+//! shared by all of them. The gRPC tasks create and cancel watchers and ask for progress.
+//!
+//! Cost. Both sets are indexed by what their watchers watch (a key map plus an interval tree, as
+//! etcd's `watcherGroup`; see `index`): an event is matched against the watchers it concerns
+//! only, O(log n + matches), however many watchers watch other keys; a catch-up round costs
+//! O(unsynced watchers + events × log n + matches). A synced watcher's `next_rev` therefore
+//! moves only when an event concerns it: the hub's `dispatched_rev` says up to which revision
+//! every synced watcher has been served, and a watcher leaving the synced set gets
+//! `max(next_rev, dispatched_rev + 1)`.
+//!
+//! Invariants.
+//! - A watcher's `next_rev` (the first revision it may still be sent) is the single source of
+//!   truth, read and moved only under the hub's lock, on both paths; the dispatcher holds that
+//!   lock for a whole revision. So no event is lost or sent twice, every revision's events (one
+//!   Txn) travel in one response, and a watcher created while revisions are queued gets exactly
+//!   those at or after its `next_rev`.
+//! - Every revision after `max(dispatched_rev, gap_through)` that had events is in the queue. A
+//!   watcher is synced only if its `next_rev` lies after that point (created, or caught up, so
+//!   far), so the queue holds everything it still needs.
+//! - Each stream has one bounded channel of responses ([`WatchHub::open_stream`]), never waited
+//!   on: a watcher whose events do not fit moves to the unsynced set, so a slow client costs at
+//!   most its channel's worth of memory. The queue is bounded too: past the bound it is dropped
+//!   and the watchers that needed it catch up from history (see `Queue`).
+//! - A progress response (requested, or periodic) is sent under the hub's lock, after the events
+//!   it speaks for, and never names a revision still queued for one of its watchers.
+//! - Previous values (`prev_kv`) are read from the current store at `mod_revision - 1`, and only
+//!   for events a watcher that asked for them is sent, as etcd's watch server does; a restored
+//!   store carries the same history, and one compacted past that revision leaves it out.
 //!
 //! Must not depend on: raft, gRPC services. It reads the store through [`StoreSource`]; response
 //! headers carry only the revision (the gRPC layer fills in cluster, member and term).
 
 #![warn(missing_docs)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::mem;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -47,6 +72,8 @@ use index::KeyIndex;
 pub const STREAM_BUFFER: usize = 128;
 /// Most events read from history per catch-up round.
 const CATCH_UP_BATCH: usize = 1000;
+/// Default bound of the dispatch queue's memory ([`WatchHub::set_max_queued_bytes`]).
+pub const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 /// `watch_id` of a progress response that speaks for every watcher of a stream.
 pub const PROGRESS_ALL_WATCHERS: i64 = -1;
 /// etcd's reason for a create naming a watch id already in use on the stream.
@@ -189,6 +216,16 @@ pub struct WatchStats {
     pub synced: usize,
     /// Watchers catching up from history.
     pub unsynced: usize,
+    /// The newest revision handed to [`WatchHub::notify`].
+    pub notified_revision: i64,
+    /// Every revision up to this one has been handed to the synced watchers.
+    pub dispatched_revision: i64,
+    /// Revisions notified but not yet dispatched.
+    pub queued_revisions: usize,
+    /// Their estimated size.
+    pub queued_bytes: usize,
+    /// Times the queue outgrew its bound and was dropped (its watchers caught up from history).
+    pub overflows: u64,
     /// Since the hub was made: watchers whose key or range matched a live event, each counted
     /// once per revision. Watchers on other keys are not looked at, so with no matches this
     /// stays put however many watchers there are.
@@ -199,8 +236,6 @@ pub struct WatchStats {
 }
 
 struct HubInner {
-    /// The newest revision whose events were handed to [`WatchHub::notify`].
-    notified_rev: i64,
     /// Every revision up to this one has been handed to the synced watchers: a synced watcher
     /// has been sent everything before `max(next_rev, dispatched_rev + 1)` (its own `next_rev`
     /// moves only when an event concerns it, so that a write costs nothing for the others).
@@ -229,15 +264,52 @@ impl HubInner {
         }
     }
 
-    /// The revision up to which a watcher has been sent everything.
-    fn progress(&self, key: &WatcherKey) -> Option<i64> {
+    /// The revision up to which a watcher has been sent everything (`notified`: the queue's
+    /// `notified_rev`). Revisions still queued count as not sent: a synced watcher is only
+    /// known to have everything up to `dispatched_rev`.
+    fn progress(&self, key: &WatcherKey, notified: i64) -> Option<i64> {
         let sent = match (self.synced.get(key), self.unsynced.get(key)) {
             (Some(w), _) => (w.next_rev - 1).max(self.dispatched_rev),
             (None, Some(w)) => w.next_rev - 1,
             (None, None) => return None,
         };
-        Some(sent.min(self.notified_rev))
+        Some(sent.min(notified))
     }
+}
+
+/// Revisions applied but not yet handed to the watchers: what [`WatchHub::notify`] leaves for
+/// the dispatcher thread. Behind its own lock, so that the apply path never waits for the hub's.
+///
+/// Bounded by an estimate of its memory (`max_bytes`). When the dispatcher falls that far
+/// behind, the queue is dropped whole and `gap_through` remembers up to which revision: the
+/// dispatcher then moves every synced watcher that still needed one of those revisions to the
+/// unsynced set, and the catch-up thread reads them from history, in batches shared by all
+/// watchers. The events are in the store anyway, so nothing is lost; memory stays bounded
+/// however slow the dispatcher is, and `notify` never blocks or does per-watcher work.
+/// (Moving every lagging watcher at once is what etcd does for a slow watcher, applied to the
+/// whole group: it only happens when the group is already far behind.)
+struct Queue {
+    /// The newest revision handed to [`WatchHub::notify`].
+    notified_rev: i64,
+    revisions: VecDeque<Pending>,
+    bytes: usize,
+    max_bytes: usize,
+    /// Revisions up to this one were dropped from the queue (an overflow): whoever still needs
+    /// them reads history. Every revision after `max(dispatched_rev, gap_through)` that had
+    /// events is in `revisions`.
+    gap_through: i64,
+    overflows: u64,
+}
+
+struct Pending {
+    revision: i64,
+    events: Vec<Event>,
+    bytes: usize,
+}
+
+/// What queueing `events` costs, roughly: their encoding plus bookkeeping.
+fn queued_bytes(events: &[Event]) -> usize {
+    64 + events.iter().map(|e| e.encoded_len() + 64).sum::<usize>()
 }
 
 enum SendFailure {
@@ -245,13 +317,23 @@ enum SendFailure {
     Closed,
 }
 
-/// Every watcher of this member. Shared by the apply path, the Watch service and the catch-up
+/// Every watcher of this member. Shared by the apply path, the Watch service, the dispatcher and
+/// the catch-up
 /// thread.
 pub struct WatchHub {
     source: Arc<dyn StoreSource>,
+    /// Lock order: `inner`, then `queue`. The apply path takes only `queue`.
     inner: Mutex<HubInner>,
+    queue: Mutex<Queue>,
     max_response_bytes: AtomicUsize,
     sync_thread: OnceLock<Thread>,
+    /// The dispatcher thread, started by the first [`WatchHub::notify`]; `None` if it could not
+    /// be started (then `notify` dispatches itself).
+    dispatcher: OnceLock<Option<Thread>>,
+    me: Weak<WatchHub>,
+    /// Tests hold the dispatcher thread back to look at queued-but-undelivered states.
+    #[cfg(test)]
+    dispatch_paused: std::sync::atomic::AtomicBool,
 }
 
 fn response(revision: i64, watch_id: i64) -> WatchResponse {
@@ -297,10 +379,21 @@ impl WatchHub {
     /// A hub with no watchers, up to date with the store's current revision.
     pub fn new(source: Arc<dyn StoreSource>) -> Arc<WatchHub> {
         let notified_rev = source.store().current_revision();
-        Arc::new(WatchHub {
+        Arc::new_cyclic(|me| WatchHub {
             source,
-            inner: Mutex::new(HubInner {
+            queue: Mutex::new(Queue {
                 notified_rev,
+                revisions: VecDeque::new(),
+                bytes: 0,
+                max_bytes: MAX_QUEUED_BYTES,
+                gap_through: notified_rev,
+                overflows: 0,
+            }),
+            dispatcher: OnceLock::new(),
+            me: me.clone(),
+            #[cfg(test)]
+            dispatch_paused: Default::default(),
+            inner: Mutex::new(HubInner {
                 dispatched_rev: notified_rev,
                 next_stream_id: 0,
                 streams: HashMap::new(),
@@ -319,6 +412,12 @@ impl WatchHub {
     pub fn set_max_response_bytes(&self, bytes: usize) {
         self.max_response_bytes
             .store(bytes.max(1), Ordering::Relaxed);
+    }
+
+    /// Bounds the memory of revisions applied but not yet dispatched (default
+    /// [`MAX_QUEUED_BYTES`]); past it, lagging watchers catch up from history instead.
+    pub fn set_max_queued_bytes(&self, bytes: usize) {
+        self.queue.lock().max_bytes = bytes;
     }
 
     /// Starts the thread that catches unsynced watchers up from history. It stops once the hub
@@ -356,48 +455,169 @@ impl WatchHub {
     /// Watcher counts and the work done matching events to watchers.
     pub fn stats(&self) -> WatchStats {
         let inner = self.inner.lock();
+        let queue = self.queue.lock();
         WatchStats {
             synced: inner.synced.len(),
             unsynced: inner.unsynced.len(),
+            notified_revision: queue.notified_rev,
+            dispatched_revision: inner.dispatched_rev,
+            queued_revisions: queue.revisions.len(),
+            queued_bytes: queue.bytes,
+            overflows: queue.overflows,
             examined: inner.examined,
             index_visits: inner.index_visits,
         }
     }
 
-    /// The state jumped to `revision` (a snapshot was restored): every watcher catches up from
-    /// history.
+    /// The state jumped to `revision` (a snapshot was restored): queued revisions are dropped
+    /// and every watcher catches up from history.
     pub fn reset(&self, revision: i64) {
         let mut inner = self.inner.lock();
+        let mut queue = self.queue.lock();
+        queue.revisions.clear();
+        queue.bytes = 0;
+        queue.notified_rev = revision;
+        queue.gap_through = revision;
+        drop(queue);
         let dispatched = inner.dispatched_rev;
         for (key, mut w) in inner.synced.take_all() {
             w.next_rev = w.next_rev.max(dispatched + 1);
             inner.unsynced.insert(key, w);
         }
-        inner.notified_rev = revision;
         inner.dispatched_rev = revision;
         drop(inner);
         self.wake_sync();
     }
 
-    /// Called by the apply path after `events` were applied at `revision`. Never blocks on a
-    /// client: a watcher whose stream is full moves to the unsynced set.
+    /// Called by the apply path after `events` were applied at `revision`. Only queues them
+    /// and wakes the dispatcher thread, which hands them to the watchers: the apply path never
+    /// waits for the hub's lock, a client, or work per watcher (only for copying the events).
     pub fn notify(&self, revision: i64, events: &[Event]) {
-        let mut inner = self.inner.lock();
-        if revision <= inner.notified_rev {
+        let mut queue = self.queue.lock();
+        if revision <= queue.notified_rev {
             return;
         }
-        inner.notified_rev = revision;
-        if !events.is_empty() && !inner.synced.is_empty() {
-            let mut events = events.to_vec();
-            self.dispatch(&mut inner, revision, &mut events);
+        queue.notified_rev = revision;
+        if events.is_empty() {
+            return;
         }
-        inner.dispatched_rev = revision;
+        let bytes = queued_bytes(events);
+        if queue.bytes + bytes > queue.max_bytes {
+            queue.revisions.clear();
+            queue.bytes = 0;
+            queue.gap_through = revision;
+            queue.overflows += 1;
+        } else {
+            queue.revisions.push_back(Pending {
+                revision,
+                events: events.to_vec(),
+                bytes,
+            });
+            queue.bytes += bytes;
+        }
+        drop(queue);
+        self.wake_dispatcher();
+    }
+
+    fn wake_dispatcher(&self) {
+        match self.dispatcher.get_or_init(|| self.spawn_dispatcher()) {
+            Some(thread) => thread.unpark(),
+            None => self.dispatch_pending(false),
+        }
+    }
+
+    fn spawn_dispatcher(&self) -> Option<Thread> {
+        let weak = self.me.clone();
+        let spawned = std::thread::Builder::new()
+            .name("watch-dispatch".into())
+            .spawn(move || loop {
+                let Some(hub) = weak.upgrade() else { return };
+                hub.dispatch_pending(true);
+                drop(hub);
+                // Woken by notify; the timeout only notices a dropped hub.
+                std::thread::park_timeout(Duration::from_millis(100));
+            });
+        match spawned {
+            Ok(handle) => Some(handle.thread().clone()),
+            Err(e) => {
+                tracing::error!(error = %e, "no watch dispatcher thread: dispatching on the apply path");
+                None
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn dispatch_paused(&self) -> bool {
+        self.dispatch_paused.load(Ordering::SeqCst)
+    }
+
+    #[cfg(not(test))]
+    fn dispatch_paused(&self) -> bool {
+        false
+    }
+
+    /// Hands queued revisions to the synced watchers, oldest first, one revision per hold of
+    /// the hub's lock (so a revision is never half dispatched when anyone else looks), until
+    /// the queue is empty. On return, every revision notified before the call has been
+    /// dispatched. Run by the dispatcher thread (`from_thread`), and by tests to wait for it.
+    fn dispatch_pending(&self, from_thread: bool) {
+        loop {
+            let mut inner = self.inner.lock();
+            let mut queue = self.queue.lock();
+            // Checked under the queue's lock: nothing queued after a pause is dispatched.
+            if from_thread && self.dispatch_paused() {
+                return;
+            }
+            if queue.gap_through > inner.dispatched_rev {
+                let gap_through = queue.gap_through;
+                drop(queue);
+                self.skip_gap(&mut inner, gap_through);
+                continue;
+            }
+            let Some(Pending {
+                revision,
+                mut events,
+                bytes,
+            }) = queue.revisions.pop_front()
+            else {
+                return;
+            };
+            queue.bytes -= bytes;
+            drop(queue);
+            if !inner.synced.is_empty() {
+                self.dispatch(&mut inner, revision, &mut events);
+            }
+            inner.dispatched_rev = revision;
+        }
+    }
+
+    /// Revisions up to `gap_through` were dropped from the queue: the synced watchers that
+    /// still needed some of them catch up from history.
+    fn skip_gap(&self, inner: &mut HubInner, gap_through: i64) {
+        let served = inner.dispatched_rev + 1;
+        let lagging: Vec<WatcherKey> = inner
+            .synced
+            .watchers
+            .iter()
+            .filter(|(_, w)| w.next_rev.max(served) <= gap_through)
+            .map(|(key, _)| *key)
+            .collect();
+        let woke = !lagging.is_empty();
+        for key in lagging {
+            inner.unsync(key);
+        }
+        inner.dispatched_rev = gap_through;
+        if woke {
+            self.wake_sync();
+        }
     }
 
     /// Returns once every revision notified before the call has been handed to the synced
-    /// watchers (so far [`WatchHub::notify`] does that itself).
+    /// watchers.
     #[cfg(test)]
-    fn flush(&self) {}
+    fn flush(&self) {
+        self.dispatch_pending(false);
+    }
 
     /// Hands the events of `revision` to the synced watchers they concern, found through the
     /// index: the cost is the matching watchers', not all watchers'. A watcher whose stream
@@ -520,8 +740,13 @@ impl WatchHub {
         tx: mpsc::Sender<WatchResponse>,
     ) {
         let mut inner = self.inner.lock();
-        let now = inner.notified_rev;
-        let live_from = inner.dispatched_rev;
+        let (now, live_from) = {
+            let queue = self.queue.lock();
+            (
+                queue.notified_rev,
+                inner.dispatched_rev.max(queue.gap_through),
+            )
+        };
         let Some(stream) = inner.streams.get_mut(&stream_id) else {
             return;
         };
@@ -577,8 +802,8 @@ impl WatchHub {
         created.created = true;
         permit.send(created);
         let key = (stream_id, watch_id);
-        // Revisions after `live_from` are still to be handed to the synced watchers: one that
-        // needs nothing older gets them there.
+        // Revisions after `live_from` are queued for the synced watchers: one that needs
+        // nothing older gets them there, even if it was created after they were applied.
         if next_rev > live_from {
             inner.synced.insert(key, watcher);
         } else {
@@ -590,7 +815,7 @@ impl WatchHub {
 
     fn cancel(&self, stream_id: u64, watch_id: i64, permit: OwnedPermit<WatchResponse>) {
         let mut inner = self.inner.lock();
-        let now = inner.notified_rev;
+        let now = self.queue.lock().notified_rev;
         if inner.remove((stream_id, watch_id)) {
             let mut resp = response(now, watch_id);
             resp.canceled = true;
@@ -599,14 +824,14 @@ impl WatchHub {
     }
 
     /// The revision up to which every watcher of the stream has been sent everything.
-    fn stream_progress(inner: &HubInner, stream_id: u64) -> Option<i64> {
+    fn stream_progress(inner: &HubInner, stream_id: u64, notified: i64) -> Option<i64> {
         let stream = inner.streams.get(&stream_id)?;
         let least = stream
             .ids
             .iter()
-            .filter_map(|id| inner.progress(&(stream_id, *id)))
+            .filter_map(|id| inner.progress(&(stream_id, *id), notified))
             .min();
-        Some(least.unwrap_or(inner.notified_rev))
+        Some(least.unwrap_or(notified))
     }
 
     fn close_stream(&self, stream_id: u64) {
@@ -629,7 +854,7 @@ impl WatchHub {
             let Some(min_rev) = inner.unsynced.watchers.values().map(|w| w.next_rev).min() else {
                 return Round::Idle;
             };
-            (min_rev, inner.notified_rev)
+            (min_rev, self.queue.lock().notified_rev)
         };
         let store = self.source.store();
         // Never claim to have covered revisions this store does not have yet.
@@ -678,7 +903,7 @@ impl WatchHub {
         });
         self.fill_wanted_prev_kv(&inner.unsynced, &matched, &mut events);
         let compact_rev = store.compact_revision();
-        let live_from = inner.dispatched_rev;
+        let live_from = inner.dispatched_rev.max(self.queue.lock().gap_through);
         let mut progressed = false;
         let keys: Vec<WatcherKey> = inner.unsynced.watchers.keys().copied().collect();
         for key in keys {
@@ -728,7 +953,7 @@ impl WatchHub {
                 w.next_rev = covered + 1;
                 progressed = true;
             }
-            // Everything after `live_from` is still to be handed to the synced watchers.
+            // Everything after `live_from` is queued for the synced watchers.
             if w.next_rev > live_from {
                 if let Some(w) = inner.unsynced.remove(key) {
                     inner.synced.insert(key, w);
@@ -849,17 +1074,22 @@ impl WatchStream {
             .reserve_owned()
             .await
             .map_err(|_| WatchError::Closed)?;
+        // Under the hub's lock, which dispatch holds for a whole revision: the response is
+        // queued after every event it speaks for.
         let inner = self.hub.inner.lock();
-        if let Some(rev) = WatchHub::stream_progress(&inner, self.id) {
+        let notified = self.hub.queue.lock().notified_rev;
+        if let Some(rev) = WatchHub::stream_progress(&inner, self.id, notified) {
             permit.send(response(rev, PROGRESS_ALL_WATCHERS));
         }
         Ok(())
     }
 
     /// The periodic progress notification: an empty response to every synced watcher created
-    /// with `progress_notify`. Skipped for watchers whose stream is full.
+    /// with `progress_notify`, at the revision up to which it has been sent everything (so not
+    /// past revisions still queued for dispatch). Skipped for watchers whose stream is full.
     pub fn progress_notify(&self) {
         let inner = self.hub.inner.lock();
+        let notified = self.hub.queue.lock().notified_rev;
         let Some(stream) = inner.streams.get(&self.id) else {
             return;
         };
@@ -867,7 +1097,7 @@ impl WatchStream {
             let key = (self.id, *id);
             if let Some(w) = inner.synced.get(&key) {
                 if w.progress_notify {
-                    let rev = inner.progress(&key).unwrap_or(inner.notified_rev);
+                    let rev = inner.progress(&key, notified).unwrap_or(notified);
                     let _ = w.tx.try_send(response(rev, *id));
                 }
             }
