@@ -318,8 +318,7 @@ enum SendFailure {
 }
 
 /// Every watcher of this member. Shared by the apply path, the Watch service, the dispatcher and
-/// the catch-up
-/// thread.
+/// the catch-up thread.
 pub struct WatchHub {
     source: Arc<dyn StoreSource>,
     /// Lock order: `inner`, then `queue`. The apply path takes only `queue`.
