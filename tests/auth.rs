@@ -31,7 +31,6 @@ fn extra(kind: Kind, more: &[&str]) -> Vec<String> {
     flags
 }
 
-
 /// A connected gRPC channel to `endpoint`.
 async fn connect(endpoint: &str) -> Channel {
     Channel::from_shared(endpoint.to_string())

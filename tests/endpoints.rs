@@ -70,7 +70,11 @@ fn header_block(fields: &[(&str, &str)]) -> Vec<u8> {
 /// Sends Maintenance.Status with `:authority` set to `authority` (or none) and returns the
 /// decoded answer, or what the server did instead (a reset stream, a GOAWAY, a closed
 /// connection).
-async fn raw_status<S>(mut io: S, scheme: &str, authority: Option<&str>) -> Result<StatusResponse, String>
+async fn raw_status<S>(
+    mut io: S,
+    scheme: &str,
+    authority: Option<&str>,
+) -> Result<StatusResponse, String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -88,7 +92,9 @@ where
     out.extend(frame(HEADERS, END_HEADERS, 1, &header_block(&fields)));
     // An empty StatusRequest: the 5-byte gRPC prefix (not compressed, length 0).
     out.extend(frame(DATA, END_STREAM, 1, &[0, 0, 0, 0, 0]));
-    io.write_all(&out).await.map_err(|e| format!("write: {e}"))?;
+    io.write_all(&out)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
 
     let mut data = Vec::new();
     let mut response_headers = None;
@@ -111,7 +117,10 @@ where
                     .map_err(|e| format!("write: {e}"))?;
             }
             (RST_STREAM, 1) => {
-                return Err(format!("RST_STREAM, error code {}", u32::from_be_bytes(payload[..4].try_into().unwrap())));
+                return Err(format!(
+                    "RST_STREAM, error code {}",
+                    u32::from_be_bytes(payload[..4].try_into().unwrap())
+                ));
             }
             (GOAWAY, _) => return Err("GOAWAY".into()),
             (HEADERS, 1) if response_headers.is_none() => {
@@ -128,7 +137,9 @@ where
     // `:status: 200` is entry 8 of HPACK's static table: an indexed field, 0x88.
     let headers = response_headers.ok_or("no response headers")?;
     if headers.first() != Some(&0x88) {
-        return Err(format!("response headers do not start with :status 200: {headers:02x?}"));
+        return Err(format!(
+            "response headers do not start with :status 200: {headers:02x?}"
+        ));
     }
     if data.len() < 5 {
         return Err(format!("no gRPC message in the answer: {data:02x?}"));
@@ -169,7 +180,8 @@ where
         .unwrap_or_else(|_| Err("no answer in 10 s".into()));
         match answer {
             Ok(status) => assert!(
-                status.header.as_ref().is_some_and(|h| h.member_id != 0) && !status.version.is_empty(),
+                status.header.as_ref().is_some_and(|h| h.member_id != 0)
+                    && !status.version.is_empty(),
                 "{what}, :authority {authority:?}: an empty Status answer {status:?}"
             ),
             Err(e) => panic!("{what}, :authority {authority:?}: {e}"),
@@ -186,7 +198,13 @@ async fn tcp(port: u16) -> tokio::net::TcpStream {
 async fn any_authority_etcd_accepts_is_served(kind: Kind) {
     let server = Server::start(kind).await;
     let port = server.client_port;
-    check_every_authority(&format!("{kind:?}, plaintext"), "http", &format!("127.0.0.1:{port}"), || tcp(port)).await;
+    check_every_authority(
+        &format!("{kind:?}, plaintext"),
+        "http",
+        &format!("127.0.0.1:{port}"),
+        || tcp(port),
+    )
+    .await;
 }
 
 per_kind!(any_authority_etcd_accepts_is_served);
@@ -227,18 +245,27 @@ async fn any_authority_is_served_over_tls_and_unix_sockets() {
 
     check_every_authority("TLS", "https", &format!("127.0.0.1:{tls_port}"), || {
         let (connector, name) = (connector.clone(), name.clone());
-        async move { connector.connect(name, tcp(tls_port).await).await.expect("TLS handshake") }
+        async move {
+            connector
+                .connect(name, tcp(tls_port).await)
+                .await
+                .expect("TLS handshake")
+        }
     })
     .await;
     check_every_authority("unix socket", "http", "localhost", || async {
-        tokio::net::UnixStream::connect(&socket).await.expect("connect to the socket")
+        tokio::net::UnixStream::connect(&socket)
+            .await
+            .expect("connect to the socket")
     })
     .await;
     check_every_authority("unix socket with TLS", "https", "localhost", || {
         let (connector, name) = (connector.clone(), name.clone());
         let path = tls_socket.clone();
         async move {
-            let io = tokio::net::UnixStream::connect(&path).await.expect("connect to the socket");
+            let io = tokio::net::UnixStream::connect(&path)
+                .await
+                .expect("connect to the socket");
             connector.connect(name, io).await.expect("TLS handshake")
         }
     })
@@ -249,7 +276,8 @@ async fn any_authority_is_served_over_tls_and_unix_sockets() {
 /// The DER bytes of the first certificate of a PEM text.
 fn rustls_pemfile_der(pem: &str) -> tokio_rustls::rustls::pki_types::CertificateDer<'static> {
     use tokio_rustls::rustls::pki_types::pem::PemObject;
-    tokio_rustls::rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).expect("a PEM certificate")
+    tokio_rustls::rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("a PEM certificate")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -299,22 +327,54 @@ fn per_endpoint_commands(endpoints: &str, move_to: Option<u64>, dir: &Path) -> O
     let snapshot = snapshot.to_str().unwrap();
     let first = endpoints.split(',').next().unwrap();
     let mut commands: Vec<(String, String, Vec<String>)> = vec![
-        ("endpoint status".into(), endpoints.into(), vec!["endpoint".into(), "status".into()]),
-        ("endpoint status -w json".into(), endpoints.into(), vec!["endpoint".into(), "status".into(), "-w".into(), "json".into()]),
-        ("endpoint hashkv".into(), endpoints.into(), vec!["endpoint".into(), "hashkv".into()]),
-        ("endpoint health".into(), endpoints.into(), vec!["endpoint".into(), "health".into()]),
+        (
+            "endpoint status".into(),
+            endpoints.into(),
+            vec!["endpoint".into(), "status".into()],
+        ),
+        (
+            "endpoint status -w json".into(),
+            endpoints.into(),
+            vec![
+                "endpoint".into(),
+                "status".into(),
+                "-w".into(),
+                "json".into(),
+            ],
+        ),
+        (
+            "endpoint hashkv".into(),
+            endpoints.into(),
+            vec!["endpoint".into(), "hashkv".into()],
+        ),
+        (
+            "endpoint health".into(),
+            endpoints.into(),
+            vec!["endpoint".into(), "health".into()],
+        ),
         ("defrag".into(), endpoints.into(), vec!["defrag".into()]),
-        ("snapshot save".into(), first.into(), vec!["snapshot".into(), "save".into(), snapshot.into()]),
+        (
+            "snapshot save".into(),
+            first.into(),
+            vec!["snapshot".into(), "save".into(), snapshot.into()],
+        ),
     ];
     if let Some(target) = move_to {
-        commands.push(("move-leader".into(), endpoints.into(), vec!["move-leader".into(), format!("{target:x}")]));
+        commands.push((
+            "move-leader".into(),
+            endpoints.into(),
+            vec!["move-leader".into(), format!("{target:x}")],
+        ));
     }
     let mut lines = Vec::new();
     for (name, endpoints, args) in commands {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = etcdctl(&endpoints, &args);
         let text = if out.status.success() {
-            let mut lines: Vec<String> = normalize(&String::from_utf8_lossy(&out.stdout), dir).lines().map(str::to_string).collect();
+            let mut lines: Vec<String> = normalize(&String::from_utf8_lossy(&out.stdout), dir)
+                .lines()
+                .map(str::to_string)
+                .collect();
             // `endpoint health` prints members in the order they answered
             lines.sort();
             lines.join("\n")
@@ -328,19 +388,34 @@ fn per_endpoint_commands(endpoints: &str, move_to: Option<u64>, dir: &Path) -> O
 
 fn assert_same(etcd: &Outputs, ours: &Outputs, what: &str) {
     for ((name, theirs), (_, mine)) in etcd.lines.iter().zip(&ours.lines) {
-        assert!(!mine.starts_with("FAILED"), "{what}: etcdctl {name}: {mine}");
-        assert_eq!(mine, theirs, "{what}: etcdctl {name} prints differently from etcd's");
+        assert!(
+            !mine.starts_with("FAILED"),
+            "{what}: etcdctl {name}: {mine}"
+        );
+        assert_eq!(
+            mine, theirs,
+            "{what}: etcdctl {name} prints differently from etcd's"
+        );
     }
 }
 
 /// The id of member `i`, in etcdctl's hex, read from `endpoint status -w json`.
 fn member_id_of(endpoint: &str) -> u64 {
     let out = etcdctl(endpoint, &["endpoint", "status", "-w", "json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json = String::from_utf8(out.stdout).unwrap();
     let tag = "\"member_id\":";
     let start = json.find(tag).expect("member_id") + tag.len();
-    json[start..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+    json[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -375,7 +450,11 @@ async fn etcdctl_per_endpoint_commands_with_http_urls_three_members() {
         let target = member_id_of(&cluster.endpoint(follower));
         let out = per_endpoint_commands(&endpoints, Some(target), dir.path());
         // move-leader returns once the target leads
-        assert_eq!(cluster.leader_index().await, Some(follower), "{kind:?}: the target leads");
+        assert_eq!(
+            cluster.leader_index().await,
+            Some(follower),
+            "{kind:?}: the target leads"
+        );
         outputs.push((kind, out));
     }
     let (_, etcd) = &outputs[0];
@@ -392,13 +471,25 @@ async fn ipv6_literal_and_host_name_listeners_serve() {
     let (v6, name) = (free_port(), free_port());
     let server = Server::start_with(
         Kind::Memory,
-        &["--listen-client-urls", &format!("http://[::1]:{v6},http://localhost:{name}")],
+        &[
+            "--listen-client-urls",
+            &format!("http://[::1]:{v6},http://localhost:{name}"),
+        ],
     )
     .await;
-    for endpoint in [format!("http://[::1]:{v6}"), format!("http://localhost:{name}")] {
+    for endpoint in [
+        format!("http://[::1]:{v6}"),
+        format!("http://localhost:{name}"),
+    ] {
         let out = etcdctl(&endpoint, &["endpoint", "status"]);
-        assert!(out.status.success(), "{endpoint}: {}", String::from_utf8_lossy(&out.stderr));
-        assert!(etcdctl(&endpoint, &["put", "k", &endpoint]).status.success());
+        assert!(
+            out.status.success(),
+            "{endpoint}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(etcdctl(&endpoint, &["put", "k", &endpoint])
+            .status
+            .success());
     }
     drop(server);
 }
@@ -407,13 +498,34 @@ async fn ipv6_literal_and_host_name_listeners_serve() {
 async fn a_malformed_url_is_refused_naming_its_flag() {
     let dir = tempfile::tempdir().unwrap();
     for (flag, bad, expected) in [
-        ("--listen-client-urls", "127.0.0.1:2379", "--listen-client-urls: \"127.0.0.1:2379\" is not a URL"),
-        ("--listen-peer-urls", "http://127.0.0.1", "--listen-peer-urls: URL address does not have the form \"host:port\""),
-        ("--advertise-client-urls", "tcp://127.0.0.1:1", "--advertise-client-urls: URL scheme must be http, https, unix, or unixs"),
-        ("--initial-cluster", "default=http://127.0.0.1:2380/path", "--initial-cluster: URL must not contain a path"),
+        (
+            "--listen-client-urls",
+            "127.0.0.1:2379",
+            "--listen-client-urls: \"127.0.0.1:2379\" is not a URL",
+        ),
+        (
+            "--listen-peer-urls",
+            "http://127.0.0.1",
+            "--listen-peer-urls: URL address does not have the form \"host:port\"",
+        ),
+        (
+            "--advertise-client-urls",
+            "tcp://127.0.0.1:1",
+            "--advertise-client-urls: URL scheme must be http, https, unix, or unixs",
+        ),
+        (
+            "--initial-cluster",
+            "default=http://127.0.0.1:2380/path",
+            "--initial-cluster: URL must not contain a path",
+        ),
     ] {
         let out = Command::new(support::metastore_bin())
-            .args(["--data-dir", dir.path().join("d").to_str().unwrap(), flag, bad])
+            .args([
+                "--data-dir",
+                dir.path().join("d").to_str().unwrap(),
+                flag,
+                bad,
+            ])
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -440,10 +552,19 @@ async fn a_cluster_bootstraps_from_host_name_urls() {
             .args(["--name", &format!("m{}", i + 1)])
             .arg("--data-dir")
             .arg(dir.path().join(format!("m{i}")))
-            .args(["--listen-client-urls", &format!("http://localhost:{client}")])
-            .args(["--advertise-client-urls", &format!("http://localhost:{client}")])
+            .args([
+                "--listen-client-urls",
+                &format!("http://localhost:{client}"),
+            ])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://localhost:{client}"),
+            ])
             .args(["--listen-peer-urls", &format!("http://localhost:{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://localhost:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://localhost:{peer}"),
+            ])
             .args(["--initial-cluster", &initial])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -472,7 +593,11 @@ async fn a_cluster_bootstraps_from_host_name_urls() {
         if out.status.success() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no write in 30 s: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no write in 30 s: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let list = String::from_utf8(etcdctl(&endpoints, &["member", "list"]).stdout).unwrap();
@@ -481,17 +606,27 @@ async fn a_cluster_bootstraps_from_host_name_urls() {
             .lines()
             .find(|l| l.contains(&format!(", m{}, ", i + 1)))
             .unwrap_or_else(|| panic!("m{} missing from {list}", i + 1));
-        assert!(line.contains(&format!("http://localhost:{peer}")) && line.contains(&format!("http://localhost:{client}")), "{line}");
+        assert!(
+            line.contains(&format!("http://localhost:{peer}"))
+                && line.contains(&format!("http://localhost:{client}")),
+            "{line}"
+        );
     }
     // Each member serves the write (the log reached all three through host-name peer URLs).
     for (client, _) in &ports {
         let endpoint = format!("http://localhost:{client}");
-        let out = etcdctl(&endpoint, &["get", "greeting", "--print-value-only", "--consistency=s"]);
+        let out = etcdctl(
+            &endpoint,
+            &["get", "greeting", "--print-value-only", "--consistency=s"],
+        );
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let mut value = String::from_utf8_lossy(&out.stdout).trim().to_string();
         while value != "hello" && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let out = etcdctl(&endpoint, &["get", "greeting", "--print-value-only", "--consistency=s"]);
+            let out = etcdctl(
+                &endpoint,
+                &["get", "greeting", "--print-value-only", "--consistency=s"],
+            );
             value = String::from_utf8_lossy(&out.stdout).trim().to_string();
         }
         assert_eq!(value, "hello", "{endpoint}");

@@ -427,4 +427,3 @@ async fn run(server: &Server) -> Vec<String> {
 }
 
 differential!(run);
-

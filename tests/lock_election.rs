@@ -657,4 +657,3 @@ async fn script(server: &Server) -> Vec<String> {
 }
 
 differential!(script);
-

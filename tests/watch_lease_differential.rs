@@ -277,4 +277,3 @@ async fn run(server: &Server) -> Vec<String> {
 }
 
 differential!(run);
-

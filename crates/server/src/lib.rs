@@ -412,17 +412,17 @@ async fn serve() -> Result<()> {
             builder = builder.tls_config(tls)?;
         }
         let router = builder
-                // Every call passes the auth layer: one place decides who may call what.
-                .layer(AuthLayer::new(ctx.clone()))
-                .add_service(kv)
-                .add_service(watch)
-                .add_service(lease)
-                .add_service(maintenance)
-                .add_service(cluster)
-                .add_service(AuthServer::new(AuthService::new(ctx.clone())))
-                .add_service(LockServer::new(LockService::new(&ctx, &watch_hub)))
-                .add_service(ElectionServer::new(ElectionService::new(&ctx, &watch_hub)))
-                .add_service(health_service.clone());
+            // Every call passes the auth layer: one place decides who may call what.
+            .layer(AuthLayer::new(ctx.clone()))
+            .add_service(kv)
+            .add_service(watch)
+            .add_service(lease)
+            .add_service(maintenance)
+            .add_service(cluster)
+            .add_service(AuthServer::new(AuthService::new(ctx.clone())))
+            .add_service(LockServer::new(LockService::new(&ctx, &watch_hub)))
+            .add_service(ElectionServer::new(ElectionService::new(&ctx, &watch_hub)))
+            .add_service(health_service.clone());
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
@@ -494,10 +494,7 @@ impl Listener {
 
     fn address(&self) -> String {
         match self {
-            Listener::Tcp(l) => l
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             Listener::Unix(_, path) => format!("unix:{}", path.display()),
         }
     }

@@ -116,7 +116,13 @@ impl Url {
         }
         let addrs: Vec<SocketAddr> = (self.host.as_str(), self.port)
             .to_socket_addrs()
-            .map_err(|e| anyhow!("{flag}: cannot resolve {:?} in {}: {e}", self.host, self.text))?
+            .map_err(|e| {
+                anyhow!(
+                    "{flag}: cannot resolve {:?} in {}: {e}",
+                    self.host,
+                    self.text
+                )
+            })?
             .collect();
         addrs
             .iter()
@@ -124,7 +130,13 @@ impl Url {
             .or_else(|| addrs.first())
             .copied()
             .map(Bind::Tcp)
-            .ok_or_else(|| anyhow!("{flag}: {:?} in {} resolves to no address", self.host, self.text))
+            .ok_or_else(|| {
+                anyhow!(
+                    "{flag}: {:?} in {} resolves to no address",
+                    self.host,
+                    self.text
+                )
+            })
     }
 }
 
@@ -141,7 +153,11 @@ fn split_host_port(authority: &str) -> Option<(String, u16)> {
         }
         (host, port)
     };
-    if host.is_empty() || !host.chars().all(|c| c.is_ascii_alphanumeric() || "-._:%".contains(c)) {
+    if host.is_empty()
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._:%".contains(c))
+    {
         return None;
     }
     Some((host.to_string(), port.parse().ok()?))
@@ -164,7 +180,10 @@ pub fn parse_all(flag: &str, urls: &[String]) -> Result<Vec<Url>> {
 pub fn parse_tcp(flag: &str, urls: &[String]) -> Result<Vec<Url>> {
     let urls = parse_all(flag, urls)?;
     if let Some(u) = urls.iter().find(|u| u.socket.is_some()) {
-        bail!("{flag}: unix sockets are supported for client URLs only: {}", u.text);
+        bail!(
+            "{flag}: unix sockets are supported for client URLs only: {}",
+            u.text
+        );
     }
     Ok(urls)
 }
@@ -179,26 +198,47 @@ mod tests {
     }
 
     fn err(text: &str) -> String {
-        format!("{:#}", Url::parse("--listen-client-urls", text).unwrap_err())
+        format!(
+            "{:#}",
+            Url::parse("--listen-client-urls", text).unwrap_err()
+        )
     }
 
     #[test]
     fn host_names_ips_and_ipv6_literals_parse() {
-        assert_eq!(tcp("http://127.0.0.1:2379"), (Scheme::Http, "127.0.0.1".into(), 2379));
-        assert_eq!(tcp("https://etcd-0.etcd:2380"), (Scheme::Https, "etcd-0.etcd".into(), 2380));
-        assert_eq!(tcp("http://localhost:2379/"), (Scheme::Http, "localhost".into(), 2379));
+        assert_eq!(
+            tcp("http://127.0.0.1:2379"),
+            (Scheme::Http, "127.0.0.1".into(), 2379)
+        );
+        assert_eq!(
+            tcp("https://etcd-0.etcd:2380"),
+            (Scheme::Https, "etcd-0.etcd".into(), 2380)
+        );
+        assert_eq!(
+            tcp("http://localhost:2379/"),
+            (Scheme::Http, "localhost".into(), 2379)
+        );
         assert_eq!(tcp("http://[::1]:2379"), (Scheme::Http, "::1".into(), 2379));
-        assert_eq!(tcp("HTTP://10.0.0.1:1"), (Scheme::Http, "10.0.0.1".into(), 1));
+        assert_eq!(
+            tcp("HTTP://10.0.0.1:1"),
+            (Scheme::Http, "10.0.0.1".into(), 1)
+        );
         assert_eq!(tcp(" http://a:1 "), (Scheme::Http, "a".into(), 1));
     }
 
     #[test]
     fn unix_urls_name_a_socket_file_as_etcd_does() {
         let u = Url::parse("--listen-client-urls", "unix:///run/etcd.sock").unwrap();
-        assert_eq!(u.socket.as_deref(), Some(std::path::Path::new("/run/etcd.sock")));
+        assert_eq!(
+            u.socket.as_deref(),
+            Some(std::path::Path::new("/run/etcd.sock"))
+        );
         assert!(!u.scheme.tls());
         let u = Url::parse("--listen-client-urls", "unixs://localhost:2379").unwrap();
-        assert_eq!(u.socket.as_deref(), Some(std::path::Path::new("localhost:2379")));
+        assert_eq!(
+            u.socket.as_deref(),
+            Some(std::path::Path::new("localhost:2379"))
+        );
         assert!(u.scheme.tls());
         assert_eq!(
             u.bind("--listen-client-urls").unwrap(),
@@ -227,7 +267,9 @@ mod tests {
             "http://a b:1",
         ] {
             assert!(
-                err(bad).starts_with("--listen-client-urls: URL address does not have the form \"host:port\""),
+                err(bad).starts_with(
+                    "--listen-client-urls: URL address does not have the form \"host:port\""
+                ),
                 "{bad}: {}",
                 err(bad)
             );
@@ -237,21 +279,38 @@ mod tests {
             "--listen-client-urls: URL must not contain a path: http://127.0.0.1:2379/v3"
         );
         assert!(err("unix://").contains("names no socket file"));
-        assert!(format!("{:#}", parse_tcp("--listen-peer-urls", &["unix:///x".into()]).unwrap_err())
-            .contains("--listen-peer-urls: unix sockets are supported for client URLs only"));
-        assert!(format!("{:#}", parse_all("--advertise-client-urls", &[]).unwrap_err())
-            .contains("--advertise-client-urls: at least one URL is required"));
+        assert!(format!(
+            "{:#}",
+            parse_tcp("--listen-peer-urls", &["unix:///x".into()]).unwrap_err()
+        )
+        .contains("--listen-peer-urls: unix sockets are supported for client URLs only"));
+        assert!(format!(
+            "{:#}",
+            parse_all("--advertise-client-urls", &[]).unwrap_err()
+        )
+        .contains("--advertise-client-urls: at least one URL is required"));
     }
 
     #[test]
     fn binding_resolves_host_names_and_keeps_literals() {
         let bind = |t: &str| Url::parse("--f", t).unwrap().bind("--f").unwrap();
-        assert_eq!(bind("http://127.0.0.1:2379"), Bind::Tcp("127.0.0.1:2379".parse().unwrap()));
-        assert_eq!(bind("http://[::1]:2379"), Bind::Tcp("[::1]:2379".parse().unwrap()));
+        assert_eq!(
+            bind("http://127.0.0.1:2379"),
+            Bind::Tcp("127.0.0.1:2379".parse().unwrap())
+        );
+        assert_eq!(
+            bind("http://[::1]:2379"),
+            Bind::Tcp("[::1]:2379".parse().unwrap())
+        );
         // localhost resolves through the system resolver; its IPv4 address is preferred.
-        assert_eq!(bind("http://localhost:2379"), Bind::Tcp("127.0.0.1:2379".parse().unwrap()));
+        assert_eq!(
+            bind("http://localhost:2379"),
+            Bind::Tcp("127.0.0.1:2379".parse().unwrap())
+        );
         let unknown = Url::parse("--f", "http://no-such-host.invalid:1").unwrap();
-        assert!(format!("{:#}", unknown.bind("--listen-peer-urls").unwrap_err())
-            .starts_with("--listen-peer-urls: cannot resolve \"no-such-host.invalid\""));
+        assert!(
+            format!("{:#}", unknown.bind("--listen-peer-urls").unwrap_err())
+                .starts_with("--listen-peer-urls: cannot resolve \"no-such-host.invalid\"")
+        );
     }
 }
