@@ -21,8 +21,9 @@ use metastore_state_machine::{ApplyError, Output};
 use prost::Message;
 use tonic::{Request as GrpcRequest, Response, Status};
 
-use crate::errors::{apply_error_status, member_not_found, raft_status};
-use crate::{ServerContext, PROPOSAL_TIMEOUT};
+use metastore_api_context::{
+    apply_error_status, member_not_found, raft_status, ServerContext, PROPOSAL_TIMEOUT,
+};
 
 /// etcd allows at most this many learners at a time.
 const MAX_LEARNERS: usize = 1;

@@ -29,8 +29,7 @@ use crate::recipes::{
     as_client_error, by_create_revision, created_at, delete_op, get, is_delete, prefix_range_end,
     put_op, range_op, session_key, txn_range_kvs, Recipes, ReleaseOnCancel, WatchBatch,
 };
-use crate::Caller;
-use crate::ServerContext;
+use metastore_api_context::{Caller, ServerContext};
 
 /// etcd's `ErrElectionNotLeader`: the leader key is gone or was re-created.
 const NOT_LEADER: &str = "election: not leader";

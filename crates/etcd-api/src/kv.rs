@@ -20,8 +20,7 @@ use tonic::{Request as GrpcRequest, Response, Status};
 
 use metastore_auth::{needs, AuthInfo, Need};
 
-use crate::errors::mvcc_status;
-use crate::{Caller, ServerContext};
+use metastore_api_context::{mvcc_status, Caller, ServerContext};
 
 /// etcd's KV service.
 pub struct KvService {

@@ -20,10 +20,10 @@ use metastore_state_machine::Output;
 use tokio_stream::Stream;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
-use crate::errors::lease_status;
+use metastore_api_context::lease_status;
 use metastore_auth::Need;
 
-use crate::{Caller, ServerContext};
+use metastore_api_context::{Caller, ServerContext};
 
 /// How often the leader looks for expired leases (etcd: every 500 ms).
 const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_millis(200);

@@ -20,8 +20,7 @@ use crate::recipes::{
     as_client_error, by_create_revision, created_at, get, put_op, range_op, session_key,
     txn_range_kvs, Recipes, ReleaseOnCancel,
 };
-use crate::Caller;
-use crate::ServerContext;
+use metastore_api_context::{Caller, ServerContext};
 
 /// etcd's error when the waiter's own key vanished (its lease expired) while it waited.
 const SESSION_EXPIRED: &str = "mutex: session is expired";

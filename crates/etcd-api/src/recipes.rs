@@ -26,10 +26,10 @@ use metastore_watch::{WatchHub, WatchStream};
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
 
-use crate::errors::mvcc_status;
+use metastore_api_context::mvcc_status;
 use metastore_auth::Need;
 
-use crate::{Caller, ServerContext};
+use metastore_api_context::{Caller, ServerContext};
 
 /// TTL of the lease a Lock or Campaign without a lease gets (etcd's `defaultSessionTTL`).
 const SESSION_TTL_SECS: i64 = 60;

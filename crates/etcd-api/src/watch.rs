@@ -17,7 +17,7 @@ use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
 use metastore_auth::Need;
 
-use crate::{Caller, ServerContext};
+use metastore_api_context::{Caller, ServerContext};
 
 /// etcd's answer to a watch create the caller may not read: created and canceled at once, the
 /// reason being the gRPC error's text as Go prints it.

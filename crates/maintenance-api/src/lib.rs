@@ -7,7 +7,8 @@
 //! (single-member rules). Downgrade answers `Unimplemented`.
 //!
 //! Must not depend on: the engine choice (it holds an `Arc<dyn Backend>`), raft internals beyond
-//! the [`ServerContext`]'s handle.
+//! the [`ServerContext`]'s handle, `metastore-etcd-api` (a sibling: both stand on
+//! `metastore-api-context`).
 
 #![warn(missing_docs)]
 
@@ -16,7 +17,7 @@ pub mod snapshot;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use metastore_etcd_api::{mvcc_status, ServerContext};
+use metastore_api_context::{mvcc_status, ServerContext};
 use metastore_proto::etcdserverpb::downgrade_request::DowngradeAction;
 use metastore_proto::etcdserverpb::maintenance_server::Maintenance;
 use metastore_proto::etcdserverpb::{
@@ -91,7 +92,7 @@ impl Maintenance for MaintenanceService {
         request: GrpcRequest<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
         self.ctx.refuse_on_learner()?;
-        let caller = metastore_etcd_api::Caller::of(&request);
+        let caller = metastore_api_context::Caller::of(&request);
         let req = request.into_inner();
         // etcd 3.5+: any user may list alarms; raising or clearing one needs root.
         let need = if req.action
@@ -252,12 +253,12 @@ impl Maintenance for MaintenanceService {
         self.ctx
             .raft
             .transfer_leader(target)
-            .map_err(|e| metastore_etcd_api::raft_status(&e))?;
+            .map_err(|e| metastore_api_context::raft_status(&e))?;
         // etcd waits up to its request timeout for the transferee to lead.
         match self
             .ctx
             .raft
-            .wait_leader_is(target, metastore_etcd_api::PROPOSAL_TIMEOUT)
+            .wait_leader_is(target, metastore_api_context::PROPOSAL_TIMEOUT)
             .await
         {
             Ok(()) => Ok(Response::new(MoveLeaderResponse {
@@ -266,7 +267,7 @@ impl Maintenance for MaintenanceService {
             Err(metastore_raft_node::RaftError::Timeout) => Err(Status::unavailable(
                 "etcdserver: request timed out, leader transfer took too long",
             )),
-            Err(e) => Err(metastore_etcd_api::raft_status(&e)),
+            Err(e) => Err(metastore_api_context::raft_status(&e)),
         }
     }
 

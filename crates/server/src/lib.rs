@@ -14,11 +14,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use metastore_etcd_api::{
-    spawn_lease_expiry, spawn_publish, BoxFuture, ClusterService, KvService, LeaderForwarder,
-    LeaseService, Limits, ServerContext, WatchService,
+use metastore_api_context::{
+    AuthGate, AuthLayer, BoxFuture, LeaderForwarder, Limits, ServerContext,
 };
-use metastore_etcd_api::{AuthGate, AuthLayer, AuthService, ElectionService, LockService};
+use metastore_etcd_api::{
+    spawn_lease_expiry, spawn_publish, AuthService, ClusterService, ElectionService, KvService,
+    LeaseService, LockService, WatchService,
+};
 use metastore_lease::Lessor;
 use metastore_maintenance_api::MaintenanceService;
 use metastore_peer::{LeaseHandler, PeerNetwork, PeerService};
@@ -68,7 +70,7 @@ impl LeaseHandler for Leases {
             .1
             .current()
             .hash_kv(revision)
-            .map_err(|e| metastore_etcd_api::mvcc_status(&e))?;
+            .map_err(|e| metastore_api_context::mvcc_status(&e))?;
         Ok((h.hash, h.compact_revision, h.hash_revision))
     }
 

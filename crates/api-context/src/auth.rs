@@ -1,0 +1,349 @@
+//! Authentication and authorization at the API, in one place.
+//!
+//! [`AuthLayer`] wraps every client-port service. For each call it looks the method up in
+//! [`metastore_auth::needs::RPC_RULES`], resolves the caller's credentials (the `token` metadata
+//! etcd clients send, or the client certificate's CN under `--client-cert-auth`), refuses what
+//! the rule forbids, and hands the resolved [`Caller`] to the handler in the request's extensions.
+//! Handlers whose rule depends on the request's keys call [`ServerContext::authorize`] with the
+//! needs computed by `metastore_auth::needs` — the same lists the apply step checks again.
+//!
+//! [`AuthGate`] holds what authentication needs at the API (the replicated store, the token
+//! scheme, the per-user Authenticate rate limit); the Auth gRPC service itself lives in
+//! `metastore-etcd-api`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use metastore_auth::needs::{rule_for, Rule};
+use metastore_auth::tokens::TokenProvider;
+use metastore_auth::{AuthError, AuthInfo, AuthStore, Need};
+use parking_lot::Mutex;
+use tonic::{Request as GrpcRequest, Status};
+
+use crate::ServerContext;
+
+/// The status etcd answers for an auth refusal.
+pub fn auth_status(e: &AuthError) -> Status {
+    Status::new(tonic::Code::from_i32(e.grpc_code()), e.to_string())
+}
+
+/// Who is calling, as the credentials of the request say. Anonymous when the request carried
+/// none (or auth was disabled when it arrived).
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The user name; empty for an anonymous caller.
+    pub username: String,
+    /// The auth revision a JWT token was signed at; `None` for simple tokens and certificate
+    /// users, which are valid for the store's current revision.
+    pub token_revision: Option<u64>,
+}
+
+impl Caller {
+    /// The caller of `request`: what [`AuthLayer`] resolved, or anonymous.
+    pub fn of<T>(request: &GrpcRequest<T>) -> Caller {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// What authentication needs at the API: the replicated store, the token scheme and the
+/// per-user Authenticate rate limit.
+pub struct AuthGate {
+    /// The replicated auth store (read side).
+    pub store: AuthStore,
+    /// `--auth-token`.
+    pub tokens: TokenProvider,
+    /// `--bcrypt-cost`.
+    pub bcrypt_cost: u32,
+    /// `--client-cert-auth`: a verified client certificate's CN names the user.
+    pub client_cert_auth: bool,
+    attempts: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+/// Authenticate attempts one user may burst, and how many per second are refilled.
+const AUTH_BURST: f64 = 10.0;
+const AUTH_REFILL_PER_SEC: f64 = 5.0;
+
+impl AuthGate {
+    /// A gate over `store`.
+    pub fn new(
+        store: AuthStore,
+        tokens: TokenProvider,
+        bcrypt_cost: u32,
+        client_cert_auth: bool,
+    ) -> Self {
+        AuthGate {
+            store,
+            tokens,
+            bcrypt_cost,
+            client_cert_auth,
+            attempts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Resolves the credentials of a call: the `token` metadata, else the certificate's CN.
+    fn resolve(
+        &self,
+        token: Option<&str>,
+        cert_user: impl FnOnce() -> Option<String>,
+    ) -> Result<Caller, AuthError> {
+        if !self.store.is_enabled() {
+            return Ok(Caller::default());
+        }
+        if let Some(token) = token {
+            return match &self.tokens {
+                TokenProvider::Simple => self
+                    .store
+                    .simple_tokens()
+                    .lookup(token)
+                    .map(|username| Caller {
+                        username,
+                        token_revision: None,
+                    })
+                    .ok_or(AuthError::InvalidAuthToken),
+                TokenProvider::Jwt(jwt) => {
+                    let (username, revision) = jwt.verify(token)?;
+                    Ok(Caller {
+                        username,
+                        token_revision: Some(revision),
+                    })
+                }
+            };
+        }
+        if self.client_cert_auth {
+            if let Some(username) = cert_user() {
+                return Ok(Caller {
+                    username,
+                    token_revision: None,
+                });
+            }
+        }
+        Ok(Caller::default())
+    }
+
+    /// The identity to check `caller` with, at the auth revision current now.
+    pub fn info(&self, caller: &Caller) -> AuthInfo {
+        AuthInfo {
+            username: caller.username.clone(),
+            revision: caller
+                .token_revision
+                .unwrap_or_else(|| self.store.revision()),
+        }
+    }
+
+    /// Admits an Authenticate attempt for `user` unless it exceeds the per-user rate.
+    pub fn admit_attempt(&self, user: &str) -> Result<(), AuthError> {
+        let mut attempts = self.attempts.lock();
+        let now = Instant::now();
+        if attempts.len() > 10_000 {
+            attempts.retain(|_, (_, at)| now.duration_since(*at).as_secs() < 60);
+        }
+        let (tokens, at) = attempts
+            .entry(user.to_string())
+            .or_insert((AUTH_BURST, now));
+        *tokens =
+            (*tokens + now.duration_since(*at).as_secs_f64() * AUTH_REFILL_PER_SEC).min(AUTH_BURST);
+        *at = now;
+        if *tokens < 1.0 {
+            return Err(AuthError::TooManyRequests);
+        }
+        *tokens -= 1.0;
+        Ok(())
+    }
+}
+
+/// The CN of the first verified client certificate of a TLS connection.
+fn certificate_cn<B>(request: &http::Request<B>) -> Option<String> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let certs = request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?
+        .peer_certs()?;
+    let der = certs.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    Some(cn)
+}
+
+/// The tower layer that admits calls on the client port (see the module's description).
+#[derive(Clone)]
+pub struct AuthLayer {
+    ctx: ServerContext,
+}
+
+impl AuthLayer {
+    /// A layer checking calls against `ctx`'s auth gate.
+    pub fn new(ctx: ServerContext) -> Self {
+        AuthLayer { ctx }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for AuthLayer {
+    type Service = AuthMiddleware<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthMiddleware {
+            inner,
+            ctx: self.ctx.clone(),
+        }
+    }
+}
+
+/// The service [`AuthLayer`] builds.
+#[derive(Clone)]
+pub struct AuthMiddleware<S> {
+    inner: S,
+    ctx: ServerContext,
+}
+
+/// Why a call was not admitted at once.
+enum NotAdmitted {
+    /// Refused with this status.
+    Refused(Status),
+    /// Its simple token was issued at this log index, which this member has not applied yet
+    /// (the client authenticated through a faster member): wait, then decide.
+    NotYetApplied(u64),
+}
+
+impl AuthMiddleware<()> {
+    /// Decides on one call: `Ok(Some(caller))` to let it through with that caller.
+    fn admit<B>(
+        ctx: &ServerContext,
+        request: &http::Request<B>,
+    ) -> Result<Option<Caller>, NotAdmitted> {
+        let gate = &ctx.auth;
+        if !gate.store.is_enabled() {
+            return Ok(None);
+        }
+        let rule = rule_for(request.uri().path());
+        if rule == Rule::Open {
+            return Ok(None);
+        }
+        // etcd clients send `token`; etcd 3.5+ also takes `authorization`, with or without
+        // `Bearer `.
+        let token = request
+            .headers()
+            .get("token")
+            .or_else(|| request.headers().get("authorization"))
+            .and_then(|v| v.to_str().ok())
+            .map(|t| t.strip_prefix("Bearer ").unwrap_or(t));
+        let caller = match gate.resolve(token, || certificate_cn(request)) {
+            Ok(caller) => caller,
+            Err(AuthError::InvalidAuthToken) => {
+                // etcd's simple tokens are `<prefix>.<index>`: like etcd, wait for a token
+                // issued at an index not yet applied here.
+                let index = token
+                    .and_then(|t| t.rsplit_once('.'))
+                    .and_then(|(_, i)| i.parse::<u64>().ok());
+                let applied = ctx.raft.with_status(|s| s.applied_index);
+                return Err(match (&gate.tokens, index) {
+                    (TokenProvider::Simple, Some(index)) if index > applied => {
+                        NotAdmitted::NotYetApplied(index)
+                    }
+                    _ => NotAdmitted::Refused(auth_status(&AuthError::InvalidAuthToken)),
+                });
+            }
+            Err(e) => return Err(NotAdmitted::Refused(auth_status(&e))),
+        };
+        let need = match rule {
+            Rule::Admin => Some(Need::Admin),
+            Rule::Authenticated | Rule::Keys | Rule::SelfOrAdmin => Some(Need::Authenticated),
+            Rule::Open => None,
+        };
+        if let Some(need) = need {
+            gate.store
+                .check(&gate.info(&caller), &[need])
+                .map_err(|e| NotAdmitted::Refused(auth_status(&e)))?;
+        }
+        Ok(Some(caller))
+    }
+}
+
+/// Waits until this member applied `index`, at most [`crate::PROPOSAL_TIMEOUT`].
+async fn wait_applied(ctx: &ServerContext, index: u64) {
+    let deadline = tokio::time::Instant::now() + crate::PROPOSAL_TIMEOUT;
+    while ctx.raft.with_status(|s| s.applied_index) < index
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for AuthMiddleware<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        match AuthMiddleware::admit(&self.ctx, &request) {
+            Ok(Some(caller)) => {
+                request.extensions_mut().insert(caller);
+            }
+            Ok(None) => {}
+            Err(NotAdmitted::Refused(status)) => {
+                return Box::pin(async move { Ok(status.into_http()) })
+            }
+            Err(NotAdmitted::NotYetApplied(index)) => {
+                // The service that was polled ready goes with the request.
+                let ready = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, ready);
+                let ctx = self.ctx.clone();
+                return Box::pin(async move {
+                    wait_applied(&ctx, index).await;
+                    match AuthMiddleware::admit(&ctx, &request) {
+                        Ok(Some(caller)) => {
+                            request.extensions_mut().insert(caller);
+                        }
+                        Ok(None) => {}
+                        Err(NotAdmitted::Refused(status)) => return Ok(status.into_http()),
+                        Err(NotAdmitted::NotYetApplied(_)) => {
+                            return Ok(auth_status(&AuthError::InvalidAuthToken).into_http())
+                        }
+                    }
+                    inner.call(request).await
+                });
+            }
+        }
+        Box::pin(self.inner.call(request))
+    }
+}
+
+impl ServerContext {
+    /// Checks `caller` against `needs` with the auth store as of now (after any read barrier),
+    /// with etcd's errors; the identity to propose with.
+    pub fn authorize(&self, caller: &Caller, needs: &[Need<'_>]) -> Result<AuthInfo, Status> {
+        if !self.auth.store.is_enabled() {
+            // Nothing is checked; the apply step re-checks should auth be enabled meanwhile.
+            return Ok(AuthInfo::default());
+        }
+        let info = self.auth.info(caller);
+        self.auth
+            .store
+            .check(&info, needs)
+            .map_err(|e| auth_status(&e))?;
+        Ok(info)
+    }
+}
