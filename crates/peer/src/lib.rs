@@ -84,16 +84,9 @@ fn cluster_mismatch(mine: u64, theirs: u64) -> Status {
     ))
 }
 
-/// How this member reaches `https://` peers (`--peer-trusted-ca-file`, and its own
-/// certificate for `--peer-client-cert-auth`). Set once at start.
-static PEER_CLIENT_TLS: std::sync::OnceLock<ClientTlsConfig> = std::sync::OnceLock::new();
-
-/// Sets the TLS configuration used for `https://` peer URLs (once, at start).
-pub fn set_client_tls(tls: ClientTlsConfig) {
-    let _ = PEER_CLIENT_TLS.set(tls);
-}
-
-fn channel_to(url: &str) -> Result<Channel, Status> {
+/// A channel to the peer at `url`. `tls` is how this member reaches `https://` peers
+/// (`--peer-trusted-ca-file`, and its own certificate for `--peer-client-cert-auth`).
+fn channel_to(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, Status> {
     let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| Status::invalid_argument(format!("bad peer URL {url:?}: {e}")))?
         .connect_timeout(Duration::from_secs(1))
@@ -101,7 +94,7 @@ fn channel_to(url: &str) -> Result<Channel, Status> {
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
     if url.starts_with("https://") {
-        let tls = PEER_CLIENT_TLS.get().cloned().ok_or_else(|| {
+        let tls = tls.cloned().ok_or_else(|| {
             Status::failed_precondition(format!(
                 "peer URL {url} is https:// but no --peer-trusted-ca-file was given"
             ))
@@ -143,18 +136,22 @@ struct Inner<O> {
     /// forwarded lease keep-alive opened a new TCP and HTTP/2 connection to the leader.
     channels: Mutex<HashMap<String, Channel>>,
     runtime: tokio::runtime::Handle,
+    /// How this member reaches `https://` peers; `None`: it cannot.
+    tls: Option<ClientTlsConfig>,
     /// A peer answered that this member was removed from the cluster.
     removed: AtomicBool,
 }
 
 impl<O: Send + 'static> PeerNetwork<O> {
     /// A network for member `member_id` of cluster `cluster_id`, spawning its tasks on
-    /// `runtime`. Call [`PeerNetwork::set_node`] once the raft node is started.
+    /// `runtime` and reaching `https://` peers with `tls` (`None`: only `http://` peers).
+    /// Call [`PeerNetwork::set_node`] once the raft node is started.
     pub fn new(
         cluster_id: u64,
         member_id: u64,
         resolve: UrlResolver,
         runtime: tokio::runtime::Handle,
+        tls: Option<ClientTlsConfig>,
     ) -> Self {
         PeerNetwork {
             inner: Arc::new(Inner {
@@ -165,6 +162,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
                 channels: Mutex::new(HashMap::new()),
                 queues: Mutex::new(HashMap::new()),
                 runtime,
+                tls,
                 removed: AtomicBool::new(false),
             }),
         }
@@ -191,7 +189,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
     /// Best effort: a member that cannot be reached learns it when it next talks to a peer.
     pub async fn notify_removed(&self, to: u64, urls: &[String]) {
         for url in urls {
-            let Ok(channel) = channel_to(url) else {
+            let Ok(channel) = channel_to(url, self.inner.tls.as_ref()) else {
                 continue;
             };
             let mut peer = client(channel);
@@ -283,7 +281,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
         if let Some(channel) = channels.get(url) {
             return Ok(channel.clone());
         }
-        let channel = channel_to(url)?;
+        let channel = channel_to(url, self.inner.tls.as_ref())?;
         channels.insert(url.to_string(), channel.clone());
         Ok(channel)
     }
@@ -325,7 +323,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
                 tokio::time::sleep(RETRY_PAUSE).await;
                 continue;
             };
-            let mut peer = match channel_to(&url) {
+            let mut peer = match channel_to(&url, self.inner.tls.as_ref()) {
                 Ok(channel) => client(channel),
                 Err(status) => {
                     warn_limited(&mut last_warning, to, status.message());
@@ -454,7 +452,8 @@ impl<O: Send + 'static> PeerNetwork<O> {
                 }
             }
         });
-        let mut peer = client(channel_to(&url).map_err(|s| s.message().to_string())?);
+        let mut peer =
+            client(channel_to(&url, self.inner.tls.as_ref()).map_err(|s| s.message().to_string())?);
         let sent = peer
             .snapshot(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await;
@@ -510,11 +509,15 @@ impl<O: Send + 'static> Transport for PeerNetwork<O> {
 }
 
 /// Asks the members at `urls` for the cluster's membership (a member joining an existing
-/// cluster learns its own id and the cluster id this way). Returns the first answer.
-pub async fn fetch_members(urls: &[String]) -> Result<(u64, Vec<Member>), String> {
+/// cluster learns its own id and the cluster id this way), reaching `https://` URLs with `tls`.
+/// Returns the first answer.
+pub async fn fetch_members(
+    urls: &[String],
+    tls: Option<&ClientTlsConfig>,
+) -> Result<(u64, Vec<Member>), String> {
     let mut errors = Vec::new();
     for url in urls {
-        let channel = match channel_to(url) {
+        let channel = match channel_to(url, tls) {
             Ok(c) => c,
             Err(e) => {
                 errors.push(format!("{url}: {}", e.message()));

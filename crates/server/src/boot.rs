@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use metastore_proto::metastorepb::Member;
 use prost::Message;
+use tonic::transport::ClientTlsConfig;
 
 use crate::config::{self, Config};
 
@@ -64,7 +65,11 @@ pub fn write_identity(member_dir: &Path, member_id: u64, cluster_id: u64) -> Res
 }
 
 /// Works out who this member is.
-pub async fn identify(cfg: &Config, member_dir: &Path) -> Result<Identity> {
+pub async fn identify(
+    cfg: &Config,
+    member_dir: &Path,
+    peer_tls: Option<&ClientTlsConfig>,
+) -> Result<Identity> {
     let members = cfg.initial_members()?;
     let mut known_urls: HashMap<u64, Vec<String>> = members
         .iter()
@@ -150,8 +155,9 @@ pub async fn identify(cfg: &Config, member_dir: &Path) -> Result<Identity> {
                     "--initial-cluster-state existing needs the other members in --initial-cluster"
                 );
             }
-            let (cluster_id, current) =
-                metastore_peer::fetch_members(&others).await.map_err(|e| {
+            let (cluster_id, current) = metastore_peer::fetch_members(&others, peer_tls)
+                .await
+                .map_err(|e| {
                     anyhow::anyhow!("cannot fetch the cluster's members from its peers: {e}")
                 })?;
             let mine = sorted(&cfg.initial_advertise_peer_urls);

@@ -224,7 +224,7 @@ async fn serve() -> Result<()> {
             removed_marker.display()
         );
     }
-    let identity = boot::identify(&cfg, &member_dir).await?;
+    let identity = boot::identify(&cfg, &member_dir, peer_tls.client.as_ref()).await?;
     let (member_id, cluster_id) = (identity.member_id, identity.cluster_id);
 
     // Bind the peer port before anything starts, so a taken port fails fast.
@@ -291,6 +291,7 @@ async fn serve() -> Result<()> {
         member_id,
         url_resolver(members.clone(), identity.known_urls.clone()),
         tokio::runtime::Handle::current(),
+        peer_tls.client.clone(),
     );
     let raft = RaftNode::start(raft_cfg, sm, Arc::new(network.clone())).context("starting raft")?;
     network.set_node(raft.clone());
@@ -376,7 +377,7 @@ async fn serve() -> Result<()> {
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = &peer_tls {
+        if let Some(tls) = &peer_tls.server {
             builder = builder.tls_config(tls.clone())?;
         }
         peer_servers.push(tokio::spawn(

@@ -53,16 +53,26 @@ pub fn client_side(cfg: &Config) -> Result<Option<ServerTlsConfig>> {
     )
 }
 
-/// The peer port's TLS when the peer URLs are `https://`; also sets how this member connects to
-/// `https://` peers (trusting `--peer-trusted-ca-file`, presenting its own certificate).
-pub fn peer_side(cfg: &Config) -> Result<Option<ServerTlsConfig>> {
+/// The peer side's TLS, both ways; all `None` unless the peer URLs are `https://`.
+#[derive(Default)]
+pub struct PeerTls {
+    /// The peer port's.
+    pub server: Option<ServerTlsConfig>,
+    /// How this member connects to `https://` peers (trusting `--peer-trusted-ca-file`,
+    /// presenting its own certificate), handed to the peer network.
+    pub client: Option<ClientTlsConfig>,
+}
+
+/// The peer port's TLS when the peer URLs are `https://`, and how this member connects to
+/// `https://` peers.
+pub fn peer_side(cfg: &Config) -> Result<PeerTls> {
     let https = cfg
         .listen_peer_urls
         .iter()
         .chain(&cfg.initial_advertise_peer_urls)
         .any(|u| u.starts_with("https://"));
     if !https {
-        return Ok(None);
+        return Ok(PeerTls::default());
     }
     let flags = "--peer-cert-file/--peer-key-file/--peer-trusted-ca-file";
     let server = server_config(
@@ -85,6 +95,8 @@ pub fn peer_side(cfg: &Config) -> Result<Option<ServerTlsConfig>> {
             read(key, "key")?,
         ));
     }
-    metastore_peer::set_client_tls(client);
-    Ok(Some(server))
+    Ok(PeerTls {
+        server: Some(server),
+        client: Some(client),
+    })
 }
