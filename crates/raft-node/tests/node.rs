@@ -764,6 +764,47 @@ async fn three_members_replicate_forward_and_survive_losing_the_leader() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_watch_follows_leader_changes_and_closes_when_the_node_stops() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let network = Arc::new(Network::default());
+    start_cluster(&network, &dirs, 0);
+    let leader = agreed_leader(&network, &[1, 2, 3]).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let follower_node = node(&network, follower);
+    let mut watch = follower_node.leader_watch();
+    bounded(
+        "the leader on the watch",
+        watch.wait_for(|id| *id == leader),
+    )
+    .await
+    .unwrap();
+    // The value at the call counts as seen.
+    let fresh = follower_node.leader_watch();
+    assert!(!fresh.has_changed().unwrap());
+    assert_eq!(*fresh.borrow(), leader);
+
+    // The leader stops: the follower's watch moves on to the new leader, as its status does.
+    let old_leader = network.nodes.write().unwrap().remove(&leader).unwrap();
+    old_leader.shutdown();
+    let new_leader = *bounded(
+        "a new leader on the watch",
+        watch.wait_for(|id| *id != 0 && *id != leader),
+    )
+    .await
+    .unwrap();
+    assert_eq!(follower_node.status().leader_id, new_leader);
+    let rest: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    assert_eq!(agreed_leader(&network, &rest).await, new_leader);
+
+    // Once the node stopped, waiting for a change fails at once.
+    follower_node.shutdown();
+    bounded("the watch to close", watch.changed())
+        .await
+        .unwrap_err();
+    shutdown_all(&network);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proposals_queued_together_reach_each_follower_in_one_append() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let network = Arc::new(Network::default());

@@ -408,6 +408,16 @@ impl<O: Send + 'static> RaftNode<O> {
         leader_id
     }
 
+    /// The leader this member sees, as a watch channel for following leadership without
+    /// polling: the leader's id, 0 while none is known. It changes together with
+    /// [`RaftStatus::leader_id`] (so whether this member leads changes with it too), the value
+    /// at the call counts as seen, and `changed()` fails once the node stopped.
+    pub fn leader_watch(&self) -> watch::Receiver<u64> {
+        let mut leader = self.inner.leader.clone();
+        leader.mark_unchanged();
+        leader
+    }
+
     /// Stops the loop thread and waits for it (and for a snapshot being written) to finish.
     /// Pending requests fail with [`RaftError::Stopped`]. Idempotent.
     pub fn shutdown(&self) {
