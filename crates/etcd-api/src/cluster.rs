@@ -1,12 +1,13 @@
 //! The Cluster service: MemberList, MemberAdd, MemberRemove, MemberUpdate, MemberPromote.
 //!
 //! Adding, promoting and removing members are raft membership changes (carrying the member's
-//! URLs); MemberUpdate and each member's publication of its name and client URLs are ordinary
-//! entries. The refusals are etcd's, with its codes and messages.
+//! URLs); MemberUpdate and each member's publication of its name and client URLs (made by the
+//! server's own duties) are ordinary entries. The refusals are etcd's, with its codes and
+//! messages.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use metastore_proto::etcdserverpb::cluster_server::Cluster;
 use metastore_proto::etcdserverpb::{
@@ -15,7 +16,7 @@ use metastore_proto::etcdserverpb::{
     MemberUpdateRequest, MemberUpdateResponse,
 };
 use metastore_proto::metastorepb::internal_raft_request::Request;
-use metastore_proto::metastorepb::{Member, MemberAttributes, MemberPeerUrls};
+use metastore_proto::metastorepb::{Member, MemberPeerUrls};
 use metastore_raft_node::MemberChange;
 use metastore_state_machine::{ApplyError, Output};
 use prost::Message;
@@ -274,42 +275,4 @@ impl Cluster for ClusterService {
             members: Self::members_pb(&members),
         }))
     }
-}
-
-/// Publishes this member's name and client URLs through raft (etcd's `publish`) whenever the
-/// membership table disagrees with them, until the process ends.
-pub fn spawn_publish(
-    ctx: ServerContext,
-    name: String,
-    client_urls: Vec<String>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            let current = ctx.members.get(ctx.member_id);
-            let up_to_date = current
-                .as_ref()
-                .is_some_and(|m| m.name == name && m.client_urls == client_urls);
-            // Not in the table yet (a joining member still catching up): wait.
-            if up_to_date || current.is_none() || ctx.raft.status().leader_id == 0 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-            let publish = Request::MemberAttributes(MemberAttributes {
-                id: ctx.member_id,
-                name: name.clone(),
-                client_urls: client_urls.clone(),
-            });
-            match ctx.propose(publish).await {
-                Ok(_) => tracing::info!(
-                    name = %name,
-                    client_urls = ?client_urls,
-                    "published local member attributes to the cluster"
-                ),
-                Err(status) => {
-                    tracing::warn!(error = %status.message(), "publishing member attributes failed");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    })
 }

@@ -1,12 +1,12 @@
-//! The Lease service: Grant, Revoke, KeepAlive, TimeToLive, Leases, and the leader's expiry loop.
+//! The Lease service: Grant, Revoke, KeepAlive, TimeToLive, Leases.
 //!
 //! Grant picks the lease id before proposing (when the client leaves it 0), so that applying stays
 //! deterministic. Renewals and TTL reads are local to the lessor; only the leader counts leases
-//! down, and [`spawn_lease_expiry`] proposes a revoke for each lease that ran out.
+//! down (a follower forwards them to it), and the leader's expiry loop, which proposes a revoke
+//! for each lease that ran out, is one of the server's leader duties.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use metastore_lease::{LeaseError, Lessor, MAX_LEASE_TTL_SECS};
 use metastore_proto::etcdserverpb::lease_server::Lease;
@@ -25,11 +25,6 @@ use metastore_auth::Need;
 
 use metastore_api_context::{Caller, ServerContext};
 
-/// How often the leader looks for expired leases (etcd: every 500 ms).
-const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_millis(200);
-/// Most revokes proposed per check.
-const MAX_REVOKES_PER_CHECK: usize = 64;
-
 /// etcd's Lease service.
 pub struct LeaseService {
     ctx: ServerContext,
@@ -45,51 +40,6 @@ impl LeaseService {
     fn unexpected() -> Status {
         Status::internal("etcdserver: unexpected apply result for a lease request")
     }
-}
-
-/// Follows this member's leadership (promoting or demoting the lessor; a promotion restarts every
-/// countdown with `extend` on top) and, while leader, proposes a revoke for each expired lease.
-pub fn spawn_lease_expiry(
-    ctx: ServerContext,
-    lessor: Arc<Lessor>,
-    extend: Duration,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(EXPIRY_CHECK_INTERVAL);
-        loop {
-            ticker.tick().await;
-            let leader = ctx.raft.with_status(|s| s.is_leader);
-            if leader != lessor.is_primary() {
-                if leader {
-                    lessor.promote(extend);
-                } else {
-                    lessor.demote();
-                }
-            }
-            if !leader {
-                continue;
-            }
-            let mut revokes = tokio::task::JoinSet::new();
-            for id in lessor.expired(MAX_REVOKES_PER_CHECK) {
-                let ctx = ctx.clone();
-                revokes.spawn(async move {
-                    let result = ctx
-                        .propose(Request::LeaseRevoke(LeaseRevokeRequest { id }))
-                        .await;
-                    (id, result)
-                });
-            }
-            while let Some(done) = revokes.join_next().await {
-                match done {
-                    Ok((id, Err(status))) if status.code() != tonic::Code::NotFound => {
-                        tracing::warn!(lease_id = id, error = %status.message(), "revoking an expired lease failed");
-                    }
-                    Ok((id, _)) => tracing::debug!(lease_id = id, "expired lease revoked"),
-                    Err(e) => tracing::warn!(error = %e, "lease revoke task failed"),
-                }
-            }
-        }
-    })
 }
 
 type KeepAliveStream =

@@ -21,9 +21,9 @@ mod recipes;
 mod watch;
 
 pub use auth::AuthService;
-pub use cluster::{member_to_pb, spawn_publish, ClusterService};
+pub use cluster::{member_to_pb, ClusterService};
 pub use election::ElectionService;
 pub use kv::KvService;
-pub use lease::{spawn_lease_expiry, LeaseService};
+pub use lease::LeaseService;
 pub use lock::LockService;
 pub use watch::{WatchService, DEFAULT_PROGRESS_NOTIFY_INTERVAL};

@@ -4,6 +4,7 @@
 
 mod boot;
 mod config;
+mod leader_duties;
 mod snapshot_cmd;
 mod tls;
 mod urls;
@@ -18,8 +19,8 @@ use metastore_api_context::{
     AuthGate, AuthLayer, BoxFuture, LeaderForwarder, Limits, ServerContext,
 };
 use metastore_etcd_api::{
-    spawn_lease_expiry, spawn_publish, AuthService, ClusterService, ElectionService, KvService,
-    LeaseService, LockService, WatchService,
+    AuthService, ClusterService, ElectionService, KvService, LeaseService, LockService,
+    WatchService,
 };
 use metastore_lease::Lessor;
 use metastore_maintenance_api::MaintenanceService;
@@ -322,32 +323,21 @@ async fn serve() -> Result<()> {
         auth: auth_gate,
         lessor: lessor.clone(),
     };
-    if !cfg.experimental_corrupt_check_time.is_zero() {
-        metastore_maintenance_api::spawn_corruption_check(
-            ctx.clone(),
-            cfg.experimental_corrupt_check_time,
-        );
-    }
-    tokio::spawn(notify_removed_members(
-        raft.clone(),
-        network.clone(),
-        members.clone(),
-    ));
-    spawn_publish(
-        ctx.clone(),
-        cfg.name.clone(),
-        cfg.advertise_client_urls.clone(),
-    );
     let max_recv = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    spawn_lease_expiry(
-        ctx.clone(),
-        lessor.clone(),
-        Duration::from_millis(cfg.election_timeout),
-    );
 
     // grpc.health.v1: the overall status ("") is SERVING while this member knows a leader.
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(report_health(health_reporter, raft.clone()));
+    leader_duties::Duties {
+        ctx: ctx.clone(),
+        lessor: lessor.clone(),
+        network: network.clone(),
+        lease_extend: Duration::from_millis(cfg.election_timeout),
+        corrupt_check_interval: cfg.experimental_corrupt_check_time,
+        name: cfg.name.clone(),
+        client_urls: cfg.advertise_client_urls.clone(),
+        health: health_reporter,
+    }
+    .spawn();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
@@ -445,7 +435,7 @@ async fn serve() -> Result<()> {
 
     tokio::select! {
         _ = shutdown_signal() => info!("shutting down"),
-        _ = removed(raft.clone(), network.clone()) => {
+        _ = leader_duties::removed(raft.clone(), network.clone()) => {
             tracing::warn!(
                 member_id = %format!("{member_id:x}"),
                 "this member was removed from the cluster; shutting down"
@@ -500,70 +490,6 @@ impl Listener {
             Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             Listener::Unix(_, path) => format!("unix:{}", path.display()),
         }
-    }
-}
-
-/// Keeps the gRPC health status in step with leadership: a member without a leader can serve
-/// neither writes nor linearizable reads.
-async fn report_health<O: Send + 'static>(
-    reporter: tonic_health::server::HealthReporter,
-    raft: RaftNode<O>,
-) {
-    use tonic_health::ServingStatus;
-    let mut last = None;
-    loop {
-        let has_leader = raft.with_status(|s| s.leader_id != 0);
-        if last != Some(has_leader) {
-            let status = if has_leader {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            reporter.set_service_status("", status).await;
-            last = Some(has_leader);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// On the leader, tells each member that a committed change removed (a removed member does not
-/// learn the commit of its own removal, since the leader stops replicating to it).
-async fn notify_removed_members(
-    raft: RaftNode<ApplyOutput>,
-    network: PeerNetwork<ApplyOutput>,
-    members: MemberTable,
-) {
-    let mut known: std::collections::HashMap<u64, Vec<String>> = Default::default();
-    loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let (membership, is_leader) = raft.with_status(|s| (s.membership.clone(), s.is_leader));
-        let gone: Vec<(u64, Vec<String>)> = known
-            .iter()
-            .filter(|(id, _)| !membership.contains(**id))
-            .map(|(id, urls)| (*id, urls.clone()))
-            .collect();
-        for (id, urls) in gone {
-            known.remove(&id);
-            if is_leader {
-                let network = network.clone();
-                tokio::spawn(async move { network.notify_removed(id, &urls).await });
-            }
-        }
-        for m in members.list() {
-            if membership.contains(m.id) {
-                known.insert(m.id, m.peer_urls);
-            }
-        }
-    }
-}
-
-/// Resolves once a committed membership change removed this member.
-async fn removed<O: Send + 'static>(raft: RaftNode<O>, network: PeerNetwork<O>) {
-    loop {
-        if raft.status().removed || network.removed() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
