@@ -97,9 +97,9 @@ fn restore(
     }
     std::fs::create_dir_all(&member_dir)
         .with_context(|| format!("creating {}", member_dir.display()))?;
-    crate::check_engine_marker(&member_dir, cfg.storage_engine)?;
+    crate::context::check_engine_marker(&member_dir, cfg.storage_engine)?;
 
-    let backend = crate::open_backend(&cfg, &member_dir)?;
+    let backend = crate::context::open_backend(&cfg, &member_dir)?;
     metastore_maintenance_api::snapshot::import_file(&*backend, &file)
         .with_context(|| format!("restoring {}", file.display()))?;
     // The new cluster's log starts after one index per member, as a bootstrapped one does.

@@ -1,0 +1,149 @@
+//! Serving the client port (`--listen-client-urls`): etcd's gRPC services (KV, Watch, Lease,
+//! Maintenance, Cluster, Auth, Lock, Election) and `grpc.health.v1`, every call through the auth
+//! layer, over TCP or unix sockets, with the client TLS for `https://` and `unixs://` URLs.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use metastore_api_context::AuthLayer;
+use metastore_etcd_api::{
+    AuthService, ClusterService, ElectionService, KvService, LeaseService, LockService,
+    WatchService,
+};
+use metastore_maintenance_api::MaintenanceService;
+use metastore_proto::etcdserverpb::auth_server::AuthServer;
+use metastore_proto::etcdserverpb::cluster_server::ClusterServer;
+use metastore_proto::etcdserverpb::kv_server::KvServer;
+use metastore_proto::etcdserverpb::lease_server::LeaseServer;
+use metastore_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use metastore_proto::etcdserverpb::watch_server::WatchServer;
+use metastore_proto::v3electionpb::election_server::ElectionServer;
+use metastore_proto::v3lockpb::lock_server::LockServer;
+use tokio::sync::watch;
+use tonic::transport::ServerTlsConfig;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tracing::info;
+
+use crate::config::Config;
+use crate::context::Member;
+use crate::shutdown::ServerTask;
+use crate::urls;
+
+/// Bytes gRPC may receive on top of `--max-request-bytes` (etcd's `grpcOverheadBytes`), so that
+/// an oversized request reaches our check and gets etcd's own error.
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// A bound client listener: TCP, or a unix socket (`unix://` and `unixs://` URLs).
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+impl Listener {
+    async fn bind(bind: &urls::Bind) -> std::io::Result<Listener> {
+        Ok(match bind {
+            urls::Bind::Tcp(addr) => Listener::Tcp(tokio::net::TcpListener::bind(addr).await?),
+            urls::Bind::Unix(path) => {
+                // As etcd: a socket file left by an earlier run is replaced.
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+                Listener::Unix(tokio::net::UnixListener::bind(path)?, path.clone())
+            }
+        })
+    }
+
+    fn address(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+}
+
+/// Binds `--listen-client-urls`, so that a taken port or a bad socket path fails before
+/// anything starts.
+pub async fn bind(cfg: &Config) -> Result<Vec<(urls::Url, Listener)>> {
+    let mut listeners = Vec::new();
+    for url in urls::parse_all("--listen-client-urls", &cfg.listen_client_urls)? {
+        let listener = Listener::bind(&url.bind("--listen-client-urls")?)
+            .await
+            .with_context(|| format!("listening for clients on {}", url.text))?;
+        listeners.push((url, listener));
+    }
+    Ok(listeners)
+}
+
+/// Serves clients on `listeners` until `stop` turns true. `tls` is the client port's TLS, which
+/// `https://` and `unixs://` URLs need; `health` is the `grpc.health.v1` service.
+pub fn serve(
+    cfg: &Config,
+    member: &Member,
+    listeners: Vec<(urls::Url, Listener)>,
+    tls: Option<&ServerTlsConfig>,
+    health: HealthServer<impl Health>,
+    stop: &watch::Receiver<bool>,
+) -> Result<Vec<ServerTask>> {
+    let ctx = &member.ctx;
+    let max_recv = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let mut servers = Vec::new();
+    for (url, listener) in listeners {
+        info!(address = %listener.address(), url = %url.text, "serving client requests");
+        let kv = KvServer::new(KvService::new(ctx.clone())).max_decoding_message_size(max_recv);
+        let maintenance =
+            MaintenanceServer::new(MaintenanceService::new(ctx.clone(), member.backend.clone()));
+        let watch = WatchServer::new(WatchService::new(
+            ctx.clone(),
+            member.watch_hub.clone(),
+            cfg.experimental_watch_progress_notify_interval,
+        ))
+        .max_decoding_message_size(max_recv);
+        let lease = LeaseServer::new(LeaseService::new(ctx.clone(), member.lessor.clone()))
+            .max_decoding_message_size(max_recv);
+        let cluster = ClusterServer::new(ClusterService::new(ctx.clone()));
+        let mut stop = stop.clone();
+        let mut builder = tonic::transport::Server::builder();
+        if url.scheme.tls() {
+            let tls = tls.cloned().with_context(|| {
+                format!(
+                    "TLS key/cert (--cert-file, --key-file) must be provided for client url \
+                     {} with HTTPS scheme",
+                    url.text
+                )
+            })?;
+            builder = builder.tls_config(tls)?;
+        }
+        let router = builder
+            // Every call passes the auth layer: one place decides who may call what.
+            .layer(AuthLayer::new(ctx.clone()))
+            .add_service(kv)
+            .add_service(watch)
+            .add_service(lease)
+            .add_service(maintenance)
+            .add_service(cluster)
+            .add_service(AuthServer::new(AuthService::new(ctx.clone())))
+            .add_service(LockServer::new(LockService::new(ctx, &member.watch_hub)))
+            .add_service(ElectionServer::new(ElectionService::new(
+                ctx,
+                &member.watch_hub,
+            )))
+            .add_service(health.clone());
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        servers.push(match listener {
+            Listener::Tcp(listener) => {
+                // Small responses must not wait for Nagle's algorithm (40 ms with delayed ACKs).
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+            }
+            Listener::Unix(listener, _) => {
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+            }
+        });
+    }
+    Ok(servers)
+}

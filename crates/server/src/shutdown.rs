@@ -1,0 +1,79 @@
+//! Shutting down: waiting for a signal (SIGINT, SIGTERM) or for this member's removal from its
+//! cluster, then stopping the servers and the raft node, in that order.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::context::{self, Member};
+use crate::leader_duties;
+
+/// A spawned gRPC server (peer or client port).
+pub type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// Resolves on SIGINT or SIGTERM, or once this member was removed from the cluster; a removal is
+/// recorded in `member_dir`, so that the member refuses to start again.
+pub async fn wait(member: &Member, member_dir: &Path) {
+    let member_id = member.ctx.member_id;
+    tokio::select! {
+        _ = signal() => info!("shutting down"),
+        _ = leader_duties::removed(member.ctx.raft.clone(), member.network.clone()) => {
+            tracing::warn!(
+                member_id = %format!("{member_id:x}"),
+                "this member was removed from the cluster; shutting down"
+            );
+            let removed_marker = context::removed_marker(member_dir);
+            if let Err(e) = std::fs::write(&removed_marker, format!("{member_id:x}\n")) {
+                tracing::error!(error = %e, "cannot record the removal");
+            }
+        }
+    }
+}
+
+/// Stops the servers (`stop` tells the client servers), then the raft node.
+pub async fn stop(
+    member: &Member,
+    peer_servers: Vec<ServerTask>,
+    client_servers: Vec<ServerTask>,
+    stop: watch::Sender<bool>,
+) {
+    // Peers keep long-lived streams open and retry anyway: no grace for them. Clients get a
+    // moment to finish what is in flight (watch streams would hold a graceful stop forever).
+    for server in &peer_servers {
+        server.abort();
+    }
+    let _ = stop.send(true);
+    for server in client_servers {
+        let abort = server.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(1), server)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
+    member.ctx.raft.shutdown();
+}
+
+async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
