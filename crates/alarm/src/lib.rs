@@ -8,8 +8,6 @@
 //!
 //! Must not depend on: raft, gRPC services, the engine choice (it sees an `Arc<dyn Backend>`).
 
-#![warn(missing_docs)]
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

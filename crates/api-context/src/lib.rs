@@ -15,8 +15,6 @@
 //! Must not depend on: any gRPC service (KV, Maintenance, … live in the API crates), the peer
 //! network, the engine choice, raft internals beyond [`RaftNode`]'s handle.
 
-#![warn(missing_docs)]
-
 mod auth;
 mod errors;
 

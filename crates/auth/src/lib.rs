@@ -8,8 +8,6 @@
 //!
 //! Must not depend on: raft, gRPC services, the engine choice.
 
-#![warn(missing_docs)]
-
 mod error;
 pub mod needs;
 mod perms;

@@ -15,8 +15,6 @@
 //!
 //! Must not depend on: raft, gRPC, the storage engine choice.
 
-#![warn(missing_docs)]
-
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};

@@ -10,8 +10,6 @@
 //! the [`ServerContext`]'s handle, `metastore-etcd-api` (a sibling: both stand on
 //! `metastore-api-context`).
 
-#![warn(missing_docs)]
-
 pub mod snapshot;
 
 use std::pin::Pin;

@@ -22,8 +22,6 @@
 //! Must not depend on: raft, gRPC servers, any storage engine. Leases are consulted through
 //! [`LeaseLookup`], implemented by the caller.
 
-#![warn(missing_docs)]
-
 mod check;
 mod compactor;
 mod hash;

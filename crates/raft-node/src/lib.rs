@@ -19,8 +19,6 @@
 //! only reachable through the [`StateMachine`] trait, whose payloads are opaque bytes, and peers
 //! are only reachable through the [`Transport`] trait.
 
-#![warn(missing_docs)]
-
 mod config;
 mod error;
 mod logger;

@@ -39,12 +39,20 @@ pub type Result<T> = std::result::Result<T, StorageError>;
 pub enum WriteOp {
     /// Set `key` to `value` in `bucket`.
     Put {
+        /// One of the buckets the backend was opened with.
         bucket: &'static str,
+        /// The key, compared bytewise.
         key: Vec<u8>,
+        /// The new value.
         value: Vec<u8>,
     },
     /// Remove `key` from `bucket` (no error when absent).
-    Delete { bucket: &'static str, key: Vec<u8> },
+    Delete {
+        /// One of the buckets the backend was opened with.
+        bucket: &'static str,
+        /// The key, compared bytewise.
+        key: Vec<u8>,
+    },
 }
 
 /// Changes applied atomically: after a crash either all of them are visible or none.

@@ -45,8 +45,6 @@
 //! Must not depend on: raft, gRPC services. It reads the store through [`StoreSource`]; response
 //! headers carry only the revision (the gRPC layer fills in cluster, member and term).
 
-#![warn(missing_docs)]
-
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::mem;
 use std::sync::atomic::{AtomicUsize, Ordering};
