@@ -284,8 +284,14 @@ fn rustls_pemfile_der(pem: &str) -> tokio_rustls::rustls::pki_types::Certificate
 // etcdctl with the endpoints written as etcd's documentation writes them.
 
 fn etcdctl(endpoints: &str, args: &[&str]) -> Output {
+    etcdctl_with(&[], endpoints, args)
+}
+
+/// etcdctl with extra environment (`ETCDCTL_CACERT` for https:// endpoints).
+fn etcdctl_with(env: &[(&str, String)], endpoints: &str, args: &[&str]) -> Output {
     Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .arg(format!("--endpoints={endpoints}"))
         .args(["--dial-timeout", "5s", "--command-timeout", "20s"])
         .args(args)
@@ -323,6 +329,15 @@ struct Outputs {
 /// Runs the per-endpoint commands through `http://` endpoints and returns each command's
 /// normalized output (stdout, or the error for a command that failed).
 fn per_endpoint_commands(endpoints: &str, move_to: Option<u64>, dir: &Path) -> Outputs {
+    per_endpoint_commands_with(&[], endpoints, move_to, dir)
+}
+
+fn per_endpoint_commands_with(
+    env: &[(&str, String)],
+    endpoints: &str,
+    move_to: Option<u64>,
+    dir: &Path,
+) -> Outputs {
     let snapshot = dir.join("snap.db");
     let snapshot = snapshot.to_str().unwrap();
     let first = endpoints.split(',').next().unwrap();
@@ -369,7 +384,7 @@ fn per_endpoint_commands(endpoints: &str, move_to: Option<u64>, dir: &Path) -> O
     let mut lines = Vec::new();
     for (name, endpoints, args) in commands {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = etcdctl(&endpoints, &args);
+        let out = etcdctl_with(env, &endpoints, &args);
         let text = if out.status.success() {
             let mut lines: Vec<String> = normalize(&String::from_utf8_lossy(&out.stdout), dir)
                 .lines()
@@ -460,6 +475,44 @@ async fn etcdctl_per_endpoint_commands_with_http_urls_three_members() {
     let (_, etcd) = &outputs[0];
     for (kind, ours) in &outputs[1..] {
         assert_same(etcd, ours, &format!("{kind:?}, 3 members"));
+    }
+}
+
+/// The same commands through an `https://` endpoint print what they print through `http://`
+/// (etcdctl 3.4 sends `https://host:port` as the `:authority` there).
+#[tokio::test]
+async fn etcdctl_per_endpoint_commands_with_https_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::tls::Ca::new(dir.path(), "client");
+    let leaf = ca.leaf(dir.path(), "server", "server");
+    let tls_port = free_port();
+    let server = Server::start_with(
+        Kind::Memory,
+        &[
+            "--listen-client-urls",
+            &format!("https://127.0.0.1:{tls_port}"),
+            "--cert-file",
+            leaf.cert.to_str().unwrap(),
+            "--key-file",
+            leaf.key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let me = member_id_of(&server.endpoint());
+    let plain = per_endpoint_commands(&server.endpoint(), Some(me), dir.path());
+    let https = format!("https://127.0.0.1:{tls_port}");
+    let env = [("ETCDCTL_CACERT", ca.cert_path.display().to_string())];
+    let tls = per_endpoint_commands_with(&env, &https, Some(me), dir.path());
+    for ((name, plain), (_, tls)) in plain.lines.iter().zip(&tls.lines) {
+        assert!(
+            !tls.starts_with("FAILED"),
+            "etcdctl {name} over https: {tls}"
+        );
+        assert_eq!(
+            tls.replace("https://", "http://"),
+            *plain,
+            "etcdctl {name}: https against http"
+        );
     }
 }
 
