@@ -1,0 +1,178 @@
+//! What survives: compaction removing superseded revisions, reopening a store (revision,
+//! compaction, index, consistent index), and extra ops sharing the apply's batch.
+
+use super::*;
+
+#[test]
+fn compaction_removes_superseded_revisions() {
+    let mut h = Harness::new();
+    h.put("a", "1"); // 2
+    h.put("a", "2"); // 3
+    h.put("b", "1"); // 4
+    h.del("b", ""); // 5
+    h.put("c", "1"); // 6
+    h.del("c", ""); // 7
+    h.put("a", "3"); // 8
+
+    assert!(matches!(h.compact(9), Err(MvccError::FutureRev)));
+    let applied = h.compact(7).unwrap();
+    assert_eq!(applied.revision, 8);
+    assert!(applied.events.is_empty());
+    assert_eq!(h.store.compact_revision(), 7);
+    assert_eq!(h.store.current_revision(), 8);
+    // a@3 is live at 7 and stays; a@2, b's history and c@6 go; the deletion at exactly the compact
+    // revision stays until the next compaction (etcd keeps it for watchers starting there).
+    assert_eq!(
+        h.stored_revisions(),
+        vec![(3, 0, false), (7, 0, true), (8, 0, false)]
+    );
+
+    assert!(matches!(h.get_at("a", 6), Err(MvccError::Compacted)));
+    assert_eq!(h.get_at("a", 7).unwrap().unwrap().value, b"2");
+    let kv = h.get("a").unwrap();
+    assert_eq!((kv.version, kv.create_revision), (3, 2));
+    assert_eq!(h.get_at("c", 7).unwrap(), None);
+
+    let err = h.compact(7).unwrap_err();
+    assert_eq!(
+        err.etcd_message(),
+        "etcdserver: mvcc: required revision has been compacted"
+    );
+    assert!(matches!(h.compact(3), Err(MvccError::Compacted)));
+
+    h.compact(8).unwrap();
+    assert_eq!(h.stored_revisions(), vec![(8, 0, false)]);
+    assert_eq!(h.get("a").unwrap().version, 3);
+    h.put("a", "4");
+    assert_eq!(h.get("a").unwrap().version, 4);
+
+    let meta = h.backend.snapshot().unwrap();
+    assert_eq!(
+        meta.get("meta", b"finishedCompactRev").unwrap(),
+        Some(Revision::new(8, 0).to_key(false))
+    );
+    assert_eq!(
+        meta.get("meta", b"scheduledCompactRev").unwrap(),
+        Some(Revision::new(8, 0).to_key(false))
+    );
+}
+
+#[test]
+fn reopen_restores_revision_compaction_index_and_consistent_index() {
+    let mut h = Harness::new();
+    h.put("a", "1"); // 2
+    h.put("a", "2"); // 3
+    h.put("b", "1"); // 4
+    h.del("b", ""); // 5
+    h.compact(4).unwrap();
+    h.put("c", "1"); // 6
+    h.del("c", ""); // 7
+
+    let store = h.reopen();
+    assert_eq!(store.current_revision(), 7);
+    assert_eq!(store.compact_revision(), 4);
+    assert_eq!(store.consistent_index(), 7);
+    let range = |rev| {
+        store.range(&RangeRequest {
+            key: b"\0".to_vec(),
+            range_end: vec![0],
+            revision: rev,
+            ..Default::default()
+        })
+    };
+    assert!(matches!(range(3), Err(MvccError::Compacted)));
+    let at4 = range(4).unwrap();
+    assert_eq!(keys(&at4), ["a", "b"]);
+    assert_eq!(keys(&range(6).unwrap()), ["a", "c"]);
+    assert_eq!(keys(&range(7).unwrap()), ["a"]);
+    assert_eq!(
+        h.store.hash_kv(0).unwrap().hash,
+        store.hash_kv(0).unwrap().hash
+    );
+
+    // Writes continue where the old store stopped.
+    let mut h2 = Harness {
+        backend: h.backend.clone(),
+        store,
+        applied_index: 7,
+    };
+    assert_eq!(h2.put("a", "3").revision, 8);
+    let kv = h2.get("a").unwrap();
+    assert_eq!((kv.version, kv.create_revision), (3, 2));
+    assert_eq!(h2.put("c", "2").revision, 9);
+    assert_eq!(h2.get("c").unwrap().version, 1);
+
+    // A store whose latest revisions were all compacted away keeps its revision.
+    let mut h3 = Harness::new();
+    h3.put("x", "1"); // 2
+    h3.del("x", ""); // 3
+    h3.compact(3).unwrap();
+    h3.put("y", "1"); // 4
+    h3.compact(4).unwrap();
+    h3.del("y", ""); // 5
+    h3.compact(5).unwrap();
+    assert_eq!(h3.stored_revisions(), vec![(5, 0, true)]);
+    let reopened = h3.reopen();
+    assert_eq!(
+        (reopened.current_revision(), reopened.compact_revision()),
+        (5, 5)
+    );
+    let mut h4 = Harness {
+        backend: h3.backend.clone(),
+        store: reopened,
+        applied_index: 10,
+    };
+    h4.compact(5).unwrap_err();
+    assert_eq!(h4.put("y", "2").revision, 6);
+    assert_eq!(h4.get("y").unwrap().version, 1);
+    h4.compact(6).unwrap();
+    assert_eq!(h4.stored_revisions(), vec![(6, 0, false)]);
+}
+
+#[test]
+fn extra_ops_and_consistent_index_share_the_batch() {
+    let h = Harness::new();
+    let mut extra = WriteBatch::new();
+    extra.put("app", b"lease/7".to_vec(), b"ttl".to_vec());
+    let applied = h
+        .store
+        .apply_write(WriteRequest::Put(put_req("k", "v")), &leases, 41, extra)
+        .unwrap();
+    assert_eq!(applied.revision, 2);
+    let view = h.backend.snapshot().unwrap();
+    assert_eq!(view.get("app", b"lease/7").unwrap(), Some(b"ttl".to_vec()));
+    assert_eq!(
+        view.get("meta", b"consistent_index").unwrap(),
+        Some(41u64.to_be_bytes().to_vec())
+    );
+
+    // A failed request writes neither the extra ops nor the index.
+    let mut extra = WriteBatch::new();
+    extra.put("app", b"other".to_vec(), b"x".to_vec());
+    let bad = PutRequest {
+        ignore_value: true,
+        ..put_req("missing", "")
+    };
+    assert!(h
+        .store
+        .apply_write(WriteRequest::Put(bad), &leases, 42, extra)
+        .is_err());
+    let view = h.backend.snapshot().unwrap();
+    assert_eq!(view.get("app", b"other").unwrap(), None);
+    assert_eq!(h.store.consistent_index(), 41);
+    assert_eq!(h.reopen().consistent_index(), 41);
+
+    // The caller records a refused entry's index itself, with its own ops.
+    let mut extra = WriteBatch::new();
+    extra.put("app", b"refused".to_vec(), b"42".to_vec());
+    h.store.record_applied(42, extra).unwrap();
+    assert_eq!(h.store.consistent_index(), 42);
+    assert_eq!(h.store.current_revision(), 2);
+    let reopened = h.reopen();
+    assert_eq!(
+        (reopened.consistent_index(), reopened.current_revision()),
+        (42, 2)
+    );
+    let view = h.backend.snapshot().unwrap();
+    assert_eq!(view.get("app", b"refused").unwrap(), Some(b"42".to_vec()));
+}
