@@ -6,17 +6,21 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use metastore_mvcc::{Store, WriteRequest};
 use metastore_proto::etcdserverpb::{
-    request_op, CompactionRequest, PutRequest, RequestOp, TxnRequest, WatchCreateRequest,
-    WatchResponse,
+    request_op, watch_create_request::FilterType, CompactionRequest, PutRequest, RequestOp,
+    TxnRequest, WatchCreateRequest, WatchResponse,
 };
+use metastore_proto::mvccpb::Event;
 use metastore_storage::WriteBatch;
 use metastore_storage_mem::MemBackend;
 use tokio::sync::mpsc::Receiver;
 
 use super::*;
+use crate::dispatch::queued_bytes;
+use crate::response::{fragments, response};
 
 mod events;
 mod matching;

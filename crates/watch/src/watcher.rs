@@ -1,0 +1,133 @@
+//! A watcher and the sets that hold them.
+//!
+//! Owns: [`Watcher`] (what it watches, its filters, its `next_rev` and its stream's sender) and
+//! its view of a revision's events; [`StreamState`], the watch ids of one stream; and
+//! [`WatcherSet`], watchers together with the [`KeyIndex`] of what they watch, through which
+//! every insert and removal goes.
+
+use std::collections::{HashMap, HashSet};
+use std::mem;
+
+use metastore_proto::etcdserverpb::WatchResponse;
+use metastore_proto::mvccpb::{event::EventType, Event};
+use tokio::sync::mpsc;
+
+use crate::index::KeyIndex;
+
+pub(crate) type WatcherKey = (u64, i64);
+
+pub(crate) struct Watcher {
+    pub(crate) key: Vec<u8>,
+    /// `None`: the single key; `Some(empty)`: every key from `key` on.
+    pub(crate) range_end: Option<Vec<u8>>,
+    /// The first revision this watcher has not been sent.
+    pub(crate) next_rev: i64,
+    pub(crate) prev_kv: bool,
+    pub(crate) no_put: bool,
+    pub(crate) no_delete: bool,
+    pub(crate) fragment: bool,
+    pub(crate) progress_notify: bool,
+    pub(crate) tx: mpsc::Sender<WatchResponse>,
+}
+
+impl Watcher {
+    fn matches(&self, key: &[u8]) -> bool {
+        match &self.range_end {
+            None => key == self.key.as_slice(),
+            Some(end) => key >= self.key.as_slice() && (end.is_empty() || key < end.as_slice()),
+        }
+    }
+
+    /// This watcher's view of `events`: its range, its filters, `prev_kv` only if asked for.
+    pub(crate) fn select<'a>(&self, events: impl Iterator<Item = &'a Event>) -> Vec<Event> {
+        events
+            .filter(|e| {
+                let is_put = e.r#type == EventType::Put as i32;
+                !(is_put && self.no_put || !is_put && self.no_delete)
+                    && e.kv.as_ref().is_some_and(|kv| self.matches(&kv.key))
+            })
+            .map(|e| {
+                let mut e = e.clone();
+                if !self.prev_kv {
+                    e.prev_kv = None;
+                }
+                e
+            })
+            .collect()
+    }
+}
+
+pub(crate) struct StreamState {
+    pub(crate) next_watch_id: i64,
+    pub(crate) ids: HashSet<i64>,
+}
+
+/// Watchers together with a [`KeyIndex`] of what they watch. Every insert and removal goes
+/// through it, so the index never disagrees with the map.
+pub(crate) struct WatcherSet {
+    pub(crate) watchers: HashMap<WatcherKey, Watcher>,
+    pub(crate) index: KeyIndex<WatcherKey>,
+}
+
+impl WatcherSet {
+    pub(crate) fn new() -> Self {
+        WatcherSet {
+            watchers: HashMap::new(),
+            index: KeyIndex::new(),
+        }
+    }
+
+    pub(crate) fn insert(&mut self, key: WatcherKey, w: Watcher) {
+        if let Some(old) = self.watchers.remove(&key) {
+            self.index.remove(key, &old.key, old.range_end.as_deref());
+        }
+        self.index.insert(key, &w.key, w.range_end.as_deref());
+        self.watchers.insert(key, w);
+    }
+
+    pub(crate) fn remove(&mut self, key: WatcherKey) -> Option<Watcher> {
+        let w = self.watchers.remove(&key)?;
+        self.index.remove(key, &w.key, w.range_end.as_deref());
+        Some(w)
+    }
+
+    pub(crate) fn take_all(&mut self) -> HashMap<WatcherKey, Watcher> {
+        self.index.clear();
+        mem::take(&mut self.watchers)
+    }
+
+    pub(crate) fn get(&self, key: &WatcherKey) -> Option<&Watcher> {
+        self.watchers.get(key)
+    }
+
+    pub(crate) fn get_mut(&mut self, key: &WatcherKey) -> Option<&mut Watcher> {
+        self.watchers.get_mut(key)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.watchers.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.watchers.is_empty()
+    }
+
+    /// For each event, the watchers of this set whose key or range contains its key: a map from
+    /// watcher to the indices of its events, in order. Adds the index entries looked at to
+    /// `visited`.
+    pub(crate) fn matching(
+        &self,
+        events: &[Event],
+        visited: &mut u64,
+    ) -> HashMap<WatcherKey, Vec<usize>> {
+        let mut matched: HashMap<WatcherKey, Vec<usize>> = HashMap::new();
+        for (i, event) in events.iter().enumerate() {
+            let Some(kv) = &event.kv else { continue };
+            let looked = self
+                .index
+                .stab(&kv.key, |id| matched.entry(id).or_default().push(i));
+            *visited += looked as u64;
+        }
+        matched
+    }
+}
