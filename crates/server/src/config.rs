@@ -84,6 +84,12 @@ pub struct Config {
     /// alarm for a member that differs (`0s`: never, as etcd's default).
     #[arg(long, default_value = "0s", value_parser = metastore_auth::tokens::parse_duration)]
     pub experimental_corrupt_check_time: std::time::Duration,
+    /// Revisions deleted per batch by the background compaction (etcd's default, 1000).
+    #[arg(long, default_value_t = 1000)]
+    pub experimental_compaction_batch_limit: usize,
+    /// Pause between two batches of the background compaction, as a duration (`10ms`).
+    #[arg(long, default_value = "10ms", value_parser = metastore_auth::tokens::parse_duration)]
+    pub experimental_compaction_sleep_interval: std::time::Duration,
     /// Storage engine.
     #[arg(long, value_enum, default_value = "memory")]
     pub storage_engine: Engine,
@@ -272,6 +278,27 @@ mod tests {
         assert!(
             format!("{e:#}").starts_with("--initial-cluster: URL address does not have the form"),
             "{e:#}"
+        );
+    }
+
+    #[test]
+    fn compaction_pacing_flags_default_to_etcds() {
+        let cfg = config(&[]);
+        assert_eq!(cfg.experimental_compaction_batch_limit, 1000);
+        assert_eq!(
+            cfg.experimental_compaction_sleep_interval,
+            std::time::Duration::from_millis(10)
+        );
+        let cfg = config(&[
+            "--experimental-compaction-batch-limit",
+            "50",
+            "--experimental-compaction-sleep-interval",
+            "1s",
+        ]);
+        assert_eq!(cfg.experimental_compaction_batch_limit, 50);
+        assert_eq!(
+            cfg.experimental_compaction_sleep_interval,
+            std::time::Duration::from_secs(1)
         );
     }
 

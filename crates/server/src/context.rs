@@ -105,7 +105,11 @@ pub fn start(
     let backend = open_backend(cfg, member_dir)?;
     let sm = KvStateMachine::open(backend.clone())
         .context("opening the mvcc store")?
-        .with_quota_bytes(cfg.quota_backend_bytes);
+        .with_quota_bytes(cfg.quota_backend_bytes)
+        .with_compaction_config(metastore_mvcc::CompactionConfig {
+            batch_limit: cfg.experimental_compaction_batch_limit,
+            sleep_interval: cfg.experimental_compaction_sleep_interval,
+        });
     let alarms = sm.alarms();
     let store = sm.store();
     let lessor = sm.lessor();
