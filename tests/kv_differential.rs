@@ -388,33 +388,23 @@ async fn run(server: &Server) -> Vec<String> {
     let mut kv = server.kv().await;
     let mut out = Vec::new();
     for (i, step) in script().into_iter().enumerate() {
+        // The answer's Debug form with etcd's and MetaStore's own ids scrubbed from the header.
+        macro_rules! scrubbed {
+            ($call:expr $(, |$r:ident| $extra:expr)?) => {
+                $call.await.map(|r| {
+                    let mut r = r.into_inner();
+                    scrub(&mut r.header);
+                    $( let $r = &mut r; $extra; )?
+                    format!("{r:?}")
+                })
+            };
+        }
         let res = match step.clone() {
-            Step::Range(r) => kv.range(r).await.map(|r| {
-                let mut r = r.into_inner();
-                scrub(&mut r.header);
-                format!("{r:?}")
-            }),
-            Step::Put(r) => kv.put(r).await.map(|r| {
-                let mut r = r.into_inner();
-                scrub(&mut r.header);
-                format!("{r:?}")
-            }),
-            Step::Delete(r) => kv.delete_range(r).await.map(|r| {
-                let mut r = r.into_inner();
-                scrub(&mut r.header);
-                format!("{r:?}")
-            }),
-            Step::Txn(r) => kv.txn(r).await.map(|r| {
-                let mut r = r.into_inner();
-                scrub(&mut r.header);
-                scrub_ops(&mut r.responses);
-                format!("{r:?}")
-            }),
-            Step::Compact(r) => kv.compact(r).await.map(|r| {
-                let mut r = r.into_inner();
-                scrub(&mut r.header);
-                format!("{r:?}")
-            }),
+            Step::Range(r) => scrubbed!(kv.range(r)),
+            Step::Put(r) => scrubbed!(kv.put(r)),
+            Step::Delete(r) => scrubbed!(kv.delete_range(r)),
+            Step::Txn(r) => scrubbed!(kv.txn(r), |t| scrub_ops(&mut t.responses)),
+            Step::Compact(r) => scrubbed!(kv.compact(r)),
         };
         let line = match res {
             Ok(s) => s,

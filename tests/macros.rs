@@ -4,22 +4,7 @@
 /// `NAME::rocks`.
 macro_rules! per_kind {
     ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn etcd() {
-                super::$scenario(crate::support::Kind::Etcd).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                super::$scenario(crate::support::Kind::Memory).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn rocks() {
-                super::$scenario(crate::support::Kind::Rocks).await;
-            }
-        }
+        scenario_tests!($scenario: etcd Etcd, memory Memory, rocks Rocks);
     )*};
 }
 
@@ -27,18 +12,22 @@ macro_rules! per_kind {
 /// behaviour that etcd does not share (or that a differential scenario compares with etcd itself).
 macro_rules! per_engine {
     ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                super::$scenario(crate::support::Kind::Memory).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn rocks() {
-                super::$scenario(crate::support::Kind::Rocks).await;
-            }
-        }
+        scenario_tests!($scenario: memory Memory, rocks Rocks);
     )*};
+}
+
+/// `mod SCENARIO` with one test per (test name, `Kind` variant) calling `SCENARIO(kind)`.
+macro_rules! scenario_tests {
+    ($scenario:ident: $($test:ident $kind:ident),*) => {
+        mod $scenario {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$scenario(crate::support::Kind::$kind).await;
+                }
+            )*
+        }
+    };
 }
 
 /// A differential test: `async fn SCRIPT(&Server) -> Vec<String>` runs against etcd, then against
