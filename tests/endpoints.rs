@@ -653,7 +653,22 @@ async fn a_cluster_bootstraps_from_host_name_urls() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let list = String::from_utf8(etcdctl(&endpoints, &["member", "list"]).stdout).unwrap();
+    // Members publish their names and client URLs through raft shortly after they start.
+    let published = |list: &str| {
+        list.lines()
+            .filter(|l| l.contains(", http://localhost:"))
+            .count()
+            == 3
+            && !list.contains(", , ")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut list = String::new();
+    while !published(&list) && std::time::Instant::now() < deadline {
+        list = String::from_utf8(etcdctl(&endpoints, &["member", "list"]).stdout).unwrap();
+        if !published(&list) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     for (i, (client, peer)) in ports.iter().enumerate() {
         let line = list
             .lines()

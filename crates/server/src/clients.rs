@@ -67,7 +67,7 @@ impl Listener {
 pub async fn bind(cfg: &Config) -> Result<Vec<(urls::Url, Listener)>> {
     let mut listeners = Vec::new();
     for url in urls::parse_all("--listen-client-urls", &cfg.listen_client_urls)? {
-        let listener = Listener::bind(&url.bind("--listen-client-urls")?)
+        let listener = Listener::bind(&url.bind("--listen-client-urls").await?)
             .await
             .with_context(|| format!("listening for clients on {}", url.text))?;
         listeners.push((url, listener));

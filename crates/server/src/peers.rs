@@ -48,7 +48,7 @@ impl LeaseHandler for Leases {
 pub async fn bind(cfg: &Config) -> Result<Vec<(SocketAddr, TcpListener)>> {
     let mut listeners = Vec::new();
     for url in urls::parse_tcp("--listen-peer-urls", &cfg.listen_peer_urls)? {
-        let urls::Bind::Tcp(addr) = url.bind("--listen-peer-urls")? else {
+        let urls::Bind::Tcp(addr) = url.bind("--listen-peer-urls").await? else {
             unreachable!("parse_tcp refuses unix URLs")
         };
         let listener = TcpListener::bind(addr)

@@ -9,7 +9,7 @@
 //! Hand-written rather than the `url` crate: the grammar is this small, and `url` would bring
 //! IDNA and Unicode tables into the binary for nothing.
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Result};
@@ -107,15 +107,16 @@ impl Url {
 
     /// Where to listen for this URL: a unix socket, or the host resolved now (a name resolving
     /// to several addresses binds the first IPv4 one, else the first, as Go's `net.Listen`).
-    pub fn bind(&self, flag: &str) -> Result<Bind> {
+    pub async fn bind(&self, flag: &str) -> Result<Bind> {
         if let Some(socket) = &self.socket {
             return Ok(Bind::Unix(socket.clone()));
         }
         if let Ok(ip) = self.host.parse::<IpAddr>() {
             return Ok(Bind::Tcp(SocketAddr::new(ip, self.port)));
         }
-        let addrs: Vec<SocketAddr> = (self.host.as_str(), self.port)
-            .to_socket_addrs()
+        // The runtime's resolver (getaddrinfo on a blocking thread), not a resolve on this task.
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
             .map_err(|e| {
                 anyhow!(
                     "{flag}: cannot resolve {:?} in {}: {e}",
@@ -226,8 +227,8 @@ mod tests {
         assert_eq!(tcp(" http://a:1 "), (Scheme::Http, "a".into(), 1));
     }
 
-    #[test]
-    fn unix_urls_name_a_socket_file_as_etcd_does() {
+    #[tokio::test]
+    async fn unix_urls_name_a_socket_file_as_etcd_does() {
         let u = Url::parse("--listen-client-urls", "unix:///run/etcd.sock").unwrap();
         assert_eq!(
             u.socket.as_deref(),
@@ -241,7 +242,7 @@ mod tests {
         );
         assert!(u.scheme.tls());
         assert_eq!(
-            u.bind("--listen-client-urls").unwrap(),
+            u.bind("--listen-client-urls").await.unwrap(),
             Bind::Unix("localhost:2379".into())
         );
     }
@@ -291,26 +292,29 @@ mod tests {
         .contains("--advertise-client-urls: at least one URL is required"));
     }
 
-    #[test]
-    fn binding_resolves_host_names_and_keeps_literals() {
-        let bind = |t: &str| Url::parse("--f", t).unwrap().bind("--f").unwrap();
+    #[tokio::test]
+    async fn binding_resolves_host_names_and_keeps_literals() {
+        async fn bind(t: &str) -> Bind {
+            Url::parse("--f", t).unwrap().bind("--f").await.unwrap()
+        }
         assert_eq!(
-            bind("http://127.0.0.1:2379"),
+            bind("http://127.0.0.1:2379").await,
             Bind::Tcp("127.0.0.1:2379".parse().unwrap())
         );
         assert_eq!(
-            bind("http://[::1]:2379"),
+            bind("http://[::1]:2379").await,
             Bind::Tcp("[::1]:2379".parse().unwrap())
         );
         // localhost resolves through the system resolver; its IPv4 address is preferred.
         assert_eq!(
-            bind("http://localhost:2379"),
+            bind("http://localhost:2379").await,
             Bind::Tcp("127.0.0.1:2379".parse().unwrap())
         );
         let unknown = Url::parse("--f", "http://no-such-host.invalid:1").unwrap();
-        assert!(
-            format!("{:#}", unknown.bind("--listen-peer-urls").unwrap_err())
-                .starts_with("--listen-peer-urls: cannot resolve \"no-such-host.invalid\"")
-        );
+        assert!(format!(
+            "{:#}",
+            unknown.bind("--listen-peer-urls").await.unwrap_err()
+        )
+        .starts_with("--listen-peer-urls: cannot resolve \"no-such-host.invalid\""));
     }
 }
