@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use metastore_proto::etcdserverpb::kv_client::KvClient;
 use metastore_proto::etcdserverpb::{Member, PutRequest};
-use support::cluster::{Cluster, Json, Removal};
+use support::cluster::{Cluster, Json, Launch, Removal};
 use support::Kind;
 
 /// Bound of one put or get in a scenario.
@@ -21,6 +21,7 @@ per_kind!(
     restarted_follower_catches_up_by_snapshot,
     learner_add_promote_update_remove,
     partitioned_member_serves_no_stale_read,
+    configured_by_file_and_environment,
 );
 
 /// A put through member `i` that must succeed.
@@ -171,6 +172,34 @@ async fn writes_through_any_member(kind: Kind) {
     assert_eq!(
         c.etcdctl_ok(2, &["get", "via-etcdctl", "--print-value-only"]),
         "yes\n"
+    );
+    c.assert_converged().await;
+}
+
+/// etcd's other two ways to configure a member: m1 and m3 read a YAML `--config-file` (keys
+/// named as the flags), m2 only `ETCD_*` variables. The cluster forms with the names and URLs
+/// given there, and replicates.
+async fn configured_by_file_and_environment(kind: Kind) {
+    let mut c = Cluster::start_launched(kind, 3, Launch::FileAndEnv).await;
+    let list = c.member_list(1).await.expect("member list");
+    let mut seen: Vec<(String, Vec<String>, Vec<String>)> = list
+        .members
+        .iter()
+        .map(|m| (m.name.clone(), m.peer_ur_ls.clone(), m.client_ur_ls.clone()))
+        .collect();
+    seen.sort();
+    let expected: Vec<_> = (0..3)
+        .map(|i| {
+            let m = c.member(i);
+            (m.name.clone(), vec![m.peer_url()], vec![m.client_url()])
+        })
+        .collect();
+    assert_eq!(seen, expected);
+    let revision = put(&c, 0, "configured", "by file").await;
+    assert_eq!(
+        get(&c, 1, "configured").await.as_deref(),
+        Some("by file"),
+        "revision {revision}"
     );
     c.assert_converged().await;
 }

@@ -15,5 +15,6 @@ mod endpoints;
 mod kv_differential;
 mod lock_election;
 mod maintenance;
+mod operations;
 mod watch_lease;
 mod watch_lease_differential;

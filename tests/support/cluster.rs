@@ -125,8 +125,20 @@ pub struct Cluster {
     /// Per-member engine overrides (MetaStore only): member i runs `engines[i]`.
     engines: Vec<Kind>,
     extra: Vec<String>,
+    launch: Launch,
     net: Net,
     dir: tempfile::TempDir,
+}
+
+/// How members get their settings: etcd's three ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launch {
+    /// Command-line flags.
+    Flags,
+    /// `ETCD_<FLAG>` environment variables only.
+    Env,
+    /// Even members a YAML `--config-file`, odd members `ETCD_*` variables.
+    FileAndEnv,
 }
 
 impl Cluster {
@@ -134,13 +146,25 @@ impl Cluster {
     /// waits until every member answers Status, all agree on a leader, and every member's
     /// MemberList shows all members with their names and client URLs.
     pub async fn start(kind: Kind, n: usize, extra: &[&str]) -> Cluster {
-        Cluster::start_with_engines(kind, n, extra, Vec::new()).await
+        Cluster::start_with_engines(kind, n, extra, Vec::new(), Launch::Flags).await
+    }
+
+    /// Like [`Cluster::start`] with no extra flags, the members configured as `launch` says.
+    pub async fn start_launched(kind: Kind, n: usize, launch: Launch) -> Cluster {
+        Cluster::start_with_engines(kind, n, &[], Vec::new(), launch).await
     }
 
     /// A MetaStore cluster whose member i runs the engine of `engines[i]` (Memory or Rocks).
     pub async fn start_mixed(engines: &[Kind], extra: &[&str]) -> Cluster {
         assert!(engines.iter().all(|k| *k != Kind::Etcd));
-        Cluster::start_with_engines(engines[0], engines.len(), extra, engines.to_vec()).await
+        Cluster::start_with_engines(
+            engines[0],
+            engines.len(),
+            extra,
+            engines.to_vec(),
+            Launch::Flags,
+        )
+        .await
     }
 
     async fn start_with_engines(
@@ -148,6 +172,7 @@ impl Cluster {
         n: usize,
         extra: &[&str],
         engines: Vec<Kind>,
+        launch: Launch,
     ) -> Cluster {
         assert!(n >= 1);
         let dir = tempfile::tempdir().expect("tempdir");
@@ -162,6 +187,7 @@ impl Cluster {
             members: Vec::new(),
             engines,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            launch,
             net: Net::new(),
             dir,
         };
@@ -772,37 +798,68 @@ impl Cluster {
             Kind::Etcd => Command::new("etcd"),
             Kind::Memory | Kind::Rocks => Command::new(metastore_bin()),
         };
-        cmd.args(["--name", &m.name, "--data-dir"])
-            .arg(&m.data_dir)
-            .args(["--listen-client-urls", &client])
-            .args(["--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &listen_peer])
-            .args(["--initial-advertise-peer-urls", &m.peer_url()])
-            .args(["--initial-cluster", &m.initial_cluster])
-            .args(["--initial-cluster-state", m.initial_state])
-            .args(["--initial-cluster-token", &self.token]);
-        for (flag, default) in [
-            ("--heartbeat-interval", "100"),
-            ("--election-timeout", "1000"),
-        ] {
-            if !self
-                .extra
-                .iter()
-                .any(|e| e == flag || e.starts_with(&format!("{flag}=")))
-            {
-                cmd.args([flag, default]);
+        let mut settings: Vec<(&str, String)> = vec![
+            ("name", m.name.clone()),
+            ("data-dir", m.data_dir.display().to_string()),
+            ("listen-client-urls", client.clone()),
+            ("advertise-client-urls", client),
+            ("listen-peer-urls", listen_peer),
+            ("initial-advertise-peer-urls", m.peer_url()),
+            ("initial-cluster", m.initial_cluster.clone()),
+            ("initial-cluster-state", m.initial_state.to_string()),
+            ("initial-cluster-token", self.token.clone()),
+        ];
+        for (flag, default) in [("heartbeat-interval", "100"), ("election-timeout", "1000")] {
+            let given =
+                |e: &String| e == &format!("--{flag}") || e.starts_with(&format!("--{flag}="));
+            if !self.extra.iter().any(given) {
+                settings.push((flag, default.to_string()));
             }
         }
-        cmd.args(&self.extra);
         match kind {
-            Kind::Memory => {
-                cmd.args(["--storage-engine", "memory"]);
-            }
-            Kind::Rocks => {
-                cmd.args(["--storage-engine", "rocksdb"]);
-            }
+            Kind::Memory => settings.push(("storage-engine", "memory".into())),
+            Kind::Rocks => settings.push(("storage-engine", "rocksdb".into())),
             Kind::Etcd => {}
         }
+        // Even members read a config file, odd ones ETCD_* variables, under Launch::FileAndEnv.
+        let launch = match self.launch {
+            Launch::FileAndEnv if i.is_multiple_of(2) => Launch::FileAndEnv,
+            Launch::FileAndEnv => Launch::Env,
+            other => other,
+        };
+        match launch {
+            Launch::Flags => {
+                for (flag, value) in &settings {
+                    cmd.arg(format!("--{flag}")).arg(value);
+                }
+            }
+            Launch::Env => {
+                for (flag, value) in &settings {
+                    cmd.env(
+                        format!("ETCD_{}", flag.to_uppercase().replace('-', "_")),
+                        value,
+                    );
+                }
+            }
+            Launch::FileAndEnv => {
+                let yaml: String = settings
+                    .iter()
+                    // etcd decodes the YAML into typed fields: numbers must be YAML numbers.
+                    .map(|(flag, value)| match value.parse::<u64>() {
+                        Ok(n) => format!("{flag}: {n}\n"),
+                        Err(_) => format!("{flag}: '{value}'\n"),
+                    })
+                    .collect();
+                let path = self.dir.path().join(format!("{}.yml", m.name));
+                std::fs::write(&path, yaml).expect("config file");
+                cmd.arg("--config-file").arg(path);
+            }
+        }
+        assert!(
+            self.extra.is_empty() || launch == Launch::Flags,
+            "extra flags go with Launch::Flags only"
+        );
+        cmd.args(&self.extra);
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);

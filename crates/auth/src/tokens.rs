@@ -178,6 +178,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if rest.is_empty() {
         return Err("empty duration".into());
     }
+    if rest == "0" {
+        // Go accepts a bare zero.
+        return Ok(Duration::ZERO);
+    }
     while !rest.is_empty() {
         let digits = rest
             .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -189,15 +193,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
+        // Go's time.ParseDuration units, in nanoseconds (exact for whole numbers).
+        let unit_ns = match &rest[..unit_len] {
+            "ns" => 1.0,
+            "us" | "µs" | "μs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
             other => return Err(format!("unknown unit {other:?} in duration {s:?}")),
         };
-        total = Duration::try_from_secs_f64(value * unit)
-            .ok()
+        let ns = (value * unit_ns).round();
+        total = (ns.is_finite() && ns < u64::MAX as f64)
+            .then(|| Duration::from_nanos(ns as u64))
             .and_then(|d| total.checked_add(d))
             .ok_or_else(|| format!("duration {s:?} is out of range"))?;
         rest = &rest[unit_len..];
@@ -287,6 +295,12 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(
+            parse_duration("5000000000ns").unwrap(),
+            Duration::from_secs(5)
+        );
+        assert_eq!(parse_duration("20us").unwrap(), Duration::from_micros(20));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("99999999999999999999999h").is_err());

@@ -30,8 +30,15 @@ impl Engine {
 
 /// MetaStore: an etcd v3 compatible key-value store.
 #[derive(Debug, Parser)]
-#[command(name = "metastore", version, about)]
+#[command(name = "metastore", about, disable_version_flag = true)]
 pub struct Config {
+    /// Print the version (MetaStore's, the etcd API it implements, git commit, Rust) and exit.
+    #[arg(long)]
+    pub version: bool,
+    /// YAML file of settings keyed by flag name (etcd's `etcd.conf.yml`); excludes every other
+    /// flag and `ETCD_*` variable.
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
     /// Human-readable name for this member.
     #[arg(long, default_value = "default")]
     pub name: String,
@@ -90,6 +97,18 @@ pub struct Config {
     /// Pause between two batches of the background compaction, as a duration (`10ms`).
     #[arg(long, default_value = "10ms", value_parser = metastore_auth::tokens::parse_duration)]
     pub experimental_compaction_sleep_interval: std::time::Duration,
+    /// Auto-compaction mode: `periodic` (keep a time window of history) or `revision` (keep a
+    /// number of revisions).
+    #[arg(long, default_value = "periodic")]
+    pub auto_compaction_mode: String,
+    /// Auto-compaction retention: in periodic mode a duration (`5m`, `1h`) or a number of
+    /// hours; in revision mode a number of revisions. `0` turns auto-compaction off.
+    #[arg(long, default_value = "0")]
+    pub auto_compaction_retention: String,
+    /// Testing only: the interval between two checks of revision-mode auto-compaction
+    /// (etcd's fixed 5 minutes when unset).
+    #[arg(long, hide = true, value_parser = metastore_auth::tokens::parse_duration)]
+    pub auto_compaction_revision_check_interval: Option<std::time::Duration>,
     /// Storage engine.
     #[arg(long, value_enum, default_value = "memory")]
     pub storage_engine: Engine,
@@ -133,6 +152,19 @@ pub struct Config {
     /// Log format: `json` (etcd's zap style) or `text`.
     #[arg(long, default_value = "json")]
     pub log_format: String,
+}
+
+/// What `metastore --version` prints, in the shape of etcd's `etcd --version`.
+pub fn version_text() -> String {
+    format!(
+        "MetaStore Version: {}\netcd API Version: {}\nGit SHA: {}\nRust Version: {}\nOS/Arch: {}/{}\n",
+        env!("CARGO_PKG_VERSION"),
+        metastore_maintenance_api::ETCD_API_VERSION,
+        env!("METASTORE_GIT_SHA"),
+        env!("METASTORE_RUST_VERSION"),
+        std::env::consts::OS,
+        std::env::consts::ARCH,
+    )
 }
 
 impl Config {

@@ -6,6 +6,8 @@
 //!   demoted) and the leader proposes a revoke, through raft, for each lease that ran out;
 //! - the corruption check (`--experimental-corrupt-check-time`): compares the members' HashKV
 //!   and raises the CORRUPT alarm through raft on a mismatch;
+//! - auto-compaction (`auto_compaction.rs`): every member samples its revision, the leader
+//!   proposes the compactions;
 //! - telling removed members of their removal (a removed member does not learn the commit of its
 //!   own removal, since the leader stops replicating to it).
 //!
@@ -63,6 +65,10 @@ pub struct Duties {
     pub client_urls: Vec<String>,
     /// The gRPC health service's status ("" is the overall status).
     pub health: HealthReporter,
+    /// `--auto-compaction-mode` and `--auto-compaction-retention`.
+    pub auto_compaction: crate::auto_compaction::Policy,
+    /// How often revision-mode auto-compaction checks.
+    pub auto_compaction_check: Duration,
 }
 
 impl Duties {
@@ -77,6 +83,8 @@ impl Duties {
             name,
             client_urls,
             health,
+            auto_compaction,
+            auto_compaction_check,
         } = self;
         // Leader-only.
         if !corrupt_check_interval.is_zero() {
@@ -84,6 +92,11 @@ impl Duties {
         }
         tokio::spawn(notify_removed_members(ctx.clone(), network));
         tokio::spawn(lease_expiry(ctx.clone(), lessor, lease_extend));
+        tokio::spawn(crate::auto_compaction::run(
+            ctx.clone(),
+            auto_compaction,
+            auto_compaction_check,
+        ));
         // Every member's.
         tokio::spawn(publish(ctx.clone(), name, client_urls));
         tokio::spawn(report_health(health, ctx.raft.clone()));

@@ -7,9 +7,11 @@
 //! `clients` serve the two ports, `leader_duties` runs what the member does on its own, and
 //! `shutdown` waits for the end and stops everything in order.
 
+mod auto_compaction;
 mod boot;
 mod clients;
 mod config;
+mod config_sources;
 mod context;
 mod leader_duties;
 mod peers;
@@ -21,7 +23,6 @@ mod urls;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::Parser;
 
 use config::Config;
 
@@ -73,9 +74,21 @@ async fn serve() -> Result<()> {
     if args.get(1).map(String::as_str) == Some("snapshot") {
         return snapshot_cmd::run(&args[2..]);
     }
-    let cfg = Config::parse();
+    let loaded = config_sources::load(std::env::args_os(), std::env::vars_os())?;
+    let cfg = loaded.config;
+    if cfg.version {
+        print!("{}", config::version_text());
+        return Ok(());
+    }
     init_logging(&cfg);
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
     cfg.check_urls()?;
+    let auto_compaction = auto_compaction::Policy::from_flags(
+        &cfg.auto_compaction_mode,
+        &cfg.auto_compaction_retention,
+    )?;
     // Before anything talks to peers (joining asks the running members).
     let client_tls = tls::client_side(&cfg)?;
     let peer_tls = tls::peer_side(&cfg)?;
@@ -99,6 +112,10 @@ async fn serve() -> Result<()> {
         name: cfg.name.clone(),
         client_urls: cfg.advertise_client_urls.clone(),
         health: health_reporter,
+        auto_compaction,
+        auto_compaction_check: auto_compaction::revision_check_interval(
+            cfg.auto_compaction_revision_check_interval,
+        ),
     }
     .spawn();
 
