@@ -146,12 +146,18 @@ pub struct Config {
     /// Require peers to present certificates signed by --peer-trusted-ca-file.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub peer_client_cert_auth: bool,
-    /// Log level: debug, info, warn, error.
+    /// Log level: debug, info, warn, error (etcd's dpanic, panic and fatal log as error).
     #[arg(long, default_value = "info")]
     pub log_level: String,
-    /// Log format: `json` (etcd's zap style) or `text`.
+    /// Log format: `json` (etcd's zap default) or `console`.
     #[arg(long, default_value = "json")]
     pub log_format: String,
+    /// Where logs go: `stderr`, `stdout`, `default` (stderr) or file paths, comma-separated.
+    #[arg(long, default_value = "default", value_delimiter = ',')]
+    pub log_outputs: Vec<String>,
+    /// Logger implementation; only `zap` (etcd 3.5's only logger) is accepted.
+    #[arg(long, default_value = "zap")]
+    pub logger: String,
 }
 
 /// What `metastore --version` prints, in the shape of etcd's `etcd --version`.

@@ -14,6 +14,7 @@ mod config;
 mod config_sources;
 mod context;
 mod leader_duties;
+mod logging;
 mod peers;
 mod shutdown;
 mod snapshot_cmd;
@@ -23,8 +24,6 @@ mod urls;
 use std::time::Duration;
 
 use anyhow::Result;
-
-use config::Config;
 
 /// mimalloc asks the kernel for transparent huge pages on its arenas (`madvise(MADV_HUGEPAGE)`).
 /// Then every fresh or purged-and-reused 4 KiB of heap costs a 2 MiB page to fault in and clear:
@@ -40,19 +39,6 @@ fn disable_transparent_huge_pages() {
             "metastore: cannot disable transparent huge pages: {}",
             std::io::Error::last_os_error()
         );
-    }
-}
-
-fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if cfg.log_format == "text" {
-        builder.init();
-    } else {
-        builder.json().flatten_event(true).init();
     }
 }
 
@@ -80,7 +66,7 @@ async fn serve() -> Result<()> {
         print!("{}", config::version_text());
         return Ok(());
     }
-    init_logging(&cfg);
+    logging::init(&cfg)?;
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
     }
