@@ -796,11 +796,75 @@ async fn lock_outlives_its_holders_member_until_the_lease_expires() {
     assert_eq!(gone.count, 0);
 }
 
+/// Rewrites the record of revision 2 (key `k000`) in the RocksDB of a stopped member, behind
+/// raft's back.
+fn forge_first_write(c: &Cluster, i: usize) {
+    use prost::Message as _;
+    let db = c.member(i).data_dir.join("member").join("db");
+    let backend =
+        metastore_storage_rocks::RocksBackend::open(&db, &metastore_state_machine::buckets())
+            .unwrap();
+    let forged = metastore_proto::mvccpb::KeyValue {
+        key: b"k000".to_vec(),
+        value: b"forged".to_vec(),
+        create_revision: 2,
+        mod_revision: 2,
+        version: 1,
+        lease: 0,
+    };
+    let mut batch = metastore_storage::WriteBatch::new();
+    batch.put(
+        metastore_mvcc::KEY_BUCKET,
+        metastore_mvcc::Revision::new(2, 0).to_key(false),
+        forged.encode_to_vec(),
+    );
+    metastore_storage::Backend::write(&backend, batch).unwrap();
+}
+
+/// kubeadm's `--experimental-initial-corrupt-check=true`: a member whose data differs from its
+/// peers' refuses to start, naming the inconsistency; with intact data it starts and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_corrupt_check_refuses_to_start_a_diverged_member() {
+    let mut c = Cluster::start(
+        Kind::Rocks,
+        3,
+        &["--experimental-initial-corrupt-check=true"],
+    )
+    .await;
+    for i in 0..20 {
+        put(&c, i % 3, &format!("k{i:03}"), "v").await;
+    }
+    c.assert_converged().await;
+    let leader = c.wait_leader().await;
+    let victim = (leader + 1) % 3;
+    // Intact data: a restart passes the check.
+    c.kill(victim);
+    c.restart(victim).await;
+    assert!(
+        c.log(victim).contains("initial corruption check passed"),
+        "{}",
+        c.log(victim)
+    );
+    c.assert_converged().await;
+
+    c.kill(victim);
+    forge_first_write(&c, victim);
+    let status = c
+        .restart_expecting_exit(victim, Duration::from_secs(30))
+        .await;
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        c.log(victim)
+            .contains("found data inconsistency with peers"),
+        "{}",
+        c.log(victim)
+    );
+}
+
 /// The leader's periodic corruption check (`--experimental-corrupt-check-time`): a member whose
 /// data was altered behind raft's back gets the CORRUPT alarm, and the cluster refuses writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corruption_check_raises_corrupt_for_a_diverged_member() {
-    use prost::Message as _;
     let mut c = Cluster::start(Kind::Rocks, 3, &["--experimental-corrupt-check-time", "1s"]).await;
     for i in 0..20 {
         put(&c, i % 3, &format!("k{i:03}"), "v").await;
@@ -816,27 +880,7 @@ async fn corruption_check_raises_corrupt_for_a_diverged_member() {
 
     // Rewrite the first revision's record on one member's disk.
     c.kill(victim);
-    {
-        let db = c.member(victim).data_dir.join("member").join("db");
-        let backend =
-            metastore_storage_rocks::RocksBackend::open(&db, &metastore_state_machine::buckets())
-                .unwrap();
-        let forged = metastore_proto::mvccpb::KeyValue {
-            key: b"k000".to_vec(),
-            value: b"forged".to_vec(),
-            create_revision: 2,
-            mod_revision: 2,
-            version: 1,
-            lease: 0,
-        };
-        let mut batch = metastore_storage::WriteBatch::new();
-        batch.put(
-            metastore_mvcc::KEY_BUCKET,
-            metastore_mvcc::Revision::new(2, 0).to_key(false),
-            forged.encode_to_vec(),
-        );
-        metastore_storage::Backend::write(&backend, batch).unwrap();
-    }
+    forge_first_write(&c, victim);
     c.restart(victim).await;
 
     let expected = format!("memberID:{victim_id} alarm:CORRUPT");

@@ -315,6 +315,29 @@ impl Cluster {
         self.wait_member_up(i).await;
     }
 
+    /// Starts member `i` again (after [`Cluster::kill`]) where it must refuse to start: waits,
+    /// bounded by `timeout`, for its process to exit, and returns its exit status. Panics if it
+    /// is still running then.
+    pub async fn restart_expecting_exit(&mut self, i: usize, timeout: Duration) -> ExitStatus {
+        self.kill(i);
+        self.spawn(i);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.members[i].child.as_mut().expect("spawned");
+            if let Ok(Some(status)) = child.try_wait() {
+                self.members[i].child = None;
+                self.net.set_pid(i, None);
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "m{} still runs {timeout:?} after its start",
+                i + 1
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits (bounded) until all live members answer Status and agree on a live leader;
     /// returns its index.
     pub async fn wait_leader(&mut self) -> usize {

@@ -91,6 +91,10 @@ pub struct Config {
     /// alarm for a member that differs (`0s`: never, as etcd's default).
     #[arg(long, default_value = "0s", value_parser = metastore_auth::tokens::parse_duration)]
     pub experimental_corrupt_check_time: std::time::Duration,
+    /// Before serving clients, compare this member's HashKV with its peers' and refuse to start
+    /// on a difference (kubeadm's manifests turn it on).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub experimental_initial_corrupt_check: bool,
     /// Revisions deleted per batch by the background compaction (etcd's default, 1000).
     #[arg(long, default_value_t = 1000)]
     pub experimental_compaction_batch_limit: usize,

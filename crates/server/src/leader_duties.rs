@@ -43,6 +43,8 @@ use tonic_health::server::HealthReporter;
 const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 /// Most revokes proposed per check.
 const MAX_REVOKES_PER_CHECK: usize = 64;
+/// How long a peer may take to answer a HashKV of the corruption checks.
+const PEER_HASH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the membership is compared with the one last seen, to find removed members.
 const REMOVAL_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -162,53 +164,102 @@ async fn corruption_check(ctx: ServerContext, interval: Duration) {
     }
 }
 
-async fn check_members_once(ctx: &ServerContext) -> Result<(), Status> {
+/// A member whose HashKV differs from this member's at the same revision and compact revision.
+struct Mismatch {
+    member_id: u64,
+    revision: i64,
+    own_hash: u32,
+    peer_hash: u32,
+}
+
+/// Compares this member's HashKV at its current revision with every other voter's at that
+/// revision. Members that cannot answer (down, behind, compacted past it, or slower than
+/// `PEER_HASH_TIMEOUT`) are skipped.
+async fn hash_mismatches(ctx: &ServerContext) -> Result<Vec<Mismatch>, Status> {
     let store = ctx.store.current();
     let revision = store.current_revision();
     let own = tokio::task::spawn_blocking(move || store.hash_kv(revision))
         .await
         .map_err(|e| Status::internal(format!("etcdserver: hashkv task failed: {e}")))?
         .map_err(|e| mvcc_status(&e))?;
+    let mut mismatches = Vec::new();
     for member in ctx.members.list() {
         if member.id == ctx.member_id || member.is_learner {
             continue;
         }
-        let (hash, compact_revision, _) = match ctx
-            .forwarder
-            .peer_hash_kv(member.id, revision)
-            .await
-        {
+        let answer = tokio::time::timeout(
+            PEER_HASH_TIMEOUT,
+            ctx.forwarder.peer_hash_kv(member.id, revision),
+        )
+        .await
+        .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer in time")));
+        let (hash, compact_revision, _) = match answer {
             Ok(answer) => answer,
             Err(status) => {
-                tracing::debug!(peer = %format!("{:x}", member.id), error = %status.message(), "corruption check skipped a member");
+                tracing::debug!(peer = %format!("{:x}", member.id), error = %status.message(), "hash comparison skipped a member");
                 continue;
             }
         };
         if compact_revision != own.compact_revision || hash == own.hash {
             continue;
         }
-        tracing::error!(
-            peer = %format!("{:x}", member.id),
+        mismatches.push(Mismatch {
+            member_id: member.id,
             revision,
-            leader_hash = own.hash,
-            peer_hash = hash,
+            own_hash: own.hash,
+            peer_hash: hash,
+        });
+    }
+    Ok(mismatches)
+}
+
+async fn check_members_once(ctx: &ServerContext) -> Result<(), Status> {
+    for m in hash_mismatches(ctx).await? {
+        tracing::error!(
+            peer = %format!("{:x}", m.member_id),
+            revision = m.revision,
+            leader_hash = m.own_hash,
+            peer_hash = m.peer_hash,
             "found data inconsistency with a peer; raising the CORRUPT alarm"
         );
         let already = ctx
             .alarms
             .get(AlarmType::Corrupt)
             .iter()
-            .any(|a| a.member_id == member.id);
+            .any(|a| a.member_id == m.member_id);
         if already {
             continue;
         }
         let request = Request::Alarm(AlarmRequest {
             action: AlarmAction::Activate as i32,
-            member_id: member.id,
+            member_id: m.member_id,
             alarm: AlarmType::Corrupt as i32,
         });
         ctx.propose(request).await?;
     }
+    Ok(())
+}
+
+/// etcd's `--experimental-initial-corrupt-check`: before serving clients, compare this member's
+/// HashKV with its peers'; any difference at the same compact revision stops the start (as
+/// etcd: `found data inconsistency with peers`). Unreachable peers only skip the comparison.
+pub async fn initial_corrupt_check(ctx: &ServerContext) -> anyhow::Result<()> {
+    let mismatches = hash_mismatches(ctx)
+        .await
+        .map_err(|s| anyhow::anyhow!("initial corruption check: {}", s.message()))?;
+    for m in &mismatches {
+        tracing::error!(
+            peer = %format!("{:x}", m.member_id),
+            revision = m.revision,
+            local_hash = m.own_hash,
+            peer_hash = m.peer_hash,
+            "found data inconsistency with a peer"
+        );
+    }
+    if !mismatches.is_empty() {
+        anyhow::bail!("{:x} found data inconsistency with peers", ctx.member_id);
+    }
+    tracing::info!("initial corruption check passed: no data inconsistency with peers");
     Ok(())
 }
 

@@ -107,6 +107,9 @@ async fn serve() -> Result<()> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let peer_servers = peers::serve(&member, peer_listeners, peer_tls.server.as_ref(), &stop_rx)?;
+    if cfg.experimental_initial_corrupt_check {
+        leader_duties::initial_corrupt_check(&member.ctx).await?;
+    }
     let client_servers = clients::serve(
         &cfg,
         &member,
