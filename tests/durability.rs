@@ -32,7 +32,7 @@ fn pair_txn(id: u64) -> TxnRequest {
     }
 }
 
-async fn kill_during_writes(kind: Kind, extra: &[&str]) {
+async fn kill_during_writes(kind: Kind, extra: &[&str]) -> Server {
     let mut server = Server::start_with(kind, extra).await;
     let acked: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
     let mut next_id = 0u64;
@@ -116,6 +116,7 @@ async fn kill_during_writes(kind: Kind, extra: &[&str]) {
         );
         assert!(!acked.is_empty());
     }
+    server
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,6 +138,49 @@ async fn sigkill_with_frequent_snapshots_memory_engine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_with_frequent_snapshots_rocksdb_engine() {
     kill_during_writes(Kind::Rocks, &["--snapshot-count", "100"]).await;
+}
+
+/// `--wal-dir` (the WAL on its own disk) with `--max-snapshots`: the memory engine, whose data
+/// lives only in the WAL and snapshots, survives SIGKILL with its log in the other directory;
+/// nothing is written to `<data-dir>/member/wal`, and no more snapshot files are kept than asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_the_wal_in_its_own_directory() {
+    let disk = tempfile::tempdir().unwrap();
+    let wal_dir = disk.path().join("wal");
+    let server = kill_during_writes(
+        Kind::Memory,
+        &[
+            "--wal-dir",
+            wal_dir.to_str().unwrap(),
+            "--snapshot-count",
+            "100",
+            "--max-snapshots",
+            "1",
+        ],
+    )
+    .await;
+    let files = |dir: &std::path::Path, suffix: &str| -> usize {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(suffix)
+                })
+                .count()
+            })
+            .unwrap_or(0)
+    };
+    assert!(
+        files(&wal_dir, ".wal") > 0,
+        "no WAL in {}",
+        wal_dir.display()
+    );
+    let member = server.data_dir.join("member");
+    assert!(!member.join("wal").exists());
+    assert_eq!(files(&member.join("snap"), ".snap"), 1);
 }
 
 /// Runs the metastore binary on `data_dir` until it exits or `timeout` passes; returns whether it

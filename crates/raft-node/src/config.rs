@@ -38,6 +38,14 @@ pub struct RaftConfig {
     pub max_inflight_msgs: usize,
     /// Size at which the WAL starts a new segment file (etcd: 64 MiB).
     pub wal_segment_size_bytes: u64,
+    /// Where the WAL segments live when not in `<data_dir>/wal` (etcd `--wal-dir`, e.g. on a
+    /// separate disk).
+    pub wal_dir_override: Option<PathBuf>,
+    /// Most WAL segment files kept, the current one included (etcd `--max-wals`); segments are
+    /// deleted oldest first once a snapshot covers them. 0 keeps them all.
+    pub max_wals: usize,
+    /// Most snapshot files kept (etcd `--max-snapshots`). 0 keeps them all.
+    pub max_snapshots: usize,
 }
 
 impl RaftConfig {
@@ -56,12 +64,17 @@ impl RaftConfig {
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 512,
             wal_segment_size_bytes: crate::wal::DEFAULT_SEGMENT_SIZE_BYTES,
+            wal_dir_override: None,
+            max_wals: 1,
+            max_snapshots: 2,
         }
     }
 
     /// Directory of the WAL segments.
     pub fn wal_dir(&self) -> PathBuf {
-        self.data_dir.join("wal")
+        self.wal_dir_override
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("wal"))
     }
 
     /// Directory of the snapshot files.

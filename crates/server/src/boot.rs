@@ -90,7 +90,11 @@ pub async fn identify(
     }
     let flag_cluster_id = config::cluster_id(&members.iter().map(|m| m.id).collect::<Vec<_>>());
 
-    let has_wal = member_dir.join("wal").exists();
+    let wal_dir = cfg
+        .wal_dir
+        .clone()
+        .unwrap_or_else(|| member_dir.join("wal"));
+    let has_wal = wal_dir.exists();
     if let Some((member_id, cluster_id)) = read_identity(member_dir)? {
         if !has_wal {
             bail!(

@@ -69,6 +69,16 @@ pub struct Config {
     /// Number of committed entries between raft snapshots.
     #[arg(long, default_value_t = 100_000)]
     pub snapshot_count: u64,
+    /// Directory for the WAL (e.g. on a separate disk); default `<data-dir>/member/wal`.
+    #[arg(long)]
+    pub wal_dir: Option<PathBuf>,
+    /// Most WAL files kept (0: unlimited). Files go once a snapshot covers them.
+    #[arg(long, default_value_t = 5)]
+    pub max_wals: usize,
+    /// Most snapshot files kept (0: unlimited). etcd's default is 5, but etcd's snapshot files
+    /// hold only raft metadata while MetaStore's hold the data, so MetaStore keeps 2.
+    #[arg(long, default_value_t = 2)]
+    pub max_snapshots: usize,
     /// Time (ms) of a heartbeat interval.
     #[arg(long, default_value_t = 100)]
     pub heartbeat_interval: u64,

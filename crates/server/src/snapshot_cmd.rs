@@ -117,7 +117,8 @@ fn restore(
     metastore_state_machine::reset_for_restore(backend.clone(), &records, index)
         .context("rewriting the membership")?;
 
-    let raft_cfg = metastore_raft_node::RaftConfig::new(me.id, member_dir.clone());
+    let mut raft_cfg = metastore_raft_node::RaftConfig::new(me.id, member_dir.clone());
+    raft_cfg.wal_dir_override = cfg.wal_dir.clone();
     let view = backend.snapshot().context("reading the restored state")?;
     let buckets = metastore_state_machine::buckets();
     metastore_raft_node::bootstrap_from_snapshot(

@@ -22,8 +22,6 @@ use crate::storage::LogStore;
 use crate::wal::Wal;
 use crate::{RaftError, StateMachine};
 
-/// Snapshot files kept on disk.
-const KEEP_SNAPSHOTS: usize = 2;
 /// Applied entries kept in the in-memory log for followers that lag a little (etcd's
 /// `SnapshotCatchUpEntries`).
 const MEMORY_CATCH_UP_ENTRIES: u64 = 5_000;
@@ -49,6 +47,9 @@ pub(super) struct SnapshotScheduler<O> {
     /// For the snapshot thread to report back.
     done: mpsc::Sender<Command<O>>,
     snapshot_count: u64,
+    /// Most WAL segments and snapshot files kept (0: all).
+    max_wals: usize,
+    max_snapshots: usize,
     /// Index of the newest snapshot file.
     snapshot_index: u64,
     /// Applied index at which the next snapshot is taken.
@@ -64,12 +65,15 @@ impl<O: Send + 'static> SnapshotScheduler<O> {
         done: mpsc::Sender<Command<O>>,
         snapshot_count: u64,
         snapshot_index: u64,
+        (max_wals, max_snapshots): (usize, usize),
     ) -> Self {
         SnapshotScheduler {
             member_id,
             snapshotter,
             done,
             snapshot_count,
+            max_wals,
+            max_snapshots,
             snapshot_index,
             next_snapshot_at: snapshot_index.saturating_add(snapshot_count),
             snapshot_thread: None,
@@ -253,15 +257,25 @@ impl<O: Send + 'static> SnapshotScheduler<O> {
         Ok(())
     }
 
-    /// Deletes WAL segments below a durable snapshot and all but the newest snapshot files.
-    /// Failing to delete is not fatal: the files are merely kept.
+    /// Deletes WAL segments below a durable snapshot beyond `--max-wals`, and snapshot files
+    /// beyond `--max-snapshots`. Failing to delete is not fatal: the files are merely kept.
     pub(super) fn release_old_files(&mut self, wal: &mut Wal, snapshot_index: u64) {
-        match wal.release_to(snapshot_index) {
+        if self.max_wals == 0 {
+            return self.purge_snapshots();
+        }
+        match wal.release_to(snapshot_index, self.max_wals) {
             Ok(0) => {}
             Ok(released) => tracing::debug!(released, "released WAL segments"),
             Err(e) => tracing::warn!(error = %e, "cannot release WAL segments"),
         }
-        if let Err(e) = self.snapshotter.purge(KEEP_SNAPSHOTS) {
+        self.purge_snapshots();
+    }
+
+    fn purge_snapshots(&self) {
+        if self.max_snapshots == 0 {
+            return;
+        }
+        if let Err(e) = self.snapshotter.purge(self.max_snapshots) {
             tracing::warn!(error = %e, "cannot remove old snapshots");
         }
     }

@@ -108,6 +108,7 @@ impl<S: StateMachine> Worker<S> {
                 links.commands_tx,
                 cfg.snapshot_count,
                 started.snapshot_index,
+                (cfg.max_wals, cfg.max_snapshots),
             ),
         }
     }

@@ -286,8 +286,12 @@ fn rotation_release_and_reopen() {
 
     wal.save_snapshot_marker(&marker(60, 1)).unwrap();
     wal.sync().unwrap();
-    let released = wal.release_to(60).unwrap();
-    assert!(released > 0);
+    // --max-wals: nothing goes while the count is within the limit, then one at a time.
+    assert_eq!(wal.release_to(60, before.len()).unwrap(), 0);
+    assert_eq!(wal.release_to(60, before.len() - 1).unwrap(), 1);
+    assert_eq!(wal.segment_paths().len(), before.len() - 1);
+    let released = 1 + wal.release_to(60, 1).unwrap();
+    assert!(released > 1);
     let after = wal.segment_paths();
     assert_eq!(after.len(), before.len() - released);
     for removed in &before[..released] {

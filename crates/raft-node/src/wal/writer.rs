@@ -181,12 +181,14 @@ impl Wal {
         Ok(())
     }
 
-    /// Deletes the segments whose entries all lie below `index` (a snapshot's index), keeping the
-    /// segment that contains it. Returns how many were deleted.
-    pub(crate) fn release_to(&mut self, index: u64) -> Result<usize, WalError> {
+    /// Deletes the oldest segments whose entries all lie below `index` (a snapshot's index) while
+    /// more than `keep` segments (at least 1) remain; the segment that contains `index` always
+    /// stays. Returns how many were deleted.
+    pub(crate) fn release_to(&mut self, index: u64, keep: usize) -> Result<usize, WalError> {
         let mut releasable = 0;
         while releasable + 1 < self.segments.len()
             && self.segments[releasable + 1].first_index <= index
+            && self.segments.len() - releasable > keep.max(1)
         {
             releasable += 1;
         }
