@@ -40,10 +40,7 @@ fn put_prev(k: &str, v: &str) -> Step {
     })
 }
 fn get(k: &str) -> RangeRequest {
-    RangeRequest {
-        key: k.into(),
-        ..Default::default()
-    }
+    range(k, b"")
 }
 fn range(k: &str, end: &[u8]) -> RangeRequest {
     RangeRequest {
@@ -51,6 +48,24 @@ fn range(k: &str, end: &[u8]) -> RangeRequest {
         range_end: end.to_vec(),
         ..Default::default()
     }
+}
+/// Every key, with the options `with` sets.
+fn all(with: impl FnOnce(&mut RangeRequest)) -> Step {
+    let mut r = range("\0", b"\0");
+    with(&mut r);
+    Step::Range(r)
+}
+fn all_sorted(order: SortOrder, target: SortTarget) -> Step {
+    all(|r| {
+        r.sort_order = order as i32;
+        r.sort_target = target as i32;
+    })
+}
+fn all_at(revision: i64) -> Step {
+    all(|r| r.revision = revision)
+}
+fn compact(revision: i64, physical: bool) -> Step {
+    Step::Compact(CompactionRequest { revision, physical })
 }
 fn op_put(k: &str, v: &str) -> RequestOp {
     RequestOp {
@@ -108,43 +123,18 @@ fn script() -> Vec<Step> {
         Step::Range(range("a/", b"a0")),
         Step::Range(range("\0", b"\0")),
         Step::Range(range("b", b"\0")),
-        Step::Range(RangeRequest {
-            limit: 2,
-            ..range("\0", b"\0")
+        all(|r| r.limit = 2),
+        all(|r| r.limit = 10),
+        all_sorted(SortOrder::Descend, SortTarget::Key),
+        all(|r| {
+            r.sort_order = SortOrder::Ascend as i32;
+            r.sort_target = SortTarget::Value as i32;
+            r.limit = 3;
         }),
-        Step::Range(RangeRequest {
-            limit: 10,
-            ..range("\0", b"\0")
-        }),
-        Step::Range(RangeRequest {
-            sort_order: SortOrder::Descend as i32,
-            ..range("\0", b"\0")
-        }),
-        Step::Range(RangeRequest {
-            sort_order: SortOrder::Ascend as i32,
-            sort_target: SortTarget::Value as i32,
-            limit: 3,
-            ..range("\0", b"\0")
-        }),
-        Step::Range(RangeRequest {
-            sort_order: SortOrder::Descend as i32,
-            sort_target: SortTarget::Create as i32,
-            ..range("\0", b"\0")
-        }),
-        Step::Range(RangeRequest {
-            sort_order: SortOrder::Ascend as i32,
-            sort_target: SortTarget::Mod as i32,
-            ..range("\0", b"\0")
-        }),
-        Step::Range(RangeRequest {
-            sort_order: SortOrder::Descend as i32,
-            sort_target: SortTarget::Version as i32,
-            ..range("\0", b"\0")
-        }),
-        Step::Range(RangeRequest {
-            sort_target: SortTarget::Key as i32,
-            ..range("\0", b"\0")
-        }),
+        all_sorted(SortOrder::Descend, SortTarget::Create),
+        all_sorted(SortOrder::Ascend, SortTarget::Mod),
+        all_sorted(SortOrder::Descend, SortTarget::Version),
+        all_sorted(SortOrder::None, SortTarget::Key),
         Step::Range(RangeRequest {
             keys_only: true,
             ..range("a", b"b")
@@ -153,26 +143,16 @@ fn script() -> Vec<Step> {
             count_only: true,
             ..range("a", b"b")
         }),
-        Step::Range(RangeRequest {
-            revision: 2,
-            ..range("\0", b"\0")
-        }),
+        all_at(2),
         Step::Range(RangeRequest {
             revision: 3,
             ..get("a")
         }),
-        Step::Range(RangeRequest {
-            min_mod_revision: 4,
-            ..range("\0", b"\0")
-        }),
-        Step::Range(RangeRequest {
-            max_mod_revision: 3,
-            ..range("\0", b"\0")
-        }),
-        Step::Range(RangeRequest {
-            min_create_revision: 3,
-            max_create_revision: 5,
-            ..range("\0", b"\0")
+        all(|r| r.min_mod_revision = 4),
+        all(|r| r.max_mod_revision = 3),
+        all(|r| {
+            r.min_create_revision = 3;
+            r.max_create_revision = 5;
         }),
         Step::Range(RangeRequest {
             serializable: true,
@@ -326,34 +306,13 @@ fn script() -> Vec<Step> {
     ]);
     // compaction and history
     s.extend([
-        Step::Compact(CompactionRequest {
-            revision: 1000,
-            physical: false,
-        }),
-        Step::Compact(CompactionRequest {
-            revision: 5,
-            physical: true,
-        }),
-        Step::Compact(CompactionRequest {
-            revision: 5,
-            physical: false,
-        }),
-        Step::Compact(CompactionRequest {
-            revision: 3,
-            physical: false,
-        }),
-        Step::Range(RangeRequest {
-            revision: 4,
-            ..range("\0", b"\0")
-        }),
-        Step::Range(RangeRequest {
-            revision: 5,
-            ..range("\0", b"\0")
-        }),
-        Step::Range(RangeRequest {
-            revision: 9,
-            ..range("\0", b"\0")
-        }),
+        compact(1000, false),
+        compact(5, true),
+        compact(5, false),
+        compact(3, false),
+        all_at(4),
+        all_at(5),
+        all_at(9),
         put_prev("a", "after-compact"),
         Step::Range(range("\0", b"\0")),
     ]);
