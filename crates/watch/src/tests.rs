@@ -89,10 +89,7 @@ async fn watch(
 }
 
 fn single(key: &str) -> WatchCreateRequest {
-    WatchCreateRequest {
-        key: key.into(),
-        ..Default::default()
-    }
+    range(key, b"")
 }
 
 fn range(key: &str, end: &[u8]) -> WatchCreateRequest {
@@ -101,6 +98,19 @@ fn range(key: &str, end: &[u8]) -> WatchCreateRequest {
         range_end: end.to_vec(),
         ..Default::default()
     }
+}
+
+/// Holds the dispatcher thread back: notified revisions stay queued.
+fn pause_dispatch(hub: &WatchHub) {
+    hub.dispatch_paused
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Lets the dispatcher thread deliver again, and wakes it.
+fn resume_dispatch(hub: &WatchHub) {
+    hub.dispatch_paused
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    hub.wake_dispatcher();
 }
 
 /// Both watcher sets agree with their indexes.

@@ -10,19 +10,16 @@ async fn live_events_txn_in_one_response_filters_and_prev_kv() {
     let (stream, mut rx) = hub.open_stream();
     stream
         .create(WatchCreateRequest {
-            key: b"a".to_vec(),
-            range_end: b"b".to_vec(),
             prev_kv: true,
-            ..Default::default()
+            ..range("a", b"b")
         })
         .await
         .unwrap();
     stream
         .create(WatchCreateRequest {
-            key: b"a1".to_vec(),
             watch_id: 7,
             filters: vec![FilterType::Noput as i32],
-            ..Default::default()
+            ..single("a1")
         })
         .await
         .unwrap();
@@ -32,9 +29,8 @@ async fn live_events_txn_in_one_response_filters_and_prev_kv() {
     assert!(created.created && created.watch_id == 7);
     stream
         .create(WatchCreateRequest {
-            key: b"x".to_vec(),
             watch_id: 7,
-            ..Default::default()
+            ..single("x")
         })
         .await
         .unwrap();
@@ -86,10 +82,9 @@ async fn history_replay_and_compaction_cancel() {
     let (stream, mut rx) = hub.open_stream();
     stream
         .create(WatchCreateRequest {
-            key: b"k".to_vec(),
             start_revision: 3,
             prev_kv: true,
-            ..Default::default()
+            ..single("k")
         })
         .await
         .unwrap();
@@ -116,9 +111,8 @@ async fn history_replay_and_compaction_cancel() {
     );
     stream
         .create(WatchCreateRequest {
-            key: b"k".to_vec(),
             start_revision: 2,
-            ..Default::default()
+            ..single("k")
         })
         .await
         .unwrap();
@@ -136,13 +130,7 @@ async fn history_replay_and_compaction_cancel() {
 async fn slow_stream_falls_back_to_history_without_loss_or_duplicates() {
     let (store, hub) = setup();
     let (stream, mut rx) = hub.open_stream();
-    stream
-        .create(WatchCreateRequest {
-            key: b"k".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    stream.create(single("k")).await.unwrap();
     assert!(next(&mut rx).await.created);
     let writes = STREAM_BUFFER as i64 * 3;
     for i in 0..writes {
@@ -192,9 +180,8 @@ async fn prev_kv_survives_the_queue_and_the_history_path() {
         &stream,
         &mut rx,
         WatchCreateRequest {
-            key: b"k".to_vec(),
             prev_kv: true,
-            ..Default::default()
+            ..single("k")
         },
     )
     .await;
@@ -202,24 +189,20 @@ async fn prev_kv_survives_the_queue_and_the_history_path() {
     let first = next(&mut rx).await;
     assert_eq!((first.watch_id, revisions(&first)), (live, vec![2]));
     assert!(first.events[0].prev_kv.is_none(), "k was created");
-    hub.dispatch_paused
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    pause_dispatch(&hub);
     put(&store, &hub, "k", "v2");
     put(&store, &hub, "k", "v3");
     let replay = watch(
         &stream,
         &mut rx,
         WatchCreateRequest {
-            key: b"k".to_vec(),
             start_revision: 2,
             prev_kv: true,
-            ..Default::default()
+            ..single("k")
         },
     )
     .await;
-    hub.dispatch_paused
-        .store(false, std::sync::atomic::Ordering::SeqCst);
-    hub.wake_dispatcher();
+    resume_dispatch(&hub);
     // watch id -> (revision, previous value) per event
     type Prevs = HashMap<i64, Vec<(i64, Option<Vec<u8>>)>>;
     let mut prevs = Prevs::new();

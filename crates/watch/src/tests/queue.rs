@@ -32,14 +32,12 @@ async fn progress_never_claims_a_queued_revision_and_new_watchers_start_where_th
         &stream,
         &mut rx,
         WatchCreateRequest {
-            key: b"k".to_vec(),
             progress_notify: true,
-            ..Default::default()
+            ..single("k")
         },
     )
     .await;
-    hub.dispatch_paused
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    pause_dispatch(&hub);
     put(&store, &hub, "k", "v2");
     assert_eq!(hub.stats().queued_revisions, 1);
 
@@ -64,10 +62,9 @@ async fn progress_never_claims_a_queued_revision_and_new_watchers_start_where_th
         &stream,
         &mut rx,
         WatchCreateRequest {
-            key: b"k".to_vec(),
             start_revision: 2,
             prev_kv: true,
-            ..Default::default()
+            ..single("k")
         },
     )
     .await;
@@ -75,9 +72,8 @@ async fn progress_never_claims_a_queued_revision_and_new_watchers_start_where_th
         &stream,
         &mut rx,
         WatchCreateRequest {
-            key: b"k".to_vec(),
             start_revision: 1,
-            ..Default::default()
+            ..single("k")
         },
     )
     .await;
@@ -89,9 +85,7 @@ async fn progress_never_claims_a_queued_revision_and_new_watchers_start_where_th
         assert!(inner.synced.get(&(0, queued_start)).is_some());
     }
 
-    hub.dispatch_paused
-        .store(false, std::sync::atomic::Ordering::SeqCst);
-    hub.wake_dispatcher();
+    resume_dispatch(&hub);
     let mut seen = collect(&mut rx, 3).await;
     put(&store, &hub, "k", "v3");
     seen.extend(collect(&mut rx, 4).await);
@@ -113,18 +107,15 @@ async fn an_overflowing_queue_falls_back_to_history_without_loss_or_duplicates()
         &stream,
         &mut rx,
         WatchCreateRequest {
-            key: b"p/".to_vec(),
-            range_end: b"p0".to_vec(),
             prev_kv: true,
-            ..Default::default()
+            ..range("p/", b"p0")
         },
     )
     .await;
     let key = watch(&stream, &mut rx, single("p/3")).await;
     // Room for a few revisions only.
     hub.set_max_queued_bytes(5 * queued_bytes(&[Event::default()]) + 400);
-    hub.dispatch_paused
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    pause_dispatch(&hub);
     let writes = 40;
     for i in 0..writes {
         put(&store, &hub, &format!("p/{}", i % 5), &format!("v{i}"));
@@ -132,9 +123,7 @@ async fn an_overflowing_queue_falls_back_to_history_without_loss_or_duplicates()
     let stats = hub.stats();
     assert!(stats.overflows > 0, "{stats:?}");
     assert!(stats.queued_revisions < 10, "{stats:?}");
-    hub.dispatch_paused
-        .store(false, std::sync::atomic::Ordering::SeqCst);
-    hub.wake_dispatcher();
+    resume_dispatch(&hub);
 
     let seen = collect(&mut rx, writes + writes / 5).await;
     assert_eq!(
@@ -166,8 +155,7 @@ async fn reset_drops_the_queue_and_every_watcher_catches_up_from_history() {
     let id = watch(&stream, &mut rx, range("a", b"z")).await;
     put(&store, &hub, "b", "1");
     assert_eq!(collect(&mut rx, 1).await[0].1, 2);
-    hub.dispatch_paused
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    pause_dispatch(&hub);
     put(&store, &hub, "c", "2");
     put(&store, &hub, "d", "3");
     hub.reset(store.current_revision());
@@ -175,8 +163,7 @@ async fn reset_drops_the_queue_and_every_watcher_catches_up_from_history() {
     // The watcher catches up from history (the dispatcher is still held back).
     let seen = collect(&mut rx, 2).await;
     assert_eq!(revisions_of(&seen, id), vec![3, 4]);
-    hub.dispatch_paused
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    resume_dispatch(&hub);
     put(&store, &hub, "e", "4");
     assert_eq!(revisions_of(&collect(&mut rx, 1).await, id), vec![5]);
     hub.flush();
