@@ -11,8 +11,8 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, Permission, PutOptions, TxnOp,
-    WatchOptions,
+    AlarmAction, AlarmType, Client, Compare, CompareOp, ConnectOptions, GetOptions, Permission,
+    PutOptions, TxnOp, WatchOptions,
 };
 use metastore_auth::needs::{Rule, RPC_RULES};
 use metastore_proto::etcdserverpb as pb;
@@ -44,6 +44,14 @@ async fn start(kind: Kind, more: &[&str]) -> Server {
     let flags = extra(kind, more);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     Server::start_with(kind, &flags).await
+}
+
+/// [`start`], then [`set_up_users`]; returns the server and its endpoint.
+async fn start_with_users(kind: Kind, more: &[&str]) -> (Server, String) {
+    let server = start(kind, more).await;
+    let ep = server.endpoint();
+    set_up_users(&ep).await;
+    (server, ep)
 }
 
 async fn anonymous(endpoint: &str) -> Client {
@@ -104,14 +112,21 @@ async fn set_up_users(endpoint: &str) {
     auth.auth_enable().await.unwrap();
 }
 
+/// Takes READ on the /a/ prefix away from role `reader` (alice's).
+async fn revoke_reader_prefix(root: &mut Client) {
+    let prefix = etcd_client::RoleRevokePermissionOptions::new().with_prefix();
+    root.role_revoke_permission("reader", "/a/", Some(prefix))
+        .await
+        .unwrap();
+}
+
 const USER_EMPTY: &str = "etcdserver: user name is empty";
 const DENIED: &str = "etcdserver: permission denied";
+const INVALID_TOKEN: &str = "etcdserver: invalid auth token";
 
 /// Key permissions, user management and their errors, as etcd 3.4 answers them too.
 async fn key_permissions(kind: Kind) {
-    let server = start(kind, &[]).await;
-    let ep = server.endpoint();
-    set_up_users(&ep).await;
+    let (_server, ep) = start_with_users(kind, &[]).await;
 
     // No credentials.
     let mut anon = anonymous(&ep).await;
@@ -259,13 +274,7 @@ async fn key_permissions(kind: Kind) {
     }
 
     // A revoked permission takes effect at once for the same session.
-    root.role_revoke_permission(
-        "reader",
-        "/a/",
-        Some(etcd_client::RoleRevokePermissionOptions::new().with_prefix()),
-    )
-    .await
-    .unwrap();
+    revoke_reader_prefix(&mut root).await;
     assert_eq!(message(&alice.get("/a/x", None).await.unwrap_err()), DENIED);
     // A password change ends the old password's sessions.
     root.user_change_password("bob", "newpw").await.unwrap();
@@ -283,9 +292,7 @@ per_kind!(key_permissions);
 /// What MetaStore checks beyond etcd 3.4, as etcd 3.5/3.6 do: nested txns, leases' keys,
 /// maintenance and cluster calls; state and rules survive a restart.
 async fn stricter_rules_and_restart(kind: Kind) {
-    let mut server = start(kind, &[]).await;
-    let ep = server.endpoint();
-    set_up_users(&ep).await;
+    let (mut server, ep) = start_with_users(kind, &[]).await;
     let mut root = as_user(&ep, "root", "rootpw").await.unwrap();
     let mut alice = as_user(&ep, "alice", "alicepw").await.unwrap();
     let mut carol = as_user(&ep, "carol", "carolpw").await.unwrap();
@@ -344,24 +351,13 @@ async fn stricter_rules_and_restart(kind: Kind) {
         carol.compact(1, None).await.unwrap_err(),
         carol.member_remove(1).await.unwrap_err(),
         carol
-            .alarm(
-                etcd_client::AlarmAction::Deactivate,
-                etcd_client::AlarmType::Nospace,
-                None,
-            )
+            .alarm(AlarmAction::Deactivate, AlarmType::Nospace, None)
             .await
             .unwrap_err(),
     ] {
         assert_eq!(message(&e), DENIED, "{kind:?}");
     }
-    carol
-        .alarm(
-            etcd_client::AlarmAction::Get,
-            etcd_client::AlarmType::None,
-            None,
-        )
-        .await
-        .unwrap();
+    support::alarm_list(&mut carol).await.unwrap();
     root.hash_kv(0).await.unwrap();
     // A --no-password user cannot log in with a password (etcd's own text and code).
     root.user_add(
@@ -396,7 +392,7 @@ async fn stricter_rules_and_restart(kind: Kind) {
     );
     // The old session's token died with the process; etcd-client does not log in again.
     let e = alice.get("/a/x", None).await.unwrap_err();
-    assert_eq!(message(&e), "etcdserver: invalid auth token");
+    assert_eq!(message(&e), INVALID_TOKEN);
     assert_eq!(code(&e), Some(tonic::Code::Unauthenticated));
 }
 
@@ -506,6 +502,25 @@ async fn call(
 
 use tokio_stream::StreamExt as _;
 
+/// The body of a Range of `key`.
+fn range_body(key: &str) -> Vec<u8> {
+    pb::RangeRequest {
+        key: key.into(),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// The body of a Put of `key` = `v`.
+fn put_body(key: &str) -> Vec<u8> {
+    pb::PutRequest {
+        key: key.into(),
+        value: b"v".to_vec(),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
 /// A request body for each method that touches key `/k` (or names user alice / role reader),
 /// so that key rules have something to check.
 fn body_for(path: &str, lease: i64) -> Vec<u8> {
@@ -513,17 +528,8 @@ fn body_for(path: &str, lease: i64) -> Vec<u8> {
     let k = b"/k".to_vec();
     match path {
         p if p.starts_with("/etcdserverpb.KV/") => match method {
-            "Range" => pb::RangeRequest {
-                key: k,
-                ..Default::default()
-            }
-            .encode_to_vec(),
-            "Put" => pb::PutRequest {
-                key: k,
-                value: b"v".to_vec(),
-                ..Default::default()
-            }
-            .encode_to_vec(),
+            "Range" => range_body("/k"),
+            "Put" => put_body("/k"),
             "DeleteRange" => pb::DeleteRangeRequest {
                 key: k,
                 ..Default::default()
@@ -656,7 +662,7 @@ fn refused_with(outcome: &Result<Option<Vec<u8>>, tonic::Status>, path: &str, te
 fn auth_refusal(outcome: &Result<Option<Vec<u8>>, tonic::Status>, path: &str) -> bool {
     refused_with(outcome, path, USER_EMPTY)
         || refused_with(outcome, path, DENIED)
-        || refused_with(outcome, path, "etcdserver: invalid auth token")
+        || refused_with(outcome, path, INVALID_TOKEN)
 }
 
 async fn token_of(channel: &Channel, user: &str, password: &str) -> String {
@@ -688,9 +694,7 @@ async fn auth_status(ep: &str) -> pb::AuthStatusResponse {
 /// without roles and by root, is refused or admitted as its rule says.
 #[tokio::test]
 async fn every_rpc_follows_the_rule_table() {
-    let server = start(Kind::Memory, &[]).await;
-    let ep = server.endpoint();
-    set_up_users(&ep).await;
+    let (_server, ep) = start_with_users(Kind::Memory, &[]).await;
     let channel = connect(&ep).await;
     let root = token_of(&channel, "root", "rootpw").await;
     let carol = token_of(&channel, "carol", "carolpw").await;
@@ -795,70 +799,62 @@ fn the_rule_table_covers_every_served_method() {
     }
 }
 
+/// `--auth-token` for ES256 JWTs living `ttl`, with a fresh key pair written to `dir`.
+fn jwt_spec(dir: &std::path::Path, ttl: &str) -> String {
+    let (private, public) = support::tls::jwt_keys(dir);
+    format!(
+        "jwt,pub-key={},priv-key={},sign-method=ES256,ttl={ttl}",
+        public.display(),
+        private.display()
+    )
+}
+
+/// Reads `/a/x` with a raw Range call carrying `token`.
+async fn read_a_x(channel: &Channel, token: &str) -> Result<Option<Vec<u8>>, tonic::Status> {
+    call(
+        channel,
+        Some(token),
+        "/etcdserverpb.KV/Range",
+        range_body("/a/x"),
+    )
+    .await
+}
+
 /// Simple tokens die after `--auth-token-ttl` of disuse; JWT tokens expire by their `exp` and go
 /// stale when the auth store changes.
 #[tokio::test]
 async fn tokens_expire() {
-    let server = start(Kind::Memory, &["--auth-token-ttl", "2"]).await;
-    let ep = server.endpoint();
-    set_up_users(&ep).await;
+    let (server, ep) = start_with_users(Kind::Memory, &["--auth-token-ttl", "2"]).await;
     let channel = connect(&ep).await;
     let token = token_of(&channel, "alice", "alicepw").await;
-    let range = || {
-        pb::RangeRequest {
-            key: b"/a/x".to_vec(),
-            ..Default::default()
-        }
-        .encode_to_vec()
-    };
     // Each use extends it.
     for _ in 0..3 {
-        call(&channel, Some(&token), "/etcdserverpb.KV/Range", range())
-            .await
-            .unwrap();
+        read_a_x(&channel, &token).await.unwrap();
         tokio::time::sleep(Duration::from_millis(1200)).await;
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let e = call(&channel, Some(&token), "/etcdserverpb.KV/Range", range())
-        .await
-        .unwrap_err();
+    let e = read_a_x(&channel, &token).await.unwrap_err();
     assert_eq!(
         (e.code(), e.message()),
-        (
-            tonic::Code::Unauthenticated,
-            "etcdserver: invalid auth token"
-        )
+        (tonic::Code::Unauthenticated, INVALID_TOKEN)
     );
     drop(server);
 
     let dir = tempfile::tempdir().unwrap();
-    let (private, public) = support::tls::jwt_keys(dir.path());
-    let spec = format!(
-        "jwt,pub-key={},priv-key={},sign-method=ES256,ttl=3s",
-        public.display(),
-        private.display()
-    );
-    let server = start(Kind::Rocks, &["--auth-token", &spec]).await;
-    let ep = server.endpoint();
-    set_up_users(&ep).await;
+    let spec = jwt_spec(dir.path(), "3s");
+    let (_server, ep) = start_with_users(Kind::Rocks, &["--auth-token", &spec]).await;
     let channel = connect(&ep).await;
     let token = token_of(&channel, "alice", "alicepw").await;
     assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
-    call(&channel, Some(&token), "/etcdserverpb.KV/Range", range())
-        .await
-        .unwrap();
+    read_a_x(&channel, &token).await.unwrap();
     // A tampered token is refused.
     let tampered = format!("{token}x");
-    let e = call(&channel, Some(&tampered), "/etcdserverpb.KV/Range", range())
-        .await
-        .unwrap_err();
-    assert_eq!(e.message(), "etcdserver: invalid auth token");
+    let e = read_a_x(&channel, &tampered).await.unwrap_err();
+    assert_eq!(e.message(), INVALID_TOKEN);
     // Any auth change makes the token stale for key operations.
     let mut root = as_user(&ep, "root", "rootpw").await.unwrap();
     root.role_add("another").await.unwrap();
-    let e = call(&channel, Some(&token), "/etcdserverpb.KV/Range", range())
-        .await
-        .unwrap_err();
+    let e = read_a_x(&channel, &token).await.unwrap_err();
     assert_eq!(
         (e.code(), e.message()),
         (
@@ -867,23 +863,17 @@ async fn tokens_expire() {
         )
     );
     let token = token_of(&channel, "alice", "alicepw").await;
-    call(&channel, Some(&token), "/etcdserverpb.KV/Range", range())
-        .await
-        .unwrap();
+    read_a_x(&channel, &token).await.unwrap();
     tokio::time::sleep(Duration::from_millis(4200)).await;
-    let e = call(&channel, Some(&token), "/etcdserverpb.KV/Range", range())
-        .await
-        .unwrap_err();
-    assert_eq!(e.message(), "etcdserver: invalid auth token");
+    let e = read_a_x(&channel, &token).await.unwrap_err();
+    assert_eq!(e.message(), INVALID_TOKEN);
 }
 
 /// Authenticate is rate-limited per user: a burst of wrong passwords gets `too many requests`,
 /// and other users are unaffected.
 #[tokio::test]
 async fn authenticate_is_rate_limited_per_user() {
-    let server = start(Kind::Memory, &[]).await;
-    let ep = server.endpoint();
-    set_up_users(&ep).await;
+    let (_server, ep) = start_with_users(Kind::Memory, &[]).await;
     let channel = connect(&ep).await;
     let mut auth = pb::auth_client::AuthClient::new(channel.clone());
     let mut limited = 0;
@@ -1216,24 +1206,14 @@ async fn three_members_peer_tls_and_revocation_everywhere() {
     // applying the Authenticate entry).
     let ch0 = connect(&cluster.endpoint(0)).await;
     let token = token_of(&ch0, "alice", "alicepw").await;
-    let range = pb::RangeRequest {
-        key: b"/a/x".to_vec(),
-        ..Default::default()
-    }
-    .encode_to_vec();
+    let range = range_body("/a/x");
     for i in 1..3 {
         let ch = connect(&cluster.endpoint(i)).await;
         call(&ch, Some(&token), "/etcdserverpb.KV/Range", range.clone())
             .await
             .unwrap_or_else(|e| panic!("member {i} refused member 0's token: {e:?}"));
     }
-    root.role_revoke_permission(
-        "reader",
-        "/a/",
-        Some(etcd_client::RoleRevokePermissionOptions::new().with_prefix()),
-    )
-    .await
-    .unwrap();
+    revoke_reader_prefix(&mut root).await;
     for (i, alice) in readers.iter_mut().enumerate() {
         let e = alice.get("/a/x", None).await.unwrap_err();
         assert_eq!(message(&e), DENIED, "member {i} still lets alice read");
@@ -1252,12 +1232,7 @@ async fn three_members_peer_tls_and_revocation_everywhere() {
 #[tokio::test]
 async fn jwt_tokens_work_on_every_member() {
     let dir = tempfile::tempdir().unwrap();
-    let (private, public) = support::tls::jwt_keys(dir.path());
-    let spec = format!(
-        "jwt,pub-key={},priv-key={},sign-method=ES256,ttl=1m",
-        public.display(),
-        private.display()
-    );
+    let spec = jwt_spec(dir.path(), "1m");
     let cluster = Cluster::start(
         Kind::Rocks,
         3,
@@ -1268,18 +1243,8 @@ async fn jwt_tokens_work_on_every_member() {
     let ch0 = connect(&cluster.endpoint(0)).await;
     let token = token_of(&ch0, "bob", "bobpw").await;
     assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
-    let put = pb::PutRequest {
-        key: b"/b/jwt".to_vec(),
-        value: b"v".to_vec(),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let denied = pb::PutRequest {
-        key: b"/a/jwt".to_vec(),
-        value: b"v".to_vec(),
-        ..Default::default()
-    }
-    .encode_to_vec();
+    let put = put_body("/b/jwt");
+    let denied = put_body("/a/jwt");
     for i in 0..3 {
         let ch = connect(&cluster.endpoint(i)).await;
         call(&ch, Some(&token), "/etcdserverpb.KV/Put", put.clone())

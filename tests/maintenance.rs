@@ -551,14 +551,7 @@ async fn etcd_client_maintenance(kind: Kind) {
 
     let hash = client.hash_kv(0).await.unwrap();
     assert_eq!(hash.hash_revision(), 2);
-    let alarms = client
-        .alarm(
-            etcd_client::AlarmAction::Get,
-            etcd_client::AlarmType::None,
-            None,
-        )
-        .await
-        .unwrap();
+    let alarms = support::alarm_list(&mut client).await.unwrap();
     assert!(alarms.alarms().is_empty());
     client.defragment().await.unwrap();
     client.move_leader(me).await.unwrap();

@@ -32,7 +32,7 @@ use metastore_proto::etcdserverpb::{
 };
 use tonic::transport::{Channel, Endpoint};
 
-use super::{free_port, metastore_bin, Kind};
+use super::{free_port, Kind};
 
 /// How long one client call of the harness may take before it counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -886,9 +886,7 @@ impl Cluster {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);
-        let child = cmd.spawn().unwrap_or_else(|e| {
-            panic!("starting {kind:?}: {e} (is etcd installed? `cargo xtask test` installs it)")
-        });
+        let child = kind.spawn(&mut cmd);
         self.net.set_pid(i, Some(child.id()));
         self.members[i].child = Some(child);
     }

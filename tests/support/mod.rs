@@ -35,6 +35,33 @@ pub enum Kind {
     Etcd,
 }
 
+impl Kind {
+    /// The command that runs a server of this kind: Debian's etcd, or MetaStore's binary with
+    /// its storage engine chosen.
+    pub fn command(self) -> Command {
+        match self {
+            Kind::Etcd => Command::new("etcd"),
+            Kind::Memory | Kind::Rocks => {
+                let mut cmd = Command::new(metastore_bin());
+                let engine = if self == Kind::Memory {
+                    "memory"
+                } else {
+                    "rocksdb"
+                };
+                cmd.args(["--storage-engine", engine]);
+                cmd
+            }
+        }
+    }
+
+    /// Spawns `cmd` (made by [`Kind::command`]), with a hint if the binary is missing.
+    pub fn spawn(self, cmd: &mut Command) -> Child {
+        cmd.spawn().unwrap_or_else(|e| {
+            panic!("starting {self:?}: {e} (is etcd installed? `cargo xtask test` installs it)")
+        })
+    }
+}
+
 /// A running server process.
 pub struct Server {
     pub kind: Kind,
@@ -173,10 +200,7 @@ fn spawn(kind: Kind, data_dir: &Path, client_port: u16, peer_port: u16, extra: &
     let client = format!("http://127.0.0.1:{client_port}");
     let peer = format!("http://127.0.0.1:{peer_port}");
     let cluster = format!("m1={peer}");
-    let mut cmd = match kind {
-        Kind::Etcd => Command::new("etcd"),
-        Kind::Memory | Kind::Rocks => Command::new(metastore_bin()),
-    };
+    let mut cmd = kind.command();
     cmd.args(["--name", "m1", "--data-dir"])
         .arg(data_dir)
         .args([
@@ -205,18 +229,15 @@ fn spawn(kind: Kind, data_dir: &Path, client_port: u16, peer_port: u16, extra: &
         } else {
             Stdio::null()
         });
-    match kind {
-        Kind::Memory => {
-            cmd.args(["--storage-engine", "memory"]);
-        }
-        Kind::Rocks => {
-            cmd.args(["--storage-engine", "rocksdb"]);
-        }
-        Kind::Etcd => {}
-    }
-    cmd.spawn().unwrap_or_else(|e| {
-        panic!("starting {kind:?}: {e} (is etcd installed? `cargo xtask test` installs it)")
-    })
+    kind.spawn(&mut cmd)
+}
+
+/// Lists the active alarms (`AlarmAction::Get`), as `etcdctl alarm list` does.
+pub async fn alarm_list(
+    client: &mut etcd_client::Client,
+) -> Result<etcd_client::AlarmResponse, etcd_client::Error> {
+    use etcd_client::{AlarmAction, AlarmType};
+    client.alarm(AlarmAction::Get, AlarmType::None, None).await
 }
 
 /// Asserts that MetaStore printed the same lines as etcd, listing each line that differs
