@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, EventType, GetOptions, LeaseGrantOptions, LeaseTimeToLiveOptions, LockOptions,
-    ProclaimOptions, ResignOptions, SortOrder, SortTarget,
+    Client, EventType, GetOptions, LeaderKey, LeaseGrantOptions, LeaseTimeToLiveOptions,
+    LockOptions, LockResponse, ProclaimOptions, ProclaimResponse, ResignOptions, ResignResponse,
+    SortOrder, SortTarget,
 };
 use support::{Kind, Server};
 use tokio::sync::mpsc;
@@ -31,6 +32,22 @@ async fn connect(server: &Server) -> Client {
 
 async fn grant(client: &mut Client, ttl_secs: i64) -> i64 {
     client.lease_grant(ttl_secs, None).await.unwrap().id()
+}
+
+/// A client per TTL, each with a fresh lease of that TTL: (client, lease id).
+async fn leased_clients<const N: usize>(
+    server: &Server,
+    ttls_secs: [i64; N],
+) -> [(Client, i64); N] {
+    let mut clients = Vec::new();
+    for ttl_secs in ttls_secs {
+        let mut client = connect(server).await;
+        let lease = grant(&mut client, ttl_secs).await;
+        clients.push((client, lease));
+    }
+    clients
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one client per TTL"))
 }
 
 /// `code: message` of a failed call.
@@ -73,6 +90,46 @@ async fn wait_for_queue(client: &mut Client, prefix: &str, expected: &[String]) 
     .await;
 }
 
+/// Takes lock `name` for `lease`, waiting while someone else holds it.
+async fn lock(
+    client: &mut Client,
+    name: &str,
+    lease: i64,
+) -> Result<LockResponse, etcd_client::Error> {
+    client
+        .lock(name, Some(LockOptions::new().with_lease(lease)))
+        .await
+}
+
+/// [`lock`] from a task on a clone of `client`, so the caller can go on and abort the wait.
+fn spawn_lock(
+    client: &Client,
+    name: &str,
+    lease: i64,
+) -> tokio::task::JoinHandle<Result<LockResponse, etcd_client::Error>> {
+    let (mut client, name) = (client.clone(), name.to_string());
+    tokio::spawn(async move { lock(&mut client, &name, lease).await })
+}
+
+/// Proclaims `value` as `leader`.
+async fn proclaim(
+    client: &mut Client,
+    leader: LeaderKey,
+    value: &str,
+) -> Result<ProclaimResponse, etcd_client::Error> {
+    let leader = ProclaimOptions::new().with_leader(leader);
+    client.proclaim(value, Some(leader)).await
+}
+
+/// Resigns `leader`.
+async fn resign(
+    client: &mut Client,
+    leader: LeaderKey,
+) -> Result<ResignResponse, etcd_client::Error> {
+    let leader = ResignOptions::new().with_leader(leader);
+    client.resign(Some(leader)).await
+}
+
 /// Keeps `lease` alive until the returned task is aborted.
 async fn keep_alive(client: &mut Client, lease: i64) -> tokio::task::JoinHandle<()> {
     let (mut keeper, mut responses) = client.lease_keep_alive(lease).await.unwrap();
@@ -106,10 +163,7 @@ async fn lock_excludes_contenders(kind: Kind) {
         tasks.push(tokio::spawn(async move {
             let lease = grant(&mut client, 60).await;
             for _ in 0..ROUNDS {
-                let locked = client
-                    .lock("counter-lock", Some(LockOptions::new().with_lease(lease)))
-                    .await
-                    .unwrap();
+                let locked = lock(&mut client, "counter-lock", lease).await.unwrap();
                 assert_eq!(locked.key(), format!("counter-lock/{lease:x}").as_bytes());
                 let now = holders.fetch_add(1, Ordering::SeqCst) + 1;
                 most_holders.fetch_max(now, Ordering::SeqCst);
@@ -154,23 +208,14 @@ per_kind!(lock_excludes_contenders);
 /// it only after the holder's key was deleted.
 async fn lock_lease_expiry_releases(kind: Kind) {
     let server = Server::start(kind).await;
-    let mut holder = connect(&server).await;
-    let mut waiter = connect(&server).await;
-    // The minimum TTL (1.5 election timeouts: 2 s by default); nobody keeps it alive.
-    let short = grant(&mut holder, 2).await;
-    let long = grant(&mut waiter, 60).await;
-    let held = holder
-        .lock("expiring", Some(LockOptions::new().with_lease(short)))
-        .await
-        .unwrap();
+    // The holder's lease has the minimum TTL (1.5 election timeouts: 2 s by default); nobody
+    // keeps it alive.
+    let [(mut holder, short), (waiter, long)] = leased_clients(&server, [2, 60]).await;
+    let held = lock(&mut holder, "expiring", short).await.unwrap();
     let held_key = held.key().to_vec();
     let mut deletion = holder.watch(held_key.clone(), None).await.unwrap();
 
-    let acquire = tokio::spawn(async move {
-        waiter
-            .lock("expiring", Some(LockOptions::new().with_lease(long)))
-            .await
-    });
+    let acquire = spawn_lock(&waiter, "expiring", long);
     let deleted_at = within(
         "the holder's key to be deleted by the lease expiry",
         async {
@@ -212,29 +257,12 @@ per_kind!(lock_lease_expiry_releases);
 /// the next one.
 async fn cancelled_waiters_leave_the_queue(kind: Kind) {
     let server = Server::start(kind).await;
-    let mut holder = connect(&server).await;
-    let mut quitter = connect(&server).await;
-    let mut next = connect(&server).await;
-    let (a, b, c) = (
-        grant(&mut holder, 60).await,
-        grant(&mut quitter, 60).await,
-        grant(&mut next, 60).await,
-    );
-    let held = holder
-        .lock("cancel", Some(LockOptions::new().with_lease(a)))
-        .await
-        .unwrap();
+    let [(mut holder, a), (mut quitter, b), (mut next, c)] = leased_clients(&server, [60; 3]).await;
+    let held = lock(&mut holder, "cancel", a).await.unwrap();
     let held_key = format!("cancel/{a:x}");
     assert_eq!(held.key(), held_key.as_bytes());
 
-    let mut queued = {
-        let mut quitter = quitter.clone();
-        tokio::spawn(async move {
-            quitter
-                .lock("cancel", Some(LockOptions::new().with_lease(b)))
-                .await
-        })
-    };
+    let mut queued = spawn_lock(&quitter, "cancel", b);
     let waiting = [held_key, format!("cancel/{b:x}")];
     wait_for_queue(&mut holder, "cancel/", &waiting).await;
     assert!(
@@ -250,7 +278,7 @@ async fn cancelled_waiters_leave_the_queue(kind: Kind) {
     holder.unlock(held.key()).await.unwrap();
     let locked = within(
         "the next caller to get the lock",
-        next.lock("cancel", Some(LockOptions::new().with_lease(c))),
+        lock(&mut next, "cancel", c),
     )
     .await
     .unwrap();
@@ -264,10 +292,7 @@ async fn cancelled_waiters_leave_the_queue(kind: Kind) {
     queued.abort();
     wait_for_queue(&mut holder, "ce/", &candidates[..1]).await;
     let leader = leading.leader().unwrap().clone();
-    holder
-        .resign(Some(ResignOptions::new().with_leader(leader)))
-        .await
-        .unwrap();
+    resign(&mut holder, leader).await.unwrap();
     let err = holder.leader("ce").await.unwrap_err();
     assert_eq!(error_line(err), "Unknown: election: no leader");
 }
@@ -279,23 +304,10 @@ per_kind!(cancelled_waiters_leave_the_queue);
 /// existed, so there is no etcd run of this one).
 async fn lock_waiter_lease_expiry_fails(kind: Kind) {
     let server = Server::start(kind).await;
-    let mut holder = connect(&server).await;
-    let mut waiter = connect(&server).await;
-    let long = grant(&mut holder, 60).await;
-    let short = grant(&mut waiter, 2).await;
+    let [(mut holder, long), (mut waiter, short)] = leased_clients(&server, [60, 2]).await;
     let keeper = keep_alive(&mut waiter, short).await;
-    let held = holder
-        .lock("lapse", Some(LockOptions::new().with_lease(long)))
-        .await
-        .unwrap();
-    let acquire = {
-        let mut waiter = waiter.clone();
-        tokio::spawn(async move {
-            waiter
-                .lock("lapse", Some(LockOptions::new().with_lease(short)))
-                .await
-        })
-    };
+    let held = lock(&mut holder, "lapse", long).await.unwrap();
+    let acquire = spawn_lock(&waiter, "lapse", short);
     let holder_key = format!("lapse/{long:x}");
     let waiting = [holder_key.clone(), format!("lapse/{short:x}")];
     wait_for_queue(&mut holder, "lapse/", &waiting).await;
@@ -372,13 +384,7 @@ async fn election_three_candidates(kind: Kind) {
     let created = client.get(k1.as_str(), None).await.unwrap();
     assert_eq!(leader1.rev(), created.kvs()[0].create_revision());
     assert_eq!(observed(&mut observations).await, pair(&k1, "v1"));
-    client
-        .proclaim(
-            "v1b",
-            Some(ProclaimOptions::new().with_leader(leader1.clone())),
-        )
-        .await
-        .unwrap();
+    proclaim(&mut client, leader1.clone(), "v1b").await.unwrap();
     assert_eq!(observed(&mut observations).await, pair(&k1, "v1b"));
     let leader = client.leader("elect").await.unwrap();
     assert_eq!(leader.kv().unwrap().value(), b"v1b");
@@ -415,26 +421,14 @@ async fn election_three_candidates(kind: Kind) {
     assert_eq!(queue(&mut client, "elect/").await, [k2.clone(), k3.clone()]);
 
     // The former leader's key is gone: it can no longer proclaim.
-    let err = client
-        .proclaim("stale", Some(ProclaimOptions::new().with_leader(leader1)))
-        .await
-        .unwrap_err();
+    let err = proclaim(&mut client, leader1, "stale").await.unwrap_err();
     assert_eq!(error_line(err), "Unknown: election: not leader");
 
-    client
-        .proclaim(
-            "v2b",
-            Some(ProclaimOptions::new().with_leader(leader2.clone())),
-        )
-        .await
-        .unwrap();
+    proclaim(&mut client, leader2.clone(), "v2b").await.unwrap();
     assert_eq!(observed(&mut observations).await, pair(&k2, "v2b"));
 
     // The second resigns: the third takes over.
-    client
-        .resign(Some(ResignOptions::new().with_leader(leader2.clone())))
-        .await
-        .unwrap();
+    resign(&mut client, leader2.clone()).await.unwrap();
     let leader3 = within("the third candidate to win", third)
         .await
         .unwrap()
@@ -449,14 +443,8 @@ async fn election_three_candidates(kind: Kind) {
     assert_eq!(leader.kv().unwrap().value(), b"v3");
 
     // Resigning a leadership that is already gone does nothing and is no error.
-    client
-        .resign(Some(ResignOptions::new().with_leader(leader2)))
-        .await
-        .unwrap();
-    client
-        .resign(Some(ResignOptions::new().with_leader(leader3)))
-        .await
-        .unwrap();
+    resign(&mut client, leader2).await.unwrap();
+    resign(&mut client, leader3).await.unwrap();
     let err = client.leader("elect").await.unwrap_err();
     assert_eq!(error_line(err), "Unknown: election: no leader");
 
@@ -483,19 +471,13 @@ async fn script(server: &Server) -> Vec<String> {
         .id();
 
     // Lock: the key, a second Lock with the same lease (a no-op), Unlock twice.
-    let locked = c
-        .lock("dl", Some(LockOptions::new().with_lease(lease)))
-        .await
-        .unwrap();
+    let locked = lock(&mut c, "dl", lease).await.unwrap();
     out.push(format!(
         "lock: {} at {}",
         String::from_utf8_lossy(locked.key()),
         rev(locked.header())
     ));
-    let again = c
-        .lock("dl", Some(LockOptions::new().with_lease(lease)))
-        .await
-        .unwrap();
+    let again = lock(&mut c, "dl", lease).await.unwrap();
     out.push(format!(
         "lock again: {} at {}",
         String::from_utf8_lossy(again.key()),
@@ -519,11 +501,7 @@ async fn script(server: &Server) -> Vec<String> {
     ));
     out.push(format!(
         "lock with unknown lease: {}",
-        error_line(
-            c.lock("dl", Some(LockOptions::new().with_lease(0x999)))
-                .await
-                .unwrap_err()
-        )
+        error_line(lock(&mut c, "dl", 0x999).await.unwrap_err())
     ));
     // Without a lease the server attaches the key to a fresh 60 s lease.
     let own = c.lock("dl", None).await.unwrap();
@@ -579,31 +557,18 @@ async fn script(server: &Server) -> Vec<String> {
         kv.lease(),
         rev(current.header())
     ));
-    let proclaimed = c
-        .proclaim(
-            "c",
-            Some(ProclaimOptions::new().with_leader(leader.clone())),
-        )
-        .await
-        .unwrap();
+    let proclaimed = proclaim(&mut c, leader.clone(), "c").await.unwrap();
     out.push(format!("proclaim at {}", rev(proclaimed.header())));
     let stale = leader.clone().with_rev(leader.rev() + 100);
     out.push(format!(
         "proclaim with another rev: {}",
-        error_line(
-            c.proclaim("x", Some(ProclaimOptions::new().with_leader(stale.clone())))
-                .await
-                .unwrap_err()
-        )
+        error_line(proclaim(&mut c, stale.clone(), "x").await.unwrap_err())
     ));
     out.push(format!(
         "proclaim without leader: {}",
         error_line(c.proclaim("x", None).await.unwrap_err())
     ));
-    let resigned = c
-        .resign(Some(ResignOptions::new().with_leader(stale)))
-        .await
-        .unwrap();
+    let resigned = resign(&mut c, stale).await.unwrap();
     out.push(format!(
         "resign with another rev at {}; leader still {:?}",
         rev(resigned.header()),
@@ -619,10 +584,7 @@ async fn script(server: &Server) -> Vec<String> {
         "resign without leader: {}",
         error_line(c.resign(None).await.unwrap_err())
     ));
-    let resigned = c
-        .resign(Some(ResignOptions::new().with_leader(leader)))
-        .await
-        .unwrap();
+    let resigned = resign(&mut c, leader).await.unwrap();
     out.push(format!("resign at {}", rev(resigned.header())));
     out.push(format!(
         "leader after resign: {}",
