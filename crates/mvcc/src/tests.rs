@@ -66,9 +66,8 @@ impl Harness {
 
     fn del(&mut self, key: &str, end: &str) -> Applied {
         self.apply(WriteRequest::DeleteRange(DeleteRangeRequest {
-            key: key.into(),
-            range_end: end.into(),
             prev_kv: true,
+            ..del_req(key, end)
         }))
         .expect("delete")
     }
@@ -139,31 +138,37 @@ fn put_req(key: &str, value: &str) -> PutRequest {
     }
 }
 
-fn op_put(key: &str, value: &str) -> RequestOp {
+fn op_put_req(req: PutRequest) -> RequestOp {
     RequestOp {
-        request: Some(request_op::Request::RequestPut(put_req(key, value))),
+        request: Some(request_op::Request::RequestPut(req)),
+    }
+}
+
+fn op_put(key: &str, value: &str) -> RequestOp {
+    op_put_req(put_req(key, value))
+}
+
+fn op_range(req: RangeRequest) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestRange(req)),
     }
 }
 
 fn op_get(key: &str, end: &str) -> RequestOp {
-    RequestOp {
-        request: Some(request_op::Request::RequestRange(RangeRequest {
-            key: key.into(),
-            range_end: end.into(),
-            ..Default::default()
-        })),
+    op_range(all(key, end))
+}
+
+fn del_req(key: &str, end: &str) -> DeleteRangeRequest {
+    DeleteRangeRequest {
+        key: key.into(),
+        range_end: end.into(),
+        prev_kv: false,
     }
 }
 
 fn op_del(key: &str, end: &str) -> RequestOp {
     RequestOp {
-        request: Some(request_op::Request::RequestDeleteRange(
-            DeleteRangeRequest {
-                key: key.into(),
-                range_end: end.into(),
-                prev_kv: false,
-            },
-        )),
+        request: Some(request_op::Request::RequestDeleteRange(del_req(key, end))),
     }
 }
 

@@ -237,6 +237,26 @@ fn meta(h: &Harness, name: &[u8]) -> Option<i64> {
         .map(|v| Revision::from_key(&v).unwrap().0.main)
 }
 
+/// A [`gated`] harness with [`SMALL`] batches holding the [`history`] (then the [`tail`] if
+/// `with_tail`), and the revision to compact at. Bound as `let (gate, mut h, _open, c) = …`,
+/// the opener is dropped before the harness, as [`OpenOnDrop`] needs.
+fn gated_history(with_tail: bool) -> (Arc<Gate>, Harness, OpenOnDrop, i64) {
+    let gate = Gate::new(engine());
+    let mut h = gated(&gate, SMALL);
+    let open = OpenOnDrop(gate.clone());
+    let c = history(&mut h);
+    if with_tail {
+        tail(&mut h);
+    }
+    (gate, h, open, c)
+}
+
+/// Holds the gate, then schedules a compaction at `c`: the worker waits for `gate.step()`.
+fn schedule_held(gate: &Gate, h: &mut Harness, c: i64) -> Applied {
+    gate.hold();
+    h.schedule_compaction(c).unwrap()
+}
+
 /// What a store that compacts the same history synchronously (one big batch) keeps.
 fn reference(compact_at: &[i64], with_tail: bool) -> Harness {
     let mut h = Harness::new();
@@ -253,15 +273,10 @@ fn reference(compact_at: &[i64], with_tail: bool) -> Harness {
 
 #[test]
 fn applying_a_compaction_returns_before_the_history_is_deleted() {
-    let gate = Gate::new(engine());
-    let mut h = gated(&gate, SMALL);
-    let _open = OpenOnDrop(gate.clone());
-    let c = history(&mut h);
-    tail(&mut h);
+    let (gate, mut h, _open, c) = gated_history(true);
     let stored_before = h.stored_revisions();
-    gate.hold();
 
-    let applied = h.schedule_compaction(c).unwrap();
+    let applied = schedule_held(&gate, &mut h, c);
     assert_eq!(applied.revision, h.store.current_revision());
     // Scheduled durably, in force for readers, nothing deleted yet.
     assert_eq!(h.store.compact_revision(), c);
@@ -296,10 +311,7 @@ fn applying_a_compaction_returns_before_the_history_is_deleted() {
 
 #[test]
 fn the_worker_deletes_in_bounded_batches_and_marks_the_last() {
-    let gate = Gate::new(engine());
-    let mut h = gated(&gate, SMALL);
-    let _open = OpenOnDrop(gate.clone());
-    let c = history(&mut h);
+    let (gate, mut h, _open, c) = gated_history(false);
     let visited = h.stored_revisions().iter().filter(|r| r.0 <= c).count();
     let before = h.stored_revisions().len();
     h.compact(c).unwrap();
@@ -318,14 +330,9 @@ fn the_worker_deletes_in_bounded_batches_and_marks_the_last() {
 
 #[test]
 fn readers_see_the_same_answers_at_every_step_of_a_compaction() {
-    let gate = Gate::new(engine());
-    let mut h = gated(&gate, SMALL);
-    let _open = OpenOnDrop(gate.clone());
-    let c = history(&mut h);
-    tail(&mut h);
+    let (gate, mut h, _open, c) = gated_history(true);
     let hash_before = h.store.hash_kv(c).unwrap();
-    gate.hold();
-    h.schedule_compaction(c).unwrap();
+    schedule_held(&gate, &mut h, c);
 
     let during = observe(&h.store, c);
     let mut steps = 0;
@@ -351,13 +358,9 @@ fn readers_see_the_same_answers_at_every_step_of_a_compaction() {
 
 #[test]
 fn hash_kv_at_the_compact_revision_waits_for_the_running_compaction() {
-    let gate = Gate::new(engine());
-    let mut h = gated(&gate, SMALL);
-    let _open = OpenOnDrop(gate.clone());
-    let c = history(&mut h);
+    let (gate, mut h, _open, c) = gated_history(false);
     let before = h.store.hash_kv(c).unwrap();
-    gate.hold();
-    h.schedule_compaction(c).unwrap();
+    schedule_held(&gate, &mut h, c);
     for _ in 0..3 {
         gate.step();
     }
@@ -400,14 +403,9 @@ fn hash_kv_at_the_compact_revision_waits_for_the_running_compaction() {
 
 #[test]
 fn a_second_compaction_queues_behind_the_first() {
-    let gate = Gate::new(engine());
-    let mut h = gated(&gate, SMALL);
-    let _open = OpenOnDrop(gate.clone());
-    let c1 = history(&mut h);
-    tail(&mut h);
+    let (gate, mut h, _open, c1) = gated_history(true);
     let c2 = h.store.current_revision() - 3;
-    gate.hold();
-    h.schedule_compaction(c1).unwrap();
+    schedule_held(&gate, &mut h, c1);
     gate.step();
     h.schedule_compaction(c2).unwrap();
     assert_eq!(h.store.compact_revision(), c2);
@@ -453,8 +451,7 @@ fn a_restart_mid_compaction_resumes_and_finishes() {
         let _open = OpenOnDrop(gate.clone());
         let c = history(&mut h);
         let answers = observe(&h.store, c);
-        gate.hold();
-        h.schedule_compaction(c).unwrap();
+        schedule_held(&gate, &mut h, c);
         for _ in 0..crash_after {
             gate.step();
         }
@@ -488,13 +485,8 @@ fn a_restart_mid_compaction_resumes_and_finishes() {
 
 #[test]
 fn a_snapshot_taken_mid_compaction_restores_and_resumes() {
-    let gate = Gate::new(engine());
-    let mut h = gated(&gate, SMALL);
-    let _open = OpenOnDrop(gate.clone());
-    let c = history(&mut h);
-    tail(&mut h);
-    gate.hold();
-    h.schedule_compaction(c).unwrap();
+    let (gate, mut h, _open, c) = gated_history(true);
+    schedule_held(&gate, &mut h, c);
     for _ in 0..5 {
         gate.step();
     }
@@ -520,10 +512,7 @@ fn a_snapshot_taken_mid_compaction_restores_and_resumes() {
 
 #[test]
 fn a_dropped_store_stops_its_worker_and_waiters() {
-    let gate = Gate::new(engine());
-    let mut h = gated(&gate, SMALL);
-    let _open = OpenOnDrop(gate.clone());
-    let c = history(&mut h);
+    let (gate, mut h, _open, c) = gated_history(false);
     assert!(!h.store.wait_compaction(c).unwrap(), "nothing scheduled");
     h.store.pause_compaction(true);
     h.schedule_compaction(c).unwrap();
@@ -593,22 +582,19 @@ fn measure_compaction_of_a_million_revisions() {
             (n, worst)
         })
     };
+    // Puts pod `n % 10_000` at raft index `index`.
+    let put_pod = |n: u64, index: u64| {
+        let pod = put_req(&format!("/registry/pods/{:05}", n % 10_000), &value);
+        store
+            .apply_write(WriteRequest::Put(pod), &leases, index, WriteBatch::new())
+            .unwrap();
+    };
     let (mut puts, mut worst) = (0u64, Duration::ZERO);
     let mut index = h.applied_index;
     while store.finished_compact_revision() < c {
         index += 1;
         let t = Instant::now();
-        store
-            .apply_write(
-                WriteRequest::Put(put_req(
-                    &format!("/registry/pods/{:05}", puts % 10_000),
-                    &value,
-                )),
-                &leases,
-                index,
-                WriteBatch::new(),
-            )
-            .unwrap();
+        put_pod(puts, index);
         worst = worst.max(t.elapsed());
         puts += 1;
     }
@@ -624,17 +610,7 @@ fn measure_compaction_of_a_million_revisions() {
     while t.elapsed() < Duration::from_secs(3) {
         index += 1;
         let p = Instant::now();
-        store
-            .apply_write(
-                WriteRequest::Put(put_req(
-                    &format!("/registry/pods/{:05}", base % 10_000),
-                    &value,
-                )),
-                &leases,
-                index,
-                WriteBatch::new(),
-            )
-            .unwrap();
+        put_pod(base, index);
         worst = worst.max(p.elapsed());
         base += 1;
     }

@@ -68,61 +68,39 @@ fn range_limit_more_and_count() {
 #[test]
 fn range_sorts_then_truncates() {
     use range_request::{SortOrder, SortTarget};
+    use SortOrder::{Ascend, Descend};
+    use SortTarget::*;
     let h = range_fixture();
-    let sorted = |target: SortTarget, order: SortOrder, limit: i64| {
+    // (target, order, limit) -> the keys, in order, and whether more were cut; count is always 5.
+    let cases: [(SortTarget, SortOrder, i64, &[&str], bool); 10] = [
+        (Key, Descend, 2, &["e", "d"], true),
+        (Key, Ascend, 0, &["a", "b", "c", "d", "e"], false),
+        // Values: a=5 b=4 c=3 d=2 e=1.
+        (Value, Ascend, 3, &["e", "d", "c"], true),
+        (Value, Descend, 1, &["a"], true),
+        // Create revisions: c=2 a=3 e=4 b=5 d=6.
+        (Create, Ascend, 0, &["c", "a", "e", "b", "d"], false),
+        (Create, Descend, 2, &["d", "b"], true),
+        // Mod revisions: c=2 e=4 b=5 a=7 d=9; a target without an order sorts ascending.
+        (Mod, SortOrder::None, 0, &["c", "e", "b", "a", "d"], false),
+        (Mod, Descend, 0, &["d", "a", "b", "e", "c"], false),
+        // Versions: d=3, a=2, others 1; ties stay in key order.
+        (Version, Descend, 0, &["d", "a", "b", "c", "e"], false),
+        (Version, Ascend, 2, &["b", "c"], true),
+    ];
+    for (target, order, limit, expected, more) in cases {
         let r = h.range(RangeRequest {
             sort_target: target as i32,
             sort_order: order as i32,
             limit,
             ..all("a", "f")
         });
-        (keys(&r), r.more, r.count)
-    };
-    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    assert_eq!(
-        sorted(SortTarget::Key, SortOrder::Descend, 2),
-        (s(&["e", "d"]), true, 5)
-    );
-    assert_eq!(
-        sorted(SortTarget::Key, SortOrder::Ascend, 0),
-        (s(&["a", "b", "c", "d", "e"]), false, 5)
-    );
-    // Values: a=5 b=4 c=3 d=2 e=1.
-    assert_eq!(
-        sorted(SortTarget::Value, SortOrder::Ascend, 3),
-        (s(&["e", "d", "c"]), true, 5)
-    );
-    assert_eq!(
-        sorted(SortTarget::Value, SortOrder::Descend, 1),
-        (s(&["a"]), true, 5)
-    );
-    // Create revisions: c=2 a=3 e=4 b=5 d=6.
-    assert_eq!(
-        sorted(SortTarget::Create, SortOrder::Ascend, 0),
-        (s(&["c", "a", "e", "b", "d"]), false, 5)
-    );
-    assert_eq!(
-        sorted(SortTarget::Create, SortOrder::Descend, 2),
-        (s(&["d", "b"]), true, 5)
-    );
-    // Mod revisions: c=2 e=4 b=5 a=7 d=9; a target without an order sorts ascending.
-    assert_eq!(
-        sorted(SortTarget::Mod, SortOrder::None, 0),
-        (s(&["c", "e", "b", "a", "d"]), false, 5)
-    );
-    assert_eq!(
-        sorted(SortTarget::Mod, SortOrder::Descend, 0),
-        (s(&["d", "a", "b", "e", "c"]), false, 5)
-    );
-    // Versions: d=3, a=2, others 1; ties stay in key order.
-    assert_eq!(
-        sorted(SortTarget::Version, SortOrder::Descend, 0),
-        (s(&["d", "a", "b", "c", "e"]), false, 5)
-    );
-    assert_eq!(
-        sorted(SortTarget::Version, SortOrder::Ascend, 2),
-        (s(&["b", "c"]), true, 5)
-    );
+        assert_eq!(
+            (keys(&r), r.more, r.count),
+            (expected.iter().map(|k| k.to_string()).collect(), more, 5),
+            "sorted by {target:?} {order:?}, limit {limit}"
+        );
+    }
 }
 
 #[test]

@@ -211,57 +211,36 @@ fn txn_errors_write_nothing() {
     let mut h = Harness::new();
     h.put("a", "1"); // 2
     let before = h.stored_revisions();
+    // Each after a put that must not stay written either.
     let cases = [
         (
-            TxnRequest {
-                compare: vec![],
-                success: vec![
-                    op_put("b", "1"),
-                    RequestOp {
-                        request: Some(request_op::Request::RequestPut(PutRequest {
-                            lease: 42,
-                            ..put_req("c", "")
-                        })),
-                    },
-                ],
-                failure: vec![],
-            },
+            op_put_req(PutRequest {
+                lease: 42,
+                ..put_req("c", "")
+            }),
             "etcdserver: requested lease not found",
         ),
         (
-            TxnRequest {
-                compare: vec![],
-                success: vec![
-                    op_put("b", "1"),
-                    RequestOp {
-                        request: Some(request_op::Request::RequestPut(PutRequest {
-                            ignore_value: true,
-                            ..put_req("c", "")
-                        })),
-                    },
-                ],
-                failure: vec![],
-            },
+            op_put_req(PutRequest {
+                ignore_value: true,
+                ..put_req("c", "")
+            }),
             "etcdserver: key not found",
         ),
         (
-            TxnRequest {
-                compare: vec![],
-                success: vec![
-                    op_put("b", "1"),
-                    RequestOp {
-                        request: Some(request_op::Request::RequestRange(RangeRequest {
-                            revision: 3,
-                            ..all("a", "")
-                        })),
-                    },
-                ],
-                failure: vec![],
-            },
+            op_range(RangeRequest {
+                revision: 3,
+                ..all("a", "")
+            }),
             "etcdserver: mvcc: required revision is a future revision",
         ),
     ];
-    for (t, message) in cases {
+    for (failing, message) in cases {
+        let t = TxnRequest {
+            compare: vec![],
+            success: vec![op_put("b", "1"), failing],
+            failure: vec![],
+        };
         let err = h.txn(t).unwrap_err();
         assert_eq!(err.etcd_message(), message);
     }
@@ -273,12 +252,10 @@ fn txn_errors_write_nothing() {
     let t = TxnRequest {
         compare: vec![],
         success: vec![op_put("b", "1")],
-        failure: vec![RequestOp {
-            request: Some(request_op::Request::RequestPut(PutRequest {
-                lease: 42,
-                ..put_req("c", "")
-            })),
-        }],
+        failure: vec![op_put_req(PutRequest {
+            lease: 42,
+            ..put_req("c", "")
+        })],
     };
     assert_eq!(h.txn(t).unwrap().1.revision, 3);
 }
