@@ -100,6 +100,18 @@ fn range(key: &str, end: &[u8]) -> WatchCreateRequest {
     }
 }
 
+/// `req`, also sending previous values.
+fn with_prev_kv(mut req: WatchCreateRequest) -> WatchCreateRequest {
+    req.prev_kv = true;
+    req
+}
+
+/// `req`, replaying history from `start_revision`.
+fn from_revision(start_revision: i64, mut req: WatchCreateRequest) -> WatchCreateRequest {
+    req.start_revision = start_revision;
+    req
+}
+
 /// Holds the dispatcher thread back: notified revisions stay queued.
 fn pause_dispatch(hub: &WatchHub) {
     hub.dispatch_paused

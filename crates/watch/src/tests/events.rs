@@ -8,13 +8,7 @@ use super::*;
 async fn live_events_txn_in_one_response_filters_and_prev_kv() {
     let (store, hub) = setup();
     let (stream, mut rx) = hub.open_stream();
-    stream
-        .create(WatchCreateRequest {
-            prev_kv: true,
-            ..range("a", b"b")
-        })
-        .await
-        .unwrap();
+    stream.create(with_prev_kv(range("a", b"b"))).await.unwrap();
     stream
         .create(WatchCreateRequest {
             watch_id: 7,
@@ -81,11 +75,7 @@ async fn history_replay_and_compaction_cancel() {
     }
     let (stream, mut rx) = hub.open_stream();
     stream
-        .create(WatchCreateRequest {
-            start_revision: 3,
-            prev_kv: true,
-            ..single("k")
-        })
+        .create(from_revision(3, with_prev_kv(single("k"))))
         .await
         .unwrap();
     assert!(next(&mut rx).await.created);
@@ -109,13 +99,7 @@ async fn history_replay_and_compaction_cancel() {
             physical: false,
         }),
     );
-    stream
-        .create(WatchCreateRequest {
-            start_revision: 2,
-            ..single("k")
-        })
-        .await
-        .unwrap();
+    stream.create(from_revision(2, single("k"))).await.unwrap();
     let created = next(&mut rx).await;
     assert!(created.created && !created.canceled);
     let canceled = next(&mut rx).await;
@@ -176,15 +160,7 @@ fn fragments_split_events_and_mark_all_but_the_last() {
 async fn prev_kv_survives_the_queue_and_the_history_path() {
     let (store, hub) = setup();
     let (stream, mut rx) = hub.open_stream();
-    let live = watch(
-        &stream,
-        &mut rx,
-        WatchCreateRequest {
-            prev_kv: true,
-            ..single("k")
-        },
-    )
-    .await;
+    let live = watch(&stream, &mut rx, with_prev_kv(single("k"))).await;
     put(&store, &hub, "k", "v1");
     let first = next(&mut rx).await;
     assert_eq!((first.watch_id, revisions(&first)), (live, vec![2]));
@@ -195,11 +171,7 @@ async fn prev_kv_survives_the_queue_and_the_history_path() {
     let replay = watch(
         &stream,
         &mut rx,
-        WatchCreateRequest {
-            start_revision: 2,
-            prev_kv: true,
-            ..single("k")
-        },
+        from_revision(2, with_prev_kv(single("k"))),
     )
     .await;
     resume_dispatch(&hub);

@@ -153,21 +153,12 @@ async fn many_unsynced_watchers_catch_up_with_exactly_their_events() {
     let creating = tokio::spawn(async move {
         for k in 0..keys {
             stream
-                .create(WatchCreateRequest {
-                    key: format!("k{k:03}").into_bytes(),
-                    start_revision: 1,
-                    ..Default::default()
-                })
+                .create(from_revision(1, single(&format!("k{k:03}"))))
                 .await
                 .unwrap();
         }
         stream
-            .create(WatchCreateRequest {
-                key: b"k".to_vec(),
-                range_end: b"l".to_vec(),
-                start_revision: 1,
-                ..Default::default()
-            })
+            .create(from_revision(1, range("k", b"l")))
             .await
             .unwrap();
         stream

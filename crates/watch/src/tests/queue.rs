@@ -61,22 +61,10 @@ async fn progress_never_claims_a_queued_revision_and_new_watchers_start_where_th
     let queued_start = watch(
         &stream,
         &mut rx,
-        WatchCreateRequest {
-            start_revision: 2,
-            prev_kv: true,
-            ..single("k")
-        },
+        from_revision(2, with_prev_kv(single("k"))),
     )
     .await;
-    let history_start = watch(
-        &stream,
-        &mut rx,
-        WatchCreateRequest {
-            start_revision: 1,
-            ..single("k")
-        },
-    )
-    .await;
+    let history_start = watch(&stream, &mut rx, from_revision(1, single("k"))).await;
     {
         // The two that need nothing dispatched yet wait in the synced set for the queue (the
         // third may already have been caught up from history by now).
@@ -103,15 +91,7 @@ async fn progress_never_claims_a_queued_revision_and_new_watchers_start_where_th
 async fn an_overflowing_queue_falls_back_to_history_without_loss_or_duplicates() {
     let (store, hub) = setup();
     let (stream, mut rx) = hub.open_stream();
-    let prefix = watch(
-        &stream,
-        &mut rx,
-        WatchCreateRequest {
-            prev_kv: true,
-            ..range("p/", b"p0")
-        },
-    )
-    .await;
+    let prefix = watch(&stream, &mut rx, with_prev_kv(range("p/", b"p0"))).await;
     let key = watch(&stream, &mut rx, single("p/3")).await;
     // Room for a few revisions only.
     hub.set_max_queued_bytes(5 * queued_bytes(&[Event::default()]) + 400);
