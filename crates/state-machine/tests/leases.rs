@@ -6,13 +6,15 @@ use std::sync::Arc;
 
 use metastore_proto::etcdserverpb::{
     DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, PutRequest, RangeRequest,
-    WatchCreateRequest,
+    WatchCreateRequest, WatchResponse,
 };
 use metastore_proto::metastorepb::internal_raft_request::Request;
 use metastore_raft_node::StateMachine;
 use metastore_state_machine::{buckets, encode_request, ApplyError, KvStateMachine, Output};
 use metastore_storage::Backend;
 use metastore_storage_mem::MemBackend;
+use metastore_watch::WatchStream;
+use tokio::sync::mpsc::Receiver;
 
 fn put(key: &str, lease: i64) -> Vec<u8> {
     encode_request(Request::Put(PutRequest {
@@ -41,11 +43,8 @@ fn count(sm: &KvStateMachine, key: &str, end: &str) -> i64 {
     sm.store().current().range(&req).unwrap().count
 }
 
-#[tokio::test]
-async fn grant_attach_revoke_and_reopen() {
-    let backend: Arc<dyn Backend> = Arc::new(MemBackend::new(&buckets()));
-    let mut sm = KvStateMachine::open(backend.clone()).unwrap();
-    sm.lessor().set_min_ttl_secs(2);
+/// A watch stream with one watcher on [k, l), created; keep the stream to keep the watcher.
+async fn watch_k_to_l(sm: &KvStateMachine) -> (WatchStream, Receiver<WatchResponse>) {
     let (stream, mut responses) = sm.watch_hub().open_stream();
     stream
         .create(WatchCreateRequest {
@@ -56,6 +55,15 @@ async fn grant_attach_revoke_and_reopen() {
         .await
         .unwrap();
     assert!(responses.recv().await.unwrap().created);
+    (stream, responses)
+}
+
+#[tokio::test]
+async fn grant_attach_revoke_and_reopen() {
+    let backend: Arc<dyn Backend> = Arc::new(MemBackend::new(&buckets()));
+    let mut sm = KvStateMachine::open(backend.clone()).unwrap();
+    sm.lessor().set_min_ttl_secs(2);
+    let (_stream, _responses) = watch_k_to_l(&sm).await;
 
     match sm.apply(1, 1, &grant(10, 1)) {
         Ok(Output::LeaseGrant { id, ttl_secs }) => assert_eq!((id, ttl_secs), (10, 2)),
@@ -85,16 +93,7 @@ async fn grant_attach_revoke_and_reopen() {
         sm.lessor().attached_keys(10).unwrap(),
         vec![b"k1".to_vec(), b"k2".to_vec()]
     );
-    let (stream, mut responses) = sm.watch_hub().open_stream();
-    stream
-        .create(WatchCreateRequest {
-            key: b"k".to_vec(),
-            range_end: b"l".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert!(responses.recv().await.unwrap().created);
+    let (_stream, mut responses) = watch_k_to_l(&sm).await;
     let revision = match sm.apply(9, 1, &revoke(10)) {
         Ok(Output::LeaseRevoke { revision }) => revision,
         other => panic!("unexpected {other:?}"),

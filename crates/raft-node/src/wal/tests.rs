@@ -44,6 +44,17 @@ fn bootstrap() -> SnapshotMetadata {
     m
 }
 
+/// Writes 20 entries of 40 bytes into a WAL of 200-byte segments in `dir`, syncs and closes it;
+/// returns its segment files, oldest first.
+fn closed_wal_in_small_segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut wal = Wal::create(dir, 200, &bootstrap()).unwrap();
+    for i in 1..=20 {
+        wal.save(None, &[entry(i, 1, &[7; 40])], None).unwrap();
+    }
+    wal.sync().unwrap();
+    wal.segment_paths()
+}
+
 fn indexes_terms(entries: &[Entry]) -> Vec<(u64, u64)> {
     entries.iter().map(|e| (e.index, e.term)).collect()
 }
@@ -252,14 +263,8 @@ fn corrupt_middle_record_names_file_and_offset() {
 #[test]
 fn corrupt_record_in_older_segment_is_an_error_even_at_its_end() {
     let dir = tempfile::tempdir().unwrap();
-    let mut wal = Wal::create(dir.path(), 200, &bootstrap()).unwrap();
-    for i in 1..=20 {
-        wal.save(None, &[entry(i, 1, &[7; 40])], None).unwrap();
-    }
-    wal.sync().unwrap();
-    let segments = wal.segment_paths();
+    let segments = closed_wal_in_small_segments(dir.path());
     assert!(segments.len() > 2, "{segments:?}");
-    drop(wal);
     let first = &segments[0];
     let mut data = fs::read(first).unwrap();
     let last = data.len() - 1;
@@ -358,13 +363,7 @@ fn gap_in_entries_is_corruption() {
 #[test]
 fn missing_segment_is_detected() {
     let dir = tempfile::tempdir().unwrap();
-    let mut wal = Wal::create(dir.path(), 200, &bootstrap()).unwrap();
-    for i in 1..=20 {
-        wal.save(None, &[entry(i, 1, &[7; 40])], None).unwrap();
-    }
-    wal.sync().unwrap();
-    let segments = wal.segment_paths();
-    drop(wal);
+    let segments = closed_wal_in_small_segments(dir.path());
     fs::remove_file(&segments[1]).unwrap();
     let err = Wal::open(dir.path(), 200).err().expect("must fail");
     assert!(err.to_string().contains("sequence gap"), "{err}");
