@@ -931,6 +931,23 @@ fn failed(out: std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// etcdctl commands, to run as root, that give alice READ on the /a/ prefix (role `reader`) and
+/// write /a/x = 1.
+const READER_SETUP: [&[&str]; 5] = [
+    &["role", "add", "reader"],
+    &[
+        "role",
+        "grant-permission",
+        "--prefix",
+        "reader",
+        "read",
+        "/a/",
+    ],
+    &["user", "add", "alice:alicepw"],
+    &["user", "grant-role", "alice", "reader"],
+    &["put", "/a/x", "1"],
+];
+
 #[tokio::test]
 async fn etcdctl_user_flags() {
     let server = start(Kind::Rocks, &[]).await;
@@ -938,39 +955,9 @@ async fn etcdctl_user_flags() {
     ok(etcdctl(&ep, &["user", "add", "root:rootpw"]));
     // etcdctl's auth enable creates the root role and grants it when the server asks for it.
     ok(etcdctl(&ep, &["auth", "enable"]));
-    ok(etcdctl(
-        &ep,
-        &["--user", "root:rootpw", "role", "add", "reader"],
-    ));
-    ok(etcdctl(
-        &ep,
-        &[
-            "--user",
-            "root:rootpw",
-            "role",
-            "grant-permission",
-            "--prefix",
-            "reader",
-            "read",
-            "/a/",
-        ],
-    ));
-    ok(etcdctl(
-        &ep,
-        &["--user", "root:rootpw", "user", "add", "alice:alicepw"],
-    ));
-    ok(etcdctl(
-        &ep,
-        &[
-            "--user",
-            "root:rootpw",
-            "user",
-            "grant-role",
-            "alice",
-            "reader",
-        ],
-    ));
-    ok(etcdctl(&ep, &["--user", "root:rootpw", "put", "/a/x", "1"]));
+    for args in READER_SETUP {
+        ok(etcdctl(&ep, &[&["--user", "root:rootpw"], args].concat()));
+    }
     assert_eq!(
         ok(etcdctl(
             &ep,
@@ -1077,24 +1064,9 @@ async fn mutual_tls_and_certificate_users() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     ok(run(Some(&root_cert), &["user", "add", "root:rootpw"]));
-    ok(run(Some(&root_cert), &["role", "add", "reader"]));
-    ok(run(
-        Some(&root_cert),
-        &[
-            "role",
-            "grant-permission",
-            "--prefix",
-            "reader",
-            "read",
-            "/a/",
-        ],
-    ));
-    ok(run(Some(&root_cert), &["user", "add", "alice:alicepw"]));
-    ok(run(
-        Some(&root_cert),
-        &["user", "grant-role", "alice", "reader"],
-    ));
-    ok(run(Some(&root_cert), &["put", "/a/x", "1"]));
+    for args in READER_SETUP {
+        ok(run(Some(&root_cert), args));
+    }
     ok(run(Some(&root_cert), &["auth", "enable"]));
 
     // The certificate's CN is the user when no token is sent.
@@ -1206,10 +1178,9 @@ async fn three_members_peer_tls_and_revocation_everywhere() {
     // applying the Authenticate entry).
     let ch0 = connect(&cluster.endpoint(0)).await;
     let token = token_of(&ch0, "alice", "alicepw").await;
-    let range = range_body("/a/x");
     for i in 1..3 {
         let ch = connect(&cluster.endpoint(i)).await;
-        call(&ch, Some(&token), "/etcdserverpb.KV/Range", range.clone())
+        read_a_x(&ch, &token)
             .await
             .unwrap_or_else(|e| panic!("member {i} refused member 0's token: {e:?}"));
     }

@@ -7,9 +7,30 @@ use crate::support;
 use std::process::Command;
 
 use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, GetResponse, PutOptions, Txn, TxnOp,
+    TxnOpResponse,
 };
 use support::{Kind, Server};
+
+/// Reads `key` as it was at `revision`.
+async fn get_at(
+    client: &mut Client,
+    key: &str,
+    revision: i64,
+) -> Result<GetResponse, etcd_client::Error> {
+    let at = GetOptions::new().with_revision(revision);
+    client.get(key, Some(at)).await
+}
+
+/// The read failed because its revision was compacted away.
+fn assert_compacted(read: Result<GetResponse, etcd_client::Error>) {
+    let err = read.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("etcdserver: mvcc: required revision has been compacted"),
+        "{err}"
+    );
+}
 
 async fn etcd_client_roundtrip(kind: Kind) {
     let mut server = Server::start(kind).await;
@@ -49,10 +70,7 @@ async fn etcd_client_roundtrip(kind: Kind) {
     assert_eq!(prefix.kvs().len(), 2);
     assert_eq!(prefix.count(), 3);
     assert!(prefix.more());
-    let old = client
-        .get("k1", Some(GetOptions::new().with_revision(2)))
-        .await
-        .unwrap();
+    let old = get_at(&mut client, "k1", 2).await.unwrap();
     assert_eq!(old.kvs()[0].value(), b"v1");
 
     let txn = Txn::new()
@@ -77,15 +95,7 @@ async fn etcd_client_roundtrip(kind: Kind) {
     let rev_before_restart = del.header().unwrap().revision();
 
     client.compact(3, None).await.unwrap();
-    let err = client
-        .get("k1", Some(GetOptions::new().with_revision(2)))
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("etcdserver: mvcc: required revision has been compacted"),
-        "{err}"
-    );
+    assert_compacted(get_at(&mut client, "k1", 2).await);
 
     // Kill -9 and restart: every acknowledged write is there, revisions continue, history at and
     // above the compaction point is still readable.
@@ -100,23 +110,11 @@ async fn etcd_client_roundtrip(kind: Kind) {
         .unwrap();
     assert_eq!(now.kvs().len(), 0);
     assert_eq!(now.header().unwrap().revision(), rev_before_restart);
-    let hist = client
-        .get(
-            "k4",
-            Some(GetOptions::new().with_revision(rev_before_restart - 1)),
-        )
+    let hist = get_at(&mut client, "k4", rev_before_restart - 1)
         .await
         .unwrap();
     assert_eq!(hist.kvs()[0].value(), b"from-txn");
-    let err = client
-        .get("k1", Some(GetOptions::new().with_revision(2)))
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("required revision has been compacted"),
-        "{err}"
-    );
+    assert_compacted(get_at(&mut client, "k1", 2).await);
     let put = client.put("after", "restart", None).await.unwrap();
     assert_eq!(put.header().unwrap().revision(), rev_before_restart + 1);
 }
@@ -152,26 +150,21 @@ fn etcdctl(server: &Server, args: &[&str], stdin: Option<&str>) -> String {
 
 async fn etcdctl_commands(kind: Kind) {
     let server = Server::start(kind).await;
-    assert_eq!(
-        etcdctl(&server, &["put", "greeting", "hello"], None),
-        "OK\n"
-    );
-    assert_eq!(
-        etcdctl(&server, &["put", "greeting/2", "world"], None),
-        "OK\n"
-    );
-    assert_eq!(
-        etcdctl(&server, &["get", "greeting"], None),
-        "greeting\nhello\n"
-    );
-    assert_eq!(
-        etcdctl(
-            &server,
+    // (arguments, the whole output)
+    let run_all = |commands: &[(&[&str], &str)]| {
+        for (args, expected) in commands {
+            assert_eq!(etcdctl(&server, args, None), *expected, "etcdctl {args:?}");
+        }
+    };
+    run_all(&[
+        (&["put", "greeting", "hello"], "OK\n"),
+        (&["put", "greeting/2", "world"], "OK\n"),
+        (&["get", "greeting"], "greeting\nhello\n"),
+        (
             &["get", "greeting", "--prefix", "--keys-only"],
-            None
+            "greeting\n\ngreeting/2\n\n",
         ),
-        "greeting\n\ngreeting/2\n\n"
-    );
+    ]);
     let json = etcdctl(&server, &["get", "greeting", "-w", "json"], None);
     assert!(json.contains("\"revision\":3"), "{json}");
     let txn = etcdctl(
@@ -180,26 +173,15 @@ async fn etcdctl_commands(kind: Kind) {
         Some("value(\"greeting\") = \"hello\"\n\nput greeting bye\n\nput greeting never\n\n"),
     );
     assert_eq!(txn, "SUCCESS\n\nOK\n");
-    assert_eq!(
-        etcdctl(&server, &["get", "greeting", "--print-value-only"], None),
-        "bye\n"
-    );
-    assert_eq!(
-        etcdctl(&server, &["del", "greeting", "--prefix"], None),
-        "2\n"
-    );
-    assert_eq!(
-        etcdctl(&server, &["compaction", "3"], None),
-        "compacted revision 3\n"
-    );
-    assert_eq!(
-        etcdctl(
-            &server,
+    run_all(&[
+        (&["get", "greeting", "--print-value-only"], "bye\n"),
+        (&["del", "greeting", "--prefix"], "2\n"),
+        (&["compaction", "3"], "compacted revision 3\n"),
+        (
             &["get", "greeting", "--rev", "4", "--print-value-only"],
-            None
+            "bye\n",
         ),
-        "bye\n"
-    );
+    ]);
 }
 
 per_engine!(etcdctl_commands);

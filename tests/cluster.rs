@@ -125,6 +125,17 @@ async fn put_many(c: &Cluster, i: usize, count: usize) {
     }
 }
 
+/// Reserves member `name` and adds it as a learner with `etcdctl member add` on member 0;
+/// returns its index and etcdctl's output. etcd refuses reconfiguration until its member has
+/// been connected to every peer for 5 s (`etcdserver: unhealthy cluster`), which a fresh cluster
+/// has not: hence etcdctl_eventually.
+fn add_learner(c: &mut Cluster, name: &str) -> (usize, String) {
+    let new = c.reserve_member(name);
+    let peer_urls = format!("--peer-urls={}", c.peer_url(new));
+    let added = etcdctl_eventually(c, 0, &["member", "add", name, &peer_urls, "--learner"]);
+    (new, added)
+}
+
 /// The hexadecimal member id in etcdctl's `Member <id> added to cluster <cid>`-style lines.
 fn member_id_in(line: &str) -> String {
     let mut words = line.split_whitespace();
@@ -321,22 +332,8 @@ async fn restarted_follower_catches_up_by_snapshot(kind: Kind) {
 async fn learner_add_promote_update_remove(kind: Kind) {
     let mut c = Cluster::start(kind, 3, &[]).await;
     put(&c, 0, "before-add", "x").await;
-    let new = c.reserve_member("m4");
+    let (new, added) = add_learner(&mut c, "m4");
     let url = c.peer_url(new);
-
-    // etcd refuses reconfiguration until its member has been connected to every peer for
-    // 5 s (`etcdserver: unhealthy cluster`), which a fresh cluster has not.
-    let added = etcdctl_eventually(
-        &c,
-        0,
-        &[
-            "member",
-            "add",
-            "m4",
-            &format!("--peer-urls={url}"),
-            "--learner",
-        ],
-    );
     eprintln!("member add:\n{added}");
     let first_line = added.lines().next().expect("member add output");
     let id = member_id_in(first_line);
@@ -982,19 +979,7 @@ async fn members_of_another_cluster_are_refused() {
 async fn a_removed_learner_stops() {
     let mut c = Cluster::start(Kind::Memory, 3, &[]).await;
     put(&c, 0, "before-add", "x").await;
-    let new = c.reserve_member("m4");
-    let url = c.peer_url(new);
-    let added = etcdctl_eventually(
-        &c,
-        0,
-        &[
-            "member",
-            "add",
-            "m4",
-            &format!("--peer-urls={url}"),
-            "--learner",
-        ],
-    );
+    let (new, added) = add_learner(&mut c, "m4");
     let id = member_id_in(added.lines().next().expect("member add output"));
     assert_eq!(c.add_member_process("m4").await, new);
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, EventType, GetOptions, LeaderKey, LeaseGrantOptions, LeaseTimeToLiveOptions,
-    LockOptions, LockResponse, ProclaimOptions, ProclaimResponse, ResignOptions, ResignResponse,
-    SortOrder, SortTarget,
+    CampaignResponse, Client, EventType, GetOptions, LeaderKey, LeaseGrantOptions,
+    LeaseTimeToLiveOptions, LockOptions, LockResponse, ProclaimOptions, ProclaimResponse,
+    ResignOptions, ResignResponse, SortOrder, SortTarget,
 };
 use support::{Kind, Server};
 use tokio::sync::mpsc;
@@ -48,6 +48,22 @@ async fn leased_clients<const N: usize>(
     clients
         .try_into()
         .unwrap_or_else(|_| unreachable!("one client per TTL"))
+}
+
+/// A leader key as the differential script prints it.
+fn leader_line(leader: &LeaderKey) -> String {
+    format!(
+        "name {} key {} rev {} lease {:x}",
+        leader.name_str().unwrap(),
+        leader.key_str().unwrap(),
+        leader.rev(),
+        leader.lease()
+    )
+}
+
+/// `what: code: message` for a call that must fail.
+fn refusal<T: std::fmt::Debug>(what: &str, result: Result<T, etcd_client::Error>) -> String {
+    format!("{what}: {}", error_line(result.unwrap_err()))
 }
 
 /// `code: message` of a failed call.
@@ -128,6 +144,15 @@ async fn resign(
 ) -> Result<ResignResponse, etcd_client::Error> {
     let leader = ResignOptions::new().with_leader(leader);
     client.resign(Some(leader)).await
+}
+
+/// Waits (bounded) for a spawned campaign to win; returns its leader key.
+async fn won(
+    what: &str,
+    campaign: tokio::task::JoinHandle<Result<CampaignResponse, etcd_client::Error>>,
+) -> LeaderKey {
+    let won = within(what, campaign).await.unwrap().unwrap();
+    won.leader().unwrap().clone()
 }
 
 /// Keeps `lease` alive until the returned task is aborted.
@@ -408,13 +433,7 @@ async fn election_three_candidates(kind: Kind) {
 
     // The leader's lease runs out: the second candidate takes over.
     keeper.abort();
-    let leader2 = within("the second candidate to win", second)
-        .await
-        .unwrap()
-        .unwrap()
-        .leader()
-        .unwrap()
-        .clone();
+    let leader2 = won("the second candidate to win", second).await;
     assert_eq!(leader2.key(), k2.as_bytes());
     assert_eq!(leader2.lease(), l2);
     assert_eq!(observed(&mut observations).await, pair(&k2, "v2"));
@@ -429,13 +448,7 @@ async fn election_three_candidates(kind: Kind) {
 
     // The second resigns: the third takes over.
     resign(&mut client, leader2.clone()).await.unwrap();
-    let leader3 = within("the third candidate to win", third)
-        .await
-        .unwrap()
-        .unwrap()
-        .leader()
-        .unwrap()
-        .clone();
+    let leader3 = won("the third candidate to win", third).await;
     assert_eq!(leader3.key(), k3.as_bytes());
     assert_eq!(observed(&mut observations).await, pair(&k3, "v3"));
     let leader = client.leader("elect").await.unwrap();
@@ -495,13 +508,10 @@ async fn script(server: &Server) -> Vec<String> {
     out.push(format!("unlock at {}", rev(unlocked.header())));
     let unlocked = c.unlock(locked.key()).await.unwrap();
     out.push(format!("unlock again at {}", rev(unlocked.header())));
-    out.push(format!(
-        "unlock empty key: {}",
-        error_line(c.unlock("").await.unwrap_err())
-    ));
-    out.push(format!(
-        "lock with unknown lease: {}",
-        error_line(lock(&mut c, "dl", 0x999).await.unwrap_err())
+    out.push(refusal("unlock empty key", c.unlock("").await));
+    out.push(refusal(
+        "lock with unknown lease",
+        lock(&mut c, "dl", 0x999).await,
     ));
     // Without a lease the server attaches the key to a fresh 60 s lease.
     let own = c.lock("dl", None).await.unwrap();
@@ -523,26 +533,19 @@ async fn script(server: &Server) -> Vec<String> {
     c.unlock(own.key()).await.unwrap();
 
     // Election.
-    out.push(format!(
-        "leader of empty election: {}",
-        error_line(c.leader("de").await.unwrap_err())
-    ));
+    out.push(refusal("leader of empty election", c.leader("de").await));
     let campaign = c.campaign("de", "a", lease).await.unwrap();
     let leader = campaign.leader().unwrap().clone();
     out.push(format!(
-        "campaign: name {} key {} rev {} lease {:x} at {}",
-        leader.name_str().unwrap(),
-        leader.key_str().unwrap(),
-        leader.rev(),
-        leader.lease(),
+        "campaign: {} at {}",
+        leader_line(&leader),
         rev(campaign.header())
     ));
     // Campaigning again with the same lease keeps the place and proclaims the new value.
     let again = c.campaign("de", "b", lease).await.unwrap();
     out.push(format!(
-        "campaign again: key {} rev {} at {}",
-        again.leader().unwrap().key_str().unwrap(),
-        again.leader().unwrap().rev(),
+        "campaign again: {} at {}",
+        leader_line(again.leader().unwrap()),
         rev(again.header())
     ));
     let current = c.leader("de").await.unwrap();
@@ -560,13 +563,13 @@ async fn script(server: &Server) -> Vec<String> {
     let proclaimed = proclaim(&mut c, leader.clone(), "c").await.unwrap();
     out.push(format!("proclaim at {}", rev(proclaimed.header())));
     let stale = leader.clone().with_rev(leader.rev() + 100);
-    out.push(format!(
-        "proclaim with another rev: {}",
-        error_line(proclaim(&mut c, stale.clone(), "x").await.unwrap_err())
+    out.push(refusal(
+        "proclaim with another rev",
+        proclaim(&mut c, stale.clone(), "x").await,
     ));
-    out.push(format!(
-        "proclaim without leader: {}",
-        error_line(c.proclaim("x", None).await.unwrap_err())
+    out.push(refusal(
+        "proclaim without leader",
+        c.proclaim("x", None).await,
     ));
     let resigned = resign(&mut c, stale).await.unwrap();
     out.push(format!(
@@ -580,19 +583,13 @@ async fn script(server: &Server) -> Vec<String> {
             .value_str()
             .unwrap()
     ));
-    out.push(format!(
-        "resign without leader: {}",
-        error_line(c.resign(None).await.unwrap_err())
-    ));
+    out.push(refusal("resign without leader", c.resign(None).await));
     let resigned = resign(&mut c, leader).await.unwrap();
     out.push(format!("resign at {}", rev(resigned.header())));
-    out.push(format!(
-        "leader after resign: {}",
-        error_line(c.leader("de").await.unwrap_err())
-    ));
-    out.push(format!(
-        "campaign with unknown lease: {}",
-        error_line(c.campaign("de", "x", 0x999).await.unwrap_err())
+    out.push(refusal("leader after resign", c.leader("de").await));
+    out.push(refusal(
+        "campaign with unknown lease",
+        c.campaign("de", "x", 0x999).await,
     ));
     let fresh = c.campaign("de", "d", 0).await.unwrap();
     let fresh = fresh.leader().unwrap().clone();

@@ -21,6 +21,12 @@ async fn next(stream: &mut WatchStream) -> WatchResponse {
         .expect("watch stream open")
 }
 
+/// Puts `key` = `value`; returns the revision of the put.
+async fn put_revision(client: &mut Client, key: &str, value: &str) -> i64 {
+    let put = client.put(key, value, None).await.unwrap();
+    put.header().unwrap().revision()
+}
+
 fn revisions(resp: &WatchResponse) -> Vec<i64> {
     resp.events()
         .iter()
@@ -286,14 +292,7 @@ async fn ten_thousand_watchers_get_every_event_once_in_order() {
     const WRITES: i64 = 200;
     let server = Server::start(Kind::Memory).await;
     let mut client = Client::connect([server.endpoint()], None).await.unwrap();
-    let first_rev = client
-        .put("burst/0", "start", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision()
-        + 1;
+    let first_rev = put_revision(&mut client, "burst/0", "start").await + 1;
 
     let mut readers = Vec::new();
     for _ in 0..STREAMS {
@@ -583,13 +582,7 @@ async fn periodic_progress_notify() {
     )
     .await;
     let mut client = Client::connect([server.endpoint()], None).await.unwrap();
-    let rev = client
-        .put("p", "1", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let rev = put_revision(&mut client, "p", "1").await;
     let mut stream = client
         .watch("q", Some(WatchOptions::new().with_progress_notify()))
         .await
