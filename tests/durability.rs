@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metastore_proto::etcdserverpb::request_op::Request as Op;
-use metastore_proto::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest};
+use metastore_proto::etcdserverpb::{PutRequest, RequestOp, TxnRequest};
 use parking_lot::Mutex;
 use rand::Rng;
 use support::{Kind, Server};
@@ -75,16 +75,7 @@ async fn kill_during_writes(kind: Kind, extra: &[&str]) -> Server {
         }
         server.restart().await;
 
-        let mut kv = server.kv().await;
-        let resp = kv
-            .range(RangeRequest {
-                key: b"w/".to_vec(),
-                range_end: b"w0".to_vec(),
-                ..Default::default()
-            })
-            .await
-            .expect("range after restart")
-            .into_inner();
+        let resp = server.range(b"w/", b"w0").await;
         let revision = resp.header.as_ref().map(|h| h.revision).unwrap_or_default();
         assert!(
             revision >= last_revision,
@@ -242,6 +233,15 @@ async fn write_some(server: &Server, n: usize) {
     }
 }
 
+/// A memory-engine server killed after `n` acknowledged writes, and its last WAL segment.
+async fn killed_after_writes(n: usize) -> (Server, std::path::PathBuf) {
+    let mut server = Server::start(Kind::Memory).await;
+    write_some(&server, n).await;
+    server.kill();
+    let last = wal_segments(&server.data_dir).pop().expect("a wal segment");
+    (server, last)
+}
+
 fn wal_segments(data_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut segs: Vec<_> = std::fs::read_dir(data_dir.join("member/wal"))
         .expect("wal dir")
@@ -256,10 +256,7 @@ fn wal_segments(data_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// and the byte offset, instead of serving from a damaged log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_wal_record_stops_the_server_with_file_and_offset() {
-    let mut server = Server::start(Kind::Memory).await;
-    write_some(&server, 200).await;
-    server.kill();
-    let seg = wal_segments(&server.data_dir).pop().expect("a wal segment");
+    let (server, seg) = killed_after_writes(200).await;
     let mut bytes = std::fs::read(&seg).unwrap();
     // Inside the records, not in the zeros preallocated after them.
     let records_end = bytes.iter().rposition(|b| *b != 0).unwrap() + 1;
@@ -285,26 +282,14 @@ async fn corrupted_wal_record_stops_the_server_with_file_and_offset() {
 /// off at start, and every acknowledged write is still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torn_wal_tail_is_repaired_at_start() {
-    let mut server = Server::start(Kind::Memory).await;
-    write_some(&server, 50).await;
-    server.kill();
-    let seg = wal_segments(&server.data_dir).pop().expect("a wal segment");
+    let (mut server, seg) = killed_after_writes(50).await;
     let mut file = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
     // The start of a record header promising more bytes than follow.
     std::io::Write::write_all(&mut file, &[0, 0, 1, 0, 0xde, 0xad]).unwrap();
     drop(file);
 
     server.restart().await;
-    let mut kv = server.kv().await;
-    let resp = kv
-        .range(RangeRequest {
-            key: b"k".to_vec(),
-            range_end: b"l".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let resp = server.range(b"k", b"l").await;
     assert_eq!(resp.count, 50);
     write_some(&server, 1).await;
 }

@@ -212,26 +212,14 @@ per_kind!(any_authority_etcd_accepts_is_served);
 #[tokio::test]
 async fn any_authority_is_served_over_tls_and_unix_sockets() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = support::tls::Ca::new(dir.path(), "client");
-    let leaf = ca.leaf(dir.path(), "server", "server");
+    let (ca, leaf) = ca_and_server_leaf(dir.path());
     let tls_port = free_port();
     let socket = dir.path().join("metastore.sock");
     let tls_socket = dir.path().join("metastore-tls.sock");
     let https = format!("https://127.0.0.1:{tls_port}");
     let unix = format!("unix://{}", socket.display());
     let unixs = format!("unixs://{}", tls_socket.display());
-    let server = Server::start_with(
-        Kind::Memory,
-        &[
-            "--listen-client-urls",
-            &format!("{https},{unix},{unixs}"),
-            "--cert-file",
-            leaf.cert.to_str().unwrap(),
-            "--key-file",
-            leaf.key.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let server = start_tls(&format!("{https},{unix},{unixs}"), &leaf).await;
 
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     let ca_der = rustls_pemfile_der(&ca.cert_pem);
@@ -478,26 +466,35 @@ async fn etcdctl_per_endpoint_commands_with_http_urls_three_members() {
     }
 }
 
+/// A CA (`client`) and a `server` certificate it signed, written to `dir`.
+fn ca_and_server_leaf(dir: &std::path::Path) -> (support::tls::Ca, support::tls::Leaf) {
+    let ca = support::tls::Ca::new(dir, "client");
+    let leaf = ca.leaf(dir, "server", "server");
+    (ca, leaf)
+}
+
+/// A memory-engine server listening on `client_urls` with `leaf` as its certificate.
+async fn start_tls(client_urls: &str, leaf: &support::tls::Leaf) -> Server {
+    let (cert, key) = (leaf.cert.to_str().unwrap(), leaf.key.to_str().unwrap());
+    let flags = [
+        "--listen-client-urls",
+        client_urls,
+        "--cert-file",
+        cert,
+        "--key-file",
+        key,
+    ];
+    Server::start_with(Kind::Memory, &flags).await
+}
+
 /// The same commands through an `https://` endpoint print what they print through `http://`
 /// (etcdctl 3.4 sends `https://host:port` as the `:authority` there).
 #[tokio::test]
 async fn etcdctl_per_endpoint_commands_with_https_urls() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = support::tls::Ca::new(dir.path(), "client");
-    let leaf = ca.leaf(dir.path(), "server", "server");
+    let (ca, leaf) = ca_and_server_leaf(dir.path());
     let tls_port = free_port();
-    let server = Server::start_with(
-        Kind::Memory,
-        &[
-            "--listen-client-urls",
-            &format!("https://127.0.0.1:{tls_port}"),
-            "--cert-file",
-            leaf.cert.to_str().unwrap(),
-            "--key-file",
-            leaf.key.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let server = start_tls(&format!("https://127.0.0.1:{tls_port}"), &leaf).await;
     let me = member_id_of(&server.endpoint());
     let plain = per_endpoint_commands(&server.endpoint(), Some(me), dir.path());
     let https = format!("https://127.0.0.1:{tls_port}");
@@ -592,13 +589,10 @@ async fn a_malformed_url_is_refused_naming_its_flag() {
 #[tokio::test]
 async fn a_cluster_bootstraps_from_host_name_urls() {
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-    let initial = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (_, peer))| format!("m{}=http://localhost:{peer}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let ports = support::free_port_pairs(3);
+    let initial = support::comma_list(&ports, |i, (_, peer)| {
+        format!("m{}=http://localhost:{peer}", i + 1)
+    });
     let mut children: Vec<std::process::Child> = Vec::new();
     for (i, (client, peer)) in ports.iter().enumerate() {
         let child = Command::new(support::metastore_bin())
@@ -625,21 +619,10 @@ async fn a_cluster_bootstraps_from_host_name_urls() {
             .unwrap();
         children.push(child);
     }
-    struct Kill(Vec<std::process::Child>);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            for c in &mut self.0 {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-    let _kill = Kill(children);
-    let endpoints = ports
-        .iter()
-        .map(|(client, _)| format!("http://localhost:{client}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let _kill = support::KillOnDrop(children);
+    let endpoints = support::comma_list(&ports, |_, (client, _)| {
+        format!("http://localhost:{client}")
+    });
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let out = etcdctl(&endpoints, &["put", "greeting", "hello"]);

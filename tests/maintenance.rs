@@ -13,9 +13,10 @@ use metastore_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use metastore_proto::etcdserverpb::request_op::Request as Op;
 use metastore_proto::etcdserverpb::{
     AlarmRequest, AlarmType, CompactionRequest, Compare, DeleteRangeRequest, HashKvRequest,
-    HashRequest, MoveLeaderRequest, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest,
+    HashRequest, MoveLeaderRequest, PutRequest, RangeRequest, RequestOp, StatusRequest,
+    StatusResponse, TxnRequest,
 };
-use support::{free_port, metastore_bin, Kind, Server};
+use support::{metastore_bin, Kind, Server};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -64,6 +65,12 @@ async fn maintenance(server: &Server) -> MaintenanceClient<Channel> {
         .expect("connect")
 }
 
+/// The server's Status answer.
+async fn status(server: &Server) -> StatusResponse {
+    let answer = maintenance(server).await.status(StatusRequest {}).await;
+    answer.expect("status").into_inner()
+}
+
 fn put(key: &str, value: &str) -> PutRequest {
     PutRequest {
         key: key.as_bytes().to_vec(),
@@ -97,12 +104,7 @@ async fn endpoint_status(kind: Kind) {
     assert!(!json.contains("errors"), "no errors expected: {json}");
 
     // Fields newer than etcdctl 3.4 knows, through the generated client.
-    let status = maintenance(&server)
-        .await
-        .status(StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = status(&server).await;
     assert_eq!(status.db_size_quota, 2 * 1024 * 1024 * 1024);
     assert!(!status.is_learner);
     assert!(status.errors.is_empty());
@@ -124,12 +126,9 @@ async fn scripted_hashes(server: &Server) -> Vec<(i64, HashAnswer)> {
             .await
             .unwrap();
     }
-    kv.delete_range(DeleteRangeRequest {
-        key: b"k3".to_vec(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    kv.delete_range(support::delete_req("k3", ""))
+        .await
+        .unwrap();
     let op = |r: Op| RequestOp { request: Some(r) };
     kv.txn(TxnRequest {
         compare: vec![Compare {
@@ -158,13 +157,9 @@ async fn scripted_hashes(server: &Server) -> Vec<(i64, HashAnswer)> {
     for i in 0..10 {
         kv.put(put(&format!("j{}", i % 3), "w")).await.unwrap();
     }
-    kv.delete_range(DeleteRangeRequest {
-        key: b"k".to_vec(),
-        range_end: b"l".to_vec(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    kv.delete_range(support::delete_req("k", "l"))
+        .await
+        .unwrap();
     let resp = kv
         .compact(CompactionRequest {
             revision: 36,
@@ -221,20 +216,18 @@ async fn hashkv_equal_on_both_engines_and_real_etcd() {
         comparable(&on_etcd),
         "metastore vs etcd"
     );
-    assert!(
-        on_memory
-            .iter()
-            .any(|(_, a)| matches!(a, Err((Code::OutOfRange, m))
-            if m == "etcdserver: mvcc: required revision has been compacted")),
-        "{on_memory:?}"
-    );
-    assert!(
-        on_memory
-            .iter()
-            .any(|(_, a)| matches!(a, Err((Code::OutOfRange, m))
-            if m == "etcdserver: mvcc: required revision is a future revision")),
-        "{on_memory:?}"
-    );
+    // Both out-of-range answers were exercised.
+    for expected in [
+        "etcdserver: mvcc: required revision has been compacted",
+        "etcdserver: mvcc: required revision is a future revision",
+    ] {
+        assert!(
+            on_memory
+                .iter()
+                .any(|(_, a)| matches!(a, Err((Code::OutOfRange, m)) if m == expected)),
+            "{expected}: {on_memory:?}"
+        );
+    }
 
     // etcdctl's view of the current hash agrees too.
     let hash_of = |s: &Server| json_u64(&etcdctl(s, &["endpoint", "hashkv", "-w", "json"]), "hash");
@@ -325,15 +318,8 @@ async fn corrupt_alarm(kind: Kind) {
     let server = Server::start(kind).await;
     let mut kv = server.kv().await;
     kv.put(put("k", "v")).await.unwrap();
+    let member_id = status(&server).await.header.unwrap().member_id;
     let mut maint = maintenance(&server).await;
-    let member_id = maint
-        .status(StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .member_id;
     let alarm = |action: AlarmAction| AlarmRequest {
         action: action as i32,
         member_id,
@@ -433,13 +419,9 @@ async fn snapshot_save(kind: Kind) {
         .await
         .unwrap();
     }
-    kv.delete_range(DeleteRangeRequest {
-        key: b"s/0100".to_vec(),
-        range_end: b"s/0150".to_vec(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    kv.delete_range(support::delete_req("s/0100", "s/0150"))
+        .await
+        .unwrap();
     kv.compact(CompactionRequest {
         revision: 300,
         physical: true,
@@ -486,11 +468,7 @@ async fn snapshot_save(kind: Kind) {
         .args(["snapshot", "status", "-w", "json", path_str])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::assert_success(&out);
     let json = String::from_utf8(out.stdout).unwrap();
     let served_revision = served.header.unwrap().revision as u64;
     assert_eq!(json_u64(&json, "revision"), served_revision, "{json}");
@@ -510,13 +488,8 @@ per_engine!(snapshot_save);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn move_leader_single_member() {
     let server = Server::start(Kind::Memory).await;
+    let me = status(&server).await.leader;
     let mut maint = maintenance(&server).await;
-    let me = maint
-        .status(StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .leader;
     maint
         .move_leader(MoveLeaderRequest { target_id: me })
         .await
@@ -645,13 +618,10 @@ async fn snapshot_restore_creates_a_new_cluster() {
         .unwrap();
     assert!(!refused.status.success());
 
-    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-    let cluster = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (_, peer))| format!("r{i}=http://127.0.0.1:{peer}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let ports = support::free_port_pairs(3);
+    let cluster = support::comma_list(&ports, |i, (_, peer)| {
+        format!("r{i}=http://127.0.0.1:{peer}")
+    });
     let engines = ["memory", "rocksdb", "memory"];
     let mut children = Vec::new();
     for (i, (client, peer)) in ports.iter().enumerate() {
@@ -666,11 +636,7 @@ async fn snapshot_restore_creates_a_new_cluster() {
             .arg(&data_dir)
             .output()
             .unwrap();
-        assert!(
-            restored.status.success(),
-            "{}",
-            String::from_utf8_lossy(&restored.stderr)
-        );
+        support::assert_success(&restored);
         children.push(
             Command::new(metastore_bin())
                 .args(["--name", &format!("r{i}"), "--initial-cluster", &cluster])
@@ -686,21 +652,8 @@ async fn snapshot_restore_creates_a_new_cluster() {
                 .unwrap(),
         );
     }
-    struct KillOnDrop(Vec<std::process::Child>);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            for c in &mut self.0 {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-    let _children = KillOnDrop(children);
-    let endpoints = ports
-        .iter()
-        .map(|(c, _)| format!("127.0.0.1:{c}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let _children = support::KillOnDrop(children);
+    let endpoints = support::comma_list(&ports, |_, (client, _)| format!("127.0.0.1:{client}"));
     let ctl = |args: &[&str]| {
         Command::new("etcdctl")
             .env("ETCDCTL_API", "3")

@@ -169,13 +169,9 @@ async fn run(server: &Server) -> Vec<String> {
     out.push(put(server, "c", "5", 0).await);
     out.push(put(server, "a/x", "6", 0).await);
     stream.drain(&mut out, "live puts").await;
-    kv.delete_range(DeleteRangeRequest {
-        key: b"a".to_vec(),
-        range_end: b"d".to_vec(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    kv.delete_range(support::delete_req("a", "d"))
+        .await
+        .unwrap();
     stream.drain(&mut out, "live deletes").await;
     stream
         .send(RequestUnion::ProgressRequest(WatchProgressRequest {}))

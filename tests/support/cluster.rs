@@ -1250,39 +1250,15 @@ impl JsonParser<'_> {
         match self.peek() {
             b'{' => {
                 self.eat(b'{');
-                let mut fields = Vec::new();
-                if self.peek() == b'}' {
-                    self.at += 1;
-                    return Json::Obj(fields);
-                }
-                loop {
-                    let key = self.string();
-                    self.eat(b':');
-                    fields.push((key, self.value()));
-                    if self.peek() == b',' {
-                        self.at += 1;
-                    } else {
-                        self.eat(b'}');
-                        return Json::Obj(fields);
-                    }
-                }
+                Json::Obj(self.items(b'}', |p| {
+                    let key = p.string();
+                    p.eat(b':');
+                    (key, p.value())
+                }))
             }
             b'[' => {
                 self.eat(b'[');
-                let mut items = Vec::new();
-                if self.peek() == b']' {
-                    self.at += 1;
-                    return Json::Arr(items);
-                }
-                loop {
-                    items.push(self.value());
-                    if self.peek() == b',' {
-                        self.at += 1;
-                    } else {
-                        self.eat(b']');
-                        return Json::Arr(items);
-                    }
-                }
+                Json::Arr(self.items(b']', Self::value))
             }
             b'"' => Json::Str(self.string()),
             b't' => self.word("true", Json::Bool(true)),
@@ -1300,6 +1276,25 @@ impl JsonParser<'_> {
                 }
                 assert!(self.at > start, "JSON: unexpected byte at {start}");
                 Json::Num(String::from_utf8_lossy(&self.s[start..self.at]).into_owned())
+            }
+        }
+    }
+
+    /// The comma-separated items of an object or array up to `close`, whose opening bracket
+    /// was eaten.
+    fn items<T>(&mut self, close: u8, mut item: impl FnMut(&mut Self) -> T) -> Vec<T> {
+        let mut items = Vec::new();
+        if self.peek() == close {
+            self.at += 1;
+            return items;
+        }
+        loop {
+            items.push(item(self));
+            if self.peek() == b',' {
+                self.at += 1;
+            } else {
+                self.eat(close);
+                return items;
             }
         }
     }

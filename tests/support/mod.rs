@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use metastore_proto::etcdserverpb::kv_client::KvClient;
-use metastore_proto::etcdserverpb::RangeRequest;
+use metastore_proto::etcdserverpb::{DeleteRangeRequest, RangeRequest, RangeResponse};
 use tonic::transport::Channel;
 
 pub mod cluster;
@@ -116,6 +116,18 @@ impl Server {
         KvClient::connect(self.endpoint()).await.expect("connect")
     }
 
+    /// The keys in [`key`, `range_end`), read through a fresh [`Server::kv`] client.
+    pub async fn range(&self, key: &[u8], range_end: &[u8]) -> RangeResponse {
+        let req = RangeRequest {
+            key: key.to_vec(),
+            range_end: range_end.to_vec(),
+            ..Default::default()
+        };
+        let resp = self.kv().await.range(req).await;
+        resp.unwrap_or_else(|e| panic!("range [{key:?}, {range_end:?}): {e}"))
+            .into_inner()
+    }
+
     /// Waits until this server answers a Range. False if its process exited first (e.g. its
     /// port was taken by another test's server, which must not be mistaken for this one).
     async fn wait_ready(&mut self) -> bool {
@@ -188,6 +200,49 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A DeleteRange of [`key`, `range_end`) (`""`: the one key).
+pub fn delete_req(key: &str, range_end: &str) -> DeleteRangeRequest {
+    DeleteRangeRequest {
+        key: key.into(),
+        range_end: range_end.into(),
+        ..Default::default()
+    }
+}
+
+/// (client port, peer port) for each of `members` members of a cluster started by hand.
+pub fn free_port_pairs(members: usize) -> Vec<(u16, u16)> {
+    (0..members).map(|_| (free_port(), free_port())).collect()
+}
+
+/// `entry(i, item)` for every item, joined with commas: an `--initial-cluster` value or an
+/// `--endpoints` list.
+pub fn comma_list<T>(items: &[T], entry: impl Fn(usize, &T) -> String) -> String {
+    let entries: Vec<String> = items.iter().enumerate().map(|(i, t)| entry(i, t)).collect();
+    entries.join(",")
+}
+
+/// Asserts that a process exited successfully, showing its stderr otherwise.
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Kills and reaps the processes it holds when dropped: a test that starts servers by hand
+/// leaves none behind, even when it fails.
+pub struct KillOnDrop(pub Vec<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
