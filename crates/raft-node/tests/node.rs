@@ -237,6 +237,13 @@ impl Transport for ChannelTransport {
     }
 }
 
+/// Member 1 alone (no peers) over `dir`, applying to a fresh [`LogMachine`].
+fn start_alone(dir: &Path) -> (LogMachine, Node) {
+    let sm = LogMachine::default();
+    let node = RaftNode::start(config(1, dir), sm.clone(), Arc::new(NoPeers)).unwrap();
+    (sm, node)
+}
+
 fn config(member_id: u64, dir: &Path) -> RaftConfig {
     RaftConfig::new(member_id, dir.join("member"))
 }
@@ -289,9 +296,8 @@ async fn propose_many(node: &Node, prefix: &str, count: usize) -> Vec<(Vec<u8>, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_proposals_each_get_their_own_output_in_log_order() {
     let dir = tempfile::tempdir().unwrap();
-    let sm = LogMachine::default();
     let started = Instant::now();
-    let node: Node = RaftNode::start(config(1, dir.path()), sm.clone(), Arc::new(NoPeers)).unwrap();
+    let (sm, node) = start_alone(dir.path());
     assert_eq!(node.wait_leader(Duration::from_secs(1)).await.unwrap(), 1);
     assert!(started.elapsed() < Duration::from_secs(1));
 
@@ -329,8 +335,7 @@ async fn concurrent_proposals_each_get_their_own_output_in_log_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_reapplies_committed_entries_in_the_same_order() {
     let dir = tempfile::tempdir().unwrap();
-    let sm = LogMachine::default();
-    let node: Node = RaftNode::start(config(1, dir.path()), sm.clone(), Arc::new(NoPeers)).unwrap();
+    let (sm, node) = start_alone(dir.path());
     bounded("a leader", node.wait_leader(WAIT)).await.unwrap();
     propose_many(&node, "before", 50).await;
     for i in 0..10 {
@@ -350,8 +355,7 @@ async fn restart_reapplies_committed_entries_in_the_same_order() {
         Err(RaftError::Stopped)
     ));
 
-    let sm = LogMachine::default();
-    let node: Node = RaftNode::start(config(1, dir.path()), sm.clone(), Arc::new(NoPeers)).unwrap();
+    let (sm, node) = start_alone(dir.path());
     wait_until("the log to be applied again", || {
         sm.log().len() >= before.len()
     })
@@ -558,8 +562,7 @@ async fn the_snapshot_thread_runs_at_a_lower_priority() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_index_covers_every_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
-    let sm = LogMachine::default();
-    let node: Node = RaftNode::start(config(1, dir.path()), sm.clone(), Arc::new(NoPeers)).unwrap();
+    let (_sm, node) = start_alone(dir.path());
     // A single member is leader as soon as it starts; a read issued at once waits for its
     // first commit (the leader's no-op at index 1).
     let first = bounded("a read index", node.read_index()).await.unwrap();

@@ -44,6 +44,14 @@ fn bootstrap() -> SnapshotMetadata {
     m
 }
 
+/// A WAL with default-sized segments in `dir` holding `entries` (no hard state), synced.
+fn synced_wal(dir: &std::path::Path, entries: &[Entry]) -> Wal {
+    let mut wal = Wal::create(dir, DEFAULT_SEGMENT_SIZE_BYTES, &bootstrap()).unwrap();
+    wal.save(None, entries, None).unwrap();
+    wal.sync().unwrap();
+    wal
+}
+
 /// Writes 20 entries of 40 bytes into a WAL of 200-byte segments in `dir`, syncs and closes it;
 /// returns its segment files, oldest first.
 fn closed_wal_in_small_segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -123,10 +131,7 @@ fn torn_tail_is_truncated_and_next_append_works() {
 #[test]
 fn torn_tail_with_bad_checksum_is_truncated() {
     let dir = tempfile::tempdir().unwrap();
-    let mut wal = Wal::create(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES, &bootstrap()).unwrap();
-    wal.save(None, &[entry(1, 1, b"one"), entry(2, 1, b"two")], None)
-        .unwrap();
-    wal.sync().unwrap();
+    let wal = synced_wal(dir.path(), &[entry(1, 1, b"one"), entry(2, 1, b"two")]);
     let path = wal.segment_paths()[0].clone();
     let end = wal.records_end() as usize;
     drop(wal);
@@ -142,9 +147,7 @@ fn torn_tail_with_bad_checksum_is_truncated() {
 #[test]
 fn a_record_with_a_sector_that_never_reached_the_disk_is_torn() {
     let dir = tempfile::tempdir().unwrap();
-    let mut wal = Wal::create(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES, &bootstrap()).unwrap();
-    wal.save(None, &[entry(1, 1, b"one")], None).unwrap();
-    wal.sync().unwrap();
+    let mut wal = synced_wal(dir.path(), &[entry(1, 1, b"one")]);
     let start = wal.records_end() as usize;
     // Entry 2 spans several sectors; entry 3 follows it.
     let records = [entry(2, 1, &[7u8; 2000]), entry(3, 1, b"three")];
@@ -179,9 +182,7 @@ fn a_record_with_a_sector_that_never_reached_the_disk_is_torn() {
 #[test]
 fn preallocated_zeros_end_the_records_and_appends_continue_after_them() {
     let dir = tempfile::tempdir().unwrap();
-    let mut wal = Wal::create(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES, &bootstrap()).unwrap();
-    wal.save(None, &[entry(1, 1, b"one")], None).unwrap();
-    wal.sync().unwrap();
+    let wal = synced_wal(dir.path(), &[entry(1, 1, b"one")]);
     let path = wal.segment_paths()[0].clone();
     let first_end = wal.records_end();
     drop(wal);
@@ -349,11 +350,10 @@ fn received_snapshot_marker_resets_the_log() {
 #[test]
 fn gap_in_entries_is_corruption() {
     let dir = tempfile::tempdir().unwrap();
-    let mut wal = Wal::create(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES, &bootstrap()).unwrap();
-    wal.save(None, &[entry(1, 1, b"a"), entry(3, 1, b"c")], None)
-        .unwrap();
-    wal.sync().unwrap();
-    drop(wal);
+    drop(synced_wal(
+        dir.path(),
+        &[entry(1, 1, b"a"), entry(3, 1, b"c")],
+    ));
     let err = Wal::open(dir.path(), DEFAULT_SEGMENT_SIZE_BYTES)
         .err()
         .expect("must fail");
