@@ -123,23 +123,23 @@ fn range_revision_filters() {
         ..all("a", "f")
     });
     assert_eq!(keys(&r), ["b", "e"]);
-    // Filters disable the fetch limit, and `more` is judged after filtering.
-    let r = h.range(RangeRequest {
-        min_create_revision: 3,
-        limit: 3,
-        ..all("a", "f")
-    });
-    assert_eq!(
-        (keys(&r), r.more),
-        (vec!["a".to_string(), "b".into(), "d".into()], true)
-    );
-    let r = h.range(RangeRequest {
-        max_create_revision: 3,
-        limit: 2,
-        ..all("a", "f")
-    });
-    assert_eq!(
-        (keys(&r), r.more),
-        (vec!["a".to_string(), "c".into()], false)
-    );
+    // Filters disable the fetch limit, and `more` is judged after filtering. (min create, max
+    // create, limit) -> keys, more; 0 is no bound.
+    let cases: [(i64, i64, i64, &[&str], bool); 2] = [
+        (3, 0, 3, &["a", "b", "d"], true),
+        (0, 3, 2, &["a", "c"], false),
+    ];
+    for (min_create_revision, max_create_revision, limit, expected, more) in cases {
+        let r = h.range(RangeRequest {
+            min_create_revision,
+            max_create_revision,
+            limit,
+            ..all("a", "f")
+        });
+        assert_eq!(
+            (keys(&r), r.more),
+            (expected.iter().map(|k| k.to_string()).collect(), more),
+            "create revisions [{min_create_revision}, {max_create_revision}], limit {limit}"
+        );
+    }
 }
