@@ -819,7 +819,7 @@ impl Cluster {
             .expect("member log file");
         let mut cmd = match kind {
             Kind::Etcd => Command::new("etcd"),
-            Kind::Memory | Kind::Rocks => Command::new(metastore_bin()),
+            Kind::Memory | Kind::Rocks => Command::new(super::metastore_bin()),
         };
         let mut settings: Vec<(&str, String)> = vec![
             ("name", m.name.clone()),
