@@ -22,6 +22,7 @@ per_kind!(
     learner_add_promote_update_remove,
     partitioned_member_serves_no_stale_read,
     configured_by_file_and_environment,
+    sigterm_of_the_leader_hands_over_leadership,
 );
 
 /// A put through member `i` that must succeed.
@@ -184,6 +185,85 @@ async fn writes_through_any_member(kind: Kind) {
         c.etcdctl_ok(2, &["get", "via-etcdctl", "--print-value-only"]),
         "yes\n"
     );
+    c.assert_converged().await;
+}
+
+/// SIGTERM of the leader under a write load, as etcd's leader does it: it hands leadership to an
+/// up-to-date voter before stopping, so the others do not wait out an election timeout. Writers
+/// go through the two followers; the test counts their errors and the longest time without a
+/// successful write (printed), and checks that the new leader took over in the next term.
+async fn sigterm_of_the_leader_hands_over_leadership(kind: Kind) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut c = Cluster::start(kind, 3, &[]).await;
+    let leader = c.wait_leader().await;
+    let term_before = c.status(leader).await.unwrap().raft_term;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (w, i) in (0..3).filter(|i| *i != leader).enumerate() {
+        let mut kv = c.kv(i).await;
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let (mut ok, mut errors, mut n) = (Vec::new(), Vec::new(), 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let put = PutRequest {
+                    key: format!("load/{w}/{n}").into_bytes(),
+                    value: b"v".to_vec(),
+                    ..Default::default()
+                };
+                match tokio::time::timeout(CALL, kv.put(put)).await {
+                    Ok(Ok(_)) => ok.push(Instant::now()),
+                    Ok(Err(status)) => errors.push(support::cluster::status_text(&status)),
+                    Err(_) => errors.push("timed out".to_string()),
+                }
+            }
+            (ok, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = Instant::now();
+    let exit = c.terminate(leader, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut errors) = (Vec::new(), Vec::new());
+    for w in writers {
+        let (o, e) = w.await.unwrap();
+        ok.extend(o);
+        errors.extend(e);
+    }
+    ok.sort();
+    let longest_gap = ok
+        .windows(2)
+        .filter(|p| p[1] >= sent)
+        .map(|p| p[1] - p[0])
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "{kind:?}: SIGTERM of the leader: exit {exit:?}, {} writes, {} errors {:?}, longest gap \
+         without a write {longest_gap:?}",
+        ok.len(),
+        errors.len(),
+        errors.iter().take(3).collect::<Vec<_>>()
+    );
+    let new_leader = c.wait_leader().await;
+    assert_ne!(new_leader, leader);
+    let term_after = c.status(new_leader).await.unwrap().raft_term;
+    assert_eq!(term_after, term_before + 1, "one new term: the transfer's");
+    assert!(ok.last().is_some_and(|t| *t > sent), "writes resumed");
+    // Raft drops proposals while no leader is known or the leader hands over: the member
+    // proposes again once a leader is known instead of answering `no leader`.
+    assert!(
+        !errors.iter().any(|e| e.contains("no leader")),
+        "{errors:?}"
+    );
+    if kind != Kind::Etcd {
+        let log = c.log(leader);
+        assert!(
+            log.contains("leadership transferred before stopping"),
+            "{log}"
+        );
+    }
     c.assert_converged().await;
 }
 

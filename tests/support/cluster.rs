@@ -315,6 +315,31 @@ impl Cluster {
         self.wait_member_up(i).await;
     }
 
+    /// Sends SIGTERM to member `i` and waits, bounded by `timeout`, for it to exit.
+    pub async fn terminate(&mut self, i: usize, timeout: Duration) -> ExitStatus {
+        let pid = self.members[i].pid().expect("member runs");
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(sent.success());
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.members[i].child.as_mut().expect("spawned");
+            if let Ok(Some(status)) = child.try_wait() {
+                self.members[i].child = None;
+                self.net.set_pid(i, None);
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "m{} still runs {timeout:?} after SIGTERM",
+                i + 1
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Starts member `i` again (after [`Cluster::kill`]) where it must refuse to start: waits,
     /// bounded by `timeout`, for its process to exit, and returns its exit status. Panics if it
     /// is still running then.

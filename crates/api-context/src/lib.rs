@@ -37,7 +37,7 @@ use metastore_proto::etcdserverpb::{
     AlarmRequest, AlarmType, RangeRequest, RangeResponse, ResponseHeader,
 };
 use metastore_proto::metastorepb::internal_raft_request::Request;
-use metastore_raft_node::RaftNode;
+use metastore_raft_node::{RaftError, RaftNode};
 use metastore_state_machine::{
     encode_request, encode_request_as, ApplyError, ApplyOutput, MemberTable, Output, StoreHandle,
 };
@@ -46,6 +46,10 @@ use tonic::Status;
 /// How long a proposal may wait to be applied before etcd's `request timed out` (etcd: 5 s plus
 /// twice the election timeout).
 pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(7);
+
+/// Pause before proposing again a proposal raft dropped for lack of a leader, once a leader is
+/// known (a leader still handing over drops proposals until its transferee leads).
+const NO_LEADER_RETRY_PAUSE: Duration = Duration::from_millis(5);
 
 /// Limits that etcd enforces at its API (`--max-request-bytes`, `--max-txn-ops`).
 #[derive(Debug, Clone, Copy)]
@@ -227,7 +231,22 @@ impl ServerContext {
         if data.len() > self.limits.max_request_bytes {
             return Err(request_too_large());
         }
-        match tokio::time::timeout(PROPOSAL_TIMEOUT, self.raft.propose(data)).await {
+        let proposed = tokio::time::timeout(PROPOSAL_TIMEOUT, async {
+            loop {
+                // Raft dropped it before it reached any log (no leader known here, or a leader
+                // handing over its leadership): wait for a leader and propose again, as the
+                // caller would, instead of failing during an election or a transfer.
+                let mut leader = self.raft.leader_watch();
+                match self.raft.propose(&data).await {
+                    Err(RaftError::NoLeader) => {
+                        let _ = leader.wait_for(|id| *id != 0).await;
+                        tokio::time::sleep(NO_LEADER_RETRY_PAUSE).await;
+                    }
+                    other => return other,
+                }
+            }
+        });
+        match proposed.await {
             Err(_) => Err(Status::unavailable("etcdserver: request timed out")),
             Ok(Err(e)) => Err(raft_status(&e)),
             Ok(Ok(Err(e))) => {

@@ -251,9 +251,9 @@ impl<O: Send + 'static> RaftNode<O> {
     /// with [`RaftError::LeaderChanged`] when the leader that appended it lost its leadership and
     /// the entry was replaced. A proposal forwarded to another leader that is lost there is never
     /// answered, so bound the wait (e.g. with [`RaftConfig::request_timeout`]).
-    pub async fn propose(&self, payload: Vec<u8>) -> Result<O, RaftError> {
+    pub async fn propose(&self, payload: impl AsRef<[u8]>) -> Result<O, RaftError> {
         let request_id = self.inner.ids.next();
-        let data = with_request_id(request_id, &payload);
+        let data = with_request_id(request_id, payload.as_ref());
         let (waiter, result) = oneshot::channel();
         self.send(Command::Propose {
             request_id,
