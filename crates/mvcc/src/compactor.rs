@@ -332,7 +332,7 @@ fn run_job(inner: &Inner, job: Job) -> Result<Outcome, Interrupt> {
                 Revision::new(job.rev, 0).to_key(false),
             );
         }
-        inner.backend.write(batch)?;
+        crate::metrics::commit(inner.backend.as_ref(), batch)?;
         batches += 1;
         if last {
             return Ok(Outcome {

@@ -26,6 +26,7 @@ mod check;
 mod compactor;
 mod hash;
 mod key_index;
+mod metrics;
 mod revision;
 mod store;
 mod txn;

@@ -403,7 +403,7 @@ impl Store {
         put_consistent_index(&mut batch, consistent_index);
         append(&mut batch, extra);
         // Readers keep reading the previous state meanwhile: new revisions only add keys.
-        self.inner.backend.write(batch)?;
+        crate::metrics::commit(self.inner.backend.as_ref(), batch)?;
 
         let mut st = RwLockUpgradableReadGuard::upgrade(state);
         for (key, rev, tombstone) in index_ops {
@@ -436,7 +436,7 @@ impl Store {
         let mut batch = WriteBatch::new();
         put_consistent_index(&mut batch, consistent_index);
         append(&mut batch, extra);
-        self.inner.backend.write(batch)?;
+        crate::metrics::commit(self.inner.backend.as_ref(), batch)?;
         RwLockUpgradableReadGuard::upgrade(state).consistent_index = consistent_index;
         Ok(())
     }
@@ -464,7 +464,7 @@ impl Store {
         );
         put_consistent_index(&mut batch, consistent_index);
         append(&mut batch, extra);
-        self.inner.backend.write(batch)?;
+        crate::metrics::commit(self.inner.backend.as_ref(), batch)?;
 
         let mut st = RwLockUpgradableReadGuard::upgrade(state);
         st.compact_rev = rev;

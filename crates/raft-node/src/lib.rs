@@ -22,6 +22,7 @@
 mod config;
 mod error;
 mod logger;
+mod metrics;
 mod node;
 mod snap;
 mod storage;

@@ -158,6 +158,7 @@ impl<O> Proposals<O> {
                 self.waiters.insert(request_id, waiter);
             }
             Err(e) => {
+                crate::metrics::METRICS.proposals_failed.increment(1);
                 let _ = waiter.send(Err(e));
             }
         }
@@ -177,6 +178,7 @@ impl<O> Proposals<O> {
             }
             let request_id = slot.remove();
             if let Some(waiter) = self.waiters.remove(&request_id) {
+                crate::metrics::METRICS.proposals_failed.increment(1);
                 let _ = waiter.send(Err(RaftError::LeaderChanged));
             }
         }
@@ -184,6 +186,18 @@ impl<O> Proposals<O> {
 
     /// Forgets the waiters of callers that gave up (timed out): they no longer need an answer.
     pub(super) fn forget_abandoned(&mut self) {
+        let before = self.waiters.len();
         self.waiters.retain(|_, waiter| !waiter.is_closed());
+        let abandoned = before - self.waiters.len();
+        if abandoned > 0 {
+            crate::metrics::METRICS
+                .proposals_failed
+                .increment(abandoned as u64);
+        }
+    }
+
+    /// This member's proposals not yet applied or failed.
+    pub(super) fn pending(&self) -> usize {
+        self.waiters.len() + self.batch.len()
     }
 }

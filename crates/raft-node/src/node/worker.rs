@@ -457,6 +457,18 @@ impl<S: StateMachine> Worker<S> {
         };
         let leader_id = status.leader_id;
         let term = status.term;
+        let metrics = &crate::metrics::METRICS;
+        metrics
+            .has_leader
+            .set(f64::from(u8::from(leader_id != INVALID_ID)));
+        metrics.is_leader.set(f64::from(u8::from(status.is_leader)));
+        metrics
+            .proposals_committed
+            .set(status.committed_index as f64);
+        metrics.proposals_applied.set(status.applied_index as f64);
+        metrics
+            .proposals_pending
+            .set(self.proposals.pending() as f64);
         *self.status.lock() = status;
         let changed = self.leader_tx.send_if_modified(|current| {
             let changed = *current != leader_id;
@@ -464,6 +476,9 @@ impl<S: StateMachine> Worker<S> {
             changed
         });
         if changed {
+            if leader_id != INVALID_ID {
+                metrics.leader_changes_seen.increment(1);
+            }
             tracing::info!(
                 member_id = format_args!("{:x}", self.member_id),
                 leader_id = format_args!("{leader_id:x}"),
@@ -490,6 +505,8 @@ impl<S: StateMachine> Worker<S> {
             status.leader_id = INVALID_ID;
             status.is_leader = false;
         }
+        crate::metrics::METRICS.has_leader.set(0.0);
+        crate::metrics::METRICS.is_leader.set(0.0);
         tracing::info!(
             member_id = format_args!("{:x}", self.member_id),
             "raft loop stopped"

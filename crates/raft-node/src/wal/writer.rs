@@ -171,6 +171,9 @@ impl Wal {
         let path = self.current_path().to_path_buf();
         self.file.sync_data().map_err(io_err("fsync", &path))?;
         let elapsed = started.elapsed();
+        crate::metrics::METRICS
+            .wal_fsync_seconds
+            .record(elapsed.as_secs_f64());
         if elapsed > std::time::Duration::from_secs(1) {
             tracing::warn!(
                 path = %path.display(),
