@@ -1,6 +1,8 @@
 //! Serving the client port (`--listen-client-urls`): etcd's gRPC services (KV, Watch, Lease,
-//! Maintenance, Cluster, Auth, Lock, Election) and `grpc.health.v1`, every call through the auth
-//! layer, over TCP or unix sockets, with the client TLS for `https://` and `unixs://` URLs.
+//! Maintenance, Cluster, Auth, Lock, Election) and `grpc.health.v1`, every call counted
+//! (`GrpcMetricsLayer`) and through the auth layer, and etcd's HTTP endpoints on the same port
+//! (HTTP/1.1 and HTTP/2, see `http.rs`); and `--listen-metrics-urls` (HTTP only). Both over TCP
+//! or unix sockets, with the client TLS for `https://` and `unixs://` URLs.
 
 use std::path::PathBuf;
 
@@ -26,6 +28,8 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::context::Member;
+use crate::http::{self, HttpLayer, HttpState};
+use crate::metrics::GrpcMetricsLayer;
 use crate::shutdown::ServerTask;
 use crate::urls;
 
@@ -65,27 +69,116 @@ impl Listener {
 /// Binds `--listen-client-urls`, so that a taken port or a bad socket path fails before
 /// anything starts.
 pub async fn bind(cfg: &Config) -> Result<Vec<(urls::Url, Listener)>> {
+    bind_urls("--listen-client-urls", &cfg.listen_client_urls, "clients").await
+}
+
+/// Binds `--listen-metrics-urls` (none by default).
+pub async fn bind_metrics(cfg: &Config) -> Result<Vec<(urls::Url, Listener)>> {
+    if cfg.listen_metrics_urls.is_empty() {
+        return Ok(Vec::new());
+    }
+    bind_urls("--listen-metrics-urls", &cfg.listen_metrics_urls, "metrics").await
+}
+
+async fn bind_urls(flag: &str, texts: &[String], what: &str) -> Result<Vec<(urls::Url, Listener)>> {
     let mut listeners = Vec::new();
-    for url in urls::parse_all("--listen-client-urls", &cfg.listen_client_urls)? {
-        let listener = Listener::bind(&url.bind("--listen-client-urls").await?)
+    for url in urls::parse_all(flag, texts)? {
+        let listener = Listener::bind(&url.bind(flag).await?)
             .await
-            .with_context(|| format!("listening for clients on {}", url.text))?;
+            .with_context(|| format!("listening for {what} on {}", url.text))?;
         listeners.push((url, listener));
     }
     Ok(listeners)
 }
 
+/// The builder of one listener's server: HTTP/1.1 beside HTTP/2 (etcd serves both on its client
+/// and metrics URLs), and the client TLS for `https://` and `unixs://` URLs.
+fn server_builder(
+    url: &urls::Url,
+    tls: Option<&ServerTlsConfig>,
+) -> Result<tonic::transport::Server> {
+    let mut builder = tonic::transport::Server::builder().accept_http1(true);
+    if url.scheme.tls() {
+        let tls = tls.cloned().with_context(|| {
+            format!(
+                "TLS key/cert (--cert-file, --key-file) must be provided for client url \
+                 {} with HTTPS scheme",
+                url.text
+            )
+        })?;
+        builder = builder.tls_config(tls)?;
+    }
+    Ok(builder)
+}
+
+/// Serves `router` on `listener` until `stop`.
+fn spawn<S>(
+    listener: Listener,
+    router: tonic::transport::server::Router<S>,
+    stop: &watch::Receiver<bool>,
+) -> ServerTask
+where
+    S: tower_layer::Layer<tonic::service::Routes> + Clone + Send + 'static,
+    S::Service: tower_service::Service<
+            ::http::Request<tonic::body::Body>,
+            Response = ::http::Response<tonic::body::Body>,
+        > + Clone
+        + Send
+        + 'static,
+    <S::Service as tower_service::Service<::http::Request<tonic::body::Body>>>::Future:
+        Send + 'static,
+    <S::Service as tower_service::Service<::http::Request<tonic::body::Body>>>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    let mut stop = stop.clone();
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    match listener {
+        Listener::Tcp(listener) => {
+            // Small responses must not wait for Nagle's algorithm (40 ms with delayed ACKs).
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        Listener::Unix(listener, _) => {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+    }
+}
+
+/// Serves `--listen-metrics-urls`: `/metrics` and the health probes, nothing else.
+pub fn serve_metrics(
+    listeners: Vec<(urls::Url, Listener)>,
+    tls: Option<&ServerTlsConfig>,
+    state: &HttpState,
+    stop: &watch::Receiver<bool>,
+) -> Result<Vec<ServerTask>> {
+    let mut servers = Vec::new();
+    for (url, listener) in listeners {
+        info!(address = %listener.address(), url = %url.text, "serving metrics");
+        let routes = tonic::service::Routes::from(http::metrics_router(state.clone()));
+        let router = server_builder(&url, tls)?.add_routes(routes);
+        servers.push(spawn(listener, router, stop));
+    }
+    Ok(servers)
+}
+
 /// Serves clients on `listeners` until `stop` turns true. `tls` is the client port's TLS, which
-/// `https://` and `unixs://` URLs need; `health` is the `grpc.health.v1` service.
+/// `https://` and `unixs://` URLs need; `health` is the `grpc.health.v1` service; `state` what
+/// the HTTP endpoints read.
 pub fn serve(
     cfg: &Config,
     member: &Member,
     listeners: Vec<(urls::Url, Listener)>,
     tls: Option<&ServerTlsConfig>,
     health: HealthServer<impl Health>,
+    state: &HttpState,
     stop: &watch::Receiver<bool>,
 ) -> Result<Vec<ServerTask>> {
     let ctx = &member.ctx;
+    let grpc_metrics = GrpcMetricsLayer::new();
     let max_recv = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let mut servers = Vec::new();
     for (url, listener) in listeners {
@@ -102,19 +195,10 @@ pub fn serve(
         let lease = LeaseServer::new(LeaseService::new(ctx.clone(), member.lessor.clone()))
             .max_decoding_message_size(max_recv);
         let cluster = ClusterServer::new(ClusterService::new(ctx.clone()));
-        let mut stop = stop.clone();
-        let mut builder = tonic::transport::Server::builder();
-        if url.scheme.tls() {
-            let tls = tls.cloned().with_context(|| {
-                format!(
-                    "TLS key/cert (--cert-file, --key-file) must be provided for client url \
-                     {} with HTTPS scheme",
-                    url.text
-                )
-            })?;
-            builder = builder.tls_config(tls)?;
-        }
-        let router = builder
+        let router = server_builder(&url, tls)?
+            // Requests that are not gRPC go to etcd's HTTP endpoints.
+            .layer(HttpLayer::new(http::client_router(state.clone())))
+            .layer(grpc_metrics.clone())
             // Every call passes the auth layer: one place decides who may call what.
             .layer(AuthLayer::new(ctx.clone()))
             .add_service(kv)
@@ -129,21 +213,7 @@ pub fn serve(
                 &member.watch_hub,
             )))
             .add_service(health.clone());
-        let stopped = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        servers.push(match listener {
-            Listener::Tcp(listener) => {
-                // Small responses must not wait for Nagle's algorithm (40 ms with delayed ACKs).
-                let incoming =
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
-            }
-            Listener::Unix(listener, _) => {
-                let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
-            }
-        });
+        servers.push(spawn(listener, router, stop));
     }
     Ok(servers)
 }

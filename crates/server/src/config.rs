@@ -48,6 +48,10 @@ pub struct Config {
     /// URLs to listen on for client traffic (comma-separated).
     #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
     pub listen_client_urls: Vec<String>,
+    /// URLs to listen on for `/metrics` and the health probes only (comma-separated; https
+    /// URLs use the client TLS files).
+    #[arg(long, value_delimiter = ',')]
+    pub listen_metrics_urls: Vec<String>,
     /// Client URLs advertised to the rest of the cluster (comma-separated).
     #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
     pub advertise_client_urls: Vec<String>,

@@ -13,8 +13,10 @@ mod clients;
 mod config;
 mod config_sources;
 mod context;
+mod http;
 mod leader_duties;
 mod logging;
+mod metrics;
 mod peers;
 mod shutdown;
 mod snapshot_cmd;
@@ -79,12 +81,15 @@ async fn serve() -> Result<()> {
     let client_tls = tls::client_side(&cfg)?;
     let peer_tls = tls::peer_side(&cfg)?;
 
+    // Before the member starts: every crate's metric handles must reach this recorder.
+    metrics::install()?;
     let member_dir = context::member_dir(&cfg)?;
     let identity = boot::identify(&cfg, &member_dir, peer_tls.client.as_ref()).await?;
     // Both ports are bound before the raft node starts, so that a taken port or a bad socket
     // path fails before anything else happens.
     let peer_listeners = peers::bind(&cfg).await?;
     let client_listeners = clients::bind(&cfg).await?;
+    let metrics_listeners = clients::bind_metrics(&cfg).await?;
     let member = context::start(&cfg, &member_dir, &identity, peer_tls.client.clone())?;
 
     // grpc.health.v1: the overall status ("") is SERVING while this member knows a leader.
@@ -105,19 +110,38 @@ async fn serve() -> Result<()> {
     }
     .spawn();
 
+    metrics::spawn_upkeep();
+    let http_state = http::HttpState::new(
+        member.ctx.clone(),
+        Duration::from_millis(cfg.election_timeout),
+        metrics::Exporter::new(
+            member.ctx.clone(),
+            member.backend.clone(),
+            member.watch_hub.clone(),
+        ),
+    );
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let peer_servers = peers::serve(&member, peer_listeners, peer_tls.server.as_ref(), &stop_rx)?;
     if cfg.experimental_initial_corrupt_check {
         leader_duties::initial_corrupt_check(&member.ctx).await?;
     }
-    let client_servers = clients::serve(
+    let mut client_servers = clients::serve(
         &cfg,
         &member,
         client_listeners,
         client_tls.as_ref(),
         health_service,
+        &http_state,
         &stop_rx,
     )?;
+    let metrics_servers = clients::serve_metrics(
+        metrics_listeners,
+        client_tls.as_ref(),
+        &http_state,
+        &stop_rx,
+    )?;
+    client_servers.extend(metrics_servers);
 
     shutdown::wait(&member, &member_dir).await;
     shutdown::stop(&member, peer_servers, client_servers, stop_tx).await;
