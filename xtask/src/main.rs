@@ -24,7 +24,7 @@ use anyhow::{bail, Context, Result};
 mod bench;
 mod prereq;
 
-use prereq::{ensure, CXX, ETCD, ETCDCTL, LIBCLANG};
+use prereq::{ensure, CXX, ETCD, ETCDCTL, LIBCLANG, PROMTOOL};
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -249,7 +249,7 @@ fn exec(mut cmd: Command) -> Result<()> {
 }
 
 fn test(filter: &[String]) -> Result<()> {
-    ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL])?;
+    ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL, PROMTOOL])?;
     let nextest = cargo()
         .args(["nextest", "--version"])
         .output()
@@ -266,7 +266,7 @@ fn test(filter: &[String]) -> Result<()> {
 }
 
 fn ci() -> Result<()> {
-    ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL])?;
+    ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL, PROMTOOL])?;
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     status(fmt)?;

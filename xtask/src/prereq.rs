@@ -6,6 +6,7 @@
 //!   `build/common.rs` and `build/dynamic.rs`).
 //! - a C++ compiler: the cc crate compiles RocksDB with `$HOST_CXX` or `$CXX`, else `c++`.
 //! - etcd and etcdctl: the tests start them by name, through `PATH`.
+//! - promtool (Debian's `prometheus`): the metrics test lints the `/metrics` exposition with it.
 //!
 //! Missing ones are installed with apt-get when xtask runs as root; otherwise [`ensure`] names
 //! them and prints the command to run.
@@ -75,6 +76,13 @@ pub const ETCDCTL: Prereq = Prereq {
     package: "etcd-client",
     elsewhere: "etcdctl 3.4 or newer, on PATH",
     check: || on_path("etcdctl"),
+};
+
+pub const PROMTOOL: Prereq = Prereq {
+    what: "promtool (the /metrics exposition test)",
+    package: "prometheus",
+    elsewhere: "Prometheus' promtool 2.x, on PATH",
+    check: || on_path("promtool"),
 };
 
 /// Checks `prereqs`; installs the missing ones with apt-get when running as root, else fails with

@@ -1,0 +1,556 @@
+//! etcd's HTTP endpoints beside gRPC: `/health`, `/livez`, `/readyz`, `/version` and `/metrics` on
+//! the client URLs (plain, TLS and unix sockets, HTTP/1.1 on the same port as gRPC) and on
+//! `--listen-metrics-urls`, with the answers etcd 3.5 gives; metrics that move with what the
+//! server does; the exposition checked by Prometheus' own `promtool` when it is installed.
+
+use crate::support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metastore_proto::etcdserverpb::alarm_request::AlarmAction;
+use metastore_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use metastore_proto::etcdserverpb::{AlarmRequest, AlarmType, PutRequest, RangeRequest};
+use support::cluster::Cluster;
+use support::{free_port, Kind, Server};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tonic::Code;
+
+/// One HTTP answer.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `method path` over HTTP/1.1 on `io` (the connection closed after the answer).
+async fn request<S: AsyncRead + AsyncWrite + Unpin>(mut io: S, method: &str, path: &str) -> Reply {
+    let text = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    io.write_all(text.as_bytes()).await.expect("send request");
+    let mut raw = Vec::new();
+    // A TLS peer may close without close_notify; what arrived is the answer.
+    let _ = io.read_to_end(&mut raw).await;
+    let raw = String::from_utf8(raw).expect("utf-8 answer");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
+}
+
+async fn get(port: u16, path: &str) -> Reply {
+    request(tcp(port).await, "GET", path).await
+}
+
+async fn tcp(port: u16) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect")
+}
+
+/// The value of the series `name{labels…}` in a Prometheus text exposition: the line of that
+/// name whose labels include every one of `labels` (`key="value"`).
+fn sample(exposition: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(series, _)| {
+            let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+            series_name == name && labels.iter().all(|l| series_labels.contains(l))
+        })
+        .map(|(_, value)| value.parse().expect("a number"))
+}
+
+fn value(exposition: &str, name: &str, labels: &[&str]) -> f64 {
+    sample(exposition, name, labels)
+        .unwrap_or_else(|| panic!("no {name}{labels:?} in the exposition:\n{exposition}"))
+}
+
+async fn metrics(port: u16) -> String {
+    let reply = get(port, "/metrics").await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(
+        reply
+            .header("content-type")
+            .is_some_and(|v| v.starts_with("text/plain")),
+        "{reply:?}"
+    );
+    reply.body
+}
+
+const HEALTHY: &str = r#"{"health":"true","reason":""}"#;
+
+/// Activates (or deactivates) `alarm` for the server's own member through the Alarm RPC.
+async fn set_alarm(server: &Server, alarm: AlarmType, action: AlarmAction) {
+    let mut maint = MaintenanceClient::connect(server.endpoint()).await.unwrap();
+    let status = maint
+        .status(metastore_proto::etcdserverpb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    maint
+        .alarm(AlarmRequest {
+            action: action as i32,
+            member_id: status.header.unwrap().member_id,
+            alarm: alarm as i32,
+        })
+        .await
+        .unwrap();
+}
+
+async fn probes_answer_as_etcd(kind: Kind) {
+    let server = Server::start(kind).await;
+    let port = server.client_port;
+
+    let health = get(port, "/health").await;
+    assert_eq!((health.status, health.body.as_str()), (200, HEALTHY));
+    let serializable = get(port, "/health?serializable=true").await;
+    assert_eq!(
+        (serializable.status, serializable.body.as_str()),
+        (200, HEALTHY)
+    );
+
+    // The same answers etcd gives for /version's shape and for a path it does not serve.
+    let version = get(port, "/version").await;
+    assert_eq!(version.status, 200);
+    assert_eq!(version.header("content-type"), Some("application/json"));
+    let fields = support::cluster::Json::parse(&version.body);
+    let server_version = fields.get("etcdserver").and_then(|v| v.as_str()).unwrap();
+    let cluster_version = fields.get("etcdcluster").and_then(|v| v.as_str()).unwrap();
+    assert!(server_version.starts_with("3."), "{version:?}");
+    assert!(cluster_version.ends_with(".0"), "{version:?}");
+    assert!(version.body.starts_with("{\"etcdserver\":"), "{version:?}");
+    for path in ["/nope", "/metrics/x", "/v2/keys", "/health/x"] {
+        let missing = get(port, path).await;
+        assert_eq!(
+            (missing.status, missing.body.as_str()),
+            (404, "404 page not found\n"),
+            "{path}"
+        );
+    }
+    let post = request(tcp(port).await, "POST", "/health").await;
+    assert_eq!((post.status, post.header("allow")), (405, Some("GET")));
+
+    // etcd 3.5's check lists.
+    let livez = get(port, "/livez").await;
+    assert_eq!((livez.status, livez.body.as_str()), (200, "ok\n"));
+    let verbose = get(port, "/readyz?verbose").await;
+    assert_eq!(
+        (verbose.status, verbose.body.as_str()),
+        (200, "[+]data_corruption ok\n[+]serializable_read ok\nok\n")
+    );
+    let excluded = get(port, "/readyz?verbose&exclude=data_corruption").await;
+    assert_eq!(excluded.body, "[+]serializable_read ok\nok\n");
+    let one = get(port, "/livez/serializable_read?verbose").await;
+    assert_eq!(one.body, "[+]serializable_read ok\nok\n");
+
+    // gRPC still answers on the same port.
+    let mut kv = server.kv().await;
+    kv.range(RangeRequest {
+        key: b"k".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .expect("gRPC beside HTTP/1.1");
+}
+
+per_engine!(probes_answer_as_etcd);
+
+/// Real etcd answers /health and /version on its client port as MetaStore does (3.4 has no
+/// `reason` field yet, and no /livez or /readyz).
+#[tokio::test]
+async fn etcd_answers_health_and_version_alike() {
+    let etcd = Server::start(Kind::Etcd).await;
+    let health = get(etcd.client_port, "/health").await;
+    assert_eq!(
+        (health.status, health.body.as_str()),
+        (200, r#"{"health":"true"}"#)
+    );
+    let version = get(etcd.client_port, "/version").await;
+    let fields = support::cluster::Json::parse(&version.body);
+    assert!(fields.get("etcdserver").is_some() && fields.get("etcdcluster").is_some());
+    let missing = get(etcd.client_port, "/nope").await;
+    assert_eq!(
+        (missing.status, missing.body.as_str()),
+        (404, "404 page not found\n")
+    );
+}
+
+#[tokio::test]
+async fn probes_over_tls_and_unix_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::tls::Ca::new(dir.path(), "client");
+    let leaf = ca.leaf(dir.path(), "server", "server");
+    let tls_port = free_port();
+    let socket = dir.path().join("metastore.sock");
+    let tls_socket = dir.path().join("metastore-tls.sock");
+    let urls = format!(
+        "http://127.0.0.1:{},https://127.0.0.1:{tls_port},unix://{},unixs://{}",
+        free_port(),
+        socket.display(),
+        tls_socket.display()
+    );
+    let server = Server::start_with(
+        Kind::Rocks,
+        &[
+            "--listen-client-urls",
+            &urls,
+            "--cert-file",
+            leaf.cert.to_str().unwrap(),
+            "--key-file",
+            leaf.key.to_str().unwrap(),
+        ],
+    )
+    .await;
+
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        roots
+            .add(
+                tokio_rustls::rustls::pki_types::CertificateDer::from_pem_slice(
+                    ca.cert_pem.as_bytes(),
+                )
+                .unwrap(),
+            )
+            .unwrap();
+    }
+    // No ALPN: the server speaks HTTP/1.1 after the handshake.
+    let config = tokio_rustls::rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+
+    let tls = connector
+        .connect(name.clone(), tcp(tls_port).await)
+        .await
+        .expect("TLS handshake");
+    let reply = request(tls, "GET", "/health").await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, HEALTHY), "https");
+
+    let unix = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let reply = request(unix, "GET", "/health").await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, HEALTHY), "unix");
+
+    let unixs = tokio::net::UnixStream::connect(&tls_socket).await.unwrap();
+    let tls = connector.connect(name, unixs).await.expect("TLS handshake");
+    let reply = request(tls, "GET", "/readyz").await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "ok\n"), "unixs");
+}
+
+/// An alarm makes /health fail with etcd's reason, unless excluded; CORRUPT fails /readyz.
+#[tokio::test]
+async fn alarms_fail_health_with_etcds_reasons() {
+    let server = Server::start(Kind::Memory).await;
+    let port = server.client_port;
+    set_alarm(&server, AlarmType::Nospace, AlarmAction::Activate).await;
+
+    let health = get(port, "/health").await;
+    assert_eq!(
+        (health.status, health.body.as_str()),
+        (503, "{\"health\":\"false\",\"reason\":\"ALARM NOSPACE\"}\n")
+    );
+    let excluded = get(port, "/health?exclude=NOSPACE").await;
+    assert_eq!((excluded.status, excluded.body.as_str()), (200, HEALTHY));
+    // /readyz looks at CORRUPT only.
+    assert_eq!(get(port, "/readyz").await.status, 200);
+
+    set_alarm(&server, AlarmType::Corrupt, AlarmAction::Activate).await;
+    let excluded = get(port, "/health?exclude=NOSPACE").await;
+    assert_eq!(
+        (excluded.status, excluded.body.as_str()),
+        (503, "{\"health\":\"false\",\"reason\":\"ALARM CORRUPT\"}\n")
+    );
+    let both = get(port, "/health?exclude=NOSPACE&exclude=CORRUPT").await;
+    assert_eq!(both.status, 200);
+    let readyz = get(port, "/readyz").await;
+    assert_eq!(
+        (readyz.status, readyz.body.as_str()),
+        (
+            503,
+            "[-]data_corruption failed: alarm activated: CORRUPT\n[+]serializable_read ok\n\n"
+        )
+    );
+    assert_eq!(
+        get(port, "/readyz?exclude=data_corruption").await.status,
+        200
+    );
+    assert_eq!(get(port, "/livez").await.status, 200);
+
+    set_alarm(&server, AlarmType::Corrupt, AlarmAction::Deactivate).await;
+    set_alarm(&server, AlarmType::Nospace, AlarmAction::Deactivate).await;
+    assert_eq!(get(port, "/health").await.body, HEALTHY);
+}
+
+fn put(key: &str) -> PutRequest {
+    PutRequest {
+        key: key.as_bytes().to_vec(),
+        value: b"v".to_vec(),
+        ..Default::default()
+    }
+}
+
+/// The metrics move with what the server does: writes are committed and applied proposals and
+/// WAL fsyncs, gRPC calls are counted by method and code.
+#[tokio::test]
+async fn metrics_follow_what_the_server_does() {
+    let server = Server::start(Kind::Rocks).await;
+    let port = server.client_port;
+    let mut kv = server.kv().await;
+    let before = metrics(port).await;
+
+    const WRITES: u64 = 20;
+    for i in 0..WRITES {
+        kv.put(put(&format!("k{i}"))).await.unwrap();
+    }
+    const READS: u64 = 7;
+    for _ in 0..READS {
+        kv.range(RangeRequest {
+            key: b"k1".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let refused = kv.range(RangeRequest::default()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let after = metrics(port).await;
+
+    let grew =
+        |name: &str, labels: &[&str]| value(&after, name, labels) - value(&before, name, labels);
+    assert!(grew("etcd_server_proposals_committed_total", &[]) >= WRITES as f64);
+    assert!(grew("etcd_server_proposals_applied_total", &[]) >= WRITES as f64);
+    assert_eq!(value(&after, "etcd_server_proposals_pending", &[]), 0.0);
+    // Every write waits for its own fsync or shares one: at least one more, at most one each.
+    let fsyncs = grew("etcd_disk_wal_fsync_duration_seconds_count", &[]);
+    assert!((1.0..=WRITES as f64 + 2.0).contains(&fsyncs), "{fsyncs}");
+    assert!(grew("etcd_disk_backend_commit_duration_seconds_count", &[]) >= WRITES as f64);
+    let range = [
+        "grpc_type=\"unary\"",
+        "grpc_service=\"etcdserverpb.KV\"",
+        "grpc_method=\"Range\"",
+    ];
+    let code = |c: &'static str| [range[0], range[1], range[2], c];
+    assert_eq!(
+        grew("grpc_server_handled_total", &code("grpc_code=\"OK\"")),
+        READS as f64
+    );
+    assert_eq!(
+        grew(
+            "grpc_server_handled_total",
+            &code("grpc_code=\"InvalidArgument\"")
+        ),
+        1.0
+    );
+    assert_eq!(
+        grew("grpc_server_started_total", &range),
+        READS as f64 + 1.0
+    );
+    let puts = [
+        "grpc_method=\"Put\"",
+        "grpc_code=\"OK\"",
+        "grpc_service=\"etcdserverpb.KV\"",
+    ];
+    assert_eq!(grew("grpc_server_handled_total", &puts), WRITES as f64);
+    assert!(grew("etcd_network_client_grpc_received_bytes_total", &[]) > 0.0);
+    assert!(grew("etcd_network_client_grpc_sent_bytes_total", &[]) > 0.0);
+
+    assert_eq!(value(&after, "etcd_server_has_leader", &[]), 1.0);
+    assert_eq!(value(&after, "etcd_server_is_leader", &[]), 1.0);
+    assert!(value(&after, "etcd_server_leader_changes_seen_total", &[]) >= 1.0);
+    assert_eq!(
+        value(&after, "etcd_server_quota_backend_bytes", &[]),
+        2.0 * 1024.0 * 1024.0 * 1024.0
+    );
+    assert!(value(&after, "etcd_mvcc_db_total_size_in_bytes", &[]) > 0.0);
+    assert!(value(&after, "etcd_mvcc_db_total_size_in_use_in_bytes", &[]) > 0.0);
+    assert!(value(&after, "process_resident_memory_bytes", &[]) > 0.0);
+    assert_eq!(
+        value(&after, "etcd_debugging_mvcc_current_revision", &[]),
+        1.0 + WRITES as f64
+    );
+    // etcd's types and buckets (1 ms to 8.192 s).
+    assert!(after.contains("# TYPE etcd_disk_wal_fsync_duration_seconds histogram"));
+    assert!(after.contains("# TYPE etcd_server_proposals_committed_total gauge"));
+    assert!(after.contains("# TYPE grpc_server_handled_total counter"));
+    assert!(sample(
+        &after,
+        "etcd_disk_wal_fsync_duration_seconds_bucket",
+        &["le=\"0.001\""]
+    )
+    .is_some());
+    assert!(sample(
+        &after,
+        "etcd_disk_wal_fsync_duration_seconds_bucket",
+        &["le=\"8.192\""]
+    )
+    .is_some());
+}
+
+/// `--listen-metrics-urls` serves /metrics and the probes only, as etcd.
+#[tokio::test]
+async fn metrics_urls_serve_metrics_and_probes_only() {
+    let metrics_port = free_port();
+    let server = Server::start_with(
+        Kind::Memory,
+        &[
+            "--listen-metrics-urls",
+            &format!("http://127.0.0.1:{metrics_port}"),
+        ],
+    )
+    .await;
+    let exposition = metrics(metrics_port).await;
+    assert_eq!(value(&exposition, "etcd_server_has_leader", &[]), 1.0);
+    let health = get(metrics_port, "/health").await;
+    assert_eq!((health.status, health.body.as_str()), (200, HEALTHY));
+    assert_eq!(get(metrics_port, "/readyz").await.status, 200);
+    assert_eq!(get(metrics_port, "/version").await.status, 404);
+    // The client port still has /version.
+    assert_eq!(get(server.client_port, "/version").await.status, 200);
+}
+
+/// A member cut off from its peers loses its leader: has_leader drops to 0 and /health says
+/// why, while ?serializable=true still answers from local state.
+#[tokio::test]
+async fn an_isolated_member_reports_no_leader() {
+    let mut cluster = Cluster::start(Kind::Memory, 3, &[]).await;
+    let leader = cluster.wait_leader().await;
+    let follower = (leader + 1) % 3;
+    let port = cluster.member(follower).client_port;
+    assert_eq!(
+        value(&metrics(port).await, "etcd_server_has_leader", &[]),
+        1.0
+    );
+
+    cluster.isolate(follower);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if value(&metrics(port).await, "etcd_server_has_leader", &[]) == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "has_leader stayed 1 on an isolated member"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let health = get(port, "/health").await;
+    assert_eq!(
+        (health.status, health.body.as_str()),
+        (
+            503,
+            "{\"health\":\"false\",\"reason\":\"RAFT NO LEADER\"}\n"
+        )
+    );
+    assert_eq!(get(port, "/health?serializable=true").await.status, 200);
+    assert_eq!(get(port, "/livez").await.status, 200);
+
+    cluster.heal(follower);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while value(&metrics(port).await, "etcd_server_has_leader", &[]) != 1.0 {
+        assert!(Instant::now() < deadline, "has_leader did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(port, "/health").await.status, 200);
+}
+
+/// Prometheus' own linter accepts the exposition (skipped, saying so, without promtool).
+#[tokio::test]
+async fn promtool_accepts_the_exposition() {
+    if std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: promtool not installed (Debian package `prometheus`)");
+        return;
+    }
+    let server = Server::start(Kind::Rocks).await;
+    let mut kv = server.kv().await;
+    kv.put(put("k")).await.unwrap();
+    let exposition = metrics(server.client_port).await;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // etcd names these gauges `…_total`; promtool says the same of etcd's own exposition.
+    const ETCD_GAUGES: [&str; 4] = [
+        "etcd_server_proposals_committed_total",
+        "etcd_server_proposals_applied_total",
+        "etcd_debugging_mvcc_watcher_total",
+        "etcd_debugging_mvcc_slow_watcher_total",
+    ];
+    let problems: Vec<&str> = report
+        .lines()
+        .filter(|line| {
+            !ETCD_GAUGES.iter().any(|name| {
+                *line == format!("{name} non-counter metrics should not have \"_total\" suffix")
+            })
+        })
+        .collect();
+    assert!(problems.is_empty(), "promtool check metrics: {problems:#?}");
+    assert!(
+        report.contains(ETCD_GAUGES[0]),
+        "promtool did not lint: {report}"
+    );
+}
