@@ -233,7 +233,7 @@ async fn probes_over_tls_and_unix_sockets() {
         socket.display(),
         tls_socket.display()
     );
-    let server = Server::start_with(
+    let _server = Server::start_with(
         Kind::Rocks,
         &[
             "--listen-client-urls",
