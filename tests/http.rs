@@ -258,10 +258,11 @@ async fn probes_over_tls_and_unix_sockets() {
             )
             .unwrap();
     }
-    // No ALPN: the server speaks HTTP/1.1 after the handshake.
-    let config = tokio_rustls::rustls::ClientConfig::builder()
+    // A client that asks for HTTP/1.1 by ALPN (curl --http1.1, Prometheus' scraper) gets it.
+    let mut config = tokio_rustls::rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
 

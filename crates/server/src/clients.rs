@@ -5,6 +5,7 @@
 //! or unix sockets, with the client TLS for `https://` and `unixs://` URLs.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use metastore_api_context::AuthLayer;
@@ -22,9 +23,12 @@ use metastore_proto::etcdserverpb::watch_server::WatchServer;
 use metastore_proto::v3electionpb::election_server::ElectionServer;
 use metastore_proto::v3lockpb::lock_server::LockServer;
 use tokio::sync::watch;
-use tonic::transport::ServerTlsConfig;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use tokio_stream::{Stream, StreamExt};
 use tonic_health::pb::health_server::{Health, HealthServer};
-use tracing::info;
+
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::context::Member;
@@ -91,29 +95,79 @@ async fn bind_urls(flag: &str, texts: &[String], what: &str) -> Result<Vec<(urls
     Ok(listeners)
 }
 
-/// The builder of one listener's server: HTTP/1.1 beside HTTP/2 (etcd serves both on its client
-/// and metrics URLs), and the client TLS for `https://` and `unixs://` URLs.
-fn server_builder(
-    url: &urls::Url,
-    tls: Option<&ServerTlsConfig>,
-) -> Result<tonic::transport::Server> {
-    let mut builder = tonic::transport::Server::builder().accept_http1(true);
-    if url.scheme.tls() {
-        let tls = tls.cloned().with_context(|| {
-            format!(
-                "TLS key/cert (--cert-file, --key-file) must be provided for client url \
-                 {} with HTTPS scheme",
-                url.text
-            )
-        })?;
-        builder = builder.tls_config(tls)?;
+/// The client TLS of `url`: `https://` and `unixs://` URLs need `--cert-file` and `--key-file`.
+fn tls_of(url: &urls::Url, tls: Option<&TlsAcceptor>) -> Result<Option<TlsAcceptor>> {
+    if !url.scheme.tls() {
+        return Ok(None);
     }
-    Ok(builder)
+    let tls = tls.cloned().with_context(|| {
+        format!(
+            "TLS key/cert (--cert-file, --key-file) must be provided for client url {} with \
+             HTTPS scheme",
+            url.text
+        )
+    })?;
+    Ok(Some(tls))
 }
 
-/// Serves `router` on `listener` until `stop`.
+/// The builder of one listener's server: HTTP/1.1 beside HTTP/2, as etcd serves both on its
+/// client and metrics URLs (TLS is the listener's, see [`spawn`]).
+fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder().accept_http1(true)
+}
+
+/// How long a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS connections over the connections of `incoming`, until `stop`. Handshakes run side by side,
+/// so a slow or silent client holds up no other.
+fn tls_incoming<IO>(
+    mut incoming: impl Stream<Item = std::io::Result<IO>> + Unpin + Send + 'static,
+    acceptor: TlsAcceptor,
+    mut stop: watch::Receiver<bool>,
+) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<IO>>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        tokio::pin!(stopped);
+        loop {
+            let io = tokio::select! {
+                () = &mut stopped => break,
+                next = incoming.next() => match next {
+                    Some(Ok(io)) => io,
+                    Some(Err(e)) => {
+                        // Out of file descriptors, typically: try again shortly.
+                        warn!(error = %e, "accepting a client connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    None => break,
+                },
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => debug!(error = %e, "client TLS handshake failed"),
+                    Err(_) => debug!("client TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Serves `router` on `listener` (with `tls` when given) until `stop`.
 fn spawn<S>(
     listener: Listener,
+    tls: Option<TlsAcceptor>,
     router: tonic::transport::server::Router<S>,
     stop: &watch::Receiver<bool>,
 ) -> ServerTask
@@ -130,19 +184,32 @@ where
     <S::Service as tower_service::Service<::http::Request<tonic::body::Body>>>::Error:
         Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
-    let mut stop = stop.clone();
+    let mut stop_rx = stop.clone();
     let stopped = async move {
-        let _ = stop.wait_for(|s| *s).await;
+        let _ = stop_rx.wait_for(|s| *s).await;
     };
-    match listener {
-        Listener::Tcp(listener) => {
+    match (listener, tls) {
+        (Listener::Tcp(listener), None) => {
             // Small responses must not wait for Nagle's algorithm (40 ms with delayed ACKs).
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
         }
-        Listener::Unix(listener, _) => {
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        (Listener::Tcp(listener), Some(tls)) => {
+            let tcp = TcpListenerStream::new(listener).map(|conn| {
+                let conn = conn?;
+                conn.set_nodelay(true)?;
+                Ok(conn)
+            });
+            let incoming = tls_incoming(Box::pin(tcp), tls, stop.clone());
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        (Listener::Unix(listener, _), None) => {
+            let incoming = UnixListenerStream::new(listener);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        (Listener::Unix(listener, _), Some(tls)) => {
+            let incoming = tls_incoming(UnixListenerStream::new(listener), tls, stop.clone());
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
         }
     }
@@ -151,7 +218,7 @@ where
 /// Serves `--listen-metrics-urls`: `/metrics` and the health probes, nothing else.
 pub fn serve_metrics(
     listeners: Vec<(urls::Url, Listener)>,
-    tls: Option<&ServerTlsConfig>,
+    tls: Option<&TlsAcceptor>,
     state: &HttpState,
     stop: &watch::Receiver<bool>,
 ) -> Result<Vec<ServerTask>> {
@@ -159,8 +226,8 @@ pub fn serve_metrics(
     for (url, listener) in listeners {
         info!(address = %listener.address(), url = %url.text, "serving metrics");
         let routes = tonic::service::Routes::from(http::metrics_router(state.clone()));
-        let router = server_builder(&url, tls)?.add_routes(routes);
-        servers.push(spawn(listener, router, stop));
+        let router = server_builder().add_routes(routes);
+        servers.push(spawn(listener, tls_of(&url, tls)?, router, stop));
     }
     Ok(servers)
 }
@@ -172,7 +239,7 @@ pub fn serve(
     cfg: &Config,
     member: &Member,
     listeners: Vec<(urls::Url, Listener)>,
-    tls: Option<&ServerTlsConfig>,
+    tls: Option<&TlsAcceptor>,
     health: HealthServer<impl Health>,
     state: &HttpState,
     stop: &watch::Receiver<bool>,
@@ -195,7 +262,8 @@ pub fn serve(
         let lease = LeaseServer::new(LeaseService::new(ctx.clone(), member.lessor.clone()))
             .max_decoding_message_size(max_recv);
         let cluster = ClusterServer::new(ClusterService::new(ctx.clone()));
-        let router = server_builder(&url, tls)?
+        let url_tls = tls_of(&url, tls)?;
+        let router = server_builder()
             // Requests that are not gRPC go to etcd's HTTP endpoints.
             .layer(HttpLayer::new(http::client_router(state.clone())))
             .layer(grpc_metrics.clone())
@@ -213,7 +281,7 @@ pub fn serve(
                 &member.watch_hub,
             )))
             .add_service(health.clone());
-        servers.push(spawn(listener, router, stop));
+        servers.push(spawn(listener, url_tls, router, stop));
     }
     Ok(servers)
 }
