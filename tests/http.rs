@@ -462,10 +462,51 @@ async fn an_isolated_member_reports_no_leader() {
     let leader = cluster.wait_leader().await;
     let follower = (leader + 1) % 3;
     let port = cluster.member(follower).client_port;
-    assert_eq!(
-        value(&metrics(port).await, "etcd_server_has_leader", &[]),
-        1.0
+    let leader_port = cluster.member(leader).client_port;
+    let follower_metrics = metrics(port).await;
+    assert_eq!(value(&follower_metrics, "etcd_server_has_leader", &[]), 1.0);
+    assert_eq!(value(&follower_metrics, "etcd_server_is_leader", &[]), 0.0);
+    // The follower's id, as the peer metrics label it.
+    let follower_id = follower_metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("etcd_server_id{server_id=\""))
+        .and_then(|rest| rest.split_once('"'))
+        .map(|(id, _)| id.to_string())
+        .expect("etcd_server_id");
+    let to = format!("To=\"{follower_id}\"");
+    let leader_metrics = metrics(leader_port).await;
+    assert!(
+        value(
+            &leader_metrics,
+            "etcd_network_peer_sent_bytes_total",
+            &[&to]
+        ) > 0.0
     );
+    assert!(
+        value(
+            &follower_metrics,
+            "etcd_network_peer_received_bytes_total",
+            &[]
+        ) > 0.0
+    );
+    // The prober measures every peer's round trip (every 4 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sample(
+        &metrics(leader_port).await,
+        "etcd_network_peer_round_trip_time_seconds_count",
+        &[&to],
+    )
+    .is_none_or(|count| count < 1.0)
+    {
+        assert!(Instant::now() < deadline, "no round trip measured to {to}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let failures_before = sample(
+        &leader_metrics,
+        "etcd_network_peer_sent_failures_total",
+        &[&to],
+    )
+    .unwrap_or(0.0);
 
     cluster.isolate(follower);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -489,6 +530,16 @@ async fn an_isolated_member_reports_no_leader() {
     );
     assert_eq!(get(port, "/health?serializable=true").await.status, 200);
     assert_eq!(get(port, "/livez").await.status, 200);
+    // The leader could not reach it.
+    let failures = sample(
+        &metrics(leader_port).await,
+        "etcd_network_peer_sent_failures_total",
+        &[&to],
+    );
+    assert!(
+        failures.is_some_and(|f| f > failures_before),
+        "{failures:?}"
+    );
 
     cluster.heal(follower);
     let deadline = Instant::now() + Duration::from_secs(30);

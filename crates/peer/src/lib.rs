@@ -49,6 +49,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 const STREAM_BATCHES: usize = 64;
 /// Bound on one request-response call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often each peer's round trip is measured (etcd's prober: every 4 s).
+const PROBE_INTERVAL: Duration = Duration::from_secs(4);
 /// At most one warning per member per this interval.
 const WARN_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -275,6 +277,58 @@ impl<O: Send + 'static> PeerNetwork<O> {
         }
     }
 
+    /// Measures the round trip to every other member every [`PROBE_INTERVAL`] (a `Members`
+    /// call on the shared channel), as etcd's prober does, into
+    /// `etcd_network_peer_round_trip_time_seconds{To}`. Stops when the network is dropped.
+    pub fn spawn_prober(&self) {
+        let network = Arc::downgrade(&self.inner);
+        self.inner.runtime.spawn(async move {
+            let mut every = tokio::time::interval(PROBE_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(inner) = network.upgrade() else {
+                    return;
+                };
+                let network = PeerNetwork { inner };
+                let Some(node) = network.inner.node.get() else {
+                    continue;
+                };
+                let peers: Vec<u64> = node.with_status(|s| {
+                    let m = &s.membership;
+                    m.voters.iter().chain(&m.learners).copied().collect()
+                });
+                for to in peers
+                    .into_iter()
+                    .filter(|id| *id != network.inner.member_id)
+                {
+                    let network = network.clone();
+                    tokio::spawn(async move { network.probe(to).await });
+                }
+            }
+        });
+    }
+
+    /// One round trip to member `to`, recorded when it answered.
+    async fn probe(&self, to: u64) {
+        let urls = (self.inner.resolve)(to);
+        let Some(url) = urls.first() else {
+            return;
+        };
+        let Ok(channel) = self.channel(url) else {
+            return;
+        };
+        let mut peer = client(channel);
+        let started = Instant::now();
+        let call = peer.members(MembersRequest {
+            cluster_id: self.inner.cluster_id,
+        });
+        if let Ok(Ok(_)) = tokio::time::timeout(CALL_TIMEOUT, call).await {
+            metrics::histogram!("etcd_network_peer_round_trip_time_seconds", "To" => hex(to))
+                .record(started.elapsed().as_secs_f64());
+        }
+    }
+
     /// The shared channel to `url` for unary calls.
     fn channel(&self, url: &str) -> Result<Channel, Status> {
         let mut channels = self.inner.channels.lock();
@@ -312,6 +366,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
     /// opens a new stream after a failure.
     async fn run_sender(self, to: u64, mut rx: mpsc::Receiver<Message>) {
         let mut last_warning: Option<Instant> = None;
+        let sent_bytes = metrics::counter!("etcd_network_peer_sent_bytes_total", "To" => hex(to));
         loop {
             // Wait for something to send before connecting.
             let Some(first) = rx.recv().await else {
@@ -349,6 +404,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
                     },
                 };
                 let batch = self.batch(to, msg, &mut rx);
+                sent_bytes.increment(batch.messages.iter().map(|m| m.len() as u64).sum());
                 if batches.send(batch).await.is_err() {
                     break describe_end((&mut call).await);
                 }
@@ -357,6 +413,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
                 tracing::warn!(to = format_args!("{to:x}"), "{REMOVED_MESSAGE}");
                 self.inner.removed.store(true, Ordering::Relaxed);
             }
+            sent_failure(to);
             warn_limited(
                 &mut last_warning,
                 to,
@@ -406,6 +463,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
                     true
                 }
                 Err(e) => {
+                    sent_failure(to);
                     tracing::warn!(to = format_args!("{to:x}"), index, error = %e, "sending snapshot failed");
                     false
                 }
@@ -477,6 +535,17 @@ fn describe_end(
     }
 }
 
+/// A member id as etcd writes it in metric labels.
+fn hex(id: u64) -> String {
+    format!("{id:x}")
+}
+
+/// `etcd_network_peer_sent_failures_total{To}`: messages to `to` that could not be sent (a full
+/// queue dropped one, a stream or a snapshot transfer failed).
+fn sent_failure(to: u64) {
+    metrics::counter!("etcd_network_peer_sent_failures_total", "To" => hex(to)).increment(1);
+}
+
 fn warn_limited(last: &mut Option<Instant>, to: u64, what: &str) {
     if last.is_none_or(|at| at.elapsed() >= WARN_INTERVAL) {
         tracing::warn!(to = format_args!("{to:x}"), "{what}");
@@ -502,6 +571,7 @@ impl<O: Send + 'static> Transport for PeerNetwork<O> {
                 }
             };
             if tx.try_send(msg).is_err() {
+                sent_failure(to);
                 self.report_unreachable(to);
             }
         }
@@ -632,8 +702,21 @@ impl<O: Send + 'static> Peer for PeerService<O> {
         request: Request<Streaming<RaftBatch>>,
     ) -> Result<Response<PeerAck>, Status> {
         let mut stream = request.into_inner();
+        let mut received: Option<(u64, metrics::Counter)> = None;
         while let Some(batch) = stream.message().await? {
             self.check_cluster(batch.cluster_id)?;
+            let bytes = batch.messages.iter().map(|m| m.len() as u64).sum();
+            match &received {
+                Some((from, counter)) if *from == batch.from => counter.increment(bytes),
+                _ => {
+                    let counter = metrics::counter!(
+                        "etcd_network_peer_received_bytes_total",
+                        "From" => hex(batch.from)
+                    );
+                    counter.increment(bytes);
+                    received = Some((batch.from, counter));
+                }
+            }
             if batch.to != self.member_id {
                 return Err(Status::failed_precondition(format!(
                     "member id mismatch: messages for {:x} reached member {:x}",

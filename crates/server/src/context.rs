@@ -156,6 +156,7 @@ pub fn start(
     );
     let raft = RaftNode::start(raft_cfg, sm, Arc::new(network.clone())).context("starting raft")?;
     network.set_node(raft.clone());
+    network.spawn_prober();
     boot::write_identity(member_dir, member_id, cluster_id)?;
     info!(
         name = %cfg.name,

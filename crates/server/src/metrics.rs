@@ -49,6 +49,13 @@ pub fn install() -> Result<()> {
             Matcher::Full("etcd_disk_backend_commit_duration_seconds".into()),
             &disk_buckets(),
         )?
+        .set_buckets_for_metric(
+            Matcher::Full("etcd_network_peer_round_trip_time_seconds".into()),
+            // etcd's ExponentialBuckets(0.0001, 2, 14): 0.1 ms to 0.8 s
+            &(0..14)
+                .map(|i| 0.0001 * f64::from(1u32 << i))
+                .collect::<Vec<_>>(),
+        )?
         .install_recorder()
         .context("installing the Prometheus metrics recorder")?;
     let _ = HANDLE.set(handle);
@@ -142,6 +149,25 @@ fn describe() {
     describe_gauge!(
         "etcd_debugging_mvcc_compact_revision",
         "The revision of the last compaction in store."
+    );
+    describe_histogram!(
+        "etcd_network_peer_round_trip_time_seconds",
+        Unit::Seconds,
+        "Round-Trip-Time histogram between peers"
+    );
+    describe_counter!(
+        "etcd_network_peer_sent_failures_total",
+        "The total number of send failures from peers."
+    );
+    describe_counter!(
+        "etcd_network_peer_sent_bytes_total",
+        Unit::Bytes,
+        "The total number of bytes sent to peers."
+    );
+    describe_counter!(
+        "etcd_network_peer_received_bytes_total",
+        Unit::Bytes,
+        "The total number of bytes received from peers."
     );
     describe_counter!(
         "grpc_server_started_total",
