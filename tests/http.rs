@@ -606,3 +606,130 @@ async fn promtool_accepts_the_exposition() {
         "promtool did not lint: {report}"
     );
 }
+
+/// kubeadm's generated etcd manifest, flag for flag (its `/etc/kubernetes/manifests/etcd.yaml`
+/// command, with this test's ports, paths and certificates): the member starts, kubelet's probes
+/// on the metrics URL answer (the older kubeadm's `/health?…` ones and the newer `/livez` and
+/// `/readyz`), and `etcdctl` with kubeadm's client certificate (as the API server) reads and
+/// writes over https.
+async fn kubeadm_command_line_starts_a_member(kind: Kind) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::tls::Ca::new(dir.path(), "etcd");
+    let server = ca.leaf(dir.path(), "server", "node1");
+    let peer = ca.leaf(dir.path(), "peer", "node1");
+    let client = ca.leaf(
+        dir.path(),
+        "apiserver-etcd-client",
+        "kube-apiserver-etcd-client",
+    );
+    let (c, p, m) = (free_port(), free_port(), free_port());
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let data_dir = dir.path().join("etcd");
+    let engine = match kind {
+        Kind::Rocks => "rocksdb",
+        _ => "memory",
+    };
+    let args = [
+        format!("--advertise-client-urls=https://127.0.0.1:{c}"),
+        format!("--cert-file={}", path(&server.cert)),
+        "--client-cert-auth=true".to_string(),
+        format!("--data-dir={}", path(&data_dir)),
+        "--experimental-initial-corrupt-check=true".to_string(),
+        "--experimental-watch-progress-notify-interval=5s".to_string(),
+        format!("--initial-advertise-peer-urls=https://127.0.0.1:{p}"),
+        format!("--initial-cluster=node1=https://127.0.0.1:{p}"),
+        format!("--key-file={}", path(&server.key)),
+        // The node address beside loopback, as kubeadm writes it (127.0.0.2 stands for it).
+        format!("--listen-client-urls=https://127.0.0.1:{c},https://127.0.0.2:{c}"),
+        format!("--listen-metrics-urls=http://127.0.0.1:{m}"),
+        format!("--listen-peer-urls=https://127.0.0.1:{p}"),
+        "--name=node1".to_string(),
+        format!("--peer-cert-file={}", path(&peer.cert)),
+        "--peer-client-cert-auth=true".to_string(),
+        format!("--peer-key-file={}", path(&peer.key)),
+        format!("--peer-trusted-ca-file={}", path(&ca.cert_path)),
+        "--snapshot-count=10000".to_string(),
+        format!("--trusted-ca-file={}", path(&ca.cert_path)),
+    ];
+    let mut cmd = std::process::Command::new(support::metastore_bin());
+    // The engine, MetaStore's own choice, through its environment variable as a pod spec would.
+    cmd.args(&args)
+        .env("ETCD_STORAGE_ENGINE", engine)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("member.log")).unwrap());
+    let mut child = support::KillOnDrop(vec![cmd.spawn().expect("start metastore")]);
+
+    // kubelet's startup probe: until /readyz answers 200 (bounded).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.0[0].try_wait() {
+            panic!(
+                "exited with {status}: {}",
+                std::fs::read_to_string(dir.path().join("member.log")).unwrap()
+            );
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", m))
+            .await
+            .is_ok()
+            && get(m, "/readyz").await.status == 200
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz never answered 200");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for probe in [
+        "/health?exclude=NOSPACE&serializable=true",
+        "/health?serializable=false",
+    ] {
+        let reply = get(m, probe).await;
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (200, HEALTHY),
+            "{probe}"
+        );
+    }
+    for probe in ["/livez", "/readyz"] {
+        let reply = get(m, probe).await;
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (200, "ok\n"),
+            "{probe}"
+        );
+    }
+    assert!(metrics(m).await.contains("etcd_server_has_leader 1"));
+
+    let etcdctl = |args: &[&str]| {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints=https://localhost:{c}"))
+            .arg(format!("--cacert={}", path(&ca.cert_path)))
+            .arg(format!("--cert={}", path(&client.cert)))
+            .arg(format!("--key={}", path(&client.key)))
+            .args(args)
+            .output()
+            .expect("etcdctl");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    etcdctl(&["put", "/registry/namespaces/default", "ns"]);
+    assert_eq!(
+        etcdctl(&["get", "/registry/namespaces/default", "--print-value-only"]),
+        "ns\n"
+    );
+    // Without a client certificate the TLS handshake is refused (--client-cert-auth=true).
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints=https://localhost:{c}"))
+        .arg(format!("--cacert={}", path(&ca.cert_path)))
+        .args(["--dial-timeout=2s", "get", "x"])
+        .output()
+        .expect("etcdctl");
+    assert!(!out.status.success());
+}
+
+per_engine!(kubeadm_command_line_starts_a_member);
