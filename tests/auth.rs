@@ -899,6 +899,53 @@ async fn authenticate_is_rate_limited_per_user() {
     token_of(&channel, "bob", "bobpw").await;
 }
 
+/// Every service, Auth included, takes at most `--max-request-bytes` plus gRPC's overhead
+/// (512 KiB) per message, as etcd's server-wide limit: more gets ResourceExhausted and grpc-go's
+/// `received message larger than max` before anything is decoded or stored.
+async fn oversized_requests_are_refused_by_every_service(kind: Kind) {
+    let server = start(kind, &["--max-request-bytes", "1024"]).await;
+    let channel = connect(&server.endpoint()).await;
+    let body = pb::AuthenticateRequest {
+        name: "n".repeat(600 * 1024),
+        password: "p".into(),
+    }
+    .encode_to_vec();
+    for path in [
+        "/etcdserverpb.Auth/Authenticate",
+        "/etcdserverpb.Auth/UserAdd",
+        "/etcdserverpb.Maintenance/Status",
+        "/etcdserverpb.Cluster/MemberAdd",
+        "/etcdserverpb.KV/Range",
+        "/etcdserverpb.Lease/LeaseGrant",
+        "/v3lockpb.Lock/Lock",
+        "/v3electionpb.Election/Campaign",
+    ] {
+        let e = call(&channel, None, path, body.clone()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{path}: {e:?}");
+        assert!(
+            e.message()
+                .starts_with("grpc: received message larger than max ("),
+            "{path}: {e:?}"
+        );
+    }
+    // Below the limit the same services answer as usual.
+    let e = call(
+        &channel,
+        None,
+        "/etcdserverpb.Auth/Authenticate",
+        pb::AuthenticateRequest {
+            name: "n".repeat(1000),
+            password: "p".into(),
+        }
+        .encode_to_vec(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.message(), "etcdserver: authentication is not enabled");
+}
+
+per_kind!(oversized_requests_are_refused_by_every_service);
+
 // ---- etcdctl with --user ----
 
 fn etcdctl(endpoint: &str, args: &[&str]) -> std::process::Output {

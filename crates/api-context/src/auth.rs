@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -63,7 +64,7 @@ pub struct AuthGate {
     pub bcrypt_cost: u32,
     /// `--client-cert-auth`: a verified client certificate's CN names the user.
     pub client_cert_auth: bool,
-    attempts: Mutex<HashMap<String, (f64, Instant)>>,
+    attempts: Mutex<Attempts>,
 }
 
 /// Authenticate attempts one user may burst, and how many per second are refilled.
@@ -83,7 +84,10 @@ impl AuthGate {
             tokens,
             bcrypt_cost,
             client_cert_auth,
-            attempts: Mutex::new(HashMap::new()),
+            attempts: Mutex::new(Attempts {
+                hasher: RandomState::new(),
+                buckets: HashMap::new(),
+            }),
         }
     }
 
@@ -138,15 +142,18 @@ impl AuthGate {
     }
 
     /// Admits an Authenticate attempt for `user` unless it exceeds the per-user rate.
+    ///
+    /// The user name is chosen by an unauthenticated client, so the table keeps a keyed hash of
+    /// it (never the name) and at most [`AUTH_TRACKED_USERS`] entries: a flood of fresh names
+    /// costs a bounded amount of memory, and what it evicts first are the buckets idle longest.
     pub fn admit_attempt(&self, user: &str) -> Result<(), AuthError> {
         let mut attempts = self.attempts.lock();
         let now = Instant::now();
-        if attempts.len() > 10_000 {
-            attempts.retain(|_, (_, at)| now.duration_since(*at).as_secs() < 60);
+        let key = attempts.hasher.hash_one(user);
+        if !attempts.buckets.contains_key(&key) && attempts.buckets.len() >= AUTH_TRACKED_USERS {
+            attempts.make_room(now);
         }
-        let (tokens, at) = attempts
-            .entry(user.to_string())
-            .or_insert((AUTH_BURST, now));
+        let (tokens, at) = attempts.buckets.entry(key).or_insert((AUTH_BURST, now));
         *tokens =
             (*tokens + now.duration_since(*at).as_secs_f64() * AUTH_REFILL_PER_SEC).min(AUTH_BURST);
         *at = now;
@@ -156,6 +163,53 @@ impl AuthGate {
         *tokens -= 1.0;
         Ok(())
     }
+
+    /// How many user names the Authenticate rate limit tracks now.
+    pub fn tracked_attempts(&self) -> usize {
+        self.attempts.lock().buckets.len()
+    }
+}
+
+/// Most user names the Authenticate rate limit tracks at once.
+pub const AUTH_TRACKED_USERS: usize = 10_000;
+
+/// The Authenticate rate limit's buckets, by keyed hash of the user name: (tokens left, last
+/// attempt).
+struct Attempts {
+    hasher: RandomState,
+    buckets: HashMap<u64, (f64, Instant)>,
+}
+
+impl Attempts {
+    /// Frees at least a tenth of the table: buckets that refilled completely are the same as
+    /// absent ones; if too few did, the fullest go (names tried least lately), so that a flood
+    /// of fresh names cannot evict a user who is being limited.
+    fn make_room(&mut self, now: Instant) {
+        let level = |&(tokens, at): &(f64, Instant)| {
+            (tokens + now.duration_since(at).as_secs_f64() * AUTH_REFILL_PER_SEC).min(AUTH_BURST)
+        };
+        self.buckets.retain(|_, bucket| level(bucket) < AUTH_BURST);
+        let keep = AUTH_TRACKED_USERS - AUTH_TRACKED_USERS / 10;
+        if self.buckets.len() > keep {
+            let mut levels: Vec<f64> = self.buckets.values().map(level).collect();
+            let (_, &mut fullest_kept_bound, _) =
+                levels.select_nth_unstable_by(keep, |a, b| a.total_cmp(b));
+            self.buckets
+                .retain(|_, bucket| level(bucket) < fullest_kept_bound);
+        }
+    }
+}
+
+/// At most the first 64 bytes of a client-chosen name, for logs.
+pub fn name_for_log(name: &str) -> &str {
+    if name.len() <= 64 {
+        return name;
+    }
+    let mut end = 64;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
 }
 
 /// The CN of the first verified client certificate of a TLS connection.
@@ -345,5 +399,40 @@ impl ServerContext {
             .check(&info, needs)
             .map_err(|e| auth_status(&e))?;
         Ok(info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate() -> AuthGate {
+        AuthGate::new(AuthStore::new(), TokenProvider::Simple, 4, false)
+    }
+
+    /// A flood of distinct large names failing Authenticate leaves a bounded table, and a user
+    /// being limited stays limited through it.
+    #[test]
+    fn authenticate_rate_limit_table_is_bounded() {
+        let gate = gate();
+        while gate.admit_attempt("alice").is_ok() {}
+        let padding = "x".repeat(1024);
+        for i in 0..3 * AUTH_TRACKED_USERS {
+            gate.admit_attempt(&format!("{i}{padding}")).unwrap();
+            assert!(gate.tracked_attempts() <= AUTH_TRACKED_USERS);
+        }
+        assert_eq!(
+            gate.admit_attempt("alice").unwrap_err(),
+            AuthError::TooManyRequests
+        );
+    }
+
+    #[test]
+    fn long_names_are_cut_for_logs() {
+        assert_eq!(name_for_log("alice"), "alice");
+        assert_eq!(name_for_log(&"a".repeat(1 << 20)).len(), 64);
+        // Never in the middle of a character.
+        assert_eq!(name_for_log(&"é".repeat(100)).len(), 64);
+        assert_eq!(name_for_log(&format!("a{}", "é".repeat(100))).len(), 63);
     }
 }

@@ -9,6 +9,7 @@
 //! - [`LeaderForwarder`] (and its [`BoxFuture`]), how a follower reaches the leader;
 //! - the mapping of domain errors to etcd's gRPC codes and messages ([`mvcc_status`],
 //!   [`raft_status`], [`apply_error_status`], …) and [`PROPOSAL_TIMEOUT`];
+//! - [`OversizeLayer`], grpc-go's answer to a message over the receive limit;
 //! - authentication and authorization at the API: [`AuthLayer`] in front of every client-port
 //!   service, [`AuthGate`], the resolved [`Caller`] and [`ServerContext::authorize`].
 //!
@@ -17,12 +18,16 @@
 
 mod auth;
 mod errors;
+mod oversize;
 
-pub use auth::{auth_status, AuthGate, AuthLayer, AuthMiddleware, Caller};
+pub use auth::{
+    auth_status, name_for_log, AuthGate, AuthLayer, AuthMiddleware, Caller, AUTH_TRACKED_USERS,
+};
 pub use errors::{
     apply_error_status, lease_status, member_not_found, mvcc_status, no_space, raft_status,
     request_too_large,
 };
+pub use oversize::{OversizeLayer, OversizeService};
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -4,7 +4,7 @@
 //!
 //! [`AuthGate`]: metastore_api_context::AuthGate
 
-use metastore_api_context::{auth_status, Caller, ServerContext};
+use metastore_api_context::{auth_status, name_for_log, Caller, ServerContext};
 use metastore_auth::tokens::TokenProvider;
 use metastore_auth::{AuthError, Need};
 use metastore_proto::authpb::Permission;
@@ -115,7 +115,7 @@ impl Auth for AuthService {
             .await
             .map_err(|e| Status::internal(format!("etcdserver: password check failed: {e}")))?
             .map_err(|e| {
-                tracing::info!(user = %req.name, error = %e, "authentication failed");
+                tracing::info!(user = %name_for_log(&req.name), error = %e, "authentication failed");
                 auth_status(&e)
             })?;
         let simple_token_prefix = match gate.tokens {

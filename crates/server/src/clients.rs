@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use metastore_api_context::AuthLayer;
+use metastore_api_context::{AuthLayer, OversizeLayer};
 use metastore_etcd_api::{
     AuthService, ClusterService, ElectionService, KvService, LeaseService, LockService,
     WatchService,
@@ -252,7 +252,8 @@ pub fn serve(
         info!(address = %listener.address(), url = %url.text, "serving client requests");
         let kv = KvServer::new(KvService::new(ctx.clone())).max_decoding_message_size(max_recv);
         let maintenance =
-            MaintenanceServer::new(MaintenanceService::new(ctx.clone(), member.backend.clone()));
+            MaintenanceServer::new(MaintenanceService::new(ctx.clone(), member.backend.clone()))
+                .max_decoding_message_size(max_recv);
         let watch = WatchServer::new(WatchService::new(
             ctx.clone(),
             member.watch_hub.clone(),
@@ -261,12 +262,22 @@ pub fn serve(
         .max_decoding_message_size(max_recv);
         let lease = LeaseServer::new(LeaseService::new(ctx.clone(), member.lessor.clone()))
             .max_decoding_message_size(max_recv);
-        let cluster = ClusterServer::new(ClusterService::new(ctx.clone()));
+        let cluster = ClusterServer::new(ClusterService::new(ctx.clone()))
+            .max_decoding_message_size(max_recv);
+        let auth =
+            AuthServer::new(AuthService::new(ctx.clone())).max_decoding_message_size(max_recv);
+        let lock = LockServer::new(LockService::new(ctx, &member.watch_hub))
+            .max_decoding_message_size(max_recv);
+        let election = ElectionServer::new(ElectionService::new(ctx, &member.watch_hub))
+            .max_decoding_message_size(max_recv);
         let url_tls = tls_of(&url, tls)?;
         let router = server_builder()
             // Requests that are not gRPC go to etcd's HTTP endpoints.
             .layer(HttpLayer::new(http::client_router(state.clone())))
             .layer(grpc_metrics.clone())
+            // Every service decodes at most `max_recv` bytes per message (etcd's server-wide
+            // limit); a larger one gets grpc-go's answer.
+            .layer(OversizeLayer)
             // Every call passes the auth layer: one place decides who may call what.
             .layer(AuthLayer::new(ctx.clone()))
             .add_service(kv)
@@ -274,12 +285,9 @@ pub fn serve(
             .add_service(lease)
             .add_service(maintenance)
             .add_service(cluster)
-            .add_service(AuthServer::new(AuthService::new(ctx.clone())))
-            .add_service(LockServer::new(LockService::new(ctx, &member.watch_hub)))
-            .add_service(ElectionServer::new(ElectionService::new(
-                ctx,
-                &member.watch_hub,
-            )))
+            .add_service(auth)
+            .add_service(lock)
+            .add_service(election)
             .add_service(health.clone());
         servers.push(spawn(listener, url_tls, router, stop));
     }
