@@ -1078,3 +1078,52 @@ async fn a_removed_learner_stops() {
         .exists());
     c.assert_converged().await;
 }
+
+/// A membership change whose member record is over `--max-request-bytes` is refused with etcd's
+/// `request is too large`, like any other proposal, and changes nothing.
+async fn oversized_member_changes_are_refused(kind: Kind) {
+    use metastore_proto::etcdserverpb::cluster_client::ClusterClient;
+    use metastore_proto::etcdserverpb::{MemberAddRequest, MemberListRequest, MemberUpdateRequest};
+    let server = support::Server::start_with(kind, &["--max-request-bytes", "1024"]).await;
+    let mut cluster = ClusterClient::connect(server.endpoint()).await.unwrap();
+    let urls: Vec<String> = (0..100)
+        .map(|i| format!("http://10.0.{i}.1:2380"))
+        .collect();
+    let added = cluster
+        .member_add(MemberAddRequest {
+            peer_ur_ls: urls.clone(),
+            is_learner: true,
+        })
+        .await;
+    let e = added.expect_err("an oversized member add was accepted");
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            tonic::Code::InvalidArgument,
+            "etcdserver: request is too large"
+        )
+    );
+    let members = cluster
+        .member_list(MemberListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
+    assert_eq!(members.len(), 1, "{members:?}");
+    let e = cluster
+        .member_update(MemberUpdateRequest {
+            id: members[0].id,
+            peer_ur_ls: urls,
+        })
+        .await
+        .expect_err("an oversized member update was accepted");
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            tonic::Code::InvalidArgument,
+            "etcdserver: request is too large"
+        )
+    );
+}
+
+per_engine!(oversized_member_changes_are_refused);

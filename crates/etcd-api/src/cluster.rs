@@ -23,7 +23,8 @@ use prost::Message;
 use tonic::{Request as GrpcRequest, Response, Status};
 
 use metastore_api_context::{
-    apply_error_status, member_not_found, raft_status, ServerContext, PROPOSAL_TIMEOUT,
+    apply_error_status, member_not_found, raft_status, request_too_large, ServerContext,
+    PROPOSAL_TIMEOUT,
 };
 
 /// etcd allows at most this many learners at a time.
@@ -86,6 +87,10 @@ impl ClusterService {
         changes: &[MemberChange],
         payload: Vec<u8>,
     ) -> Result<Vec<Member>, Status> {
+        // The member record enters the log like any request, under the same limit.
+        if payload.len() > self.ctx.limits.max_request_bytes {
+            return Err(request_too_large());
+        }
         let proposal = self.ctx.raft.propose_membership(changes, payload);
         match tokio::time::timeout(PROPOSAL_TIMEOUT, proposal).await {
             Err(_) => Err(Status::unavailable("etcdserver: request timed out")),

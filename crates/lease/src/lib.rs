@@ -114,6 +114,14 @@ impl Default for Lessor {
     }
 }
 
+/// When a countdown of `ttl_secs` started at `from` ends. The TTL is taken within
+/// 1..=[`MAX_LEASE_TTL_SECS`] (see [`Lessor::recover`]), so no TTL overflows the clock.
+fn deadline(from: Instant, ttl_secs: i64) -> Instant {
+    let ttl = Duration::from_secs(ttl_secs.clamp(1, MAX_LEASE_TTL_SECS).unsigned_abs());
+    from.checked_add(ttl)
+        .unwrap_or_else(|| from + Duration::from_secs(365 * 24 * 3600))
+}
+
 fn lease_key(id: i64) -> Vec<u8> {
     id.to_be_bytes().to_vec()
 }
@@ -150,10 +158,20 @@ impl Lessor {
         view.scan(LEASE_BUCKET, ScanRange::all(), &mut |_k, v| {
             match LeaseRecord::decode(v) {
                 Ok(r) => {
+                    // A grant never stores a TTL out of this range; a corrupt or forged record
+                    // could, and must not stop leases from expiring.
+                    let ttl_secs = r.ttl.clamp(1, MAX_LEASE_TTL_SECS);
+                    if ttl_secs != r.ttl {
+                        tracing::warn!(
+                            lease_id = r.id,
+                            ttl_secs = r.ttl,
+                            "lease record with a TTL out of range; using {ttl_secs} s"
+                        );
+                    }
                     leases.insert(
                         r.id,
                         Lease {
-                            ttl_secs: r.ttl,
+                            ttl_secs,
                             keys: BTreeSet::new(),
                             expiry: None,
                         },
@@ -183,7 +201,7 @@ impl Lessor {
         if primary {
             let now = Instant::now();
             for l in table.leases.values_mut() {
-                l.expiry = Some(now + Duration::from_secs(l.ttl_secs as u64));
+                l.expiry = Some(deadline(now, l.ttl_secs));
             }
         }
         Ok(())
@@ -206,9 +224,7 @@ impl Lessor {
             remaining_ttl: 0,
         };
         batch.put(LEASE_BUCKET, lease_key(id), record.encode_to_vec());
-        let expiry = table
-            .primary
-            .then(|| Instant::now() + Duration::from_secs(ttl_secs as u64));
+        let expiry = table.primary.then(|| deadline(Instant::now(), ttl_secs));
         table.leases.insert(
             id,
             Lease {
@@ -284,7 +300,7 @@ impl Lessor {
             if lease.expiry.is_some_and(|e| e <= now) {
                 return Err(LeaseError::NotFound);
             }
-            lease.expiry = Some(now + Duration::from_secs(lease.ttl_secs as u64));
+            lease.expiry = Some(deadline(now, lease.ttl_secs));
         }
         Ok(lease.ttl_secs)
     }
@@ -327,7 +343,7 @@ impl Lessor {
         table.primary = true;
         let now = Instant::now();
         for l in table.leases.values_mut() {
-            l.expiry = Some(now + extend + Duration::from_secs(l.ttl_secs as u64));
+            l.expiry = Some(deadline(now + extend, l.ttl_secs));
         }
     }
 
@@ -430,6 +446,55 @@ mod tests {
         let status = reopened.time_to_live(8).unwrap();
         assert_eq!(status.granted_ttl_secs, 30);
         assert_eq!(status.keys, vec![b"b".to_vec()]);
+    }
+
+    impl Lessor {
+        /// Moves every countdown `by` into the past, as if that much time went by.
+        fn age_for_test(&self, by: Duration) {
+            for l in self.table.lock().leases.values_mut() {
+                l.expiry = l.expiry.map(|e| e - by);
+            }
+        }
+    }
+
+    /// A lease record with a negative (or absurd) TTL, as a corrupt or forged record could
+    /// carry, is clamped when read: promotion, renewal and expiry never panic on it, and it
+    /// still expires.
+    #[test]
+    fn records_with_out_of_range_ttls_never_panic() {
+        let backend = MemBackend::new(&[LEASE_BUCKET]);
+        let mut batch = WriteBatch::new();
+        for (id, ttl) in [(1, -5), (2, i64::MIN), (3, i64::MAX), (4, 0)] {
+            let record = LeaseRecord {
+                id,
+                ttl,
+                remaining_ttl: 0,
+            };
+            batch.put(LEASE_BUCKET, lease_key(id), record.encode_to_vec());
+        }
+        backend.write(batch).unwrap();
+        let lessor = Lessor::new();
+        lessor.promote(Duration::ZERO);
+        lessor
+            .recover(&*backend.snapshot().unwrap(), Vec::new())
+            .unwrap();
+        lessor.demote();
+        lessor.promote(Duration::ZERO);
+        for id in 1..=4 {
+            let ttl = lessor.renew(id).unwrap();
+            assert!((1..=MAX_LEASE_TTL_SECS).contains(&ttl), "lease {id}: {ttl}");
+            assert_eq!(lessor.time_to_live(id).unwrap().granted_ttl_secs, ttl);
+        }
+        assert_eq!(lessor.time_to_live(1).unwrap().granted_ttl_secs, 1);
+        assert_eq!(
+            lessor.time_to_live(3).unwrap().granted_ttl_secs,
+            MAX_LEASE_TTL_SECS
+        );
+        // Leases still expire: a promotion that restarted countdowns long ago (as far as
+        // the table can tell) leaves the short ones due.
+        lessor.promote(Duration::ZERO);
+        lessor.age_for_test(Duration::from_secs(2));
+        assert_eq!(lessor.expired(10), vec![1, 2, 4]);
     }
 
     #[test]
