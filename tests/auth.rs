@@ -946,6 +946,119 @@ async fn oversized_requests_are_refused_by_every_service(kind: Kind) {
 
 per_kind!(oversized_requests_are_refused_by_every_service);
 
+/// `step`, which must finish within 10 s.
+async fn within<T>(step: impl std::future::Future<Output = T>, what: &str) -> T {
+    tokio::time::timeout(Duration::from_secs(10), step)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within 10 s"))
+}
+
+/// A request on an open stream is checked with the credentials as they are now: after bob's
+/// password changed (which invalidates his simple tokens), a watch create on the stream he
+/// opened is refused as etcd refuses it (created and canceled, invalid auth token), and so is a
+/// keep-alive (MetaStore, which checks keep-alives as etcd 3.6 does; etcd 3.4 does not).
+async fn open_streams_check_credentials_on_each_request(kind: Kind) {
+    let server = start(kind, &[]).await;
+    let ep = server.endpoint();
+    set_up_users(&ep).await;
+    let channel = connect(&ep).await;
+    let token = token_of(&channel, "bob", "bobpw").await;
+    fn with_token<T>(token: &str, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.metadata_mut().insert("token", token.parse().unwrap());
+        r
+    }
+    let create = |key: &str| pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+            pb::WatchCreateRequest {
+                key: key.into(),
+                ..Default::default()
+            },
+        )),
+    };
+    let (watch_tx, watch_rx) = tokio::sync::mpsc::channel(4);
+    // Queued before the call: grpc-go (etcd) sends the response headers with the first answer.
+    watch_tx.send(create("/b/1")).await.unwrap();
+    let mut watches = within(
+        pb::watch_client::WatchClient::new(channel.clone()).watch(with_token(
+            &token,
+            tokio_stream::wrappers::ReceiverStream::new(watch_rx),
+        )),
+        "opening a watch stream",
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let first = within(watches.message(), "the first watch create")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.created && !first.canceled, "{first:?}");
+
+    // A lease bob renews on a stream of his (MetaStore only: etcd 3.4's keep-alive is open).
+    let root = as_user(&ep, "root", "rootpw").await.unwrap();
+    let lease = within(root.lease_client().grant(60, None), "a lease grant")
+        .await
+        .unwrap()
+        .id();
+    let (keep_tx, keep_rx) = tokio::sync::mpsc::channel(4);
+    keep_tx
+        .send(pb::LeaseKeepAliveRequest { id: lease })
+        .await
+        .unwrap();
+    let mut keep_alives = within(
+        pb::lease_client::LeaseClient::new(channel.clone()).lease_keep_alive(with_token(
+            &token,
+            tokio_stream::wrappers::ReceiverStream::new(keep_rx),
+        )),
+        "opening a keep-alive stream",
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let renewed = within(keep_alives.message(), "the first keep-alive")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((renewed.id, renewed.ttl), (lease, 60));
+
+    within(
+        root.auth_client().user_change_password("bob", "newpw"),
+        "the password change",
+    )
+    .await
+    .unwrap();
+
+    watch_tx.send(create("/b/2")).await.unwrap();
+    let refused = within(watches.message(), "the second watch create")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(refused.created && refused.canceled, "{refused:?}");
+    assert_eq!(
+        refused.cancel_reason,
+        "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"
+    );
+    if kind != Kind::Etcd {
+        keep_tx
+            .send(pb::LeaseKeepAliveRequest { id: lease })
+            .await
+            .unwrap();
+        let e = within(keep_alives.message(), "the second keep-alive")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (
+                tonic::Code::Unauthenticated,
+                "etcdserver: invalid auth token"
+            )
+        );
+    }
+}
+
+per_kind!(open_streams_check_credentials_on_each_request);
+
 // ---- etcdctl with --user ----
 
 fn etcdctl(endpoint: &str, args: &[&str]) -> std::process::Output {

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -40,6 +41,28 @@ pub struct Caller {
     /// The auth revision a JWT token was signed at; `None` for simple tokens and certificate
     /// users, which are valid for the store's current revision.
     pub token_revision: Option<u64>,
+    /// The token the call carried, so that each request on a stream can resolve it again.
+    token: Token,
+}
+
+/// A token as the client sent it. Never printed.
+#[derive(Clone, Default)]
+struct Token(Option<Arc<str>>);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Token(..)"
+        } else {
+            "None"
+        })
+    }
+}
+
+impl Token {
+    fn of(token: Option<&str>) -> Token {
+        Token(token.map(Arc::from))
+    }
 }
 
 impl Caller {
@@ -109,6 +132,7 @@ impl AuthGate {
                     .map(|username| Caller {
                         username,
                         token_revision: None,
+                        token: Token::of(Some(token)),
                     })
                     .ok_or(AuthError::InvalidAuthToken),
                 TokenProvider::Jwt(jwt) => {
@@ -116,6 +140,7 @@ impl AuthGate {
                     Ok(Caller {
                         username,
                         token_revision: Some(revision),
+                        token: Token::of(Some(token)),
                     })
                 }
             };
@@ -125,10 +150,21 @@ impl AuthGate {
                 return Ok(Caller {
                     username,
                     token_revision: None,
+                    token: Token::default(),
                 });
             }
         }
         Ok(Caller::default())
+    }
+
+    /// `caller` as its credentials say now: the token it opened a stream with is resolved again
+    /// (a password change, the user's deletion or auth disabled and enabled again invalidate
+    /// simple tokens; a JWT expires); a certificate user or an anonymous caller stays as it was.
+    fn resolve_again(&self, caller: &Caller) -> Result<Caller, AuthError> {
+        match caller.token.0.as_deref() {
+            Some(token) => self.resolve(Some(token), || None),
+            None => Ok(caller.clone()),
+        }
     }
 
     /// The identity to check `caller` with, at the auth revision current now.
@@ -277,13 +313,6 @@ impl AuthMiddleware<()> {
         request: &http::Request<B>,
     ) -> Result<Option<Caller>, NotAdmitted> {
         let gate = &ctx.auth;
-        if !gate.store.is_enabled() {
-            return Ok(None);
-        }
-        let rule = rule_for(request.uri().path());
-        if rule == Rule::Open {
-            return Ok(None);
-        }
         // etcd clients send `token`; etcd 3.5+ also takes `authorization`, with or without
         // `Bearer `.
         let token = request
@@ -292,6 +321,17 @@ impl AuthMiddleware<()> {
             .or_else(|| request.headers().get("authorization"))
             .and_then(|v| v.to_str().ok())
             .map(|t| t.strip_prefix("Bearer ").unwrap_or(t));
+        if !gate.store.is_enabled() {
+            // Requests on a stream opened now are checked should auth be enabled later.
+            return Ok(token.map(|token| Caller {
+                token: Token::of(Some(token)),
+                ..Caller::default()
+            }));
+        }
+        let rule = rule_for(request.uri().path());
+        if rule == Rule::Open {
+            return Ok(None);
+        }
         let caller = match gate.resolve(token, || certificate_cn(request)) {
             Ok(caller) => caller,
             Err(AuthError::InvalidAuthToken) => {
@@ -386,6 +426,24 @@ where
 }
 
 impl ServerContext {
+    /// Checks a request on a stream opened earlier (a watch create, a keep-alive) as etcd does:
+    /// the caller's credentials are resolved again, so a token invalidated since the stream
+    /// opened no longer works; then as [`ServerContext::authorize`].
+    pub fn authorize_on_stream(
+        &self,
+        caller: &Caller,
+        needs: &[Need<'_>],
+    ) -> Result<AuthInfo, Status> {
+        if !self.auth.store.is_enabled() {
+            return Ok(AuthInfo::default());
+        }
+        let current = self
+            .auth
+            .resolve_again(caller)
+            .map_err(|e| auth_status(&e))?;
+        self.authorize(&current, needs)
+    }
+
     /// Checks `caller` against `needs` with the auth store as of now (after any read barrier),
     /// with etcd's errors; the identity to propose with.
     pub fn authorize(&self, caller: &Caller, needs: &[Need<'_>]) -> Result<AuthInfo, Status> {

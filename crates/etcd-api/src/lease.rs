@@ -126,12 +126,13 @@ impl Lease for LeaseService {
         let lessor = self.lessor.clone();
         tokio::spawn(async move {
             while let Ok(Some(req)) = inbound.message().await {
-                // etcd 3.5+: renewing needs write permission on the lease's keys.
+                // etcd 3.5+: renewing needs write permission on the lease's keys, checked with
+                // the stream's credentials as they are now.
                 let keys = ctx.lease_keys_to_check(req.id);
                 let needs: Vec<Need<'_>> = keys.iter().map(|k| Need::Write(k, &[])).collect();
                 let mut needs = needs;
                 needs.push(Need::Authenticated);
-                if let Err(status) = ctx.authorize(&caller, &needs) {
+                if let Err(status) = ctx.authorize_on_stream(&caller, &needs) {
                     let _ = tx.send(Err(status)).await;
                     return;
                 }

@@ -94,9 +94,10 @@ impl Watch for WatchService {
                         let handled = match req.request_union {
                             Some(RequestUnion::CreateRequest(create)) => {
                                 // etcd checks read permission once, when the watcher is created,
-                                // and answers a refusal as a created-and-canceled watcher.
+                                // with the stream's credentials as they are now, and answers a
+                                // refusal as a created-and-canceled watcher.
                                 let needs = [Need::Read(&create.key, &create.range_end)];
-                                match ctx.authorize(&caller, &needs) {
+                                match ctx.authorize_on_stream(&caller, &needs) {
                                     Ok(_) => stream.create(create).await,
                                     Err(status) => stream.send(refused(&ctx, &status)).await,
                                 }
