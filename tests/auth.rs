@@ -946,6 +946,56 @@ async fn oversized_requests_are_refused_by_every_service(kind: Kind) {
 
 per_kind!(oversized_requests_are_refused_by_every_service);
 
+/// Simple tokens that no entry of this member's log could have issued (not etcd's form, or an
+/// index far ahead of what it applied) are refused at once with etcd's `invalid auth token`
+/// while the member applies nothing: they are not held until the applied index reaches them.
+#[tokio::test]
+async fn forged_simple_tokens_are_refused_at_once() {
+    let server = start(Kind::Memory, &[]).await;
+    let ep = server.endpoint();
+    set_up_users(&ep).await;
+    let channel = connect(&ep).await;
+    let token = token_of(&channel, "alice", "alicepw").await;
+    let (prefix, index) = token.split_once('.').unwrap();
+    let index: u64 = index.parse().unwrap();
+    for forged in [
+        "garbage".to_string(),
+        format!("x.{}", index + 1),
+        format!("{prefix}x.{}", index + 1),
+        format!("{prefix}.+{}", index + 1),
+        format!("{prefix}.{}", index + 10_000_000),
+        format!("{prefix}.{}", u64::MAX),
+    ] {
+        // `call` gives up after 5 s and answers `None` for a call still held.
+        let outcome = call(
+            &channel,
+            Some(&forged),
+            "/etcdserverpb.KV/Range",
+            body_for("/etcdserverpb.KV/Range", 0),
+        )
+        .await;
+        let e = outcome.expect_err(&format!("{forged}: held or admitted"));
+        assert_eq!(
+            (e.code(), e.message()),
+            (
+                tonic::Code::Unauthenticated,
+                "etcdserver: invalid auth token"
+            ),
+            "{forged}"
+        );
+    }
+    // The real token still names alice, who may not read /k.
+    let e = call(
+        &channel,
+        Some(&token),
+        "/etcdserverpb.KV/Range",
+        body_for("/etcdserverpb.KV/Range", 0),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.message(), DENIED);
+}
+
 /// `step`, which must finish within 10 s.
 async fn within<T>(step: impl std::future::Future<Output = T>, what: &str) -> T {
     tokio::time::timeout(Duration::from_secs(10), step)

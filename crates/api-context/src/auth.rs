@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -88,6 +89,8 @@ pub struct AuthGate {
     /// `--client-cert-auth`: a verified client certificate's CN names the user.
     pub client_cert_auth: bool,
     attempts: Mutex<Attempts>,
+    /// Calls held until their simple token's index is applied here.
+    token_waiters: AtomicUsize,
 }
 
 /// Authenticate attempts one user may burst, and how many per second are refilled.
@@ -111,6 +114,7 @@ impl AuthGate {
                 hasher: RandomState::new(),
                 buckets: HashMap::new(),
             }),
+            token_waiters: AtomicUsize::new(0),
         }
     }
 
@@ -198,6 +202,11 @@ impl AuthGate {
         }
         *tokens -= 1.0;
         Ok(())
+    }
+
+    /// How many calls wait now for their simple token's index to be applied here.
+    pub fn token_waiters(&self) -> usize {
+        self.token_waiters.load(Ordering::Acquire)
     }
 
     /// How many user names the Authenticate rate limit tracks now.
@@ -335,16 +344,13 @@ impl AuthMiddleware<()> {
         let caller = match gate.resolve(token, || certificate_cn(request)) {
             Ok(caller) => caller,
             Err(AuthError::InvalidAuthToken) => {
-                // etcd's simple tokens are `<prefix>.<index>`: like etcd, wait for a token
-                // issued at an index not yet applied here.
-                let index = token
-                    .and_then(|t| t.rsplit_once('.'))
-                    .and_then(|(_, i)| i.parse::<u64>().ok());
                 let applied = ctx.raft.with_status(|s| s.applied_index);
-                return Err(match (&gate.tokens, index) {
-                    (TokenProvider::Simple, Some(index)) if index > applied => {
-                        NotAdmitted::NotYetApplied(index)
-                    }
+                return Err(match (&gate.tokens, token) {
+                    (TokenProvider::Simple, Some(token)) => match simple_token_wait(token, applied)
+                    {
+                        Some(index) => NotAdmitted::NotYetApplied(index),
+                        None => NotAdmitted::Refused(auth_status(&AuthError::InvalidAuthToken)),
+                    },
                     _ => NotAdmitted::Refused(auth_status(&AuthError::InvalidAuthToken)),
                 });
             }
@@ -364,14 +370,63 @@ impl AuthMiddleware<()> {
     }
 }
 
-/// Waits until this member applied `index`, at most [`crate::PROPOSAL_TIMEOUT`].
-async fn wait_applied(ctx: &ServerContext, index: u64) {
-    let deadline = tokio::time::Instant::now() + crate::PROPOSAL_TIMEOUT;
-    while ctx.raft.with_status(|s| s.applied_index) < index
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+/// How far ahead of this member's applied index a simple token's index may be and still be
+/// waited for: further than this, the member could not apply that many entries within the
+/// wait anyway.
+const MAX_TOKEN_INDEX_LEAD: u64 = 1_000_000;
+
+/// The log index to wait for before deciding on a simple token this member does not know, or
+/// `None` to refuse it at once. etcd's simple tokens are `<prefix>.<index>`: like etcd, wait for
+/// a token issued at an index not yet applied here.
+fn simple_token_wait(token: &str, applied_index: u64) -> Option<u64> {
+    let (prefix, index) = token.split_once('.')?;
+    let well_formed = prefix.len() == SIMPLE_TOKEN_PREFIX_LEN
+        && prefix.bytes().all(|b| b.is_ascii_alphabetic())
+        && !index.is_empty()
+        && index.bytes().all(|b| b.is_ascii_digit());
+    if !well_formed {
+        return None;
     }
+    let index = index.parse::<u64>().ok()?;
+    (index > applied_index && index - applied_index <= MAX_TOKEN_INDEX_LEAD).then_some(index)
+}
+
+/// The length of a simple token's prefix: 16 ASCII letters
+/// ([`metastore_auth::tokens::simple_token_prefix`]).
+const SIMPLE_TOKEN_PREFIX_LEN: usize = 16;
+
+/// Most calls held at once for a simple token not applied yet; more are refused at once, so
+/// that a flood of forged tokens costs little.
+const MAX_TOKEN_WAITERS: usize = 1024;
+
+/// One call held until its simple token's index is applied: counted in
+/// [`AuthGate::token_waiters`] while it lives.
+struct TokenWaiter<'a>(&'a AtomicUsize);
+
+impl<'a> TokenWaiter<'a> {
+    fn enter(waiters: &'a AtomicUsize) -> Option<TokenWaiter<'a>> {
+        waiters
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_TOKEN_WAITERS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| TokenWaiter(waiters))
+    }
+}
+
+impl Drop for TokenWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Waits (woken by the raft loop, no polling) until this member applied `index`, at most
+/// [`crate::PROPOSAL_TIMEOUT`]; whether it did. False at once when too many calls wait already.
+async fn wait_applied(ctx: &ServerContext, index: u64) -> bool {
+    let Some(_waiter) = TokenWaiter::enter(&ctx.auth.token_waiters) else {
+        return false;
+    };
+    ctx.raft.wait_applied(index, crate::PROPOSAL_TIMEOUT).await
 }
 
 impl<S, B> tower_service::Service<http::Request<B>> for AuthMiddleware<S>
@@ -406,7 +461,9 @@ where
                 let mut inner = std::mem::replace(&mut self.inner, ready);
                 let ctx = self.ctx.clone();
                 return Box::pin(async move {
-                    wait_applied(&ctx, index).await;
+                    if !wait_applied(&ctx, index).await {
+                        return Ok(auth_status(&AuthError::InvalidAuthToken).into_http());
+                    }
                     match AuthMiddleware::admit(&ctx, &request) {
                         Ok(Some(caller)) => {
                             request.extensions_mut().insert(caller);
@@ -482,6 +539,29 @@ mod tests {
         assert_eq!(
             gate.admit_attempt("alice").unwrap_err(),
             AuthError::TooManyRequests
+        );
+    }
+
+    /// Only a well-formed simple token issued at an index not applied yet (and not absurdly far
+    /// ahead) is worth waiting for; anything else is refused at once.
+    #[test]
+    fn only_plausible_simple_tokens_wait() {
+        let prefix = "abcdefghijklmnop";
+        assert_eq!(simple_token_wait(&format!("{prefix}.11"), 10), Some(11));
+        assert_eq!(simple_token_wait(&format!("{prefix}.10"), 10), None);
+        assert_eq!(simple_token_wait(&format!("{prefix}.9"), 10), None);
+        assert_eq!(simple_token_wait("garbage", 10), None);
+        assert_eq!(simple_token_wait(&format!("{prefix}.+11"), 10), None);
+        assert_eq!(simple_token_wait("x.11", 10), None);
+        assert_eq!(simple_token_wait(&format!("{prefix}x.11"), 10), None);
+        assert_eq!(simple_token_wait(&format!("a.b.{prefix}.11"), 10), None);
+        assert_eq!(
+            simple_token_wait(&format!("{prefix}.{}", u64::MAX), 10),
+            None
+        );
+        assert_eq!(
+            simple_token_wait(&format!("{prefix}.{}", 10 + MAX_TOKEN_INDEX_LEAD + 1), 10),
+            None
         );
     }
 

@@ -139,6 +139,7 @@ struct Inner<O> {
     ids: Arc<RequestIds>,
     status: Arc<Mutex<RaftStatus>>,
     leader: watch::Receiver<u64>,
+    applied: watch::Receiver<u64>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -207,6 +208,7 @@ impl<O: Send + 'static> RaftNode<O> {
             ..RaftStatus::default()
         }));
         let (leader_tx, leader_rx) = watch::channel(INVALID_ID);
+        let (applied_tx, applied_rx) = watch::channel(applied);
         let worker = Worker::new(
             &cfg,
             started,
@@ -219,6 +221,7 @@ impl<O: Send + 'static> RaftNode<O> {
                 ids: Arc::clone(&ids),
                 status: Arc::clone(&status),
                 leader_tx,
+                applied_tx,
             },
         );
         let thread = thread::Builder::new()
@@ -239,6 +242,7 @@ impl<O: Send + 'static> RaftNode<O> {
                 ids,
                 status,
                 leader: leader_rx,
+                applied: applied_rx,
                 thread: Mutex::new(Some(thread)),
             }),
         })
@@ -406,6 +410,17 @@ impl<O: Send + 'static> RaftNode<O> {
                 Err(_) => Err(RaftError::Timeout),
             };
         leader_id
+    }
+
+    /// Waits, without polling, until this member applied `index`, at most `timeout`; whether it
+    /// did.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        let mut applied = self.inner.applied.clone();
+        let reached = tokio::time::timeout(timeout, async {
+            applied.wait_for(|a| *a >= index).await.is_ok()
+        })
+        .await;
+        reached == Ok(true)
     }
 
     /// The leader this member sees, as a watch channel for following leadership without

@@ -47,6 +47,8 @@ pub(super) struct Links<O> {
     pub(super) status: Arc<Mutex<RaftStatus>>,
     /// The leader the handles wait for.
     pub(super) leader_tx: watch::Sender<u64>,
+    /// The applied index the handles wait for.
+    pub(super) applied_tx: watch::Sender<u64>,
 }
 
 /// The state owned by the loop thread: what every step of the loop shares, and one struct per
@@ -67,6 +69,7 @@ pub(super) struct Worker<S: StateMachine> {
     commands: mpsc::Receiver<Command<S::Output>>,
     status: Arc<Mutex<RaftStatus>>,
     leader_tx: watch::Sender<u64>,
+    applied_tx: watch::Sender<u64>,
     tick_interval: Duration,
     proposals: Proposals<S::Output>,
     reads: Reads,
@@ -98,6 +101,7 @@ impl<S: StateMachine> Worker<S> {
             commands: links.commands,
             status: links.status,
             leader_tx: links.leader_tx,
+            applied_tx: links.applied_tx,
             tick_interval: cfg.tick_interval,
             proposals: Proposals::new(member_id, cfg.max_size_per_msg),
             reads: Reads::new(links.ids, cfg.request_timeout()),
@@ -470,6 +474,12 @@ impl<S: StateMachine> Worker<S> {
             .proposals_pending
             .set(self.proposals.pending() as f64);
         *self.status.lock() = status;
+        let applied_index = self.applied_index;
+        self.applied_tx.send_if_modified(|current| {
+            let changed = *current != applied_index;
+            *current = applied_index;
+            changed
+        });
         let changed = self.leader_tx.send_if_modified(|current| {
             let changed = *current != leader_id;
             *current = leader_id;
