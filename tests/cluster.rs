@@ -1127,3 +1127,62 @@ async fn oversized_member_changes_are_refused(kind: Kind) {
 }
 
 per_engine!(oversized_member_changes_are_refused);
+
+/// A `Removed` notice on the peer port from anyone but a member of this member's configuration
+/// whose committed membership really lacks it is refused: the member keeps serving and starts
+/// again (no `member/removed` marker). Before, any peer knowing the cluster and member ids (both
+/// in every response header) could make a member stop for good.
+async fn forged_removal_notices_are_ignored(kind: Kind) {
+    use metastore_proto::etcdserverpb::StatusRequest;
+    use metastore_proto::metastorepb::peer_client::PeerClient;
+    use metastore_proto::metastorepb::RemovedNotice;
+    let mut server = support::Server::start(kind).await;
+    let status = metastore_proto::etcdserverpb::maintenance_client::MaintenanceClient::connect(
+        server.endpoint(),
+    )
+    .await
+    .unwrap()
+    .status(StatusRequest::default())
+    .await
+    .unwrap()
+    .into_inner();
+    let header = status.header.unwrap();
+    let mut peer = PeerClient::connect(format!("http://127.0.0.1:{}", server.peer_port))
+        .await
+        .unwrap();
+    // Claimed senders: none, an unknown member, the member itself.
+    for from in [0, 0x1234_5678, header.member_id] {
+        let refused = tokio::time::timeout(
+            CALL,
+            peer.removed(RemovedNotice {
+                cluster_id: header.cluster_id,
+                member_id: header.member_id,
+                from,
+            }),
+        )
+        .await
+        .expect("the removal notice was answered");
+        let e = refused.expect_err("a forged removal notice was accepted");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    }
+    let mut kv = server.kv().await;
+    kv.put(PutRequest {
+        key: b"still".to_vec(),
+        value: b"serving".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(!server.data_dir.join("member/removed").exists());
+    server.restart().await;
+    let mut kv = server.kv().await;
+    kv.put(PutRequest {
+        key: b"still".to_vec(),
+        value: b"up".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+per_engine!(forged_removal_notices_are_ignored);

@@ -16,7 +16,9 @@
 //! through the [`MemberSource`] closure and the [`LeaseHandler`] trait.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io::{self, Read};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -66,6 +68,12 @@ const REMOVED_MESSAGE: &str = "the member has been permanently removed from the 
 
 /// The peer URLs of a member id, as currently known (membership table, then `--initial-cluster`).
 pub type UrlResolver = Arc<dyn Fn(u64) -> Vec<String> + Send + Sync>;
+
+/// Decides on a removal notice from member `from` (a member of this member's configuration):
+/// true when `from` confirms the removal, and this member then stops (see
+/// [`PeerNetwork::confirm_removal`]).
+pub type RemovalCheck =
+    Arc<dyn Fn(u64) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
 
 /// What the leader does with lease requests forwarded by followers.
 pub trait LeaseHandler: Send + Sync + 'static {
@@ -187,6 +195,34 @@ impl<O: Send + 'static> PeerNetwork<O> {
         self.inner.removed.store(true, Ordering::Relaxed);
     }
 
+    /// Whether member `from`, reached at the URLs this member knows for it, confirms that its
+    /// membership (what it applied: committed changes only) no longer has this member; if so,
+    /// marks this member removed. The check a removal notice from `from` must pass, so that no
+    /// one but a member of the cluster can make this member stop.
+    pub async fn confirm_removal(&self, from: u64) -> bool {
+        for url in (self.inner.resolve)(from) {
+            let Ok(channel) = self.channel(&url) else {
+                continue;
+            };
+            let mut peer = client(channel);
+            let call = peer.members(MembersRequest {
+                cluster_id: self.inner.cluster_id,
+            });
+            let Ok(Ok(answer)) = tokio::time::timeout(CALL_TIMEOUT, call).await else {
+                continue;
+            };
+            let answer = answer.into_inner();
+            let removed = answer.cluster_id == self.inner.cluster_id
+                && !answer.members.is_empty()
+                && !answer.members.iter().any(|m| m.id == self.inner.member_id);
+            if removed {
+                self.mark_removed();
+            }
+            return removed;
+        }
+        false
+    }
+
     /// Tells member `to`, at `urls` (its URLs before it was removed), that it was removed.
     /// Best effort: a member that cannot be reached learns it when it next talks to a peer.
     pub async fn notify_removed(&self, to: u64, urls: &[String]) {
@@ -198,6 +234,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
             let call = peer.removed(RemovedNotice {
                 cluster_id: self.inner.cluster_id,
                 member_id: to,
+                from: self.inner.member_id,
             });
             if let Ok(Ok(_)) = tokio::time::timeout(CALL_TIMEOUT, call).await {
                 return;
@@ -616,7 +653,7 @@ pub struct PeerService<O> {
     members: MemberSource,
     accepts: MemberCheck,
     leases: Arc<dyn LeaseHandler>,
-    on_removed: Arc<dyn Fn() + Send + Sync>,
+    confirm_removal: RemovalCheck,
 }
 
 impl<O: Send + 'static> PeerService<O> {
@@ -628,7 +665,7 @@ impl<O: Send + 'static> PeerService<O> {
         members: MemberSource,
         accepts: MemberCheck,
         leases: Arc<dyn LeaseHandler>,
-        on_removed: Arc<dyn Fn() + Send + Sync>,
+        confirm_removal: RemovalCheck,
     ) -> PeerServer<Self> {
         PeerServer::new(PeerService {
             cluster_id,
@@ -637,7 +674,7 @@ impl<O: Send + 'static> PeerService<O> {
             members,
             accepts,
             leases,
-            on_removed,
+            confirm_removal,
         })
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES)
@@ -820,8 +857,35 @@ impl<O: Send + 'static> Peer for PeerService<O> {
                 notice.member_id, self.member_id
             )));
         }
-        tracing::warn!("{REMOVED_MESSAGE} (told by a peer)");
-        (self.on_removed)();
+        // Only a voter of this member's configuration may tell it, and only what that
+        // member's committed membership says: anyone can reach the peer port.
+        let from = notice.from;
+        let in_configuration = from != self.member_id
+            && self
+                .node
+                .with_status(|s| s.membership.voters.contains(&from));
+        if !in_configuration {
+            tracing::warn!(
+                from = format_args!("{from:x}"),
+                "ignored a removal notice from a peer that is not a member"
+            );
+            return Err(Status::failed_precondition(format!(
+                "removal notice from {from:x}, which is not a member of this member's configuration"
+            )));
+        }
+        if !(self.confirm_removal)(from).await {
+            tracing::warn!(
+                from = format_args!("{from:x}"),
+                "ignored a removal notice its sender does not confirm"
+            );
+            return Err(Status::failed_precondition(format!(
+                "member {from:x} does not confirm this member's removal"
+            )));
+        }
+        tracing::warn!(
+            from = format_args!("{from:x}"),
+            "{REMOVED_MESSAGE} (told by a peer)"
+        );
         Ok(Response::new(PeerAck {}))
     }
 

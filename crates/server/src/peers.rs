@@ -87,7 +87,10 @@ pub fn serve(
             Arc::new(Leases(member.lessor.clone(), ctx.store.clone())),
             {
                 let network = member.network.clone();
-                Arc::new(move || network.mark_removed())
+                Arc::new(move |from| {
+                    let network = network.clone();
+                    Box::pin(async move { network.confirm_removal(from).await })
+                })
             },
         );
         let mut stop = stop.clone();
