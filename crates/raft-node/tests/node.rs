@@ -1037,3 +1037,72 @@ async fn members_join_as_learners_get_promoted_and_removed_and_leadership_moves(
     assert!(!node4.status().membership.contains(leader));
     shutdown_all(&network);
 }
+
+/// Proposes `payload` until it is applied, at most `WAIT`: the member may be between leaders,
+/// or following one that is gone (an attempt forwarded to it is lost, so each gets a second).
+async fn propose_until_applied(node: &Node, payload: &[u8]) -> (u64, Vec<u8>) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let attempt = Duration::from_secs(1);
+        match tokio::time::timeout(attempt, node.propose(payload.to_vec())).await {
+            Ok(Ok(output)) => return output,
+            outcome => assert!(
+                Instant::now() < deadline,
+                "{payload:?} was never applied: {outcome:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Peer messages raft-rs would panic on (it trusts its peers): a heartbeat whose commit index
+/// is beyond this member's log, an append whose entries do not follow its index. The member
+/// refuses or corrects them and goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_peer_messages_do_not_panic_the_raft_loop() {
+    use raft::eraftpb::{Entry, MessageType};
+    let dir = tempfile::tempdir().unwrap();
+    let sm = LogMachine::default();
+    let node: Node = RaftNode::start(config(1, dir.path()), sm.clone(), Arc::new(NoPeers)).unwrap();
+    bounded("a leader", node.wait_leader(WAIT)).await.unwrap();
+    propose_until_applied(&node, b"before").await;
+    let status = node.status();
+
+    let mut heartbeat = Message::default();
+    heartbeat.set_msg_type(MessageType::MsgHeartbeat);
+    heartbeat.from = 99;
+    heartbeat.to = 1;
+    heartbeat.term = status.term + 1;
+    heartbeat.commit = status.committed_index + 1_000_000;
+    node.step(heartbeat);
+    propose_until_applied(&node, b"after a forged heartbeat").await;
+
+    let status = node.status();
+    let mut append = Message::default();
+    append.set_msg_type(MessageType::MsgAppend);
+    append.from = 99;
+    append.to = 1;
+    append.term = status.term + 1;
+    append.index = status.applied_index;
+    append.log_term = status.term;
+    append.entries = vec![Entry {
+        index: 1,
+        term: status.term + 1,
+        ..Default::default()
+    }]
+    .into();
+    append.commit = status.committed_index;
+    node.step(append);
+    propose_until_applied(&node, b"after a forged append").await;
+
+    let payloads: Vec<Vec<u8>> = sm.log().into_iter().map(|(_, p)| p).collect();
+    assert_eq!(
+        payloads,
+        vec![
+            b"before".to_vec(),
+            b"after a forged heartbeat".to_vec(),
+            b"after a forged append".to_vec()
+        ]
+    );
+    node.shutdown();
+}

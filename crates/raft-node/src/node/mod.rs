@@ -31,6 +31,7 @@ use crate::snap::{SnapError, SnapshotFile, Snapshotter};
 use crate::{MemberChange, Membership, RaftConfig, RaftError, StateMachine, Transport};
 
 mod conf_change;
+mod guard;
 mod propose;
 mod read;
 mod recovery;

@@ -200,9 +200,15 @@ impl<S: StateMachine> Worker<S> {
                 .propose_membership(&mut self.raw, request_id, change, waiter),
             Command::TransferLeader(to) => self.conf_changes.transfer_leader(&mut self.raw, to),
             Command::ReadIndex(waiter) => self.reads.push(waiter),
-            Command::Step(msg) => {
+            Command::Step(mut msg) => {
                 let from = msg.from;
-                if let Err(e) = self.raw.step(*msg) {
+                if let Err(reason) = super::guard::sanitize(&self.raw.raft.raft_log, &mut msg) {
+                    tracing::warn!(
+                        from = format_args!("{from:x}"),
+                        kind = ?msg.get_msg_type(),
+                        "refused a raft message: {reason}"
+                    );
+                } else if let Err(e) = self.raw.step(*msg) {
                     tracing::debug!(from = format_args!("{from:x}"), error = %e, "dropped raft message");
                 }
             }
