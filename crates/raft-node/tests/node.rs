@@ -15,6 +15,9 @@ use metastore_raft_node::{
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// A payload the test state machine panics on when applying it.
+const PANIC_ON_APPLY: &[u8] = b"panic on apply";
+
 /// What the test state machine saw.
 #[derive(Default, Debug)]
 struct Applied {
@@ -107,6 +110,11 @@ impl StateMachine for LogMachine {
     }
 
     fn apply(&mut self, index: u64, _term: u64, payload: &[u8]) -> Self::Output {
+        // The test of the raft loop's panic policy injects a panic on the loop's thread.
+        assert_ne!(
+            payload, PANIC_ON_APPLY,
+            "a panic injected on the raft thread"
+        );
         self.applied
             .lock()
             .unwrap()
@@ -1105,4 +1113,51 @@ async fn forged_peer_messages_do_not_panic_the_raft_loop() {
         ]
     );
     node.shutdown();
+}
+
+/// A panic on the raft loop's thread takes the process down (as etcd's does), rather than
+/// leaving a member that answers health checks and serves frozen reads with no consensus
+/// behind them. The test runs itself again in a child process, which must die of SIGABRT.
+#[test]
+fn a_panic_on_the_raft_thread_aborts_the_process() {
+    const CHILD: &str = "METASTORE_RAFT_NODE_PANIC_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let node: Node = RaftNode::start(
+                config(1, dir.path()),
+                LogMachine::default(),
+                Arc::new(NoPeers),
+            )
+            .unwrap();
+            bounded("a leader", node.wait_leader(WAIT)).await.unwrap();
+            let outcome = tokio::time::timeout(WAIT, node.propose(PANIC_ON_APPLY.to_vec())).await;
+            // Still alive: the panic did not take the process down.
+            eprintln!("the process outlived the panic: {outcome:?}");
+        });
+        std::process::exit(0);
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_panic_on_the_raft_thread_aborts_the_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&child.stderr);
+    assert_eq!(
+        child.status.signal(),
+        Some(libc::SIGABRT),
+        "{:?}\n{stderr}",
+        child.status
+    );
+    assert!(
+        stderr.contains("a panic injected on the raft thread"),
+        "{stderr}"
+    );
 }

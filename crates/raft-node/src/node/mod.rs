@@ -144,6 +144,22 @@ struct Inner<O> {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Runs the raft loop; a panic in it aborts the process, as a panic in etcd's raft loop takes
+/// etcd down. A member whose loop died would otherwise go on answering health checks SERVING and
+/// serving frozen serializable reads with no consensus behind them; aborted, it is restarted by
+/// its supervisor from its WAL and snapshots like after any crash. (The panic message was
+/// already printed by the panic hook.)
+fn run_or_abort<S: StateMachine>(worker: Worker<S>, member_id: u64) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
+    if outcome.is_err() {
+        tracing::error!(
+            member_id = format_args!("{member_id:x}"),
+            "the raft loop panicked; aborting the process"
+        );
+        std::process::abort();
+    }
+}
+
 impl<O> Inner<O> {
     fn stop(&self) {
         // The loop may already be gone; then there is nothing to stop.
@@ -227,7 +243,7 @@ impl<O: Send + 'static> RaftNode<O> {
         );
         let thread = thread::Builder::new()
             .name(format!("raft-{member_id:x}"))
-            .spawn(move || worker.run())
+            .spawn(move || run_or_abort(worker, member_id))
             .map_err(|e| RaftError::Raft(format!("cannot start the raft loop thread: {e}")))?;
         tracing::info!(
             member_id = format_args!("{member_id:x}"),
