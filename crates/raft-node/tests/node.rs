@@ -1161,3 +1161,56 @@ fn a_panic_on_the_raft_thread_aborts_the_process() {
         "{stderr}"
     );
 }
+
+/// A snapshot upload from anyone but this member's current leader (at its term) is refused
+/// before anything is written: a checksum-valid file of another cluster, sent as from a member
+/// this one does not follow, neither lands in the snapshot directory (where its higher index
+/// would rank it first and purge the real snapshots) nor replaces the state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_only_from_the_current_leader_are_received() {
+    use raft::eraftpb::MessageType;
+    // A valid snapshot file, from another member's history.
+    let other_dir = tempfile::tempdir().unwrap();
+    let (other_cfg, other, _) = snapshotting_member(other_dir.path(), LogMachine::default()).await;
+    other.shutdown();
+    let snap_file = files_with_suffix(&other_cfg.snap_dir(), ".snap")
+        .pop()
+        .expect("the other member took a snapshot");
+    let name = snap_file.file_name().unwrap().to_str().unwrap().to_string();
+    let (term, index) = name.trim_end_matches(".snap").split_once('-').unwrap();
+    let (term, index) = (
+        u64::from_str_radix(term, 16).unwrap(),
+        u64::from_str_radix(index, 16).unwrap(),
+    );
+    let bytes = std::fs::read(&snap_file).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let sm = LogMachine::default();
+    let cfg = config(1, dir.path());
+    let node: Node = RaftNode::start(cfg.clone(), sm.clone(), Arc::new(NoPeers)).unwrap();
+    bounded("a leader", node.wait_leader(WAIT)).await.unwrap();
+    propose_until_applied(&node, b"mine").await;
+
+    let mut msg = Message::default();
+    msg.set_msg_type(MessageType::MsgSnapshot);
+    msg.from = 99;
+    msg.to = 1;
+    msg.term = node.status().term + 1;
+    let metadata = msg.mut_snapshot().mut_metadata();
+    metadata.term = term;
+    metadata.index = index;
+    let refused = node.receive_snapshot(msg, &mut bytes.as_slice());
+    assert!(
+        refused.is_err(),
+        "a snapshot from a non-leader was received"
+    );
+    assert!(
+        files_with_suffix(&cfg.snap_dir(), ".snap").is_empty(),
+        "the upload was written"
+    );
+    propose_until_applied(&node, b"still mine").await;
+    let payloads: Vec<Vec<u8>> = sm.log().into_iter().map(|(_, p)| p).collect();
+    assert_eq!(payloads, vec![b"mine".to_vec(), b"still mine".to_vec()]);
+    assert!(sm.restores().is_empty());
+    node.shutdown();
+}

@@ -357,14 +357,26 @@ impl<O: Send + 'static> RaftNode<O> {
         Ok((Box::new(file), len))
     }
 
-    /// Receives a snapshot file streamed by the sender of `msg` (a `MsgSnapshot`): writes it
-    /// durably next to this member's own snapshots, verifies it, then hands `msg` to raft.
+    /// Receives a snapshot file streamed by the sender of `msg` (a `MsgSnapshot`) if it is the
+    /// leader this member follows, at its term: writes it durably next to this member's own
+    /// snapshots, verifies it, then hands `msg` to raft.
     /// Blocking file I/O: call it from a blocking context.
     pub fn receive_snapshot(&self, msg: Message, file: &mut dyn Read) -> Result<(), RaftError> {
         if msg.get_msg_type() != MessageType::MsgSnapshot {
             return Err(RaftError::Raft(format!(
                 "expected a snapshot message, got {:?}",
                 msg.get_msg_type()
+            )));
+        }
+        // Only the leader this member follows sends it snapshots (after its appends told it
+        // how far behind this member is). Anything else is refused before a byte is written:
+        // an upload is a whole state to replace this member's, and its index ranks it among
+        // the snapshot files.
+        let (leader_id, term) = self.with_status(|s| (s.leader_id, s.term));
+        if msg.from == INVALID_ID || msg.from != leader_id || msg.term != term {
+            return Err(RaftError::Raft(format!(
+                "refused a snapshot from {:x} at term {}: this member follows {leader_id:x} at term {term}",
+                msg.from, msg.term
             )));
         }
         let metadata = msg.get_snapshot().get_metadata().clone();
