@@ -565,6 +565,22 @@ mod tests {
         );
     }
 
+    /// At most MAX_TOKEN_WAITERS calls are held at once; each one held is counted until it
+    /// ends, however it ends.
+    #[test]
+    fn held_calls_are_capped_and_counted_until_they_end() {
+        let gate = gate();
+        let held: Vec<TokenWaiter<'_>> = (0..MAX_TOKEN_WAITERS)
+            .map(|_| TokenWaiter::enter(&gate.token_waiters).expect("room for a waiter"))
+            .collect();
+        assert_eq!(gate.token_waiters(), MAX_TOKEN_WAITERS);
+        assert!(TokenWaiter::enter(&gate.token_waiters).is_none());
+        drop(held);
+        assert_eq!(gate.token_waiters(), 0);
+        assert!(TokenWaiter::enter(&gate.token_waiters).is_some());
+        assert_eq!(gate.token_waiters(), 0);
+    }
+
     #[test]
     fn long_names_are_cut_for_logs() {
         assert_eq!(name_for_log("alice"), "alice");
