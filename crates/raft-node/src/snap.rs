@@ -385,11 +385,15 @@ impl Snapshotter {
         Ok(data)
     }
 
-    /// Deletes all but the newest `keep` snapshot files. Returns how many were deleted.
-    pub(crate) fn purge(&self, keep: usize) -> Result<usize, SnapError> {
+    /// Deletes all but the newest `keep` snapshot files at or below `durable_index` (the
+    /// snapshot this member now stands on). Returns how many were deleted.
+    pub(crate) fn purge(&self, keep: usize, durable_index: u64) -> Result<usize, SnapError> {
         let files = self.list()?;
         let mut removed = 0;
-        for (_, _, path) in files.iter().skip(keep) {
+        // Files above `durable_index` (an upload raft never installed) are neither counted nor
+        // removed here: whatever their index, they must not displace the snapshots below.
+        let below = files.iter().filter(|(_, index, _)| *index <= durable_index);
+        for (_, _, path) in below.skip(keep) {
             fs::remove_file(path).map_err(io_err("remove", path))?;
             removed += 1;
         }
@@ -479,8 +483,25 @@ mod tests {
         }
         let indexes: Vec<u64> = snapshotter.list().unwrap().iter().map(|f| f.1).collect();
         assert_eq!(indexes, vec![40, 30, 20, 10]);
-        assert_eq!(snapshotter.purge(2).unwrap(), 2);
+        assert_eq!(snapshotter.purge(2, 40).unwrap(), 2);
         let indexes: Vec<u64> = snapshotter.list().unwrap().iter().map(|f| f.1).collect();
         assert_eq!(indexes, vec![40, 30]);
+    }
+
+    /// Files above the snapshot just made durable (an upload never installed, whatever its
+    /// index) do not count among the kept ones: they never make the purge delete the newest
+    /// snapshot this member stands on.
+    #[test]
+    fn uploads_above_the_durable_snapshot_never_displace_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshotter = Snapshotter::new(dir.path()).unwrap();
+        for (index, term) in [(10, 1), (20, 2), (30, 2), (1_000_000, 9)] {
+            snapshotter
+                .save_bytes(&metadata(index, term), b"x")
+                .unwrap();
+        }
+        assert_eq!(snapshotter.purge(2, 30).unwrap(), 1);
+        let indexes: Vec<u64> = snapshotter.list().unwrap().iter().map(|f| f.1).collect();
+        assert_eq!(indexes, vec![1_000_000, 30, 20]);
     }
 }

@@ -257,25 +257,26 @@ impl<O: Send + 'static> SnapshotScheduler<O> {
         Ok(())
     }
 
-    /// Deletes WAL segments below a durable snapshot beyond `--max-wals`, and snapshot files
-    /// beyond `--max-snapshots`. Failing to delete is not fatal: the files are merely kept.
+    /// Deletes WAL segments below a durable snapshot beyond `--max-wals`, and snapshot files at
+    /// or below it beyond `--max-snapshots`. Failing to delete is not fatal: the files are merely
+    /// kept.
     pub(super) fn release_old_files(&mut self, wal: &mut Wal, snapshot_index: u64) {
         if self.max_wals == 0 {
-            return self.purge_snapshots();
+            return self.purge_snapshots(snapshot_index);
         }
         match wal.release_to(snapshot_index, self.max_wals) {
             Ok(0) => {}
             Ok(released) => tracing::debug!(released, "released WAL segments"),
             Err(e) => tracing::warn!(error = %e, "cannot release WAL segments"),
         }
-        self.purge_snapshots();
+        self.purge_snapshots(snapshot_index);
     }
 
-    fn purge_snapshots(&self) {
+    fn purge_snapshots(&self, durable_index: u64) {
         if self.max_snapshots == 0 {
             return;
         }
-        if let Err(e) = self.snapshotter.purge(self.max_snapshots) {
+        if let Err(e) = self.snapshotter.purge(self.max_snapshots, durable_index) {
             tracing::warn!(error = %e, "cannot remove old snapshots");
         }
     }
