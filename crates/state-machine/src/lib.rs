@@ -492,6 +492,15 @@ impl KvStateMachine {
                 let resp = self
                     .alarms
                     .apply(r, |batch| store.record_applied(index, batch))?;
+                let alarm = AlarmType::try_from(r.alarm)
+                    .map(|a| a.as_str_name())
+                    .unwrap_or("UNKNOWN");
+                let member_id = format!("{:x}", r.member_id);
+                if r.action == AlarmAction::Activate as i32 {
+                    tracing::warn!(member_id, alarm, "alarm raised");
+                } else if r.action == AlarmAction::Deactivate as i32 {
+                    tracing::info!(member_id, alarm, "alarm cleared");
+                }
                 return Ok(Output::Alarm(resp));
             }
             Request::MemberAttributes(r) => {
@@ -610,6 +619,12 @@ impl StateMachine for KvStateMachine {
             Ok(membership) => {
                 self.members
                     .apply_change(&change.changes, change.payload, membership, &mut batch);
+                tracing::info!(
+                    index,
+                    voters = ?membership.voters.iter().map(|id| format!("{id:x}")).collect::<Vec<_>>(),
+                    learners = ?membership.learners.iter().map(|id| format!("{id:x}")).collect::<Vec<_>>(),
+                    "membership changed"
+                );
                 Ok(Output::Members(self.members.list()))
             }
             Err(reason) => Err(ApplyError::MembershipRefused(reason.clone())),

@@ -34,6 +34,8 @@ use crate::{RaftConfig, RaftError, StateMachine, Transport};
 
 /// Most commands handled before the loop turns to raft's Ready, so ticks stay on time under load.
 const MAX_COMMANDS_PER_ROUND: usize = 4096;
+/// Applying one entry for longer than this logs a warning (etcd: 100 ms).
+const SLOW_APPLY: Duration = Duration::from_millis(100);
 
 /// What connects the loop thread with the [`super::RaftNode`] handles.
 pub(super) struct Links<O> {
@@ -380,12 +382,22 @@ impl<S: StateMachine> Worker<S> {
             if entry.index <= self.applied_index {
                 continue;
             }
+            let started = std::time::Instant::now();
             match entry.get_entry_type() {
                 EntryType::EntryNormal => outputs.extend(self.apply_normal(&entry)),
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                     outputs.extend(self.apply_membership(&entry));
                     membership_changed = true;
                 }
+            }
+            let took = started.elapsed();
+            if took > SLOW_APPLY {
+                // etcd's warning for the same threshold.
+                tracing::warn!(
+                    index = entry.index,
+                    took_ms = took.as_millis() as u64,
+                    "apply request took too long"
+                );
             }
             self.applied_index = entry.index;
         }
