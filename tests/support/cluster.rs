@@ -323,21 +323,7 @@ impl Cluster {
             .status()
             .expect("kill -TERM");
         assert!(sent.success());
-        let deadline = Instant::now() + timeout;
-        loop {
-            let child = self.members[i].child.as_mut().expect("spawned");
-            if let Ok(Some(status)) = child.try_wait() {
-                self.members[i].child = None;
-                self.net.set_pid(i, None);
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "m{} still runs {timeout:?} after SIGTERM",
-                i + 1
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_exit(i, timeout, "after SIGTERM").await
     }
 
     /// Starts member `i` again (after [`Cluster::kill`]) where it must refuse to start: waits,
@@ -346,6 +332,11 @@ impl Cluster {
     pub async fn restart_expecting_exit(&mut self, i: usize, timeout: Duration) -> ExitStatus {
         self.kill(i);
         self.spawn(i);
+        self.wait_exit(i, timeout, "after its start").await
+    }
+
+    /// Waits, bounded by `timeout`, for member `i`'s process to exit; panics naming `when`.
+    async fn wait_exit(&mut self, i: usize, timeout: Duration, when: &str) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             let child = self.members[i].child.as_mut().expect("spawned");
@@ -356,10 +347,10 @@ impl Cluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "m{} still runs {timeout:?} after its start",
+                "m{} still runs {timeout:?} {when}",
                 i + 1
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

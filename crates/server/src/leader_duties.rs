@@ -164,18 +164,11 @@ async fn corruption_check(ctx: ServerContext, interval: Duration) {
     }
 }
 
-/// A member whose HashKV differs from this member's at the same revision and compact revision.
-struct Mismatch {
-    member_id: u64,
-    revision: i64,
-    own_hash: u32,
-    peer_hash: u32,
-}
-
 /// Compares this member's HashKV at its current revision with every other voter's at that
+/// revision, and returns (logging each) the members whose hash differs at the same compact
 /// revision. Members that cannot answer (down, behind, compacted past it, or slower than
 /// `PEER_HASH_TIMEOUT`) are skipped.
-async fn hash_mismatches(ctx: &ServerContext) -> Result<Vec<Mismatch>, Status> {
+async fn hash_mismatches(ctx: &ServerContext) -> Result<Vec<u64>, Status> {
     let store = ctx.store.current();
     let revision = store.current_revision();
     let own = tokio::task::spawn_blocking(move || store.hash_kv(revision))
@@ -203,36 +196,31 @@ async fn hash_mismatches(ctx: &ServerContext) -> Result<Vec<Mismatch>, Status> {
         if compact_revision != own.compact_revision || hash == own.hash {
             continue;
         }
-        mismatches.push(Mismatch {
-            member_id: member.id,
+        tracing::error!(
+            peer = %format!("{:x}", member.id),
             revision,
-            own_hash: own.hash,
-            peer_hash: hash,
-        });
+            local_hash = own.hash,
+            peer_hash = hash,
+            "found data inconsistency with a peer"
+        );
+        mismatches.push(member.id);
     }
     Ok(mismatches)
 }
 
 async fn check_members_once(ctx: &ServerContext) -> Result<(), Status> {
-    for m in hash_mismatches(ctx).await? {
-        tracing::error!(
-            peer = %format!("{:x}", m.member_id),
-            revision = m.revision,
-            leader_hash = m.own_hash,
-            peer_hash = m.peer_hash,
-            "found data inconsistency with a peer; raising the CORRUPT alarm"
-        );
+    for member_id in hash_mismatches(ctx).await? {
         let already = ctx
             .alarms
             .get(AlarmType::Corrupt)
             .iter()
-            .any(|a| a.member_id == m.member_id);
+            .any(|a| a.member_id == member_id);
         if already {
             continue;
         }
         let request = Request::Alarm(AlarmRequest {
             action: AlarmAction::Activate as i32,
-            member_id: m.member_id,
+            member_id,
             alarm: AlarmType::Corrupt as i32,
         });
         ctx.propose(request).await?;
@@ -247,15 +235,6 @@ pub async fn initial_corrupt_check(ctx: &ServerContext) -> anyhow::Result<()> {
     let mismatches = hash_mismatches(ctx)
         .await
         .map_err(|s| anyhow::anyhow!("initial corruption check: {}", s.message()))?;
-    for m in &mismatches {
-        tracing::error!(
-            peer = %format!("{:x}", m.member_id),
-            revision = m.revision,
-            local_hash = m.own_hash,
-            peer_hash = m.peer_hash,
-            "found data inconsistency with a peer"
-        );
-    }
     if !mismatches.is_empty() {
         anyhow::bail!("{:x} found data inconsistency with peers", ctx.member_id);
     }
