@@ -6,7 +6,6 @@ use crate::support;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::Duration;
 
 use metastore_proto::etcdserverpb::StatusResponse;
@@ -221,15 +220,7 @@ async fn any_authority_is_served_over_tls_and_unix_sockets() {
     let unixs = format!("unixs://{}", tls_socket.display());
     let server = start_tls(&format!("{https},{unix},{unixs}"), &leaf).await;
 
-    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-    let ca_der = rustls_pemfile_der(&ca.cert_pem);
-    roots.add(ca_der).unwrap();
-    let mut config = tokio_rustls::rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let (connector, name) = ca.connector(b"h2");
 
     check_every_authority("TLS", "https", &format!("127.0.0.1:{tls_port}"), || {
         let (connector, name) = (connector.clone(), name.clone());
@@ -259,13 +250,6 @@ async fn any_authority_is_served_over_tls_and_unix_sockets() {
     })
     .await;
     drop(server);
-}
-
-/// The DER bytes of the first certificate of a PEM text.
-fn rustls_pemfile_der(pem: &str) -> tokio_rustls::rustls::pki_types::CertificateDer<'static> {
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    tokio_rustls::rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
-        .expect("a PEM certificate")
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@
 
 use crate::support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metastore_proto::etcdserverpb::alarm_request::AlarmAction;
@@ -123,6 +122,11 @@ async fn metrics(port: u16) -> String {
 
 const HEALTHY: &str = r#"{"health":"true","reason":""}"#;
 
+/// Status and body of an answer, to compare in one assertion.
+fn answer(reply: &Reply) -> (u16, &str) {
+    (reply.status, reply.body.as_str())
+}
+
 /// Activates (or deactivates) `alarm` for the server's own member through the Alarm RPC.
 async fn set_alarm(server: &Server, alarm: AlarmType, action: AlarmAction) {
     let mut maint = MaintenanceClient::connect(server.endpoint()).await.unwrap();
@@ -146,12 +150,9 @@ async fn probes_answer_as_etcd(kind: Kind) {
     let port = server.client_port;
 
     let health = get(port, "/health").await;
-    assert_eq!((health.status, health.body.as_str()), (200, HEALTHY));
+    assert_eq!(answer(&health), (200, HEALTHY));
     let serializable = get(port, "/health?serializable=true").await;
-    assert_eq!(
-        (serializable.status, serializable.body.as_str()),
-        (200, HEALTHY)
-    );
+    assert_eq!(answer(&serializable), (200, HEALTHY));
 
     // The same answers etcd gives for /version's shape and for a path it does not serve.
     let version = get(port, "/version").await;
@@ -165,21 +166,17 @@ async fn probes_answer_as_etcd(kind: Kind) {
     assert!(version.body.starts_with("{\"etcdserver\":"), "{version:?}");
     for path in ["/nope", "/metrics/x", "/v2/keys", "/health/x"] {
         let missing = get(port, path).await;
-        assert_eq!(
-            (missing.status, missing.body.as_str()),
-            (404, "404 page not found\n"),
-            "{path}"
-        );
+        assert_eq!(answer(&missing), (404, "404 page not found\n"), "{path}");
     }
     let post = request(tcp(port).await, "POST", "/health").await;
     assert_eq!((post.status, post.header("allow")), (405, Some("GET")));
 
     // etcd 3.5's check lists.
     let livez = get(port, "/livez").await;
-    assert_eq!((livez.status, livez.body.as_str()), (200, "ok\n"));
+    assert_eq!(answer(&livez), (200, "ok\n"));
     let verbose = get(port, "/readyz?verbose").await;
     assert_eq!(
-        (verbose.status, verbose.body.as_str()),
+        answer(&verbose),
         (200, "[+]data_corruption ok\n[+]serializable_read ok\nok\n")
     );
     let excluded = get(port, "/readyz?verbose&exclude=data_corruption").await;
@@ -205,18 +202,12 @@ per_engine!(probes_answer_as_etcd);
 async fn etcd_answers_health_and_version_alike() {
     let etcd = Server::start(Kind::Etcd).await;
     let health = get(etcd.client_port, "/health").await;
-    assert_eq!(
-        (health.status, health.body.as_str()),
-        (200, r#"{"health":"true"}"#)
-    );
+    assert_eq!(answer(&health), (200, r#"{"health":"true"}"#));
     let version = get(etcd.client_port, "/version").await;
     let fields = support::cluster::Json::parse(&version.body);
     assert!(fields.get("etcdserver").is_some() && fields.get("etcdcluster").is_some());
     let missing = get(etcd.client_port, "/nope").await;
-    assert_eq!(
-        (missing.status, missing.body.as_str()),
-        (404, "404 page not found\n")
-    );
+    assert_eq!(answer(&missing), (404, "404 page not found\n"));
 }
 
 #[tokio::test]
@@ -246,41 +237,24 @@ async fn probes_over_tls_and_unix_sockets() {
     )
     .await;
 
-    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-    {
-        use tokio_rustls::rustls::pki_types::pem::PemObject;
-        roots
-            .add(
-                tokio_rustls::rustls::pki_types::CertificateDer::from_pem_slice(
-                    ca.cert_pem.as_bytes(),
-                )
-                .unwrap(),
-            )
-            .unwrap();
-    }
     // A client that asks for HTTP/1.1 by ALPN (curl --http1.1, Prometheus' scraper) gets it.
-    let mut config = tokio_rustls::rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let (connector, name) = ca.connector(b"http/1.1");
 
     let tls = connector
         .connect(name.clone(), tcp(tls_port).await)
         .await
         .expect("TLS handshake");
     let reply = request(tls, "GET", "/health").await;
-    assert_eq!((reply.status, reply.body.as_str()), (200, HEALTHY), "https");
+    assert_eq!(answer(&reply), (200, HEALTHY), "https");
 
     let unix = tokio::net::UnixStream::connect(&socket).await.unwrap();
     let reply = request(unix, "GET", "/health").await;
-    assert_eq!((reply.status, reply.body.as_str()), (200, HEALTHY), "unix");
+    assert_eq!(answer(&reply), (200, HEALTHY), "unix");
 
     let unixs = tokio::net::UnixStream::connect(&tls_socket).await.unwrap();
     let tls = connector.connect(name, unixs).await.expect("TLS handshake");
     let reply = request(tls, "GET", "/readyz").await;
-    assert_eq!((reply.status, reply.body.as_str()), (200, "ok\n"), "unixs");
+    assert_eq!(answer(&reply), (200, "ok\n"), "unixs");
 }
 
 /// An alarm makes /health fail with etcd's reason, unless excluded; CORRUPT fails /readyz.
@@ -292,25 +266,25 @@ async fn alarms_fail_health_with_etcds_reasons() {
 
     let health = get(port, "/health").await;
     assert_eq!(
-        (health.status, health.body.as_str()),
+        answer(&health),
         (503, "{\"health\":\"false\",\"reason\":\"ALARM NOSPACE\"}\n")
     );
     let excluded = get(port, "/health?exclude=NOSPACE").await;
-    assert_eq!((excluded.status, excluded.body.as_str()), (200, HEALTHY));
+    assert_eq!(answer(&excluded), (200, HEALTHY));
     // /readyz looks at CORRUPT only.
     assert_eq!(get(port, "/readyz").await.status, 200);
 
     set_alarm(&server, AlarmType::Corrupt, AlarmAction::Activate).await;
     let excluded = get(port, "/health?exclude=NOSPACE").await;
     assert_eq!(
-        (excluded.status, excluded.body.as_str()),
+        answer(&excluded),
         (503, "{\"health\":\"false\",\"reason\":\"ALARM CORRUPT\"}\n")
     );
     let both = get(port, "/health?exclude=NOSPACE&exclude=CORRUPT").await;
     assert_eq!(both.status, 200);
     let readyz = get(port, "/readyz").await;
     assert_eq!(
-        (readyz.status, readyz.body.as_str()),
+        answer(&readyz),
         (
             503,
             "[-]data_corruption failed: alarm activated: CORRUPT\n[+]serializable_read ok\n\n"
@@ -447,7 +421,7 @@ async fn metrics_urls_serve_metrics_and_probes_only() {
     let exposition = metrics(metrics_port).await;
     assert_eq!(value(&exposition, "etcd_server_has_leader", &[]), 1.0);
     let health = get(metrics_port, "/health").await;
-    assert_eq!((health.status, health.body.as_str()), (200, HEALTHY));
+    assert_eq!(answer(&health), (200, HEALTHY));
     assert_eq!(get(metrics_port, "/readyz").await.status, 200);
     assert_eq!(get(metrics_port, "/version").await.status, 404);
     // The client port still has /version.
@@ -522,7 +496,7 @@ async fn an_isolated_member_reports_no_leader() {
     }
     let health = get(port, "/health").await;
     assert_eq!(
-        (health.status, health.body.as_str()),
+        answer(&health),
         (
             503,
             "{\"health\":\"false\",\"reason\":\"RAFT NO LEADER\"}\n"
@@ -683,19 +657,11 @@ async fn kubeadm_command_line_starts_a_member(kind: Kind) {
         "/health?serializable=false",
     ] {
         let reply = get(m, probe).await;
-        assert_eq!(
-            (reply.status, reply.body.as_str()),
-            (200, HEALTHY),
-            "{probe}"
-        );
+        assert_eq!(answer(&reply), (200, HEALTHY), "{probe}");
     }
     for probe in ["/livez", "/readyz"] {
         let reply = get(m, probe).await;
-        assert_eq!(
-            (reply.status, reply.body.as_str()),
-            (200, "ok\n"),
-            "{probe}"
-        );
+        assert_eq!(answer(&reply), (200, "ok\n"), "{probe}");
     }
     assert!(metrics(m).await.contains("etcd_server_has_leader 1"));
 

@@ -68,6 +68,35 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// A TLS client trusting this CA that offers `alpn` (e.g. `h2`, `http/1.1`), and the server
+    /// name its leaf certificates carry.
+    pub fn connector(
+        &self,
+        alpn: &[u8],
+    ) -> (
+        tokio_rustls::TlsConnector,
+        tokio_rustls::rustls::pki_types::ServerName<'static>,
+    ) {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        let ca = tokio_rustls::rustls::pki_types::CertificateDer::from_pem_slice(
+            self.cert_pem.as_bytes(),
+        )
+        .expect("a PEM certificate");
+        roots.add(ca).unwrap();
+        let mut config = tokio_rustls::rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        (
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+            name,
+        )
+    }
+}
+
 /// An ECDSA P-256 key pair for `--auth-token jwt` (ES256), written as PEM files.
 pub fn jwt_keys(dir: &Path) -> (PathBuf, PathBuf) {
     let key = KeyPair::generate().expect("jwt key");
