@@ -1076,21 +1076,20 @@ async fn forged_peer_messages_do_not_panic_the_raft_loop() {
     propose_until_applied(&node, b"before").await;
     let status = node.status();
 
-    let mut heartbeat = Message::default();
-    heartbeat.set_msg_type(MessageType::MsgHeartbeat);
-    heartbeat.from = 99;
-    heartbeat.to = 1;
-    heartbeat.term = status.term + 1;
+    // From a member 99 that does not exist, to member 1, in the next term.
+    let forged = |kind: MessageType, term: u64| {
+        let mut m = Message::default();
+        m.set_msg_type(kind);
+        (m.from, m.to, m.term) = (99, 1, term);
+        m
+    };
+    let mut heartbeat = forged(MessageType::MsgHeartbeat, status.term + 1);
     heartbeat.commit = status.committed_index + 1_000_000;
     node.step(heartbeat);
     propose_until_applied(&node, b"after a forged heartbeat").await;
 
     let status = node.status();
-    let mut append = Message::default();
-    append.set_msg_type(MessageType::MsgAppend);
-    append.from = 99;
-    append.to = 1;
-    append.term = status.term + 1;
+    let mut append = forged(MessageType::MsgAppend, status.term + 1);
     append.index = status.applied_index;
     append.log_term = status.term;
     append.entries = vec![Entry {
