@@ -1003,6 +1003,34 @@ async fn within<T>(step: impl std::future::Future<Output = T>, what: &str) -> T 
         .unwrap_or_else(|_| panic!("{what} did not finish within 10 s"))
 }
 
+/// Opens a bidirectional stream with `first` already queued (grpc-go, etcd, sends the response
+/// headers with the first answer) and waits for that answer: the sender, the stream, the answer.
+async fn open_stream<Req, Resp, Call>(
+    first: Req,
+    open: impl FnOnce(tokio_stream::wrappers::ReceiverStream<Req>) -> Call,
+    what: &str,
+) -> (tokio::sync::mpsc::Sender<Req>, tonic::Streaming<Resp>, Resp)
+where
+    Call: std::future::Future<
+        Output = Result<tonic::Response<tonic::Streaming<Resp>>, tonic::Status>,
+    >,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(first).await.unwrap();
+    let mut stream = within(
+        open(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        &format!("opening {what}"),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let answer = within(stream.message(), &format!("the first answer on {what}"))
+        .await
+        .unwrap()
+        .unwrap();
+    (tx, stream, answer)
+}
+
 /// A request on an open stream is checked with the credentials as they are now: after bob's
 /// password changed (which invalidates his simple tokens), a watch create on the stream he
 /// opened is refused as etcd refuses it (created and canceled, invalid auth token), and so is a
@@ -1026,23 +1054,16 @@ async fn open_streams_check_credentials_on_each_request(kind: Kind) {
             },
         )),
     };
-    let (watch_tx, watch_rx) = tokio::sync::mpsc::channel(4);
-    // Queued before the call: grpc-go (etcd) sends the response headers with the first answer.
-    watch_tx.send(create("/b/1")).await.unwrap();
-    let mut watches = within(
-        pb::watch_client::WatchClient::new(channel.clone()).watch(with_token(
-            &token,
-            tokio_stream::wrappers::ReceiverStream::new(watch_rx),
-        )),
-        "opening a watch stream",
+    let (watch_tx, mut watches, first) = open_stream(
+        create("/b/1"),
+        |requests| {
+            let mut client = pb::watch_client::WatchClient::new(channel.clone());
+            let request = with_token(&token, requests);
+            async move { client.watch(request).await }
+        },
+        "a watch stream",
     )
-    .await
-    .unwrap()
-    .into_inner();
-    let first = within(watches.message(), "the first watch create")
-        .await
-        .unwrap()
-        .unwrap();
+    .await;
     assert!(first.created && !first.canceled, "{first:?}");
 
     // A lease bob renews on a stream of his (MetaStore only: etcd 3.4's keep-alive is open).
@@ -1051,25 +1072,16 @@ async fn open_streams_check_credentials_on_each_request(kind: Kind) {
         .await
         .unwrap()
         .id();
-    let (keep_tx, keep_rx) = tokio::sync::mpsc::channel(4);
-    keep_tx
-        .send(pb::LeaseKeepAliveRequest { id: lease })
-        .await
-        .unwrap();
-    let mut keep_alives = within(
-        pb::lease_client::LeaseClient::new(channel.clone()).lease_keep_alive(with_token(
-            &token,
-            tokio_stream::wrappers::ReceiverStream::new(keep_rx),
-        )),
-        "opening a keep-alive stream",
+    let (keep_tx, mut keep_alives, renewed) = open_stream(
+        pb::LeaseKeepAliveRequest { id: lease },
+        |requests| {
+            let mut client = pb::lease_client::LeaseClient::new(channel.clone());
+            let request = with_token(&token, requests);
+            async move { client.lease_keep_alive(request).await }
+        },
+        "a keep-alive stream",
     )
-    .await
-    .unwrap()
-    .into_inner();
-    let renewed = within(keep_alives.message(), "the first keep-alive")
-        .await
-        .unwrap()
-        .unwrap();
+    .await;
     assert_eq!((renewed.id, renewed.ttl), (lease, 60));
 
     within(
