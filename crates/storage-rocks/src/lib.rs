@@ -9,6 +9,14 @@
 //! properties; defragmentation is a flush plus a full manual compaction, which runs beside
 //! readers and writers.
 //!
+//! Import (a raft snapshot install) replaces every bucket in bounded batches, so it is not one
+//! RocksDB write. It is made crash-safe by a marker file, [`IMPORT_MARKER`], created and fsynced
+//! before the first change and removed only once the new content is durable: a database opened
+//! with the marker present holds an unknown mix of old and new content, so
+//! [`RocksBackend::open`] empties every bucket (applied index 0) and removes the marker. The raft
+//! layer then restores the state machine again from the snapshot file its WAL records, which it
+//! saved before the install started.
+//!
 //! Must not depend on: mvcc, raft, the memory engine. Nothing above `metastore-storage` may know
 //! that this engine is RocksDB.
 
@@ -37,6 +45,31 @@ type Db = DBWithThreadMode<SingleThreaded>;
 /// Key and value bytes per RocksDB write batch when importing a snapshot: bounds the memory an
 /// import holds while keeping the number of fsyncs small.
 const IMPORT_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// The file, in the database directory, whose presence says an import began and did not
+/// finish: the buckets may hold part of the old content and part of the new.
+pub const IMPORT_MARKER: &str = "IMPORT-IN-PROGRESS";
+
+/// A point in [`RocksBackend::import`] where a crash can land: what the crash tests stop at.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportStep {
+    /// The stream is verified and spooled; nothing is changed yet.
+    Verified,
+    /// The marker file is durable; no bucket is changed yet.
+    MarkerWritten,
+    /// Write batch `n` (1-based; the first one also clears every bucket) went to RocksDB.
+    BatchWritten(usize),
+    /// The new content is durable; the marker is still there.
+    Synced,
+    /// The marker is gone: the import is complete.
+    Done,
+}
+
+/// Fsyncs directory `dir`, making the creation or removal of a file in it durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
 
 fn engine_error(e: rocksdb::Error) -> StorageError {
     StorageError::Engine(e.into_string())
@@ -137,14 +170,109 @@ impl RocksBackend {
         let mut bucket_list = buckets.to_vec();
         bucket_list.sort_unstable();
         bucket_list.dedup();
-        Ok(RocksBackend {
+        let backend = RocksBackend {
             db: Arc::new(db),
             buckets: Arc::new(BucketSet(bucket_list)),
             all_cfs,
             path: path.to_path_buf(),
             import_gate: RwLock::new(()),
             sync_writes: true,
-        })
+        };
+        if path.join(IMPORT_MARKER).exists() {
+            backend.discard_interrupted_import()?;
+        }
+        Ok(backend)
+    }
+
+    /// An import was cut short (crash, I/O error): the buckets hold an unknown mix of old and
+    /// new content. Empties them all, durably, then removes the marker. A crash in here leaves
+    /// the marker, and the next open does it again.
+    fn discard_interrupted_import(&self) -> Result<()> {
+        tracing::warn!(
+            path = %self.path.display(),
+            "found an interrupted snapshot import: emptying every bucket (applied index 0); \
+             the snapshot must be installed again"
+        );
+        let mut batch = rocksdb::WriteBatch::default();
+        self.queue_clear(&mut batch)?;
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts).map_err(engine_error)?;
+        self.flush_memtables()?;
+        self.remove_import_marker()
+    }
+
+    /// Creates the import marker and makes it durable (file and directory entry).
+    fn write_import_marker(&self) -> Result<()> {
+        let marker = File::create(self.path.join(IMPORT_MARKER))?;
+        marker.sync_all()?;
+        sync_dir(&self.path)?;
+        Ok(())
+    }
+
+    /// Removes the import marker, durably.
+    fn remove_import_marker(&self) -> Result<()> {
+        std::fs::remove_file(self.path.join(IMPORT_MARKER))?;
+        sync_dir(&self.path)?;
+        Ok(())
+    }
+
+    /// [`Backend::import`] with the batch size as a parameter and `step` called at each point
+    /// where a crash can land, for the crash tests; `import` passes [`IMPORT_BATCH_BYTES`] and
+    /// a no-op.
+    #[doc(hidden)]
+    pub fn import_stepwise(
+        &self,
+        reader: &mut dyn Read,
+        batch_bytes: usize,
+        step: &mut dyn FnMut(ImportStep),
+    ) -> Result<()> {
+        let mut tee = TeeReader {
+            inner: reader,
+            copy: BufWriter::new(tempfile::tempfile_in(&self.path)?),
+        };
+        snapshot_format::read_stream(&mut tee, &mut |bucket, _key, _value| {
+            self.cf(bucket).map(|_| ())
+        })?;
+        let mut spool = tee
+            .copy
+            .into_inner()
+            .map_err(|e| StorageError::Io(e.into_error()))?;
+        spool.seek(SeekFrom::Start(0))?;
+        step(ImportStep::Verified);
+
+        let _gate = self.import_gate.write();
+        // From here until the marker is removed, a crash leaves a marked database that the next
+        // open empties; so does an error, which leaves the marker in place.
+        self.write_import_marker()?;
+        step(ImportStep::MarkerWritten);
+        let mut batch = rocksdb::WriteBatch::default();
+        self.queue_clear(&mut batch)?;
+        let mut pending_bytes = 0usize;
+        let mut batches_written = 0usize;
+        let mut write_batch = |batch: rocksdb::WriteBatch| -> Result<()> {
+            self.write_rocks(batch)?;
+            batches_written += 1;
+            step(ImportStep::BatchWritten(batches_written));
+            Ok(())
+        };
+        snapshot_format::read_stream(&mut BufReader::new(spool), &mut |bucket, key, value| {
+            pending_bytes += key.len() + value.len();
+            batch.put_cf(self.cf(bucket)?, key, value);
+            if pending_bytes >= batch_bytes {
+                write_batch(std::mem::take(&mut batch))?;
+                pending_bytes = 0;
+            }
+            Ok(())
+        })?;
+        write_batch(batch)?;
+        // The new content is durable before the marker goes, in either write mode: with
+        // `sync_writes` every batch was fsynced in RocksDB's WAL; without, this flushes them.
+        self.sync()?;
+        step(ImportStep::Synced);
+        self.remove_import_marker()?;
+        step(ImportStep::Done);
+        Ok(())
     }
 
     /// Whether `write` is durable when it returns (default: yes, through RocksDB's WAL, fsynced).
@@ -405,39 +533,14 @@ impl Backend for RocksBackend {
     /// with the previous content untouched. Then replaces the content in batches of bounded
     /// size, the first of which also deletes every existing key; writes wait meanwhile.
     ///
-    /// The replace step is not crash-atomic: a crash (or an I/O error re-reading the spool file)
-    /// during it leaves the old content gone and only part of the new one written. The caller,
-    /// the raft layer, counts a snapshot as applied only once `import` returns `Ok` and imports
-    /// it again after a crash, which replaces everything anew.
+    /// The replace step is bracketed by [`IMPORT_MARKER`]: created and fsynced before the first
+    /// batch, removed (and the removal fsynced) only after the new content is durable. A crash
+    /// or an error in between leaves the marker, and the next [`RocksBackend::open`] empties
+    /// every bucket rather than serve a mix of old and new content. The caller, the raft layer,
+    /// counts a snapshot as applied only once `import` returns `Ok`, and after a restart finds
+    /// an applied index of 0 below the snapshot its WAL records, so it imports that snapshot
+    /// again.
     fn import(&self, reader: &mut dyn Read) -> Result<()> {
-        let mut tee = TeeReader {
-            inner: reader,
-            copy: BufWriter::new(tempfile::tempfile_in(&self.path)?),
-        };
-        snapshot_format::read_stream(&mut tee, &mut |bucket, _key, _value| {
-            self.cf(bucket).map(|_| ())
-        })?;
-        let mut spool = tee
-            .copy
-            .into_inner()
-            .map_err(|e| StorageError::Io(e.into_error()))?;
-        spool.seek(SeekFrom::Start(0))?;
-
-        let _gate = self.import_gate.write();
-        let mut batch = rocksdb::WriteBatch::default();
-        self.queue_clear(&mut batch)?;
-        let mut batch_bytes = 0usize;
-        snapshot_format::read_stream(&mut BufReader::new(spool), &mut |bucket, key, value| {
-            batch_bytes += key.len() + value.len();
-            batch.put_cf(self.cf(bucket)?, key, value);
-            if batch_bytes >= IMPORT_BATCH_BYTES {
-                self.write_rocks(std::mem::take(&mut batch))?;
-                batch_bytes = 0;
-            }
-            Ok(())
-        })?;
-        self.write_rocks(batch)?;
-        // Durable before it returns either way: the raft layer counts the snapshot as applied.
-        self.sync()
+        self.import_stepwise(reader, IMPORT_BATCH_BYTES, &mut |_| {})
     }
 }
