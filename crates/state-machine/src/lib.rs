@@ -648,8 +648,10 @@ impl StateMachine for KvStateMachine {
         // The old store's compaction worker must not delete from, or mark, the imported content.
         self.store.current().stop_compaction();
         if let Err(e) = self.backend.import(reader) {
-            // The previous content is still in place: a store reopened on it resumes what the
-            // stopped worker left undone.
+            // A stream refused before the replace began leaves the previous content in place: a
+            // store reopened on it resumes what the stopped worker left undone. An error during
+            // the replace (RocksDB) leaves a mix; the raft loop stops on this error, and the
+            // engine's next open finds its import marker and empties the database.
             if let Ok(store) = Store::open_with(self.backend.clone(), self.compaction) {
                 self.store.replace(store);
             }
