@@ -17,5 +17,6 @@ mod kv_differential;
 mod lock_election;
 mod maintenance;
 mod operations;
+mod tls;
 mod watch_lease;
 mod watch_lease_differential;

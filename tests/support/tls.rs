@@ -43,9 +43,24 @@ impl Ca {
     /// A certificate for 127.0.0.1/localhost with common name `cn`, usable by servers and
     /// clients, written to `dir/<file>.pem` and `dir/<file>-key.pem`.
     pub fn leaf(&self, dir: &Path, file: &str, cn: &str) -> Leaf {
+        self.leaf_with(dir, file, cn, None, "localhost")
+    }
+
+    /// As [`Ca::leaf`], with serial number `serial` (for [`Ca::crl`]) when given, and `dns`
+    /// as its DNS name instead of localhost.
+    pub fn leaf_with(
+        &self,
+        dir: &Path,
+        file: &str,
+        cn: &str,
+        serial: Option<u64>,
+        dns: &str,
+    ) -> Leaf {
         let key = KeyPair::generate().expect("leaf key");
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string()]).expect("leaf params");
+        let mut params = CertificateParams::new(vec![dns.to_string()]).expect("leaf params");
+        if let Some(serial) = serial {
+            params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        }
         params
             .subject_alt_names
             .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
@@ -94,6 +109,33 @@ impl Ca {
             tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
             name,
         )
+    }
+
+    /// A certificate revocation list of this CA revoking the certificates numbered `serials`,
+    /// written to `dir/<file>` (PEM).
+    pub fn crl(&self, dir: &Path, file: &str, serials: &[u64]) -> PathBuf {
+        let issuer = self.params.clone().self_signed(&self.key).expect("issuer");
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(*s),
+                    revocation_time: rcgen::date_time_ymd(2024, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer, &self.key)
+        .expect("sign CRL");
+        let path = dir.join(file);
+        std::fs::write(&path, crl.pem().expect("CRL PEM")).unwrap();
+        path
     }
 }
 

@@ -121,7 +121,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// TLS connections over the connections of `incoming`, until `stop`. Handshakes run side by side,
 /// so a slow or silent client holds up no other.
-fn tls_incoming<IO>(
+pub(crate) fn tls_incoming<IO>(
     mut incoming: impl Stream<Item = std::io::Result<IO>> + Unpin + Send + 'static,
     acceptor: TlsAcceptor,
     mut stop: watch::Receiver<bool>,
@@ -155,13 +155,24 @@ where
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
-                    Ok(Err(e)) => debug!(error = %e, "client TLS handshake failed"),
-                    Err(_) => debug!("client TLS handshake timed out"),
+                    Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => debug!("TLS handshake timed out"),
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// The connections of `listener`, without Nagle's algorithm.
+pub(crate) fn nodelay_incoming(
+    listener: tokio::net::TcpListener,
+) -> impl Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
 }
 
 /// Serves `router` on `listener` (with `tls` when given) until `stop`.
@@ -196,12 +207,7 @@ where
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
         }
         (Listener::Tcp(listener), Some(tls)) => {
-            let tcp = TcpListenerStream::new(listener).map(|conn| {
-                let conn = conn?;
-                conn.set_nodelay(true)?;
-                Ok(conn)
-            });
-            let incoming = tls_incoming(Box::pin(tcp), tls, stop.clone());
+            let incoming = tls_incoming(Box::pin(nodelay_incoming(listener)), tls, stop.clone());
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
         }
         (Listener::Unix(listener, _), None) => {

@@ -164,6 +164,43 @@ pub struct Config {
     /// Require peers to present certificates signed by --peer-trusted-ca-file.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub peer_client_cert_auth: bool,
+    /// Client TLS with a self-signed certificate generated under `<data-dir>/fixtures/client`
+    /// when https client URLs are given without --cert-file/--key-file.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub auto_tls: bool,
+    /// Peer TLS with a self-signed certificate generated under `<data-dir>/fixtures/peer` when
+    /// https peer URLs are given without --peer-cert-file/--peer-key-file (peers' certificates
+    /// are then not verified, as in etcd).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub peer_auto_tls: bool,
+    /// Validity in years of the certificates --auto-tls and --peer-auto-tls generate.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub self_signed_cert_validity: u32,
+    /// Certificate revocation list (PEM or DER): revoked client certificates are refused at
+    /// the handshake on the client URLs.
+    #[arg(long)]
+    pub client_crl_file: Option<PathBuf>,
+    /// Certificate revocation list (PEM or DER): revoked peer certificates are refused at the
+    /// handshake on the peer URLs.
+    #[arg(long)]
+    pub peer_crl_file: Option<PathBuf>,
+    /// Accept only peer certificates with this common name (needs --peer-trusted-ca-file).
+    #[arg(long)]
+    pub peer_cert_allowed_cn: Option<String>,
+    /// Accept only peer certificates valid for this host name or IP (a SAN of theirs).
+    #[arg(long)]
+    pub peer_cert_allowed_hostname: Option<String>,
+    /// TLS 1.2 cipher suites allowed between clients/server and peers (comma-separated IANA
+    /// names, e.g. TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256; empty: rustls' defaults). TLS 1.3
+    /// suites are not configurable.
+    #[arg(long, value_delimiter = ',')]
+    pub cipher_suites: Vec<String>,
+    /// Minimum TLS version: TLS1.2 or TLS1.3.
+    #[arg(long, default_value = "TLS1.2")]
+    pub tls_min_version: String,
+    /// Maximum TLS version: TLS1.2 or TLS1.3 (empty: the highest supported).
+    #[arg(long, default_value = "")]
+    pub tls_max_version: String,
     /// Log level: debug, info, warn, error (etcd's dpanic, panic and fatal log as error).
     #[arg(long, default_value = "info")]
     pub log_level: String,

@@ -78,8 +78,9 @@ async fn serve() -> Result<()> {
         &cfg.auto_compaction_retention,
     )?;
     // Before anything talks to peers (joining asks the running members).
-    let client_tls = tls::client_side(&cfg)?;
-    let peer_tls = tls::peer_side(&cfg)?;
+    let tls_options = tls::Options::from_config(&cfg)?;
+    let client_tls = tls::client_side(&cfg, &tls_options)?;
+    let peer_tls = tls::peer_side(&cfg, &tls_options)?;
 
     // Before the member starts: every crate's metric handles must reach this recorder.
     metrics::install()?;

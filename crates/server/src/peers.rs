@@ -11,7 +11,7 @@ use metastore_peer::{LeaseHandler, PeerService};
 use metastore_state_machine::StoreHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::ServerTlsConfig;
+use tokio_rustls::TlsAcceptor;
 use tracing::info;
 
 use crate::config::Config;
@@ -63,7 +63,7 @@ pub async fn bind(cfg: &Config) -> Result<Vec<(SocketAddr, TcpListener)>> {
 pub fn serve(
     member: &Member,
     listeners: Vec<(SocketAddr, TcpListener)>,
-    tls: Option<&ServerTlsConfig>,
+    tls: Option<&TlsAcceptor>,
     stop: &watch::Receiver<bool>,
 ) -> Result<Vec<ServerTask>> {
     let ctx = &member.ctx;
@@ -93,20 +93,28 @@ pub fn serve(
                 })
             },
         );
-        let mut stop = stop.clone();
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = tls {
-            builder = builder.tls_config(tls.clone())?;
-        }
-        servers.push(tokio::spawn(
-            builder
-                .add_service(peer)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                }),
-        ));
+        let stopped = {
+            let mut stop = stop.clone();
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        };
+        let router = tonic::transport::Server::builder().add_service(peer);
+        servers.push(match tls {
+            None => {
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+            }
+            Some(tls) => {
+                let incoming = crate::clients::tls_incoming(
+                    Box::pin(crate::clients::nodelay_incoming(listener)),
+                    tls.clone(),
+                    stop.clone(),
+                );
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+            }
+        });
     }
     Ok(servers)
 }
