@@ -445,3 +445,37 @@ async fn auto_tls_serves_a_self_signed_certificate() {
     };
     client.handshake(port).await.unwrap();
 }
+
+/// `--peer-auto-tls`: https peer URLs without certificate files serve a self-signed certificate
+/// kept in `<data-dir>/fixtures/peer`.
+#[tokio::test]
+async fn peer_auto_tls_serves_a_self_signed_certificate() {
+    let (member, port) = https_peer_member(&["--peer-auto-tls"]).await;
+    let cert = member
+        .data_dir
+        .join("fixtures")
+        .join("peer")
+        .join("cert.pem");
+    assert!(cert.exists(), "no {cert:?}");
+    let client = Client {
+        versions: TLS13,
+        suites: None,
+        trust: &cert,
+        cert: None,
+    };
+    client.handshake(port).await.unwrap();
+}
+
+/// Three members with `--peer-auto-tls` (each its own self-signed certificate) form a cluster:
+/// they dial each other over TLS without verifying, as etcd does.
+#[tokio::test]
+async fn a_cluster_forms_under_peer_auto_tls() {
+    support::cluster::use_https_peers();
+    let mut cluster = Cluster::start(Kind::Memory, 3, &["--peer-auto-tls"]).await;
+    cluster.wait_leader().await;
+    cluster.etcdctl_ok(0, &["put", "k", "replicated"]);
+    for i in 0..3 {
+        let got = cluster.etcdctl_ok(i, &["get", "k", "--consistency=l", "--print-value-only"]);
+        assert_eq!(got.trim(), "replicated", "member {i}");
+    }
+}

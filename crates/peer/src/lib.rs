@@ -34,7 +34,7 @@ use metastore_raft_node::{Message, MessageType, RaftNode, Transport};
 use parking_lot::Mutex;
 use protobuf::Message as _;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 /// Messages queued for one member before new ones are dropped.
@@ -94,27 +94,75 @@ fn cluster_mismatch(mine: u64, theirs: u64) -> Status {
     ))
 }
 
-/// A channel to the peer at `url`. `tls` is how this member reaches `https://` peers
-/// (`--peer-trusted-ca-file`, and its own certificate for `--peer-client-cert-auth`).
-fn channel_to(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, Status> {
-    let mut endpoint = Endpoint::from_shared(url.to_string())
+/// How this member reaches `https://` peers: the rustls client configuration (trust, its own
+/// certificate, versions and cipher suites), built by the server from the `--peer-*` flags.
+pub type PeerTls = std::sync::Arc<tokio_rustls::rustls::ClientConfig>;
+
+/// A channel to the peer at `url`. `tls` is how this member reaches `https://` peers: the
+/// handshake is rustls' own, under the channel's HTTP/2 (tonic's TLS cannot take versions,
+/// cipher suites or `--peer-auto-tls`'s unverified certificates).
+fn channel_to(url: &str, tls: Option<&PeerTls>) -> Result<Channel, Status> {
+    let tls = match url.strip_prefix("https://") {
+        Some(rest) => Some((
+            tls.cloned().ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "peer URL {url} is https:// but no peer TLS was configured"
+                ))
+            })?,
+            format!("http://{rest}"),
+        )),
+        None => None,
+    };
+    let target = tls.as_ref().map_or(url, |(_, plain)| plain.as_str());
+    let endpoint = Endpoint::from_shared(target.to_string())
         .map_err(|e| Status::invalid_argument(format!("bad peer URL {url:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(1))
+        .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
-    if url.starts_with("https://") {
-        let tls = tls.cloned().ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "peer URL {url} is https:// but no --peer-trusted-ca-file was given"
-            ))
-        })?;
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|e| Status::invalid_argument(format!("peer TLS for {url}: {e}")))?;
-    }
-    Ok(endpoint.connect_lazy())
+    let Some((config, _)) = tls else {
+        return Ok(endpoint.connect_lazy());
+    };
+    let connector = tokio_rustls::TlsConnector::from(config);
+    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(
+        move |uri: tonic::codegen::http::Uri| {
+            let connector = connector.clone();
+            async move {
+                let bad = |what: &str| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("peer URL {uri}: {what}"),
+                    )
+                };
+                let host = uri.host().ok_or_else(|| bad("no host"))?;
+                let host = host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string();
+                let port = uri.port_u16().ok_or_else(|| bad("no port"))?;
+                let tcp = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tokio::net::TcpStream::connect((host.as_str(), port)),
+                )
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connecting to a peer timed out",
+                    )
+                })??;
+                tcp.set_nodelay(true)?;
+                let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host)
+                    .map_err(|e| bad(&e.to_string()))?;
+                let stream = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        },
+    )))
 }
+
+/// How long connecting to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn client(channel: Channel) -> PeerClient<Channel> {
     PeerClient::new(channel)
@@ -147,7 +195,7 @@ struct Inner<O> {
     channels: Mutex<HashMap<String, Channel>>,
     runtime: tokio::runtime::Handle,
     /// How this member reaches `https://` peers; `None`: it cannot.
-    tls: Option<ClientTlsConfig>,
+    tls: Option<PeerTls>,
     /// A peer answered that this member was removed from the cluster.
     removed: AtomicBool,
 }
@@ -161,7 +209,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
         member_id: u64,
         resolve: UrlResolver,
         runtime: tokio::runtime::Handle,
-        tls: Option<ClientTlsConfig>,
+        tls: Option<PeerTls>,
     ) -> Self {
         PeerNetwork {
             inner: Arc::new(Inner {
@@ -620,7 +668,7 @@ impl<O: Send + 'static> Transport for PeerNetwork<O> {
 /// Returns the first answer.
 pub async fn fetch_members(
     urls: &[String],
-    tls: Option<&ClientTlsConfig>,
+    tls: Option<&PeerTls>,
 ) -> Result<(u64, Vec<Member>), String> {
     let mut errors = Vec::new();
     for url in urls {

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use metastore_peer::PeerTls;
 use metastore_proto::metastorepb::Member;
 use prost::Message;
-use tonic::transport::ClientTlsConfig;
 
 use crate::config::{self, Config};
 
@@ -68,7 +68,7 @@ pub fn write_identity(member_dir: &Path, member_id: u64, cluster_id: u64) -> Res
 pub async fn identify(
     cfg: &Config,
     member_dir: &Path,
-    peer_tls: Option<&ClientTlsConfig>,
+    peer_tls: Option<&PeerTls>,
 ) -> Result<Identity> {
     let members = cfg.initial_members()?;
     let mut known_urls: HashMap<u64, Vec<String>> = members

@@ -11,11 +11,11 @@ use anyhow::{bail, Context, Result};
 use metastore_api_context::{AuthGate, BoxFuture, LeaderForwarder, Limits, ServerContext};
 use metastore_lease::Lessor;
 use metastore_peer::PeerNetwork;
+use metastore_peer::PeerTls;
 use metastore_raft_node::{RaftConfig, RaftNode};
 use metastore_state_machine::{ApplyOutput, KvStateMachine, MemberTable};
 use metastore_storage::Backend;
 use metastore_watch::WatchHub;
-use tonic::transport::ClientTlsConfig;
 use tracing::info;
 
 use crate::boot::{self, Identity};
@@ -99,7 +99,7 @@ pub fn start(
     cfg: &Config,
     member_dir: &Path,
     identity: &Identity,
-    peer_tls: Option<ClientTlsConfig>,
+    peer_tls: Option<PeerTls>,
 ) -> Result<Member> {
     let (member_id, cluster_id) = (identity.member_id, identity.cluster_id);
     let backend = open_backend(cfg, member_dir)?;

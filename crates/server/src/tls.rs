@@ -17,7 +17,6 @@ use tokio_rustls::rustls::pki_types::{
 use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use tokio_rustls::rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio_rustls::TlsAcceptor;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -481,7 +480,7 @@ pub struct PeerTls {
     pub server: Option<TlsAcceptor>,
     /// How this member connects to `https://` peers (trusting `--peer-trusted-ca-file`,
     /// presenting its own certificate), handed to the peer network.
-    pub client: Option<ClientTlsConfig>,
+    pub client: Option<metastore_peer::PeerTls>,
 }
 
 /// The peer port's TLS when the peer URLs are `https://`, and how this member connects to
@@ -506,40 +505,159 @@ pub fn peer_side(cfg: &Config, opts: &Options) -> Result<PeerTls> {
         return Ok(PeerTls::default());
     }
     let flags = "--peer-cert-file/--peer-key-file/--peer-trusted-ca-file";
-    let (Some(cert), Some(key)) = (&cfg.peer_cert_file, &cfg.peer_key_file) else {
-        if cfg.peer_auto_tls {
-            bail!("--peer-auto-tls is not implemented yet: give {flags}");
+    let client_builder = rustls::ClientConfig::builder_with_provider(opts.provider.clone())
+        .with_protocol_versions(&opts.versions)
+        .with_context(|| format!("{flags}: TLS versions and cipher suites"))?;
+    let (server, client) = match (&cfg.peer_cert_file, &cfg.peer_key_file) {
+        (Some(cert), Some(key)) => {
+            if cfg.peer_auto_tls {
+                warn!(
+                    "ignoring --peer-auto-tls since --peer-cert-file and --peer-key-file are given"
+                );
+            }
+            let server = server_config(
+                opts,
+                &ServerSide {
+                    flags,
+                    cert,
+                    key,
+                    ca: cfg.peer_trusted_ca_file.as_deref(),
+                    require_client_cert: cfg.peer_client_cert_auth,
+                    crl: cfg.peer_crl_file.as_deref(),
+                    allowed: Allowed {
+                        cn: cfg.peer_cert_allowed_cn.clone(),
+                        hostname: cfg.peer_cert_allowed_hostname.clone(),
+                    },
+                },
+            )?;
+            let ca = cfg.peer_trusted_ca_file.as_ref().with_context(|| {
+                format!("https:// peer URLs need --peer-trusted-ca-file ({flags})")
+            })?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in pem_certificates(ca, "CA bundle")? {
+                roots
+                    .add(c)
+                    .with_context(|| format!("{flags}: a certificate of {}", ca.display()))?;
+            }
+            let client = client_builder
+                .with_root_certificates(roots)
+                .with_client_auth_cert(
+                    pem_certificates(cert, "certificate")?,
+                    private_key(key, flags)?,
+                )
+                .with_context(|| format!("{flags}: the certificate and key"))?;
+            (server, client)
         }
-        bail!("https:// peer URLs need {flags}");
+        (None, None) if cfg.peer_auto_tls => {
+            // etcd's self-signed peer TLS: no CA, so peers' certificates are not verified either
+            // way (the CA-based checks cannot apply).
+            if cfg.peer_client_cert_auth
+                || cfg.peer_crl_file.is_some()
+                || cfg.peer_cert_allowed_cn.is_some()
+                || cfg.peer_cert_allowed_hostname.is_some()
+            {
+                bail!(
+                    "--peer-auto-tls: --peer-client-cert-auth, --peer-crl-file and \
+                     --peer-cert-allowed-* need a CA (--peer-trusted-ca-file and certificate files)"
+                );
+            }
+            let mut hosts = hosts_of("--listen-peer-urls", &cfg.listen_peer_urls)?;
+            hosts.extend(hosts_of(
+                "--initial-advertise-peer-urls",
+                &cfg.initial_advertise_peer_urls,
+            )?);
+            let (cert, key) = self_cert(
+                &cfg.data_dir().join("fixtures").join("peer"),
+                &hosts,
+                cfg.self_signed_cert_validity,
+            )
+            .context("--peer-auto-tls")?;
+            let server = server_config(
+                opts,
+                &ServerSide {
+                    flags,
+                    cert: &cert,
+                    key: &key,
+                    ca: None,
+                    require_client_cert: false,
+                    crl: None,
+                    allowed: Allowed::default(),
+                },
+            )?;
+            let client = client_builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Unverified(opts.provider.clone())))
+                .with_client_auth_cert(
+                    pem_certificates(&cert, "certificate")?,
+                    private_key(&key, flags)?,
+                )
+                .context("--peer-auto-tls: the generated certificate and key")?;
+            (server, client)
+        }
+        _ => bail!("https:// peer URLs need {flags} (or --peer-auto-tls)"),
     };
-    let mut server = server_config(
-        opts,
-        &ServerSide {
-            flags,
-            cert,
-            key,
-            ca: cfg.peer_trusted_ca_file.as_deref(),
-            require_client_cert: cfg.peer_client_cert_auth,
-            crl: cfg.peer_crl_file.as_deref(),
-            allowed: Allowed {
-                cn: cfg.peer_cert_allowed_cn.clone(),
-                hostname: cfg.peer_cert_allowed_hostname.clone(),
-            },
-        },
-    )?;
+    let mut server = server;
     server.alpn_protocols = vec![b"h2".to_vec()];
-    let ca = cfg
-        .peer_trusted_ca_file
-        .as_ref()
-        .with_context(|| format!("https:// peer URLs need --peer-trusted-ca-file ({flags})"))?;
-    let client = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(ca, "CA bundle")?))
-        .identity(Identity::from_pem(
-            read(cert, "certificate")?,
-            read(key, "key")?,
-        ));
+    let mut client = client;
+    client.alpn_protocols = vec![b"h2".to_vec()];
     Ok(PeerTls {
         server: Some(TlsAcceptor::from(Arc::new(server))),
-        client: Some(client),
+        client: Some(Arc::new(client)),
     })
+}
+
+fn private_key(path: &Path, flags: &str) -> Result<PrivateKeyDer<'static>> {
+    let pem = read(path, "key")?;
+    PrivateKeyDer::from_pem_slice(&pem)
+        .with_context(|| format!("{flags}: no private key in {}", path.display()))
+}
+
+/// `--peer-auto-tls`'s dialing side: Go's `InsecureSkipVerify`, as etcd sets for self-signed
+/// peer certificates (the handshake's signatures are still checked).
+#[derive(Debug)]
+struct Unverified(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
