@@ -252,6 +252,7 @@ pub(crate) fn run(inner: Arc<Inner>) {
                     inner.record_hash(job.prev, job.rev, outcome.hash);
                 }
                 inner.compactor.job_finished(job.rev);
+                crate::metrics::compaction_finished(outcome.deleted, started.elapsed());
                 tracing::info!(
                     compact_revision = job.rev,
                     deleted = outcome.deleted,

@@ -95,6 +95,14 @@ impl KeyIndex {
         self.full_mut().tombstone(rev)
     }
 
+    /// Whether the key exists now (its last generation is not empty).
+    fn is_live(&self) -> bool {
+        match self {
+            KeyIndex::One(_) => true,
+            KeyIndex::Many(full) => full.generations.last().is_some_and(|g| !g.is_empty()),
+        }
+    }
+
     /// The key as it was at `at_rev`, if it existed then.
     pub(crate) fn get(&self, at_rev: i64) -> Option<KeyAt> {
         match self {
@@ -334,23 +342,41 @@ const _: () = assert!(std::mem::size_of::<IndexKey>() == std::mem::size_of::<Vec
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Index {
     keys: BTreeMap<IndexKey, KeyIndex>,
+    /// How many keys are live, kept as puts and deletions come (etcd's `keysGauge`), so that
+    /// reading it never walks the index.
+    live: usize,
 }
 
 impl Index {
     /// Record a put of `key` at `rev`.
     pub(crate) fn put(&mut self, key: &[u8], rev: Revision) {
         match self.keys.get_mut(key) {
-            Some(ki) => ki.put(rev),
+            Some(ki) => {
+                if !ki.is_live() {
+                    self.live += 1;
+                }
+                ki.put(rev);
+            }
             None => {
                 self.keys
                     .insert(IndexKey::from_slice(key), KeyIndex::One(rev));
+                self.live += 1;
             }
         }
     }
 
     /// Record a deletion of `key` at `rev`. False when the key is not live.
     pub(crate) fn tombstone(&mut self, key: &[u8], rev: Revision) -> bool {
-        self.keys.get_mut(key).is_some_and(|ki| ki.tombstone(rev))
+        let deleted = self.keys.get_mut(key).is_some_and(|ki| ki.tombstone(rev));
+        if deleted {
+            self.live -= 1;
+        }
+        deleted
+    }
+
+    /// How many keys are live (put and not deleted since).
+    pub(crate) fn live_keys(&self) -> usize {
+        self.live
     }
 
     /// Replay one revision found on disk while rebuilding the index in revision order.
@@ -366,13 +392,21 @@ impl Index {
         match self.keys.get_mut(key) {
             Some(ki) if tombstone => {
                 // A tombstone of a key that is not live is a no-op, as in etcd's restore.
-                ki.tombstone(rev);
+                if ki.tombstone(rev) {
+                    self.live -= 1;
+                }
             }
-            Some(ki) => ki.put(rev),
+            Some(ki) => {
+                if !ki.is_live() {
+                    self.live += 1;
+                }
+                ki.put(rev);
+            }
             None => {
                 let ki = if tombstone {
                     KeyIndex::restore_tombstone(rev)
                 } else {
+                    self.live += 1;
                     KeyIndex::restore(Revision::new(created, 0), rev, version)
                 };
                 self.keys.insert(IndexKey::from_slice(key), ki);
@@ -648,6 +682,39 @@ mod tests {
             assert_eq!(steps, 10 / limit + 1, "limit {limit}");
             assert!(!idx.keys.contains_key(&b"k\0"[..]));
         }
+    }
+
+    #[test]
+    fn live_keys_follow_puts_deletions_restores_and_compactions() {
+        let mut idx = Index::default();
+        idx.put(b"a", r(2, 0));
+        idx.put(b"b", r(3, 0));
+        idx.put(b"a", r(4, 0));
+        assert_eq!(idx.live_keys(), 2);
+        assert!(idx.tombstone(b"a", r(5, 0)));
+        assert!(!idx.tombstone(b"a", r(6, 0)));
+        assert!(!idx.tombstone(b"never", r(6, 0)));
+        assert_eq!(idx.live_keys(), 1);
+        idx.put(b"a", r(7, 0));
+        assert_eq!(idx.live_keys(), 2);
+        assert!(idx.tombstone(b"b", r(8, 0)));
+        let mut available = HashSet::new();
+        let mut after = None;
+        while let Some(last) = idx.compact_some(8, after.as_deref(), 1, &mut available) {
+            after = Some(last);
+        }
+        assert_eq!(idx.live_keys(), 1);
+
+        // Rebuilt from disk in revision order: a key whose first surviving revision is a
+        // tombstone is not live; one put again after it is.
+        let mut restored = Index::default();
+        restored.restore(b"x", r(10, 0), true, 0, 0);
+        assert_eq!(restored.live_keys(), 0);
+        restored.restore(b"y", r(11, 0), false, 11, 1);
+        restored.restore(b"x", r(12, 0), false, 12, 1);
+        restored.restore(b"y", r(13, 0), true, 0, 0);
+        restored.restore(b"y", r(14, 0), true, 0, 0);
+        assert_eq!(restored.live_keys(), 1);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use parking_lot::{Mutex, RwLock, RwLockUpgradableReadGuard};
 use crate::compactor::{self, CompactionConfig, Compactor, Job};
 use crate::hash::{HashKv, KvHasher};
 use crate::key_index::{Index, KeyRange};
+use crate::metrics::OpCounts;
 use crate::revision::{main_prefix, Revision};
 use crate::txn::{decode_kv, fetch, finish_range, is_txn_read_only, plan_range, select, Tx};
 use crate::{
@@ -295,6 +296,12 @@ impl Store {
         self.inner.state.read().consistent_index
     }
 
+    /// How many keys are live now (`etcd_debugging_mvcc_keys_total`); O(1), kept as writes
+    /// apply.
+    pub fn live_keys(&self) -> usize {
+        self.inner.state.read().index.live_keys()
+    }
+
     /// A Range request at a consistent point, with every option computed as etcd 3.5 does. The
     /// header is left `None`; callers that fill it should use [`Store::range_with_revision`] to
     /// learn the revision the read saw.
@@ -329,6 +336,10 @@ impl Store {
             Some(view) => fetch(&*view, selected)?,
             None => Vec::new(),
         };
+        crate::metrics::record_ops(OpCounts {
+            ranges: 1,
+            ..OpCounts::default()
+        });
         Ok((finish_range(req, kvs, total), cur))
     }
 
@@ -344,6 +355,7 @@ impl Store {
         let mut tx = Tx::new(&st.index, &*view, st.current_rev, st.compact_rev);
         let no_leases = |_: i64| false;
         let mut resp = tx.apply_txn(req, &no_leases)?;
+        crate::metrics::record_ops(tx.ops);
         resp.header = None;
         Ok((resp, st.current_rev))
     }
@@ -380,11 +392,18 @@ impl Store {
         let view = self.inner.backend.snapshot()?;
         let mut tx = Tx::new(&state.index, &*view, state.current_rev, state.compact_rev);
         let mut response = match &req {
-            WriteRequest::Put(p) => WriteResponse::Put(tx.apply_put(p, leases, true)?),
-            WriteRequest::DeleteRange(d) => WriteResponse::DeleteRange(tx.apply_delete(d)?),
+            WriteRequest::Put(p) => {
+                tx.ops.puts = 1;
+                WriteResponse::Put(tx.apply_put(p, leases, true)?)
+            }
+            WriteRequest::DeleteRange(d) => {
+                tx.ops.deletes = 1;
+                WriteResponse::DeleteRange(tx.apply_delete(d)?)
+            }
             WriteRequest::Txn(t) => WriteResponse::Txn(tx.apply_txn(t, leases)?),
             WriteRequest::Compact(_) => unreachable!("handled above"),
         };
+        let ops = tx.ops;
         response.clear_header();
         let revision = tx.cur_rev();
         let (changes, events) = tx.into_parts();
@@ -416,6 +435,8 @@ impl Store {
         }
         st.current_rev = revision;
         st.consistent_index = consistent_index;
+        drop(st);
+        crate::metrics::record_ops(ops);
         Ok(Applied {
             response,
             events,

@@ -18,6 +18,7 @@ use metastore_storage::ReadView;
 use prost::Message;
 
 use crate::key_index::{Index, KeyRange};
+use crate::metrics::OpCounts;
 use crate::revision::Revision;
 use crate::{LeaseLookup, MvccError, KEY_BUCKET};
 
@@ -252,6 +253,8 @@ pub(crate) struct Tx<'a> {
     pending: BTreeMap<Vec<u8>, Option<KeyValue>>,
     changes: Vec<Change>,
     events: Vec<Event>,
+    /// The operations of the txn branches run so far (`etcd_mvcc_*_total`).
+    pub(crate) ops: OpCounts,
 }
 
 impl<'a> Tx<'a> {
@@ -270,6 +273,7 @@ impl<'a> Tx<'a> {
             pending: BTreeMap::new(),
             changes: Vec::new(),
             events: Vec::new(),
+            ops: OpCounts::default(),
         }
     }
 
@@ -563,14 +567,21 @@ impl<'a> Tx<'a> {
         for op in branch(rt, succeeded) {
             let response = match &op.request {
                 Some(request_op::Request::RequestRange(r)) => {
+                    self.ops.ranges += 1;
                     Some(response_op::Response::ResponseRange(self.range(r)?))
                 }
-                Some(request_op::Request::RequestPut(r)) => Some(
-                    response_op::Response::ResponsePut(self.apply_put(r, leases, false)?),
-                ),
-                Some(request_op::Request::RequestDeleteRange(r)) => Some(
-                    response_op::Response::ResponseDeleteRange(self.apply_delete(r)?),
-                ),
+                Some(request_op::Request::RequestPut(r)) => {
+                    self.ops.puts += 1;
+                    Some(response_op::Response::ResponsePut(
+                        self.apply_put(r, leases, false)?,
+                    ))
+                }
+                Some(request_op::Request::RequestDeleteRange(r)) => {
+                    self.ops.deletes += 1;
+                    Some(response_op::Response::ResponseDeleteRange(
+                        self.apply_delete(r)?,
+                    ))
+                }
                 Some(request_op::Request::RequestTxn(t)) => {
                     let mut nested = self.run_txn(t, path, pos, leases)?;
                     // etcd leaves a nested txn's header empty.
