@@ -25,6 +25,8 @@ use metastore_storage::{ReadView, ScanRange, StorageError, Visit, WriteBatch};
 use parking_lot::Mutex;
 use prost::Message;
 
+mod metrics;
+
 /// Backend bucket holding one record per lease.
 pub const LEASE_BUCKET: &str = "lease";
 /// The largest TTL a lease may be granted with, in seconds (etcd's `MaxLeaseTTL`).
@@ -233,6 +235,7 @@ impl Lessor {
                 expiry,
             },
         );
+        metrics::granted(ttl_secs);
         Ok(ttl_secs)
     }
 
@@ -254,7 +257,9 @@ impl Lessor {
 
     /// Apply a revoke, second half: the lease's removal is durable; drop it from the table.
     pub fn forget(&self, id: i64) {
-        self.table.lock().leases.remove(&id);
+        if self.table.lock().leases.remove(&id).is_some() {
+            metrics::revoked();
+        }
     }
 
     /// Follows applied changes: a key written with a lease is attached to it and detached from
@@ -301,6 +306,7 @@ impl Lessor {
                 return Err(LeaseError::NotFound);
             }
             lease.expiry = Some(deadline(now, lease.ttl_secs));
+            metrics::renewed();
         }
         Ok(lease.ttl_secs)
     }
