@@ -28,6 +28,12 @@ pub(crate) struct RaftMetrics {
     pub(crate) proposals_failed: Counter,
     /// Durations of WAL fsyncs.
     pub(crate) wal_fsync_seconds: Histogram,
+    /// Entries whose apply took longer than etcd's 100 ms warning threshold.
+    pub(crate) slow_applies: Counter,
+    /// ReadIndex requests raft left unanswered long enough to be sent again.
+    pub(crate) slow_read_indexes: Counter,
+    /// ReadIndex requests that failed (no leader, or unanswered within the request timeout).
+    pub(crate) read_indexes_failed: Counter,
 }
 
 /// The process's handles, looked up on first use (after the binary installed its recorder).
@@ -40,4 +46,7 @@ pub(crate) static METRICS: LazyLock<RaftMetrics> = LazyLock::new(|| RaftMetrics 
     proposals_pending: gauge!("etcd_server_proposals_pending"),
     proposals_failed: counter!("etcd_server_proposals_failed_total"),
     wal_fsync_seconds: histogram!("etcd_disk_wal_fsync_duration_seconds"),
+    slow_applies: counter!("etcd_server_slow_apply_total"),
+    slow_read_indexes: counter!("etcd_server_slow_read_indexes_total"),
+    read_indexes_failed: counter!("etcd_server_read_indexes_failed_total"),
 });

@@ -67,6 +67,7 @@ impl Reads {
             if now.duration_since(batch.created) < timeout {
                 return true;
             }
+            crate::metrics::METRICS.read_indexes_failed.increment(1);
             for waiter in batch.waiters.drain(..) {
                 let _ = waiter.send(Err(RaftError::Timeout));
             }
@@ -85,6 +86,7 @@ impl Reads {
         if !self.new.is_empty() {
             let waiters = std::mem::take(&mut self.new);
             if leader_id == INVALID_ID {
+                crate::metrics::METRICS.read_indexes_failed.increment(1);
                 for waiter in waiters {
                     let _ = waiter.send(Err(RaftError::NoLeader));
                 }
@@ -106,10 +108,16 @@ impl Reads {
             return;
         }
         for (ctx, batch) in &mut self.pending {
-            if batch
-                .last_sent
-                .is_none_or(|sent| now.duration_since(sent) >= READ_INDEX_RETRY)
-            {
+            let due = match batch.last_sent {
+                None => true,
+                Some(sent) if now.duration_since(sent) >= READ_INDEX_RETRY => {
+                    // etcd's "waiting for ReadIndex response took too long, retrying".
+                    crate::metrics::METRICS.slow_read_indexes.increment(1);
+                    true
+                }
+                Some(_) => false,
+            };
+            if due {
                 raw.read_index(ctx.to_be_bytes().to_vec());
                 batch.last_sent = Some(now);
             }

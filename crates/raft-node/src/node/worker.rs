@@ -392,7 +392,8 @@ impl<S: StateMachine> Worker<S> {
             }
             let took = started.elapsed();
             if took > SLOW_APPLY {
-                // etcd's warning for the same threshold.
+                // etcd's warning and counter for the same threshold.
+                crate::metrics::METRICS.slow_applies.increment(1);
                 tracing::warn!(
                     index = entry.index,
                     took_ms = took.as_millis() as u64,
