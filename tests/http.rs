@@ -8,8 +8,12 @@ use crate::support;
 use std::time::{Duration, Instant};
 
 use metastore_proto::etcdserverpb::alarm_request::AlarmAction;
+use metastore_proto::etcdserverpb::lease_client::LeaseClient;
 use metastore_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use metastore_proto::etcdserverpb::{AlarmRequest, AlarmType, PutRequest, RangeRequest};
+use metastore_proto::etcdserverpb::{
+    request_op, AlarmRequest, AlarmType, CompactionRequest, LeaseGrantRequest,
+    LeaseKeepAliveRequest, LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
 use support::cluster::Cluster;
 use support::{free_port, Kind, Server};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -411,6 +415,214 @@ async fn metrics_follow_what_the_server_does() {
         &after,
         "etcd_disk_wal_fsync_duration_seconds_bucket",
         &["le=\"8.192\""]
+    )
+    .is_some());
+}
+
+/// etcd's mvcc, lease and health metrics move as the server works: live keys after puts,
+/// deletions and a lease revocation; puts, deletes, ranges and txns as etcd counts them (a txn
+/// is a request of more than one operation); leases granted, renewed and revoked with the TTL
+/// in etcd's buckets; the keys a compaction deleted; /health's successes and failures. Without
+/// `--metrics=extensive` no gRPC handling time is recorded.
+#[tokio::test]
+async fn mvcc_lease_and_health_metrics_follow_what_the_server_does() {
+    let server = Server::start(Kind::Memory).await;
+    let port = server.client_port;
+    let mut kv = server.kv().await;
+    let mut lease = LeaseClient::connect(server.endpoint()).await.unwrap();
+    let before = metrics(port).await;
+    assert_eq!(value(&before, "etcd_debugging_mvcc_keys_total", &[]), 0.0);
+
+    for i in 0..5 {
+        kv.put(put(&format!("k{i}"))).await.unwrap();
+    }
+    kv.put(put("k0")).await.unwrap();
+    kv.delete_range(support::delete_req("k1", ""))
+        .await
+        .unwrap();
+    kv.delete_range(support::delete_req("absent", ""))
+        .await
+        .unwrap();
+    let txn = TxnRequest {
+        success: vec![
+            RequestOp {
+                request: Some(request_op::Request::RequestPut(put("t"))),
+            },
+            RequestOp {
+                request: Some(request_op::Request::RequestRange(RangeRequest {
+                    key: b"k2".to_vec(),
+                    ..Default::default()
+                })),
+            },
+        ],
+        ..Default::default()
+    };
+    kv.txn(txn).await.unwrap();
+    const RANGES: u64 = 3;
+    for _ in 0..RANGES {
+        kv.range(RangeRequest {
+            key: b"k".to_vec(),
+            range_end: b"l".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let mid = metrics(port).await;
+    let grew = |after: &str, name: &str| value(after, name, &[]) - value(&before, name, &[]);
+    // k0, k2, k3, k4 and t.
+    assert_eq!(value(&mid, "etcd_debugging_mvcc_keys_total", &[]), 5.0);
+    assert_eq!(grew(&mid, "etcd_mvcc_put_total"), 7.0);
+    assert_eq!(grew(&mid, "etcd_mvcc_delete_total"), 2.0);
+    assert_eq!(grew(&mid, "etcd_mvcc_range_total"), RANGES as f64 + 1.0);
+    assert_eq!(grew(&mid, "etcd_mvcc_txn_total"), 1.0);
+    assert!(mid.contains("# TYPE etcd_debugging_mvcc_keys_total gauge"));
+    assert!(mid.contains("# TYPE etcd_mvcc_put_total counter"));
+
+    // A lease of 60 s: in etcd's bucket le=64, not le=32. One renewal, then a revocation that
+    // deletes its key.
+    let granted = lease
+        .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    kv.put(PutRequest {
+        lease: granted.id,
+        ..put("leased")
+    })
+    .await
+    .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut keepalive = lease
+        .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(LeaseKeepAliveRequest { id: granted.id })
+        .await
+        .unwrap();
+    let renewed = keepalive.message().await.unwrap().unwrap();
+    assert_eq!(renewed.ttl, 60);
+    let with_lease = metrics(port).await;
+    assert_eq!(
+        value(&with_lease, "etcd_debugging_mvcc_keys_total", &[]),
+        6.0
+    );
+    lease
+        .lease_revoke(LeaseRevokeRequest { id: granted.id })
+        .await
+        .unwrap();
+    let revoked = metrics(port).await;
+    assert_eq!(value(&revoked, "etcd_debugging_mvcc_keys_total", &[]), 5.0);
+    assert_eq!(grew(&revoked, "etcd_debugging_lease_granted_total"), 1.0);
+    assert_eq!(grew(&revoked, "etcd_debugging_lease_renewed_total"), 1.0);
+    assert_eq!(grew(&revoked, "etcd_debugging_lease_revoked_total"), 1.0);
+    assert_eq!(
+        value(&revoked, "etcd_debugging_lease_ttl_total_count", &[]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &revoked,
+            "etcd_debugging_lease_ttl_total_bucket",
+            &["le=\"64\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &revoked,
+            "etcd_debugging_lease_ttl_total_bucket",
+            &["le=\"32\""]
+        ),
+        0.0
+    );
+
+    // A compaction at the current revision deletes the overwritten and deleted revisions.
+    let revision = value(&revoked, "etcd_debugging_mvcc_current_revision", &[]) as i64;
+    kv.compact(CompactionRequest {
+        revision,
+        physical: true,
+    })
+    .await
+    .unwrap();
+    let compacted = metrics(port).await;
+    assert!(grew(&compacted, "etcd_debugging_mvcc_db_compaction_keys_total") >= 3.0);
+    assert_eq!(
+        value(
+            &compacted,
+            "etcd_debugging_mvcc_db_compaction_total_duration_milliseconds_count",
+            &[]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&compacted, "etcd_debugging_mvcc_keys_total", &[]),
+        5.0
+    );
+
+    // /health: two successes, then a failure under a NOSPACE alarm.
+    assert_eq!(get(port, "/health").await.body, HEALTHY);
+    assert_eq!(get(port, "/health").await.body, HEALTHY);
+    set_alarm(&server, AlarmType::Nospace, AlarmAction::Activate).await;
+    assert_eq!(get(port, "/health").await.status, 503);
+    set_alarm(&server, AlarmType::Nospace, AlarmAction::Deactivate).await;
+    let probed = metrics(port).await;
+    assert_eq!(grew(&probed, "etcd_server_health_success"), 2.0);
+    assert_eq!(grew(&probed, "etcd_server_health_failures"), 1.0);
+
+    // Registered from the start, as etcd's, though nothing here made them move.
+    for name in [
+        "etcd_server_slow_apply_total",
+        "etcd_server_slow_read_indexes_total",
+        "etcd_server_read_indexes_failed_total",
+    ] {
+        assert_eq!(value(&before, name, &[]), 0.0, "{name}");
+    }
+    assert!(!probed.contains("grpc_server_handling_seconds"));
+}
+
+/// With `--metrics=extensive`, each gRPC call is timed per method in go-grpc-prometheus'
+/// default buckets.
+#[tokio::test]
+async fn extensive_metrics_time_every_grpc_call() {
+    let server = Server::start_with(Kind::Memory, &["--metrics", "extensive"]).await;
+    let port = server.client_port;
+    let mut kv = server.kv().await;
+    let labels = [
+        "grpc_type=\"unary\"",
+        "grpc_service=\"etcdserverpb.KV\"",
+        "grpc_method=\"Put\"",
+    ];
+    let before = metrics(port).await;
+    let count = |exposition: &str| {
+        sample(exposition, "grpc_server_handling_seconds_count", &labels).unwrap_or(0.0)
+    };
+    const WRITES: u64 = 4;
+    for i in 0..WRITES {
+        kv.put(put(&format!("k{i}"))).await.unwrap();
+    }
+    let refused = kv.put(put("")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let after = metrics(port).await;
+    assert_eq!(count(&after) - count(&before), WRITES as f64 + 1.0);
+    assert!(after.contains("# TYPE grpc_server_handling_seconds histogram"));
+    let mut bucket_labels = labels.to_vec();
+    bucket_labels.push("le=\"10\"");
+    assert_eq!(
+        value(
+            &after,
+            "grpc_server_handling_seconds_bucket",
+            &bucket_labels
+        ),
+        count(&after)
+    );
+    bucket_labels.pop();
+    bucket_labels.push("le=\"0.005\"");
+    assert!(sample(
+        &after,
+        "grpc_server_handling_seconds_bucket",
+        &bucket_labels
     )
     .is_some());
 }

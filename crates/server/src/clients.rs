@@ -30,7 +30,7 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, MetricsLevel};
 use crate::context::Member;
 use crate::http::{self, HttpLayer, HttpState};
 use crate::metrics::GrpcMetricsLayer;
@@ -251,7 +251,7 @@ pub fn serve(
     stop: &watch::Receiver<bool>,
 ) -> Result<Vec<ServerTask>> {
     let ctx = &member.ctx;
-    let grpc_metrics = GrpcMetricsLayer::new();
+    let grpc_metrics = GrpcMetricsLayer::new(cfg.metrics == MetricsLevel::Extensive);
     let max_recv = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let mut servers = Vec::new();
     for (url, listener) in listeners {

@@ -28,6 +28,15 @@ impl Engine {
     }
 }
 
+/// How much `/metrics` records (etcd's `--metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MetricsLevel {
+    /// Counters and the histograms etcd always keeps.
+    Basic,
+    /// Also `grpc_server_handling_seconds`, a latency histogram per gRPC method.
+    Extensive,
+}
+
 /// MetaStore: an etcd v3 compatible key-value store.
 #[derive(Debug, Parser)]
 #[command(name = "metastore", about, disable_version_flag = true)]
@@ -52,6 +61,10 @@ pub struct Config {
     /// URLs use the client TLS files).
     #[arg(long, value_delimiter = ',')]
     pub listen_metrics_urls: Vec<String>,
+    /// Metrics detail: `basic`, or `extensive` to add a latency histogram per gRPC method
+    /// (`grpc_server_handling_seconds`).
+    #[arg(long, value_enum, default_value = "basic")]
+    pub metrics: MetricsLevel,
     /// Client URLs advertised to the rest of the cluster (comma-separated).
     #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
     pub advertise_client_urls: Vec<String>,

@@ -172,6 +172,12 @@ async fn health(
         .collect();
     let serializable = query_values(&query, "serializable").next() == Some("true");
     let health = check_health(&state, &excluded, serializable).await;
+    // etcd counts the checks of /health only (not /livez, /readyz).
+    if health.healthy {
+        metrics::counter!("etcd_server_health_success").increment(1);
+    } else {
+        metrics::counter!("etcd_server_health_failures").increment(1);
+    }
     let body = serde_json::json!({
         "health": if health.healthy { "true" } else { "false" },
         "reason": health.reason,

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
@@ -21,7 +21,8 @@ use metastore_api_context::ServerContext;
 use metastore_storage::Backend;
 use metastore_watch::WatchHub;
 use metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, Counter, Unit,
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Histogram, Unit,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -54,6 +55,25 @@ pub fn install() -> Result<()> {
             // etcd's ExponentialBuckets(0.0001, 2, 14): 0.1 ms to 0.8 s
             &(0..14)
                 .map(|i| 0.0001 * f64::from(1u32 << i))
+                .collect::<Vec<_>>(),
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("grpc_server_handling_seconds".into()),
+            // go-grpc-prometheus' default: Prometheus' DefBuckets.
+            &[
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("etcd_debugging_lease_ttl_total".into()),
+            // etcd's ExponentialBuckets(1, 2, 24): 1 s to about 3 months.
+            &(0..24).map(|i| f64::from(1u32 << i)).collect::<Vec<_>>(),
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("etcd_debugging_mvcc_db_compaction_total_duration_milliseconds".into()),
+            // etcd's ExponentialBuckets(100, 2, 14): 100 ms to about 13 minutes.
+            &(0..14)
+                .map(|i| 100.0 * f64::from(1u32 << i))
                 .collect::<Vec<_>>(),
         )?
         .install_recorder()
@@ -177,6 +197,74 @@ fn describe() {
         "grpc_server_handled_total",
         "Total number of RPCs completed on the server, regardless of success or failure."
     );
+    describe_histogram!(
+        "grpc_server_handling_seconds",
+        Unit::Seconds,
+        "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server."
+    );
+    describe_gauge!("etcd_debugging_mvcc_keys_total", "Total number of keys.");
+    describe_counter!(
+        "etcd_mvcc_put_total",
+        "Total number of puts seen by this member."
+    );
+    describe_counter!(
+        "etcd_mvcc_delete_total",
+        "Total number of deletes seen by this member."
+    );
+    describe_counter!(
+        "etcd_mvcc_range_total",
+        "Total number of ranges seen by this member."
+    );
+    describe_counter!(
+        "etcd_mvcc_txn_total",
+        "Total number of txns seen by this member."
+    );
+    describe_counter!(
+        "etcd_debugging_mvcc_db_compaction_keys_total",
+        "Total number of db keys compacted."
+    );
+    describe_histogram!(
+        "etcd_debugging_mvcc_db_compaction_total_duration_milliseconds",
+        Unit::Milliseconds,
+        "Bucketed histogram of db compaction total duration."
+    );
+    describe_counter!(
+        "etcd_debugging_lease_granted_total",
+        "The total number of granted leases."
+    );
+    describe_counter!(
+        "etcd_debugging_lease_revoked_total",
+        "The total number of revoked leases."
+    );
+    describe_counter!(
+        "etcd_debugging_lease_renewed_total",
+        "The number of renewed leases seen by the leader."
+    );
+    describe_histogram!(
+        "etcd_debugging_lease_ttl_total",
+        Unit::Seconds,
+        "Bucketed histogram of lease TTLs."
+    );
+    describe_counter!(
+        "etcd_server_slow_apply_total",
+        "The total number of slow apply requests (likely overloaded from slow disk)."
+    );
+    describe_counter!(
+        "etcd_server_slow_read_indexes_total",
+        "The total number of pending read indexes not in sync with leader's or timed out read index requests."
+    );
+    describe_counter!(
+        "etcd_server_read_indexes_failed_total",
+        "The total number of failed read indexes seen."
+    );
+    describe_counter!(
+        "etcd_server_health_success",
+        "The total number of successful health checks"
+    );
+    describe_counter!(
+        "etcd_server_health_failures",
+        "The total number of failed health checks"
+    );
     describe_counter!(
         "etcd_network_client_grpc_received_bytes_total",
         Unit::Bytes,
@@ -204,6 +292,23 @@ pub fn spawn_upkeep() {
     }
 }
 
+/// Counters recorded in other crates (or only on rare events) that are shown from the start.
+const ZERO_FROM_START: [&str; 13] = [
+    "etcd_mvcc_put_total",
+    "etcd_mvcc_delete_total",
+    "etcd_mvcc_range_total",
+    "etcd_mvcc_txn_total",
+    "etcd_debugging_mvcc_db_compaction_keys_total",
+    "etcd_debugging_lease_granted_total",
+    "etcd_debugging_lease_revoked_total",
+    "etcd_debugging_lease_renewed_total",
+    "etcd_server_slow_apply_total",
+    "etcd_server_slow_read_indexes_total",
+    "etcd_server_read_indexes_failed_total",
+    "etcd_server_health_success",
+    "etcd_server_health_failures",
+];
+
 /// What `/metrics` renders: the recorder, plus the sources of the figures sampled at scrape time.
 #[derive(Clone)]
 pub struct Exporter {
@@ -228,6 +333,11 @@ impl Exporter {
         gauge!("etcd_server_version", "server_version" => version).set(1.0);
         gauge!("etcd_cluster_version", "cluster_version" => crate::http::cluster_version())
             .set(1.0);
+        // etcd's counters exist from the start (at 0), so a rate has a series before the first
+        // event; the recorder only shows a series once it is registered.
+        for name in ZERO_FROM_START {
+            let _ = counter!(name);
+        }
         let process = metrics_process::Collector::default();
         process.describe();
         Some(Exporter {
@@ -265,6 +375,8 @@ impl Exporter {
         let store = ctx.store.current();
         gauge!("etcd_debugging_mvcc_current_revision").set(store.current_revision() as f64);
         gauge!("etcd_debugging_mvcc_compact_revision").set(store.compact_revision() as f64);
+        // Kept as writes apply: reading it is O(1) whatever the key count.
+        gauge!("etcd_debugging_mvcc_keys_total").set(store.live_keys() as f64);
         let watch = self.watch_hub.stats();
         gauge!("etcd_debugging_mvcc_watcher_total").set((watch.synced + watch.unsynced) as f64);
         gauge!("etcd_debugging_mvcc_slow_watcher_total").set(watch.unsynced as f64);
@@ -304,14 +416,16 @@ const CODE_NAMES: [&str; 17] = [
     "Unauthenticated",
 ];
 
-/// The counters of one method: started, and handled by code.
+/// The counters of one method: started, and handled by code; with `--metrics=extensive`, the
+/// histogram of its handling time.
 struct MethodCounters {
     started: Counter,
     handled: Vec<Counter>,
+    handling_seconds: Option<Histogram>,
 }
 
 impl MethodCounters {
-    fn new(path: &str) -> MethodCounters {
+    fn new(path: &str, extensive: bool) -> MethodCounters {
         let (service, method) = path
             .trim_start_matches('/')
             .split_once('/')
@@ -331,12 +445,19 @@ impl MethodCounters {
                     counter!("grpc_server_handled_total", &labels)
                 })
                 .collect(),
+            handling_seconds: extensive
+                .then(|| histogram!("grpc_server_handling_seconds", &labels)),
         }
     }
 
-    fn handled(&self, code: usize) {
+    /// The call ended with `code`; `started` is when it arrived, known when the handling time is
+    /// recorded.
+    fn handled(&self, code: usize, started: Option<Instant>) {
         if let Some(counter) = self.handled.get(code) {
             counter.increment(1);
+        }
+        if let (Some(histogram), Some(started)) = (&self.handling_seconds, started) {
+            histogram.record(started.elapsed().as_secs_f64());
         }
     }
 }
@@ -344,6 +465,8 @@ impl MethodCounters {
 /// The counters of every method served, looked up by path.
 struct GrpcCounters {
     methods: HashMap<&'static str, MethodCounters>,
+    /// Whether calls are timed (`--metrics=extensive`).
+    extensive: bool,
     received_bytes: Counter,
     sent_bytes: Counter,
 }
@@ -360,23 +483,29 @@ const HEALTH_METHODS: [&str; 2] = [
 /// its status counts as `Canceled`), and the bytes of request and response bodies
 /// (`etcd_network_client_grpc_{received,sent}_bytes_total`). A method this server does not serve
 /// is not counted (tonic answers Unimplemented), which keeps the label set bounded.
+///
+/// With `--metrics=extensive` it also records `grpc_server_handling_seconds` per method, from
+/// the call's arrival to its status (for a stream, the end of the stream), as go-grpc-prometheus
+/// does once etcd turns its handling-time histogram on. The basic path reads no clock.
 #[derive(Clone)]
 pub struct GrpcMetricsLayer {
     counters: Arc<GrpcCounters>,
 }
 
 impl GrpcMetricsLayer {
-    /// A layer over the methods of etcd's services (and grpc.health.v1).
-    pub fn new() -> GrpcMetricsLayer {
+    /// A layer over the methods of etcd's services (and grpc.health.v1); `extensive` adds the
+    /// handling-time histograms.
+    pub fn new(extensive: bool) -> GrpcMetricsLayer {
         let methods = metastore_auth::needs::RPC_RULES
             .iter()
             .map(|(path, _, _)| *path)
             .chain(HEALTH_METHODS)
-            .map(|path| (path, MethodCounters::new(path)))
+            .map(|path| (path, MethodCounters::new(path, extensive)))
             .collect();
         GrpcMetricsLayer {
             counters: Arc::new(GrpcCounters {
                 methods,
+                extensive,
                 received_bytes: counter!("etcd_network_client_grpc_received_bytes_total"),
                 sent_bytes: counter!("etcd_network_client_grpc_sent_bytes_total"),
             }),
@@ -426,11 +555,13 @@ where
         if let Some(path) = method {
             counters.methods[path].started.increment(1);
         }
+        let started = (counters.extensive && method.is_some()).then(Instant::now);
         let request = request.map(|body| {
             tonic::body::Body::new(CountedBody {
                 inner: body,
                 counters: counters.clone(),
                 method: None,
+                started: None,
                 sent: false,
             })
         });
@@ -444,7 +575,7 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<usize>().ok());
             if let (Some(path), Some(code)) = (method, status) {
-                counters.methods[path].handled(code);
+                counters.methods[path].handled(code, started);
             }
             let method = if status.is_some() { None } else { method };
             Ok(response.map(|body| {
@@ -452,6 +583,7 @@ where
                     inner: body,
                     counters,
                     method,
+                    started,
                     sent: true,
                 })
             }))
@@ -465,6 +597,8 @@ struct CountedBody {
     inner: tonic::body::Body,
     counters: Arc<GrpcCounters>,
     method: Option<&'static str>,
+    /// When the call arrived, if its handling time is recorded.
+    started: Option<Instant>,
     /// A response (sent bytes), else a request (received bytes).
     sent: bool,
 }
@@ -472,7 +606,7 @@ struct CountedBody {
 impl CountedBody {
     fn handled(&mut self, code: usize) {
         if let Some(path) = self.method.take() {
-            self.counters.methods[path].handled(code);
+            self.counters.methods[path].handled(code, self.started);
         }
     }
 }
