@@ -306,8 +306,10 @@ impl Lessor {
                 return Err(LeaseError::NotFound);
             }
             lease.expiry = Some(deadline(now, lease.ttl_secs));
-            metrics::renewed();
         }
+        // Counted also before this leader's lessor is promoted: the promotion then restarts
+        // every countdown at the full TTL, so the renewal holds all the same.
+        metrics::renewed();
         Ok(lease.ttl_secs)
     }
 

@@ -1,6 +1,7 @@
 //! etcd's lease metrics (`server/lease/metrics.go`), recorded through the `metrics` facade (the
 //! binary installs the exporter; without one they cost nothing). Grants and revocations are
-//! counted as they apply, on every member; renewals where they happen, on the leader.
+//! counted as they apply, on every member; renewals where they are answered, on the leader
+//! (followers forward them).
 
 use std::sync::LazyLock;
 
@@ -32,7 +33,7 @@ pub(crate) fn revoked() {
     METRICS.revoked.increment(1);
 }
 
-/// The leader renewed a lease (`etcd_debugging_lease_renewed_total`).
+/// The leader answered a renewal (`etcd_debugging_lease_renewed_total`).
 pub(crate) fn renewed() {
     METRICS.renewed.increment(1);
 }
