@@ -249,74 +249,40 @@ fn bad_tls_flags_stop_the_start() {
     }
 }
 
-/// `--client-crl-file`: etcdctl with a revoked certificate is refused at the handshake, one
-/// with a certificate of the same CA not in the list is served.
-#[tokio::test]
-async fn revoked_client_certificates_are_refused() {
+/// `--client-crl-file` (`side` "client") or `--peer-crl-file` ("peer"): a certificate the CRL
+/// revokes is refused at the handshake, one of the same CA not in the list is accepted.
+async fn revoked_certificates_are_refused(side: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path(), "client");
+    let ca = Ca::new(dir.path(), side);
     let server = ca.leaf(dir.path(), "server", "server");
     let good = ca.leaf_with(dir.path(), "good", "good", Some(1001), "localhost");
     let revoked = ca.leaf_with(dir.path(), "revoked", "revoked", Some(1002), "localhost");
-    let crl = ca.crl(dir.path(), "client.crl", &[1002]);
-    let (_member, port) = https_client_member(&[
-        "--cert-file",
-        path(&server.cert),
-        "--key-file",
-        path(&server.key),
-        "--trusted-ca-file",
-        path(&ca.cert_path),
-        "--client-cert-auth",
-        "--client-crl-file",
-        path(&crl),
-    ])
-    .await;
-    let endpoint = format!("https://127.0.0.1:{port}");
-    let put = |leaf: &Leaf| {
-        etcdctl(&[
-            "--endpoints",
-            &endpoint,
-            "--cacert",
-            path(&ca.cert_path),
-            "--cert",
-            path(&leaf.cert),
-            "--key",
-            path(&leaf.key),
-            "put",
-            "k",
-            "v",
-        ])
+    let crl = ca.crl(dir.path(), "revoked.crl", &[1002]);
+    // etcd's flag names: --cert-file … --client-crl-file, --peer-cert-file … --peer-crl-file.
+    let prefix = if side == "peer" { "peer-" } else { "" };
+    let flags: Vec<String> = [
+        ("cert-file", path(&server.cert)),
+        ("key-file", path(&server.key)),
+        ("trusted-ca-file", path(&ca.cert_path)),
+        ("client-cert-auth", "true"),
+        ("crl-file", path(&crl)),
+    ]
+    .iter()
+    .map(|(flag, value)| {
+        let flag = if *flag == "crl-file" && side == "client" {
+            "client-crl-file"
+        } else {
+            flag
+        };
+        format!("--{prefix}{flag}={value}")
+    })
+    .collect();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (_member, port) = if side == "peer" {
+        https_peer_member(&flags).await
+    } else {
+        https_client_member(&flags).await
     };
-    support::assert_success(&put(&good));
-    let out = put(&revoked);
-    assert!(
-        !out.status.success(),
-        "a revoked certificate was served: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
-/// `--peer-crl-file`: a revoked peer certificate is refused on the peer port.
-#[tokio::test]
-async fn revoked_peer_certificates_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path(), "peer");
-    let member = ca.leaf(dir.path(), "member", "member");
-    let good = ca.leaf_with(dir.path(), "good", "member", Some(2001), "localhost");
-    let revoked = ca.leaf_with(dir.path(), "revoked", "member", Some(2002), "localhost");
-    let crl = ca.crl(dir.path(), "peer.crl", &[2002]);
-    let (_member, port) = https_peer_member(&[
-        "--peer-cert-file",
-        path(&member.cert),
-        "--peer-key-file",
-        path(&member.key),
-        "--peer-trusted-ca-file",
-        path(&ca.cert_path),
-        "--peer-client-cert-auth",
-        "--peer-crl-file",
-        path(&crl),
-    ])
-    .await;
     let client = |cert| Client {
         versions: TLS13,
         suites: None,
@@ -325,7 +291,33 @@ async fn revoked_peer_certificates_are_refused() {
     };
     client(Some(&good)).handshake(port).await.unwrap();
     let refused = client(Some(&revoked)).handshake(port).await;
-    assert!(refused.is_err(), "a revoked peer certificate got through");
+    assert!(refused.is_err(), "a revoked {side} certificate got through");
+    if side == "client" {
+        // And etcdctl with the good certificate is served.
+        support::assert_success(&etcdctl(&[
+            "--endpoints",
+            &format!("https://127.0.0.1:{port}"),
+            "--cacert",
+            path(&ca.cert_path),
+            "--cert",
+            path(&good.cert),
+            "--key",
+            path(&good.key),
+            "put",
+            "k",
+            "v",
+        ]));
+    }
+}
+
+#[tokio::test]
+async fn revoked_client_certificates_are_refused() {
+    revoked_certificates_are_refused("client").await;
+}
+
+#[tokio::test]
+async fn revoked_peer_certificates_are_refused() {
+    revoked_certificates_are_refused("peer").await;
 }
 
 /// `--peer-cert-allowed-cn` and `--peer-cert-allowed-hostname`: a peer certificate of the
