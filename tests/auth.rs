@@ -1054,16 +1054,27 @@ async fn open_streams_check_credentials_on_each_request(kind: Kind) {
             },
         )),
     };
-    let (watch_tx, mut watches, first) = open_stream(
+    // A stream of bob's: `$client::$method` called with his token.
+    macro_rules! bobs_stream {
+        ($client:ty, $method:ident, $first:expr, $what:expr) => {
+            open_stream(
+                $first,
+                |requests| {
+                    let mut client = <$client>::new(channel.clone());
+                    let request = with_token(&token, requests);
+                    async move { client.$method(request).await }
+                },
+                $what,
+            )
+            .await
+        };
+    }
+    let (watch_tx, mut watches, first) = bobs_stream!(
+        pb::watch_client::WatchClient<_>,
+        watch,
         create("/b/1"),
-        |requests| {
-            let mut client = pb::watch_client::WatchClient::new(channel.clone());
-            let request = with_token(&token, requests);
-            async move { client.watch(request).await }
-        },
-        "a watch stream",
-    )
-    .await;
+        "a watch stream"
+    );
     assert!(first.created && !first.canceled, "{first:?}");
 
     // A lease bob renews on a stream of his (MetaStore only: etcd 3.4's keep-alive is open).
@@ -1072,16 +1083,12 @@ async fn open_streams_check_credentials_on_each_request(kind: Kind) {
         .await
         .unwrap()
         .id();
-    let (keep_tx, mut keep_alives, renewed) = open_stream(
+    let (keep_tx, mut keep_alives, renewed) = bobs_stream!(
+        pb::lease_client::LeaseClient<_>,
+        lease_keep_alive,
         pb::LeaseKeepAliveRequest { id: lease },
-        |requests| {
-            let mut client = pb::lease_client::LeaseClient::new(channel.clone());
-            let request = with_token(&token, requests);
-            async move { client.lease_keep_alive(request).await }
-        },
-        "a keep-alive stream",
-    )
-    .await;
+        "a keep-alive stream"
+    );
     assert_eq!((renewed.id, renewed.ttl), (lease, 60));
 
     within(

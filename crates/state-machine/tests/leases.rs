@@ -2,11 +2,14 @@
 //! with the applied index, keys follow their lease, a revoke deletes them in one revision (seen by
 //! watchers), and the table with its attachments is rebuilt on open and on snapshot restore.
 
+mod common;
+use common::count;
+
 use std::sync::Arc;
 
 use metastore_proto::etcdserverpb::{
-    DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, PutRequest, RangeRequest,
-    WatchCreateRequest, WatchResponse,
+    DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, PutRequest, WatchCreateRequest,
+    WatchResponse,
 };
 use metastore_proto::metastorepb::internal_raft_request::Request;
 use metastore_raft_node::StateMachine;
@@ -31,16 +34,6 @@ fn grant(id: i64, ttl: i64) -> Vec<u8> {
 
 fn revoke(id: i64) -> Vec<u8> {
     encode_request(Request::LeaseRevoke(LeaseRevokeRequest { id }))
-}
-
-fn count(sm: &KvStateMachine, key: &str, end: &str) -> i64 {
-    let req = RangeRequest {
-        key: key.as_bytes().to_vec(),
-        range_end: end.as_bytes().to_vec(),
-        count_only: true,
-        ..Default::default()
-    };
-    sm.store().current().range(&req).unwrap().count
 }
 
 /// A watch stream with one watcher on [k, l), created; keep the stream to keep the watcher.

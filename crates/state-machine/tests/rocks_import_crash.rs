@@ -3,11 +3,14 @@
 //! no keys and no leases, not the snapshot's index over a partial content, so the raft layer
 //! installs the snapshot again; and that install gives the whole state.
 
+mod common;
+use common::count;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Arc;
 
-use metastore_proto::etcdserverpb::{LeaseGrantRequest, PutRequest, RangeRequest};
+use metastore_proto::etcdserverpb::{LeaseGrantRequest, PutRequest};
 use metastore_proto::metastorepb::internal_raft_request::Request;
 use metastore_raft_node::StateMachine;
 use metastore_state_machine::{buckets, encode_request, KvStateMachine};
@@ -27,16 +30,6 @@ fn put(key: &str, value: &str, lease: i64) -> Vec<u8> {
         lease,
         ..Default::default()
     }))
-}
-
-fn count(sm: &KvStateMachine, key: &str, end: &str) -> i64 {
-    let req = RangeRequest {
-        key: key.as_bytes().to_vec(),
-        range_end: end.as_bytes().to_vec(),
-        count_only: true,
-        ..Default::default()
-    };
-    sm.store().current().range(&req).unwrap().count
 }
 
 /// The leader's state: a lease with keys attached and plain keys, applied up to

@@ -8,12 +8,13 @@
 //! In unlogged mode ([`RocksBackend::with_sync_writes`] off, as MetaStore's server opens it) the
 //! child acknowledges batches only once `sync` has flushed them to table files.
 
+mod common;
+use common::ChildTest;
+
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use metastore_storage::{Backend, ScanRange, Visit, WriteBatch};
@@ -125,55 +126,34 @@ fn child_writer() {
 /// Runs the child until it has acknowledged `target` batches (bounded by [`TIMEOUT`]), kills
 /// it, and returns the highest batch number it acknowledged.
 fn run_child_and_kill(dir: &Path, target: u64, unlogged: bool) -> u64 {
-    let exe = std::env::current_exe().expect("path of the test binary");
-    let mut command = Command::new(exe);
+    let mut envs = vec![(CHILD_DIR_ENV, dir.as_os_str())];
     if unlogged {
-        command.env(CHILD_UNLOGGED_ENV, "1");
+        envs.push((CHILD_UNLOGGED_ENV, std::ffi::OsStr::new("1")));
     }
-    let mut child = command
-        .args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
-        .env(CHILD_DIR_ENV, dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn child");
-    let stdout = child.stdout.take().expect("child stdout is piped");
-    let (tx, rx) = mpsc::channel::<u64>();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            // libtest may print its own `test child_writer ... ` in front of the first line.
-            let ack = line
-                .find(ACK_PREFIX)
-                .map(|at| &line[at + ACK_PREFIX.len()..]);
-            if let Some(n) = ack.and_then(|n| n.parse().ok()) {
-                if tx.send(n).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-
+    let child = ChildTest::spawn("child_writer", &envs);
+    // libtest may print its own `test child_writer ... ` in front of the first line.
+    let ack = |line: &str| -> Option<u64> {
+        let at = line.find(ACK_PREFIX)?;
+        line[at + ACK_PREFIX.len()..].parse().ok()
+    };
     let deadline = Instant::now() + TIMEOUT;
     let mut acked = None;
     while acked.is_none_or(|n| n + 1 < target) {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(n) => acked = Some(n),
+        match child
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(line) => acked = ack(&line).or(acked),
             Err(_) => break,
         }
     }
-    let exited_early = child.try_wait().expect("poll child");
     // Jitter so the kill does not always land at the same point of the next write.
     std::thread::sleep(Duration::from_micros(random_below(2000)));
-    // `kill` is SIGKILL on Unix: no destructors, no flush, like a crash.
-    let _ = child.kill();
-    let status = child.wait().expect("reap child");
-    reader.join().expect("stdout reader");
+    let (exited_early, status, lines) = child.kill();
     // Acknowledgements printed before the kill are still in the pipe.
-    acked = rx.try_iter().last().or(acked);
+    acked = lines.try_iter().filter_map(|l| ack(&l)).last().or(acked);
     assert!(
-        exited_early.is_none(),
+        !exited_early,
         "child exited on its own with {status} (its stderr is above)"
     );
     let acked = acked.expect("child acknowledged no batch within the timeout");

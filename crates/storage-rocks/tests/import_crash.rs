@@ -10,12 +10,13 @@
 //! the partial content, so the raft layer imports the snapshot again), never a mix. It does so
 //! for every step, every batch boundary included, in both write modes.
 
+mod common;
+use common::ChildTest;
+
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use metastore_storage::{export_snapshot, Backend, ScanRange, WriteBatch};
@@ -161,50 +162,33 @@ fn child_importer() {
 
 /// Runs the child until it stands at `stop`, then SIGKILLs it.
 fn run_child_and_kill(dir: &Path, snapshot: &Path, stop: &str, unlogged: bool, flush: bool) {
-    let exe = std::env::current_exe().expect("path of the test binary");
-    let mut command = Command::new(exe);
+    let mut envs = vec![
+        (CHILD_DIR_ENV, dir.as_os_str()),
+        (CHILD_SNAPSHOT_ENV, snapshot.as_os_str()),
+        (CHILD_STOP_ENV, std::ffi::OsStr::new(stop)),
+    ];
     if unlogged {
-        command.env(CHILD_UNLOGGED_ENV, "1");
+        envs.push((CHILD_UNLOGGED_ENV, std::ffi::OsStr::new("1")));
     }
     if flush {
-        command.env(CHILD_FLUSH_ENV, "1");
+        envs.push((CHILD_FLUSH_ENV, std::ffi::OsStr::new("1")));
     }
-    let mut child = command
-        .args([
-            "--exact",
-            "child_importer",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_DIR_ENV, dir)
-        .env(CHILD_SNAPSHOT_ENV, snapshot)
-        .env(CHILD_STOP_ENV, stop)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn child");
-    let stdout = child.stdout.take().expect("child stdout is piped");
-    let (tx, rx) = mpsc::channel::<()>();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            // libtest may print its own `test child_importer ... ` in front of the line.
-            if line.contains(STOPPED) {
-                let _ = tx.send(());
-            }
+    let child = ChildTest::spawn("child_importer", &envs);
+    // libtest may print its own `test child_importer ... ` in front of the line.
+    let deadline = std::time::Instant::now() + TIMEOUT.saturating_sub(Duration::from_secs(1));
+    let mut reached = false;
+    while let Ok(line) = child
+        .lines
+        .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        if line.contains(STOPPED) {
+            reached = true;
+            break;
         }
-    });
-    let reached = rx
-        .recv_timeout(TIMEOUT.saturating_sub(Duration::from_secs(1)))
-        .is_ok();
-    let exited_early = child.try_wait().expect("poll child");
-    // `kill` is SIGKILL on Unix: no destructors, no flush on close, like a crash.
-    let _ = child.kill();
-    let status = child.wait().expect("reap child");
-    reader.join().expect("stdout reader");
+    }
+    let (exited_early, status, _) = child.kill();
     assert!(
-        reached && exited_early.is_none(),
+        reached && !exited_early,
         "child did not stop at step {stop} ({status}; its stderr is above)"
     );
 }
