@@ -14,7 +14,7 @@ use metastore_proto::etcdserverpb::{
     request_op, AlarmRequest, AlarmType, CompactionRequest, LeaseGrantRequest,
     LeaseKeepAliveRequest, LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
-use support::cluster::Cluster;
+use support::cluster::{Cluster, Launch};
 use support::{free_port, Kind, Server};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tonic::Code;
@@ -1028,7 +1028,8 @@ async fn prom_query(port: u16, expr: &str) -> (String, usize) {
     (status, result)
 }
 
-/// A real Prometheus (Debian's) scrapes a 3-member cluster under a little load: every target is
+/// A real Prometheus (Debian's) scrapes a 3-member cluster started from a config file and
+/// `ETCD_*` variables, under a little load: every target is
 /// up, every series etcd's mixin alerts read exists, and every alert expression evaluates
 /// without error; on a healthy cluster etcdNoLeader and etcdInsufficientMembers find nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1036,7 +1037,9 @@ async fn prometheus_scrapes_a_cluster_and_evaluates_etcds_mixin_alerts() {
     if !installed("prometheus") {
         return;
     }
-    let c = Cluster::start(Kind::Memory, 3, &[]).await;
+    // Configured as issue 19's operator would: m1 and m3 from a YAML --config-file, m2 from
+    // ETCD_* variables only.
+    let c = Cluster::start_launched(Kind::Memory, 3, Launch::FileAndEnv).await;
     let dir = tempfile::tempdir().unwrap();
     let targets: Vec<String> = (0..3)
         .map(|i| format!("'127.0.0.1:{}'", c.member(i).client_port))
