@@ -241,10 +241,11 @@ impl ServerContext {
                 // Raft dropped it before it reached any log (no leader known here, or a leader
                 // handing over its leadership): wait for a leader and propose again, as the
                 // caller would, instead of failing during an election or a transfer.
-                let mut leader = self.raft.leader_watch();
                 match self.raft.propose(&data).await {
                     Err(RaftError::NoLeader) => {
-                        let _ = leader.wait_for(|id| *id != 0).await;
+                        // `wait_for` looks at the current value first: a leader elected since
+                        // the drop is seen at once. Subscribed only here, off the write path.
+                        let _ = self.raft.leader_watch().wait_for(|id| *id != 0).await;
                         tokio::time::sleep(NO_LEADER_RETRY_PAUSE).await;
                     }
                     other => return other,
