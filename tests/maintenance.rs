@@ -485,26 +485,195 @@ async fn snapshot_save(kind: Kind) {
 
 per_engine!(snapshot_save);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn move_leader_single_member() {
-    let server = Server::start(Kind::Memory).await;
-    let me = status(&server).await.leader;
-    let mut maint = maintenance(&server).await;
-    maint
-        .move_leader(MoveLeaderRequest { target_id: me })
+/// The fields a protobuf message carries on the wire, as `number` for top-level fields and
+/// `number.number` inside an embedded message (proto3 omits a scalar at its default value and an
+/// absent message, so this is what a client sees as present).
+fn present_fields(encoded: &[u8], nested: &[u32]) -> std::collections::BTreeSet<String> {
+    fn varint(buf: &mut &[u8]) -> u64 {
+        let mut value = 0;
+        for shift in (0..64).step_by(7) {
+            let (byte, rest) = buf.split_first().expect("truncated varint");
+            *buf = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        value
+    }
+    let mut fields = std::collections::BTreeSet::new();
+    let mut buf = encoded;
+    while !buf.is_empty() {
+        let key = varint(&mut buf);
+        let number = (key >> 3) as u32;
+        fields.insert(number.to_string());
+        match key & 7 {
+            0 => drop(varint(&mut buf)),
+            1 => buf = &buf[8..],
+            5 => buf = &buf[4..],
+            2 => {
+                let len = varint(&mut buf) as usize;
+                if nested.contains(&number) {
+                    let inner = present_fields(&buf[..len], &[]);
+                    fields.extend(inner.iter().map(|f| format!("{number}.{f}")));
+                }
+                buf = &buf[len..];
+            }
+            other => panic!("wire type {other} in a Maintenance answer"),
+        }
+    }
+    fields
+}
+
+/// Every Maintenance RPC's answer on a single member, as the set of fields present in it (the
+/// header's fields included), or the error; the Snapshot stream as its first and last messages.
+async fn maintenance_field_sets(
+    server: &Server,
+) -> Vec<(&'static str, Result<Vec<String>, String>)> {
+    use prost::Message;
+    fn fields<M: Message>(
+        answer: Result<tonic::Response<M>, tonic::Status>,
+    ) -> Result<Vec<String>, String> {
+        match answer {
+            Ok(resp) => Ok(present_fields(&resp.into_inner().encode_to_vec(), &[1])
+                .into_iter()
+                .collect()),
+            Err(status) => Err(format!("{:?}: {}", status.code(), status.message())),
+        }
+    }
+    let mut kv = KvClient::connect(server.endpoint()).await.unwrap();
+    // The large value makes the snapshot longer than one message on both.
+    let large = "x".repeat(100_000);
+    for (key, value) in [
+        ("a", "1"),
+        ("b", "2"),
+        ("a", "3"),
+        ("large", large.as_str()),
+    ] {
+        kv.put(put(key, value)).await.unwrap();
+    }
+    // A compaction, so that HashKV's compact_revision is set on both.
+    kv.compact(CompactionRequest {
+        revision: 2,
+        physical: true,
+    })
+    .await
+    .unwrap();
+    let mut m = maintenance(server).await;
+    let me = m
+        .status(StatusRequest {})
         .await
-        .expect("moving leadership to the leader itself succeeds at once");
-    let err = maint
-        .move_leader(MoveLeaderRequest { target_id: me ^ 1 })
+        .unwrap()
+        .into_inner()
+        .leader;
+    let get_alarms = AlarmRequest {
+        action: AlarmAction::Get as i32,
+        member_id: 0,
+        alarm: 0,
+    };
+    let mut snapshot = m
+        .snapshot(metastore_proto::etcdserverpb::SnapshotRequest {})
         .await
-        .unwrap_err();
-    assert_eq!(
-        (err.code(), err.message()),
-        (
-            Code::FailedPrecondition,
-            "etcdserver: bad leader transferee"
-        )
+        .unwrap()
+        .into_inner();
+    let mut messages = Vec::new();
+    while let Some(msg) = snapshot.message().await.unwrap() {
+        messages.push(msg);
+    }
+    assert!(messages.len() > 2, "a snapshot of several messages");
+    let (first, last) = (
+        messages.first().unwrap().clone(),
+        messages.last().unwrap().clone(),
     );
+    vec![
+        ("Status", fields(m.status(StatusRequest {}).await)),
+        ("Alarm(GET)", fields(m.alarm(get_alarms).await)),
+        ("Hash", fields(m.hash(HashRequest {}).await)),
+        (
+            "HashKV(0)",
+            fields(m.hash_kv(HashKvRequest { revision: 0 }).await),
+        ),
+        (
+            "HashKV(3)",
+            fields(m.hash_kv(HashKvRequest { revision: 3 }).await),
+        ),
+        (
+            "HashKV(1)",
+            fields(m.hash_kv(HashKvRequest { revision: 1 }).await),
+        ),
+        (
+            "Defragment",
+            fields(
+                m.defragment(metastore_proto::etcdserverpb::DefragmentRequest {})
+                    .await,
+            ),
+        ),
+        ("Snapshot first", fields(Ok(tonic::Response::new(first)))),
+        ("Snapshot last", fields(Ok(tonic::Response::new(last)))),
+        (
+            "MoveLeader(self)",
+            fields(m.move_leader(MoveLeaderRequest { target_id: me }).await),
+        ),
+        (
+            "MoveLeader(stranger)",
+            fields(m.move_leader(MoveLeaderRequest { target_id: me ^ 1 }).await),
+        ),
+    ]
+}
+
+/// Clients assert on the presence of a field, not only its value: every Maintenance answer
+/// carries the fields etcd's carries, no more and no fewer (etcd answers Defragment, MoveLeader
+/// and Snapshot without a header). Debian's etcd is 3.4, so the fields etcd added in 3.5/3.6
+/// (MetaStore serves 3.6's API) are the one expected difference, listed here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_fields_present_as_in_etcd() {
+    let newer_than_3_4: &[(&str, &[&str])] = &[
+        // storage_version, db_size_quota, downgrade_info
+        ("Status", &["11", "12", "13"]),
+        // 3.4 sends the alarm list without a header; 3.5 added it
+        ("Alarm(GET)", &["1", "1.1", "1.2", "1.3", "1.4"]),
+        // hash_revision
+        ("HashKV(0)", &["4"]),
+        ("HashKV(3)", &["4"]),
+        // version (the storage version of the member that made the snapshot)
+        ("Snapshot first", &["4"]),
+        ("Snapshot last", &["4"]),
+    ];
+    let etcd = maintenance_field_sets(&Server::start(Kind::Etcd).await).await;
+    for kind in [Kind::Memory, Kind::Rocks] {
+        let ours = maintenance_field_sets(&Server::start(kind).await).await;
+        let mut differences = Vec::new();
+        for ((rpc, on_etcd), (_, on_metastore)) in etcd.iter().zip(&ours) {
+            let newer = newer_than_3_4
+                .iter()
+                .find(|(r, _)| r == rpc)
+                .map_or(&[][..], |(_, f)| f);
+            let on_metastore = on_metastore.clone().map(|fields| {
+                fields
+                    .into_iter()
+                    .filter(|f| !newer.contains(&f.as_str()))
+                    .collect::<Vec<_>>()
+            });
+            if &on_metastore != on_etcd {
+                differences.push(format!(
+                    "{rpc}: etcd {on_etcd:?}, metastore {on_metastore:?}"
+                ));
+            }
+        }
+        assert!(
+            differences.is_empty(),
+            "on {kind:?}:\n{}",
+            differences.join("\n")
+        );
+        // The 3.6 fields are there.
+        let status = &ours[0].1.as_ref().unwrap();
+        assert!(
+            ["11", "12", "13"]
+                .iter()
+                .all(|f| status.contains(&f.to_string())),
+            "{status:?}"
+        );
+    }
 }
 
 /// The third-party `etcd-client` crate's maintenance calls.

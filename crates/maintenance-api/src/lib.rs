@@ -168,9 +168,8 @@ impl Maintenance for MaintenanceService {
             took_ms = started.elapsed().as_millis() as u64,
             "defragmented the backend"
         );
-        Ok(Response::new(DefragmentResponse {
-            header: Some(self.ctx.header(0)),
-        }))
+        // etcd answers Defragment without a header.
+        Ok(Response::new(DefragmentResponse { header: None }))
     }
 
     async fn hash(
@@ -217,11 +216,10 @@ impl Maintenance for MaintenanceService {
         _request: GrpcRequest<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         self.ctx.refuse_on_learner()?;
-        let header = self.ctx.header(0);
         let rx = snapshot::stream(
             self.backend.clone(),
             metastore_state_machine::buckets(),
-            header,
+            ETCD_API_VERSION,
         );
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -238,10 +236,9 @@ impl Maintenance for MaintenanceService {
         if !raft.is_leader {
             return Err(Status::failed_precondition("etcdserver: not leader"));
         }
+        // etcd answers MoveLeader without a header.
         if target == self.ctx.member_id {
-            return Ok(Response::new(MoveLeaderResponse {
-                header: Some(self.ctx.header(0)),
-            }));
+            return Ok(Response::new(MoveLeaderResponse { header: None }));
         }
         if !raft.membership.voters.contains(&target) {
             return Err(Status::failed_precondition(
@@ -259,9 +256,7 @@ impl Maintenance for MaintenanceService {
             .wait_leader_is(target, metastore_api_context::PROPOSAL_TIMEOUT)
             .await
         {
-            Ok(()) => Ok(Response::new(MoveLeaderResponse {
-                header: Some(self.ctx.header(0)),
-            })),
+            Ok(()) => Ok(Response::new(MoveLeaderResponse { header: None })),
             Err(metastore_raft_node::RaftError::Timeout) => Err(Status::unavailable(
                 "etcdserver: request timed out, leader transfer took too long",
             )),

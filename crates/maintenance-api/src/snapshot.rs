@@ -19,7 +19,7 @@ use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use metastore_proto::etcdserverpb::{ResponseHeader, SnapshotResponse};
+use metastore_proto::etcdserverpb::SnapshotResponse;
 use metastore_storage::{Backend, ReadView, StorageError};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -51,17 +51,18 @@ pub enum SnapshotFileError {
     Storage(#[from] StorageError),
 }
 
-/// Start streaming a consistent snapshot of `buckets` of `backend`. Every message carries
-/// `header`; the receiver ends after the SHA-256 message, or after an error.
+/// Start streaming a consistent snapshot of `buckets` of `backend`. As etcd 3.6's, the messages
+/// carry no header and every one names the storage `version`; the receiver ends after the
+/// SHA-256 message, or after an error.
 pub fn stream(
     backend: Arc<dyn Backend>,
     buckets: Vec<&'static str>,
-    header: ResponseHeader,
+    version: &'static str,
 ) -> mpsc::Receiver<Result<SnapshotResponse, Status>> {
     let (tx, rx) = mpsc::channel(CHANNEL_MESSAGES);
     tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
-        match export(&*backend, &buckets, header, &tx) {
+        match export(&*backend, &buckets, version, &tx) {
             Ok(total) => tracing::info!(
                 total_bytes = total,
                 took_ms = started.elapsed().as_millis() as u64,
@@ -95,7 +96,7 @@ impl Write for Counter {
 /// Cuts what is written into [`CHUNK_BYTES`] messages, hashing them, and sends them.
 struct ChunkSender<'a> {
     tx: &'a mpsc::Sender<Result<SnapshotResponse, Status>>,
-    header: ResponseHeader,
+    version: &'static str,
     buf: Vec<u8>,
     sha: Sha256,
     total: u64,
@@ -108,10 +109,10 @@ impl ChunkSender<'_> {
         self.sha.update(&blob);
         self.sent += blob.len() as u64;
         self.send(SnapshotResponse {
-            header: Some(self.header),
+            header: None,
             remaining_bytes: self.total.saturating_sub(self.sent),
             blob,
-            version: String::new(),
+            version: self.version.to_string(),
         })
     }
 
@@ -151,7 +152,7 @@ fn padding_for(content_bytes: u64) -> u64 {
 fn export(
     backend: &dyn Backend,
     buckets: &[&'static str],
-    header: ResponseHeader,
+    version: &'static str,
     tx: &mpsc::Sender<Result<SnapshotResponse, Status>>,
 ) -> Result<u64, StorageError> {
     let view: Arc<dyn ReadView> = backend.snapshot()?;
@@ -159,7 +160,7 @@ fn export(
     let padding = padding_for(content);
     let mut out = ChunkSender {
         tx,
-        header,
+        version,
         buf: Vec::with_capacity(CHUNK_BYTES),
         sha: Sha256::new(),
         total: content + padding,
@@ -177,10 +178,10 @@ fn export(
     }
     let digest = out.sha.clone().finalize().to_vec();
     out.send(SnapshotResponse {
-        header: Some(header),
+        header: None,
         remaining_bytes: 0,
         blob: digest,
-        version: String::new(),
+        version: version.to_string(),
     })?;
     Ok(out.total + SHA256_BYTES as u64)
 }
@@ -301,7 +302,7 @@ mod tests {
         batch.put("meta", b"m".to_vec(), b"1".to_vec());
         source.write(batch).unwrap();
 
-        let mut rx = stream(source.clone(), buckets.clone(), ResponseHeader::default());
+        let mut rx = stream(source.clone(), buckets.clone(), "3.6.0");
         let mut messages = Vec::new();
         while let Some(msg) = rx.recv().await {
             messages.push(msg.expect("snapshot message"));
