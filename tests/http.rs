@@ -570,6 +570,7 @@ async fn mvcc_lease_and_health_metrics_follow_what_the_server_does() {
         "etcd_server_slow_apply_total",
         "etcd_server_slow_read_indexes_total",
         "etcd_server_read_indexes_failed_total",
+        "etcd_server_heartbeat_send_failures_total",
     ] {
         assert_eq!(value(&before, name, &[]), 0.0, "{name}");
     }
@@ -737,6 +738,36 @@ async fn an_isolated_member_reports_no_leader() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(get(port, "/health").await.status, 200);
+}
+
+/// A leader held up (its process stopped for longer than two heartbeat intervals, as a stalled
+/// disk would) sends its next heartbeats late: etcd counts each in
+/// `etcd_server_heartbeat_send_failures_total` and logs a warning.
+#[tokio::test]
+async fn a_leader_held_up_counts_late_heartbeats() {
+    // An election timeout well above the pause, so that the same member still leads after it.
+    let mut cluster = Cluster::start(Kind::Memory, 3, &["--election-timeout", "3000"]).await;
+    let leader = cluster.wait_leader().await;
+    let port = cluster.member(leader).client_port;
+    let late =
+        |exposition: &str| value(exposition, "etcd_server_heartbeat_send_failures_total", &[]);
+    assert_eq!(
+        late(&metrics(port).await),
+        0.0,
+        "a leader that was never held up"
+    );
+    cluster.pause(leader, Duration::from_millis(800)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while late(&metrics(port).await) < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no late heartbeat to either follower counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cluster
+        .log(leader)
+        .contains("leader failed to send out heartbeat on time"));
 }
 
 /// Whether `program` (from Debian's `prometheus` package, which `cargo xtask test` installs)

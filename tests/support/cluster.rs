@@ -507,6 +507,26 @@ impl Cluster {
         String::from_utf8(out.stdout).expect("utf-8 output")
     }
 
+    /// Hold member `i`'s process still (SIGSTOP) for `d`, then let it go on (SIGCONT): what a
+    /// stalled disk or an overloaded machine does to a member.
+    pub async fn pause(&self, i: usize, d: Duration) {
+        let pid = self.members[i]
+            .child
+            .as_ref()
+            .expect("a running member")
+            .id();
+        let signal = |name: &str| {
+            let status = std::process::Command::new("kill")
+                .args([name, &pid.to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill {name} {pid}");
+        };
+        signal("-STOP");
+        tokio::time::sleep(d).await;
+        signal("-CONT");
+    }
+
     /// Cut member `i` off from its peers (both directions) until [`Cluster::heal`].
     pub fn isolate(&self, i: usize) {
         self.net.isolate(i, true);

@@ -34,6 +34,8 @@ pub(crate) struct RaftMetrics {
     pub(crate) slow_read_indexes: Counter,
     /// ReadIndex requests that failed (no leader, or unanswered within the request timeout).
     pub(crate) read_indexes_failed: Counter,
+    /// Heartbeats a leader sent over twice the heartbeat interval after the previous one.
+    pub(crate) heartbeat_send_failures: Counter,
 }
 
 /// The process's handles, looked up on first use (after the binary installed its recorder).
@@ -49,4 +51,5 @@ pub(crate) static METRICS: LazyLock<RaftMetrics> = LazyLock::new(|| RaftMetrics 
     slow_applies: counter!("etcd_server_slow_apply_total"),
     slow_read_indexes: counter!("etcd_server_slow_read_indexes_total"),
     read_indexes_failed: counter!("etcd_server_read_indexes_failed_total"),
+    heartbeat_send_failures: counter!("etcd_server_heartbeat_send_failures_total"),
 });

@@ -254,6 +254,10 @@ fn describe() {
         "The total number of pending read indexes not in sync with leader's or timed out read index requests."
     );
     describe_counter!(
+        "etcd_server_heartbeat_send_failures_total",
+        "The total number of leader heartbeat send failures (likely overloaded from slow disk)."
+    );
+    describe_counter!(
         "etcd_server_read_indexes_failed_total",
         "The total number of failed read indexes seen."
     );
@@ -293,7 +297,7 @@ pub fn spawn_upkeep() {
 }
 
 /// Counters recorded in other crates (or only on rare events) that are shown from the start.
-const ZERO_FROM_START: [&str; 13] = [
+const ZERO_FROM_START: [&str; 14] = [
     "etcd_mvcc_put_total",
     "etcd_mvcc_delete_total",
     "etcd_mvcc_range_total",
@@ -305,6 +309,7 @@ const ZERO_FROM_START: [&str; 13] = [
     "etcd_server_slow_apply_total",
     "etcd_server_slow_read_indexes_total",
     "etcd_server_read_indexes_failed_total",
+    "etcd_server_heartbeat_send_failures_total",
     "etcd_server_health_success",
     "etcd_server_health_failures",
 ];

@@ -32,6 +32,7 @@ use crate::{MemberChange, Membership, RaftConfig, RaftError, StateMachine, Trans
 
 mod conf_change;
 mod guard;
+mod heartbeats;
 mod propose;
 mod read;
 mod recovery;

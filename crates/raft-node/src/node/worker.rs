@@ -22,6 +22,7 @@ use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
 use tokio::sync::watch;
 
 use super::conf_change::{membership_of, ConfChanges};
+use super::heartbeats::HeartbeatTimes;
 use super::propose::{split_request_id, ProposalWaiter, Proposals};
 use super::read::Reads;
 use super::recovery::Started;
@@ -78,6 +79,8 @@ pub(super) struct Worker<S: StateMachine> {
     /// Index of the last entry applied to `sm`.
     applied_index: u64,
     snapshots: SnapshotScheduler<S::Output>,
+    /// When the leader last sent each follower a heartbeat.
+    heartbeats: HeartbeatTimes,
 }
 
 impl<S: StateMachine> Worker<S> {
@@ -105,6 +108,7 @@ impl<S: StateMachine> Worker<S> {
             leader_tx: links.leader_tx,
             applied_tx: links.applied_tx,
             tick_interval: cfg.tick_interval,
+            heartbeats: HeartbeatTimes::new(cfg.tick_interval * cfg.heartbeat_ticks as u32),
             proposals: Proposals::new(member_id, cfg.max_size_per_msg),
             reads: Reads::new(links.ids, cfg.request_timeout()),
             applied_index: started.applied,
@@ -452,8 +456,9 @@ impl<S: StateMachine> Worker<S> {
             .map(|waiter| (waiter, output))
     }
 
-    fn send(&self, messages: Vec<Message>) {
+    fn send(&mut self, messages: Vec<Message>) {
         if !messages.is_empty() {
+            self.heartbeats.observe(&messages, Instant::now());
             self.transport.send(messages);
         }
     }
@@ -505,6 +510,7 @@ impl<S: StateMachine> Worker<S> {
             changed
         });
         if changed {
+            self.heartbeats.reset();
             if leader_id != INVALID_ID {
                 metrics.leader_changes_seen.increment(1);
             }
