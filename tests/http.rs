@@ -699,6 +699,16 @@ async fn an_isolated_member_reports_no_leader() {
     .unwrap_or(0.0);
 
     cluster.isolate(follower);
+    // A linearizable read on the follower while it still believes in its leader: the ReadIndex
+    // request goes unanswered and is sent again every 500 ms (etcd's slow read index), until
+    // the follower gives up on its leader.
+    let read_k = RangeRequest {
+        key: b"k".to_vec(),
+        ..Default::default()
+    };
+    let mut follower_kv = cluster.kv(follower).await;
+    let read = read_k.clone();
+    let unanswered = tokio::spawn(async move { follower_kv.range(read).await });
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if value(&metrics(port).await, "etcd_server_has_leader", &[]) == 0.0 {
@@ -720,6 +730,23 @@ async fn an_isolated_member_reports_no_leader() {
     );
     assert_eq!(get(port, "/health?serializable=true").await.status, 200);
     assert_eq!(get(port, "/livez").await.status, 200);
+    let read_metrics = metrics(port).await;
+    assert!(value(&read_metrics, "etcd_server_slow_read_indexes_total", &[]) >= 1.0);
+    // A read with no leader known fails at once, and counts as a failed read index.
+    let failed_before = value(&read_metrics, "etcd_server_read_indexes_failed_total", &[]);
+    let mut no_leader = cluster.kv(follower).await;
+    assert!(no_leader.range(read_k).await.is_err());
+    assert!(
+        value(
+            &metrics(port).await,
+            "etcd_server_read_indexes_failed_total",
+            &[]
+        ) > failed_before
+    );
+    assert!(
+        unanswered.await.unwrap().is_err(),
+        "a read without a quorum"
+    );
     // The leader could not reach it.
     let failures = sample(
         &metrics(leader_port).await,
