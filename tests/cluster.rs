@@ -1186,3 +1186,127 @@ async fn forged_removal_notices_are_ignored(kind: Kind) {
 }
 
 per_engine!(forged_removal_notices_are_ignored);
+
+/// Each member's (leader, term).
+async fn leaders_and_terms(c: &mut Cluster) -> Vec<(u64, u64)> {
+    let mut seen = Vec::new();
+    for i in 0..c.member_count() {
+        let s = c.status(i).await.unwrap();
+        seen.push((s.leader, s.raft_term));
+    }
+    seen
+}
+
+/// Issue 22, item 4: no client can make the leader miss its heartbeats. On the leader of three
+/// members: 40,000 watch requests on one key in four streams whose answers are never read (the
+/// leader creates as many as the streams' flow control lets through; their watchers fall behind
+/// and wait for catch-up), the key written 1,000 times under them, and meanwhile one Compact of a
+/// 100,000-version history. The leader and term stay the same on every member, and every write
+/// is acknowledged. (Before the watch hub's lock was taken off the async runtime's workers, the
+/// catch-up thread holding it made both workers wait, peer messages stopped, and the followers
+/// elected a new leader.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_and_a_large_compaction_cause_no_leader_change() {
+    use metastore_proto::etcdserverpb::request_op::Request as Op;
+    use metastore_proto::etcdserverpb::watch_client::WatchClient;
+    use metastore_proto::etcdserverpb::watch_request::RequestUnion;
+    use metastore_proto::etcdserverpb::{
+        CompactionRequest, DeleteRangeRequest, RequestOp, TxnRequest, WatchCreateRequest,
+        WatchRequest,
+    };
+    const STREAMS: usize = 4;
+    const PER_STREAM: usize = 10_000;
+    const TXNS: usize = 800;
+    const OPS: usize = 125;
+    const WRITES: usize = 1000;
+    let mut c = Cluster::start(Kind::Memory, 3, &[]).await;
+    let leader = c.wait_leader().await;
+    let before = leaders_and_terms(&mut c).await;
+
+    // A history of TXNS × OPS versions, then all deleted: the Compact below drops all of it.
+    let mut kv = c.kv(leader).await;
+    for t in 0..TXNS {
+        let success = (0..OPS)
+            .map(|o| RequestOp {
+                request: Some(Op::RequestPut(PutRequest {
+                    key: format!("history/{:03}", o).into_bytes(),
+                    value: format!("{t}").into_bytes(),
+                    ..Default::default()
+                })),
+            })
+            .collect();
+        kv.txn(TxnRequest {
+            success,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let deleted = kv
+        .delete_range(DeleteRangeRequest {
+            key: b"history/".to_vec(),
+            range_end: b"history0".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.deleted, OPS as i64);
+    let compact_to = deleted.header.unwrap().revision;
+
+    // Watchers whose streams are never read.
+    let mut idle = Vec::new();
+    for _ in 0..STREAMS {
+        let creates = (0..PER_STREAM).map(|_| WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: b"watched".to_vec(),
+                ..Default::default()
+            })),
+        });
+        let mut watch = WatchClient::new(c.channel(leader).await.unwrap());
+        idle.push(watch.watch(tokio_stream::iter(creates)).await.unwrap());
+    }
+
+    let writer = {
+        let mut kv = c.kv(leader).await;
+        tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            for i in 0..WRITES {
+                let started = Instant::now();
+                let put = PutRequest {
+                    key: b"watched".to_vec(),
+                    value: i.to_string().into_bytes(),
+                    ..Default::default()
+                };
+                tokio::time::timeout(CALL, kv.put(put))
+                    .await
+                    .expect("a write under watchers and a compaction timed out")
+                    .unwrap();
+                slowest = slowest.max(started.elapsed());
+            }
+            slowest
+        })
+    };
+    let started = Instant::now();
+    kv.compact(CompactionRequest {
+        revision: compact_to,
+        physical: true,
+    })
+    .await
+    .unwrap();
+    let compaction = started.elapsed();
+    let slowest = writer.await.unwrap();
+    eprintln!(
+        "{} watch requests, compaction of {} versions: compact took {compaction:?}, slowest of {WRITES} \
+         writes {slowest:?}",
+        STREAMS * PER_STREAM,
+        TXNS * OPS
+    );
+    assert_eq!(
+        leaders_and_terms(&mut c).await,
+        before,
+        "(leader, term) of each member"
+    );
+    drop(idle);
+    c.assert_converged().await;
+}

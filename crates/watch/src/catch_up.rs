@@ -15,7 +15,7 @@ use metastore_mvcc::MvccError;
 use tokio::sync::mpsc::error::TrySendError;
 
 use crate::response::{response, send, SendFailure};
-use crate::watcher::WatcherKey;
+use crate::watcher::{Watcher, WatcherKey};
 use crate::{WatchHub, CATCH_UP_BATCH};
 
 impl WatchHub {
@@ -52,8 +52,21 @@ impl WatchHub {
     fn sync_round(&self) -> Round {
         let (min_rev, notified) = {
             let inner = self.inner.lock();
-            let Some(min_rev) = inner.unsynced.watchers.values().map(|w| w.next_rev).min() else {
+            if inner.unsynced.is_empty() {
                 return Round::Idle;
+            }
+            // Only watchers whose stream can take a response are served this round: a client
+            // that stopped reading costs a look at its watchers, not a history read and the
+            // matching of every event against them.
+            let Some(min_rev) = inner
+                .unsynced
+                .watchers
+                .values()
+                .filter(|w| has_room(w))
+                .map(|w| w.next_rev)
+                .min()
+            else {
+                return Round::Stuck;
             };
             (min_rev, self.queue.lock().notified_rev)
         };
@@ -111,6 +124,10 @@ impl WatchHub {
             let Some(w) = inner.unsynced.get_mut(&key) else {
                 continue;
             };
+            if !has_room(w) {
+                // Its stream is full: nothing would fit (and the read may not cover it).
+                continue;
+            }
             if w.next_rev < compact_rev {
                 // etcd's compaction notice carries no revision in its header.
                 let mut resp = response(0, key.1);
@@ -132,10 +149,6 @@ impl WatchHub {
                 continue;
             }
             if w.next_rev <= covered {
-                if w.tx.capacity() == 0 && !w.tx.is_closed() {
-                    // Its stream is full: nothing would fit.
-                    continue;
-                }
                 if let Some(indices) = matched.get(&key) {
                     let selected = w.select(indices.iter().map(|&i| &events[i]));
                     if !selected.is_empty() {
@@ -170,6 +183,11 @@ impl WatchHub {
             Round::Stuck
         }
     }
+}
+
+/// Whether `w`'s stream can take a response now (a closed one is removed when tried).
+fn has_room(w: &Watcher) -> bool {
+    w.tx.capacity() > 0 || w.tx.is_closed()
 }
 
 /// What a catch-up round achieved, which decides how soon the next one runs.

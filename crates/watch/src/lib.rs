@@ -13,7 +13,9 @@
 //! [`WatchHub::reset`] takes the hub's lock on the apply path). The dispatcher hands each
 //! queued revision to the synced watchers; the *catch-up* thread (`watch-sync`,
 //! [`WatchHub::start_sync_thread`]) serves the unsynced ones from history, one read per round
-//! shared by all of them. The gRPC tasks create and cancel watchers and ask for progress.
+//! shared by all of them. The gRPC tasks create and cancel watchers and ask for progress,
+//! taking the hub's lock through `lock_from_task` so that a runtime worker never waits for it in
+//! place (with every worker waiting, peer messages would stop and the leader lose its followers).
 //!
 //! Cost. Both sets are indexed by what their watchers watch (a key map plus an interval tree, as
 //! etcd's `watcherGroup`; see `index`): an event is matched against the watchers it concerns
@@ -229,15 +231,35 @@ impl WatchHub {
         self.queue.lock().max_bytes = bytes;
     }
 
+    /// The hub's lock, taken from a task of the async runtime (the gRPC and HTTP handlers).
+    /// The dispatcher and catch-up threads may hold it for a whole revision or round; a
+    /// runtime worker that waited for it in place could not run anything else meanwhile, and
+    /// with every worker waiting, the runtime (peer messages, raft heartbeats included) would
+    /// stall: a client with enough watchers could make its leader lose its followers. So a
+    /// contended lock is waited for through `block_in_place`, which hands the worker's other
+    /// tasks to another thread first.
+    pub(crate) fn lock_from_task(&self) -> parking_lot::MutexGuard<'_, HubInner> {
+        if let Some(inner) = self.inner.try_lock() {
+            return inner;
+        }
+        let on_multi_thread_runtime = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if on_multi_thread_runtime {
+            tokio::task::block_in_place(|| self.inner.lock())
+        } else {
+            self.inner.lock()
+        }
+    }
+
     /// (synced, unsynced) watcher counts.
     pub fn watcher_counts(&self) -> (usize, usize) {
-        let inner = self.inner.lock();
+        let inner = self.lock_from_task();
         (inner.synced.len(), inner.unsynced.len())
     }
 
     /// Watcher counts and the work done matching events to watchers.
     pub fn stats(&self) -> WatchStats {
-        let inner = self.inner.lock();
+        let inner = self.lock_from_task();
         let queue = self.queue.lock();
         WatchStats {
             synced: inner.synced.len(),

@@ -23,7 +23,7 @@ impl WatchHub {
     /// Opens a watch stream whose responses arrive on the returned receiver.
     pub fn open_stream(self: &Arc<Self>) -> (WatchStream, mpsc::Receiver<WatchResponse>) {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let mut inner = self.inner.lock();
+        let mut inner = self.lock_from_task();
         let id = inner.next_stream_id;
         inner.next_stream_id += 1;
         inner.streams.insert(
@@ -50,7 +50,7 @@ impl WatchHub {
         permit: OwnedPermit<WatchResponse>,
         tx: mpsc::Sender<WatchResponse>,
     ) {
-        let mut inner = self.inner.lock();
+        let mut inner = self.lock_from_task();
         let (now, live_from) = {
             let queue = self.queue.lock();
             (
@@ -125,7 +125,7 @@ impl WatchHub {
     }
 
     fn cancel(&self, stream_id: u64, watch_id: i64, permit: OwnedPermit<WatchResponse>) {
-        let mut inner = self.inner.lock();
+        let mut inner = self.lock_from_task();
         let now = self.queue.lock().notified_rev;
         if inner.remove((stream_id, watch_id)) {
             let mut resp = response(now, watch_id);
@@ -146,7 +146,7 @@ impl WatchHub {
     }
 
     fn close_stream(&self, stream_id: u64) {
-        let mut inner = self.inner.lock();
+        let mut inner = self.lock_from_task();
         if let Some(stream) = inner.streams.remove(&stream_id) {
             for id in stream.ids {
                 inner.synced.remove((stream_id, id));
@@ -205,7 +205,7 @@ impl WatchStream {
             .map_err(|_| WatchError::Closed)?;
         // Under the hub's lock, which dispatch holds for a whole revision: the response is
         // queued after every event it speaks for.
-        let inner = self.hub.inner.lock();
+        let inner = self.hub.lock_from_task();
         let notified = self.hub.queue.lock().notified_rev;
         if let Some(rev) = WatchHub::stream_progress(&inner, self.id, notified) {
             permit.send(response(rev, PROGRESS_ALL_WATCHERS));
@@ -217,7 +217,7 @@ impl WatchStream {
     /// with `progress_notify`, at the revision up to which it has been sent everything (so not
     /// past revisions still queued for dispatch). Skipped for watchers whose stream is full.
     pub fn progress_notify(&self) {
-        let inner = self.hub.inner.lock();
+        let inner = self.hub.lock_from_task();
         let notified = self.hub.queue.lock().notified_rev;
         let Some(stream) = inner.streams.get(&self.id) else {
             return;
