@@ -573,6 +573,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
         // Read on a blocking thread, at most a few chunks ahead of the network.
         let reader = tokio::task::spawn_blocking(move || -> io::Result<()> {
             let mut first = Some(message);
+            let mut total_bytes = len;
             loop {
                 let mut data = vec![0u8; SNAPSHOT_CHUNK_BYTES];
                 let mut filled = 0;
@@ -589,6 +590,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
                     cluster_id,
                     message: first.take().unwrap_or_default(),
                     data,
+                    total_bytes: std::mem::take(&mut total_bytes),
                 };
                 if tx.blocking_send(chunk).is_err() || last {
                     return Ok(());
@@ -833,6 +835,7 @@ impl<O: Send + 'static> Peer for PeerService<O> {
         self.check_cluster(first.cluster_id)?;
         let msg = Message::parse_from_bytes(&first.message)
             .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
+        let size = first.total_bytes;
         let (tx, rx) = mpsc::channel(4);
         let node = self.node.clone();
         let writer = tokio::task::spawn_blocking(move || {
@@ -841,7 +844,7 @@ impl<O: Send + 'static> Peer for PeerService<O> {
                 chunk: Vec::new(),
                 pos: 0,
             };
-            node.receive_snapshot(msg, &mut reader)
+            node.receive_snapshot(msg, size, &mut reader)
         });
         let mut next = Some(first.data);
         while let Some(data) = next.take() {

@@ -48,6 +48,29 @@ pub enum SnapError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A snapshot upload was refused before it was written.
+    #[error("snap: refused a {size}-byte snapshot upload into {}: {reason}", dir.display())]
+    Refused {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// The size the sender advertised.
+        size: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Bytes free for an unprivileged writer on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `stat` a valid statvfs to fill in.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SnapError + 'a {
@@ -208,18 +231,45 @@ impl Snapshotter {
     }
 
     /// Writes a whole snapshot file streamed from another member (its exact bytes), durably,
-    /// and verifies it before it takes its final name. The file must describe `metadata`.
+    /// and verifies it before it takes its final name. The file must describe `metadata` and
+    /// be exactly `size` bytes long, as its sender advertised: an upload is refused before a
+    /// byte is written when the disk has not that much room left (with the same again spare,
+    /// so that the WAL can go on), and stopped as soon as it is longer.
     pub(crate) fn receive(
         &self,
         metadata: &SnapshotMetadata,
+        size: u64,
         file: &mut dyn Read,
     ) -> Result<SnapshotFile, SnapError> {
+        let refused = |reason: String| SnapError::Refused {
+            dir: self.dir.clone(),
+            size,
+            reason,
+        };
+        if size < HEADER_LEN + TRAILER_LEN {
+            return Err(refused("smaller than any snapshot file".into()));
+        }
+        let free = free_bytes(&self.dir).map_err(io_err("statvfs", &self.dir))?;
+        if free < size.saturating_mul(2) {
+            return Err(refused(format!("{free} bytes free, twice its size needed")));
+        }
         let name = snap_name(metadata.term, metadata.index);
         let path = self.dir.join(&name);
         let tmp_path = self.dir.join(format!("{name}.recv{TMP_SUFFIX}"));
         let written = (|| {
             let mut out = File::create(&tmp_path).map_err(io_err("create", &tmp_path))?;
-            io::copy(file, &mut out).map_err(io_err("write", &tmp_path))?;
+            let copied =
+                io::copy(&mut file.take(size + 1), &mut out).map_err(io_err("write", &tmp_path))?;
+            if copied != size {
+                return Err(refused(format!(
+                    "the sender streamed {} bytes",
+                    if copied > size {
+                        "more".to_string()
+                    } else {
+                        copied.to_string()
+                    }
+                )));
+            }
             out.sync_all().map_err(io_err("fsync", &tmp_path))?;
             // Verify under a name `load` accepts: structure, length, checksum, metadata.
             let verified = self.load_as(&tmp_path, &name)?;
@@ -503,5 +553,39 @@ mod tests {
         assert_eq!(snapshotter.purge(2, 30).unwrap(), 1);
         let indexes: Vec<u64> = snapshotter.list().unwrap().iter().map(|f| f.1).collect();
         assert_eq!(indexes, vec![1_000_000, 30, 20]);
+    }
+
+    /// An upload is exactly as long as its sender advertised, fits the disk twice over, or is
+    /// refused, leaving nothing behind.
+    #[test]
+    fn receive_takes_exactly_the_advertised_size() {
+        let source = tempfile::tempdir().unwrap();
+        let made = Snapshotter::new(source.path())
+            .unwrap()
+            .save_bytes(&metadata(50, 3), &[7u8; 10_000])
+            .unwrap();
+        let bytes = fs::read(&made.path).unwrap();
+        let len = bytes.len() as u64;
+        let dir = tempfile::tempdir().unwrap();
+        let receiver = Snapshotter::new(dir.path()).unwrap();
+        for (advertised, why) in [
+            (len - 1, "more"),
+            (len + 1, "streamed"),
+            (u64::MAX / 4, "bytes free"),
+            (3, "smaller than any snapshot file"),
+        ] {
+            let refused = receiver
+                .receive(&metadata(50, 3), advertised, &mut bytes.as_slice())
+                .unwrap_err();
+            assert!(
+                matches!(&refused, SnapError::Refused { reason, .. } if reason.contains(why)),
+                "{advertised}: {refused}"
+            );
+            assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "{advertised}");
+        }
+        let received = receiver
+            .receive(&metadata(50, 3), len, &mut bytes.as_slice())
+            .unwrap();
+        assert_eq!(fs::read(&received.path).unwrap(), bytes);
     }
 }

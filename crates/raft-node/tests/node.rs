@@ -229,7 +229,9 @@ impl Transport for ChannelTransport {
                     (Some(receiver), Some(sender)) if is_snapshot => {
                         delivered = sender
                             .open_snapshot(&msg)
-                            .and_then(|(mut file, _)| receiver.receive_snapshot(msg, &mut file))
+                            .and_then(|(mut file, len)| {
+                                receiver.receive_snapshot(msg, len, &mut file)
+                            })
                             .is_ok();
                     }
                     (Some(receiver), _) => receiver.step(msg),
@@ -1198,10 +1200,22 @@ async fn snapshots_only_from_the_current_leader_are_received() {
     let metadata = msg.mut_snapshot().mut_metadata();
     metadata.term = term;
     metadata.index = index;
-    let refused = node.receive_snapshot(msg, &mut bytes.as_slice());
+    let refused = node.receive_snapshot(msg.clone(), bytes.len() as u64, &mut bytes.as_slice());
     assert!(
         refused.is_err(),
         "a snapshot from a non-leader was received"
+    );
+    // Nor from the leader (this member itself here) at its term, for an index this member has
+    // already committed: raft did not ask for it.
+    msg.from = 1;
+    msg.term = node.status().term;
+    msg.mut_snapshot().mut_metadata().index = node.status().committed_index;
+    let refused = node.receive_snapshot(msg, bytes.len() as u64, &mut bytes.as_slice());
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("has committed up to")),
+        "{refused:?}"
     );
     assert!(
         files_with_suffix(&cfg.snap_dir(), ".snap").is_empty(),

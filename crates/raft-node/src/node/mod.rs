@@ -358,11 +358,17 @@ impl<O: Send + 'static> RaftNode<O> {
         Ok((Box::new(file), len))
     }
 
-    /// Receives a snapshot file streamed by the sender of `msg` (a `MsgSnapshot`) if it is the
-    /// leader this member follows, at its term: writes it durably next to this member's own
-    /// snapshots, verifies it, then hands `msg` to raft.
+    /// Receives a snapshot file of `size` bytes (as its sender advertised it) streamed by the
+    /// sender of `msg` (a `MsgSnapshot`) if it is the leader this member follows, at its term,
+    /// and raft could use it (past this member's commit index): writes it durably next to this
+    /// member's own snapshots if the disk has room, verifies it, then hands `msg` to raft.
     /// Blocking file I/O: call it from a blocking context.
-    pub fn receive_snapshot(&self, msg: Message, file: &mut dyn Read) -> Result<(), RaftError> {
+    pub fn receive_snapshot(
+        &self,
+        msg: Message,
+        size: u64,
+        file: &mut dyn Read,
+    ) -> Result<(), RaftError> {
         if msg.get_msg_type() != MessageType::MsgSnapshot {
             return Err(RaftError::Raft(format!(
                 "expected a snapshot message, got {:?}",
@@ -381,7 +387,16 @@ impl<O: Send + 'static> RaftNode<O> {
             )));
         }
         let metadata = msg.get_snapshot().get_metadata().clone();
-        self.inner.snapshotter.receive(&metadata, file)?;
+        // Raft asks for a snapshot only past what this member has committed; it would ignore
+        // any other.
+        let committed = self.with_status(|s| s.committed_index);
+        if metadata.index <= committed {
+            return Err(RaftError::Raft(format!(
+                "refused a snapshot at index {}: this member has committed up to {committed}",
+                metadata.index
+            )));
+        }
+        self.inner.snapshotter.receive(&metadata, size, file)?;
         self.step(msg);
         Ok(())
     }
