@@ -1,0 +1,65 @@
+//! bbolt files as etcd uses them: etcd's backend database, and so its snapshots.
+//!
+//! Owns: a reader ([`Db`]: both metas checked, pages read on demand, buckets iterated in key
+//! order, bbolt's consistency check), a streaming writer ([`Writer`]: buckets in key order in,
+//! a bbolt file out, memory bounded by the number of pages) and the SHA-256 trailer etcd's
+//! Snapshot RPC appends ([`trailer`]).
+//!
+//! Covers the subset of bbolt's format etcd's files use: meta pages (FNV-1a checksums),
+//! branch, leaf and overflow pages, top-level buckets stored inline or in their own pages, a
+//! synced freelist or none (`NoFreelistSync`). bbolt writes integers in native order; this crate
+//! reads and writes little-endian files, those of every platform etcd ships for.
+//!
+//! Must not depend on: storage engines, mvcc, raft, gRPC services. It knows files, not servers.
+
+mod page;
+mod reader;
+pub mod trailer;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+pub use page::{fnv1a64, Meta, NO_FREELIST};
+pub use reader::{Bucket, Cursor, Db, Entry, ReadAt};
+pub use writer::{Writer, Written, DEFAULT_PAGE_SIZE};
+
+/// Errors reading or writing a bbolt file or an etcd snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing the file failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The bytes are not a bbolt database (magic or version).
+    #[error("not a bbolt database: {0}")]
+    NotBbolt(String),
+    /// The file is shorter than its metas say.
+    #[error("truncated bbolt database: {0}")]
+    Truncated(String),
+    /// A checksum, page or element that does not hold together.
+    #[error("corrupt bbolt database: {0}")]
+    Corrupt(String),
+    /// Input the writer cannot store (unsorted or empty keys, sizes over bbolt's limits).
+    #[error("cannot write bbolt database: {0}")]
+    Invalid(String),
+    /// The SHA-256 trailer does not match the database (etcd's wording).
+    #[error("expected sha256 {expected}, got {got}")]
+    HashMismatch {
+        /// The trailer, in hex.
+        expected: String,
+        /// The SHA-256 of the database, in hex.
+        got: String,
+    },
+    /// The file has no trailer and the caller asked for it to be checked (etcd's wording).
+    #[error("snapshot missing hash but --skip-hash-check=false")]
+    MissingHash,
+    /// A valid bbolt database that is not etcd's backend, or holds values etcd would not write.
+    #[error("not an etcd backend: {0}")]
+    NotEtcd(String),
+}
+
+impl Error {
+    pub(crate) fn corrupt(msg: impl Into<String>) -> Self {
+        Self::Corrupt(msg.into())
+    }
+}
