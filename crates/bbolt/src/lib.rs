@@ -2,8 +2,9 @@
 //!
 //! Owns: a reader ([`Db`]: both metas checked, pages read on demand, buckets iterated in key
 //! order, bbolt's consistency check), a streaming writer ([`Writer`]: buckets in key order in,
-//! a bbolt file out, memory bounded by the number of pages) and the SHA-256 trailer etcd's
-//! Snapshot RPC appends ([`trailer`]).
+//! a bbolt file out, memory bounded by the number of pages), the SHA-256 trailer etcd's Snapshot
+//! RPC appends ([`trailer`]), etcd's bucket layout and encodings ([`etcd_schema`]) and the
+//! figures `etcdctl snapshot status` prints ([`status`]).
 //!
 //! Covers the subset of bbolt's format etcd's files use: meta pages (FNV-1a checksums),
 //! branch, leaf and overflow pages, top-level buckets stored inline or in their own pages, a
@@ -12,8 +13,10 @@
 //!
 //! Must not depend on: storage engines, mvcc, raft, gRPC services. It knows files, not servers.
 
+pub mod etcd_schema;
 mod page;
 mod reader;
+pub mod status;
 pub mod trailer;
 mod writer;
 
