@@ -485,6 +485,50 @@ async fn snapshot_save(kind: Kind) {
 
 per_engine!(snapshot_save);
 
+/// `metastore snapshot status` of a snapshot etcd saved prints what etcdctl prints, in each of
+/// etcdctl's formats, and refuses a damaged one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_status_of_an_etcd_file_is_etcdctls() {
+    let etcd = Server::start(Kind::Etcd).await;
+    for i in 0..300 {
+        etcdctl(&etcd, &["put", &format!("k{i:03}"), &"v".repeat(i)]);
+    }
+    etcdctl(&etcd, &["del", "k1", "--prefix"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("etcd.db");
+    let path = file.to_str().unwrap();
+    etcdctl(&etcd, &["snapshot", "save", path]);
+    drop(etcd);
+    let status = |program: &str, args: &[&str]| {
+        let out = Command::new(program)
+            .env("ETCDCTL_API", "3")
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8(out.stdout).unwrap())
+    };
+    for format in ["simple", "json", "table", "fields"] {
+        let args = ["snapshot", "status", "-w", format, path];
+        let (ok, theirs) = status("etcdctl", &args);
+        assert!(ok, "etcdctl -w {format}");
+        assert_eq!(
+            status(metastore_bin(), &args),
+            (true, theirs),
+            "-w {format}"
+        );
+    }
+
+    // both metas damaged (their root page changed): both refuse the file
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[16 + 16] ^= 0x40;
+    bytes[4096 + 16 + 16] ^= 0x40;
+    let damaged = dir.path().join("damaged.db");
+    std::fs::write(&damaged, bytes).unwrap();
+    let args = ["snapshot", "status", damaged.to_str().unwrap()];
+    assert!(!status("etcdctl", &args).0);
+    assert!(!status(metastore_bin(), &args).0);
+}
+
 /// The fields a protobuf message carries on the wire, as `number` for top-level fields and
 /// `number.number` inside an embedded message (proto3 omits a scalar at its default value and an
 /// absent message, so this is what a client sees as present).

@@ -61,6 +61,18 @@ pub enum Error {
     NotEtcd(String),
 }
 
+/// Whether `prefix` (the first [`DETECT_BYTES`] bytes of a file or more) starts like a bbolt
+/// database: a meta page header followed by bbolt's magic number and version.
+pub fn looks_like_bbolt(prefix: &[u8]) -> bool {
+    prefix.len() >= DETECT_BYTES
+        && u16::from_le_bytes([prefix[8], prefix[9]]) == page::META_PAGE
+        && prefix[16..20] == page::MAGIC.to_le_bytes()
+        && prefix[20..24] == page::VERSION.to_le_bytes()
+}
+
+/// Bytes [`looks_like_bbolt`] needs.
+pub const DETECT_BYTES: usize = 24;
+
 impl Error {
     pub(crate) fn corrupt(msg: impl Into<String>) -> Self {
         Self::Corrupt(msg.into())

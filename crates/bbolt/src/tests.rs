@@ -213,3 +213,16 @@ fn a_leaf_pointing_outside_its_page_is_reported() {
     let err = db.iter(&big).find_map(Result::err).unwrap();
     assert!(err.to_string().contains("past its page"), "{err}");
 }
+
+#[test]
+fn bbolt_files_are_told_from_other_files_by_their_first_bytes() {
+    let bytes = write(&sample(), DEFAULT_PAGE_SIZE);
+    assert!(crate::looks_like_bbolt(&bytes[..crate::DETECT_BYTES]));
+    assert!(!crate::looks_like_bbolt(&bytes[..crate::DETECT_BYTES - 1]));
+    assert!(!crate::looks_like_bbolt(
+        b"MSSNAP01 and then MetaStore's own format"
+    ));
+    let mut other_version = bytes.clone();
+    other_version[20] = 1;
+    assert!(!crate::looks_like_bbolt(&other_version));
+}

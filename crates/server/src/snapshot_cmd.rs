@@ -3,7 +3,8 @@
 //! `metastore snapshot restore FILE …`: create a new member of a new cluster from such a file,
 //! like `etcdutl snapshot restore`.
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -15,11 +16,13 @@ use crate::config::{self, Config, Engine};
 #[derive(Parser)]
 #[command(name = "metastore snapshot")]
 enum SnapshotCommand {
-    /// Verify a snapshot file's SHA-256 and print its hash, revision, total keys and total size.
+    /// Print a snapshot file's hash, revision, total keys and total size as etcdctl does. Reads
+    /// etcd's files (a bbolt database, from etcd or copied from `member/snap/db`) and MetaStore's
+    /// own (whose SHA-256 it verifies).
     Status {
         /// The file `etcdctl snapshot save` wrote.
         file: PathBuf,
-        /// Output format: simple or json.
+        /// Output format: simple, json, table or fields.
         #[arg(short = 'w', long = "write-out", default_value = "simple")]
         write_out: String,
     },
@@ -144,6 +147,115 @@ fn restore(
     Ok(())
 }
 
+/// What `etcdctl snapshot status` prints about a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StatusFigures {
+    hash: u32,
+    revision: i64,
+    total_keys: u64,
+    total_size_bytes: u64,
+}
+
+/// Describes a snapshot file of either format: etcd's (a bbolt database, checked and hashed as
+/// etcdctl 3.4 does; its trailer, if any, is not read, as etcdctl does not) or MetaStore's own
+/// (its SHA-256 verified).
+fn status(file: &Path) -> Result<StatusFigures> {
+    let mut prefix = Vec::with_capacity(metastore_bbolt::DETECT_BYTES);
+    std::fs::File::open(file)?
+        .take(metastore_bbolt::DETECT_BYTES as u64)
+        .read_to_end(&mut prefix)?;
+    if metastore_bbolt::looks_like_bbolt(&prefix) {
+        let db = metastore_bbolt::Db::open(file)?;
+        let st = metastore_bbolt::status::snapshot_status(&db)?;
+        return Ok(StatusFigures {
+            hash: st.hash,
+            revision: st.revision,
+            total_keys: st.total_key,
+            total_size_bytes: st.total_size,
+        });
+    }
+    let st = metastore_maintenance_api::snapshot::status(file)?;
+    Ok(StatusFigures {
+        hash: st.hash,
+        revision: st.revision,
+        total_keys: st.total_keys,
+        total_size_bytes: st.total_size_bytes,
+    })
+}
+
+/// The status in etcdctl's `-w` formats: simple, json, table, fields.
+fn render_status(st: &StatusFigures, write_out: &str) -> Result<String> {
+    let hash = format!("{:x}", st.hash);
+    let size = human_bytes(st.total_size_bytes);
+    Ok(match write_out {
+        "simple" => format!("{hash}, {}, {}, {size}\n", st.revision, st.total_keys),
+        "json" => format!(
+            "{{\"hash\":{},\"revision\":{},\"totalKey\":{},\"totalSize\":{}}}\n",
+            st.hash, st.revision, st.total_keys, st.total_size_bytes
+        ),
+        "fields" => format!(
+            "\"Hash\" : {}\n\"Revision\" : {}\n\"Keys\" : {}\n\"Size\" : {}\n",
+            st.hash, st.revision, st.total_keys, st.total_size_bytes
+        ),
+        "table" => table(
+            &["HASH", "REVISION", "TOTAL KEYS", "TOTAL SIZE"],
+            &[
+                hash,
+                st.revision.to_string(),
+                st.total_keys.to_string(),
+                size,
+            ],
+        ),
+        other => bail!("unknown --write-out {other:?}: use simple, json, table or fields"),
+    })
+}
+
+/// etcdctl's table (its tablewriter): headers centred, cells right-aligned, one space of margin.
+fn table(headers: &[&str], row: &[String]) -> String {
+    let widths: Vec<usize> = headers
+        .iter()
+        .zip(row)
+        .map(|(h, c)| h.len().max(c.len()))
+        .collect();
+    let border: String = widths
+        .iter()
+        .map(|w| format!("+{}", "-".repeat(w + 2)))
+        .collect::<String>()
+        + "+\n";
+    let header: String = headers
+        .iter()
+        .zip(&widths)
+        .map(|(h, w)| {
+            let gap = w - h.len();
+            format!("| {}{h}{} ", " ".repeat(gap / 2), " ".repeat(gap - gap / 2))
+        })
+        .collect::<String>()
+        + "|\n";
+    let cells: String = row
+        .iter()
+        .zip(&widths)
+        .map(|(c, w)| format!("| {c:>w$} "))
+        .collect::<String>()
+        + "|\n";
+    format!("{border}{header}{border}{cells}{border}")
+}
+
+/// A size as etcdctl prints it (go-humanize's `Bytes`: SI units, one decimal below 10).
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
+    if bytes < 10 {
+        return format!("{bytes} B");
+    }
+    let exp = ((bytes as f64).ln() / 1000f64.ln()).floor() as usize;
+    let exp = exp.min(UNITS.len() - 1);
+    let value = (bytes as f64 / 1000f64.powi(exp as i32) * 10.0 + 0.5).floor() / 10.0;
+    if value < 10.0 {
+        format!("{value:.1} {}", UNITS[exp])
+    } else {
+        format!("{value:.0} {}", UNITS[exp])
+    }
+}
+
 /// Run `metastore snapshot <args>`.
 pub fn run(args: &[String]) -> Result<()> {
     let command = SnapshotCommand::parse_from(
@@ -151,19 +263,8 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     match command {
         SnapshotCommand::Status { file, write_out } => {
-            let st = metastore_maintenance_api::snapshot::status(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            match write_out.as_str() {
-                "json" => println!(
-                    "{{\"hash\":{},\"revision\":{},\"totalKey\":{},\"totalSize\":{}}}",
-                    st.hash, st.revision, st.total_keys, st.total_size_bytes
-                ),
-                "simple" => println!(
-                    "{:x}, {}, {}, {} B",
-                    st.hash, st.revision, st.total_keys, st.total_size_bytes
-                ),
-                other => anyhow::bail!("unknown --write-out {other:?}: use simple or json"),
-            }
+            let figures = status(&file).with_context(|| format!("reading {}", file.display()))?;
+            print!("{}", render_status(&figures, &write_out)?);
             Ok(())
         }
         SnapshotCommand::Restore {
@@ -183,5 +284,51 @@ pub fn run(args: &[String]) -> Result<()> {
             initial_advertise_peer_urls,
             storage_engine,
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_as_go_humanize_writes_them() {
+        let cases = [
+            (0, "0 B"),
+            (9, "9 B"),
+            (10, "10 B"),
+            (999, "999 B"),
+            (1000, "1.0 kB"),
+            (4096, "4.1 kB"),
+            (20480, "20 kB"),
+            (315_392, "315 kB"),
+            (2_147_483_648, "2.1 GB"),
+        ];
+        for (bytes, text) in cases {
+            assert_eq!(human_bytes(bytes), text, "{bytes}");
+        }
+    }
+
+    #[test]
+    fn the_table_is_etcdctls() {
+        let st = StatusFigures {
+            hash: 0x63d2_91b5,
+            revision: 2,
+            total_keys: 5,
+            total_size_bytes: 20480,
+        };
+        assert_eq!(
+            render_status(&st, "table").unwrap(),
+            "+----------+----------+------------+------------+\n\
+             |   HASH   | REVISION | TOTAL KEYS | TOTAL SIZE |\n\
+             +----------+----------+------------+------------+\n\
+             | 63d291b5 |        2 |          5 |      20 kB |\n\
+             +----------+----------+------------+------------+\n"
+        );
+        assert_eq!(
+            render_status(&st, "simple").unwrap(),
+            "63d291b5, 2, 5, 20 kB\n"
+        );
+        assert!(render_status(&st, "yaml").is_err());
     }
 }
