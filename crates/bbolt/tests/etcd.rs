@@ -193,6 +193,24 @@ fn a_snapshot_saved_by_etcd_reads_back_with_its_history_lease_and_auth() {
         metastore_bbolt::NO_FREELIST,
         "etcd 3.4 sets NoFreelistSync"
     );
+    let names: Vec<Vec<u8>> = db.buckets().unwrap().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        [
+            bucket::ALARM,
+            bucket::AUTH,
+            bucket::AUTH_ROLES,
+            bucket::AUTH_USERS,
+            bucket::CLUSTER,
+            bucket::KEY,
+            bucket::LEASE,
+            bucket::MEMBERS,
+            bucket::MEMBERS_REMOVED,
+            bucket::META,
+        ],
+        "the buckets etcd 3.4 creates"
+    );
+    assert!(etcd_schema::is_etcd_backend(&db).unwrap());
 
     // history above the compaction, and the last value of each key at it
     let history: Vec<(KeyBucketKey, KeyValue)> = entries(&db, bucket::KEY)
