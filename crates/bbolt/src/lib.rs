@@ -48,9 +48,9 @@ pub enum Error {
     /// The SHA-256 trailer does not match the database (etcd's wording).
     #[error("expected sha256 {expected}, got {got}")]
     HashMismatch {
-        /// The trailer, in hex.
+        /// The trailer, as Go prints bytes (`[1 170 …]`).
         expected: String,
-        /// The SHA-256 of the database, in hex.
+        /// The SHA-256 of the database, as Go prints bytes.
         got: String,
     },
     /// The file has no trailer and the caller asked for it to be checked (etcd's wording).

@@ -43,8 +43,9 @@ pub fn append<F: Read + Write + Seek>(file: &mut F) -> Result<[u8; 32], Error> {
 }
 
 /// Checks the trailer of a snapshot file as `etcdctl snapshot restore` does and returns the size
-/// of the database before it. Without a trailer: [`Error::MissingHash`], unless `skip_hash_check`
-/// (then the whole file is the database). With one, it is checked even when skipping, as etcd does.
+/// of the database before it. Without a trailer: [`Error::MissingHash`] unless `skip_hash_check`.
+/// With `skip_hash_check` a trailer is not read, only left out of the database (etcd 3.4 restores
+/// such a file whatever its trailer holds).
 pub fn verify<F: Read + Seek>(file: &mut F, skip_hash_check: bool) -> Result<u64, Error> {
     let len = file.seek(SeekFrom::End(0))?;
     if !has_trailer(len) {
@@ -55,21 +56,26 @@ pub fn verify<F: Read + Seek>(file: &mut F, skip_hash_check: bool) -> Result<u64
         };
     }
     let db_len = len - TRAILER_SIZE;
+    if skip_hash_check {
+        return Ok(db_len);
+    }
     file.seek(SeekFrom::Start(0))?;
     let got = sha256_of(file, db_len)?;
     let mut expected = [0u8; 32];
     file.read_exact(&mut expected)?;
     if got != expected {
         return Err(Error::HashMismatch {
-            expected: hex(&expected),
-            got: hex(&got),
+            expected: go_bytes(&expected),
+            got: go_bytes(&got),
         });
     }
     Ok(db_len)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Bytes as Go's `%v` prints a byte slice (`[1 170 207]`), as etcd's message has them.
+fn go_bytes(bytes: &[u8]) -> String {
+    let list: Vec<String> = bytes.iter().map(u8::to_string).collect();
+    format!("[{}]", list.join(" "))
 }
 
 #[cfg(test)]
@@ -85,8 +91,23 @@ mod tests {
         assert_eq!(verify(&mut file, false).unwrap(), 4096);
 
         file.get_mut()[100] = 8;
-        let err = verify(&mut file, true).unwrap_err();
-        assert!(err.to_string().starts_with("expected sha256 "), "{err}");
+        let err = verify(&mut file, false).unwrap_err();
+        let digest: [u8; 32] = Sha256::digest(&file.get_ref()[..4096]).into();
+        let trailer = &file.get_ref()[4096..];
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "expected sha256 {}, got {}",
+                go_bytes(trailer),
+                go_bytes(&digest)
+            )
+        );
+        assert!(err.to_string().starts_with("expected sha256 ["), "{err}");
+        assert_eq!(
+            verify(&mut file, true).unwrap(),
+            4096,
+            "not checked when skipping"
+        );
     }
 
     #[test]

@@ -374,6 +374,27 @@ fn etcd_checks_and_restores_a_file_written_here() {
         "bbolt's check passes and the hash agrees"
     );
 
+    // a wrong trailer: etcdctl's refusal and ours read the same
+    let mut bytes = std::fs::read(&file).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    let wrong = dir.path().join("wrong-trailer.snapshot");
+    std::fs::write(&wrong, &bytes).unwrap();
+    let ours = trailer::verify(&mut File::open(&wrong).unwrap(), false).unwrap_err();
+    let refused = etcdctl(&[
+        "snapshot",
+        "restore",
+        wrong.to_str().unwrap(),
+        &format!("--data-dir={}", dir.path().join("never").display()),
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains(&format!("Error: {ours}")), "{stderr}");
+    assert_eq!(
+        trailer::verify(&mut File::open(&wrong).unwrap(), true).unwrap(),
+        written.size_bytes,
+        "--skip-hash-check does not read it"
+    );
+
     let peer = format!("http://127.0.0.1:{}", free_port());
     let data_dir = dir.path().join("restored");
     let mut restore = vec![
