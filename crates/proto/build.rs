@@ -1,11 +1,13 @@
 //! Compiles the .proto files under the workspace's `proto/` with the vendored protoc, so that a
-//! fresh machine needs no system protoc.
+//! fresh machine needs no system protoc, and generates the serde impls of etcd's packages for
+//! the HTTP/JSON gateway from the same descriptors.
 
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Read at run time: a build script binary compiled in one checkout may be reused for another.
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     let well_known = protoc_bin_vendored::include_path()?;
     // tonic-prost-build reads the compiler from PROTOC.
@@ -22,10 +24,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "metastore/peer.proto",
     ];
     let paths: Vec<PathBuf> = files.iter().map(|f| root.join(f)).collect();
+    let descriptors_path = out.join("descriptors.bin");
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        .file_descriptor_set_path(&descriptors_path)
         .compile_protos(&paths, &[root.clone(), well_known])?;
+
+    // etcd's gateway (grpc-gateway v1, jsonpb with OrigName) writes the .proto field names.
+    let descriptors = std::fs::read(&descriptors_path)?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptors)?
+        .preserve_proto_field_names()
+        .ignore_unknown_fields()
+        .build(&[
+            ".mvccpb",
+            ".authpb",
+            ".etcdserverpb",
+            ".v3lockpb",
+            ".v3electionpb",
+        ])?;
     println!("cargo:rerun-if-changed={}", root.display());
     Ok(())
 }
