@@ -87,10 +87,20 @@ impl Watch for WatchService {
         tokio::spawn(async move {
             let mut ticker =
                 tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            // As etcd's: the end of the client's requests (its half-close) does not end the
+            // stream; its watchers keep answering until the client goes away.
+            let mut requests_open = true;
             loop {
                 tokio::select! {
-                    message = inbound.message() => {
-                        let Ok(Some(req)) = message else { break };
+                    message = inbound.message(), if requests_open => {
+                        let req = match message {
+                            Ok(Some(req)) => req,
+                            Ok(None) => {
+                                requests_open = false;
+                                continue;
+                            }
+                            Err(_) => break,
+                        };
                         let handled = match req.request_union {
                             Some(RequestUnion::CreateRequest(create)) => {
                                 // etcd checks read permission once, when the watcher is created,
@@ -113,6 +123,7 @@ impl Watch for WatchService {
                         }
                     }
                     _ = ticker.tick() => stream.progress_notify(),
+                    () = stream.closed() => break,
                 }
             }
             // Dropping the stream removes its watchers and ends the response stream.

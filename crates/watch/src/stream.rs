@@ -177,6 +177,11 @@ impl WatchStream {
         Ok(())
     }
 
+    /// Resolves once the stream's responses are no longer read (the client went away).
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+
     /// Queues a response made outside the hub (a create refused before it reached the hub).
     pub async fn send(&self, resp: WatchResponse) -> Result<(), WatchError> {
         self.tx.send(resp).await.map_err(|_| WatchError::Closed)
