@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, MetricsLevel};
 use crate::context::Member;
+use crate::gateway::GatewayConfig;
 use crate::http::{self, HttpLayer, HttpState};
 use crate::metrics::GrpcMetricsLayer;
 use crate::shutdown::ServerTask;
@@ -278,8 +279,13 @@ pub fn serve(
             .max_decoding_message_size(max_recv);
         let url_tls = tls_of(&url, tls)?;
         let router = server_builder()
-            // Requests that are not gRPC go to etcd's HTTP endpoints.
-            .layer(HttpLayer::new(http::client_router(state.clone())))
+            // Requests that are not gRPC go to etcd's HTTP endpoints and its JSON gateway.
+            .layer(HttpLayer::new(
+                http::client_router(state.clone()),
+                GatewayConfig {
+                    max_message_bytes: max_recv,
+                },
+            ))
             .layer(grpc_metrics.clone())
             // Every service decodes at most `max_recv` bytes per message (etcd's server-wide
             // limit); a larger one gets grpc-go's answer.

@@ -4,8 +4,8 @@
 //!
 //! Routing: [`HttpLayer`] sits in front of the client port's gRPC services and sends every
 //! request that is not gRPC (no `content-type: application/grpc…`) to an axum router built here
-//! ([`client_router`]); gRPC calls go on to the auth layer and the services. etcd's `/v3/*` JSON
-//! gateway (issue 20) belongs in that router, beside the probes.
+//! ([`client_router`]), except etcd's `/v3/…` JSON gateway (`gateway.rs`), which it hands the
+//! gRPC stack it wraps; gRPC calls go on to the auth layer and the services.
 //!
 //! The probes follow etcd 3.5 (`server/etcdserver/api/etcdhttp/health.go`): `/health` checks the
 //! alarms (minus `?exclude=`), a leader (unless `?serializable=true`) and a Range (linearizable
@@ -28,6 +28,7 @@ use http::{header, HeaderValue, Method, StatusCode};
 use metastore_api_context::ServerContext;
 use metastore_proto::etcdserverpb::{AlarmType, RangeRequest};
 
+use crate::gateway::{self, GatewayConfig};
 use crate::metrics::Exporter;
 
 /// What the HTTP handlers read.
@@ -94,7 +95,7 @@ pub fn cluster_version() -> String {
 }
 
 /// A plain-text answer as Go's `http.Error` writes it (text, newline, `nosniff`).
-fn text_error(status: StatusCode, text: &str) -> Response {
+pub(crate) fn text_error(status: StatusCode, text: &str) -> Response {
     (
         status,
         [
@@ -394,12 +395,13 @@ async fn metrics(State(state): State<HttpState>) -> Response {
 #[derive(Clone)]
 pub struct HttpLayer {
     router: Router,
+    gateway: GatewayConfig,
 }
 
 impl HttpLayer {
-    /// A layer answering HTTP requests with `router`.
-    pub fn new(router: Router) -> HttpLayer {
-        HttpLayer { router }
+    /// A layer answering HTTP requests with `router`, and the gateway's with the gRPC services.
+    pub fn new(router: Router, gateway: GatewayConfig) -> HttpLayer {
+        HttpLayer { router, gateway }
     }
 }
 
@@ -409,6 +411,7 @@ impl<S> tower_layer::Layer<S> for HttpLayer {
         HttpOrGrpc {
             inner,
             router: self.router.clone(),
+            gateway: self.gateway,
         }
     }
 }
@@ -418,6 +421,7 @@ impl<S> tower_layer::Layer<S> for HttpLayer {
 pub struct HttpOrGrpc<S> {
     inner: S,
     router: Router,
+    gateway: GatewayConfig,
 }
 
 type Request = http::Request<tonic::body::Body>;
@@ -433,8 +437,7 @@ fn is_grpc(request: &Request) -> bool {
 
 impl<S> tower_service::Service<Request> for HttpOrGrpc<S>
 where
-    S: tower_service::Service<Request, Response = GrpcResponse>,
-    S::Future: Send + 'static,
+    S: gateway::Inner,
 {
     type Response = GrpcResponse;
     type Error = S::Error;
@@ -447,6 +450,12 @@ where
     fn call(&mut self, request: Request) -> Self::Future {
         if is_grpc(&request) {
             return Either::Right(self.inner.call(request));
+        }
+        if gateway::is_gateway_path(request.uri().path()) {
+            let answer = gateway::serve(self.gateway, self.inner.clone(), request);
+            return Either::Left(Box::pin(async move {
+                Ok(answer.await.map(tonic::body::Body::new))
+            }));
         }
         let call = tower_service::Service::call(&mut self.router.clone(), request);
         let answer: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {

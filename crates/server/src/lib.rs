@@ -13,6 +13,7 @@ mod clients;
 mod config;
 mod config_sources;
 mod context;
+mod gateway;
 mod http;
 mod leader_duties;
 mod logging;
