@@ -12,6 +12,7 @@ mod client_compat;
 mod cluster;
 mod durability;
 mod endpoints;
+mod gateway;
 mod http;
 mod kv_differential;
 mod lock_election;
