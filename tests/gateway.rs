@@ -651,3 +651,71 @@ async fn auth(server: &Server) -> Vec<String> {
 }
 
 differential!(script);
+
+/// What MetaStore's gateway does beyond etcd 3.4's: the paths etcd 3.5 added (HashKV, AuthStatus)
+/// answer what the same RPC answers over gRPC; a stream answers before its request body ends
+/// (etcd's Go HTTP/1.1 server waits for the end); `--max-request-bytes` bounds a JSON request as
+/// it bounds a gRPC one.
+async fn beyond_etcd_3_4(kind: crate::support::Kind) {
+    use metastore_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+    use metastore_proto::etcdserverpb::HashKvRequest;
+
+    let server = Server::start_with(kind, &["--max-request-bytes", "1024"]).await;
+    post(
+        &server,
+        "/v3/kv/put",
+        None,
+        r#"{"key":"Zm9v","value":"YmFy"}"#,
+    )
+    .await;
+
+    let (status, answer) = post(&server, "/v3/maintenance/hashkv", None, "{}").await;
+    let mut maintenance = MaintenanceClient::connect(server.endpoint()).await.unwrap();
+    let grpc = maintenance
+        .hash_kv(HashKvRequest { revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let json: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(json["hash"], Value::from(grpc.hash), "{answer}");
+    assert_eq!(json["hash_revision"], Value::from("2"), "{answer}");
+
+    let (status, answer) = post(&server, "/v3/auth/status", None, "{}").await;
+    assert_eq!(
+        (status, scrubbed("", &answer)),
+        (200, r#"{"header":{"revision":"2"}}"#.into())
+    );
+
+    let mut watch = Stream::open(&server, "/v3/watch", None).await;
+    watch.send(r#"{"create_request":{"key":"Zm9v"}}"#).await;
+    let created = watch.line().await.expect("created");
+    assert!(created.contains(r#"\"created\":true"#), "{created}");
+    post(
+        &server,
+        "/v3/kv/put",
+        None,
+        r#"{"key":"Zm9v","value":"YmF6"}"#,
+    )
+    .await;
+    let event = watch.line().await.expect("an event");
+    assert!(
+        event.contains(r#""mod_revision":"3","value":"YmF6""#),
+        "{event}"
+    );
+    watch.send(r#"{"progress_request":{}}"#).await;
+    let progress = watch.line().await.expect("a progress answer");
+    assert!(progress.contains(r#""watch_id":"-1""#), "{progress}");
+
+    let big = format!(r#"{{"key":"YQ==","value":"{}"}}"#, base64_of_x(1500));
+    let (status, answer) = post(&server, "/v3/kv/put", None, &big).await;
+    assert_eq!(
+        (status, answer.as_str()),
+        (
+            400,
+            r#"{"error":"etcdserver: request is too large","message":"etcdserver: request is too large","code":3}"#
+        )
+    );
+}
+
+per_engine!(beyond_etcd_3_4);
