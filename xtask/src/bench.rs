@@ -57,6 +57,18 @@ const PUT: &[&str] = &[
     "100000",
 ];
 
+/// `PUT` through etcd's HTTP/JSON gateway.
+const GATEWAY_PUT: &[&str] = &[
+    "put",
+    "--key-size",
+    "8",
+    "--val-size",
+    "256",
+    "--key-space-size",
+    "100000",
+    "--gateway",
+];
+
 /// The standard suite. Put and range totals are those of etcd's documented benchmark
 /// (`op-guide/performance.md`: 10,000 requests for one client, 100,000 for many), so that a run
 /// lasts seconds and not one: start-up effects and the machine's drift then weigh less.
@@ -143,6 +155,21 @@ fn workloads(quick: bool) -> Vec<Workload> {
                 "--key-space-size",
                 "100000",
             ],
+        },
+        // The JSON gateway: one HTTP/1.1 connection per client (`conns` is not used).
+        Workload {
+            label: "gateway (HTTP/JSON) put, 100 clients",
+            clients: 100,
+            conns: 100,
+            total: scale(100_000),
+            args: GATEWAY_PUT,
+        },
+        Workload {
+            label: "gateway (HTTP/JSON) range linearizable, 100 clients",
+            clients: 100,
+            conns: 100,
+            total: scale(100_000),
+            args: &["range", "00000001", "--gateway"],
         },
         Workload {
             label: "lease keep-alive, 100 clients",

@@ -49,6 +49,10 @@ pub(crate) struct Global {
     /// Send every request to the leader only (asks each endpoint's Status first).
     #[arg(long, global = true)]
     pub(crate) target_leader: bool,
+    /// Speak etcd's HTTP/JSON gateway (`POST /v3/kv/put`, `/v3/kv/range`, `/v3/kv/txn` over
+    /// HTTP/1.1, one connection per client: HTTP/1.1 does not multiplex) instead of gRPC.
+    #[arg(long, global = true)]
+    pub(crate) gateway: bool,
     /// Threads of the load generator's runtime (0 = twice the cores, at least 4). With one
     /// thread per core on a machine shared with the servers, a descheduled thread holds back
     /// every response queued on it: at 1000 clients that doubled the p99 measured against a

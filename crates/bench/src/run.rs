@@ -37,7 +37,13 @@ pub(crate) async fn run(mut global: Global, work: Work) -> Result<()> {
     let unary = if streaming {
         Vec::new()
     } else {
-        connect_unary(&global.endpoints, global.conns).await?
+        connect_unary(
+            &global.endpoints,
+            global.conns,
+            global.clients,
+            global.gateway,
+        )
+        .await?
     };
     let issued = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));

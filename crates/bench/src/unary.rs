@@ -1,11 +1,13 @@
-//! The HTTP/2 client of the unary workloads: `UnaryConn`, one connection speaking unary gRPC
-//! calls with the `h2` crate directly, and `connect_unary`, which opens them over the endpoints.
+//! The clients of the unary workloads: `UnaryConn`, one connection speaking unary gRPC calls
+//! with the `h2` crate directly (`H2Conn`) or etcd's HTTP/JSON gateway over HTTP/1.1
+//! (`JsonConn`), and `connect_unary`, which opens them over the endpoints.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
 use metastore_proto::etcdserverpb::{
     PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
@@ -17,7 +19,7 @@ use metastore_proto::etcdserverpb::{
 /// request) each cost load-generator CPU, which on one machine is CPU taken from the servers:
 /// at 3 members and 1000 clients the load generator had used about a third of the machine.
 #[derive(Clone)]
-pub(crate) struct UnaryConn {
+pub(crate) struct H2Conn {
     send: h2::client::SendRequest<Bytes>,
     /// `scheme://authority` of the endpoint, the prefix of every request's URI.
     origin: Arc<str>,
@@ -27,7 +29,7 @@ fn transport_error(e: impl std::fmt::Display) -> tonic::Status {
     tonic::Status::unavailable(e.to_string())
 }
 
-impl UnaryConn {
+impl H2Conn {
     /// One unary call of `method` (`/package.Service/Method`).
     async fn call<Req: prost::Message, Resp: prost::Message + Default>(
         &mut self,
@@ -89,25 +91,92 @@ impl UnaryConn {
         }
         Resp::decode(&message[5..]).map_err(|e| tonic::Status::internal(e.to_string()))
     }
+}
 
+/// One HTTP/1.1 connection to etcd's JSON gateway; a call holds it until its answer is read.
+#[derive(Clone)]
+pub(crate) struct JsonConn {
+    send: Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Full<Bytes>>>>,
+    authority: Arc<str>,
+}
+
+impl JsonConn {
+    /// `POST path` with `req` as JSON; the answer decoded, or the gateway's error as a status.
+    async fn call<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+        &mut self,
+        path: &str,
+        req: &Req,
+    ) -> Result<Resp, tonic::Status> {
+        let body = serde_json::to_vec(req).map_err(transport_error)?;
+        let request = http::Request::post(path)
+            .header("host", &*self.authority)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(transport_error)?;
+        let (status, answer) = {
+            let mut send = self.send.lock().await;
+            std::future::poll_fn(|cx| send.poll_ready(cx))
+                .await
+                .map_err(transport_error)?;
+            let response = send.send_request(request).await.map_err(transport_error)?;
+            let status = response.status();
+            let answer = response.into_body().collect().await;
+            (status, answer.map_err(transport_error)?.to_bytes())
+        };
+        if status != http::StatusCode::OK {
+            // `{"error":…,"message":…,"code":N}`
+            let error: serde_json::Value =
+                serde_json::from_slice(&answer).map_err(transport_error)?;
+            let code = error["code"].as_i64().unwrap_or(2) as i32;
+            let message = error["message"].as_str().unwrap_or_default().to_string();
+            return Err(tonic::Status::new(tonic::Code::from(code), message));
+        }
+        serde_json::from_slice(&answer).map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+/// A connection of the unary workloads: gRPC, or etcd's JSON gateway (`--gateway`).
+#[derive(Clone)]
+pub(crate) enum UnaryConn {
+    Grpc(H2Conn),
+    Json(JsonConn),
+}
+
+impl UnaryConn {
     pub(crate) async fn put(&mut self, req: PutRequest) -> Result<PutResponse, tonic::Status> {
-        self.call("/etcdserverpb.KV/Put", &req).await
+        match self {
+            UnaryConn::Grpc(conn) => conn.call("/etcdserverpb.KV/Put", &req).await,
+            UnaryConn::Json(conn) => conn.call("/v3/kv/put", &req).await,
+        }
     }
 
     pub(crate) async fn range(
         &mut self,
         req: RangeRequest,
     ) -> Result<RangeResponse, tonic::Status> {
-        self.call("/etcdserverpb.KV/Range", &req).await
+        match self {
+            UnaryConn::Grpc(conn) => conn.call("/etcdserverpb.KV/Range", &req).await,
+            UnaryConn::Json(conn) => conn.call("/v3/kv/range", &req).await,
+        }
     }
 
     pub(crate) async fn txn(&mut self, req: TxnRequest) -> Result<TxnResponse, tonic::Status> {
-        self.call("/etcdserverpb.KV/Txn", &req).await
+        match self {
+            UnaryConn::Grpc(conn) => conn.call("/etcdserverpb.KV/Txn", &req).await,
+            UnaryConn::Json(conn) => conn.call("/v3/kv/txn", &req).await,
+        }
     }
 }
 
-/// `conns` unary connections spread over `endpoints`.
-pub(crate) async fn connect_unary(endpoints: &[String], conns: usize) -> Result<Vec<UnaryConn>> {
+/// `conns` gRPC connections spread over `endpoints`, or with `gateway` one JSON gateway
+/// connection per client.
+pub(crate) async fn connect_unary(
+    endpoints: &[String],
+    conns: usize,
+    clients: usize,
+    gateway: bool,
+) -> Result<Vec<UnaryConn>> {
+    let conns = if gateway { clients } else { conns };
     let mut out = Vec::with_capacity(conns);
     for i in 0..conns.max(1) {
         let ep = &endpoints[i % endpoints.len()];
@@ -128,6 +197,20 @@ pub(crate) async fn connect_unary(endpoints: &[String], conns: usize) -> Result<
         .with_context(|| format!("connecting to {uri}: timed out"))?
         .with_context(|| format!("connecting to {uri}"))?;
         tcp.set_nodelay(true)?;
+        if gateway {
+            let (send, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .with_context(|| format!("HTTP/1.1 handshake with {uri}"))?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            out.push(UnaryConn::Json(JsonConn {
+                send: Arc::new(tokio::sync::Mutex::new(send)),
+                authority: authority.into(),
+            }));
+            continue;
+        }
         // Windows as hyper's client sets them by default, so that neither side waits on flow
         // control.
         let (send, connection) = h2::client::Builder::new()
@@ -139,10 +222,10 @@ pub(crate) async fn connect_unary(endpoints: &[String], conns: usize) -> Result<
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        out.push(UnaryConn {
+        out.push(UnaryConn::Grpc(H2Conn {
             send,
             origin: format!("http://{authority}").into(),
-        });
+        }));
     }
     Ok(out)
 }
@@ -225,7 +308,9 @@ mod tests {
                 .add_service(KvServer::new(Echo))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let mut conns = connect_unary(&[addr.to_string()], 2).await.unwrap();
+        let mut conns = connect_unary(&[addr.to_string()], 2, 2, false)
+            .await
+            .unwrap();
         assert_eq!(conns.len(), 2);
         let conn = &mut conns[1];
 
