@@ -111,6 +111,35 @@ impl Ca {
         )
     }
 
+    /// As [`Ca::connector`], presenting `leaf` as the client certificate.
+    pub fn client_connector(
+        &self,
+        alpn: &[u8],
+        leaf: &Leaf,
+    ) -> (
+        tokio_rustls::TlsConnector,
+        tokio_rustls::rustls::pki_types::ServerName<'static>,
+    ) {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).expect("the CA"))
+            .unwrap();
+        let chain = vec![CertificateDer::from_pem_file(&leaf.cert).expect("the leaf")];
+        let key = PrivateKeyDer::from_pem_file(&leaf.key).expect("the leaf's key");
+        let mut config = tokio_rustls::rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .expect("a client certificate");
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        (
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+            name,
+        )
+    }
+
     /// A certificate revocation list of this CA revoking the certificates numbered `serials`,
     /// written to `dir/<file>` (PEM).
     pub fn crl(&self, dir: &Path, file: &str, serials: &[u64]) -> PathBuf {
