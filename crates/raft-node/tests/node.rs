@@ -1227,3 +1227,23 @@ async fn snapshots_only_from_the_current_leader_are_received() {
     assert!(sm.restores().is_empty());
     node.shutdown();
 }
+
+/// Snapshot files beyond `--max-snapshots` that a crash left (between saving a snapshot and
+/// releasing the older ones) are released when the member starts, not at its next snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_beyond_the_limits_are_released_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, node, _) = snapshotting_member(dir.path(), LogMachine::default()).await;
+    node.shutdown();
+    assert_eq!(
+        files_with_suffix(&cfg.snap_dir(), ".snap").len(),
+        2,
+        "the default keeps 2"
+    );
+    cfg.max_snapshots = 1;
+    let node: Node =
+        RaftNode::start(cfg.clone(), LogMachine::default(), Arc::new(NoPeers)).unwrap();
+    bounded("a leader", node.wait_leader(WAIT)).await.unwrap();
+    assert_eq!(files_with_suffix(&cfg.snap_dir(), ".snap").len(), 1);
+    node.shutdown();
+}

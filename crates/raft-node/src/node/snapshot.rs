@@ -257,6 +257,14 @@ impl<O: Send + 'static> SnapshotScheduler<O> {
         Ok(())
     }
 
+    /// At start: the files a crash left beyond the limits (between saving a snapshot and
+    /// releasing the older files) are released now, not at the next snapshot.
+    pub(super) fn release_left_over_files(&mut self, wal: &mut Wal) {
+        if self.snapshot_index > 0 {
+            self.release_old_files(wal, self.snapshot_index);
+        }
+    }
+
     /// Deletes WAL segments below a durable snapshot beyond `--max-wals`, and snapshot files at
     /// or below it beyond `--max-snapshots`. Failing to delete is not fatal: the files are merely
     /// kept.

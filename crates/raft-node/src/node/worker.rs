@@ -126,6 +126,7 @@ impl<S: StateMachine> Worker<S> {
     /// Runs the loop until shutdown, the last handle being dropped, or a fatal error.
     pub(super) fn run(mut self) {
         let mut next_tick = Instant::now() + self.tick_interval;
+        self.snapshots.release_left_over_files(&mut self.wal);
         // Handle what recovery left ready (and a lone voter's campaign) before any request.
         if let Err(e) = self.round(Instant::now()) {
             self.fatal(&e);
