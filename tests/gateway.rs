@@ -40,15 +40,10 @@ const SCRUBBED: &[&str] = &[
 ];
 
 /// Fields MetaStore's services answer as etcd 3.5 and 3.6 do (over gRPC too), which etcd 3.4
-/// lacks: Status' newer fields; the header of Alarm, Defragment and Snapshot answers; the
-/// revision in MemberList's header. Dropped from both sides.
+/// lacks: Status' newer fields; the storage version in each Snapshot message; the header of
+/// Alarm answers; the revision in MemberList's header. Dropped from both sides.
 const NEWER_THAN_3_4: &[&str] = &["storageVersion", "dbSizeQuota", "downgradeInfo"];
-const HEADER_SINCE_3_5: &[&str] = &[
-    "/v3/maintenance/alarm",
-    "/v3/maintenance/defragment",
-    "/v3/maintenance/snapshot",
-    "/v3/cluster/member/list",
-];
+const HEADER_SINCE_3_5: &[&str] = &["/v3/maintenance/alarm", "/v3/cluster/member/list"];
 
 /// Replaces the values under [`SCRUBBED`] keys by a placeholder (and the server's version in a
 /// Status answer); a response header keeps its revision (the one part of it both servers must
@@ -57,6 +52,9 @@ fn scrub(value: &mut Value) {
     match value {
         Value::Object(map) => {
             map.retain(|k, _| !NEWER_THAN_3_4.contains(&k.as_str()));
+            if map.contains_key("blob") {
+                map.remove("version");
+            }
             let is_status = map.contains_key("dbSize");
             // A lease's remaining TTL depends on when it is asked.
             let is_time_to_live = map.contains_key("grantedTTL");

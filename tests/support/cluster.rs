@@ -347,8 +347,9 @@ impl Cluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "m{} still runs {timeout:?} {when}",
-                i + 1
+                "m{} still runs {timeout:?} {when}; its log:\n{}",
+                i + 1,
+                self.log(i)
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

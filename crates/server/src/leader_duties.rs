@@ -189,7 +189,8 @@ async fn hash_mismatches(ctx: &ServerContext) -> Result<Vec<u64>, Status> {
         let (hash, compact_revision, _) = match answer {
             Ok(answer) => answer,
             Err(status) => {
-                tracing::debug!(peer = %format!("{:x}", member.id), error = %status.message(), "hash comparison skipped a member");
+                // etcd warns too ("cannot fetch hash from remote peer").
+                tracing::warn!(peer = %format!("{:x}", member.id), error = %status.message(), "hash comparison skipped a member");
                 continue;
             }
         };
