@@ -436,10 +436,11 @@ async fn etcdctl_per_endpoint_commands_with_http_urls_three_members() {
         assert!(endpoints.starts_with("http://"));
         let target = member_id_of(&cluster.endpoint(follower));
         let out = per_endpoint_commands(&endpoints, Some(target), dir.path());
-        // move-leader returns once the target leads
+        // move-leader returns once the target leads (the third member may learn it a moment
+        // later: wait until all agree)
         assert_eq!(
-            cluster.leader_index().await,
-            Some(follower),
+            cluster.wait_leader().await,
+            follower,
             "{kind:?}: the target leads"
         );
         outputs.push((kind, out));
