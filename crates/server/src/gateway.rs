@@ -300,7 +300,10 @@ where
         Ok::<Res, Status>(response.into_inner())
     };
     match answer.await {
-        Ok(message) => json_response(StatusCode::OK, to_json(&message)),
+        Ok(message) => match to_json(&message) {
+            Ok(json) => json_response(StatusCode::OK, json),
+            Err(status) => unary_error(&status),
+        },
         Err(status) => unary_error(&status),
     }
 }
@@ -336,7 +339,8 @@ where
     Req: prost::Message + DeserializeOwned + Default + Send + 'static,
     Res: prost::Message + Serialize + Default + Send + 'static,
 {
-    let requests = json_values::<Req>(std::mem::take(&mut parts.body));
+    let limit = parts.config.max_message_bytes.saturating_mul(2);
+    let requests = json_values::<Req>(std::mem::take(&mut parts.body), limit);
     let request = parts.request(requests);
     let opened = async {
         ready(&mut parts.grpc).await?;
@@ -360,34 +364,126 @@ async fn ready<S: Inner>(grpc: &mut Grpc<S>) -> Result<(), Status> {
 }
 
 /// The JSON values of a request body as they arrive, until its end or the first value that
-/// does not parse (grpc-gateway logs that and half-closes the stream).
+/// does not parse (grpc-gateway logs that and half-closes the stream). A value may take at most
+/// `limit` bytes: past that the request stream is closed, as for a value that does not parse
+/// (the body is not read further, so a client cannot make the buffer grow without end).
 fn json_values<Req: DeserializeOwned + Send + 'static>(
     body: HttpBody,
+    limit: usize,
 ) -> impl Stream<Item = Req> + Send + 'static {
-    let state = (body.into_data_stream(), BytesMut::new(), false);
-    futures::stream::unfold(state, |(mut chunks, mut buffer, mut ended)| async move {
-        loop {
-            let mut values = serde_json::Deserializer::from_slice(&buffer).into_iter::<Req>();
-            match values.next() {
-                Some(Ok(value)) => {
-                    let used = values.byte_offset();
-                    let _ = buffer.split_to(used);
-                    return Some((value, (chunks, buffer, ended)));
+    let state = (body.into_data_stream(), ValueSplitter::default(), false);
+    futures::stream::unfold(
+        state,
+        move |(mut chunks, mut split, mut ended)| async move {
+            loop {
+                match split.next_value() {
+                    Ok(Some(bytes)) => match serde_json::from_slice::<Req>(&bytes) {
+                        Ok(value) => return Some((value, (chunks, split, ended))),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "gateway: a streamed request does not parse");
+                            return None;
+                        }
+                    },
+                    Ok(None) => {}
+                    Err(NotAnObject) => {
+                        tracing::debug!("gateway: a streamed request is not a JSON object");
+                        return None;
+                    }
                 }
-                Some(Err(e)) if e.is_eof() && !ended => {}
-                None if !ended => {}
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "gateway: a streamed request does not parse");
+                if ended {
                     return None;
                 }
-                None => return None,
+                if split.pending() > limit {
+                    tracing::warn!(
+                    limit,
+                    "gateway: a streamed request is larger than the limit; closing the request stream"
+                );
+                    return None;
+                }
+                match chunks.next().await {
+                    Some(Ok(chunk)) => split.push(&chunk),
+                    Some(Err(_)) | None => ended = true,
+                }
             }
-            match chunks.next().await {
-                Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
-                Some(Err(_)) | None => ended = true,
+        },
+    )
+}
+
+/// A streamed body's bytes that start something other than a JSON object.
+struct NotAnObject;
+
+/// Cuts a stream of bytes into top-level JSON objects, looking at each byte once (strings,
+/// escapes and nesting tracked as it goes), so that a body arriving a byte at a time costs no
+/// more than one arriving whole. Serde then parses each object alone.
+#[derive(Default)]
+struct ValueSplitter {
+    buf: BytesMut,
+    /// How far `buf` has been scanned.
+    pos: usize,
+    /// Where the object being scanned starts, once its `{` was seen.
+    start: Option<usize>,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl ValueSplitter {
+    fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes held for the value not complete yet.
+    fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn next_value(&mut self) -> Result<Option<Bytes>, NotAnObject> {
+        while self.pos < self.buf.len() {
+            let b = self.buf[self.pos];
+            self.pos += 1;
+            let Some(start) = self.start else {
+                if b.is_ascii_whitespace() {
+                    continue;
+                }
+                if b != b'{' {
+                    return Err(NotAnObject);
+                }
+                self.start = Some(self.pos - 1);
+                self.depth = 1;
+                continue;
+            };
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        let value = self.buf.split_to(self.pos).freeze().slice(start..);
+                        self.pos = 0;
+                        self.start = None;
+                        return Ok(Some(value));
+                    }
+                }
+                _ => {}
             }
         }
-    })
+        if self.start.is_none() {
+            // Only whitespace so far: nothing to keep.
+            self.buf.clear();
+            self.pos = 0;
+        }
+        Ok(None)
+    }
 }
 
 /// A stream's answer: `{"result":…}` per message, each its own body frame (flushed at once),
@@ -399,12 +495,15 @@ where
     let frames = futures::stream::unfold(Some(responses), |responses| async move {
         let mut responses = responses?;
         let frame = match responses.message().await {
-            Ok(Some(message)) => {
-                let mut line = br#"{"result":"#.to_vec();
-                line.extend_from_slice(&to_json(&message));
-                line.extend_from_slice(b"}\n");
-                Some((Bytes::from(line), Some(responses)))
-            }
+            Ok(Some(message)) => match to_json(&message) {
+                Ok(json) => {
+                    let mut line = br#"{"result":"#.to_vec();
+                    line.extend_from_slice(&json);
+                    line.extend_from_slice(b"}\n");
+                    Some((Bytes::from(line), Some(responses)))
+                }
+                Err(status) => Some((stream_error_line(&status), None)),
+            },
             Ok(None) => None,
             Err(status) => Some((stream_error_line(&status), None)),
         };
@@ -413,9 +512,11 @@ where
     json_response(StatusCode::OK, HttpBody::from_stream(frames))
 }
 
-fn to_json<T: Serialize>(message: &T) -> Vec<u8> {
-    // Serializing a generated message to JSON cannot fail (no maps with non-string keys).
-    serde_json::to_vec(message).unwrap_or_default()
+/// A message as JSON. pbjson refuses to write an enum value it does not know; that is the
+/// server's fault, answered as an internal error rather than an empty success.
+fn to_json<T: Serialize>(message: &T) -> Result<Vec<u8>, Status> {
+    serde_json::to_vec(message)
+        .map_err(|e| Status::internal(format!("gateway: cannot write the answer as JSON: {e}")))
 }
 
 fn json_response(status: StatusCode, body: impl Into<HttpBody>) -> Response {
@@ -513,6 +614,34 @@ fn with_cors(mut response: Response) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Objects are cut where they end, however the bytes arrive (strings holding braces and
+    /// escaped quotes included); what is not an object is refused; an unfinished one waits.
+    #[test]
+    fn streamed_values_are_cut_as_they_arrive() {
+        let body = br#" {"a":"}{\"","b":[{}]}  {"c":1}
+{"d":{"e":"\\"}}{"#;
+        let expected = [
+            r#"{"a":"}{\"","b":[{}]}"#,
+            r#"{"c":1}"#,
+            r#"{"d":{"e":"\\"}}"#,
+        ];
+        for chunk_size in [1, 3, body.len()] {
+            let mut split = ValueSplitter::default();
+            let mut values = Vec::new();
+            for chunk in body.chunks(chunk_size) {
+                split.push(chunk);
+                while let Ok(Some(value)) = split.next_value() {
+                    values.push(String::from_utf8(value.to_vec()).unwrap());
+                }
+            }
+            assert_eq!(values, expected, "chunks of {chunk_size}");
+            assert_eq!(split.pending(), 1, "the unfinished object is held");
+        }
+        let mut split = ValueSplitter::default();
+        split.push(b"  [1]");
+        assert!(split.next_value().is_err());
+    }
 
     /// Every `post:` path of the vendored .proto files has a route, and no route is made up.
     #[test]

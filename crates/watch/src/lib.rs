@@ -180,6 +180,10 @@ pub struct WatchHub {
     /// The dispatcher thread, started by the first [`WatchHub::notify`]; `None` if it could not
     /// be started (then `notify` dispatches itself).
     dispatcher: OnceLock<Option<Thread>>,
+    /// Async tasks pass this gate (one at a time) before they take `inner`, so that at most one
+    /// of them waits for the lock in a blocking thread (`lock_from_task`); the others wait
+    /// here without holding a thread.
+    task_gate: tokio::sync::Semaphore,
     me: Weak<WatchHub>,
     /// Tests hold the dispatcher thread back to look at queued-but-undelivered states.
     #[cfg(test)]
@@ -192,6 +196,7 @@ impl WatchHub {
         let notified_rev = source.store().current_revision();
         Arc::new_cyclic(|me| WatchHub {
             source,
+            task_gate: tokio::sync::Semaphore::new(1),
             queue: Mutex::new(Queue {
                 notified_rev,
                 revisions: VecDeque::new(),

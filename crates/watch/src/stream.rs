@@ -173,6 +173,7 @@ impl WatchStream {
             .reserve_owned()
             .await
             .map_err(|_| WatchError::Closed)?;
+        let _gate = self.hub.task_gate.acquire().await;
         self.hub.create(self.id, req, permit, self.tx.clone());
         Ok(())
     }
@@ -195,6 +196,7 @@ impl WatchStream {
             .reserve_owned()
             .await
             .map_err(|_| WatchError::Closed)?;
+        let _gate = self.hub.task_gate.acquire().await;
         self.hub.cancel(self.id, watch_id, permit);
         Ok(())
     }
@@ -210,6 +212,7 @@ impl WatchStream {
             .map_err(|_| WatchError::Closed)?;
         // Under the hub's lock, which dispatch holds for a whole revision: the response is
         // queued after every event it speaks for.
+        let _gate = self.hub.task_gate.acquire().await;
         let inner = self.hub.lock_from_task();
         let notified = self.hub.queue.lock().notified_rev;
         if let Some(rev) = WatchHub::stream_progress(&inner, self.id, notified) {

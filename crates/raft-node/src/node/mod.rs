@@ -387,14 +387,17 @@ impl<O: Send + 'static> RaftNode<O> {
             )));
         }
         let metadata = msg.get_snapshot().get_metadata().clone();
-        // Raft asks for a snapshot only past what this member has committed; it would ignore
-        // any other.
+        // Raft asks for a snapshot only past what this member has committed and would ignore
+        // any other: nothing is read or written for it. It counts as delivered, so that the
+        // leader goes back to probing this member with appends instead of sending it again.
         let committed = self.with_status(|s| s.committed_index);
         if metadata.index <= committed {
-            return Err(RaftError::Raft(format!(
-                "refused a snapshot at index {}: this member has committed up to {committed}",
-                metadata.index
-            )));
+            tracing::info!(
+                index = metadata.index,
+                committed,
+                "ignored a snapshot at or below this member's commit index"
+            );
+            return Ok(());
         }
         self.inner.snapshotter.receive(&metadata, size, file)?;
         self.step(msg);
