@@ -139,6 +139,20 @@ impl<S> CallParts<S> {
     }
 }
 
+impl<S: Inner> CallParts<S> {
+    /// The request of a unary or server-streaming call, from the whole body, with the stack
+    /// below ready to take it.
+    async fn whole_body_request<Req>(&mut self) -> Result<tonic::Request<Req>, Status>
+    where
+        Req: DeserializeOwned + Default,
+    {
+        let body = read_body(std::mem::take(&mut self.body), self.config).await?;
+        let request = self.request(decode_one::<Req>(&body)?);
+        ready(&mut self.grpc).await?;
+        Ok(request)
+    }
+}
+
 type Call<S> = fn(CallParts<S>) -> BoxFuture<'static, Response>;
 
 /// The gateway's routes: the `google.api.http` path of each RPC (without `/v3/`), its gRPC
@@ -288,10 +302,7 @@ where
     Res: prost::Message + Serialize + Default + Send + 'static,
 {
     let answer = async {
-        let body = read_body(std::mem::take(&mut parts.body), parts.config).await?;
-        let message: Req = decode_one(&body)?;
-        let request = parts.request(message);
-        ready(&mut parts.grpc).await?;
+        let request = parts.whole_body_request::<Req>().await?;
         let codec = tonic_prost::ProstCodec::<Req, Res>::default();
         let response = parts
             .grpc
@@ -317,10 +328,7 @@ where
     Res: prost::Message + Serialize + Default + Send + 'static,
 {
     let opened = async {
-        let body = read_body(std::mem::take(&mut parts.body), parts.config).await?;
-        let message: Req = decode_one(&body)?;
-        let request = parts.request(message);
-        ready(&mut parts.grpc).await?;
+        let request = parts.whole_body_request::<Req>().await?;
         let codec = tonic_prost::ProstCodec::<Req, Res>::default();
         let response = parts
             .grpc
