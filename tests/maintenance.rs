@@ -760,17 +760,41 @@ async fn etcd_client_maintenance(kind: Kind) {
 
 per_engine!(etcd_client_maintenance);
 
-/// `metastore snapshot restore`: a snapshot of a single member becomes a new 3-member cluster
-/// whose members run different engines; the data, HashKV and revision carry over, the
-/// membership is the new one, and the cluster takes writes.
+/// `metastore snapshot restore`: a snapshot of a single member (MetaStore's own file, or etcd's
+/// bbolt database saved from real etcd) becomes a new 3-member cluster whose members run
+/// different engines; the data, leases, HashKV and revision carry over, the membership is the
+/// new one, and the cluster takes writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_restore_creates_a_new_cluster() {
+    restore_into_a_new_cluster(Kind::Rocks).await;
+}
+
+/// The same from a snapshot real etcd saved: MetaStore takes etcd's data in one command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_restore_of_an_etcd_snapshot_creates_a_new_cluster() {
+    restore_into_a_new_cluster(Kind::Etcd).await;
+}
+
+async fn restore_into_a_new_cluster(source_kind: Kind) {
     use std::process::Stdio;
-    let source = Server::start(Kind::Rocks).await;
+    let source = Server::start(source_kind).await;
     for i in 0..50 {
         etcdctl(&source, &["put", &format!("key{i}"), &format!("value{i}")]);
     }
     etcdctl(&source, &["del", "key1", "--prefix"]);
+    // A compaction, whose mark the restored cluster keeps.
+    etcdctl(&source, &["compact", "20", "--physical"]);
+    // A lease with a key, which the restored cluster keeps.
+    let granted = etcdctl(&source, &["lease", "grant", "600"]);
+    let lease_id = granted
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    etcdctl(
+        &source,
+        &["put", "leased", "v", &format!("--lease={lease_id}")],
+    );
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("snap.db");
     // The snapshot is taken while a client keeps writing.
@@ -814,22 +838,27 @@ async fn snapshot_restore_creates_a_new_cluster() {
     );
     drop(source);
 
-    // Refuses a damaged file.
-    let damaged = dir.path().join("damaged.db");
-    let mut bytes = std::fs::read(&file).unwrap();
-    bytes[20] ^= 0xff;
-    std::fs::write(&damaged, bytes).unwrap();
-    let refused = Command::new(metastore_bin())
-        .args([
-            "snapshot",
-            "restore",
-            damaged.to_str().unwrap(),
-            "--data-dir",
-        ])
-        .arg(dir.path().join("never"))
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
+    // Refuses a damaged file (its header, or the SHA-256 at its end), writing no member.
+    let original = std::fs::read(&file).unwrap();
+    for at in [20, original.len() - 1] {
+        let damaged = dir.path().join("damaged.db");
+        let mut bytes = original.clone();
+        bytes[at] ^= 0xff;
+        std::fs::write(&damaged, bytes).unwrap();
+        let never = dir.path().join("never");
+        let refused = Command::new(metastore_bin())
+            .args([
+                "snapshot",
+                "restore",
+                damaged.to_str().unwrap(),
+                "--data-dir",
+            ])
+            .arg(&never)
+            .output()
+            .unwrap();
+        assert!(!refused.status.success(), "byte {at}");
+        assert!(!never.join("member").exists(), "byte {at}");
+    }
 
     let ports = support::free_port_pairs(3);
     let cluster = support::comma_list(&ports, |i, (_, peer)| {
@@ -911,6 +940,14 @@ async fn snapshot_restore_creates_a_new_cluster() {
     assert_eq!(got.trim(), "value42");
     let gone = String::from_utf8(ctl(&["get", "key1", "--prefix", "--keys-only"]).stdout).unwrap();
     assert!(gone.trim().is_empty(), "{gone}");
+    let lease =
+        String::from_utf8(ctl(&["lease", "timetolive", &lease_id, "--keys"]).stdout).unwrap();
+    assert!(lease.contains("attached keys([leased])"), "{lease}");
+    let compacted = ctl(&["get", "key5", "--rev", "10"]);
+    assert!(
+        String::from_utf8_lossy(&compacted.stderr).contains("required revision has been compacted"),
+        "{compacted:?}"
+    );
 }
 
 /// Downgrade answers with etcd's rules and errors: MetaStore has no older release to
