@@ -310,11 +310,8 @@ where
             .await?;
         Ok::<Res, Status>(response.into_inner())
     };
-    match answer.await {
-        Ok(message) => match to_json(&message) {
-            Ok(json) => json_response(StatusCode::OK, json),
-            Err(status) => unary_error(&status),
-        },
+    match answer.await.and_then(|message| to_json(&message)) {
+        Ok(json) => json_response(StatusCode::OK, json),
         Err(status) => unary_error(&status),
     }
 }

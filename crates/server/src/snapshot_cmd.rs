@@ -294,11 +294,7 @@ struct StatusFigures {
 /// etcdctl 3.4 does; its trailer, if any, is not read, as etcdctl does not) or MetaStore's own
 /// (its SHA-256 verified).
 fn status(file: &Path) -> Result<StatusFigures> {
-    let mut prefix = Vec::with_capacity(metastore_bbolt::DETECT_BYTES);
-    std::fs::File::open(file)?
-        .take(metastore_bbolt::DETECT_BYTES as u64)
-        .read_to_end(&mut prefix)?;
-    if metastore_bbolt::looks_like_bbolt(&prefix) {
+    if is_etcd_file(file)? {
         let db = metastore_bbolt::Db::open(file)?;
         let st = metastore_bbolt::status::snapshot_status(&db)?;
         return Ok(StatusFigures {
