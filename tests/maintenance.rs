@@ -799,6 +799,8 @@ async fn restore_into_a_new_cluster(source_kind: Kind) {
     let file = dir.path().join("snap.db");
     // The snapshot is taken while a client keeps writing.
     let mut kv = source.kv().await;
+    let acknowledged = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = acknowledged.clone();
     let writer = tokio::spawn(async move {
         for i in 0..u64::MAX {
             let req = PutRequest {
@@ -809,10 +811,20 @@ async fn restore_into_a_new_cluster(source_kind: Kind) {
             if kv.put(req).await.is_err() {
                 break;
             }
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     etcdctl(&source, &["snapshot", "save", file.to_str().unwrap()]);
+    // The writer goes on until puts acknowledged after the save has returned exist; on a busy
+    // machine the save may finish between two of its puts.
+    let at_save = acknowledged.load(std::sync::atomic::Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while acknowledged.load(std::sync::atomic::Ordering::SeqCst) < at_save + 3
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     writer.abort();
     // The revision the file holds, and the source's HashKV at that revision.
     let described = Command::new(metastore_bin())
