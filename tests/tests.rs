@@ -12,6 +12,9 @@ mod client_compat;
 mod cluster;
 mod durability;
 mod endpoints;
+// crash points need a binary built with them (`cargo xtask test` does)
+#[cfg(feature = "failpoints")]
+mod failpoints;
 mod gateway;
 mod http;
 mod kv_differential;

@@ -82,6 +82,8 @@ pub struct Member {
     started: bool,
     removed: bool,
     attempt: usize,
+    /// `FAILPOINTS` for its next starts (binaries built with the `failpoints` feature).
+    failpoints: Option<String>,
 }
 
 impl Member {
@@ -313,6 +315,19 @@ impl Cluster {
         self.members[i].attempt = 0;
         self.spawn(i);
         self.wait_member_up(i).await;
+    }
+
+    /// Arms crash points in member `i` from its next start on (`FAILPOINTS`, the `fail` crate's
+    /// syntax, e.g. `raft::wal::after_fsync=20*off->panic`); `None` disarms them.
+    pub fn set_failpoints(&mut self, i: usize, failpoints: Option<&str>) {
+        self.members[i].failpoints = failpoints.map(str::to_string);
+    }
+
+    /// Waits, bounded by `timeout`, for member `i` to exit on its own (a crash point), and
+    /// returns its exit status.
+    pub async fn wait_crash(&mut self, i: usize, timeout: Duration) -> ExitStatus {
+        self.wait_exit(i, timeout, "while its crash point was armed")
+            .await
     }
 
     /// Sends SIGTERM to member `i` and waits, bounded by `timeout`, for it to exit.
@@ -557,6 +572,7 @@ impl Cluster {
             started: false,
             removed: false,
             attempt: 0,
+            failpoints: None,
         });
         self.net.set_target(i, self.members[i].peer_port);
         i
@@ -920,6 +936,9 @@ impl Cluster {
             "extra flags go with Launch::Flags only"
         );
         cmd.args(&self.extra);
+        if let Some(failpoints) = &self.members[i].failpoints {
+            cmd.env("FAILPOINTS", failpoints);
+        }
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);

@@ -248,6 +248,9 @@ fn exec(mut cmd: Command) -> Result<()> {
     std::process::exit(st.code().unwrap_or(1))
 }
 
+/// Features the tests are built with: the crash points of tests/failpoints.rs.
+const TEST_FEATURES: &str = "metastore/failpoints";
+
 fn test(filter: &[String]) -> Result<()> {
     ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL, PROMTOOL])?;
     let nextest = cargo()
@@ -261,6 +264,8 @@ fn test(filter: &[String]) -> Result<()> {
     } else {
         cmd.args(["test", "--workspace", "--no-fail-fast"]);
     }
+    // The crash-recovery tests need the crash points compiled in (release builds never have them).
+    cmd.args(["--features", TEST_FEATURES]);
     cmd.args(filter);
     status(cmd)
 }
@@ -275,6 +280,8 @@ fn ci() -> Result<()> {
         "clippy",
         "--workspace",
         "--all-targets",
+        "--features",
+        TEST_FEATURES,
         "--",
         "-D",
         "warnings",

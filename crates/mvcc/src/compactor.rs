@@ -335,6 +335,7 @@ fn run_job(inner: &Inner, job: Job) -> Result<Outcome, Interrupt> {
         }
         crate::metrics::commit(inner.backend.as_ref(), batch)?;
         batches += 1;
+        fail::fail_point!("mvcc::compaction::batch_committed");
         if last {
             return Ok(Outcome {
                 hash: hasher.sum(),

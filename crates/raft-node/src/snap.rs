@@ -173,10 +173,16 @@ impl Snapshotter {
                 return Err(e);
             }
         };
+        fail::fail_point!("raft::snapshot::before_rename", |_| Err(SnapError::Io {
+            op: "rename (failpoint)",
+            path: tmp_path.clone(),
+            source: io::Error::other("failpoint raft::snapshot::before_rename"),
+        }));
         fs::rename(&tmp_path, &path).map_err(io_err("rename", &tmp_path))?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io_err("fsync directory", &self.dir))?;
+        fail::fail_point!("raft::snapshot::after_rename");
         Ok(SnapshotFile {
             path,
             metadata: metadata.clone(),

@@ -45,9 +45,25 @@ fn disable_transparent_huge_pages() {
     }
 }
 
+/// Crash points for the crash-recovery tests (built with the `failpoints` feature only):
+/// `FAILPOINTS="raft::wal::after_fsync=3*off->panic"` arms them (the `fail` crate's syntax), and
+/// any panic then aborts the whole process, as a crash would, whichever thread it is on.
+#[cfg(feature = "failpoints")]
+fn arm_failpoints() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
+    // Configured for the life of the process.
+    std::mem::forget(fail::FailScenario::setup());
+}
+
 /// Runs `metastore` with the process's command line: a member (etcd's flags), or
 /// `metastore snapshot …`.
 pub fn main() -> Result<()> {
+    #[cfg(feature = "failpoints")]
+    arm_failpoints();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     // Responses finished together leave in one HTTP/2 write (see .cargo/config.toml).

@@ -167,6 +167,7 @@ impl Backend for MemBackend {
                     (*name, packed)
                 })
                 .collect();
+            fail::fail_point!("storage::defragment::bucket_done");
             let mut state = self.state.lock();
             if state.generation == snapshot.generation {
                 state.maps = rebuilt;
@@ -191,6 +192,7 @@ impl Backend for MemBackend {
             }
             Ok(())
         })?;
+        fail::fail_point!("storage::import::batch_written");
         let mut state = self.state.lock();
         state.maps = staged;
         state.live_bytes = live;

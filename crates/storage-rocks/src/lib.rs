@@ -253,6 +253,7 @@ impl RocksBackend {
         let mut write_batch = |batch: rocksdb::WriteBatch| -> Result<()> {
             self.write_rocks(batch)?;
             batches_written += 1;
+            fail::fail_point!("storage::import::batch_written");
             step(ImportStep::BatchWritten(batches_written));
             Ok(())
         };
@@ -524,6 +525,7 @@ impl Backend for RocksBackend {
         for cf in cfs {
             self.db
                 .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &compact);
+            fail::fail_point!("storage::defragment::bucket_done");
         }
         Ok(())
     }

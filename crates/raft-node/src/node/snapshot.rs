@@ -126,6 +126,7 @@ impl<O: Send + 'static> SnapshotScheduler<O> {
             // The flush runs beside the loop: an apply round does not wait for the disk.
             Some(persist) => Box::new(move || {
                 let result = persist();
+                fail::fail_point!("raft::snapshot::persisted");
                 // The loop may have stopped; then the marker is simply not written.
                 let _ = done.send(Command::PersistedInPlace { metadata, result });
             }),
@@ -174,6 +175,7 @@ impl<O: Send + 'static> SnapshotScheduler<O> {
         }
         wal.save_snapshot_marker(&metadata)?;
         wal.sync()?;
+        fail::fail_point!("raft::snapshot::after_marker");
         // `snapshot_index` stays the newest snapshot *file*'s: a follower may still need one
         // written at this index.
         // As etcd does, keep a few thousand entries before the snapshot in memory for slow
@@ -245,6 +247,7 @@ impl<O: Send + 'static> SnapshotScheduler<O> {
         }
         wal.save_snapshot_marker(&file.metadata)?;
         wal.sync()?;
+        fail::fail_point!("raft::snapshot::after_marker");
         self.snapshot_index = index;
         store.set_latest_snapshot(file);
         store

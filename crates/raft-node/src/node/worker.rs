@@ -311,7 +311,9 @@ impl<S: StateMachine> Worker<S> {
                 ready.hs(),
             )?;
             if ready.must_sync() {
+                fail::fail_point!("raft::wal::before_fsync");
                 self.wal.sync()?;
+                fail::fail_point!("raft::wal::after_fsync");
             }
 
             if let Some((snapshot, file)) = received {
@@ -357,6 +359,7 @@ impl<S: StateMachine> Worker<S> {
         file: SnapshotFile,
     ) -> Result<(), RaftError> {
         let (index, term) = (snapshot.get_metadata().index, snapshot.get_metadata().term);
+        fail::fail_point!("raft::snapshot::before_install");
         self.store
             .mem
             .wl()
@@ -381,6 +384,8 @@ impl<S: StateMachine> Worker<S> {
         if entries.is_empty() {
             return;
         }
+        // Committed and durable in the WAL, not yet applied.
+        fail::fail_point!("raft::before_apply");
         let mut outputs = Vec::new();
         let mut membership_changed = false;
         for entry in entries {
