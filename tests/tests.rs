@@ -10,6 +10,7 @@ mod support;
 mod auth;
 mod client_compat;
 mod cluster;
+mod disk_faults;
 mod durability;
 mod endpoints;
 // crash points need a binary built with them (`cargo xtask test` does)
