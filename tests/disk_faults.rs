@@ -6,12 +6,14 @@
 
 use crate::support;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use metastore_proto::etcdserverpb::kv_client::KvClient;
 use metastore_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use metastore_proto::etcdserverpb::{DefragmentRequest, PutRequest};
+use metastore_proto::etcdserverpb::{DefragmentRequest, PutRequest, RangeRequest};
 use support::{Kind, Server};
 
 async fn write_keys(server: &Server, from: usize, to: usize) {
@@ -159,4 +161,250 @@ async fn a_damaged_rocksdb_table_is_refused_naming_file_and_offset() {
         log.contains("offset"),
         "the error must give the offset:\n{log}"
     );
+}
+
+/// A tmpfs of `mib` MiB mounted on a fresh directory, unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` (with the reason printed) where this process may not mount file systems.
+    fn mount(mib: u64) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("mount(8)");
+        if out.status.success() {
+            return Some(Tmpfs { dir });
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Only a missing privilege excuses the test; anything else is a failure.
+        assert!(
+            err.contains("permission denied") || err.contains("must be superuser"),
+            "mount failed: {err}"
+        );
+        eprintln!("SKIPPED: mounting a small file system needs root (CAP_SYS_ADMIN): {err}");
+        None
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Bytes available on it.
+    fn available(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(self.path())
+            .output()
+            .expect("df");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .expect("df output")
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A member process on `data_dir`, killed when dropped.
+struct Member {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl Member {
+    async fn start(kind: Kind, data_dir: &Path, log: &Path, extra: &[&str]) -> Member {
+        let client = format!("http://127.0.0.1:{}", support::free_port());
+        let peer = format!("http://127.0.0.1:{}", support::free_port());
+        let child = kind
+            .command()
+            .args(["--name", "m1", "--log-format", "text"])
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("m1={peer}")])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            )
+            .spawn()
+            .expect("start metastore");
+        let mut member = Member {
+            child,
+            endpoint: client,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(member.runs(), "the member exited:\n{}", read(log));
+            if let Ok(mut kv) = KvClient::connect(member.endpoint.clone()).await {
+                let probe = RangeRequest {
+                    key: b"probe".to_vec(),
+                    ..Default::default()
+                };
+                if kv.range(probe).await.is_ok() {
+                    return member;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the member did not start:\n{}",
+                read(log)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn runs(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    async fn kv(&self) -> KvClient<tonic::transport::Channel> {
+        KvClient::connect(self.endpoint.clone())
+            .await
+            .expect("connect")
+            .max_decoding_message_size(64 << 20)
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+per_engine!(a_full_disk_refuses_writes_and_recovers_when_space_returns);
+
+/// The data directory on a small file system filled up to a little above the member's disk
+/// reserve: puts go on until the reserve is reached, then are refused with etcd's
+/// `database space exceeded` (ResourceExhausted) while the member stays up and serves reads;
+/// once the space is freed, puts are taken again, and every acknowledged one survives a
+/// restart.
+async fn a_full_disk_refuses_writes_and_recovers_when_space_returns(kind: Kind) {
+    const RESERVE: u64 = 48 << 20;
+    let Some(fs) = Tmpfs::mount(200) else {
+        return;
+    };
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("m1.log");
+    let data_dir = fs.path().join("data");
+    let reserve = RESERVE.to_string();
+    let flags = ["--disk-reserve-bytes", reserve.as_str()];
+    let mut member = Member::start(kind, &data_dir, &log, &flags).await;
+    // Leave 24 MiB above the reserve.
+    let filler = fs.path().join("filler");
+    let fill = fs.available() - RESERVE - (24 << 20);
+    std::fs::write(&filler, vec![0u8; fill as usize]).unwrap();
+
+    let mut kv = member.kv().await;
+    let mut acked: BTreeMap<String, String> = BTreeMap::new();
+    let value = |n: usize| format!("{n:08}").repeat(100 * 1024 / 8);
+    let mut refused = None;
+    for n in 0..2_000 {
+        let key = format!("full/{:02}", n % 50);
+        let req = PutRequest {
+            key: key.clone().into_bytes(),
+            value: value(n).into_bytes(),
+            ..Default::default()
+        };
+        match kv.put(req).await {
+            Ok(_) => {
+                acked.insert(key, value(n));
+            }
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("2,000 puts of 100 KiB were all taken on a full disk");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused.message(),
+        "etcdserver: mvcc: database space exceeded"
+    );
+    assert!(!acked.is_empty(), "refused from the first put");
+    assert!(member.runs(), "the member stopped:\n{}", read(&log));
+    // Reads go on.
+    assert_eq!(all_values(&mut kv).await, acked);
+    assert!(read(&log).contains("free disk space is below the reserve"));
+
+    // Space returns: puts are taken again.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let req = PutRequest {
+            key: b"full/after".to_vec(),
+            value: b"space".to_vec(),
+            ..Default::default()
+        };
+        match kv.put(req).await {
+            Ok(_) => break,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "puts still refused after space returned"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    acked.insert("full/after".into(), "space".into());
+
+    // Everything acknowledged survives a restart.
+    drop(member);
+    let member = Member::start(kind, &data_dir, &log, &flags).await;
+    let mut kv = member.kv().await;
+    assert_eq!(all_values(&mut kv).await, acked);
+}
+
+async fn all_values(kv: &mut KvClient<tonic::transport::Channel>) -> BTreeMap<String, String> {
+    let resp = kv
+        .range(RangeRequest {
+            key: b"full/".to_vec(),
+            range_end: b"full0".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    resp.kvs
+        .into_iter()
+        .map(|kv| {
+            (
+                String::from_utf8(kv.key).unwrap(),
+                String::from_utf8(kv.value).unwrap(),
+            )
+        })
+        .collect()
 }

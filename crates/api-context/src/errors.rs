@@ -24,6 +24,9 @@ pub fn raft_status(e: &RaftError) -> Status {
         RaftError::NoLeader => Status::unavailable("etcdserver: no leader"),
         RaftError::Timeout => Status::unavailable("etcdserver: request timed out"),
         RaftError::Stopped => Status::unavailable("etcdserver: server stopped"),
+        RaftError::NoSpace => {
+            Status::resource_exhausted("etcdserver: mvcc: database space exceeded")
+        }
         other => Status::internal(format!("etcdserver: {other}")),
     }
 }

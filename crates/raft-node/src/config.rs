@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use crate::RaftError;
 
+/// Default of [`RaftConfig::disk_reserve_bytes`]: room for the WAL's preallocation, a snapshot
+/// marker, and the writes in flight while the guard notices.
+pub const DEFAULT_DISK_RESERVE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Configuration of one raft member. Field names follow etcd's flags where etcd has one.
 #[derive(Clone, Debug)]
 pub struct RaftConfig {
@@ -46,6 +50,10 @@ pub struct RaftConfig {
     pub max_wals: usize,
     /// Most snapshot files kept (etcd `--max-snapshots`). 0 keeps them all.
     pub max_snapshots: usize,
+    /// Free bytes kept on the file systems of the WAL and the data directory: below it, the
+    /// member refuses proposals and stops accepting log entries from the leader until space
+    /// returns (see `node/disk.rs`). 0 turns the guard off.
+    pub disk_reserve_bytes: u64,
 }
 
 impl RaftConfig {
@@ -67,6 +75,7 @@ impl RaftConfig {
             wal_dir_override: None,
             max_wals: 1,
             max_snapshots: 2,
+            disk_reserve_bytes: DEFAULT_DISK_RESERVE_BYTES,
         }
     }
 

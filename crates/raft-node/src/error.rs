@@ -10,6 +10,10 @@ pub enum RaftError {
     /// No leader is known, so the proposal or read was dropped; retry after an election.
     #[error("etcdserver: no leader")]
     NoLeader,
+    /// The member's disk has less free space than its reserve: writes are refused until space
+    /// returns (etcd's answer when its space quota is exceeded).
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
     /// The node is shut down (or stopped after a fatal disk error).
     #[error("etcdserver: server stopped")]
     Stopped,

@@ -28,7 +28,7 @@ mod snap;
 mod storage;
 mod wal;
 
-pub use config::RaftConfig;
+pub use config::{RaftConfig, DEFAULT_DISK_RESERVE_BYTES};
 pub use error::RaftError;
 pub use node::{bootstrap_from_snapshot, RaftNode, RaftStatus};
 pub use raft::eraftpb::MessageType;

@@ -96,6 +96,11 @@ pub struct Config {
     /// hold only raft metadata while MetaStore's hold the data, so MetaStore keeps 2.
     #[arg(long, default_value_t = 2)]
     pub max_snapshots: usize,
+    /// Free bytes kept on the disks of the data and WAL directories (MetaStore only; 0: off).
+    /// Below it the member refuses writes with `database space exceeded` and takes no log
+    /// entries from the leader, until space returns; reads go on.
+    #[arg(long, default_value_t = metastore_raft_node::DEFAULT_DISK_RESERVE_BYTES)]
+    pub disk_reserve_bytes: u64,
     /// Time (ms) of a heartbeat interval.
     #[arg(long, default_value_t = 100)]
     pub heartbeat_interval: u64,

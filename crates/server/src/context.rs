@@ -144,6 +144,7 @@ pub fn start(
     raft_cfg.wal_dir_override = cfg.wal_dir.clone();
     raft_cfg.max_wals = cfg.max_wals;
     raft_cfg.max_snapshots = cfg.max_snapshots;
+    raft_cfg.disk_reserve_bytes = cfg.disk_reserve_bytes;
     raft_cfg.tick_interval = Duration::from_millis(cfg.heartbeat_interval.max(1));
     raft_cfg.election_ticks = election_ticks.max(2) as usize;
     raft_cfg.heartbeat_ticks = 1;

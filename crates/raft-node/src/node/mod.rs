@@ -31,6 +31,7 @@ use crate::snap::{SnapError, SnapshotFile, Snapshotter};
 use crate::{MemberChange, Membership, RaftConfig, RaftError, StateMachine, Transport};
 
 mod conf_change;
+mod disk;
 mod guard;
 mod heartbeats;
 mod propose;
@@ -143,6 +144,7 @@ struct Inner<O> {
     leader: watch::Receiver<u64>,
     applied: watch::Receiver<u64>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    disk: Arc<disk::DiskGuard>,
 }
 
 /// Runs the raft loop; a panic in it aborts the process, as a panic in etcd's raft loop takes
@@ -217,6 +219,12 @@ impl<O: Send + 'static> RaftNode<O> {
         let snapshotter = Arc::new(Snapshotter::new(&cfg.snap_dir())?);
         let started = recovery::start_raft(&cfg, &mut sm, &snapshotter)?;
         let (applied, snapshot_index) = (started.applied, started.snapshot_index);
+        let disk = disk::DiskGuard::start(
+            member_id,
+            vec![cfg.wal_dir(), cfg.data_dir.clone()],
+            cfg.disk_reserve_bytes,
+        )
+        .map_err(|e| RaftError::Raft(format!("cannot start the disk guard thread: {e}")))?;
 
         let (commands_tx, commands_rx) = mpsc::channel();
         let ids = Arc::new(RequestIds::new(member_id));
@@ -240,6 +248,7 @@ impl<O: Send + 'static> RaftNode<O> {
                 status: Arc::clone(&status),
                 leader_tx,
                 applied_tx,
+                disk: Arc::clone(&disk),
             },
         );
         let thread = thread::Builder::new()
@@ -262,6 +271,7 @@ impl<O: Send + 'static> RaftNode<O> {
                 leader: leader_rx,
                 applied: applied_rx,
                 thread: Mutex::new(Some(thread)),
+                disk,
             }),
         })
     }
@@ -274,6 +284,9 @@ impl<O: Send + 'static> RaftNode<O> {
     /// the entry was replaced. A proposal forwarded to another leader that is lost there is never
     /// answered, so bound the wait (e.g. with [`RaftConfig::request_timeout`]).
     pub async fn propose(&self, payload: impl AsRef<[u8]>) -> Result<O, RaftError> {
+        if self.inner.disk.is_low() {
+            return Err(RaftError::NoSpace);
+        }
         let request_id = self.inner.ids.next();
         let data = with_request_id(request_id, payload.as_ref());
         let (waiter, result) = oneshot::channel();
@@ -295,6 +308,9 @@ impl<O: Send + 'static> RaftNode<O> {
         changes: &[MemberChange],
         payload: Vec<u8>,
     ) -> Result<O, RaftError> {
+        if self.inner.disk.is_low() {
+            return Err(RaftError::NoSpace);
+        }
         let request_id = self.inner.ids.next();
         let context = with_request_id(request_id, &payload);
         let change = ConfChangeV2 {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use raft::eraftpb::{Entry, EntryType, Message, Snapshot};
+use raft::eraftpb::{Entry, EntryType, Message, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
 use tokio::sync::watch;
 
@@ -52,6 +52,8 @@ pub(super) struct Links<O> {
     pub(super) leader_tx: watch::Sender<u64>,
     /// The applied index the handles wait for.
     pub(super) applied_tx: watch::Sender<u64>,
+    /// Whether the disk is short of space (then the leader's appends are dropped).
+    pub(super) disk: Arc<super::disk::DiskGuard>,
 }
 
 /// The state owned by the loop thread: what every step of the loop shares, and one struct per
@@ -81,6 +83,8 @@ pub(super) struct Worker<S: StateMachine> {
     snapshots: SnapshotScheduler<S::Output>,
     /// When the leader last sent each follower a heartbeat.
     heartbeats: HeartbeatTimes,
+    /// Whether the disk is short of space.
+    disk: Arc<super::disk::DiskGuard>,
 }
 
 impl<S: StateMachine> Worker<S> {
@@ -107,6 +111,7 @@ impl<S: StateMachine> Worker<S> {
             status: links.status,
             leader_tx: links.leader_tx,
             applied_tx: links.applied_tx,
+            disk: links.disk,
             tick_interval: cfg.tick_interval,
             heartbeats: HeartbeatTimes::new(cfg.tick_interval * cfg.heartbeat_ticks as u32),
             proposals: Proposals::new(member_id, cfg.max_size_per_msg),
@@ -209,7 +214,21 @@ impl<S: StateMachine> Worker<S> {
             Command::ReadIndex(waiter) => self.reads.push(waiter),
             Command::Step(mut msg) => {
                 let from = msg.from;
-                if let Err(reason) = super::guard::sanitize(&self.raw.raft.raft_log, &mut msg) {
+                if self.disk.is_low()
+                    && matches!(
+                        msg.get_msg_type(),
+                        MessageType::MsgAppend | MessageType::MsgSnapshot
+                    )
+                {
+                    // Not persisted, not acknowledged: the leader sends them again.
+                    tracing::debug!(
+                        from = format_args!("{from:x}"),
+                        kind = ?msg.get_msg_type(),
+                        "dropped a raft message: free disk space is below the reserve"
+                    );
+                } else if let Err(reason) =
+                    super::guard::sanitize(&self.raw.raft.raft_log, &mut msg)
+                {
                     tracing::warn!(
                         from = format_args!("{from:x}"),
                         kind = ?msg.get_msg_type(),
