@@ -1255,3 +1255,65 @@ async fn files_beyond_the_limits_are_released_at_start() {
     assert!(files_with_suffix(&snap_dir, ".snap").len() <= 2);
     node.shutdown();
 }
+
+/// The leader's disk runs short of space (a reserve it can never have): it hands leadership
+/// over, refuses proposals with `NoSpace` and takes no entries, while the other two go on
+/// committing; once space returns (the reserve lifted) it catches up and takes proposals again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_short_of_disk_space_leaves_the_leadership_and_catches_up_after() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let network = Arc::new(Network::default());
+    let machines = start_cluster(&network, &dirs, 0);
+    let short_id = agreed_leader(&network, &[1, 2, 3]).await;
+    let short = node(&network, short_id);
+    short.set_disk_reserve_bytes(u64::MAX);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match bounded("a proposal", short.propose(b"probe")).await {
+            Err(RaftError::NoSpace) => break,
+            other => {
+                assert!(Instant::now() < deadline, "never refused: {other:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let rest: Vec<u64> = (1..=3).filter(|id| *id != short_id).collect();
+    let leader = agreed_leader(&network, &rest).await;
+    assert_ne!(leader, short_id, "the member short of space still leads");
+    let base = machines[leader as usize - 1].log().len();
+    propose_many(&node(&network, leader), "ok", 30).await;
+    let (short_machine, others): (Vec<_>, Vec<_>) = machines
+        .iter()
+        .enumerate()
+        .partition(|(i, _)| *i as u64 + 1 == short_id);
+    wait_until("the other two to apply the 30 entries", || {
+        others.iter().all(|(_, m)| m.log().len() >= base + 30)
+    })
+    .await;
+    let applied_ok = |m: &LogMachine| {
+        m.log()
+            .iter()
+            .filter(|(_, payload)| payload.starts_with(b"ok-"))
+            .count()
+    };
+    assert_eq!(
+        applied_ok(short_machine[0].1),
+        0,
+        "the member short of space applied entries it could not have persisted"
+    );
+    assert!(matches!(
+        bounded("a proposal", short.propose(b"refused")).await,
+        Err(RaftError::NoSpace)
+    ));
+
+    // Space returns: it catches up and takes proposals again.
+    short.set_disk_reserve_bytes(0);
+    wait_until("the member to catch up", || {
+        applied_ok(short_machine[0].1) == 30
+    })
+    .await;
+    bounded("a proposal", short.propose(b"after"))
+        .await
+        .expect("a proposal once space returned");
+    shutdown_all(&network);
+}

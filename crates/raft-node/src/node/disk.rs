@@ -11,7 +11,7 @@
 //! [`RaftError::NoSpace`]: crate::RaftError::NoSpace
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -22,6 +22,8 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(100);
 #[derive(Debug, Default)]
 pub(crate) struct DiskGuard {
     low: AtomicBool,
+    /// Free bytes to keep; 0: the guard is off.
+    reserve: AtomicU64,
 }
 
 impl DiskGuard {
@@ -30,21 +32,23 @@ impl DiskGuard {
         self.low.load(Ordering::Relaxed)
     }
 
-    /// Starts the checking thread for `dirs` (which it holds until the guard is dropped).
-    /// With a reserve of 0 no thread runs and the guard never reports low space.
+    /// Changes the reserve (0 turns the guard off); the next check applies it.
+    pub(crate) fn set_reserve(&self, reserve: u64) {
+        self.reserve.store(reserve, Ordering::Relaxed);
+    }
+
+    /// Starts the checking thread for `dirs` (which runs until the guard is dropped).
     pub(crate) fn start(
         member_id: u64,
         dirs: Vec<PathBuf>,
         reserve: u64,
     ) -> std::io::Result<Arc<DiskGuard>> {
         let guard = Arc::new(DiskGuard::default());
-        if reserve == 0 {
-            return Ok(guard);
-        }
+        guard.set_reserve(reserve);
         let weak = Arc::downgrade(&guard);
         std::thread::Builder::new()
             .name(format!("disk-guard-{member_id:x}"))
-            .spawn(move || watch(weak, dirs, reserve))?;
+            .spawn(move || watch(weak, dirs))?;
         Ok(guard)
     }
 
@@ -63,13 +67,18 @@ impl DiskGuard {
     }
 }
 
-fn watch(guard: Weak<DiskGuard>, dirs: Vec<PathBuf>, reserve: u64) {
+fn watch(guard: Weak<DiskGuard>, dirs: Vec<PathBuf>) {
     while let Some(guard) = guard.upgrade() {
-        // The least free space among the directories, and where it is.
-        let least = dirs
-            .iter()
-            .filter_map(|dir| crate::snap::free_bytes(dir).ok().map(|free| (free, dir)))
-            .min_by_key(|(free, _)| *free);
+        let reserve = guard.reserve.load(Ordering::Relaxed);
+        // The least free space among the directories, and where it is (with the guard off,
+        // as much as there can be).
+        let least = if reserve == 0 {
+            dirs.first().map(|dir| (u64::MAX, dir))
+        } else {
+            dirs.iter()
+                .filter_map(|dir| crate::snap::free_bytes(dir).ok().map(|free| (free, dir)))
+                .min_by_key(|(free, _)| *free)
+        };
         if let Some((free, dir)) = least {
             match guard.update(free, reserve) {
                 Some(true) => tracing::warn!(

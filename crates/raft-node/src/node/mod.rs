@@ -276,6 +276,12 @@ impl<O: Send + 'static> RaftNode<O> {
         })
     }
 
+    /// Changes the free disk space the member keeps ([`RaftConfig::disk_reserve_bytes`]; 0 turns
+    /// the guard off). Applied at the guard's next check, within a fraction of a second.
+    pub fn set_disk_reserve_bytes(&self, reserve: u64) {
+        self.inner.disk.set_reserve(reserve);
+    }
+
     /// Proposes `payload` and resolves with the state machine's output once the entry is
     /// committed and applied on this member.
     ///
@@ -283,6 +289,7 @@ impl<O: Send + 'static> RaftNode<O> {
     /// with [`RaftError::LeaderChanged`] when the leader that appended it lost its leadership and
     /// the entry was replaced. A proposal forwarded to another leader that is lost there is never
     /// answered, so bound the wait (e.g. with [`RaftConfig::request_timeout`]).
+    /// Fails with [`RaftError::NoSpace`] while the disk is short of space.
     pub async fn propose(&self, payload: impl AsRef<[u8]>) -> Result<O, RaftError> {
         if self.inner.disk.is_low() {
             return Err(RaftError::NoSpace);

@@ -217,10 +217,12 @@ impl<S: StateMachine> Worker<S> {
                 if self.disk.is_low()
                     && matches!(
                         msg.get_msg_type(),
-                        MessageType::MsgAppend | MessageType::MsgSnapshot
+                        MessageType::MsgAppend | MessageType::MsgSnapshot | MessageType::MsgPropose
                     )
                 {
-                    // Not persisted, not acknowledged: the leader sends them again.
+                    // Not persisted, not acknowledged: the leader sends them again (and a
+                    // follower's forwarded proposal fails at its deadline, by which time this
+                    // member has handed its leadership over).
                     tracing::debug!(
                         from = format_args!("{from:x}"),
                         kind = ?msg.get_msg_type(),
@@ -271,6 +273,33 @@ impl<S: StateMachine> Worker<S> {
         self.reads.expire(now);
         // Callers that gave up (timed out) no longer need an answer.
         self.proposals.forget_abandoned();
+        if self.disk.is_low() {
+            self.hand_over_for_disk();
+        }
+    }
+
+    /// A leader short of disk space cannot append: it hands its leadership to the voter whose
+    /// log matches furthest, so that the cluster goes on taking writes. raft-rs gives up a
+    /// transfer after an election timeout; then the next tick tries again.
+    fn hand_over_for_disk(&mut self) {
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader || raft.lead_transferee.is_some() {
+            return;
+        }
+        let me = self.member_id;
+        let prs = raft.prs();
+        let target = prs
+            .iter()
+            .filter(|(id, _)| **id != me && prs.conf().voters().contains(**id))
+            .max_by_key(|(_, progress)| progress.matched)
+            .map(|(id, _)| *id);
+        if let Some(to) = target {
+            tracing::warn!(
+                to = format_args!("{to:x}"),
+                "free disk space is below the reserve: handing leadership over"
+            );
+            self.raw.transfer_leader(to);
+        }
     }
 
     /// Everything after the commands: reads, Ready, snapshots, status.
