@@ -25,7 +25,7 @@ mod tests;
 
 pub use page::{fnv1a64, Meta, NO_FREELIST};
 pub use reader::{Bucket, Cursor, Db, Entry, ReadAt};
-pub use writer::{Writer, Written, DEFAULT_PAGE_SIZE};
+pub use writer::{emit, plan, Layout, Writer, Written, DEFAULT_PAGE_SIZE};
 
 /// Errors reading or writing a bbolt file or an etcd snapshot.
 #[derive(Debug, thiserror::Error)]

@@ -131,6 +131,41 @@ fn the_writer_refuses_unsorted_or_empty_keys_and_unsorted_buckets() {
     ));
 }
 
+/// Puts `buckets` into a writer (the `fill` of the two-pass streaming API).
+fn fill(buckets: &Buckets, w: &mut Writer<&mut dyn std::io::Write>) -> Result<(), Error> {
+    for (name, items) in buckets {
+        w.bucket(name)?;
+        for (k, v) in items {
+            w.put(k, v)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_streamed_database_is_byte_for_byte_the_file_one() {
+    let buckets = sample();
+    for page_size in [1024, DEFAULT_PAGE_SIZE] {
+        let layout = crate::plan(page_size, |w| fill(&buckets, w)).unwrap();
+        let mut streamed = Vec::new();
+        let written = crate::emit(&mut streamed, layout, |w| fill(&buckets, w)).unwrap();
+        let file = write(&buckets, page_size);
+        assert_eq!(written.size_bytes, layout.size_bytes());
+        assert_eq!(streamed.len() as u64, layout.size_bytes());
+        assert!(streamed == file, "page size {page_size}");
+    }
+}
+
+#[test]
+fn a_second_pass_over_other_data_is_refused() {
+    let buckets = sample();
+    let layout = crate::plan(DEFAULT_PAGE_SIZE, |w| fill(&buckets, w)).unwrap();
+    let mut more = buckets.clone();
+    more[2].1.push((b"key/999999".to_vec(), vec![1; 5000]));
+    let err = crate::emit(&mut Vec::new(), layout, |w| fill(&more, w)).unwrap_err();
+    assert!(matches!(err, Error::Invalid(_)), "{err}");
+}
+
 #[test]
 fn a_damaged_meta_falls_back_to_the_other_and_two_are_refused() {
     let mut bytes = write(&sample(), DEFAULT_PAGE_SIZE);

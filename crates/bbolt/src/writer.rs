@@ -5,6 +5,12 @@
 //! pages, not with the data. The file is laid out as bbolt lays out a fresh database: metas on
 //! pages 0 and 1, the (empty) freelist on page 2, tree pages after it, every page below the
 //! high-water mark reachable — so `tx.Check()` finds nothing unreachable or unfreed.
+//!
+//! The metas name the root bucket's page and the page count, known only at the end. Into a file,
+//! [`Writer::new`] reserves their pages and [`Writer::finish`] seeks back to write them. Into a
+//! stream (no seeking), the writer being deterministic, the same buckets are written twice:
+//! [`plan`] discards the pages and returns the [`Layout`], then [`emit`] sends the metas and
+//! freelist first and the tree pages after them, and checks that the layout came out the same.
 
 use std::io::{Seek, SeekFrom, Write};
 
@@ -32,9 +38,99 @@ pub struct Written {
     pub size_bytes: u64,
 }
 
+/// Where a database's pages fall: what its metas say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Page size of the file.
+    pub page_size: usize,
+    /// Page of the root bucket.
+    pub root_pgid: u64,
+    /// Pages in the file (bbolt's high-water mark).
+    pub pages: u64,
+}
+
+impl Layout {
+    /// Size of the file in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.pages * self.page_size as u64
+    }
+
+    /// Pages 0 to 2: both metas (as a fresh bbolt database, meta page i holds transaction i)
+    /// and the empty freelist.
+    fn head(&self) -> Vec<u8> {
+        let page_size = self.page_size;
+        let mut head = vec![0u8; FIRST_DATA_PGID as usize * page_size];
+        for txid in 0..2u64 {
+            let page = &mut head[txid as usize * page_size..];
+            PageHeader {
+                id: txid,
+                flags: META_PAGE,
+                count: 0,
+                overflow: 0,
+            }
+            .encode(page);
+            let meta = Meta {
+                page_size: page_size as u32,
+                flags: 0,
+                root: self.root_pgid,
+                root_sequence: 0,
+                freelist: FREELIST_PGID,
+                pgid: self.pages,
+                txid,
+            };
+            page[PAGE_HEADER_SIZE..PAGE_HEADER_SIZE + META_SIZE].copy_from_slice(&meta.encode());
+        }
+        PageHeader {
+            id: FREELIST_PGID,
+            flags: FREELIST_PAGE,
+            count: 0,
+            overflow: 0,
+        }
+        .encode(&mut head[FREELIST_PGID as usize * page_size..]);
+        head
+    }
+}
+
+/// The first pass of a streamed database: runs `fill` on a writer that keeps no pages and
+/// returns the layout the same buckets will have.
+pub fn plan<E: From<Error>>(
+    page_size: usize,
+    fill: impl FnOnce(&mut Writer<&mut dyn Write>) -> Result<(), E>,
+) -> Result<Layout, E> {
+    let mut discard = std::io::sink();
+    let mut w = Writer::tree_pages(&mut discard as &mut dyn Write, page_size)?;
+    fill(&mut w)?;
+    Ok(w.finish_tree()?.1)
+}
+
+/// The second pass: writes the metas and freelist for `layout`, then the pages `fill` gives,
+/// which must be the buckets [`plan`] was given (else [`Error::Invalid`]: the data changed
+/// between the passes). `out` needs no seeking.
+pub fn emit<E: From<Error>>(
+    out: &mut dyn Write,
+    layout: Layout,
+    fill: impl FnOnce(&mut Writer<&mut dyn Write>) -> Result<(), E>,
+) -> Result<Written, E> {
+    out.write_all(&layout.head()).map_err(Error::from)?;
+    let mut w = Writer::tree_pages(out, layout.page_size)?;
+    fill(&mut w)?;
+    let (out, written) = w.finish_tree()?;
+    if written != layout {
+        return Err(Error::Invalid(format!(
+            "the buckets changed between the two passes: planned {layout:?}, wrote {written:?}"
+        ))
+        .into());
+    }
+    out.flush().map_err(Error::from)?;
+    Ok(Written {
+        pages: written.pages,
+        size_bytes: written.size_bytes(),
+    })
+}
+
 /// Streams a bbolt database to `out`: call [`Writer::bucket`] for each top-level bucket in name
 /// order, [`Writer::put`] for its keys in key order, then [`Writer::finish`].
-pub struct Writer<W: Write + Seek> {
+pub struct Writer<W: Write> {
     sink: Sink<W>,
     /// Finished top-level buckets: name and bucket value (header, inline page if inline).
     root: Vec<(Vec<u8>, Vec<u8>)>,
@@ -45,11 +141,35 @@ impl<W: Write + Seek> Writer<W> {
     /// A writer of pages of `page_size` bytes (a power of two, 1 KiB to 64 KiB) into `out`,
     /// which must be empty and positioned at its start.
     pub fn new(mut out: W, page_size: usize) -> Result<Self, Error> {
-        if !page_size.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) {
-            return Err(Error::Invalid(format!("invalid page size {page_size}")));
-        }
+        check_page_size(page_size)?;
         // Metas and freelist are written last; reserve their pages.
         out.write_all(&vec![0u8; FIRST_DATA_PGID as usize * page_size])?;
+        Self::tree_pages(out, page_size)
+    }
+
+    /// Ends the last bucket, writes the root bucket, the freelist and both metas, and returns
+    /// `out` (positioned at the end of the database) with what was written.
+    pub fn finish(self) -> Result<(W, Written), Error> {
+        let (mut out, layout) = self.finish_tree()?;
+        out.seek(SeekFrom::Start(0))?;
+        out.write_all(&layout.head())?;
+        let size_bytes = layout.size_bytes();
+        out.seek(SeekFrom::Start(size_bytes))?;
+        out.flush()?;
+        Ok((
+            out,
+            Written {
+                pages: layout.pages,
+                size_bytes,
+            },
+        ))
+    }
+}
+
+impl<W: Write> Writer<W> {
+    /// A writer whose `out` receives the tree pages only, from page 3 on.
+    fn tree_pages(out: W, page_size: usize) -> Result<Self, Error> {
+        check_page_size(page_size)?;
         Ok(Self {
             sink: Sink {
                 out,
@@ -97,9 +217,8 @@ impl<W: Write + Seek> Writer<W> {
         Ok(())
     }
 
-    /// Ends the last bucket, writes the root bucket, the freelist and both metas, and returns
-    /// `out` (positioned at the end of the database) with what was written.
-    pub fn finish(mut self) -> Result<(W, Written), Error> {
+    /// Ends the last bucket and writes the root bucket's pages; returns `out` and the layout.
+    fn finish_tree(mut self) -> Result<(W, Layout), Error> {
         self.end_bucket()?;
         let mut root = Tree::default();
         for (name, value) in std::mem::take(&mut self.root) {
@@ -107,50 +226,26 @@ impl<W: Write + Seek> Writer<W> {
         }
         let root_pgid = root.finish_tree(&mut self.sink)?;
         let Sink {
-            mut out,
+            out,
             page_size,
             next_pgid: pages,
         } = self.sink;
-
-        let mut page = vec![0u8; page_size];
-        PageHeader {
-            id: FREELIST_PGID,
-            flags: FREELIST_PAGE,
-            count: 0,
-            overflow: 0,
-        }
-        .encode(&mut page);
-        out.seek(SeekFrom::Start(FREELIST_PGID * page_size as u64))?;
-        out.write_all(&page)?;
-
-        // As a fresh bbolt database: meta page i holds transaction i.
-        for txid in 0..2u64 {
-            let mut page = vec![0u8; page_size];
-            PageHeader {
-                id: txid,
-                flags: META_PAGE,
-                count: 0,
-                overflow: 0,
-            }
-            .encode(&mut page);
-            let meta = Meta {
-                page_size: page_size as u32,
-                flags: 0,
-                root: root_pgid,
-                root_sequence: 0,
-                freelist: FREELIST_PGID,
-                pgid: pages,
-                txid,
-            };
-            page[PAGE_HEADER_SIZE..PAGE_HEADER_SIZE + META_SIZE].copy_from_slice(&meta.encode());
-            out.seek(SeekFrom::Start(txid * page_size as u64))?;
-            out.write_all(&page)?;
-        }
-        let size_bytes = pages * page_size as u64;
-        out.seek(SeekFrom::Start(size_bytes))?;
-        out.flush()?;
-        Ok((out, Written { pages, size_bytes }))
+        Ok((
+            out,
+            Layout {
+                page_size,
+                root_pgid,
+                pages,
+            },
+        ))
     }
+}
+
+fn check_page_size(page_size: usize) -> Result<(), Error> {
+    if !page_size.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) {
+        return Err(Error::Invalid(format!("invalid page size {page_size}")));
+    }
+    Ok(())
 }
 
 fn check_key(key: &[u8], last: Option<&[u8]>) -> Result<(), Error> {
