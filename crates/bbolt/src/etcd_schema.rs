@@ -60,6 +60,56 @@ pub mod auth_key {
 /// Key of the `cluster` bucket holding the cluster version (`3.4.0`).
 pub const CLUSTER_VERSION_KEY: &[u8] = b"clusterVersion";
 
+/// The key of a member in the `members` and `members_removed` buckets: its id in lowercase hex,
+/// unpadded (etcd's `types.ID.String()`).
+pub fn member_key(id: u64) -> String {
+    format!("{id:x}")
+}
+
+/// The value of a member in the `members_removed` bucket.
+pub const MEMBER_REMOVED_VALUE: &[u8] = b"removed";
+
+/// A member as etcd 3.4 stores it in the `members` bucket (`membership.Member`, JSON).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member<'a> {
+    /// The member id.
+    pub id: u64,
+    /// Its peer URLs.
+    pub peer_urls: &'a [String],
+    /// Whether it is a learner (left out when false).
+    pub is_learner: bool,
+    /// Its name, once it has published it (left out when empty).
+    pub name: &'a str,
+    /// Its client URLs, once it has published them (left out when empty).
+    pub client_urls: &'a [String],
+}
+
+impl Member<'_> {
+    /// etcd's JSON: `{"id":…,"peerURLs":[…],"isLearner":true,"name":"…","clientURLs":[…]}`, the
+    /// fields in Go's declaration order, the optional ones (`omitempty`) only when set.
+    pub fn to_json(&self) -> Vec<u8> {
+        let strings = |list: &[String]| serde_json::Value::from(list.to_vec()).to_string();
+        let mut json = format!(
+            "{{\"id\":{},\"peerURLs\":{}",
+            self.id,
+            strings(self.peer_urls)
+        );
+        if self.is_learner {
+            json.push_str(",\"isLearner\":true");
+        }
+        if !self.name.is_empty() {
+            json.push_str(",\"name\":");
+            json.push_str(&serde_json::Value::from(self.name).to_string());
+        }
+        if !self.client_urls.is_empty() {
+            json.push_str(",\"clientURLs\":");
+            json.push_str(&strings(self.client_urls));
+        }
+        json.push('}');
+        json.into_bytes()
+    }
+}
+
 /// A lease as etcd stores it (`leasepb.Lease`, etcd's `server/lease/leasepb/lease.proto`).
 #[derive(Clone, PartialEq, Eq, Message)]
 pub struct Lease {
@@ -241,6 +291,37 @@ mod tests {
             sub: 0,
         };
         assert!(r.to_bytes() < later.to_bytes());
+    }
+
+    #[test]
+    fn members_are_keyed_and_written_as_etcd_3_4_writes_them() {
+        // Both from the `members` bucket of a snapshot etcd 3.4 saved.
+        let peers = vec!["http://127.0.0.1:23801".to_string()];
+        let clients = vec!["http://127.0.0.1:23791".to_string()];
+        let started = Member {
+            id: 13668033151171901709,
+            peer_urls: &peers,
+            is_learner: false,
+            name: "default",
+            client_urls: &clients,
+        };
+        assert_eq!(member_key(started.id), "bdae9bbc11dd390d");
+        assert_eq!(
+            String::from_utf8(started.to_json()).unwrap(),
+            r#"{"id":13668033151171901709,"peerURLs":["http://127.0.0.1:23801"],"name":"default","clientURLs":["http://127.0.0.1:23791"]}"#
+        );
+        let unstarted = Member {
+            id: 0x0aab,
+            peer_urls: &peers,
+            is_learner: true,
+            name: "",
+            client_urls: &[],
+        };
+        assert_eq!(member_key(unstarted.id), "aab");
+        assert_eq!(
+            String::from_utf8(unstarted.to_json()).unwrap(),
+            r#"{"id":2731,"peerURLs":["http://127.0.0.1:23801"],"isLearner":true}"#
+        );
     }
 
     #[test]

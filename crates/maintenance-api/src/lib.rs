@@ -2,8 +2,8 @@
 //!
 //! Owns: Status (raft and backend figures, active alarms), Hash (CRC32-Castagnoli over the whole
 //! backend), HashKV (mvcc's etcd-identical hash), Alarm (proposed through raft), Snapshot (a
-//! consistent backend export streamed in chunks, padded and followed by its SHA-256 — the format
-//! is in [`snapshot`]), Defragment (the backend's, on a blocking thread) and MoveLeader
+//! consistent backend view streamed as etcd's bbolt database followed by its SHA-256 — see
+//! [`snapshot`]), Defragment (the backend's, on a blocking thread) and MoveLeader
 //! (single-member rules). Downgrade answers `Unimplemented`.
 //!
 //! Must not depend on: the engine choice (it holds an `Arc<dyn Backend>`), raft internals beyond
@@ -216,11 +216,7 @@ impl Maintenance for MaintenanceService {
         _request: GrpcRequest<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         self.ctx.refuse_on_learner()?;
-        let rx = snapshot::stream(
-            self.backend.clone(),
-            metastore_state_machine::buckets(),
-            ETCD_API_VERSION,
-        );
+        let rx = snapshot::stream(self.backend.clone(), ETCD_API_VERSION);
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

@@ -1,10 +1,9 @@
-//! `metastore snapshot status FILE`: check and describe a file written by `etcdctl snapshot save`
-//! against MetaStore (the format is in ARCHITECTURE.md), like `etcdutl snapshot status`.
-//! `metastore snapshot restore FILE …`: create a new member of a new cluster from such a file,
-//! like `etcdutl snapshot restore`. Both read etcd's snapshot files too (a bbolt database, saved
-//! from etcd or copied from its `member/snap/db`), so data moves from etcd in one command.
+//! `metastore snapshot status FILE`: check and describe a file written by `etcdctl snapshot save`,
+//! like `etcdutl snapshot status`. `metastore snapshot restore FILE …`: create a new member of a
+//! new cluster from such a file, like `etcdutl snapshot restore`. The file is etcd's (a bbolt
+//! database: saved from MetaStore or from etcd, or copied from etcd's `member/snap/db`), or
+//! MetaStore's own format of the files saved before issue 21 (ARCHITECTURE.md).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -110,15 +109,20 @@ fn restore(
 
     let backend = crate::context::open_backend(&cfg, &member_dir)?;
     let imported = if is_etcd_file(&file)? {
-        import_etcd(&*backend, &file, &member_dir, skip_hash_check)
+        metastore_maintenance_api::snapshot::import_etcd_file(
+            &*backend,
+            &file,
+            &member_dir,
+            skip_hash_check,
+        )
     } else {
-        metastore_maintenance_api::snapshot::import_file(&*backend, &file).map_err(Into::into)
+        metastore_maintenance_api::snapshot::import_file(&*backend, &file)
     };
     if let Err(e) = imported {
         // Nothing is left behind of a refused file.
         drop(backend);
         let _ = std::fs::remove_dir_all(&member_dir);
-        return Err(e.context(format!("restoring {}", file.display())));
+        return Err(anyhow::Error::from(e).context(format!("restoring {}", file.display())));
     }
     // The new cluster's log starts after one index per member, as a bootstrapped one does.
     let index = ids.len() as u64;
@@ -162,123 +166,11 @@ fn restore(
     Ok(())
 }
 
-/// Whether `file` is etcd's (a bbolt database) rather than MetaStore's own format.
+/// Whether `file` is etcd's (a bbolt database, as MetaStore saves since issue 21) rather than
+/// MetaStore's own earlier format.
 fn is_etcd_file(file: &Path) -> Result<bool> {
-    let mut prefix = Vec::with_capacity(metastore_bbolt::DETECT_BYTES);
-    std::fs::File::open(file)
-        .with_context(|| format!("opening {}", file.display()))?
-        .take(metastore_bbolt::DETECT_BYTES as u64)
-        .read_to_end(&mut prefix)?;
-    Ok(metastore_bbolt::looks_like_bbolt(&prefix))
-}
-
-/// An etcd backend read as a MetaStore storage view: etcd's buckets and MetaStore's share names
-/// and encodings (revision keys and `mvccpb.KeyValue`, `leasepb.Lease`, authpb users and roles,
-/// the meta keys), so a bucket is copied pair for pair.
-struct EtcdView(metastore_bbolt::Db<std::fs::File>);
-
-impl EtcdView {
-    fn pairs(
-        &self,
-        bucket: &str,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> metastore_storage::Visit,
-    ) -> metastore_storage::Result<usize> {
-        let bad =
-            |e: metastore_bbolt::Error| metastore_storage::StorageError::BadSnapshot(e.to_string());
-        let Some(b) = self.0.bucket(bucket.as_bytes()).map_err(bad)? else {
-            return Ok(0);
-        };
-        let mut visited = 0;
-        for entry in self.0.iter(&b) {
-            let entry = entry.map_err(bad)?;
-            if entry.is_bucket {
-                continue;
-            }
-            visited += 1;
-            if visit(&entry.key, &entry.value) == metastore_storage::Visit::Stop {
-                break;
-            }
-        }
-        Ok(visited)
-    }
-}
-
-impl metastore_storage::ReadView for EtcdView {
-    fn get(&self, bucket: &str, key: &[u8]) -> metastore_storage::Result<Option<Vec<u8>>> {
-        let mut found = None;
-        self.pairs(bucket, &mut |k, v| {
-            if k == key {
-                found = Some(v.to_vec());
-                metastore_storage::Visit::Stop
-            } else {
-                metastore_storage::Visit::Continue
-            }
-        })?;
-        Ok(found)
-    }
-
-    /// Only what an export needs: every pair, ascending.
-    fn scan(
-        &self,
-        bucket: &str,
-        range: metastore_storage::ScanRange<'_>,
-        visitor: &mut dyn FnMut(&[u8], &[u8]) -> metastore_storage::Visit,
-    ) -> metastore_storage::Result<usize> {
-        let all = metastore_storage::ScanRange::all();
-        if range.start != all.start
-            || range.end.is_some()
-            || range.limit != 0
-            || range.direction != all.direction
-        {
-            return Err(metastore_storage::StorageError::BadSnapshot(
-                "an etcd snapshot is read whole, in key order".into(),
-            ));
-        }
-        self.pairs(bucket, visitor)
-    }
-}
-
-/// Restores an etcd snapshot (`etcdctl snapshot save`'s file, or a copied `member/snap/db` with
-/// `skip_hash_check`) into `backend`: its trailer checked as etcdctl does, the database checked
-/// as bbolt's `tx.Check`, then every bucket MetaStore keeps, but the membership and alarms
-/// (which named the old cluster's members; a restore writes its own), copied through MetaStore's
-/// snapshot stream (a temporary file in `member_dir`, so memory stays flat).
-fn import_etcd(
-    backend: &dyn metastore_storage::Backend,
-    file: &Path,
-    member_dir: &Path,
-    skip_hash_check: bool,
-) -> Result<()> {
-    let mut f = std::fs::File::open(file)?;
-    metastore_bbolt::trailer::verify(&mut f, skip_hash_check)?;
-    let db = metastore_bbolt::Db::open(file)?;
-    db.check()?;
-    if !metastore_bbolt::etcd_schema::is_etcd_backend(&db)? {
-        bail!("a bbolt database, but not etcd's backend (no key and meta buckets)");
-    }
-    let carried: Vec<&'static str> = metastore_state_machine::buckets()
-        .into_iter()
-        .filter(|b| {
-            ![
-                metastore_state_machine::MEMBERS_BUCKET,
-                metastore_state_machine::MEMBERS_REMOVED_BUCKET,
-                metastore_alarm::ALARM_BUCKET,
-            ]
-            .contains(b)
-        })
-        .collect();
-    let stream_path = member_dir.join("etcd-import.tmp");
-    let result = (|| -> Result<()> {
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&stream_path)?);
-        metastore_storage::snapshot_format::write_stream(&EtcdView(db), &carried, &mut out)?;
-        std::io::Write::flush(&mut out)?;
-        drop(out);
-        let mut input = std::io::BufReader::new(std::fs::File::open(&stream_path)?);
-        backend.import(&mut input)?;
-        Ok(())
-    })();
-    let _ = std::fs::remove_file(&stream_path);
-    result
+    metastore_maintenance_api::snapshot::is_etcd_file(file)
+        .with_context(|| format!("opening {}", file.display()))
 }
 
 /// What `etcdctl snapshot status` prints about a file.
