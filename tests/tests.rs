@@ -22,6 +22,7 @@ mod kv_differential;
 mod lock_election;
 mod maintenance;
 mod operations;
+mod snapshot_export;
 mod tls;
 mod watch_lease;
 mod watch_lease_differential;

@@ -1,0 +1,257 @@
+//! A snapshot saved from MetaStore is etcd's: `etcdctl snapshot status` and `snapshot restore`
+//! (3.4) take it, and real etcd 3.4 started on the restored directory serves the same history,
+//! HashKV, leases and auth as the MetaStore member it came from. Also the figures of
+//! `snapshot save` against a large keyspace (an ignored test, run by hand).
+
+use crate::support;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use metastore_proto::etcdserverpb::{CompactionRequest, DeleteRangeRequest, PutRequest};
+use serde_json::Value;
+use support::{Kind, Server};
+
+const ROOT: &str = "root:rootpw";
+
+/// etcdctl 3.4 against `endpoints`, as `user` if given.
+fn etcdctl_as(endpoints: &str, user: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoints}"));
+    if let Some(user) = user {
+        cmd.args(["--user", user]);
+    }
+    cmd.args(args).output().expect("etcdctl")
+}
+
+/// etcdctl as root; panics unless it succeeds; its stdout.
+fn root_ctl(endpoints: &str, args: &[&str]) -> String {
+    let out = etcdctl_as(endpoints, Some(ROOT), args);
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// The source of the test's snapshot: history (several puts per key), deletions, a physical
+/// compaction, a lease with keys, and auth enabled (root, alice with a read-only role).
+/// Returns the lease id in hex.
+async fn fill(server: &Server) -> String {
+    let mut kv = server.kv().await;
+    for i in 0..200u32 {
+        let put = PutRequest {
+            key: format!("k{:02}", i % 40).into_bytes(),
+            value: format!("v{i}-{}", "x".repeat((i as usize * 13) % 300)).into_bytes(),
+            ..Default::default()
+        };
+        kv.put(put).await.unwrap();
+    }
+    kv.delete_range(DeleteRangeRequest {
+        key: b"k10".to_vec(),
+        range_end: b"k15".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    kv.compact(CompactionRequest {
+        revision: 120,
+        physical: true,
+    })
+    .await
+    .unwrap();
+    for i in 0..30u32 {
+        let put = PutRequest {
+            key: format!("k{:02}", i % 20).into_bytes(),
+            value: format!("after-compaction-{i}").into_bytes(),
+            ..Default::default()
+        };
+        kv.put(put).await.unwrap();
+    }
+    kv.delete_range(DeleteRangeRequest {
+        key: b"k03".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    let endpoint = server.endpoint();
+    let granted = root_ctl(&endpoint, &["lease", "grant", "600", "-w", "json"]);
+    let lease_id = format!("{:x}", json(&granted)["ID"].as_i64().expect("lease id"));
+    for key in ["leased/a", "leased/b"] {
+        root_ctl(
+            &endpoint,
+            &["put", key, "v", &format!("--lease={lease_id}")],
+        );
+    }
+    for args in [
+        &["user", "add", ROOT][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "reader"],
+        &["role", "grant-permission", "reader", "read", "k", "l"],
+        &["user", "add", "alice:alicepw"],
+        &["user", "grant-role", "alice", "reader"],
+        &["auth", "enable"],
+    ] {
+        root_ctl(&endpoint, args);
+    }
+    lease_id
+}
+
+/// Every key and value at the latest revision, as etcdctl's JSON gives them (base64).
+fn all_kvs(endpoint: &str) -> Value {
+    let got = json(&root_ctl(
+        endpoint,
+        &["get", "", "--from-key", "-w", "json"],
+    ));
+    assert!(got["count"].as_u64().unwrap() > 30, "{got}");
+    got["kvs"].clone()
+}
+
+/// HashKV at `revision` and the compact revision it saw.
+fn hashkv(endpoint: &str, revision: u64) -> (u64, u64) {
+    let out = root_ctl(
+        endpoint,
+        &[
+            "endpoint",
+            "hashkv",
+            "--rev",
+            &revision.to_string(),
+            "-w",
+            "json",
+        ],
+    );
+    let answer = &json(&out)[0]["HashKV"];
+    (
+        answer["hash"].as_u64().expect("hash"),
+        answer["compact_revision"]
+            .as_u64()
+            .expect("compact revision"),
+    )
+}
+
+async fn restored_into_etcd(kind: Kind) {
+    let source = Server::start(kind).await;
+    let lease_id = fill(&source).await;
+    let endpoint = source.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("metastore.db");
+    let path = file.to_str().unwrap();
+    root_ctl(&endpoint, &["snapshot", "save", path]);
+
+    let status = json(&root_ctl(&endpoint, &["endpoint", "status", "-w", "json"]));
+    let revision = status[0]["Status"]["header"]["revision"].as_u64().unwrap();
+    let source_hash = hashkv(&endpoint, revision);
+    assert_eq!(source_hash.1, 120, "the compaction");
+    let source_kvs = all_kvs(&endpoint);
+    drop(source);
+
+    // etcdctl reads the file: the source's revision; its hash is a CRC over the file's buckets,
+    // not HashKV, and `metastore snapshot status` computes the same.
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "status", "-w", "json", path])
+        .output()
+        .unwrap();
+    support::assert_success(&out);
+    let file_status = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(file_status["revision"].as_u64(), Some(revision));
+    // Revisions since the compaction (and the one each live key keeps), leases, users, roles,
+    // members and meta: more pairs than live keys.
+    assert!(
+        file_status["totalKey"].as_u64().unwrap() > 40,
+        "{file_status}"
+    );
+    let ours = Command::new(support::metastore_bin())
+        .args(["snapshot", "status", "-w", "json", path])
+        .output()
+        .unwrap();
+    support::assert_success(&ours);
+    assert_eq!(ours.stdout, out.stdout);
+
+    // etcdctl restores it and etcd 3.4 serves it.
+    let (client, peer) = support::free_port_pairs(1)[0];
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let client_url = format!("http://127.0.0.1:{client}");
+    let data_dir = dir.path().join("etcd");
+    let restored = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "restore", path, "--name", "m1", "--data-dir"])
+        .arg(&data_dir)
+        .args(["--initial-cluster", &format!("m1={peer_url}")])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .output()
+        .unwrap();
+    support::assert_success(&restored);
+    let etcd = Command::new("etcd")
+        .args(["--name", "m1", "--data-dir"])
+        .arg(&data_dir)
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("m1={peer_url}")])
+        .args(["--listen-client-urls", &client_url])
+        .args(["--advertise-client-urls", &client_url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd");
+    let _etcd = support::KillOnDrop(vec![etcd]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !etcdctl_as(&client_url, Some(ROOT), &["get", "k00"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "restored etcd never answered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    assert_eq!(hashkv(&client_url, revision), source_hash);
+    let status = json(&root_ctl(
+        &client_url,
+        &["endpoint", "status", "-w", "json"],
+    ));
+    assert_eq!(
+        status[0]["Status"]["header"]["revision"].as_u64(),
+        Some(revision)
+    );
+    assert_eq!(all_kvs(&client_url), source_kvs);
+    let compacted = etcdctl_as(&client_url, Some(ROOT), &["get", "k01", "--rev", "100"]);
+    assert!(
+        String::from_utf8_lossy(&compacted.stderr).contains("required revision has been compacted"),
+        "{compacted:?}"
+    );
+
+    // The lease, its TTL and its keys.
+    let ttl = json(&root_ctl(
+        &client_url,
+        &["lease", "timetolive", &lease_id, "--keys", "-w", "json"],
+    ));
+    assert_eq!(ttl["granted-ttl"].as_i64(), Some(600), "{ttl}");
+    assert!(ttl["ttl"].as_i64().unwrap() > 0, "{ttl}");
+    assert_eq!(ttl["keys"].as_array().map(Vec::len), Some(2), "{ttl}");
+
+    // Auth is on: no user, no answer; alice reads with her password but may not write.
+    let anonymous = etcdctl_as(&client_url, None, &["get", "k00"]);
+    assert!(!anonymous.status.success(), "{anonymous:?}");
+    let read = etcdctl_as(&client_url, Some("alice:alicepw"), &["get", "k00"]);
+    support::assert_success(&read);
+    assert!(String::from_utf8_lossy(&read.stdout).contains("after-compaction"));
+    let wrong = etcdctl_as(&client_url, Some("alice:wrong"), &["get", "k00"]);
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("authentication failed"),
+        "{wrong:?}"
+    );
+    let write = etcdctl_as(&client_url, Some("alice:alicepw"), &["put", "k00", "x"]);
+    assert!(
+        String::from_utf8_lossy(&write.stderr).contains("permission denied"),
+        "{write:?}"
+    );
+}
+
+per_engine!(restored_into_etcd);
