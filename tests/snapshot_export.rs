@@ -255,3 +255,119 @@ async fn restored_into_etcd(kind: Kind) {
 }
 
 per_engine!(restored_into_etcd);
+
+/// Resident memory of a process, from `/proc/PID/status`: (anonymous, file-backed) in KiB.
+/// etcd's database is a file it maps, so its pages count as file-backed memory.
+fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some((field("RssAnon:")?, field("RssFile:")?))
+}
+
+/// Loads `keys` keys of `value_bytes` each with 64 concurrent writers.
+async fn load(server: &Server, keys: u32, value_bytes: usize) {
+    let writers = 64u32;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let mut kv = server.kv().await;
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < keys {
+                let put = PutRequest {
+                    key: format!("load/{i:08}").into_bytes(),
+                    value: vec![b'a' + (i % 26) as u8; value_bytes],
+                    ..Default::default()
+                };
+                kv.put(put).await.expect("put");
+                i += writers;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// `snapshot save` figures against a large keyspace, for MetaStore's two engines and etcd:
+/// resident memory before and at its peak during the save, time and throughput. Run by hand
+/// (`cargo nextest run --run-ignored only -E 'test(snapshot_save_figures)' --no-capture`);
+/// `SNAPSHOT_FIGURES_KEYS` (default 262144) keys of `SNAPSHOT_FIGURES_VALUE_BYTES` (4096).
+/// Prints the figures, asserts nothing about them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: minutes of loading, a GiB of data per server"]
+async fn snapshot_save_figures() {
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let keys = env("SNAPSHOT_FIGURES_KEYS", 262_144) as u32;
+    let value_bytes = env("SNAPSHOT_FIGURES_VALUE_BYTES", 4096) as usize;
+    for kind in [Kind::Memory, Kind::Rocks, Kind::Etcd] {
+        // No raft snapshot file of the whole keyspace while loading (memory engine).
+        let server = Server::start_with(
+            kind,
+            &[
+                "--quota-backend-bytes",
+                "8589934592",
+                "--snapshot-count",
+                "10000000",
+            ],
+        )
+        .await;
+        let started = Instant::now();
+        load(&server, keys, value_bytes).await;
+        let loaded_secs = started.elapsed().as_secs_f64();
+        let pid = server.pid().expect("running");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle = rss_kib(pid).expect("rss");
+
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let file = dir.path().join("figures.db");
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut peak = (0, 0);
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Some((anon, file)) = rss_kib(pid) {
+                        peak = (peak.0.max(anon), peak.1.max(file));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                peak
+            })
+        };
+        let started = Instant::now();
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", server.endpoint()))
+            .args(["snapshot", "save"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let save_secs = started.elapsed().as_secs_f64();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let peak = sampler.join().unwrap();
+        support::assert_success(&out);
+        let size = std::fs::metadata(&file).unwrap().len();
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        println!(
+            "{kind:?}: {keys} keys x {value_bytes} B loaded in {loaded_secs:.0} s; snapshot \
+             {:.0} MiB in {save_secs:.1} s = {:.0} MiB/s; RSS anon {:.0} -> peak {:.0} MiB \
+             (+{:.0}), file-backed {:.0} -> peak {:.0} MiB (+{:.0})",
+            size as f64 / 1048576.0,
+            size as f64 / 1048576.0 / save_secs,
+            mib(idle.0),
+            mib(peak.0),
+            mib(peak.0.saturating_sub(idle.0)),
+            mib(idle.1),
+            mib(peak.1),
+            mib(peak.1.saturating_sub(idle.1)),
+        );
+    }
+}

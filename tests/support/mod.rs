@@ -170,6 +170,11 @@ impl Server {
         }
     }
 
+    /// The server process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL the process and wait for it to exit.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -28,6 +28,11 @@ pub const DEFAULT_PAGE_SIZE: usize = 4096;
 const FREELIST_PGID: u64 = 2;
 /// First page free for tree pages.
 const FIRST_DATA_PGID: u64 = 3;
+/// Pages a leaf of large elements (over a quarter page) may span. One such element per page
+/// would waste up to half of each page (a 4 KiB value fills two); packed back to back over
+/// several pages only the last one is partly empty. bbolt reads and rewrites such leaves as it
+/// does those it writes itself (it keeps at least two elements per node, whatever their size).
+const LARGE_LEAF_PAGES: usize = 16;
 
 /// What [`Writer::finish`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +104,7 @@ pub fn plan<E: From<Error>>(
 ) -> Result<Layout, E> {
     let mut discard = std::io::sink();
     let mut w = Writer::tree_pages(&mut discard as &mut dyn Write, page_size)?;
+    w.sink.plan_only = true;
     fill(&mut w)?;
     Ok(w.finish_tree()?.1)
 }
@@ -175,6 +181,7 @@ impl<W: Write> Writer<W> {
                 out,
                 page_size,
                 next_pgid: FIRST_DATA_PGID,
+                plan_only: false,
             },
             root: Vec::new(),
             current: None,
@@ -229,6 +236,7 @@ impl<W: Write> Writer<W> {
             out,
             page_size,
             next_pgid: pages,
+            ..
         } = self.sink;
         Ok((
             out,
@@ -271,15 +279,29 @@ struct Sink<W> {
     out: W,
     page_size: usize,
     next_pgid: u64,
+    /// Only count pages ([`plan`]): their bytes are not made.
+    plan_only: bool,
 }
 
 impl<W: Write> Sink<W> {
-    /// Writes a page (header, then `body`) at the next page id, spanning as many pages as it
-    /// needs, and returns its id.
-    fn write_page(&mut self, flags: u16, count: usize, body: &[u8]) -> Result<u64, Error> {
+    /// Writes a page (header, then `body()`, `body_len` bytes) at the next page id, spanning as
+    /// many pages as it needs, and returns its id.
+    fn write_page(
+        &mut self,
+        flags: u16,
+        count: usize,
+        body_len: usize,
+        body: impl FnOnce() -> Vec<u8>,
+    ) -> Result<u64, Error> {
         let id = self.next_pgid;
-        let len = PAGE_HEADER_SIZE + body.len();
+        let len = PAGE_HEADER_SIZE + body_len;
         let pages = len.div_ceil(self.page_size).max(1);
+        self.next_pgid += pages as u64;
+        if self.plan_only {
+            return Ok(id);
+        }
+        let body = body();
+        debug_assert_eq!(body.len(), body_len);
         let mut page = vec![0u8; pages * self.page_size];
         PageHeader {
             id,
@@ -289,9 +311,8 @@ impl<W: Write> Sink<W> {
             overflow: (pages - 1) as u32,
         }
         .encode(&mut page);
-        page[PAGE_HEADER_SIZE..len].copy_from_slice(body);
+        page[PAGE_HEADER_SIZE..len].copy_from_slice(&body);
         self.out.write_all(&page)?;
-        self.next_pgid += pages as u64;
         Ok(id)
     }
 }
@@ -363,7 +384,12 @@ impl Tree {
         flags: u32,
     ) -> Result<(), Error> {
         let size = LEAF_ELEMENT_SIZE + key.len() + value.len();
-        if !self.leaf.is_empty() && PAGE_HEADER_SIZE + self.leaf_bytes + size > sink.page_size {
+        let limit = if size > sink.page_size / 4 {
+            LARGE_LEAF_PAGES * sink.page_size
+        } else {
+            sink.page_size
+        };
+        if !self.leaf.is_empty() && PAGE_HEADER_SIZE + self.leaf_bytes + size > limit {
             self.write_leaf(sink)?;
         }
         self.leaf_bytes += size;
@@ -373,7 +399,9 @@ impl Tree {
 
     fn write_leaf<W: Write>(&mut self, sink: &mut Sink<W>) -> Result<(), Error> {
         let items = std::mem::take(&mut self.leaf);
-        let id = sink.write_page(LEAF_PAGE, items.len(), &leaf_body(&items))?;
+        let id = sink.write_page(LEAF_PAGE, items.len(), self.leaf_bytes, || {
+            leaf_body(&items)
+        })?;
         let first = items.first().map(|(k, _, _)| k.clone()).unwrap_or_default();
         self.last_written = items.into_iter().last().map(|(k, _, _)| k);
         self.leaves.push((first, id));
@@ -420,14 +448,18 @@ impl Tree {
                 let size = BRANCH_ELEMENT_SIZE + key.len();
                 // at least two children per branch, or long keys would never shrink the level
                 if group.len() >= 2 && PAGE_HEADER_SIZE + group_bytes + size > sink.page_size {
-                    let id = sink.write_page(BRANCH_PAGE, group.len(), &branch_body(&group))?;
+                    let id = sink.write_page(BRANCH_PAGE, group.len(), group_bytes, || {
+                        branch_body(&group)
+                    })?;
                     parents.push((std::mem::take(&mut group)[0].0.clone(), id));
                     group_bytes = 0;
                 }
                 group_bytes += size;
                 group.push((key, pgid));
             }
-            let id = sink.write_page(BRANCH_PAGE, group.len(), &branch_body(&group))?;
+            let id = sink.write_page(BRANCH_PAGE, group.len(), group_bytes, || {
+                branch_body(&group)
+            })?;
             parents.push((group.swap_remove(0).0, id));
             level = parents;
         }
