@@ -104,8 +104,11 @@ enum Source {
     Members,
     /// Removed member ids (8-byte big-endian), keyed by hex id.
     MembersRemoved,
-    /// `clusterVersion`, the version the cluster reports.
-    ClusterVersion,
+    /// Nothing: etcd's `cluster` bucket, left without a `clusterVersion`, as etcd's is until
+    /// its members agree on one. etcd 3.5+ takes a stored version as the cluster's and refuses
+    /// to start below it: MetaStore's API level (3.6) would keep etcd 3.5 from serving the
+    /// restored file, while without one every etcd decides it from its own members.
+    Empty,
 }
 
 /// etcd 3.4's buckets in bbolt's order (by name), and where each one's content comes from.
@@ -114,23 +117,13 @@ const ETCD_BUCKETS: [(&str, Source); 10] = [
     ("auth", Source::Same(metastore_auth::AUTH_BUCKET)),
     ("authRoles", Source::Same(metastore_auth::AUTH_ROLES_BUCKET)),
     ("authUsers", Source::Same(metastore_auth::AUTH_USERS_BUCKET)),
-    ("cluster", Source::ClusterVersion),
+    ("cluster", Source::Empty),
     ("key", Source::Same(metastore_mvcc::KEY_BUCKET)),
     ("lease", Source::Same(metastore_lease::LEASE_BUCKET)),
     ("members", Source::Members),
     ("members_removed", Source::MembersRemoved),
     ("meta", Source::Same(metastore_mvcc::META_BUCKET)),
 ];
-
-/// The version etcd's clusters report, as `clusterVersion` holds it: major.minor of the API
-/// MetaStore implements, patch 0.
-pub fn cluster_version() -> String {
-    let mut parts = crate::ETCD_API_VERSION.split('.');
-    match (parts.next(), parts.next()) {
-        (Some(major), Some(minor)) => format!("{major}.{minor}.0"),
-        _ => crate::ETCD_API_VERSION.to_string(),
-    }
-}
 
 /// Start streaming a consistent snapshot of `backend` (the state machine's buckets) as etcd's
 /// database. As etcd 3.6's, the messages carry no header and every one names the storage
@@ -285,10 +278,7 @@ fn fill_etcd_buckets(
                     w.put(key.as_bytes(), &value)?;
                 }
             }
-            Source::ClusterVersion => w.put(
-                etcd_schema::CLUSTER_VERSION_KEY,
-                cluster_version().as_bytes(),
-            )?,
+            Source::Empty => {}
         }
     }
     Ok(())
@@ -564,7 +554,7 @@ mod tests {
                 Source::Same(b) => Some(*b),
                 Source::Members => Some(metastore_state_machine::MEMBERS_BUCKET),
                 Source::MembersRemoved => Some(metastore_state_machine::MEMBERS_REMOVED_BUCKET),
-                Source::ClusterVersion => None,
+                Source::Empty => None,
             })
             .collect();
         exported.sort_unstable();
@@ -697,10 +687,7 @@ mod tests {
             pairs("members_removed"),
             vec![(b"2a".to_vec(), b"removed".to_vec())]
         );
-        assert_eq!(
-            pairs("cluster"),
-            vec![(b"clusterVersion".to_vec(), b"3.6.0".to_vec())]
-        );
+        assert_eq!(pairs("cluster"), vec![]);
         let status = metastore_bbolt::status::snapshot_status(&file).unwrap();
         assert_eq!(status.revision, 4001);
         assert_eq!(status.total_size, db.len() as u64);

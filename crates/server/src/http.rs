@@ -86,7 +86,12 @@ fn probes(router: Router<HttpState>) -> Router<HttpState> {
 
 /// The version etcd's clusters report: major.minor of the server's, patch 0.
 pub fn cluster_version() -> String {
-    metastore_maintenance_api::snapshot::cluster_version()
+    let version = metastore_maintenance_api::ETCD_API_VERSION;
+    let mut parts = version.split('.');
+    match (parts.next(), parts.next()) {
+        (Some(major), Some(minor)) => format!("{major}.{minor}.0"),
+        _ => version.to_string(),
+    }
 }
 
 /// A plain-text answer as Go's `http.Error` writes it (text, newline, `nosniff`).
