@@ -2,7 +2,7 @@
 //!
 //! Owns: a reader ([`Db`]: both metas checked, pages read on demand, buckets iterated in key
 //! order, bbolt's consistency check), a streaming writer ([`Writer`]: buckets in key order in,
-//! a bbolt file out, memory bounded by the number of pages), the SHA-256 trailer etcd's Snapshot
+//! a bbolt file out, memory about a page per tree level), the SHA-256 trailer etcd's Snapshot
 //! RPC appends ([`trailer`]), etcd's bucket layout and encodings ([`etcd_schema`]) and the
 //! figures `etcdctl snapshot status` prints ([`status`]).
 //!

@@ -1,8 +1,8 @@
 //! Writing a bbolt file in one pass from buckets given in key order.
 //!
-//! Leaf pages are written as they fill, then the branch pages above them; only the first key and
-//! page id of each written page are kept until its bucket ends, so memory grows with the number of
-//! pages, not with the data. The file is laid out as bbolt lays out a fresh database: metas on
+//! Leaf pages are written as they fill, and so are the branch pages above them (a written page's
+//! first key and id go to the branch page being filled one level up), so memory is about one page
+//! per tree level, whatever the data size. The file is laid out as bbolt lays out a fresh database: metas on
 //! pages 0 and 1, the (empty) freelist on page 2, tree pages after it, every page below the
 //! high-water mark reachable — so `tx.Check()` finds nothing unreachable or unfreed.
 //!
@@ -355,17 +355,30 @@ fn branch_body(children: &[(Vec<u8>, u64)]) -> Vec<u8> {
     body
 }
 
-/// One bucket's B+tree being built bottom-up.
+/// One bucket's B+tree being built bottom-up, as its keys arrive: a leaf is written when full,
+/// and its first key and page id go to the branch level above, whose page is written when full
+/// in turn. Memory is one page per level, whatever the bucket's size.
 #[derive(Default)]
 struct Tree {
     /// The leaf being filled: key, value, leaf flags.
     leaf: Vec<(Vec<u8>, Vec<u8>, u32)>,
     /// Bytes of `leaf`'s elements and data.
     leaf_bytes: usize,
-    /// Written leaves: first key and page id.
-    leaves: Vec<(Vec<u8>, u64)>,
+    /// The branch page being filled at each level, leaves' parents first.
+    levels: Vec<Level>,
     /// The last key added, once its leaf is written.
     last_written: Option<Vec<u8>>,
+}
+
+/// A branch page being filled.
+#[derive(Default)]
+struct Level {
+    /// Children: first key and page id.
+    children: Vec<(Vec<u8>, u64)>,
+    /// Bytes of their elements and keys.
+    bytes: usize,
+    /// Whether a page of this level was written already.
+    written: bool,
 }
 
 impl Tree {
@@ -404,15 +417,55 @@ impl Tree {
         })?;
         let first = items.first().map(|(k, _, _)| k.clone()).unwrap_or_default();
         self.last_written = items.into_iter().last().map(|(k, _, _)| k);
-        self.leaves.push((first, id));
         self.leaf_bytes = 0;
+        self.add_child(sink, 0, first, id)
+    }
+
+    /// Adds a written page to the branch page being filled at `level`, writing that one first
+    /// when the child would not fit.
+    fn add_child<W: Write>(
+        &mut self,
+        sink: &mut Sink<W>,
+        level: usize,
+        key: Vec<u8>,
+        pgid: u64,
+    ) -> Result<(), Error> {
+        if self.levels.len() == level {
+            self.levels.push(Level::default());
+        }
+        let size = BRANCH_ELEMENT_SIZE + key.len();
+        let node = &self.levels[level];
+        // at least two children per branch, or long keys would never shrink the level
+        if node.children.len() >= 2 && PAGE_HEADER_SIZE + node.bytes + size > sink.page_size {
+            self.write_branch(sink, level)?;
+        }
+        let node = &mut self.levels[level];
+        node.bytes += size;
+        node.children.push((key, pgid));
         Ok(())
+    }
+
+    /// Writes the branch page being filled at `level` and adds it to the level above.
+    fn write_branch<W: Write>(&mut self, sink: &mut Sink<W>, level: usize) -> Result<(), Error> {
+        let node = &mut self.levels[level];
+        let children = std::mem::take(&mut node.children);
+        let bytes = std::mem::take(&mut node.bytes);
+        node.written = true;
+        let id = sink.write_page(BRANCH_PAGE, children.len(), bytes, || {
+            branch_body(&children)
+        })?;
+        let first = children
+            .into_iter()
+            .next()
+            .map(|(k, _)| k)
+            .unwrap_or_default();
+        self.add_child(sink, level + 1, first, id)
     }
 
     /// The bucket's value in its parent: inline (as bbolt stores a bucket whose single leaf
     /// fits in a quarter page), or a header pointing at the tree's root page.
     fn finish_bucket<W: Write>(self, sink: &mut Sink<W>) -> Result<Vec<u8>, Error> {
-        let inline = self.leaves.is_empty()
+        let inline = self.levels.is_empty()
             && PAGE_HEADER_SIZE + self.leaf_bytes <= sink.page_size / 4
             && self.leaf.iter().all(|(_, _, f)| f & BUCKET_LEAF_FLAG == 0);
         let mut value = vec![0u8; BUCKET_HEADER_SIZE];
@@ -434,35 +487,20 @@ impl Tree {
         Ok(value)
     }
 
-    /// Writes the last leaf and the branch levels above the leaves; returns the root page.
+    /// Writes the last leaf and what is left of each branch level; returns the root page: the
+    /// only child of the top level when that level never filled a page.
     fn finish_tree<W: Write>(mut self, sink: &mut Sink<W>) -> Result<u64, Error> {
-        if !self.leaf.is_empty() || self.leaves.is_empty() {
+        if !self.leaf.is_empty() || self.levels.is_empty() {
             self.write_leaf(sink)?;
         }
-        let mut level = self.leaves;
-        while level.len() > 1 {
-            let mut parents = Vec::new();
-            let mut group: Vec<(Vec<u8>, u64)> = Vec::new();
-            let mut group_bytes = 0;
-            for (key, pgid) in level {
-                let size = BRANCH_ELEMENT_SIZE + key.len();
-                // at least two children per branch, or long keys would never shrink the level
-                if group.len() >= 2 && PAGE_HEADER_SIZE + group_bytes + size > sink.page_size {
-                    let id = sink.write_page(BRANCH_PAGE, group.len(), group_bytes, || {
-                        branch_body(&group)
-                    })?;
-                    parents.push((std::mem::take(&mut group)[0].0.clone(), id));
-                    group_bytes = 0;
-                }
-                group_bytes += size;
-                group.push((key, pgid));
+        let mut level = 0;
+        loop {
+            let node = &self.levels[level];
+            if level + 1 == self.levels.len() && !node.written && node.children.len() == 1 {
+                return Ok(node.children[0].1);
             }
-            let id = sink.write_page(BRANCH_PAGE, group.len(), group_bytes, || {
-                branch_body(&group)
-            })?;
-            parents.push((group.swap_remove(0).0, id));
-            level = parents;
+            self.write_branch(sink, level)?;
+            level += 1;
         }
-        Ok(level[0].1)
     }
 }

@@ -26,8 +26,8 @@
 //! first pass ([`metastore_bbolt::plan`]) only lays the pages out, so the first message can carry
 //! the metas (which name the root page and the page count) and every message an exact
 //! `remaining_bytes`; the second ([`metastore_bbolt::emit`]) sends the pages, in order, through
-//! a bounded channel. Memory stays a few messages plus the writer's page index (a first key and a
-//! page id per page of the bucket being written), whatever the data size.
+//! a bounded channel. Memory stays a few messages plus the writer's pages being filled (about one
+//! per tree level), whatever the data size.
 //!
 //! Files saved before issue 21 hold MetaStore's own format (`storage::snapshot_format` export,
 //! zero padding to 512 bytes, SHA-256); [`import_file`] and [`status`] still read them.
