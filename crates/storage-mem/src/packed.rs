@@ -31,13 +31,11 @@ struct Block {
 }
 
 impl Clone for Block {
-    /// A copy keeps room to grow to [`BLOCK_BYTES`], so that appending to a copied block (the
-    /// common case: a reader held the last block) does not double its allocation.
+    /// A copy is exactly as large as its pairs; an append to it grows it to [`BLOCK_BYTES`] in
+    /// one step ([`Block::insert_at`]), not by doubling.
     fn clone(&self) -> Self {
-        let mut data = Vec::with_capacity(self.data.len().max(BLOCK_BYTES));
-        data.extend_from_slice(&self.data);
         Block {
-            data,
+            data: self.data.clone(),
             starts: self.starts.clone(),
         }
     }
@@ -48,9 +46,18 @@ fn pair_bytes(key: &[u8], value: &[u8]) -> usize {
 }
 
 impl Block {
+    /// A block of one pair. One that takes more than half a block will be alone in it (the
+    /// next append does not fit), so it gets exactly its size: a 4 KiB value in an 8 KiB block
+    /// wasted half the memory engine's RSS.
     fn with_pair(key: &[u8], value: &[u8]) -> Block {
+        let size = pair_bytes(key, value);
+        let capacity = if size > BLOCK_BYTES / 2 {
+            size
+        } else {
+            BLOCK_BYTES
+        };
         let mut block = Block {
-            data: Vec::with_capacity(pair_bytes(key, value).max(BLOCK_BYTES)),
+            data: Vec::with_capacity(capacity),
             starts: Vec::new(),
         };
         block.insert_at(0, key, value);
@@ -109,8 +116,12 @@ impl Block {
             value,
         ];
         if at == self.data.len() {
-            // An append (every MVCC revision key): no temporary copy, no tail to move.
-            self.data.reserve(size);
+            // An append (every MVCC revision key): no temporary copy, no tail to move. A block
+            // that must grow grows to a whole block at once (or exactly, past one).
+            if self.data.capacity() - self.data.len() < size {
+                let want = (self.data.len() + size).max(BLOCK_BYTES);
+                self.data.reserve_exact(want - self.data.len());
+            }
             for part in parts {
                 self.data.extend_from_slice(part);
             }
@@ -384,6 +395,32 @@ mod tests {
         let per_block = BLOCK_BYTES / pair_bytes(&[0; 8], &value);
         assert_eq!(map.blocks.len(), 10_000usize.div_ceil(per_block));
         for (_, block) in map.blocks.iter() {
+            assert!(
+                block.data.capacity() <= BLOCK_BYTES,
+                "{}",
+                block.data.capacity()
+            );
+        }
+    }
+
+    #[test]
+    fn large_pairs_take_their_size_not_a_whole_block() {
+        let mut map = PackedMap::default();
+        let value = [7u8; 4200];
+        for i in 0..1_000u64 {
+            map.insert(&i.to_be_bytes(), &value);
+        }
+        let data: usize = map.blocks.iter().map(|(_, b)| b.data.len()).sum();
+        let capacity: usize = map.blocks.iter().map(|(_, b)| b.data.capacity()).sum();
+        assert_eq!(data, 1_000 * pair_bytes(&[0; 8], &value));
+        assert!(
+            capacity <= data + data / 20,
+            "{capacity} bytes allocated for {data} bytes of pairs"
+        );
+        // A copy of a shared block is exact too, and an append grows it to one block.
+        let mut copy = map.clone();
+        copy.insert(&1_000u64.to_be_bytes(), b"small");
+        for (_, block) in copy.blocks.iter() {
             assert!(
                 block.data.capacity() <= BLOCK_BYTES,
                 "{}",
