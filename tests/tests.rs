@@ -21,6 +21,7 @@ mod http;
 mod kv_differential;
 mod lock_election;
 mod maintenance;
+mod migration;
 mod operations;
 mod snapshot_export;
 mod tls;
