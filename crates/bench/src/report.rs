@@ -45,6 +45,47 @@ impl Latencies {
     }
 }
 
+/// The percentiles `--json` lists in `percentiles_ms` (0: the fastest, 100: the slowest): enough
+/// points for a latency CDF (`cargo xtask bench` plots the one of put at 100 clients), denser in
+/// the tail.
+pub(crate) const PERCENTILES: [f64; 17] = [
+    0.0, 1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9,
+    100.0,
+];
+
+fn ms(micros: u64) -> f64 {
+    micros as f64 / 1000.0
+}
+
+/// The one-line JSON summary of `--json`.
+fn json_summary(
+    global: &Global,
+    h: &Histogram<u64>,
+    errors: u64,
+    elapsed: f64,
+    rps: f64,
+) -> String {
+    let percentiles: Vec<String> = PERCENTILES
+        .iter()
+        .map(|p| format!("[{p},{:.3}]", ms(h.value_at_quantile(p / 100.0))))
+        .collect();
+    format!(
+        "{{\"requests\":{},\"errors\":{errors},\"seconds\":{elapsed:.3},\"requests_per_sec\":{rps:.1},\
+\"avg_ms\":{:.3},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\
+\"percentiles_ms\":[{}],\"clients\":{},\"conns\":{}}}",
+        h.len(),
+        h.mean() / 1000.0,
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.9)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999)),
+        ms(h.max()),
+        percentiles.join(","),
+        global.clients,
+        global.conns,
+    )
+}
+
 pub(crate) fn report(
     global: &Global,
     h: &Histogram<u64>,
@@ -53,26 +94,13 @@ pub(crate) fn report(
     elapsed: f64,
 ) {
     let ok = h.len();
-    let ms = |micros: u64| micros as f64 / 1000.0;
     let rps = if elapsed > 0.0 {
         ok as f64 / elapsed
     } else {
         0.0
     };
     if global.json {
-        println!(
-            "{{\"requests\":{ok},\"errors\":{errors},\"seconds\":{elapsed:.3},\"requests_per_sec\":{rps:.1},\
-\"avg_ms\":{:.3},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\
-\"clients\":{},\"conns\":{}}}",
-            h.mean() / 1000.0,
-            ms(h.value_at_quantile(0.5)),
-            ms(h.value_at_quantile(0.9)),
-            ms(h.value_at_quantile(0.99)),
-            ms(h.value_at_quantile(0.999)),
-            ms(h.max()),
-            global.clients,
-            global.conns,
-        );
+        println!("{}", json_summary(global, h, errors, elapsed, rps));
         return;
     }
     println!("Summary:");
@@ -88,5 +116,41 @@ pub(crate) fn report(
     }
     if let Some(e) = first_error {
         println!("\nFirst error: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn json_summary_lists_the_percentiles_of_the_recorded_latencies() {
+        let cli = crate::cli::Cli::try_parse_from(["metastore-bench", "--json", "put"]).unwrap();
+        let mut h = latency_histogram();
+        // 1 ms to 100 ms, one request each.
+        for ms in 1..=100u64 {
+            h.record(ms * 1000).unwrap();
+        }
+        let line = json_summary(&cli.global, &h, 0, 2.0, 50.0);
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(json["requests"], 100);
+        let points = json["percentiles_ms"].as_array().unwrap();
+        assert_eq!(points.len(), PERCENTILES.len());
+        let at = |percent: f64| {
+            let point = points
+                .iter()
+                .find(|p| p[0].as_f64() == Some(percent))
+                .unwrap_or_else(|| panic!("no {percent} in {line}"));
+            point[1].as_f64().unwrap()
+        };
+        // The histogram keeps 3 significant digits.
+        for (percent, want_ms) in [(0.0, 1.0), (50.0, 50.0), (99.0, 99.0), (100.0, 100.0)] {
+            let got = at(percent);
+            assert!(
+                (got - want_ms).abs() <= want_ms * 0.001,
+                "p{percent}: {got} ms, not {want_ms}"
+            );
+        }
     }
 }
