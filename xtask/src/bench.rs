@@ -5,7 +5,8 @@
 //! (etcd, MetaStore memory, MetaStore RocksDB) with fsync on, runs each standard workload with
 //! `metastore-bench` against the three in turn, records each member's peak RSS and the data
 //! directories' size, stops them, and writes `bench/results/<date>.md` with MetaStore/etcd
-//! ratios. Every server gets the same flags (etcd's names).
+//! ratios and the latency distribution of put at 100 clients, then the SVG charts drawn from it
+//! (`bench_charts.rs`) beside it. Every server gets the same flags (etcd's names).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    cargo, check_release_size, ensure, status, target_dir, workspace_root, CXX, ETCD, ETCDCTL,
-    LIBCLANG,
+    bench_charts, cargo, check_release_size, ensure, status, target_dir, workspace_root, CXX, ETCD,
+    ETCDCTL, LIBCLANG,
 };
 
 #[derive(Clone, Copy, PartialEq)]
@@ -199,6 +200,8 @@ struct Measured {
     per_sec: f64,
     p99_ms: f64,
     errors: u64,
+    /// `(percentile, ms)` pairs of the latency distribution, ascending.
+    percentiles: Vec<(f64, f64)>,
 }
 
 fn json_number(json: &str, field: &str) -> Option<f64> {
@@ -209,6 +212,24 @@ fn json_number(json: &str, field: &str) -> Option<f64> {
         .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == '-' || *c == 'e')
         .collect();
     text.parse().ok()
+}
+
+/// The `[[percentile,ms],…]` array `field` of a `metastore-bench --json` line (empty if absent).
+fn json_pairs(json: &str, field: &str) -> Vec<(f64, f64)> {
+    let tag = format!("\"{field}\":[");
+    let Some(start) = json.find(&tag).map(|i| i + tag.len()) else {
+        return Vec::new();
+    };
+    let Some(len) = json[start..].find("]]") else {
+        return Vec::new();
+    };
+    json[start..start + len]
+        .split("],")
+        .filter_map(|pair| {
+            let (p, ms) = pair.trim_start_matches('[').split_once(',')?;
+            Some((p.trim().parse().ok()?, ms.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 struct Cluster {
@@ -397,6 +418,7 @@ fn run_workload(bin: &Path, endpoints: &[String], w: &Workload) -> Result<Measur
         per_sec: json_number(&json, "requests_per_sec").context("no throughput in bench output")?,
         p99_ms: json_number(&json, "p99_ms").unwrap_or(f64::NAN),
         errors: json_number(&json, "errors").unwrap_or(0.0) as u64,
+        percentiles: json_pairs(&json, "percentiles_ms"),
     })
 }
 
@@ -470,6 +492,11 @@ pub fn bench(args: &[String]) -> Result<()> {
         "Machine: {cpu}, {cores} cores; {etcd_version}. Command: `cargo xtask bench{}`.",
         if quick { " --quick" } else { "" }
     )?;
+    let md_file = workspace_root()
+        .join("bench")
+        .join("results")
+        .join(format!("{date}.md"));
+    let mut has_distribution = false;
     writeln!(report, "Every server runs with fsync, members on loopback, the load generator on the same machine (its runtime has twice as many threads as there are cores, see `metastore-bench --help`). 8-byte keys, 256-byte values. The three servers of a topology run side by side, each idle while another is measured, and every workload runs against the three in turn (rotating which goes first), so that the machine's speed drifting during the run affects all three alike. With 3 members, one client talks to the leader (`--target-leader`); more clients are spread over all members. Ratios are MetaStore / etcd (throughput: higher is better; p99: lower is better).\n")?;
 
     for members in [1usize, 3] {
@@ -478,7 +505,7 @@ pub fn bench(args: &[String]) -> Result<()> {
             "## {members} member{}\n",
             if members > 1 { "s" } else { "" }
         )?;
-        writeln!(report, "| workload | etcd req/s | memory req/s | ratio | rocksdb req/s | ratio | p99 ms etcd / memory / rocksdb |")?;
+        writeln!(report, "{}", bench_charts::WORKLOAD_HEADER)?;
         writeln!(report, "|---|---|---|---|---|---|---|")?;
         // The three servers run side by side and each workload runs against each of them in
         // turn, rotating which goes first: the machine's speed drifts over minutes on shared
@@ -549,6 +576,27 @@ pub fn bench(args: &[String]) -> Result<()> {
             )?;
         }
         writeln!(report)?;
+        // The latency distribution the CDF chart draws.
+        if let Some(i) = workloads
+            .iter()
+            .position(|w| w.label == bench_charts::CDF_WORKLOAD)
+        {
+            let [e, m, r] = [&rows[i][0], &rows[i][1], &rows[i][2]].map(|x| &x.percentiles);
+            if !e.is_empty() && e.len() == m.len() && e.len() == r.len() {
+                writeln!(
+                    report,
+                    "Latency distribution of {}:\n",
+                    bench_charts::CDF_WORKLOAD
+                )?;
+                writeln!(report, "{}", bench_charts::PERCENTILE_HEADER)?;
+                writeln!(report, "|---|---|---|---|")?;
+                for ((p, e), ((_, m), (_, r))) in e.iter().zip(m.iter().zip(r)) {
+                    writeln!(report, "| {p} | {e:.3} | {m:.3} | {r:.3} |")?;
+                }
+                writeln!(report)?;
+                has_distribution = true;
+            }
+        }
         writeln!(
             report,
             "| server | peak RSS per member (MB) | data on disk, all members (MB) |"
@@ -627,12 +675,43 @@ pub fn bench(args: &[String]) -> Result<()> {
     writeln!(report)?;
     writeln!(report, "The watch row counts events delivered per second; its p99 is the delay from sending a put to each watcher receiving its event. RSS and restart ratios are MetaStore / etcd (lower is better).")?;
 
-    let dir = workspace_root().join("bench").join("results");
-    std::fs::create_dir_all(&dir)?;
-    let file = dir.join(format!("{date}.md"));
-    std::fs::write(&file, &report)?;
+    // The charts drawn from this report's tables once it is written (bench_charts.rs).
+    writeln!(report, "\n## Charts\n")?;
+    let [throughput, p99, cdf] = bench_charts::chart_files(&md_file);
+    let mut charts = vec![throughput, p99];
+    if has_distribution {
+        charts.push(cdf);
+    }
+    for (title, chart) in charts {
+        let name = chart.file_name().unwrap_or_default().to_string_lossy();
+        writeln!(report, "![{title}]({name})\n")?;
+    }
+
+    if let Some(dir) = md_file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&md_file, &report)?;
     let _ = std::fs::remove_dir_all(&work);
     println!("{report}");
-    eprintln!("xtask bench: wrote {}", file.display());
+    eprintln!("xtask bench: wrote {}", md_file.display());
+    for chart in bench_charts::write_charts(&md_file)? {
+        eprintln!("xtask bench: wrote {}", chart.display());
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_percentiles_of_a_bench_line() {
+        let line = "{\"requests\":100,\"p99_ms\":4.500,\"percentiles_ms\":[[0,0.210],[50,1.400],[99.9,12.000],[100,15.100]],\"clients\":100}";
+        assert_eq!(
+            json_pairs(line, "percentiles_ms"),
+            [(0.0, 0.21), (50.0, 1.4), (99.9, 12.0), (100.0, 15.1)]
+        );
+        assert_eq!(json_number(line, "p99_ms"), Some(4.5));
+        assert!(json_pairs("{\"requests\":1}", "percentiles_ms").is_empty());
+    }
 }

@@ -9,7 +9,8 @@
 //!   differential and client tests), then run every test of the workspace.
 //! - `ci`: formatting check, clippy with `-D warnings`, `cargo deny`, then `test`.
 //! - `bench [--quick]`: MetaStore (both engines) beside etcd, 1 and 3 members, written to
-//!   `bench/results/<date>.md` (see `bench.rs`).
+//!   `bench/results/<date>.md` (see `bench.rs`) with SVG charts beside it (`bench_charts.rs`).
+//! - `bench-charts REPORT.md…`: draw the charts of reports written before.
 //!
 //! Prerequisites are looked for the way the build and the tests look for them (`prereq.rs`).
 //! Missing Debian packages are installed when running as root on Debian/Ubuntu; otherwise xtask
@@ -22,6 +23,7 @@ use std::process::{Command, ExitCode, Stdio};
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod bench_charts;
 mod prereq;
 
 use prereq::{ensure, CXX, ETCD, ETCDCTL, LIBCLANG, PROMTOOL};
@@ -34,8 +36,9 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("ci") => ci(),
         Some("bench") => bench::bench(&args[1..]),
+        Some("bench-charts") => bench_charts::bench_charts(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <run [--] [server flags…] | size | test [test filter…] | ci | bench [--quick]>");
+            eprintln!("usage: cargo xtask <run [--] [server flags…] | size | test [test filter…] | ci | bench [--quick] | bench-charts REPORT.md…>");
             return ExitCode::from(2);
         }
     };
