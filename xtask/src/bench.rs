@@ -448,6 +448,58 @@ fn dir_size(path: &Path) -> u64 {
         .sum()
 }
 
+/// The workload table of one topology (`rows[workload][server]`, servers in `SERVERS` order),
+/// then the latency distribution of [`bench_charts::CDF_WORKLOAD`] when every server reported
+/// one: the tables [`bench_charts::parse_report`] reads. True if the distribution was written.
+fn write_results(
+    report: &mut String,
+    workloads: &[Workload],
+    rows: &[Vec<Measured>],
+) -> Result<bool> {
+    writeln!(report, "{}", bench_charts::WORKLOAD_HEADER)?;
+    writeln!(report, "|---|---|---|---|---|---|---|")?;
+    let mut written = false;
+    for (w, measured) in workloads.iter().zip(rows) {
+        let (e, m, r) = (&measured[0], &measured[1], &measured[2]);
+        writeln!(
+            report,
+            "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.1} / {:.1} / {:.1} |",
+            w.label,
+            e.per_sec,
+            m.per_sec,
+            m.per_sec / e.per_sec,
+            r.per_sec,
+            r.per_sec / e.per_sec,
+            e.p99_ms,
+            m.p99_ms,
+            r.p99_ms
+        )?;
+    }
+    writeln!(report)?;
+    // The latency distribution the CDF chart draws.
+    if let Some(i) = workloads
+        .iter()
+        .position(|w| w.label == bench_charts::CDF_WORKLOAD)
+    {
+        let [e, m, r] = [&rows[i][0], &rows[i][1], &rows[i][2]].map(|x| &x.percentiles);
+        if !e.is_empty() && e.len() == m.len() && e.len() == r.len() {
+            writeln!(
+                report,
+                "Latency distribution of {}:\n",
+                bench_charts::CDF_WORKLOAD
+            )?;
+            writeln!(report, "{}", bench_charts::PERCENTILE_HEADER)?;
+            writeln!(report, "|---|---|---|---|")?;
+            for ((p, e), ((_, m), (_, r))) in e.iter().zip(m.iter().zip(r)) {
+                writeln!(report, "| {p} | {e:.3} | {m:.3} | {r:.3} |")?;
+            }
+            writeln!(report)?;
+            written = true;
+        }
+    }
+    Ok(written)
+}
+
 /// `cargo xtask bench [--quick]`.
 pub fn bench(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
@@ -505,8 +557,6 @@ pub fn bench(args: &[String]) -> Result<()> {
             "## {members} member{}\n",
             if members > 1 { "s" } else { "" }
         )?;
-        writeln!(report, "{}", bench_charts::WORKLOAD_HEADER)?;
-        writeln!(report, "|---|---|---|---|---|---|---|")?;
         // The three servers run side by side and each workload runs against each of them in
         // turn, rotating which goes first: the machine's speed drifts over minutes on shared
         // cores, and measuring etcd and MetaStore seconds apart keeps that drift out of the
@@ -559,44 +609,7 @@ pub fn bench(args: &[String]) -> Result<()> {
             .into_iter()
             .map(|row| row.into_iter().flatten().collect())
             .collect();
-        for (w, measured) in workloads.iter().zip(&rows) {
-            let (e, m, r) = (&measured[0], &measured[1], &measured[2]);
-            writeln!(
-                report,
-                "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.1} / {:.1} / {:.1} |",
-                w.label,
-                e.per_sec,
-                m.per_sec,
-                m.per_sec / e.per_sec,
-                r.per_sec,
-                r.per_sec / e.per_sec,
-                e.p99_ms,
-                m.p99_ms,
-                r.p99_ms
-            )?;
-        }
-        writeln!(report)?;
-        // The latency distribution the CDF chart draws.
-        if let Some(i) = workloads
-            .iter()
-            .position(|w| w.label == bench_charts::CDF_WORKLOAD)
-        {
-            let [e, m, r] = [&rows[i][0], &rows[i][1], &rows[i][2]].map(|x| &x.percentiles);
-            if !e.is_empty() && e.len() == m.len() && e.len() == r.len() {
-                writeln!(
-                    report,
-                    "Latency distribution of {}:\n",
-                    bench_charts::CDF_WORKLOAD
-                )?;
-                writeln!(report, "{}", bench_charts::PERCENTILE_HEADER)?;
-                writeln!(report, "|---|---|---|---|")?;
-                for ((p, e), ((_, m), (_, r))) in e.iter().zip(m.iter().zip(r)) {
-                    writeln!(report, "| {p} | {e:.3} | {m:.3} | {r:.3} |")?;
-                }
-                writeln!(report)?;
-                has_distribution = true;
-            }
-        }
+        has_distribution |= write_results(&mut report, &workloads, &rows)?;
         writeln!(
             report,
             "| server | peak RSS per member (MB) | data on disk, all members (MB) |"
@@ -713,5 +726,57 @@ mod tests {
         );
         assert_eq!(json_number(line, "p99_ms"), Some(4.5));
         assert!(json_pairs("{\"requests\":1}", "percentiles_ms").is_empty());
+    }
+
+    /// What `bench` writes for a topology is what the charts read back.
+    #[test]
+    fn the_charts_read_the_tables_bench_writes() {
+        let measured = |per_sec: f64, p99_ms: f64| Measured {
+            per_sec,
+            p99_ms,
+            errors: 0,
+            percentiles: vec![(0.0, p99_ms / 10.0), (50.0, p99_ms / 3.0), (99.0, p99_ms)],
+        };
+        let workloads = workloads(true);
+        let rows: Vec<Vec<Measured>> = (0..workloads.len())
+            .map(|i| {
+                let i = i as f64;
+                vec![
+                    measured(1000.0 + i, 10.0 + i),
+                    measured(2000.0 + i, 4.0 + i),
+                    measured(3000.0 + i, 5.0 + i),
+                ]
+            })
+            .collect();
+        let mut report = String::from("# report\n\n## 3 members\n\n");
+        assert!(write_results(&mut report, &workloads, &rows).unwrap());
+        let topologies = bench_charts::parse_report(&report).unwrap();
+        assert_eq!(topologies.len(), 1);
+        let t = &topologies[0];
+        assert_eq!(t.title, "3 members");
+        assert_eq!(t.rows.len(), workloads.len());
+        let put = workloads
+            .iter()
+            .position(|w| w.label == bench_charts::CDF_WORKLOAD)
+            .unwrap();
+        assert_eq!(t.rows[put].label, bench_charts::CDF_WORKLOAD);
+        let p = put as f64;
+        assert_eq!(t.rows[put].per_sec, [1000.0 + p, 2000.0 + p, 3000.0 + p]);
+        assert_eq!(t.rows[put].p99_ms, [10.0 + p, 4.0 + p, 5.0 + p]);
+        assert_eq!(t.percentiles.len(), 3);
+        assert_eq!(t.percentiles[2], (99.0, [10.0 + p, 4.0 + p, 5.0 + p]));
+        assert!(bench_charts::cdf_svg(&topologies).unwrap().is_some());
+
+        // Without a distribution (an older metastore-bench), no table and no CDF.
+        let mut bare = rows;
+        for row in &mut bare {
+            for m in row {
+                m.percentiles.clear();
+            }
+        }
+        let mut report = String::from("## 1 member\n\n");
+        assert!(!write_results(&mut report, &workloads, &bare).unwrap());
+        let topologies = bench_charts::parse_report(&report).unwrap();
+        assert!(bench_charts::cdf_svg(&topologies).unwrap().is_none());
     }
 }
