@@ -45,12 +45,28 @@ impl Latencies {
     }
 }
 
-/// The percentiles `--json` lists in `percentiles_ms` (0: the fastest, 100: the slowest): enough
-/// points for a latency CDF (`cargo xtask bench` plots the one of put at 100 clients), denser in
-/// the tail.
-pub(crate) const PERCENTILES: [f64; 17] = [
-    0.0, 1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9,
-    100.0,
+/// The percentiles `--json` lists in `percentiles_ms` (0: the fastest, 100: the slowest), each
+/// with its quantile written out (99.9 / 100 is not 0.999 in floating point, and the histogram
+/// would answer the next bucket): enough points for a latency CDF (`cargo xtask bench` plots the
+/// one of put at 100 clients), denser in the tail.
+pub(crate) const PERCENTILES: [(f64, f64); 17] = [
+    (0.0, 0.0),
+    (1.0, 0.01),
+    (5.0, 0.05),
+    (10.0, 0.1),
+    (20.0, 0.2),
+    (30.0, 0.3),
+    (40.0, 0.4),
+    (50.0, 0.5),
+    (60.0, 0.6),
+    (70.0, 0.7),
+    (80.0, 0.8),
+    (90.0, 0.9),
+    (95.0, 0.95),
+    (99.0, 0.99),
+    (99.5, 0.995),
+    (99.9, 0.999),
+    (100.0, 1.0),
 ];
 
 fn ms(micros: u64) -> f64 {
@@ -67,7 +83,7 @@ fn json_summary(
 ) -> String {
     let percentiles: Vec<String> = PERCENTILES
         .iter()
-        .map(|p| format!("[{p},{:.3}]", ms(h.value_at_quantile(p / 100.0))))
+        .map(|(percent, q)| format!("[{percent},{:.3}]", ms(h.value_at_quantile(*q))))
         .collect();
     format!(
         "{{\"requests\":{},\"errors\":{errors},\"seconds\":{elapsed:.3},\"requests_per_sec\":{rps:.1},\
@@ -128,13 +144,13 @@ mod tests {
     fn json_summary_lists_the_percentiles_of_the_recorded_latencies() {
         let cli = crate::cli::Cli::try_parse_from(["metastore-bench", "--json", "put"]).unwrap();
         let mut h = latency_histogram();
-        // 1 ms to 100 ms, one request each.
-        for ms in 1..=100u64 {
+        // 1 ms to 1000 ms, one request each.
+        for ms in 1..=1000u64 {
             h.record(ms * 1000).unwrap();
         }
         let line = json_summary(&cli.global, &h, 0, 2.0, 50.0);
         let json: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(json["requests"], 100);
+        assert_eq!(json["requests"], 1000);
         let points = json["percentiles_ms"].as_array().unwrap();
         assert_eq!(points.len(), PERCENTILES.len());
         let at = |percent: f64| {
@@ -144,8 +160,13 @@ mod tests {
                 .unwrap_or_else(|| panic!("no {percent} in {line}"));
             point[1].as_f64().unwrap()
         };
+        // The same figures as the named fields.
+        for (percent, field) in [(50.0, "p50_ms"), (99.0, "p99_ms"), (99.9, "p999_ms")] {
+            assert_eq!(Some(at(percent)), json[field].as_f64(), "{line}");
+        }
         // The histogram keeps 3 significant digits.
-        for (percent, want_ms) in [(0.0, 1.0), (50.0, 50.0), (99.0, 99.0), (100.0, 100.0)] {
+        let expected = [(0.0, 1.0), (50.0, 500.0), (99.9, 999.0), (100.0, 1000.0)];
+        for (percent, want_ms) in expected {
             let got = at(percent);
             assert!(
                 (got - want_ms).abs() <= want_ms * 0.001,
