@@ -11,7 +11,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Permission, PutOptions,
+    Txn, TxnOp,
+};
 use support::{KillOnDrop, Kind, Server};
 
 /// How long the destination may take to catch up with the source; generous for a loaded
@@ -293,3 +296,58 @@ async fn make_mirror_of_a_prefix_into_another_prefix() {
         .collect();
     assert_eq!(got, want);
 }
+
+/// make-mirror from a source with auth on (`--user`), as etcd 3.4 and MetaStore (`kind`) answer
+/// it: a user who may read only the mirrored prefix is refused (make-mirror first reads the key
+/// `foo` to learn the revision), root mirrors.
+async fn make_mirror_from_a_source_with_auth_on(kind: Kind) {
+    let source = Server::start(kind).await;
+    let dest = Server::start(Kind::Etcd).await;
+    let c = client(&source).await;
+    let mut auth = c.auth_client();
+    auth.user_add("root", "rootpw", None).await.unwrap();
+    auth.role_add("root").await.unwrap();
+    auth.user_grant_role("root", "root").await.unwrap();
+    auth.role_add("app-reader").await.unwrap();
+    let app = Permission::read("app/").with_prefix();
+    auth.role_grant_permission("app-reader", app).await.unwrap();
+    auth.user_add("alice", "alicepw", None).await.unwrap();
+    auth.user_grant_role("alice", "app-reader").await.unwrap();
+    c.kv_client().put("app/a", "1", None).await.unwrap();
+    auth.auth_enable().await.unwrap();
+
+    let mut refused = Mirror::start(&source, &dest, &["--user=alice:alicepw", "--prefix=app/"]);
+    let deadline = Instant::now() + CATCH_UP;
+    let status = loop {
+        if let Some(status) = refused.process.0[0].try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "make-mirror as alice never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let output = std::fs::read_to_string(&refused.output).unwrap();
+    assert!(!status.success(), "{output}");
+    assert!(
+        output.contains("Error: etcdserver: permission denied"),
+        "{output}"
+    );
+
+    let mut mirror = Mirror::start(&source, &dest, &["--user=root:rootpw", "--prefix=app/"]);
+    wait_for(&dest, &mut mirror, "app/a", "1").await;
+    let options = ConnectOptions::new().with_user("root", "rootpw");
+    let mut root = Client::connect([source.endpoint()], Some(options))
+        .await
+        .unwrap();
+    root.put("app/b", "2", None).await.unwrap();
+    root.delete("app/a", None).await.unwrap();
+    root.put("other", "not mirrored", None).await.unwrap();
+    root.put("app/marker", "done", None).await.unwrap();
+    wait_for(&dest, &mut mirror, "app/marker", "done").await;
+    let got: Vec<Vec<u8>> = dump(&dest).await.into_keys().collect();
+    assert_eq!(got, [b"app/b".to_vec(), b"app/marker".to_vec()]);
+}
+
+per_kind!(make_mirror_from_a_source_with_auth_on);
