@@ -15,6 +15,7 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Permission, PutOptions,
     Txn, TxnOp,
 };
+use support::cluster::Cluster;
 use support::{KillOnDrop, Kind, Server};
 
 /// How long the destination may take to catch up with the source; generous for a loaded
@@ -30,14 +31,12 @@ const PRELOADED: usize = 1500;
 /// transaction, so a range deleted is one operation per key).
 const DEST_FLAGS: &[&str] = &["--max-txn-ops", "1024"];
 
-async fn client(server: &Server) -> Client {
-    Client::connect([server.endpoint()], None)
-        .await
-        .expect("connect")
+async fn client(endpoint: &str) -> Client {
+    Client::connect([endpoint], None).await.expect("connect")
 }
 
-/// A running `etcdctl make-mirror` from `source` into `dest` (killed when dropped), its output
-/// in a file shown when a test fails.
+/// A running `etcdctl make-mirror` from the `source` endpoints into the `dest` endpoint (killed
+/// when dropped), its output in a file shown when a test fails.
 struct Mirror {
     process: KillOnDrop,
     output: PathBuf,
@@ -45,16 +44,16 @@ struct Mirror {
 }
 
 impl Mirror {
-    fn start(source: &Server, dest: &Server, extra: &[&str]) -> Mirror {
+    fn start(source: &str, dest: &str, extra: &[&str]) -> Mirror {
         let dir = tempfile::tempdir().unwrap();
         let output = dir.path().join("make-mirror.out");
         let file = std::fs::File::create(&output).unwrap();
         let child = Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", source.endpoint()))
+            .arg(format!("--endpoints={source}"))
             .arg("make-mirror")
             .args(extra)
-            .arg(format!("127.0.0.1:{}", dest.client_port))
+            .arg(dest)
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -79,9 +78,9 @@ impl Mirror {
     }
 }
 
-/// Every key and its value on `server`.
-async fn dump(server: &Server) -> BTreeMap<Vec<u8>, Vec<u8>> {
-    let resp = client(server)
+/// Every key and its value at `endpoint`.
+async fn dump(endpoint: &str) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let resp = client(endpoint)
         .await
         .get("", Some(GetOptions::new().with_all_keys()))
         .await
@@ -95,7 +94,7 @@ async fn dump(server: &Server) -> BTreeMap<Vec<u8>, Vec<u8>> {
 /// Polls `dest` until `key` holds `value` there (make-mirror applies the source's revisions in
 /// order, so every earlier write has arrived too), failing if make-mirror exits or
 /// [`CATCH_UP`] passes.
-async fn wait_for(dest: &Server, mirror: &mut Mirror, key: &str, value: &str) {
+async fn wait_for(dest: &str, mirror: &mut Mirror, key: &str, value: &str) {
     let mut c = client(dest).await;
     let deadline = Instant::now() + CATCH_UP;
     loop {
@@ -140,7 +139,7 @@ fn pre(i: usize) -> String {
 
 /// Mirrors `source` into `dest` under a write load and checks both hold the same keys and
 /// values, in three steps: the initial copy, a concurrent load, writes after a compaction.
-async fn mirror_under_load(source: &Server, dest: &Server) {
+async fn mirror_under_load(source: &str, dest: &str) {
     let mut src = client(source).await;
     for i in 0..PRELOADED {
         src.put(pre(i), format!("initial {i}"), None).await.unwrap();
@@ -253,14 +252,32 @@ async fn mirror_under_load(source: &Server, dest: &Server) {
 async fn make_mirror_from_etcd_into_metastore(kind: Kind) {
     let etcd = Server::start(Kind::Etcd).await;
     let metastore = Server::start_with(kind, DEST_FLAGS).await;
-    mirror_under_load(&etcd, &metastore).await;
+    mirror_under_load(&etcd.endpoint(), &metastore.endpoint()).await;
 }
 
 /// MetaStore (`kind`) into etcd 3.4, the way back of docs/migration.md.
 async fn make_mirror_from_metastore_into_etcd(kind: Kind) {
     let metastore = Server::start(kind).await;
     let etcd = Server::start_with(Kind::Etcd, DEST_FLAGS).await;
-    mirror_under_load(&metastore, &etcd).await;
+    mirror_under_load(&metastore.endpoint(), &etcd.endpoint()).await;
+}
+
+/// etcd 3.4 into a 3-member MetaStore cluster (members on both engines) through a follower, the
+/// one destination address make-mirror takes: the follower forwards the mirrored writes, and
+/// every member ends with the same keys and HashKV.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn make_mirror_into_a_follower_of_a_three_member_cluster() {
+    let etcd = Server::start(Kind::Etcd).await;
+    let engines = [Kind::Memory, Kind::Rocks, Kind::Memory];
+    let mut cluster = Cluster::start_mixed(&engines, DEST_FLAGS).await;
+    let leader = cluster.wait_leader().await;
+    let follower = (leader + 1) % engines.len();
+    mirror_under_load(&etcd.endpoint(), &cluster.endpoint(follower)).await;
+    cluster.assert_converged().await;
+    let expected = dump(&etcd.endpoint()).await;
+    for i in 0..engines.len() {
+        assert_same_pairs(&expected, &dump(&cluster.endpoint(i)).await);
+    }
 }
 
 per_engine!(
@@ -274,6 +291,7 @@ per_engine!(
 async fn make_mirror_of_a_prefix_into_another_prefix() {
     let metastore = Server::start(Kind::Memory).await;
     let etcd = Server::start(Kind::Etcd).await;
+    let (metastore, etcd) = (metastore.endpoint(), etcd.endpoint());
     let mut src = client(&metastore).await;
     src.put("app/a", "1", None).await.unwrap();
     src.put("other/a", "1", None).await.unwrap();
@@ -303,6 +321,7 @@ async fn make_mirror_of_a_prefix_into_another_prefix() {
 async fn make_mirror_from_a_source_with_auth_on(kind: Kind) {
     let source = Server::start(kind).await;
     let dest = Server::start(Kind::Etcd).await;
+    let (source, dest) = (source.endpoint(), dest.endpoint());
     let c = client(&source).await;
     let mut auth = c.auth_client();
     auth.user_add("root", "rootpw", None).await.unwrap();
@@ -338,7 +357,7 @@ async fn make_mirror_from_a_source_with_auth_on(kind: Kind) {
     let mut mirror = Mirror::start(&source, &dest, &["--user=root:rootpw", "--prefix=app/"]);
     wait_for(&dest, &mut mirror, "app/a", "1").await;
     let options = ConnectOptions::new().with_user("root", "rootpw");
-    let mut root = Client::connect([source.endpoint()], Some(options))
+    let mut root = Client::connect([source.as_str()], Some(options))
         .await
         .unwrap();
     root.put("app/b", "2", None).await.unwrap();
