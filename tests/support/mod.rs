@@ -252,8 +252,13 @@ impl Drop for KillOnDrop {
 }
 
 /// The metastore binary built for these tests.
+/// The `metastore` binary under test: Cargo's build of this package, or `METASTORE_BIN` (e.g. a
+/// release build, for the `#[ignore]` measurement harnesses).
 pub fn metastore_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_metastore")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("METASTORE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_metastore").into())
+    })
 }
 
 fn spawn(kind: Kind, data_dir: &Path, client_port: u16, peer_port: u16, extra: &[String]) -> Child {
