@@ -23,6 +23,7 @@ mod lock_election;
 mod maintenance;
 mod migration;
 mod operations;
+mod robustness;
 mod snapshot_export;
 mod tls;
 mod watch_lease;

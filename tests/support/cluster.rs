@@ -553,6 +553,56 @@ impl Cluster {
         self.net.isolate(i, false);
     }
 
+    /// Cut the link between members `a` and `b` only (both directions), until
+    /// [`Cluster::unpartition`]; each still reaches the third member.
+    pub fn partition(&self, a: usize, b: usize) {
+        self.net.block(a, b, true);
+    }
+
+    /// Undo [`Cluster::partition`].
+    pub fn unpartition(&self, a: usize, b: usize) {
+        self.net.block(a, b, false);
+    }
+
+    /// Every byte that leaves or enters member `i` through the peer proxies waits `delay`
+    /// (both directions; a link between two delayed members waits the sum). Zero removes it.
+    pub fn set_delay(&self, i: usize, delay: Duration) {
+        self.net.set_delay(i, delay);
+    }
+
+    /// SIGSTOP (`stop` true) or SIGCONT member `i`'s process, if it runs.
+    pub fn signal_stop(&self, i: usize, stop: bool) {
+        if let Some(pid) = self.members[i].pid() {
+            let name = if stop { "-STOP" } else { "-CONT" };
+            let status = Command::new("kill")
+                .args([name, &pid.to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill {name} {pid}");
+        }
+    }
+
+    /// Kills every member in `which`, starts them all again with the same data dirs, then
+    /// waits until each answers Status with a leader ([`Cluster::restart`] one at a time
+    /// cannot restart a majority: the first would wait for a leader that needs the others).
+    pub async fn restart_many(&mut self, which: &[usize]) {
+        for &i in which {
+            self.kill(i);
+        }
+        for &i in which {
+            self.members[i].attempt = 0;
+            self.spawn(i);
+        }
+        for &i in which {
+            self.wait_member_up(i).await;
+        }
+    }
+
+    /// Whether member `i`'s process runs.
+    pub fn is_running(&mut self, i: usize) -> bool {
+        !self.members[i].exited()
+    }
+
     /// A new member slot named `name` (not started): ports, proxy and data dir. Its advertised
     /// peer URL ([`Cluster::peer_url`]) is what `etcdctl member add NAME --peer-urls=…` needs.
     pub fn reserve_member(&mut self, name: &str) -> usize {
@@ -1022,6 +1072,10 @@ struct NetState {
     /// Per member: the pid of its process, to attribute connections to it.
     pids: Vec<Option<u32>>,
     isolated: Vec<bool>,
+    /// Per member: latency added to every chunk entering or leaving it.
+    delays: Vec<Duration>,
+    /// Pairs of members (lower index first) whose link is cut.
+    blocked: std::collections::BTreeSet<(usize, usize)>,
     conns: BTreeMap<u64, Conn>,
     next_conn: u64,
 }
@@ -1040,11 +1094,18 @@ impl NetState {
             self.targets.resize(i + 1, 0);
             self.pids.resize(i + 1, None);
             self.isolated.resize(i + 1, false);
+            self.delays.resize(i + 1, Duration::ZERO);
         }
     }
 
     fn cut(&self, to: usize, from: Option<usize>) -> bool {
-        self.isolated[to] || from.is_some_and(|f| self.isolated[f])
+        self.isolated[to]
+            || from
+                .is_some_and(|f| self.isolated[f] || self.blocked.contains(&(f.min(to), f.max(to))))
+    }
+
+    fn delay(&self, to: usize, from: Option<usize>) -> Duration {
+        self.delays[to] + from.map_or(Duration::ZERO, |f| self.delays[f])
     }
 }
 
@@ -1087,6 +1148,31 @@ impl Net {
         }
     }
 
+    fn block(&self, a: usize, b: usize, blocked: bool) {
+        let mut state = self.state.lock().unwrap();
+        state.grow(a.max(b));
+        let pair = (a.min(b), a.max(b));
+        if blocked {
+            state.blocked.insert(pair);
+            for conn in state.conns.values() {
+                if conn
+                    .from
+                    .is_some_and(|f| (f.min(conn.to), f.max(conn.to)) == pair)
+                {
+                    conn.abort.abort();
+                }
+            }
+        } else {
+            state.blocked.remove(&pair);
+        }
+    }
+
+    fn set_delay(&self, i: usize, delay: Duration) {
+        let mut state = self.state.lock().unwrap();
+        state.grow(i);
+        state.delays[i] = delay;
+    }
+
     /// A new proxy listener in front of member `i`; its port.
     fn add_proxy(&self, i: usize) -> u16 {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a proxy port");
@@ -1120,17 +1206,23 @@ impl Net {
                     id,
                     state: state.clone(),
                 };
+                let link_state = state.clone();
                 let task = rt.spawn(async move {
                     let _guard = guard;
-                    let mut inbound = inbound;
+                    let inbound = inbound;
                     let _ = inbound.set_nodelay(true);
-                    let Ok(mut outbound) =
+                    let Ok(outbound) =
                         tokio::net::TcpStream::connect(("127.0.0.1", target)).await
                     else {
                         return;
                     };
                     let _ = outbound.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    let (in_read, in_write) = inbound.into_split();
+                    let (out_read, out_write) = outbound.into_split();
+                    tokio::join!(
+                        pump(in_read, out_write, link_state.clone(), i, from),
+                        pump(out_read, in_write, link_state, i, from),
+                    );
                 });
                 let mut s = state.lock().unwrap();
                 if s.cut(i, from) {
@@ -1150,6 +1242,47 @@ impl Net {
         });
         port
     }
+}
+
+/// Copies one direction of a proxied connection, each chunk held back by the link's current
+/// delay (read when the chunk arrives, so a delay set later applies to later bytes only; the
+/// order of chunks is kept).
+async fn pump(
+    mut from_half: tokio::net::tcp::OwnedReadHalf,
+    mut to_half: tokio::net::tcp::OwnedWriteHalf,
+    state: Arc<Mutex<NetState>>,
+    to: usize,
+    from: Option<usize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let read = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from_half.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let delay = state.lock().unwrap().delay(to, from);
+                    if tx
+                        .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let write = async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to_half.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let _ = to_half.shutdown().await;
+    };
+    tokio::join!(read, write);
 }
 
 /// Removes a finished (or aborted) connection from the table.
