@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::Rng;
 
+use metastore_proto::etcdserverpb::cluster_client::ClusterClient;
+use metastore_proto::etcdserverpb::{MemberAddRequest, MemberRemoveRequest};
+
 use crate::support::cluster::Cluster;
 
 /// The kinds of fault, with their weights in the schedule.
@@ -31,9 +34,12 @@ pub enum Fault {
     /// Kill a follower, let the others take raft snapshots and restart (so their log starts
     /// after it), then restart it: it catches up by snapshot.
     SnapshotCatchUp,
+    /// Remove a follower from the cluster (MemberRemove) and add a fresh member in its place
+    /// (MemberAdd, then its process with an empty data dir).
+    Replace,
 }
 
-const SCHEDULE: [(Fault, u32); 8] = [
+const SCHEDULE: [(Fault, u32); 9] = [
     (Fault::KillFollower, 3),
     (Fault::KillLeader, 3),
     (Fault::KillAll, 1),
@@ -42,12 +48,34 @@ const SCHEDULE: [(Fault, u32); 8] = [
     (Fault::Partition, 2),
     (Fault::Delay, 2),
     (Fault::SnapshotCatchUp, 1),
+    (Fault::Replace, 1),
 ];
 
-fn draw(rng: &mut StdRng) -> Fault {
-    let total: u32 = SCHEDULE.iter().map(|(_, w)| w).sum();
+impl Fault {
+    /// The faults named in `list` (comma-separated, e.g. `KillLeader,Replace`); `None` for all.
+    pub fn parse_list(list: &str) -> Vec<Fault> {
+        list.split(',')
+            .map(|name| {
+                SCHEDULE
+                    .iter()
+                    .map(|(f, _)| *f)
+                    .find(|f| format!("{f:?}").eq_ignore_ascii_case(name.trim()))
+                    .unwrap_or_else(|| panic!("unknown fault {name:?}; known: {SCHEDULE:?}"))
+            })
+            .collect()
+    }
+}
+
+/// A fault of the schedule, among `allowed` only if given.
+fn draw(rng: &mut StdRng, allowed: Option<&[Fault]>) -> Fault {
+    let schedule: Vec<(Fault, u32)> = SCHEDULE
+        .iter()
+        .copied()
+        .filter(|(f, _)| allowed.is_none_or(|a| a.contains(f)))
+        .collect();
+    let total: u32 = schedule.iter().map(|(_, w)| w).sum();
     let mut pick = rng.random_range(0..total);
-    for (fault, weight) in SCHEDULE {
+    for (fault, weight) in schedule {
         if pick < weight {
             return fault;
         }
@@ -60,38 +88,42 @@ fn millis(rng: &mut StdRng, from: u64, to: u64) -> Duration {
     Duration::from_millis(rng.random_range(from..=to))
 }
 
-/// Injects faults until `deadline`; returns how many of each kind.
+/// Injects faults (of the kinds in `allowed`, if given) until `deadline`; returns how many of
+/// each kind.
 pub async fn inject(
     cluster: &mut Cluster,
     rng: &mut StdRng,
+    allowed: Option<&[Fault]>,
     deadline: Instant,
     snapshot_count: u64,
     log: &mut Vec<String>,
     on_restart: &mut dyn FnMut(&Cluster),
 ) -> BTreeMap<Fault, usize> {
     let mut counts = BTreeMap::new();
-    let n = cluster.member_count();
     let start = Instant::now();
+    let mut replacements = 0;
     while Instant::now() + Duration::from_secs(2) < deadline {
         tokio::time::sleep(millis(rng, 500, 2000)).await;
-        let fault = draw(rng);
+        let fault = draw(rng, allowed);
         let hold = millis(rng, 300, 3000);
+        let ids = cluster.members_in_cluster();
+        let n = ids.len();
         let leader = cluster.leader_index().await;
-        let random = rng.random_range(0..n);
+        let random = ids[rng.random_range(0..n)];
         let target = if rng.random_bool(0.5) {
             leader.unwrap_or(random)
         } else {
             random
         };
-        let follower = (0..n)
-            .filter(|&i| Some(i) != leader)
-            .nth(rng.random_range(0..n - 1))
-            .unwrap_or(random);
+        let followers: Vec<usize> = ids.iter().copied().filter(|&i| Some(i) != leader).collect();
+        let follower = followers[rng.random_range(0..followers.len())];
+        let name = |i: usize| cluster.member(i).name.clone();
         log.push(format!(
-            "{:.1}s {fault:?} (leader {leader:?}, target m{}, follower m{}, hold {hold:?})",
+            "{:.1}s {fault:?} (leader {}, target {}, follower {}, hold {hold:?})",
             start.elapsed().as_secs_f64(),
-            target + 1,
-            follower + 1
+            leader.map_or("none".to_string(), name),
+            name(target),
+            name(follower)
         ));
         match fault {
             Fault::KillFollower | Fault::KillLeader => {
@@ -106,7 +138,7 @@ pub async fn inject(
             Fault::KillAll => {
                 cluster.stop();
                 tokio::time::sleep(hold).await;
-                cluster.restart_many(&(0..n).collect::<Vec<_>>()).await;
+                cluster.restart_many(&ids).await;
             }
             Fault::Pause => {
                 cluster.signal_stop(target, true);
@@ -119,7 +151,8 @@ pub async fn inject(
                 cluster.heal(target);
             }
             Fault::Partition => {
-                let other = (target + 1 + rng.random_range(0..n - 1)) % n;
+                let others: Vec<usize> = ids.iter().copied().filter(|&i| i != target).collect();
+                let other = others[rng.random_range(0..others.len())];
                 cluster.partition(target, other);
                 tokio::time::sleep(hold).await;
                 cluster.unpartition(target, other);
@@ -132,15 +165,77 @@ pub async fn inject(
             Fault::SnapshotCatchUp => {
                 cluster.kill(follower);
                 wait_entries(cluster, leader, 2 * snapshot_count, Duration::from_secs(20)).await;
-                let others: Vec<usize> = (0..n).filter(|&i| i != follower).collect();
+                let others: Vec<usize> = ids.iter().copied().filter(|&i| i != follower).collect();
                 cluster.restart_many(&others).await;
                 cluster.restart(follower).await;
+            }
+            Fault::Replace => {
+                replacements += 1;
+                replace(cluster, follower, leader, &format!("r{replacements}")).await;
             }
         }
         on_restart(cluster);
         *counts.entry(fault).or_insert(0) += 1;
     }
     counts
+}
+
+/// Removes member `old` through the leader and adds a fresh member `name` in its place.
+async fn replace(cluster: &mut Cluster, old: usize, leader: Option<usize>, name: &str) {
+    let via = leader.unwrap_or_else(|| {
+        *cluster
+            .members_in_cluster()
+            .iter()
+            .find(|&&i| i != old)
+            .expect("another member")
+    });
+    let id = cluster
+        .status(old)
+        .await
+        .ok()
+        .and_then(|s| s.header)
+        .map(|h| h.member_id);
+    let id = id
+        .or(cluster.member(old).id)
+        .expect("the removed member's id");
+    retry(|| async {
+        let mut client = ClusterClient::new(cluster.channel(via).await?);
+        client
+            .member_remove(MemberRemoveRequest { id })
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    cluster.wait_removed(old, Duration::from_secs(30)).await;
+    let new = cluster.reserve_member(name);
+    let peer_url = cluster.peer_url(new);
+    let via = *cluster.members_in_cluster().first().expect("a member");
+    retry(|| async {
+        let mut client = ClusterClient::new(cluster.channel(via).await?);
+        client
+            .member_add(MemberAddRequest {
+                peer_ur_ls: vec![peer_url.clone()],
+                is_learner: false,
+            })
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    cluster.add_member_process(name).await;
+}
+
+/// Calls `call` until it succeeds (a membership change is refused while the cluster is not
+/// ready for it), bounded.
+async fn retry<T, F: std::future::Future<Output = Result<T, String>>>(mut call: impl FnMut() -> F) {
+    let mut last = String::new();
+    for _ in 0..40 {
+        match call().await {
+            Ok(_) => return,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("membership change refused 40 times: {last}");
 }
 
 /// Waits, bounded by `timeout`, until the leader's raft index grew by `entries`.
@@ -175,7 +270,11 @@ pub async fn heal_all(cluster: &mut Cluster) {
             cluster.unpartition(i, j);
         }
     }
-    let dead: Vec<usize> = (0..n).filter(|&i| !cluster.is_running(i)).collect();
+    let ids = cluster.members_in_cluster();
+    let dead: Vec<usize> = ids
+        .into_iter()
+        .filter(|&i| !cluster.is_running(i))
+        .collect();
     if !dead.is_empty() {
         cluster.restart_many(&dead).await;
     }

@@ -9,7 +9,9 @@
 //! [--duration S] [--engine memory|rocksdb]` runs it with `METASTORE_ROBUSTNESS_SEED`,
 //! `_DURATION` (seconds) and `_ENGINE` set. The seed decides every choice of the clients and the
 //! fault schedule (the timing of a real cluster does not repeat exactly, but a failing seed
-//! replays the same mix of operations and faults). Figures are printed at the end.
+//! replays the same mix of operations and faults). `METASTORE_ROBUSTNESS_FAULTS` (e.g.
+//! `KillLeader,Replace`) narrows the schedule to some kinds of fault. Figures are printed at
+//! the end.
 
 mod checker;
 mod checker_tests;
@@ -46,6 +48,9 @@ pub struct Config {
     pub seed: u64,
     pub duration: Duration,
     pub engine: Kind,
+    /// Only these faults (`METASTORE_ROBUSTNESS_FAULTS=KillLeader,Replace`), to narrow a
+    /// failure down; all when `None`.
+    pub faults: Option<&'static [faults::Fault]>,
 }
 
 impl Config {
@@ -64,10 +69,12 @@ impl Config {
             Some("rocksdb") => Kind::Rocks,
             Some(other) => panic!("METASTORE_ROBUSTNESS_ENGINE: memory or rocksdb, not {other}"),
         };
+        let faults = var("FAULTS").map(|list| &*faults::Fault::parse_list(&list).leak());
         Config {
             seed,
             duration: Duration::from_secs(secs),
             engine,
+            faults,
         }
     }
 }
@@ -78,6 +85,7 @@ async fn short_run_memory() {
         seed: 22,
         duration: Duration::from_secs(20),
         engine: Kind::Memory,
+        faults: None,
     })
     .await;
 }
@@ -150,6 +158,7 @@ async fn run(config: Config) {
     let faults = faults::inject(
         &mut cluster,
         &mut rng,
+        config.faults,
         deadline,
         SNAPSHOT_COUNT,
         &mut fault_log,

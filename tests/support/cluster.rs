@@ -287,6 +287,11 @@ impl Cluster {
             .collect()
     }
 
+    /// Indices of the members of the cluster: started and not removed (killed ones too).
+    pub fn members_in_cluster(&self) -> Vec<usize> {
+        self.in_cluster().collect()
+    }
+
     fn in_cluster(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.members.len()).filter(|&i| self.members[i].started && !self.members[i].removed)
     }
@@ -1211,8 +1216,7 @@ impl Net {
                     let _guard = guard;
                     let inbound = inbound;
                     let _ = inbound.set_nodelay(true);
-                    let Ok(outbound) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
                     else {
                         return;
                     };

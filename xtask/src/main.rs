@@ -8,6 +8,11 @@
 //! - `test`: check prerequisites (libclang and a C++ compiler for RocksDB, etcd + etcdctl for the
 //!   differential and client tests), then run every test of the workspace.
 //! - `ci`: formatting check, clippy with `-D warnings`, `cargo deny`, then `test`.
+//! - `robustness [--seed N] [--seeds K] [--duration S] [--engine memory|rocksdb|both]
+//!   [--faults KIND,…]`: the robustness suite's long run (`tests/robustness`), K seeds from N
+//!   (default: one random seed), S seconds of faults each (default 120), on one engine or both.
+//!   Each run's output goes to `<target>/robustness/<engine>-seed-<N>.log`; the figures and the
+//!   verdict of every run are printed at the end.
 //! - `bench [--quick]`: MetaStore (both engines) beside etcd, 1 and 3 members, written to
 //!   `bench/results/<date>.md` (see `bench.rs`) with SVG charts beside it (`bench_charts.rs`).
 //! - `bench-charts REPORT.md…`: draw the charts of reports written before.
@@ -37,8 +42,9 @@ fn main() -> ExitCode {
         Some("ci") => ci(),
         Some("bench") => bench::bench(&args[1..]),
         Some("bench-charts") => bench_charts::bench_charts(&args[1..]),
+        Some("robustness") => robustness(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <run [--] [server flags…] | size | test [test filter…] | ci | bench [--quick] | bench-charts REPORT.md…>");
+            eprintln!("usage: cargo xtask <run [--] [server flags…] | size | test [test filter…] | ci | bench [--quick] | bench-charts REPORT.md… | robustness [--seed N] [--seeds K] [--duration S] [--engine memory|rocksdb|both] [--faults KIND,…]>");
             return ExitCode::from(2);
         }
     };
@@ -273,6 +279,121 @@ fn test(filter: &[String]) -> Result<()> {
     status(cmd)
 }
 
+/// What `cargo xtask robustness` was asked for.
+#[derive(Debug, PartialEq)]
+struct RobustnessArgs {
+    first_seed: u64,
+    seeds: u64,
+    duration_secs: u64,
+    engines: Vec<&'static str>,
+    faults: Option<String>,
+}
+
+fn robustness_args(args: &[String]) -> Result<RobustnessArgs> {
+    let mut parsed = RobustnessArgs {
+        first_seed: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs()),
+        seeds: 1,
+        duration_secs: 120,
+        engines: vec!["memory"],
+        faults: None,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .with_context(|| format!("{flag} needs a value"))
+                .map(String::as_str)
+        };
+        match flag.as_str() {
+            "--seed" => parsed.first_seed = value()?.parse().context("--seed: a number")?,
+            "--seeds" => parsed.seeds = value()?.parse().context("--seeds: a number")?,
+            "--duration" => {
+                parsed.duration_secs = value()?.parse().context("--duration: seconds")?
+            }
+            "--engine" => {
+                parsed.engines = match value()? {
+                    "memory" => vec!["memory"],
+                    "rocksdb" => vec!["rocksdb"],
+                    "both" => vec!["memory", "rocksdb"],
+                    other => bail!("--engine: memory, rocksdb or both, not {other}"),
+                }
+            }
+            "--faults" => parsed.faults = Some(value()?.to_string()),
+            other => bail!("robustness: unknown argument {other}"),
+        }
+    }
+    Ok(parsed)
+}
+
+/// `cargo xtask robustness`: the ignored `robustness::long_run` test once per engine and seed.
+fn robustness(args: &[String]) -> Result<()> {
+    let args = robustness_args(args)?;
+    ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL])?;
+    let logs = target_dir().join("robustness");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let mut verdicts = Vec::new();
+    for engine in &args.engines {
+        for seed in args.first_seed..args.first_seed + args.seeds {
+            let mut cmd = cargo();
+            cmd.args([
+                "nextest",
+                "run",
+                "--workspace",
+                "--no-capture",
+                "--run-ignored",
+                "only",
+                "-E",
+                "test(=robustness::long_run)",
+            ]);
+            cmd.env("METASTORE_ROBUSTNESS_SEED", seed.to_string())
+                .env(
+                    "METASTORE_ROBUSTNESS_DURATION",
+                    args.duration_secs.to_string(),
+                )
+                .env("METASTORE_ROBUSTNESS_ENGINE", engine);
+            if let Some(faults) = &args.faults {
+                cmd.env("METASTORE_ROBUSTNESS_FAULTS", faults);
+            }
+            eprintln!(
+                "xtask: robustness {engine} seed {seed} ({} s)",
+                args.duration_secs
+            );
+            let out = cmd
+                .output()
+                .with_context(|| format!("could not start {cmd:?}"))?;
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let log = logs.join(format!("{engine}-seed-{seed}.log"));
+            std::fs::write(&log, &text).with_context(|| format!("writing {}", log.display()))?;
+            let figures = text
+                .lines()
+                .find(|l| l.starts_with("robustness figures:"))
+                .unwrap_or("(no figures: the run stopped before its checks)")
+                .to_string();
+            let verdict = if out.status.success() { "PASS" } else { "FAIL" };
+            eprintln!("xtask: {verdict} {engine} seed {seed}: {figures}");
+            verdicts.push((
+                out.status.success(),
+                format!("{verdict} {figures} [{}]", log.display()),
+            ));
+        }
+    }
+    eprintln!("xtask: robustness summary:");
+    for (_, line) in &verdicts {
+        eprintln!("  {line}");
+    }
+    let failed = verdicts.iter().filter(|(ok, _)| !ok).count();
+    if failed > 0 {
+        bail!("{failed} of {} robustness runs failed", verdicts.len());
+    }
+    Ok(())
+}
+
 fn ci() -> Result<()> {
     ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL, PROMTOOL])?;
     let mut fmt = cargo();
@@ -364,6 +485,39 @@ mod tests {
             assert_eq!(got, ["--storage-engine", "rocksdb"]);
             assert_eq!(cmd.get_current_dir(), Some(workspace_root().as_path()));
         }
+    }
+
+    #[test]
+    fn robustness_arguments() {
+        let parsed = robustness_args(&strings(&[
+            "--seed",
+            "7",
+            "--seeds",
+            "3",
+            "--duration",
+            "30",
+            "--engine",
+            "both",
+            "--faults",
+            "KillLeader",
+        ]))
+        .unwrap();
+        assert_eq!(
+            parsed,
+            RobustnessArgs {
+                first_seed: 7,
+                seeds: 3,
+                duration_secs: 30,
+                engines: vec!["memory", "rocksdb"],
+                faults: Some("KillLeader".into()),
+            }
+        );
+        let defaults = robustness_args(&[]).unwrap();
+        assert_eq!((defaults.seeds, defaults.duration_secs), (1, 120));
+        assert_eq!(defaults.engines, vec!["memory"]);
+        assert!(robustness_args(&strings(&["--engine", "bbolt"])).is_err());
+        assert!(robustness_args(&strings(&["--seed"])).is_err());
+        assert!(robustness_args(&strings(&["--verbose"])).is_err());
     }
 
     #[test]
