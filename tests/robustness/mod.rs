@@ -243,6 +243,20 @@ async fn run(config: Config) {
         .sum();
 
     let acknowledged = ops.iter().filter(|op| !op.is_unknown()).count();
+    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
+    for op in &ops {
+        if let Outcome::Unknown(reason) = &op.outcome {
+            *reasons
+                .entry(reason.chars().take(60).collect())
+                .or_default() += 1;
+        }
+    }
+    let mut reasons: Vec<(String, usize)> = reasons.into_iter().collect();
+    reasons.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    eprintln!(
+        "robustness: most frequent unknown outcomes: {:?}",
+        &reasons[..reasons.len().min(6)]
+    );
     let faults_total: usize = faults.values().sum();
     eprintln!("robustness: faults injected:\n  {}", fault_log.join("\n  "));
     eprintln!(

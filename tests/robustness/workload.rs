@@ -284,6 +284,11 @@ pub async fn kv_client(client: usize, seed: u64, keys: usize, shared: Arc<Shared
             }
         };
         let outcome = record(&mut channels, client, member, request.clone(), &mut ops).await;
+        if let Outcome::Unknown(_) = outcome {
+            // As a client would back off: a member that is down refuses at once, and retrying
+            // at full speed only fills the history with refusals.
+            tokio::time::sleep(Duration::from_millis(rng.random_range(20..100))).await;
+        }
         let entry = |kvs: &[Seen]| kvs.first().map(|s| (s.value.clone(), s.mod_revision));
         match (&request, &outcome) {
             (Request::Range { .. }, Outcome::Read { kvs, .. }) => {
