@@ -385,3 +385,51 @@ async fn read_history(cluster: &Cluster, member: usize, last_revision: i64) -> V
     drop(tx);
     events
 }
+
+/// The proxies' pair partition cuts one link only: a follower cut from the leader stops
+/// receiving its log (the third member does not relay raft messages), the other two go on, and
+/// the follower catches up once the link is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_partition_cuts_one_link_only() {
+    let mut cluster = Cluster::start(Kind::Memory, 3, &[]).await;
+    let leader = cluster.wait_leader().await;
+    let follower = (leader + 1) % 3;
+    let third = (leader + 2) % 3;
+    cluster.partition(leader, follower);
+    let timeout = Duration::from_secs(5);
+    for n in 0..20 {
+        let value = n.to_string();
+        cluster
+            .put(leader, "cut", &value, timeout)
+            .await
+            .expect("the leader and the third member are a quorum");
+    }
+    let until = |member: usize| {
+        let cluster = &cluster;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let value = cluster.get(member, "cut", true, timeout).await;
+                if matches!(value, Ok(Some(v)) if v == "19") {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "m{} never saw cut=19",
+                    member + 1
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    until(third).await;
+    // Long after the third member applied it, the cut follower still has none of it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        cluster.get(follower, "cut", true, timeout).await,
+        Ok(None),
+        "the follower received the leader's log through a cut link"
+    );
+    cluster.unpartition(leader, follower);
+    until(follower).await;
+}
