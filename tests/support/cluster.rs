@@ -10,7 +10,9 @@
 //! own process opened to another member's proxy (found through `/proc`: the process owning the
 //! connecting socket) is closed, and new ones are closed as soon as they are accepted, until
 //! [`Cluster::heal`]. Both directions matter: etcd's rafthttp streams carry messages from the
-//! member that *accepted* the connection to the one that dialed it.
+//! member that *accepted* the connection to the one that dialed it. [`Cluster::partition`] cuts
+//! the link between two members only, and [`Cluster::set_delay`] holds back every chunk entering
+//! or leaving a member (the robustness suite's network faults).
 //!
 //! Every member logs to `<tempdir>/mK.log`; when a test panics, the tail of each log is printed.
 
