@@ -347,6 +347,8 @@ fn robustness(args: &[String]) -> Result<()> {
                 "--no-capture",
                 "--run-ignored",
                 "only",
+                "--features",
+                TEST_FEATURES,
                 "-E",
                 "test(=robustness::long_run)",
             ]);
