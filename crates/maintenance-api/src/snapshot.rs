@@ -327,8 +327,20 @@ pub fn is_etcd_file(file: &Path) -> Result<bool, SnapshotFileError> {
 
 /// An etcd backend read as a MetaStore storage view: the buckets MetaStore shares with etcd
 /// have the same names and encodings (revision keys and `mvccpb.KeyValue`, `leasepb.Lease`,
-/// authpb users and roles, the meta keys), so such a bucket is copied pair for pair.
+/// authpb users and roles, the meta keys), so such a bucket is copied pair for pair, but for
+/// [`SOURCE_ONLY_META_KEYS`].
 struct EtcdView(metastore_bbolt::Db<File>);
+
+/// `meta` keys of etcd 3.5+ that describe the cluster the file came from, not its data: the raft
+/// term of the applied index and the raft configuration (3.5), the schema version (3.6).
+/// MetaStore keeps none of them (its raft state is its own), so an import leaves them out:
+/// kept, they would name the old cluster's term and voters beside the new cluster's applied
+/// index, and go out again in MetaStore's snapshots. etcd's restore writes its own term.
+const SOURCE_ONLY_META_KEYS: [&[u8]; 3] = [
+    etcd_schema::meta_key::TERM,
+    etcd_schema::meta_key::CONF_STATE,
+    etcd_schema::meta_key::STORAGE_VERSION,
+];
 
 impl EtcdView {
     fn pairs(
@@ -343,7 +355,10 @@ impl EtcdView {
         let mut visited = 0;
         for entry in self.0.iter(&b) {
             let entry = entry.map_err(bad)?;
-            if entry.is_bucket {
+            if entry.is_bucket
+                || (bucket.as_bytes() == etcd_schema::bucket::META
+                    && SOURCE_ONLY_META_KEYS.contains(&entry.key.as_slice()))
+            {
                 continue;
             }
             visited += 1;
@@ -715,6 +730,42 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let err = import_etcd_file(&target, &path, dir.path(), false).unwrap_err();
         assert!(err.to_string().starts_with("expected sha256 ["), "{err}");
+    }
+
+    /// etcd 3.5+ files carry the source cluster's raft term and configuration (and 3.6 its
+    /// schema version) in `meta`; an import keeps the data's meta keys but not those.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_import_leaves_out_the_source_clusters_raft_meta_keys() {
+        let source = sample_backend();
+        let mut batch = WriteBatch::new();
+        batch.put("meta", b"term".to_vec(), 9u64.to_be_bytes().to_vec());
+        batch.put(
+            "meta",
+            b"confState".to_vec(),
+            br#"{"voters":[13668033151171901709],"auto_leave":false}"#.to_vec(),
+        );
+        batch.put("meta", b"storageVersion".to_vec(), b"3.6".to_vec());
+        source.write(batch).unwrap();
+        let (messages, mut bytes) = receive(source).await;
+        bytes.extend_from_slice(&messages.last().unwrap().blob);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap.db");
+        std::fs::write(&path, &bytes).unwrap();
+
+        let target = MemBackend::new(&metastore_state_machine::buckets());
+        import_etcd_file(&target, &path, dir.path(), false).unwrap();
+        let meta_keys: Vec<Vec<u8>> = target
+            .snapshot()
+            .unwrap()
+            .collect("meta", ScanRange::all())
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            meta_keys,
+            vec![b"consistent_index".to_vec(), b"finishedCompactRev".to_vec()]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
