@@ -8,14 +8,15 @@ use crate::support;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use metastore_proto::etcdserverpb::kv_client::KvClient;
 use metastore_proto::etcdserverpb::{CompactionRequest, DeleteRangeRequest, PutRequest};
 use serde_json::Value;
 use support::{Kind, Server};
 
-const ROOT: &str = "root:rootpw";
+pub(crate) const ROOT: &str = "root:rootpw";
 
 /// etcdctl 3.4 against `endpoints`, as `user` if given.
-fn etcdctl_as(endpoints: &str, user: Option<&str>, args: &[&str]) -> Output {
+pub(crate) fn etcdctl_as(endpoints: &str, user: Option<&str>, args: &[&str]) -> Output {
     let mut cmd = Command::new("etcdctl");
     cmd.env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={endpoints}"));
@@ -26,7 +27,7 @@ fn etcdctl_as(endpoints: &str, user: Option<&str>, args: &[&str]) -> Output {
 }
 
 /// etcdctl as root; panics unless it succeeds; its stdout.
-fn root_ctl(endpoints: &str, args: &[&str]) -> String {
+pub(crate) fn root_ctl(endpoints: &str, args: &[&str]) -> String {
     let out = etcdctl_as(endpoints, Some(ROOT), args);
     assert!(
         out.status.success(),
@@ -36,15 +37,17 @@ fn root_ctl(endpoints: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
-fn json(text: &str) -> Value {
+pub(crate) fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
 /// The source of the test's snapshot: history (several puts per key), deletions, a physical
 /// compaction, a lease with keys, and auth enabled (root, alice with a read-only role).
 /// Returns the lease id in hex.
-async fn fill(server: &Server) -> String {
-    let mut kv = server.kv().await;
+pub(crate) async fn fill(endpoint: &str) -> String {
+    let mut kv = KvClient::connect(endpoint.to_string())
+        .await
+        .expect("connect");
     for i in 0..200u32 {
         let put = PutRequest {
             key: format!("k{:02}", i % 40).into_bytes(),
@@ -81,14 +84,10 @@ async fn fill(server: &Server) -> String {
     .await
     .unwrap();
 
-    let endpoint = server.endpoint();
-    let granted = root_ctl(&endpoint, &["lease", "grant", "600", "-w", "json"]);
+    let granted = root_ctl(endpoint, &["lease", "grant", "600", "-w", "json"]);
     let lease_id = format!("{:x}", json(&granted)["ID"].as_i64().expect("lease id"));
     for key in ["leased/a", "leased/b"] {
-        root_ctl(
-            &endpoint,
-            &["put", key, "v", &format!("--lease={lease_id}")],
-        );
+        root_ctl(endpoint, &["put", key, "v", &format!("--lease={lease_id}")]);
     }
     for args in [
         &["user", "add", ROOT][..],
@@ -99,13 +98,13 @@ async fn fill(server: &Server) -> String {
         &["user", "grant-role", "alice", "reader"],
         &["auth", "enable"],
     ] {
-        root_ctl(&endpoint, args);
+        root_ctl(endpoint, args);
     }
     lease_id
 }
 
 /// Every key and value at the latest revision, as etcdctl's JSON gives them (base64).
-fn all_kvs(endpoint: &str) -> Value {
+pub(crate) fn all_kvs(endpoint: &str) -> Value {
     let got = json(&root_ctl(
         endpoint,
         &["get", "", "--from-key", "-w", "json"],
@@ -115,7 +114,7 @@ fn all_kvs(endpoint: &str) -> Value {
 }
 
 /// HashKV at `revision` and the compact revision it saw.
-fn hashkv(endpoint: &str, revision: u64) -> (u64, u64) {
+pub(crate) fn hashkv(endpoint: &str, revision: u64) -> (u64, u64) {
     let out = root_ctl(
         endpoint,
         &[
@@ -138,8 +137,8 @@ fn hashkv(endpoint: &str, revision: u64) -> (u64, u64) {
 
 async fn restored_into_etcd(kind: Kind) {
     let source = Server::start(kind).await;
-    let lease_id = fill(&source).await;
     let endpoint = source.endpoint();
+    let lease_id = fill(&endpoint).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("metastore.db");
     let path = file.to_str().unwrap();
@@ -211,17 +210,40 @@ async fn restored_into_etcd(kind: Kind) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    assert_eq!(hashkv(&client_url, revision), source_hash);
-    let status = json(&root_ctl(
-        &client_url,
-        &["endpoint", "status", "-w", "json"],
-    ));
+    let source = Source {
+        revision,
+        hash: source_hash,
+        kvs: source_kvs,
+        lease_id,
+    };
+    assert_serves(&client_url, &source);
+}
+
+/// What a restored member must serve: the source's state when its snapshot was saved.
+pub(crate) struct Source {
+    /// The revision in the file.
+    pub revision: u64,
+    /// HashKV at that revision and the compact revision (120, [`fill`]'s compaction).
+    pub hash: (u64, u64),
+    /// [`all_kvs`] of the source.
+    pub kvs: Value,
+    /// [`fill`]'s lease, in hex.
+    pub lease_id: String,
+}
+
+/// Checks that the member at `client_url`, restored from a snapshot of a store [`fill`]ed,
+/// serves `source`: HashKV, revision, keys, the compaction, the lease with its keys, and auth.
+pub(crate) fn assert_serves(client_url: &str, source: &Source) {
+    let (revision, source_hash, source_kvs, lease_id) =
+        (source.revision, source.hash, &source.kvs, &source.lease_id);
+    assert_eq!(hashkv(client_url, revision), source_hash);
+    let status = json(&root_ctl(client_url, &["endpoint", "status", "-w", "json"]));
     assert_eq!(
         status[0]["Status"]["header"]["revision"].as_u64(),
         Some(revision)
     );
-    assert_eq!(all_kvs(&client_url), source_kvs);
-    let compacted = etcdctl_as(&client_url, Some(ROOT), &["get", "k01", "--rev", "100"]);
+    assert_eq!(&all_kvs(client_url), source_kvs);
+    let compacted = etcdctl_as(client_url, Some(ROOT), &["get", "k01", "--rev", "100"]);
     assert!(
         String::from_utf8_lossy(&compacted.stderr).contains("required revision has been compacted"),
         "{compacted:?}"
@@ -229,25 +251,25 @@ async fn restored_into_etcd(kind: Kind) {
 
     // The lease, its TTL and its keys.
     let ttl = json(&root_ctl(
-        &client_url,
-        &["lease", "timetolive", &lease_id, "--keys", "-w", "json"],
+        client_url,
+        &["lease", "timetolive", lease_id, "--keys", "-w", "json"],
     ));
     assert_eq!(ttl["granted-ttl"].as_i64(), Some(600), "{ttl}");
     assert!(ttl["ttl"].as_i64().unwrap() > 0, "{ttl}");
     assert_eq!(ttl["keys"].as_array().map(Vec::len), Some(2), "{ttl}");
 
     // Auth is on: no user, no answer; alice reads with her password but may not write.
-    let anonymous = etcdctl_as(&client_url, None, &["get", "k00"]);
+    let anonymous = etcdctl_as(client_url, None, &["get", "k00"]);
     assert!(!anonymous.status.success(), "{anonymous:?}");
-    let read = etcdctl_as(&client_url, Some("alice:alicepw"), &["get", "k00"]);
+    let read = etcdctl_as(client_url, Some("alice:alicepw"), &["get", "k00"]);
     support::assert_success(&read);
     assert!(String::from_utf8_lossy(&read.stdout).contains("after-compaction"));
-    let wrong = etcdctl_as(&client_url, Some("alice:wrong"), &["get", "k00"]);
+    let wrong = etcdctl_as(client_url, Some("alice:wrong"), &["get", "k00"]);
     assert!(
         String::from_utf8_lossy(&wrong.stderr).contains("authentication failed"),
         "{wrong:?}"
     );
-    let write = etcdctl_as(&client_url, Some("alice:alicepw"), &["put", "k00", "x"]);
+    let write = etcdctl_as(client_url, Some("alice:alicepw"), &["put", "k00", "x"]);
     assert!(
         String::from_utf8_lossy(&write.stderr).contains("permission denied"),
         "{write:?}"
