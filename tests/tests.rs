@@ -13,6 +13,7 @@ mod cluster;
 mod disk_faults;
 mod durability;
 mod endpoints;
+mod etcd35;
 // crash points need a binary built with them (`cargo xtask test` does)
 #[cfg(feature = "failpoints")]
 mod failpoints;
