@@ -146,6 +146,21 @@ async fn from_etcd35(kind: Kind) {
         assert!(keys.iter().any(|k| k == key), "{key} in {keys:?}");
     }
 
+    // `metastore snapshot status` reads it as etcdutl 3.5 does: revision, pairs, size and the
+    // CRC over the buckets.
+    let status = |program: PathBuf| {
+        let out = Command::new(program)
+            .args(["snapshot", "status", "-w", "json"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        support::assert_success(&out);
+        json(&String::from_utf8_lossy(&out.stdout))
+    };
+    let etcds = status(etcd35_dir().join("etcdutl"));
+    assert_eq!(etcds["revision"].as_u64(), Some(source.revision), "{etcds}");
+    assert_eq!(status(PathBuf::from(support::metastore_bin())), etcds);
+
     let engine = if kind == Kind::Rocks {
         "rocksdb"
     } else {
