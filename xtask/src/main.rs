@@ -33,7 +33,7 @@ mod bench_charts;
 mod etcd35;
 mod prereq;
 
-use prereq::{ensure, CXX, ETCD, ETCDCTL, LIBCLANG, PROMTOOL};
+use prereq::{ensure, CURL, CXX, ETCD, ETCDCTL, LIBCLANG, PROMTOOL};
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -264,7 +264,7 @@ fn exec(mut cmd: Command) -> Result<()> {
 const TEST_FEATURES: &str = "metastore/failpoints";
 
 fn test(filter: &[String]) -> Result<()> {
-    ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL, PROMTOOL])?;
+    ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL, PROMTOOL, CURL])?;
     let nextest = cargo()
         .args(["nextest", "--version"])
         .output()
@@ -412,7 +412,7 @@ fn robustness(args: &[String]) -> Result<()> {
 }
 
 fn ci() -> Result<()> {
-    ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL, PROMTOOL])?;
+    ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL, PROMTOOL, CURL])?;
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     status(fmt)?;

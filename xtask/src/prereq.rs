@@ -78,6 +78,13 @@ pub const ETCDCTL: Prereq = Prereq {
     check: || on_path("etcdctl"),
 };
 
+pub const CURL: Prereq = Prereq {
+    what: "curl (fetches etcd 3.5 for tests/etcd35.rs)",
+    package: "curl",
+    elsewhere: "curl, on PATH",
+    check: || on_path("curl"),
+};
+
 pub const PROMTOOL: Prereq = Prereq {
     what: "promtool (the /metrics exposition test)",
     package: "prometheus",
