@@ -444,11 +444,17 @@ impl KvStateMachine {
         let mut batch = WriteBatch::new();
         let result = match request {
             Request::Authenticate(r) => {
-                return Some(
-                    auth.apply_authenticate(&r.name, &r.simple_token_prefix, index)
-                        .map(|(token, revision)| Output::Authenticated { token, revision })
+                // Issuing a token changes nothing durable, but the entry is applied all the
+                // same: the applied index must cover it, or a snapshot in place taken at this
+                // index would not count as covered on restart.
+                let issued = auth.apply_authenticate(&r.name, &r.simple_token_prefix, index);
+                return Some(match issued {
+                    Ok((token, revision)) => store
+                        .record_applied(index, batch)
+                        .map(|()| Output::Authenticated { token, revision })
                         .map_err(ApplyError::from),
-                )
+                    Err(e) => Err(e.into()),
+                });
             }
             Request::AuthEnable(_) => auth.apply_enable(&mut batch),
             Request::AuthDisable(_) => auth.apply_disable(&mut batch),
@@ -593,8 +599,17 @@ impl StateMachine for KvStateMachine {
         self.auth.simple_tokens().skip_until(last_index);
     }
 
-    fn apply_noop(&mut self, _index: u64, _term: u64) {
-        // Nothing to persist: replaying a no-op after a restart is harmless.
+    fn apply_noop(&mut self, index: u64, _term: u64) {
+        // The applied index must cover the no-op (a new leader's first entry): raft-node takes a
+        // snapshot in place at its applied index and, on restart, counts it only if the
+        // engine's applied index reaches it.
+        if let Err(e) = self
+            .store
+            .current()
+            .record_applied(index, Default::default())
+        {
+            tracing::error!(index, error = %e, "persisting the applied index failed");
+        }
     }
 
     fn persist(&mut self) -> Option<PersistJob> {
@@ -688,6 +703,32 @@ mod tests {
     use metastore_proto::metastorepb::internal_raft_request::Request;
     use metastore_raft_node::StateMachine;
     use metastore_storage_mem::MemBackend;
+
+    /// Found by the entry_apply fuzz target: an Authenticate left the applied index behind.
+    #[test]
+    fn every_applied_entry_advances_the_applied_index() {
+        let backend: Arc<dyn Backend> = Arc::new(MemBackend::new(&buckets()));
+        let mut sm = KvStateMachine::open(backend).unwrap();
+        let user_add = Request::UserAdd(metastore_proto::etcdserverpb::AuthUserAddRequest {
+            name: "u".into(),
+            hashed_password: "hash".into(),
+            ..Default::default()
+        });
+        sm.apply(1, 1, &encode_request(user_add)).unwrap();
+        assert_eq!(sm.applied_index(), 1);
+        let authenticate =
+            Request::Authenticate(metastore_proto::metastorepb::AuthenticateInternal {
+                name: "u".into(),
+                simple_token_prefix: "p".into(),
+            });
+        match sm.apply(2, 1, &encode_request(authenticate)).unwrap() {
+            Output::Authenticated { token, .. } => assert_eq!(token.as_deref(), Some("p.2")),
+            other => panic!("unexpected output {other:?}"),
+        }
+        assert_eq!(sm.applied_index(), 2);
+        sm.apply_noop(3, 2);
+        assert_eq!(sm.applied_index(), 3);
+    }
 
     #[test]
     fn lease_recovery_reads_the_keys_page_by_page() {
