@@ -782,6 +782,13 @@ impl Read for ChunkReader {
     }
 }
 
+/// A raft message as a peer sent it (one of a [`RaftBatch`]'s, or a snapshot stream's first);
+/// undecodable bytes are the caller's `invalid argument`.
+pub fn decode_message(bytes: &[u8]) -> Result<Message, Status> {
+    Message::parse_from_bytes(bytes)
+        .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
+}
+
 #[tonic::async_trait]
 impl<O: Send + 'static> Peer for PeerService<O> {
     async fn raft(
@@ -814,10 +821,7 @@ impl<O: Send + 'static> Peer for PeerService<O> {
                 return Err(Status::failed_precondition(REMOVED_MESSAGE));
             }
             for bytes in &batch.messages {
-                let msg = Message::parse_from_bytes(bytes).map_err(|e| {
-                    Status::invalid_argument(format!("undecodable raft message: {e}"))
-                })?;
-                self.node.step(msg);
+                self.node.step(decode_message(bytes)?);
             }
         }
         Ok(Response::new(PeerAck {}))
@@ -833,8 +837,7 @@ impl<O: Send + 'static> Peer for PeerService<O> {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         self.check_cluster(first.cluster_id)?;
-        let msg = Message::parse_from_bytes(&first.message)
-            .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
+        let msg = decode_message(&first.message)?;
         let size = first.total_bytes;
         let (tx, rx) = mpsc::channel(4);
         let node = self.node.clone();

@@ -21,6 +21,8 @@
 
 mod config;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod logger;
 mod metrics;
 mod node;

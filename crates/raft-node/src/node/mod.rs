@@ -32,6 +32,8 @@ use crate::{MemberChange, Membership, RaftConfig, RaftError, StateMachine, Trans
 
 mod conf_change;
 mod disk;
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzz_hooks;
 mod guard;
 mod heartbeats;
 mod propose;

@@ -46,6 +46,9 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzz_hooks;
+
 pub(crate) use writer::Wal;
 
 /// Size at which a new segment is started (etcd's `SegmentSizeBytes`).

@@ -16,7 +16,7 @@ pub(super) const RECORD_ENTRY: u8 = 1;
 pub(super) const RECORD_HARD_STATE: u8 = 2;
 pub(super) const RECORD_SNAPSHOT: u8 = 3;
 
-fn encode_record(
+pub(super) fn encode_record(
     buf: &mut Vec<u8>,
     record_type: u8,
     what: &'static str,

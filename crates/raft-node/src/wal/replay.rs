@@ -95,19 +95,23 @@ fn has_unwritten_sector(record: &[u8], offset: usize) -> bool {
     false
 }
 
-/// Replays one segment into `contents`; in the last segment a torn tail is truncated away.
-/// Returns where its records end.
-pub(super) fn replay_segment(
-    segment: &Segment,
+/// Where the records of a segment's bytes end, as [`replay_records`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RecordsEnd {
+    /// Offset after the last good record.
+    pub offset: usize,
+    /// Why the record at `offset` is a torn write, when it is one (to be cut off).
+    pub torn: Option<String>,
+}
+
+/// Replays the records of one segment's bytes into `contents`, in order, without touching any
+/// file: a torn record (only accepted at the end of the last segment, `is_last`) ends them.
+/// Errors are (offset of the bad record, reason).
+pub(crate) fn replay_records(
+    data: &[u8],
     is_last: bool,
     contents: &mut WalContents,
-) -> Result<u64, WalError> {
-    let data = fs::read(&segment.path).map_err(io_err("read", &segment.path))?;
-    let corrupt = |offset: usize, reason: String| WalError::Corrupt {
-        file: segment.path.clone(),
-        offset: offset as u64,
-        reason,
-    };
+) -> Result<RecordsEnd, (usize, String)> {
     let mut offset = 0;
     while offset < data.len() {
         if data[offset..].iter().all(|b| *b == 0) {
@@ -118,7 +122,7 @@ pub(super) fn replay_segment(
             Ok((record_type, payload, len)) => {
                 contents
                     .apply(record_type, payload)
-                    .map_err(|reason| corrupt(offset, reason))?;
+                    .map_err(|reason| (offset, reason))?;
                 offset += len;
             }
             Err(e) => {
@@ -137,24 +141,47 @@ pub(super) fn replay_segment(
                     ),
                 };
                 if !(is_last && torn) {
-                    return Err(corrupt(offset, reason));
+                    return Err((offset, reason));
                 }
-                tracing::warn!(
-                    path = %segment.path.display(),
+                return Ok(RecordsEnd {
                     offset,
-                    dropped_bytes = rest.len(),
-                    "truncating torn record at the end of the WAL ({reason})"
-                );
-                let file = OpenOptions::new()
-                    .write(true)
-                    .open(&segment.path)
-                    .map_err(io_err("open", &segment.path))?;
-                file.set_len(offset as u64)
-                    .map_err(io_err("truncate", &segment.path))?;
-                file.sync_all().map_err(io_err("fsync", &segment.path))?;
-                break;
+                    torn: Some(reason),
+                });
             }
         }
     }
-    Ok(offset as u64)
+    Ok(RecordsEnd { offset, torn: None })
+}
+
+/// Replays one segment into `contents`; in the last segment a torn tail is truncated away.
+/// Returns where its records end.
+pub(super) fn replay_segment(
+    segment: &Segment,
+    is_last: bool,
+    contents: &mut WalContents,
+) -> Result<u64, WalError> {
+    let data = fs::read(&segment.path).map_err(io_err("read", &segment.path))?;
+    let end =
+        replay_records(&data, is_last, contents).map_err(|(offset, reason)| WalError::Corrupt {
+            file: segment.path.clone(),
+            offset: offset as u64,
+            reason,
+        })?;
+    if let Some(reason) = end.torn {
+        let offset = end.offset;
+        tracing::warn!(
+            path = %segment.path.display(),
+            offset,
+            dropped_bytes = data.len() - offset,
+            "truncating torn record at the end of the WAL ({reason})"
+        );
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&segment.path)
+            .map_err(io_err("open", &segment.path))?;
+        file.set_len(offset as u64)
+            .map_err(io_err("truncate", &segment.path))?;
+        file.sync_all().map_err(io_err("fsync", &segment.path))?;
+    }
+    Ok(end.offset as u64)
 }

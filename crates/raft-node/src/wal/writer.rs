@@ -212,7 +212,7 @@ impl Wal {
     }
 
     /// Where the records of the current segment end.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn records_end(&self) -> u64 {
         self.file_size
     }
