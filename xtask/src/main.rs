@@ -7,7 +7,8 @@
 //!   info does not creep back into release builds (`bench` checks it too).
 //! - `test`: check prerequisites (libclang and a C++ compiler for RocksDB, etcd + etcdctl for the
 //!   differential and client tests), then run every test of the workspace.
-//! - `ci`: formatting check, clippy with `-D warnings`, `cargo deny`, then `test`.
+//! - `ci`: formatting check, clippy with `-D warnings`, `cargo deny`, then `test`, then the fuzz
+//!   targets built and their corpus replayed (stable).
 //! - `robustness [--seed N] [--seeds K] [--duration S] [--engine memory|rocksdb|both|etcd]
 //!   [--faults KIND,…]`: the robustness suite's long run (`tests/robustness`), K seeds from N
 //!   (default: one random seed), S seconds of faults each (default 120), on one engine, both,
@@ -17,6 +18,9 @@
 //! - `bench [--quick]`: MetaStore (both engines) beside etcd, 1 and 3 members, written to
 //!   `bench/results/<date>.md` (see `bench.rs`) with SVG charts beside it (`bench_charts.rs`).
 //! - `bench-charts REPORT.md…`: draw the charts of reports written before.
+//! - `fuzz [TARGET…] [--runs N | --seconds S]`: the fuzz targets of `fuzz/` under cargo-fuzz and
+//!   nightly, one after the other (see `fuzz.rs`); `ci` builds them on stable and replays their
+//!   corpus instead.
 //!
 //! Prerequisites are looked for the way the build and the tests look for them (`prereq.rs`).
 //! Missing Debian packages are installed when running as root on Debian/Ubuntu; otherwise xtask
@@ -31,6 +35,7 @@ use anyhow::{bail, Context, Result};
 mod bench;
 mod bench_charts;
 mod etcd35;
+mod fuzz;
 mod prereq;
 
 use prereq::{ensure, CURL, CXX, ETCD, ETCDCTL, LIBCLANG, PROMTOOL};
@@ -46,8 +51,9 @@ fn main() -> ExitCode {
         Some("bench-charts") => bench_charts::bench_charts(&args[1..]),
         Some("robustness") => robustness(&args[1..]),
         Some("etcd35") => etcd35::ensure(&target_dir()).map(|dir| println!("{}", dir.display())),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <run [--] [server flags…] | size | test [test filter…] | ci | bench [--quick] | bench-charts REPORT.md… | robustness [--seed N] [--seeds K] [--duration S] [--engine memory|rocksdb|both|etcd] [--faults KIND,…] | etcd35>");
+            eprintln!("usage: cargo xtask <run [--] [server flags…] | size | test [test filter…] | ci | bench [--quick] | bench-charts REPORT.md… | robustness [--seed N] [--seeds K] [--duration S] [--engine memory|rocksdb|both|etcd] [--faults KIND,…] | etcd35 | fuzz [target…] [--runs N | --seconds S]>");
             return ExitCode::from(2);
         }
     };
@@ -416,6 +422,12 @@ fn ci() -> Result<()> {
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     status(fmt)?;
+    let mut fmt_fuzz = cargo();
+    fmt_fuzz
+        .args(["fmt", "--manifest-path"])
+        .arg(workspace_root().join("fuzz").join("Cargo.toml"))
+        .args(["--", "--check"]);
+    status(fmt_fuzz)?;
     let mut clippy = cargo();
     clippy.args([
         "clippy",
@@ -429,7 +441,8 @@ fn ci() -> Result<()> {
     ]);
     status(clippy)?;
     deny()?;
-    test(&[])
+    test(&[])?;
+    fuzz::fuzz_check()
 }
 
 /// `cargo deny` for licences, bans and sources, then advisories. The advisory database is cloned
