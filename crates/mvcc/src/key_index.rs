@@ -11,6 +11,7 @@ use std::ops::Bound;
 use smallvec::SmallVec;
 
 use crate::revision::Revision;
+use crate::MvccError;
 
 /// One life of a key, from creation to deletion.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -77,6 +78,14 @@ impl KeyIndex {
 
     fn put(&mut self, rev: Revision) {
         self.full_mut().put(rev);
+    }
+
+    /// The last revision that changed the key.
+    fn modified(&self) -> Revision {
+        match self {
+            KeyIndex::One(rev) => *rev,
+            KeyIndex::Many(full) => full.modified,
+        }
     }
 
     fn restore(created: Revision, modified: Revision, ver: i64) -> Self {
@@ -388,8 +397,21 @@ impl Index {
         tombstone: bool,
         created: i64,
         version: i64,
-    ) {
+    ) -> Result<(), MvccError> {
         match self.keys.get_mut(key) {
+            // The key bucket is read in revision order, so each key's revisions increase; a
+            // damaged or forged snapshot may break that (the same revision as a put and as a
+            // tombstone), which the index must refuse rather than record out of order.
+            Some(ki) if rev <= ki.modified() => {
+                return Err(MvccError::Corrupt(format!(
+                    "key bucket: revision {}_{} of key {key:02x?} does not follow its revision \
+                     {}_{}",
+                    rev.main,
+                    rev.sub,
+                    ki.modified().main,
+                    ki.modified().sub
+                )));
+            }
             Some(ki) if tombstone => {
                 // A tombstone of a key that is not live is a no-op, as in etcd's restore.
                 if ki.tombstone(rev) {
@@ -412,6 +434,7 @@ impl Index {
                 self.keys.insert(IndexKey::from_slice(key), ki);
             }
         }
+        Ok(())
     }
 
     /// Every key of `range` with its history, in key order.
@@ -708,13 +731,30 @@ mod tests {
         // Rebuilt from disk in revision order: a key whose first surviving revision is a
         // tombstone is not live; one put again after it is.
         let mut restored = Index::default();
-        restored.restore(b"x", r(10, 0), true, 0, 0);
+        restored.restore(b"x", r(10, 0), true, 0, 0).unwrap();
         assert_eq!(restored.live_keys(), 0);
-        restored.restore(b"y", r(11, 0), false, 11, 1);
-        restored.restore(b"x", r(12, 0), false, 12, 1);
-        restored.restore(b"y", r(13, 0), true, 0, 0);
-        restored.restore(b"y", r(14, 0), true, 0, 0);
+        restored.restore(b"y", r(11, 0), false, 11, 1).unwrap();
+        restored.restore(b"x", r(12, 0), false, 12, 1).unwrap();
+        restored.restore(b"y", r(13, 0), true, 0, 0).unwrap();
+        restored.restore(b"y", r(14, 0), true, 0, 0).unwrap();
         assert_eq!(restored.live_keys(), 1);
+    }
+
+    /// Found by the snapshot_metastore fuzz target: a snapshot whose key bucket held one
+    /// revision both as a put and as a tombstone of the same key hit a debug assertion (and
+    /// recorded the history out of order without it).
+    #[test]
+    fn a_restore_out_of_revision_order_is_refused() {
+        let mut idx = Index::default();
+        idx.restore(b"k", r(5, 0), false, 5, 1).unwrap();
+        let err = idx.restore(b"k", r(5, 0), true, 0, 0).unwrap_err();
+        assert!(matches!(err, MvccError::Corrupt(_)), "{err:?}");
+        assert!(idx.restore(b"k", r(4, 0), false, 4, 1).is_err());
+        idx.restore(b"k", r(6, 0), true, 0, 0).unwrap();
+        assert_eq!(idx.live_keys(), 0);
+        assert!(idx.restore(b"k", r(6, 0), false, 6, 1).is_err());
+        idx.restore(b"k", r(7, 0), false, 7, 1).unwrap();
+        assert_eq!(idx.live_keys(), 1);
     }
 
     #[test]

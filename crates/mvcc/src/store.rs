@@ -672,7 +672,7 @@ pub(crate) fn bad_revision_key(k: &[u8]) -> MvccError {
 fn restore_revision(index: &mut Index, k: &[u8], v: &[u8]) -> Result<i64, MvccError> {
     let (rev, tombstone) = Revision::from_key(k).ok_or_else(|| bad_revision_key(k))?;
     let kv = decode_kv(v)?;
-    index.restore(&kv.key, rev, tombstone, kv.create_revision, kv.version);
+    index.restore(&kv.key, rev, tombstone, kv.create_revision, kv.version)?;
     Ok(rev.main)
 }
 
