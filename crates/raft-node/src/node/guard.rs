@@ -19,6 +19,25 @@ pub(super) fn sanitize(log: &RaftLog<LogStore>, msg: &mut Message) -> Result<(),
             msg.commit = log.last_index();
             Ok(())
         }
+        // raft-rs reads the term of an index beyond the log as 0, so a snapshot or an append
+        // that claims term 0 for an index past this member's log "matches" it, and raft then
+        // commits up to that index (`to_commit … is out of range`). No entry after index 0 has
+        // term 0, so such messages are forged or corrupt.
+        MessageType::MsgSnapshot
+            if msg.get_snapshot().get_metadata().index > 0
+                && msg.get_snapshot().get_metadata().term == 0 =>
+        {
+            Err("snapshot of term 0")
+        }
+        // A follower forwards proposals and read requests to its leader as it got them; raft-rs
+        // sends them without a term and panics (`term should not be set when sending
+        // MsgPropose`) when asked to forward one that has a term. Members send them without.
+        MessageType::MsgPropose | MessageType::MsgReadIndex if msg.term != 0 => {
+            Err("proposal or read request carrying a term")
+        }
+        MessageType::MsgAppend if msg.index > 0 && msg.log_term == 0 => {
+            Err("append after an entry of term 0")
+        }
         MessageType::MsgAppend => {
             let in_sequence = msg
                 .entries
@@ -73,6 +92,85 @@ mod tests {
         heartbeat.commit = 3;
         assert_eq!(sanitize(&log, &mut heartbeat), Ok(()));
         assert_eq!(heartbeat.commit, 3);
+    }
+
+    /// Found by the peer_message fuzz target: raft-rs panicked with `to_commit 20 is out of
+    /// range [last_index 5]` on a snapshot of term 0 at index 20.
+    #[test]
+    fn messages_claiming_term_0_past_index_0_are_refused() {
+        let log = log_with(5);
+        let mut snapshot = message(MessageType::MsgSnapshot);
+        snapshot.mut_snapshot().mut_metadata().index = 20;
+        assert!(sanitize(&log, &mut snapshot).is_err());
+        snapshot.mut_snapshot().mut_metadata().term = 3;
+        assert_eq!(sanitize(&log, &mut snapshot), Ok(()));
+
+        let mut append = message(MessageType::MsgAppend);
+        append.index = 20;
+        append.commit = 20;
+        assert!(sanitize(&log, &mut append).is_err());
+        append.log_term = 1;
+        assert_eq!(sanitize(&log, &mut append), Ok(()));
+        // The first append of a new log: index 0, term 0.
+        let mut first = message(MessageType::MsgAppend);
+        first.entries = vec![Entry {
+            index: 1,
+            term: 1,
+            ..Default::default()
+        }]
+        .into();
+        assert_eq!(sanitize(&log, &mut first), Ok(()));
+    }
+
+    /// Found by the peer_message fuzz target: a follower panicked forwarding a peer's
+    /// MsgPropose of term 3 to its leader.
+    #[test]
+    fn proposals_and_read_requests_carrying_a_term_are_refused() {
+        let log = log_with(5);
+        for kind in [MessageType::MsgPropose, MessageType::MsgReadIndex] {
+            let mut msg = message(kind);
+            assert_eq!(sanitize(&log, &mut msg), Ok(()));
+            msg.term = 3;
+            assert!(sanitize(&log, &mut msg).is_err(), "{kind:?}");
+        }
+    }
+
+    /// The same messages through raft itself: refused by the guard, they cannot reach it.
+    #[test]
+    fn raft_panics_on_a_snapshot_of_term_0_without_the_guard() {
+        let result = std::panic::catch_unwind(|| {
+            let store = LogStore::new(raft::storage::MemStorage::new_with_conf_state(
+                raft::eraftpb::ConfState::from((vec![1, 2], vec![])),
+            ));
+            let entries: Vec<Entry> = (1..=5)
+                .map(|index| Entry {
+                    index,
+                    term: 1,
+                    ..Default::default()
+                })
+                .collect();
+            store.mem.wl().append(&entries).unwrap();
+            let cfg = raft::Config {
+                id: 1,
+                ..Default::default()
+            };
+            let mut raw = raft::RawNode::new(&cfg, store, &crate::logger::raft_logger(1)).unwrap();
+            let mut snapshot = message(MessageType::MsgSnapshot);
+            snapshot.from = 2;
+            snapshot.to = 1;
+            snapshot.term = 2;
+            snapshot.mut_snapshot().mut_metadata().index = 20;
+            snapshot
+                .mut_snapshot()
+                .mut_metadata()
+                .mut_conf_state()
+                .voters = vec![1, 2];
+            let _ = raw.step(snapshot);
+        });
+        assert!(
+            result.is_err(),
+            "raft-rs no longer panics: the guard's rule may go"
+        );
     }
 
     #[test]
