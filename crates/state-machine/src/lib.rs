@@ -710,24 +710,32 @@ mod tests {
         let backend: Arc<dyn Backend> = Arc::new(MemBackend::new(&buckets()));
         let mut sm = KvStateMachine::open(backend).unwrap();
         let user_add = Request::UserAdd(metastore_proto::etcdserverpb::AuthUserAddRequest {
-            name: "u".into(),
+            name: "root".into(),
             hashed_password: "hash".into(),
             ..Default::default()
         });
-        sm.apply(1, 1, &encode_request(user_add)).unwrap();
-        assert_eq!(sm.applied_index(), 1);
+        let grant =
+            Request::UserGrantRole(metastore_proto::etcdserverpb::AuthUserGrantRoleRequest {
+                user: "root".into(),
+                role: "root".into(),
+            });
+        let enable = Request::AuthEnable(Default::default());
+        for (index, request) in (1..).zip([user_add, grant, enable]) {
+            sm.apply(index, 1, &encode_request(request)).unwrap();
+            assert_eq!(sm.applied_index(), index);
+        }
         let authenticate =
             Request::Authenticate(metastore_proto::metastorepb::AuthenticateInternal {
-                name: "u".into(),
+                name: "root".into(),
                 simple_token_prefix: "p".into(),
             });
-        match sm.apply(2, 1, &encode_request(authenticate)).unwrap() {
-            Output::Authenticated { token, .. } => assert_eq!(token.as_deref(), Some("p.2")),
+        match sm.apply(4, 1, &encode_request(authenticate)).unwrap() {
+            Output::Authenticated { token, .. } => assert_eq!(token.as_deref(), Some("p.4")),
             other => panic!("unexpected output {other:?}"),
         }
-        assert_eq!(sm.applied_index(), 2);
-        sm.apply_noop(3, 2);
-        assert_eq!(sm.applied_index(), 3);
+        assert_eq!(sm.applied_index(), 4);
+        sm.apply_noop(5, 2);
+        assert_eq!(sm.applied_index(), 5);
     }
 
     #[test]

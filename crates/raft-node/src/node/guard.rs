@@ -183,6 +183,7 @@ mod tests {
         };
         let mut append = message(MessageType::MsgAppend);
         append.index = 5;
+        append.log_term = 1;
         append.entries = vec![entry(6), entry(7)].into();
         assert_eq!(sanitize(&log, &mut append), Ok(()));
         append.entries = vec![entry(1)].into();
