@@ -35,8 +35,11 @@ use metastore_storage_mem::MemBackend;
 use prost::Message as _;
 use raft::eraftpb::EntryType;
 
+/// A target's body.
+pub type Body = fn(&[u8]);
+
 /// Every target: its name (the directory of its corpus) and its body.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Body)] = &[
     ("wal_record", wal_record),
     ("wal_open", wal_open),
     ("snapshot_metastore", snapshot_metastore),
@@ -354,16 +357,15 @@ pub fn conf_change(data: &[u8]) {
     if node.campaign().is_err() {
         return;
     }
-    let mut last = node.applied_index();
-    for (kind, bytes) in Input::new(data).take(32) {
+    let first = node.applied_index() + 1;
+    for (index, (kind, bytes)) in (first..).zip(Input::new(data).take(32)) {
         let entry_type = if kind & 1 == 0 {
             EntryType::EntryConfChange
         } else {
             EntryType::EntryConfChangeV2
         };
         let _ = node.apply_conf_change_entry(entry_type, bytes);
-        assert_eq!(node.applied_index(), last + 1);
-        last += 1;
+        assert_eq!(node.applied_index(), index);
     }
 }
 
