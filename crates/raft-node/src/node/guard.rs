@@ -35,6 +35,11 @@ pub(super) fn sanitize(log: &RaftLog<LogStore>, msg: &mut Message) -> Result<(),
         MessageType::MsgPropose | MessageType::MsgReadIndex if msg.term != 0 => {
             Err("proposal or read request carrying a term")
         }
+        // raft-rs restores a snapshot's membership and panics when what it built differs from
+        // what the snapshot says (`invalid restore`): member id 0, an id listed twice.
+        MessageType::MsgSnapshot if !valid_membership(msg.get_snapshot().get_metadata()) => {
+            Err("snapshot with an invalid membership")
+        }
         MessageType::MsgAppend if msg.index > 0 && msg.log_term == 0 => {
             Err("append after an entry of term 0")
         }
@@ -56,6 +61,22 @@ pub(super) fn sanitize(log: &RaftLog<LogStore>, msg: &mut Message) -> Result<(),
         }
         _ => Ok(()),
     }
+}
+
+/// Member ids are not 0 and appear once in each list, and no voter is also a learner.
+fn valid_membership(metadata: &raft::eraftpb::SnapshotMetadata) -> bool {
+    let cs = metadata.get_conf_state();
+    let lists = [
+        &cs.voters,
+        &cs.learners,
+        &cs.voters_outgoing,
+        &cs.learners_next,
+    ];
+    let well_formed = lists.iter().all(|ids| {
+        let mut seen = std::collections::HashSet::new();
+        ids.iter().all(|id| *id != 0 && seen.insert(*id))
+    });
+    well_formed && !cs.voters.iter().any(|id| cs.learners.contains(id))
 }
 
 #[cfg(test)]
@@ -120,6 +141,26 @@ mod tests {
         }]
         .into();
         assert_eq!(sanitize(&log, &mut first), Ok(()));
+    }
+
+    /// Found by the peer_message fuzz target: `invalid restore: voters: 1 voters: 2 voters: 0
+    /// != voters: 1 voters: 2`.
+    #[test]
+    fn snapshots_with_an_invalid_membership_are_refused() {
+        let log = log_with(5);
+        let snapshot = |voters: Vec<u64>, learners: Vec<u64>| {
+            let mut msg = message(MessageType::MsgSnapshot);
+            let metadata = msg.mut_snapshot().mut_metadata();
+            metadata.index = 9;
+            metadata.term = 2;
+            metadata.mut_conf_state().voters = voters;
+            metadata.mut_conf_state().learners = learners;
+            msg
+        };
+        assert_eq!(sanitize(&log, &mut snapshot(vec![1, 2], vec![3])), Ok(()));
+        assert!(sanitize(&log, &mut snapshot(vec![1, 2, 0], vec![])).is_err());
+        assert!(sanitize(&log, &mut snapshot(vec![1, 2, 2], vec![])).is_err());
+        assert!(sanitize(&log, &mut snapshot(vec![1, 2], vec![2])).is_err());
     }
 
     /// Found by the peer_message fuzz target: a follower panicked forwarding a peer's
