@@ -1318,3 +1318,70 @@ async fn watchers_and_a_large_compaction_cause_no_leader_change() {
     drop(idle);
     c.assert_converged().await;
 }
+
+per_engine!(a_leader_resumed_after_a_pause_revokes_no_lease_renewed_meanwhile);
+
+/// A lease kept alive through a follower while the leader is stopped (SIGSTOP) for longer than
+/// the lease's TTL and an election: the new leader takes the renewals. When the old leader
+/// resumes, its lessor still counts the deadlines of before the pause; it must not revoke the
+/// lease (etcd 3.5 confirms its leadership before revoking). Found by the robustness suite
+/// (memory engine, seed 5).
+async fn a_leader_resumed_after_a_pause_revokes_no_lease_renewed_meanwhile(kind: Kind) {
+    use metastore_proto::etcdserverpb::lease_client::LeaseClient;
+    use metastore_proto::etcdserverpb::{LeaseGrantRequest, LeaseKeepAliveRequest};
+    let mut c = Cluster::start(kind, 3, &[]).await;
+    let leader = c.wait_leader().await;
+    let follower = (leader + 1) % 3;
+    let mut lease = LeaseClient::new(c.channel(follower).await.expect("connect"));
+    let id = lease
+        .lease_grant(LeaseGrantRequest { ttl: 2, id: 0 })
+        .await
+        .expect("grant")
+        .into_inner()
+        .id;
+    let mut kv = c.kv(follower).await;
+    kv.put(PutRequest {
+        key: b"leased".to_vec(),
+        value: b"v".to_vec(),
+        lease: id,
+        ..Default::default()
+    })
+    .await
+    .expect("put");
+    // Keep-alives through the follower every 300 ms (forwarded to whoever leads), until told.
+    let keeping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let keeper = {
+        let keeping = keeping.clone();
+        tokio::spawn(async move {
+            let mut renewed = 0;
+            while keeping.load(std::sync::atomic::Ordering::SeqCst) {
+                let call = lease.lease_keep_alive(tokio_stream::once(LeaseKeepAliveRequest { id }));
+                if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(1), call).await {
+                    let mut responses = resp.into_inner();
+                    if let Ok(Some(Ok(answer))) =
+                        tokio::time::timeout(Duration::from_secs(1), responses.message())
+                            .await
+                            .map(|r| r.transpose())
+                    {
+                        assert!(answer.ttl > 0, "the lease was gone at a renewal");
+                        renewed += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            renewed
+        })
+    };
+    // Longer than the TTL plus an election: another member leads and renews meanwhile.
+    c.pause(leader, Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    keeping.store(false, std::sync::atomic::Ordering::SeqCst);
+    let renewed = keeper.await.expect("keeper");
+    assert!(renewed > 5, "only {renewed} renewals");
+    assert_eq!(
+        get_eventually(&c, follower, "leased").await.as_deref(),
+        Some("v"),
+        "the resumed leader revoked a lease that was renewed meanwhile:\n{}",
+        c.log(leader)
+    );
+}

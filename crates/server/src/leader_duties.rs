@@ -43,6 +43,8 @@ use tonic_health::server::HealthReporter;
 const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 /// Most revokes proposed per check.
 const MAX_REVOKES_PER_CHECK: usize = 64;
+/// Longest wait for the ReadIndex round that confirms the leadership before revoking leases.
+const LEADERSHIP_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a peer may take to answer a HashKV of the corruption checks.
 const PEER_HASH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the membership is compared with the one last seen, to find removed members.
@@ -107,23 +109,46 @@ impl Duties {
 
 /// Follows this member's leadership (promoting or demoting the lessor; a promotion restarts every
 /// countdown with `extend` on top) and, while leader, proposes a revoke for each expired lease.
+///
+/// Two things keep a leader that was stalled (a long pause, SIGSTOP, a partition) from revoking
+/// leases that another leader renewed meanwhile: the lessor is promoted again whenever the term
+/// changes, not only when the leadership flag does (leadership lost and won back between two
+/// checks missed every renewal the other leader took), and before revoking, the leadership is
+/// confirmed by a ReadIndex round in the same term, as etcd 3.5 does (`ensureLeadership`): a
+/// resumed leader that does not know yet of a newer term would otherwise have its revokes
+/// forwarded to the new leader and committed.
 async fn lease_expiry(ctx: ServerContext, lessor: Arc<Lessor>, extend: Duration) {
     let mut ticker = tokio::time::interval(EXPIRY_CHECK_INTERVAL);
+    let mut primary_term = 0;
     loop {
         ticker.tick().await;
-        let leader = ctx.raft.with_status(|s| s.is_leader);
-        if leader != lessor.is_primary() {
-            if leader {
-                lessor.promote(extend);
-            } else {
-                lessor.demote();
-            }
+        let (leader, term) = ctx.raft.with_status(|s| (s.is_leader, s.term));
+        if leader && (!lessor.is_primary() || term != primary_term) {
+            lessor.promote(extend);
+            primary_term = term;
+        } else if !leader && lessor.is_primary() {
+            lessor.demote();
         }
         if !leader {
             continue;
         }
+        let expired = lessor.expired(MAX_REVOKES_PER_CHECK);
+        if expired.is_empty() {
+            continue;
+        }
+        let confirmed = matches!(
+            tokio::time::timeout(LEADERSHIP_CHECK_TIMEOUT, ctx.raft.read_index()).await,
+            Ok(Ok(_))
+        ) && ctx.raft.with_status(|s| s.is_leader && s.term == term);
+        if !confirmed {
+            tracing::info!(
+                term,
+                "not revoking expired leases: the leadership of this term is not confirmed"
+            );
+            continue;
+        }
         let mut revokes = tokio::task::JoinSet::new();
-        for id in lessor.expired(MAX_REVOKES_PER_CHECK) {
+        for id in expired {
             let ctx = ctx.clone();
             revokes.spawn(async move {
                 let result = ctx
