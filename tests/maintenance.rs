@@ -1118,3 +1118,66 @@ async fn an_etcd_snapshot_restores_its_users_and_roles() {
     let users = ctl(&["--user", "root:rootpw", "user", "list"]).1;
     assert_eq!(users, "alice\nroot\n");
 }
+
+/// `metastore snapshot restore` of a bbolt file that is not etcd's backend, or whose history
+/// misses a revision above its compaction mark, is refused with a clear error, and no member
+/// directory is written.
+#[test]
+fn a_restore_refuses_a_foreign_database_and_a_history_with_a_gap() {
+    use metastore_bbolt::etcd_schema::{KeyBucketKey, Revision};
+    let dir = tempfile::tempdir().unwrap();
+    type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+    let write = |name: &str, buckets: &[(&str, Pairs)]| {
+        let path = dir.path().join(name);
+        let file = std::fs::File::create(&path).unwrap();
+        let mut w = metastore_bbolt::Writer::new(file, metastore_bbolt::DEFAULT_PAGE_SIZE).unwrap();
+        for (bucket, pairs) in buckets {
+            w.bucket(bucket.as_bytes()).unwrap();
+            for (k, v) in pairs {
+                w.put(k, v).unwrap();
+            }
+        }
+        w.finish().unwrap();
+        path
+    };
+    let revision = |main| {
+        KeyBucketKey {
+            revision: Revision { main, sub: 0 },
+            tombstone: false,
+        }
+        .encode()
+    };
+    let foreign = write(
+        "foreign.db",
+        &[("foo", vec![(b"k".to_vec(), b"v".to_vec())])],
+    );
+    let gap = write(
+        "gap.db",
+        &[
+            (
+                "key",
+                [2, 3, 5]
+                    .into_iter()
+                    .map(|main| (revision(main), b"v".to_vec()))
+                    .collect(),
+            ),
+            ("meta", vec![]),
+        ],
+    );
+    for (file, expected) in [
+        (foreign, "not etcd's backend"),
+        (gap, "revision 4 is missing"),
+    ] {
+        let never = dir.path().join("never");
+        let refused = Command::new(metastore_bin())
+            .args(["snapshot", "restore", file.to_str().unwrap()])
+            .args(["--skip-hash-check", "--data-dir"])
+            .arg(&never)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{file:?} restored");
+        assert!(stderr.contains(expected), "{file:?}: {stderr}");
+        assert!(!never.join("member").exists(), "{file:?} left a member");
+    }
+}

@@ -235,6 +235,49 @@ pub fn is_etcd_backend<S: ReadAt>(db: &Db<S>) -> Result<bool, Error> {
     Ok(names.iter().any(|n| n == bucket::KEY) && names.iter().any(|n| n == bucket::META))
 }
 
+/// Checks that the history above the compaction mark is whole: every main revision from the
+/// mark (or 2, etcd's first write, without one) to the newest has at least one change in the
+/// `key` bucket. A compaction removes revisions at or below its mark only, and every revision
+/// is made by a change, so a gap above it is a damaged or truncated file. Returns the newest
+/// main revision (0 for an empty history).
+pub fn check_revisions<S: ReadAt>(db: &Db<S>, meta: &BackendMeta) -> Result<i64, Error> {
+    let mark = meta
+        .scheduled_compact_revision
+        .into_iter()
+        .chain(meta.finished_compact_revision)
+        .max()
+        .unwrap_or(0);
+    let Some(keys) = db.bucket(bucket::KEY)? else {
+        return Ok(0);
+    };
+    let mut last: Option<i64> = None;
+    let mut last_above_mark: Option<i64> = None;
+    for entry in db.iter(&keys) {
+        let entry = entry?;
+        let main = KeyBucketKey::decode(&entry.key)?.revision.main;
+        if let Some(prev) = last {
+            if main < prev {
+                return Err(Error::NotEtcd(format!(
+                    "key bucket out of order: revision {main} after {prev}"
+                )));
+            }
+        }
+        last = Some(main);
+        if main <= mark || last_above_mark == Some(main) {
+            continue;
+        }
+        let needed = last_above_mark.map_or((mark + 1).max(2), |prev| prev + 1);
+        if main > needed {
+            return Err(Error::NotEtcd(format!(
+                "revision {needed} is missing from the key bucket (the next is {main}), above \
+                 the compaction mark {mark}: the history is not whole"
+            )));
+        }
+        last_above_mark = Some(main);
+    }
+    Ok(last.unwrap_or(0))
+}
+
 /// Reads and decodes the `meta` bucket.
 pub fn read_meta<S: ReadAt>(db: &Db<S>) -> Result<BackendMeta, Error> {
     let meta_bucket = db

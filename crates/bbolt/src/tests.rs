@@ -261,3 +261,67 @@ fn bbolt_files_are_told_from_other_files_by_their_first_bytes() {
     other_version[20] = 1;
     assert!(!crate::looks_like_bbolt(&other_version));
 }
+
+/// A `key` bucket of these (main, sub, tombstone) revisions and a compaction mark, read back
+/// through [`crate::etcd_schema::check_revisions`].
+fn check_history(revisions: &[(i64, i64, bool)], mark: Option<i64>) -> Result<i64, Error> {
+    use crate::etcd_schema::{check_revisions, read_meta, KeyBucketKey, Revision};
+    let keys = revisions
+        .iter()
+        .map(|&(main, sub, tombstone)| {
+            let key = KeyBucketKey {
+                revision: Revision { main, sub },
+                tombstone,
+            };
+            (key.encode(), b"v".to_vec())
+        })
+        .collect();
+    let meta = mark
+        .map(|m| {
+            vec![(
+                b"finishedCompactRev".to_vec(),
+                Revision { main: m, sub: 0 }.to_bytes().to_vec(),
+            )]
+        })
+        .unwrap_or_default();
+    let db = Db::from_bytes(write(
+        &vec![(b"key".to_vec(), keys), (b"meta".to_vec(), meta)],
+        DEFAULT_PAGE_SIZE,
+    ))
+    .unwrap();
+    let meta = read_meta(&db)?;
+    check_revisions(&db, &meta)
+}
+
+#[test]
+fn a_history_with_a_revision_missing_above_the_compaction_mark_is_refused() {
+    // Whole: revisions 2.. with sub-revisions and a tombstone; kept revisions below a mark.
+    assert_eq!(
+        check_history(
+            &[(2, 0, false), (3, 0, false), (3, 1, false), (4, 0, true)],
+            None
+        )
+        .unwrap(),
+        4
+    );
+    assert_eq!(
+        check_history(
+            &[
+                (5, 0, false),
+                (12, 0, false),
+                (21, 0, false),
+                (22, 0, false)
+            ],
+            Some(20)
+        )
+        .unwrap(),
+        22
+    );
+    // Everything compacted away but kept revisions: nothing above the mark to miss.
+    assert_eq!(check_history(&[(7, 0, false)], Some(30)).unwrap(), 7);
+    // A gap above the mark, at its start or further on.
+    let err = check_history(&[(12, 0, false), (22, 0, false)], Some(20)).unwrap_err();
+    assert!(err.to_string().contains("revision 21 is missing"), "{err}");
+    let err = check_history(&[(2, 0, false), (3, 0, false), (5, 0, false)], None).unwrap_err();
+    assert!(err.to_string().contains("revision 4 is missing"), "{err}");
+}

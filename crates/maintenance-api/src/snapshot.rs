@@ -427,6 +427,7 @@ pub fn import_etcd_file(
         )
         .into());
     }
+    etcd_schema::check_revisions(&db, &etcd_schema::read_meta(&db)?)?;
     let carried: Vec<&'static str> = metastore_state_machine::buckets()
         .into_iter()
         .filter(|b| {
