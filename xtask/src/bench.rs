@@ -16,19 +16,19 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    bench_charts, cargo, check_release_size, ensure, status, target_dir, workspace_root, CXX, ETCD,
-    ETCDCTL, LIBCLANG,
+    bench_charts, bench_scale, cargo, check_release_size, ensure, status, target_dir,
+    workspace_root, CXX, ETCD, ETCDCTL, LIBCLANG,
 };
 
 #[derive(Clone, Copy, PartialEq)]
-enum Server {
+pub(crate) enum Server {
     Etcd,
     Memory,
     Rocksdb,
 }
 
 impl Server {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Server::Etcd => "etcd",
             Server::Memory => "memory",
@@ -37,18 +37,18 @@ impl Server {
     }
 }
 
-const SERVERS: [Server; 3] = [Server::Etcd, Server::Memory, Server::Rocksdb];
+pub(crate) const SERVERS: [Server; 3] = [Server::Etcd, Server::Memory, Server::Rocksdb];
 
 /// One workload: a label and `metastore-bench` arguments (after the global ones).
-struct Workload {
-    label: &'static str,
-    clients: usize,
-    conns: usize,
-    total: usize,
-    args: &'static [&'static str],
+pub(crate) struct Workload {
+    pub(crate) label: &'static str,
+    pub(crate) clients: usize,
+    pub(crate) conns: usize,
+    pub(crate) total: usize,
+    pub(crate) args: &'static [&'static str],
 }
 
-const PUT: &[&str] = &[
+pub(crate) const PUT: &[&str] = &[
     "put",
     "--key-size",
     "8",
@@ -196,15 +196,24 @@ fn workloads(quick: bool) -> Vec<Workload> {
 }
 
 /// A result line of `metastore-bench --json`.
-struct Measured {
-    per_sec: f64,
-    p99_ms: f64,
-    errors: u64,
+pub(crate) struct Measured {
+    pub(crate) per_sec: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) errors: u64,
     /// `(percentile, ms)` pairs of the latency distribution, ascending.
-    percentiles: Vec<(f64, f64)>,
+    pub(crate) percentiles: Vec<(f64, f64)>,
+    /// The whole line, for the figures particular to a workload (`max_ms`, `compact_ms`, …).
+    pub(crate) json: String,
 }
 
-fn json_number(json: &str, field: &str) -> Option<f64> {
+impl Measured {
+    /// A number of the JSON line (NaN when absent).
+    pub(crate) fn get(&self, field: &str) -> f64 {
+        json_number(&self.json, field).unwrap_or(f64::NAN)
+    }
+}
+
+pub(crate) fn json_number(json: &str, field: &str) -> Option<f64> {
     let tag = format!("\"{field}\":");
     let start = json.find(&tag)? + tag.len();
     let text: String = json[start..]
@@ -232,10 +241,10 @@ fn json_pairs(json: &str, field: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-struct Cluster {
-    children: Vec<Child>,
-    dirs: Vec<PathBuf>,
-    endpoints: Vec<String>,
+pub(crate) struct Cluster {
+    pub(crate) children: Vec<Child>,
+    pub(crate) dirs: Vec<PathBuf>,
+    pub(crate) endpoints: Vec<String>,
     /// How each member was started (program, arguments, log file), to start it again.
     specs: Vec<(PathBuf, Vec<String>, PathBuf)>,
 }
@@ -296,7 +305,7 @@ impl Cluster {
 
     /// SIGKILLs every member, starts them again on their data, and returns how long it took
     /// until a write went through.
-    fn kill_and_restart(&mut self) -> Result<Duration> {
+    pub(crate) fn kill_and_restart(&mut self) -> Result<Duration> {
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
@@ -323,7 +332,13 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-fn start(server: Server, members: usize, bin: &Path, work: &Path, token: &str) -> Result<Cluster> {
+pub(crate) fn start(
+    server: Server,
+    members: usize,
+    bin: &Path,
+    work: &Path,
+    token: &str,
+) -> Result<Cluster> {
     let ports: Vec<(u16, u16)> = (0..members)
         .map(|_| Ok((free_port()?, free_port()?)))
         .collect::<Result<_>>()?;
@@ -390,6 +405,16 @@ fn start(server: Server, members: usize, bin: &Path, work: &Path, token: &str) -
 }
 
 fn run_workload(bin: &Path, endpoints: &[String], w: &Workload) -> Result<Measured> {
+    run_workload_with(bin, endpoints, w, &[])
+}
+
+/// `w` with `extra` arguments after its own (options of its subcommand, or global ones).
+pub(crate) fn run_workload_with(
+    bin: &Path,
+    endpoints: &[String],
+    w: &Workload,
+    extra: &[String],
+) -> Result<Measured> {
     let mut bench = Command::new(bin.join("metastore-bench"));
     bench.args(["--endpoints", &endpoints.join(",")]);
     // One connection goes to the first endpoint, which the election made leader or follower
@@ -407,22 +432,24 @@ fn run_workload(bin: &Path, endpoints: &[String], w: &Workload) -> Result<Measur
         ])
         .args(["--total", &w.total.to_string(), "--json"])
         .args(w.args)
+        .args(extra)
         .stderr(Stdio::inherit())
         .output()
         .context("running metastore-bench")?;
     if !out.status.success() {
         bail!("metastore-bench {} failed", w.label);
     }
-    let json = String::from_utf8_lossy(&out.stdout);
+    let json = String::from_utf8_lossy(&out.stdout).trim().to_string();
     Ok(Measured {
         per_sec: json_number(&json, "requests_per_sec").context("no throughput in bench output")?,
         p99_ms: json_number(&json, "p99_ms").unwrap_or(f64::NAN),
         errors: json_number(&json, "errors").unwrap_or(0.0) as u64,
         percentiles: json_pairs(&json, "percentiles_ms"),
+        json,
     })
 }
 
-fn peak_rss_kb(child: &Child) -> u64 {
+pub(crate) fn peak_rss_kb(child: &Child) -> u64 {
     std::fs::read_to_string(format!("/proc/{}/status", child.id()))
         .ok()
         .and_then(|s| {
@@ -434,7 +461,7 @@ fn peak_rss_kb(child: &Child) -> u64 {
         .unwrap_or(0)
 }
 
-fn dir_size(path: &Path) -> u64 {
+pub(crate) fn dir_size(path: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else {
         return 0;
     };
@@ -451,7 +478,7 @@ fn dir_size(path: &Path) -> u64 {
 /// The workload table of one topology (`rows[workload][server]`, servers in `SERVERS` order),
 /// then the latency distribution of [`bench_charts::CDF_WORKLOAD`] when every server reported
 /// one: the tables [`bench_charts::parse_report`] reads. True if the distribution was written.
-fn write_results(
+pub(crate) fn write_results(
     report: &mut String,
     workloads: &[Workload],
     rows: &[Vec<Measured>],
@@ -500,9 +527,41 @@ fn write_results(
     Ok(written)
 }
 
-/// `cargo xtask bench [--quick]`.
+/// The sections of a run, in the report's order: the standard workloads on 1 and 3 members, a
+/// member holding many keys, then the scale rows (`bench_scale.rs`).
+pub(crate) const SECTIONS: [&str; 6] = [
+    "standard",
+    "keys",
+    "watchers",
+    "lists",
+    "compaction",
+    "large",
+];
+
+/// The sections `--only a,b` names (every section without it).
+fn sections(args: &[String]) -> Result<Vec<&'static str>> {
+    let Some(i) = args.iter().position(|a| a == "--only") else {
+        return Ok(SECTIONS.to_vec());
+    };
+    let list = args.get(i + 1).context("--only needs a list of sections")?;
+    list.split(',')
+        .map(|name| {
+            SECTIONS
+                .iter()
+                .find(|s| **s == name.trim())
+                .copied()
+                .with_context(|| {
+                    format!("no bench section {name:?}; the sections are {SECTIONS:?}")
+                })
+        })
+        .collect()
+}
+
+/// `cargo xtask bench [--quick] [--only SECTION,…]`.
 pub fn bench(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
+    let sections = sections(args)?;
+    let wants = |section: &str| sections.contains(&section);
     ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL])?;
     let mut build = cargo();
     build.args([
@@ -544,14 +603,21 @@ pub fn bench(args: &[String]) -> Result<()> {
         "Machine: {cpu}, {cores} cores; {etcd_version}. Command: `cargo xtask bench{}`.",
         if quick { " --quick" } else { "" }
     )?;
+    // A partial run is named after its sections, beside the day's full run.
+    let stem = if sections.len() == SECTIONS.len() {
+        date.clone()
+    } else {
+        format!("{date}-{}", sections.join("-"))
+    };
     let md_file = workspace_root()
         .join("bench")
         .join("results")
-        .join(format!("{date}.md"));
+        .join(format!("{stem}.md"));
     let mut has_distribution = false;
     writeln!(report, "Every server runs with fsync, members on loopback, the load generator on the same machine (its runtime has twice as many threads as there are cores, see `metastore-bench --help`). 8-byte keys, 256-byte values. The three servers of a topology run side by side, each idle while another is measured, and every workload runs against the three in turn (rotating which goes first), so that the machine's speed drifting during the run affects all three alike. With 3 members, one client talks to the leader (`--target-leader`); more clients are spread over all members. Ratios are MetaStore / etcd (throughput: higher is better; p99: lower is better).\n")?;
 
-    for members in [1usize, 3] {
+    let topologies: &[usize] = if wants("standard") { &[1, 3] } else { &[] };
+    for &members in topologies {
         writeln!(
             report,
             "## {members} member{}\n",
@@ -630,7 +696,55 @@ pub fn bench(args: &[String]) -> Result<()> {
         }
         writeln!(report)?;
     }
-    // A member holding many keys: peak RSS after writing them, and the time to restart it.
+    if wants("keys") {
+        many_keys(&mut report, quick, &bin, &work)?;
+    }
+    let scale = bench_scale::Scale {
+        quick,
+        bin: &bin,
+        work: &work,
+    };
+    if wants("watchers") {
+        scale.watchers(&mut report)?;
+    }
+    if wants("lists") {
+        scale.lists(&mut report)?;
+    }
+    if wants("compaction") {
+        scale.compaction(&mut report)?;
+    }
+    if wants("large") {
+        scale.large_keyspace(&mut report)?;
+    }
+    writeln!(report, "The watch rows count events delivered per second; their p99 is the delay from sending a put (or, catching up, creating the watcher) to the watcher receiving its event. RSS and restart ratios are MetaStore / etcd (lower is better).")?;
+
+    // The charts drawn from this report's tables once it is written (bench_charts.rs).
+    writeln!(report, "\n## Charts\n")?;
+    let [throughput, p99, cdf] = bench_charts::chart_files(&md_file);
+    let mut charts = vec![throughput, p99];
+    if has_distribution {
+        charts.push(cdf);
+    }
+    for (title, chart) in charts {
+        let name = chart.file_name().unwrap_or_default().to_string_lossy();
+        writeln!(report, "![{title}]({name})\n")?;
+    }
+
+    if let Some(dir) = md_file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&md_file, &report)?;
+    let _ = std::fs::remove_dir_all(&work);
+    println!("{report}");
+    eprintln!("xtask bench: wrote {}", md_file.display());
+    for chart in bench_charts::write_charts(&md_file)? {
+        eprintln!("xtask bench: wrote {}", chart.display());
+    }
+    Ok(())
+}
+
+/// A member holding many keys: peak RSS after writing them, and the time to restart it.
+fn many_keys(report: &mut String, quick: bool, bin: &Path, work: &Path) -> Result<()> {
     let keys: usize = if quick { 100_000 } else { 1_000_000 };
     writeln!(
         report,
@@ -659,8 +773,8 @@ pub fn bench(args: &[String]) -> Result<()> {
     for server in SERVERS {
         eprintln!("xtask bench: {} holding {keys} keys", server.name());
         let token = format!("bench-load-{}-{}", server.name(), std::process::id());
-        let mut cluster = start(server, 1, &bin, &work, &token)?;
-        let m = run_workload(&bin, &cluster.endpoints, &load)?;
+        let mut cluster = start(server, 1, bin, work, &token)?;
+        let m = run_workload(bin, &cluster.endpoints, &load)?;
         let rss = peak_rss_kb(&cluster.children[0]);
         let disk = dir_size(&cluster.dirs[0]);
         let restart = cluster.kill_and_restart()?.as_secs_f64();
@@ -686,30 +800,6 @@ pub fn bench(args: &[String]) -> Result<()> {
         drop(cluster);
     }
     writeln!(report)?;
-    writeln!(report, "The watch row counts events delivered per second; its p99 is the delay from sending a put to each watcher receiving its event. RSS and restart ratios are MetaStore / etcd (lower is better).")?;
-
-    // The charts drawn from this report's tables once it is written (bench_charts.rs).
-    writeln!(report, "\n## Charts\n")?;
-    let [throughput, p99, cdf] = bench_charts::chart_files(&md_file);
-    let mut charts = vec![throughput, p99];
-    if has_distribution {
-        charts.push(cdf);
-    }
-    for (title, chart) in charts {
-        let name = chart.file_name().unwrap_or_default().to_string_lossy();
-        writeln!(report, "![{title}]({name})\n")?;
-    }
-
-    if let Some(dir) = md_file.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&md_file, &report)?;
-    let _ = std::fs::remove_dir_all(&work);
-    println!("{report}");
-    eprintln!("xtask bench: wrote {}", md_file.display());
-    for chart in bench_charts::write_charts(&md_file)? {
-        eprintln!("xtask bench: wrote {}", chart.display());
-    }
     Ok(())
 }
 
@@ -736,6 +826,7 @@ mod tests {
             p99_ms,
             errors: 0,
             percentiles: vec![(0.0, p99_ms / 10.0), (50.0, p99_ms / 3.0), (99.0, p99_ms)],
+            json: String::new(),
         };
         let workloads = workloads(true);
         let rows: Vec<Vec<Measured>> = (0..workloads.len())

@@ -34,6 +34,7 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod bench_charts;
+mod bench_scale;
 mod etcd35;
 mod fuzz;
 mod prereq;

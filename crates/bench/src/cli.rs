@@ -59,6 +59,22 @@ pub(crate) struct Global {
     /// fast server, while a slow one (etcd) measured the same either way.
     #[arg(long, global = true, default_value_t = 0)]
     pub(crate) threads: usize,
+    /// Before the workload starts, open this many watchers on keys nobody writes
+    /// (`metastore-bench-idle/<n>`), over `--idle-watch-streams` streams, and keep them open
+    /// until it ends: what a write costs with many watchers that do not match it.
+    #[arg(long, global = true, default_value_t = 0)]
+    pub(crate) idle_watchers: usize,
+    /// Streams the idle watchers share.
+    #[arg(long, global = true, default_value_t = 100)]
+    pub(crate) idle_watch_streams: usize,
+    /// Seconds into the run at which one Compact is sent (0 = none); the summary then reports
+    /// how long it took to answer (`compact_ms`).
+    #[arg(long, global = true, default_value_t = 0.0)]
+    pub(crate) compact_after_secs: f64,
+    /// The revision `--compact-after-secs` compacts to (0 = the store's revision when the run
+    /// starts).
+    #[arg(long, global = true, default_value_t = 0)]
+    pub(crate) compact_revision: i64,
 }
 
 /// Keys and values written by the write workloads.
@@ -94,6 +110,10 @@ pub(crate) enum Cmd {
         /// Write keys in order instead of at random.
         #[arg(long)]
         sequential_keys: bool,
+        /// Number of the first key (with `--sequential-keys`: runs that go on where an earlier
+        /// one stopped).
+        #[arg(long, default_value_t = 0)]
+        first_key: u64,
     },
     /// Range over a key or a key range.
     Range {
@@ -162,6 +182,25 @@ pub(crate) enum Cmd {
         #[arg(long, default_value_t = 32)]
         key_size: usize,
         /// Value size in bytes (at least 20: the value carries the put's sequence number).
+        #[arg(long, default_value_t = 32)]
+        val_size: usize,
+    },
+    /// Catch-up of unsynced watchers: `--total` puts cycling over `--watched-key-total` keys
+    /// (by `--clients` writers), then `--watchers` watchers over `--streams` streams, watcher i
+    /// on key i modulo the key count, all from the revision before the first put: each must
+    /// receive its key's whole history. Throughput is events delivered per second from the first
+    /// create to the last event; latency is each watcher's time from its create to its last event.
+    WatchCatchup {
+        /// Watchers in all.
+        #[arg(long, default_value_t = 10_000)]
+        watchers: usize,
+        /// Watch streams the watchers share.
+        #[arg(long, default_value_t = 100)]
+        streams: usize,
+        /// Distinct keys written and watched.
+        #[arg(long, default_value_t = 1000)]
+        watched_key_total: usize,
+        /// Value size in bytes.
         #[arg(long, default_value_t = 32)]
         val_size: usize,
     },

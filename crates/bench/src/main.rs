@@ -7,11 +7,15 @@
 //! - `unary`: the HTTP/2 client of the unary calls; `endpoints`: tonic channels and the
 //!   leader lookup;
 //! - `workload`: what each closed-loop workload sends, `run`: the driver that sends it;
-//! - `lease`: the lease keep-alive workload; `watch`: the watch workloads;
+//! - `lease`: the lease keep-alive workload; `watch`: the watch workloads; `catchup`: unsynced
+//!   watchers catching up with history; `idle`: watchers that no write matches, held open
+//!   during any workload (`--idle-watchers`);
 //! - `report`: latency histograms and the summary.
 
+mod catchup;
 mod cli;
 mod endpoints;
+mod idle;
 mod lease;
 mod report;
 mod run;
@@ -23,6 +27,7 @@ use anyhow::Result;
 use clap::Parser;
 use metastore_proto::etcdserverpb::RangeRequest;
 
+use crate::catchup::{catchup_bench, CatchupSpec};
 use crate::cli::{Cli, Cmd, Consistency, KeyArgs};
 use crate::run::run;
 use crate::watch::{watch_bench, WatchSpec};
@@ -57,12 +62,16 @@ async fn run_command(cli: Cli) -> Result<()> {
             val_size,
             key_space_size,
             sequential_keys,
-        } => Work::Put(KeyGen::new(&KeyArgs {
-            key_size,
-            val_size,
-            key_space_size,
-            sequential_keys,
-        })),
+            first_key,
+        } => Work::Put(
+            KeyGen::new(&KeyArgs {
+                key_size,
+                val_size,
+                key_space_size,
+                sequential_keys,
+            })
+            .starting_at(first_key),
+        ),
         Cmd::TxnPut { keys, txn_ops } => Work::TxnPut(KeyGen::new(&keys), txn_ops.max(1)),
         Cmd::TxnMixed { keys, rw_ratio } => Work::TxnMixed(KeyGen::new(&keys), rw_ratio.max(0.0)),
         Cmd::Mixed {
@@ -75,6 +84,26 @@ async fn run_command(cli: Cli) -> Result<()> {
             matches!(consistency, Consistency::S),
         ),
         Cmd::LeaseKeepalive => Work::LeaseKeepalive,
+        Cmd::WatchCatchup {
+            watchers,
+            streams,
+            watched_key_total,
+            val_size,
+        } => {
+            let spec = CatchupSpec {
+                watchers,
+                streams,
+                keys: (0..watched_key_total.max(1) as u64)
+                    .map(|i| {
+                        let mut key = b"metastore-bench-catchup/".to_vec();
+                        key.extend(make_key(i, 8));
+                        key
+                    })
+                    .collect(),
+                val_size,
+            };
+            return catchup_bench(cli.global, spec).await;
+        }
         Cmd::WatchLatency {
             watchers,
             watch_streams,

@@ -80,15 +80,20 @@ fn json_summary(
     errors: u64,
     elapsed: f64,
     rps: f64,
+    extra: &[(&str, f64)],
 ) -> String {
     let percentiles: Vec<String> = PERCENTILES
         .iter()
         .map(|(percent, q)| format!("[{percent},{:.3}]", ms(h.value_at_quantile(*q))))
         .collect();
+    let extra: String = extra
+        .iter()
+        .map(|(name, value)| format!(",\"{name}\":{value:.3}"))
+        .collect();
     format!(
         "{{\"requests\":{},\"errors\":{errors},\"seconds\":{elapsed:.3},\"requests_per_sec\":{rps:.1},\
 \"avg_ms\":{:.3},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\
-\"percentiles_ms\":[{}],\"clients\":{},\"conns\":{}}}",
+\"percentiles_ms\":[{}],\"clients\":{},\"conns\":{}{extra}}}",
         h.len(),
         h.mean() / 1000.0,
         ms(h.value_at_quantile(0.5)),
@@ -102,12 +107,15 @@ fn json_summary(
     )
 }
 
+/// The summary of a run; `extra` are figures particular to the workload (name, value), added
+/// to the JSON object and printed after the latencies.
 pub(crate) fn report(
     global: &Global,
     h: &Histogram<u64>,
     errors: u64,
     first_error: Option<String>,
     elapsed: f64,
+    extra: &[(&str, f64)],
 ) {
     let ok = h.len();
     let rps = if elapsed > 0.0 {
@@ -116,7 +124,7 @@ pub(crate) fn report(
         0.0
     };
     if global.json {
-        println!("{}", json_summary(global, h, errors, elapsed, rps));
+        println!("{}", json_summary(global, h, errors, elapsed, rps, extra));
         return;
     }
     println!("Summary:");
@@ -129,6 +137,9 @@ pub(crate) fn report(
     println!("\nLatency distribution:");
     for (label, q) in [("50%", 0.5), ("90%", 0.9), ("99%", 0.99), ("99.9%", 0.999)] {
         println!("  {label} in {:.4} ms.", ms(h.value_at_quantile(q)));
+    }
+    for (name, value) in extra {
+        println!("  {name}: {value:.3}");
     }
     if let Some(e) = first_error {
         println!("\nFirst error: {e}");
@@ -148,9 +159,10 @@ mod tests {
         for ms in 1..=1000u64 {
             h.record(ms * 1000).unwrap();
         }
-        let line = json_summary(&cli.global, &h, 0, 2.0, 50.0);
+        let line = json_summary(&cli.global, &h, 0, 2.0, 50.0, &[("compact_ms", 12.5)]);
         let json: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(json["requests"], 1000);
+        assert_eq!(json["compact_ms"], 12.5);
         let points = json["percentiles_ms"].as_array().unwrap();
         assert_eq!(points.len(), PERCENTILES.len());
         let at = |percent: f64| {

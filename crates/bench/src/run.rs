@@ -1,15 +1,20 @@
 //! The driver of the closed-loop workloads: `--clients` workers sharing `--total` requests over
 //! `--conns` connections, paced by `--rate` and cut off by `--max-secs`, with the progress bar,
-//! then the summary.
+//! then the summary. Around them, when asked: idle watchers held open during the run
+//! (`--idle-watchers`) and one Compact sent during it (`--compact-after-secs`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use metastore_proto::etcdserverpb::kv_client::KvClient;
+use metastore_proto::etcdserverpb::{CompactionRequest, RangeRequest};
+use tokio::task::JoinHandle;
 
 use crate::cli::Global;
 use crate::endpoints::{connect, leader_endpoint};
+use crate::idle;
 use crate::lease::KeepAlive;
 use crate::report::{report, Latencies};
 use crate::unary::connect_unary;
@@ -44,6 +49,24 @@ pub(crate) async fn run(mut global: Global, work: Work) -> Result<()> {
             global.gateway,
         )
         .await?
+    };
+    let idle = if global.idle_watchers > 0 {
+        Some(
+            idle::open(
+                &global.endpoints,
+                global.conns,
+                global.idle_watchers,
+                global.idle_watch_streams,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let compaction = if global.compact_after_secs > 0.0 {
+        Some(compact_later(&global).await?)
+    } else {
+        None
     };
     let issued = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
@@ -124,6 +147,49 @@ pub(crate) async fn run(mut global: Global, work: Work) -> Result<()> {
     ticker.abort();
     bar.finish_and_clear();
     let elapsed = start.elapsed().as_secs_f64();
-    report(&global, &latencies.merged()?, errors, first_error, elapsed);
+    drop(idle);
+    let mut extra = Vec::new();
+    if let Some(compaction) = compaction {
+        let answered = compaction.await?.context("the compaction failed")?;
+        extra.push(("compact_ms", answered.as_secs_f64() * 1000.0));
+    }
+    report(
+        &global,
+        &latencies.merged()?,
+        errors,
+        first_error,
+        elapsed,
+        &extra,
+    );
     Ok(())
+}
+
+/// Sends one Compact `--compact-after-secs` from now (to `--compact-revision`, or to the
+/// revision the store has now) and answers how long it took to be answered.
+async fn compact_later(global: &Global) -> Result<JoinHandle<Result<Duration>>> {
+    let channel = connect(&global.endpoints, 1).await?.remove(0);
+    let mut kv = KvClient::new(channel);
+    let revision = match global.compact_revision {
+        0 => kv
+            .range(RangeRequest {
+                key: b"metastore-bench-compact".to_vec(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .header
+            .map_or(0, |h| h.revision),
+        r => r,
+    };
+    let after = Duration::from_secs_f64(global.compact_after_secs);
+    Ok(tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        let sent = Instant::now();
+        kv.compact(CompactionRequest {
+            revision,
+            physical: false,
+        })
+        .await?;
+        Ok(sent.elapsed())
+    }))
 }

@@ -142,7 +142,7 @@ pub(crate) async fn watch_bench(mut global: Global, spec: WatchSpec) -> Result<(
         if !global.json {
             println!("Watch creation summary:");
         }
-        report(&global, &creations.merged()?, 0, None, elapsed);
+        report(&global, &creations.merged()?, 0, None, elapsed, &[]);
         if !global.json {
             println!("\nWatch events received summary:");
         }
@@ -208,7 +208,7 @@ pub(crate) async fn watch_bench(mut global: Global, spec: WatchSpec) -> Result<(
     let first_error =
         (got < expected).then(|| format!("{} of {expected} events not received", expected - got));
     // Throughput here is events delivered per second.
-    report(&global, &histogram, errors, first_error, elapsed);
+    report(&global, &histogram, errors, first_error, elapsed, &[]);
     Ok(())
 }
 

@@ -17,6 +17,8 @@ pub(crate) struct KeyGen {
     value: Vec<u8>,
     key_space: u64,
     sequential: bool,
+    /// Added to the request number of sequential keys.
+    first: u64,
 }
 
 impl KeyGen {
@@ -26,12 +28,19 @@ impl KeyGen {
             value: vec![b'v'; args.val_size],
             key_space: args.key_space_size.max(1),
             sequential: args.sequential_keys,
+            first: 0,
         }
+    }
+
+    /// Sequential keys start at key number `first`.
+    pub(crate) fn starting_at(mut self, first: u64) -> Self {
+        self.first = first;
+        self
     }
 
     pub(crate) fn key(&self, n: u64) -> Vec<u8> {
         let k = if self.sequential {
-            n % self.key_space
+            self.first.wrapping_add(n) % self.key_space
         } else {
             rand::rng().random_range(0..self.key_space)
         };
@@ -145,5 +154,20 @@ mod tests {
         assert_eq!(make_key(7, 8), b"00000007");
         assert_eq!(make_key(123_456, 3), b"456");
         assert_eq!(make_key(0, 1), b"0");
+    }
+
+    #[test]
+    fn sequential_keys_go_on_from_the_first_key() {
+        let args = KeyArgs {
+            key_size: 4,
+            val_size: 1,
+            key_space_size: 100,
+            sequential_keys: true,
+        };
+        let keys = KeyGen::new(&args).starting_at(98);
+        assert_eq!(
+            [keys.key(0), keys.key(1), keys.key(2)],
+            [b"0098".to_vec(), b"0099".to_vec(), b"0000".to_vec()]
+        );
     }
 }
