@@ -28,6 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Messages encoded into a buffer of their exact size (src/codec.rs).
+        .codec_path("crate::codec::SizedCodec")
         .file_descriptor_set_path(&descriptors_path)
         .compile_protos(&paths, &[root.clone(), well_known])?;
 

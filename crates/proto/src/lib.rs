@@ -9,6 +9,8 @@
 
 #![allow(clippy::all, missing_docs)]
 
+pub mod codec;
+
 /// Key-value and event types (`mvccpb`).
 pub mod mvccpb {
     tonic::include_proto!("mvccpb");

@@ -303,7 +303,7 @@ where
 {
     let answer = async {
         let request = parts.whole_body_request::<Req>().await?;
-        let codec = tonic_prost::ProstCodec::<Req, Res>::default();
+        let codec = metastore_proto::codec::SizedCodec::<Req, Res>::default();
         let response = parts
             .grpc
             .unary(request, PathAndQuery::from_static(method), codec)
@@ -326,7 +326,7 @@ where
 {
     let opened = async {
         let request = parts.whole_body_request::<Req>().await?;
-        let codec = tonic_prost::ProstCodec::<Req, Res>::default();
+        let codec = metastore_proto::codec::SizedCodec::<Req, Res>::default();
         let response = parts
             .grpc
             .server_streaming(request, PathAndQuery::from_static(method), codec)
@@ -349,7 +349,7 @@ where
     let request = parts.request(requests);
     let opened = async {
         ready(&mut parts.grpc).await?;
-        let codec = tonic_prost::ProstCodec::<Req, Res>::default();
+        let codec = metastore_proto::codec::SizedCodec::<Req, Res>::default();
         let response = parts
             .grpc
             .streaming(request, PathAndQuery::from_static(method), codec)
