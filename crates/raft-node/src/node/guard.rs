@@ -49,10 +49,23 @@ pub(super) fn sanitize(log: &RaftLog<LogStore>, msg: &mut Message) -> Result<(),
                 .iter()
                 .zip(1u64..)
                 .all(|(entry, i)| msg.index.checked_add(i) == Some(entry.index));
-            if in_sequence {
-                Ok(())
-            } else {
+            // A log's terms never decrease, and no entry has term 0. raft-rs reads the term of
+            // an index past the log as 0: an entry of term 0 there "matches", raft appends the
+            // entries after it, leaving a hole, and panics (`unstable.slice[6, 7] out of
+            // bound[6, 6]`, found by the peer_message fuzz target).
+            let terms_rise = msg
+                .entries
+                .iter()
+                .try_fold(msg.log_term, |previous, entry| {
+                    (entry.term != 0 && entry.term >= previous).then_some(entry.term)
+                })
+                .is_some();
+            if !in_sequence {
                 Err("append whose entries do not follow its index")
+            } else if !terms_rise {
+                Err("append whose entry terms are 0 or decrease")
+            } else {
+                Ok(())
             }
         }
         // The leader counts an acknowledgement as entries this member holds.
@@ -234,6 +247,77 @@ mod tests {
         append.index = u64::MAX;
         append.entries = vec![entry(0)].into();
         assert!(sanitize(&log, &mut append).is_err());
+    }
+
+    /// Found by the peer_message fuzz target: raft-rs panicked with `unstable.slice[6, 7] out
+    /// of bound[6, 6]` on an append whose entry of term 0 lay past the log's end.
+    #[test]
+    fn appends_with_entries_of_term_0_or_falling_terms_are_refused() {
+        let log = log_with(5);
+        let entry = |index, term| Entry {
+            index,
+            term,
+            ..Default::default()
+        };
+        let mut append = message(MessageType::MsgAppend);
+        append.index = 5;
+        append.log_term = 2;
+        append.entries = vec![entry(6, 2), entry(7, 3)].into();
+        assert_eq!(sanitize(&log, &mut append), Ok(()));
+        append.entries = vec![entry(6, 0), entry(7, 3)].into();
+        assert!(sanitize(&log, &mut append).is_err());
+        append.entries = vec![entry(6, 3), entry(7, 2)].into();
+        assert!(sanitize(&log, &mut append).is_err());
+        // Below the term of the entry it follows.
+        append.entries = vec![entry(6, 1)].into();
+        assert!(sanitize(&log, &mut append).is_err());
+    }
+
+    /// The same append through raft itself: refused by the guard, it cannot reach it.
+    #[test]
+    fn raft_panics_on_an_append_with_an_entry_of_term_0_past_the_log_without_the_guard() {
+        let result = std::panic::catch_unwind(|| {
+            let store = LogStore::new(raft::storage::MemStorage::new_with_conf_state(
+                raft::eraftpb::ConfState::from((vec![1, 2], vec![])),
+            ));
+            let entries: Vec<Entry> = (1..=5)
+                .map(|index| Entry {
+                    index,
+                    term: 1,
+                    ..Default::default()
+                })
+                .collect();
+            store.mem.wl().append(&entries).unwrap();
+            let cfg = raft::Config {
+                id: 1,
+                ..Default::default()
+            };
+            let mut raw = raft::RawNode::new(&cfg, store, &crate::logger::raft_logger(1)).unwrap();
+            let mut append = message(MessageType::MsgAppend);
+            append.from = 2;
+            append.to = 1;
+            append.term = 2;
+            append.index = 5;
+            append.log_term = 1;
+            append.entries = vec![
+                Entry {
+                    index: 6,
+                    term: 0,
+                    ..Default::default()
+                },
+                Entry {
+                    index: 7,
+                    term: 2,
+                    ..Default::default()
+                },
+            ]
+            .into();
+            let _ = raw.step(append);
+        });
+        assert!(
+            result.is_err(),
+            "raft-rs no longer panics: the guard's rule may go"
+        );
     }
 
     #[test]
