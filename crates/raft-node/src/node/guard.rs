@@ -12,6 +12,22 @@ use crate::storage::LogStore;
 /// Makes `msg` safe to step into raft with `log`, or says why it is refused.
 pub(super) fn sanitize(log: &RaftLog<LogStore>, msg: &mut Message) -> Result<(), &'static str> {
     match msg.get_msg_type() {
+        // A member's own events (an election timeout, a heartbeat beat, a failed send): raft
+        // makes them itself, no peer sends them.
+        MessageType::MsgHup
+        | MessageType::MsgBeat
+        | MessageType::MsgUnreachable
+        | MessageType::MsgSnapStatus
+        | MessageType::MsgCheckQuorum => Err("a message a member only sends itself"),
+        // raft-rs sets the sender's term on every message but forwarded proposals and read
+        // requests, and takes one without a term as the member's own: a vote request of term 0
+        // is granted with a response of term 0, and raft panics sending it (`term should be set
+        // when sending MsgRequestPreVoteResponse`, found by the peer_message fuzz target).
+        kind if msg.term == 0
+            && !matches!(kind, MessageType::MsgPropose | MessageType::MsgReadIndex) =>
+        {
+            Err("message without a term")
+        }
         // A leader sends a follower at most the index it knows the follower has; lowering a
         // larger one to this member's last index only delays its commit until the leader
         // repairs the log.
@@ -110,9 +126,13 @@ mod tests {
         RaftLog::new(store, crate::logger::raft_logger(1))
     }
 
+    /// A message of `kind` with a term, as peers send it (none for the forwarded kinds).
     fn message(kind: MessageType) -> Message {
         let mut msg = Message::default();
         msg.set_msg_type(kind);
+        if !matches!(kind, MessageType::MsgPropose | MessageType::MsgReadIndex) {
+            msg.term = 1;
+        }
         msg
     }
 
@@ -313,6 +333,62 @@ mod tests {
             ]
             .into();
             let _ = raw.step(append);
+        });
+        assert!(
+            result.is_err(),
+            "raft-rs no longer panics: the guard's rule may go"
+        );
+    }
+
+    /// Found by the peer_message fuzz target: raft-rs panicked with `term should be set when
+    /// sending MsgRequestPreVoteResponse` after granting a pre-vote request of term 0.
+    #[test]
+    fn messages_without_a_term_and_local_messages_are_refused() {
+        let log = log_with(5);
+        for kind in [
+            MessageType::MsgRequestPreVote,
+            MessageType::MsgRequestVote,
+            MessageType::MsgAppend,
+            MessageType::MsgHeartbeat,
+            MessageType::MsgTimeoutNow,
+            MessageType::MsgTransferLeader,
+        ] {
+            let mut msg = message(kind);
+            msg.term = 0;
+            assert!(sanitize(&log, &mut msg).is_err(), "{kind:?} of term 0");
+            msg.term = 2;
+            assert_eq!(sanitize(&log, &mut msg), Ok(()), "{kind:?} of term 2");
+        }
+        for kind in [
+            MessageType::MsgHup,
+            MessageType::MsgBeat,
+            MessageType::MsgUnreachable,
+            MessageType::MsgSnapStatus,
+            MessageType::MsgCheckQuorum,
+        ] {
+            let mut msg = message(kind);
+            msg.term = 2;
+            assert!(sanitize(&log, &mut msg).is_err(), "{kind:?}");
+        }
+    }
+
+    /// The same pre-vote request through raft itself: refused by the guard, it cannot reach it.
+    #[test]
+    fn raft_panics_granting_a_pre_vote_of_term_0_without_the_guard() {
+        let result = std::panic::catch_unwind(|| {
+            let store = LogStore::new(raft::storage::MemStorage::new_with_conf_state(
+                raft::eraftpb::ConfState::from((vec![1, 2], vec![])),
+            ));
+            let cfg = raft::Config {
+                id: 1,
+                ..Default::default()
+            };
+            let mut raw = raft::RawNode::new(&cfg, store, &crate::logger::raft_logger(1)).unwrap();
+            let mut pre_vote = message(MessageType::MsgRequestPreVote);
+            pre_vote.term = 0;
+            pre_vote.from = 2;
+            pre_vote.to = 1;
+            let _ = raw.step(pre_vote);
         });
         assert!(
             result.is_err(),
