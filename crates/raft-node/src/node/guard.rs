@@ -51,6 +51,9 @@ pub(super) fn sanitize(log: &RaftLog<LogStore>, msg: &mut Message) -> Result<(),
         MessageType::MsgPropose | MessageType::MsgReadIndex if msg.term != 0 => {
             Err("proposal or read request carrying a term")
         }
+        // A leader panics on a proposal without entries (`stepped empty MsgProp`, found by the
+        // peer_message fuzz target); a follower forwards only what a client proposed.
+        MessageType::MsgPropose if msg.entries.is_empty() => Err("proposal without entries"),
         // raft-rs restores a snapshot's membership and panics when what it built differs from
         // what the snapshot says (`invalid restore`): member id 0, an id listed twice.
         MessageType::MsgSnapshot if !valid_membership(msg.get_snapshot().get_metadata()) => {
@@ -203,6 +206,7 @@ mod tests {
         let log = log_with(5);
         for kind in [MessageType::MsgPropose, MessageType::MsgReadIndex] {
             let mut msg = message(kind);
+            msg.entries = vec![Entry::default()].into();
             assert_eq!(sanitize(&log, &mut msg), Ok(()));
             msg.term = 3;
             assert!(sanitize(&log, &mut msg).is_err(), "{kind:?}");
@@ -370,6 +374,16 @@ mod tests {
             msg.term = 2;
             assert!(sanitize(&log, &mut msg).is_err(), "{kind:?}");
         }
+    }
+
+    /// Found by the peer_message fuzz target: a leader panicked with `stepped empty MsgProp`.
+    #[test]
+    fn proposals_without_entries_are_refused() {
+        let log = log_with(5);
+        let mut proposal = message(MessageType::MsgPropose);
+        assert!(sanitize(&log, &mut proposal).is_err());
+        proposal.entries = vec![Entry::default()].into();
+        assert_eq!(sanitize(&log, &mut proposal), Ok(()));
     }
 
     /// The same pre-vote request through raft itself: refused by the guard, it cannot reach it.
