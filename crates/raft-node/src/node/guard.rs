@@ -4,8 +4,8 @@
 //! on the peer port, or a member whose WAL lost its tail, must not take the raft loop down:
 //! such messages are corrected where that is safe and refused otherwise, before raft sees them.
 
-use raft::eraftpb::{Message, MessageType};
-use raft::RaftLog;
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfState, Message, MessageType};
+use raft::{Changer, ProgressTracker, RaftLog};
 
 use crate::storage::LogStore;
 
@@ -56,7 +56,10 @@ pub(super) fn sanitize(log: &RaftLog<LogStore>, msg: &mut Message) -> Result<(),
         MessageType::MsgPropose if msg.entries.is_empty() => Err("proposal without entries"),
         // raft-rs restores a snapshot's membership and panics when what it built differs from
         // what the snapshot says (`invalid restore`): member id 0, an id listed twice.
-        MessageType::MsgSnapshot if !valid_membership(msg.get_snapshot().get_metadata()) => {
+        MessageType::MsgSnapshot
+            if !valid_membership(msg.get_snapshot().get_metadata())
+                || !restorable(msg.get_snapshot().get_metadata().get_conf_state()) =>
+        {
             Err("snapshot with an invalid membership")
         }
         MessageType::MsgAppend if msg.index > 0 && msg.log_term == 0 => {
@@ -109,6 +112,76 @@ fn valid_membership(metadata: &raft::eraftpb::SnapshotMetadata) -> bool {
         ids.iter().all(|id| *id != 0 && seen.insert(*id))
     });
     well_formed && !cs.voters.iter().any(|id| cs.learners.contains(id))
+}
+
+/// Whether raft-rs can restore `cs` as it is: the membership its restore builds from the lists
+/// (`raft::confchange::restore`, private: the same steps through the public `Changer`) equals
+/// the one given, or raft panics (`invalid restore: … auto_leave: true != …`, found by the
+/// peer_message fuzz target: `auto_leave` without outgoing voters; learners_next likewise).
+fn restorable(cs: &ConfState) -> bool {
+    let single = |node_id: u64, kind: ConfChangeType| {
+        let mut change = ConfChangeSingle {
+            node_id,
+            ..Default::default()
+        };
+        change.set_change_type(kind);
+        change
+    };
+    let outgoing: Vec<ConfChangeSingle> = cs
+        .voters_outgoing
+        .iter()
+        .map(|id| single(*id, ConfChangeType::AddNode))
+        .collect();
+    let incoming: Vec<ConfChangeSingle> = cs
+        .voters_outgoing
+        .iter()
+        .map(|id| single(*id, ConfChangeType::RemoveNode))
+        .chain(
+            cs.voters
+                .iter()
+                .map(|id| single(*id, ConfChangeType::AddNode)),
+        )
+        .chain(
+            cs.learners
+                .iter()
+                .chain(&cs.learners_next)
+                .map(|id| single(*id, ConfChangeType::AddLearnerNode)),
+        )
+        .collect();
+    let mut tracker = ProgressTracker::new(1);
+    let mut build = || -> raft::Result<()> {
+        if outgoing.is_empty() {
+            for change in &incoming {
+                let (conf, changes) =
+                    Changer::new(&tracker).simple(std::slice::from_ref(change))?;
+                tracker.apply_conf(conf, changes, 1);
+            }
+        } else {
+            for change in &outgoing {
+                let (conf, changes) =
+                    Changer::new(&tracker).simple(std::slice::from_ref(change))?;
+                tracker.apply_conf(conf, changes, 1);
+            }
+            let (conf, changes) = Changer::new(&tracker).enter_joint(cs.auto_leave, &incoming)?;
+            tracker.apply_conf(conf, changes, 1);
+        }
+        Ok(())
+    };
+    if build().is_err() {
+        return false;
+    }
+    let built = tracker.conf().to_conf_state();
+    let same = |a: &[u64], b: &[u64]| {
+        let (mut a, mut b) = (a.to_vec(), b.to_vec());
+        a.sort_unstable();
+        b.sort_unstable();
+        a == b
+    };
+    same(&cs.voters, &built.voters)
+        && same(&cs.learners, &built.learners)
+        && same(&cs.voters_outgoing, &built.voters_outgoing)
+        && same(&cs.learners_next, &built.learners_next)
+        && cs.auto_leave == built.auto_leave
 }
 
 #[cfg(test)]
@@ -197,6 +270,31 @@ mod tests {
         assert!(sanitize(&log, &mut snapshot(vec![1, 2, 0], vec![])).is_err());
         assert!(sanitize(&log, &mut snapshot(vec![1, 2, 2], vec![])).is_err());
         assert!(sanitize(&log, &mut snapshot(vec![1, 2], vec![2])).is_err());
+    }
+
+    /// Found by the peer_message fuzz target: `invalid restore: voters: 1 voters: 2
+    /// auto_leave: true != voters: 1 voters: 2`.
+    #[test]
+    fn snapshots_whose_membership_raft_would_restore_differently_are_refused() {
+        let cs = |voters: Vec<u64>, outgoing: Vec<u64>, learners_next: Vec<u64>, auto_leave| {
+            let mut cs = ConfState::from((voters, vec![]));
+            cs.voters_outgoing = outgoing;
+            cs.learners_next = learners_next;
+            cs.auto_leave = auto_leave;
+            cs
+        };
+        assert!(restorable(&cs(vec![1, 2], vec![], vec![], false)));
+        // Joint: leaving 1, 2, 3 for 1, 2, with 3 a learner afterwards.
+        assert!(restorable(&cs(vec![1, 2], vec![1, 2, 3], vec![3], true)));
+        assert!(!restorable(&cs(vec![1, 2], vec![], vec![], true)));
+        assert!(!restorable(&cs(vec![1, 2], vec![], vec![3], false)));
+        let log = log_with(5);
+        let mut msg = message(MessageType::MsgSnapshot);
+        let metadata = msg.mut_snapshot().mut_metadata();
+        metadata.index = 9;
+        metadata.term = 2;
+        metadata.set_conf_state(cs(vec![1, 2], vec![], vec![], true));
+        assert!(sanitize(&log, &mut msg).is_err());
     }
 
     /// Found by the peer_message fuzz target: a follower panicked forwarding a peer's
