@@ -97,7 +97,13 @@ impl<S: StateMachine> RaftHarness<S> {
     /// Raft's refusals are ignored as the loop ignores them; an error is what would stop the
     /// loop.
     pub fn step(&mut self, mut msg: Message) -> Result<(), RaftError> {
-        if guard::sanitize(&self.raw.raft.raft_log, &mut msg).is_ok() {
+        if guard::sanitize(
+            &self.raw.raft.raft_log,
+            self.raw.raft.state == raft::StateRole::Leader,
+            &mut msg,
+        )
+        .is_ok()
+        {
             let _ = self.raw.step(msg);
         }
         self.handle_readies()

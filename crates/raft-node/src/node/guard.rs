@@ -9,8 +9,13 @@ use raft::{Changer, ProgressTracker, RaftLog};
 
 use crate::storage::LogStore;
 
-/// Makes `msg` safe to step into raft with `log`, or says why it is refused.
-pub(super) fn sanitize(log: &RaftLog<LogStore>, msg: &mut Message) -> Result<(), &'static str> {
+/// Makes `msg` safe to step into raft with `log` on a member that leads or not (`leads`), or
+/// says why it is refused.
+pub(super) fn sanitize(
+    log: &RaftLog<LogStore>,
+    leads: bool,
+    msg: &mut Message,
+) -> Result<(), &'static str> {
     match msg.get_msg_type() {
         // A member's own events (an election timeout, a heartbeat beat, a failed send): raft
         // makes them itself, no peer sends them.
@@ -27,6 +32,14 @@ pub(super) fn sanitize(log: &RaftLog<LogStore>, msg: &mut Message) -> Result<(),
             && !matches!(kind, MessageType::MsgPropose | MessageType::MsgReadIndex) =>
         {
             Err("message without a term")
+        }
+        // A member that does not lead forwards a leadership transfer request to its leader,
+        // and raft-rs panics forwarding one that carries a term (`term should not be set when
+        // sending MsgTransferLeader`, found by the peer_message fuzz target); a peer's request
+        // always carries one. Only the leader acts on it: a member that lost its leadership
+        // since the request was sent drops it, and the caller's MoveLeader times out.
+        MessageType::MsgTransferLeader if !leads => {
+            Err("leadership transfer request to a member that does not lead")
         }
         // A leader sends a follower at most the index it knows the follower has; lowering a
         // larger one to this member's last index only delays its commit until the leader
@@ -217,10 +230,10 @@ mod tests {
         let log = log_with(5);
         let mut heartbeat = message(MessageType::MsgHeartbeat);
         heartbeat.commit = 1_000;
-        assert_eq!(sanitize(&log, &mut heartbeat), Ok(()));
+        assert_eq!(sanitize(&log, false, &mut heartbeat), Ok(()));
         assert_eq!(heartbeat.commit, 5);
         heartbeat.commit = 3;
-        assert_eq!(sanitize(&log, &mut heartbeat), Ok(()));
+        assert_eq!(sanitize(&log, false, &mut heartbeat), Ok(()));
         assert_eq!(heartbeat.commit, 3);
     }
 
@@ -231,16 +244,16 @@ mod tests {
         let log = log_with(5);
         let mut snapshot = message(MessageType::MsgSnapshot);
         snapshot.mut_snapshot().mut_metadata().index = 20;
-        assert!(sanitize(&log, &mut snapshot).is_err());
+        assert!(sanitize(&log, false, &mut snapshot).is_err());
         snapshot.mut_snapshot().mut_metadata().term = 3;
-        assert_eq!(sanitize(&log, &mut snapshot), Ok(()));
+        assert_eq!(sanitize(&log, false, &mut snapshot), Ok(()));
 
         let mut append = message(MessageType::MsgAppend);
         append.index = 20;
         append.commit = 20;
-        assert!(sanitize(&log, &mut append).is_err());
+        assert!(sanitize(&log, false, &mut append).is_err());
         append.log_term = 1;
-        assert_eq!(sanitize(&log, &mut append), Ok(()));
+        assert_eq!(sanitize(&log, false, &mut append), Ok(()));
         // The first append of a new log: index 0, term 0.
         let mut first = message(MessageType::MsgAppend);
         first.entries = vec![Entry {
@@ -249,7 +262,7 @@ mod tests {
             ..Default::default()
         }]
         .into();
-        assert_eq!(sanitize(&log, &mut first), Ok(()));
+        assert_eq!(sanitize(&log, false, &mut first), Ok(()));
     }
 
     /// Found by the peer_message fuzz target: `invalid restore: voters: 1 voters: 2 voters: 0
@@ -266,10 +279,13 @@ mod tests {
             metadata.mut_conf_state().learners = learners;
             msg
         };
-        assert_eq!(sanitize(&log, &mut snapshot(vec![1, 2], vec![3])), Ok(()));
-        assert!(sanitize(&log, &mut snapshot(vec![1, 2, 0], vec![])).is_err());
-        assert!(sanitize(&log, &mut snapshot(vec![1, 2, 2], vec![])).is_err());
-        assert!(sanitize(&log, &mut snapshot(vec![1, 2], vec![2])).is_err());
+        assert_eq!(
+            sanitize(&log, false, &mut snapshot(vec![1, 2], vec![3])),
+            Ok(())
+        );
+        assert!(sanitize(&log, false, &mut snapshot(vec![1, 2, 0], vec![])).is_err());
+        assert!(sanitize(&log, false, &mut snapshot(vec![1, 2, 2], vec![])).is_err());
+        assert!(sanitize(&log, false, &mut snapshot(vec![1, 2], vec![2])).is_err());
     }
 
     /// Found by the peer_message fuzz target: `invalid restore: voters: 1 voters: 2
@@ -294,7 +310,7 @@ mod tests {
         metadata.index = 9;
         metadata.term = 2;
         metadata.set_conf_state(cs(vec![1, 2], vec![], vec![], true));
-        assert!(sanitize(&log, &mut msg).is_err());
+        assert!(sanitize(&log, false, &mut msg).is_err());
     }
 
     /// Found by the peer_message fuzz target: a follower panicked forwarding a peer's
@@ -305,9 +321,9 @@ mod tests {
         for kind in [MessageType::MsgPropose, MessageType::MsgReadIndex] {
             let mut msg = message(kind);
             msg.entries = vec![Entry::default()].into();
-            assert_eq!(sanitize(&log, &mut msg), Ok(()));
+            assert_eq!(sanitize(&log, false, &mut msg), Ok(()));
             msg.term = 3;
-            assert!(sanitize(&log, &mut msg).is_err(), "{kind:?}");
+            assert!(sanitize(&log, false, &mut msg).is_err(), "{kind:?}");
         }
     }
 
@@ -361,14 +377,14 @@ mod tests {
         append.index = 5;
         append.log_term = 1;
         append.entries = vec![entry(6), entry(7)].into();
-        assert_eq!(sanitize(&log, &mut append), Ok(()));
+        assert_eq!(sanitize(&log, false, &mut append), Ok(()));
         append.entries = vec![entry(1)].into();
-        assert!(sanitize(&log, &mut append).is_err());
+        assert!(sanitize(&log, false, &mut append).is_err());
         append.entries = vec![entry(6), entry(8)].into();
-        assert!(sanitize(&log, &mut append).is_err());
+        assert!(sanitize(&log, false, &mut append).is_err());
         append.index = u64::MAX;
         append.entries = vec![entry(0)].into();
-        assert!(sanitize(&log, &mut append).is_err());
+        assert!(sanitize(&log, false, &mut append).is_err());
     }
 
     /// Found by the peer_message fuzz target: raft-rs panicked with `unstable.slice[6, 7] out
@@ -385,14 +401,14 @@ mod tests {
         append.index = 5;
         append.log_term = 2;
         append.entries = vec![entry(6, 2), entry(7, 3)].into();
-        assert_eq!(sanitize(&log, &mut append), Ok(()));
+        assert_eq!(sanitize(&log, false, &mut append), Ok(()));
         append.entries = vec![entry(6, 0), entry(7, 3)].into();
-        assert!(sanitize(&log, &mut append).is_err());
+        assert!(sanitize(&log, false, &mut append).is_err());
         append.entries = vec![entry(6, 3), entry(7, 2)].into();
-        assert!(sanitize(&log, &mut append).is_err());
+        assert!(sanitize(&log, false, &mut append).is_err());
         // Below the term of the entry it follows.
         append.entries = vec![entry(6, 1)].into();
-        assert!(sanitize(&log, &mut append).is_err());
+        assert!(sanitize(&log, false, &mut append).is_err());
     }
 
     /// The same append through raft itself: refused by the guard, it cannot reach it.
@@ -453,13 +469,19 @@ mod tests {
             MessageType::MsgAppend,
             MessageType::MsgHeartbeat,
             MessageType::MsgTimeoutNow,
-            MessageType::MsgTransferLeader,
         ] {
             let mut msg = message(kind);
             msg.term = 0;
-            assert!(sanitize(&log, &mut msg).is_err(), "{kind:?} of term 0");
+            assert!(
+                sanitize(&log, false, &mut msg).is_err(),
+                "{kind:?} of term 0"
+            );
             msg.term = 2;
-            assert_eq!(sanitize(&log, &mut msg), Ok(()), "{kind:?} of term 2");
+            assert_eq!(
+                sanitize(&log, false, &mut msg),
+                Ok(()),
+                "{kind:?} of term 2"
+            );
         }
         for kind in [
             MessageType::MsgHup,
@@ -470,8 +492,49 @@ mod tests {
         ] {
             let mut msg = message(kind);
             msg.term = 2;
-            assert!(sanitize(&log, &mut msg).is_err(), "{kind:?}");
+            assert!(sanitize(&log, false, &mut msg).is_err(), "{kind:?}");
         }
+    }
+
+    /// Found by the peer_message fuzz target: a follower panicked with `term should not be set
+    /// when sending MsgTransferLeader (was 3)` forwarding a peer's request to its leader.
+    #[test]
+    fn transfer_requests_reach_only_a_leader() {
+        let log = log_with(5);
+        let mut transfer = message(MessageType::MsgTransferLeader);
+        transfer.term = 3;
+        assert!(sanitize(&log, false, &mut transfer).is_err());
+        assert_eq!(sanitize(&log, true, &mut transfer), Ok(()));
+    }
+
+    /// The same request through raft itself: refused by the guard, it cannot reach it.
+    #[test]
+    fn raft_panics_forwarding_a_peers_transfer_request_without_the_guard() {
+        let result = std::panic::catch_unwind(|| {
+            let store = LogStore::new(raft::storage::MemStorage::new_with_conf_state(
+                raft::eraftpb::ConfState::from((vec![1, 2, 3], vec![])),
+            ));
+            let cfg = raft::Config {
+                id: 1,
+                ..Default::default()
+            };
+            let mut raw = raft::RawNode::new(&cfg, store, &crate::logger::raft_logger(1)).unwrap();
+            // Learn of leader 2 in term 3.
+            let mut heartbeat = message(MessageType::MsgHeartbeat);
+            heartbeat.from = 2;
+            heartbeat.to = 1;
+            heartbeat.term = 3;
+            let _ = raw.step(heartbeat);
+            let mut transfer = message(MessageType::MsgTransferLeader);
+            transfer.from = 3;
+            transfer.to = 1;
+            transfer.term = 3;
+            let _ = raw.step(transfer);
+        });
+        assert!(
+            result.is_err(),
+            "raft-rs no longer panics: the guard's rule may go"
+        );
     }
 
     /// Found by the peer_message fuzz target: a leader panicked with `stepped empty MsgProp`.
@@ -479,9 +542,9 @@ mod tests {
     fn proposals_without_entries_are_refused() {
         let log = log_with(5);
         let mut proposal = message(MessageType::MsgPropose);
-        assert!(sanitize(&log, &mut proposal).is_err());
+        assert!(sanitize(&log, false, &mut proposal).is_err());
         proposal.entries = vec![Entry::default()].into();
-        assert_eq!(sanitize(&log, &mut proposal), Ok(()));
+        assert_eq!(sanitize(&log, false, &mut proposal), Ok(()));
     }
 
     /// The same pre-vote request through raft itself: refused by the guard, it cannot reach it.
@@ -513,10 +576,10 @@ mod tests {
         let log = log_with(5);
         let mut ack = message(MessageType::MsgAppendResponse);
         ack.index = 5;
-        assert_eq!(sanitize(&log, &mut ack), Ok(()));
+        assert_eq!(sanitize(&log, false, &mut ack), Ok(()));
         ack.index = 6;
-        assert!(sanitize(&log, &mut ack).is_err());
+        assert!(sanitize(&log, false, &mut ack).is_err());
         ack.reject = true;
-        assert_eq!(sanitize(&log, &mut ack), Ok(()));
+        assert_eq!(sanitize(&log, false, &mut ack), Ok(()));
     }
 }

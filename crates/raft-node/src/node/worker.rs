@@ -228,9 +228,11 @@ impl<S: StateMachine> Worker<S> {
                         kind = ?msg.get_msg_type(),
                         "dropped a raft message: free disk space is below the reserve"
                     );
-                } else if let Err(reason) =
-                    super::guard::sanitize(&self.raw.raft.raft_log, &mut msg)
-                {
+                } else if let Err(reason) = super::guard::sanitize(
+                    &self.raw.raft.raft_log,
+                    self.raw.raft.state == raft::StateRole::Leader,
+                    &mut msg,
+                ) {
                     tracing::warn!(
                         from = format_args!("{from:x}"),
                         kind = ?msg.get_msg_type(),
