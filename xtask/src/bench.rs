@@ -718,16 +718,20 @@ pub fn bench(args: &[String]) -> Result<()> {
     }
     writeln!(report, "The watch rows count events delivered per second; their p99 is the delay from sending a put (or, catching up, creating the watcher) to the watcher receiving its event. RSS and restart ratios are MetaStore / etcd (lower is better).")?;
 
-    // The charts drawn from this report's tables once it is written (bench_charts.rs).
-    writeln!(report, "\n## Charts\n")?;
-    let [throughput, p99, cdf] = bench_charts::chart_files(&md_file);
-    let mut charts = vec![throughput, p99];
-    if has_distribution {
-        charts.push(cdf);
-    }
-    for (title, chart) in charts {
-        let name = chart.file_name().unwrap_or_default().to_string_lossy();
-        writeln!(report, "![{title}]({name})\n")?;
+    // The charts drawn from this report's workload tables once it is written (bench_charts.rs);
+    // the compaction and large-keyspace sections have none of their own.
+    let has_tables = report.contains(bench_charts::WORKLOAD_HEADER);
+    if has_tables {
+        writeln!(report, "\n## Charts\n")?;
+        let [throughput, p99, cdf] = bench_charts::chart_files(&md_file);
+        let mut charts = vec![throughput, p99];
+        if has_distribution {
+            charts.push(cdf);
+        }
+        for (title, chart) in charts {
+            let name = chart.file_name().unwrap_or_default().to_string_lossy();
+            writeln!(report, "![{title}]({name})\n")?;
+        }
     }
 
     if let Some(dir) = md_file.parent() {
@@ -737,8 +741,10 @@ pub fn bench(args: &[String]) -> Result<()> {
     let _ = std::fs::remove_dir_all(&work);
     println!("{report}");
     eprintln!("xtask bench: wrote {}", md_file.display());
-    for chart in bench_charts::write_charts(&md_file)? {
-        eprintln!("xtask bench: wrote {}", chart.display());
+    if has_tables {
+        for chart in bench_charts::write_charts(&md_file)? {
+            eprintln!("xtask bench: wrote {}", chart.display());
+        }
     }
     Ok(())
 }
