@@ -64,9 +64,13 @@ pub(super) fn sanitize(
         MessageType::MsgPropose | MessageType::MsgReadIndex if msg.term != 0 => {
             Err("proposal or read request carrying a term")
         }
-        // A leader panics on a proposal without entries (`stepped empty MsgProp`, found by the
-        // peer_message fuzz target); a follower forwards only what a client proposed.
-        MessageType::MsgPropose if msg.entries.is_empty() => Err("proposal without entries"),
+        // A leader panics on a proposal without entries (`stepped empty MsgProp`) and on a read
+        // request without one (raft-rs reads the request's context from its first entry: `index
+        // out of bounds`), both found by the peer_message fuzz target; a follower forwards
+        // what raft made, which always has them.
+        MessageType::MsgPropose | MessageType::MsgReadIndex if msg.entries.is_empty() => {
+            Err("proposal or read request without entries")
+        }
         // raft-rs restores a snapshot's membership and panics when what it built differs from
         // what the snapshot says (`invalid restore`): member id 0, an id listed twice.
         MessageType::MsgSnapshot
@@ -538,13 +542,17 @@ mod tests {
     }
 
     /// Found by the peer_message fuzz target: a leader panicked with `stepped empty MsgProp`.
+    /// And with `index out of bounds` in `handle_ready_read_index` on a read request without
+    /// entries.
     #[test]
-    fn proposals_without_entries_are_refused() {
+    fn proposals_and_read_requests_without_entries_are_refused() {
         let log = log_with(5);
-        let mut proposal = message(MessageType::MsgPropose);
-        assert!(sanitize(&log, false, &mut proposal).is_err());
-        proposal.entries = vec![Entry::default()].into();
-        assert_eq!(sanitize(&log, false, &mut proposal), Ok(()));
+        for kind in [MessageType::MsgPropose, MessageType::MsgReadIndex] {
+            let mut msg = message(kind);
+            assert!(sanitize(&log, false, &mut msg).is_err(), "{kind:?}");
+            msg.entries = vec![Entry::default()].into();
+            assert_eq!(sanitize(&log, false, &mut msg), Ok(()), "{kind:?}");
+        }
     }
 
     /// The same pre-vote request through raft itself: refused by the guard, it cannot reach it.
