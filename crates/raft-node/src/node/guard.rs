@@ -229,6 +229,34 @@ mod tests {
         msg
     }
 
+    /// Steps `messages` into raft-rs itself, without the guard, on member 1 of `voters` whose
+    /// log holds `log_len` entries of term 1; true if raft panicked. Each guard rule keeps
+    /// such a test: when raft-rs stops panicking, the rule may go.
+    fn raft_panics_on(voters: Vec<u64>, log_len: u64, messages: Vec<Message>) -> bool {
+        std::panic::catch_unwind(move || {
+            let store = LogStore::new(raft::storage::MemStorage::new_with_conf_state(
+                raft::eraftpb::ConfState::from((voters, vec![])),
+            ));
+            let entries: Vec<Entry> = (1..=log_len)
+                .map(|index| Entry {
+                    index,
+                    term: 1,
+                    ..Default::default()
+                })
+                .collect();
+            store.mem.wl().append(&entries).unwrap();
+            let cfg = raft::Config {
+                id: 1,
+                ..Default::default()
+            };
+            let mut raw = raft::RawNode::new(&cfg, store, &crate::logger::raft_logger(1)).unwrap();
+            for msg in messages {
+                let _ = raw.step(msg);
+            }
+        })
+        .is_err()
+    }
+
     #[test]
     fn a_heartbeat_commit_beyond_the_log_is_lowered() {
         let log = log_with(5);
@@ -334,37 +362,18 @@ mod tests {
     /// The same messages through raft itself: refused by the guard, they cannot reach it.
     #[test]
     fn raft_panics_on_a_snapshot_of_term_0_without_the_guard() {
-        let result = std::panic::catch_unwind(|| {
-            let store = LogStore::new(raft::storage::MemStorage::new_with_conf_state(
-                raft::eraftpb::ConfState::from((vec![1, 2], vec![])),
-            ));
-            let entries: Vec<Entry> = (1..=5)
-                .map(|index| Entry {
-                    index,
-                    term: 1,
-                    ..Default::default()
-                })
-                .collect();
-            store.mem.wl().append(&entries).unwrap();
-            let cfg = raft::Config {
-                id: 1,
-                ..Default::default()
-            };
-            let mut raw = raft::RawNode::new(&cfg, store, &crate::logger::raft_logger(1)).unwrap();
-            let mut snapshot = message(MessageType::MsgSnapshot);
-            snapshot.from = 2;
-            snapshot.to = 1;
-            snapshot.term = 2;
-            snapshot.mut_snapshot().mut_metadata().index = 20;
-            snapshot
-                .mut_snapshot()
-                .mut_metadata()
-                .mut_conf_state()
-                .voters = vec![1, 2];
-            let _ = raw.step(snapshot);
-        });
+        let mut snapshot = message(MessageType::MsgSnapshot);
+        snapshot.from = 2;
+        snapshot.to = 1;
+        snapshot.term = 2;
+        snapshot.mut_snapshot().mut_metadata().index = 20;
+        snapshot
+            .mut_snapshot()
+            .mut_metadata()
+            .mut_conf_state()
+            .voters = vec![1, 2];
         assert!(
-            result.is_err(),
+            raft_panics_on(vec![1, 2], 5, vec![snapshot]),
             "raft-rs no longer panics: the guard's rule may go"
         );
     }
@@ -418,46 +427,27 @@ mod tests {
     /// The same append through raft itself: refused by the guard, it cannot reach it.
     #[test]
     fn raft_panics_on_an_append_with_an_entry_of_term_0_past_the_log_without_the_guard() {
-        let result = std::panic::catch_unwind(|| {
-            let store = LogStore::new(raft::storage::MemStorage::new_with_conf_state(
-                raft::eraftpb::ConfState::from((vec![1, 2], vec![])),
-            ));
-            let entries: Vec<Entry> = (1..=5)
-                .map(|index| Entry {
-                    index,
-                    term: 1,
-                    ..Default::default()
-                })
-                .collect();
-            store.mem.wl().append(&entries).unwrap();
-            let cfg = raft::Config {
-                id: 1,
+        let mut append = message(MessageType::MsgAppend);
+        append.from = 2;
+        append.to = 1;
+        append.term = 2;
+        append.index = 5;
+        append.log_term = 1;
+        append.entries = vec![
+            Entry {
+                index: 6,
+                term: 0,
                 ..Default::default()
-            };
-            let mut raw = raft::RawNode::new(&cfg, store, &crate::logger::raft_logger(1)).unwrap();
-            let mut append = message(MessageType::MsgAppend);
-            append.from = 2;
-            append.to = 1;
-            append.term = 2;
-            append.index = 5;
-            append.log_term = 1;
-            append.entries = vec![
-                Entry {
-                    index: 6,
-                    term: 0,
-                    ..Default::default()
-                },
-                Entry {
-                    index: 7,
-                    term: 2,
-                    ..Default::default()
-                },
-            ]
-            .into();
-            let _ = raw.step(append);
-        });
+            },
+            Entry {
+                index: 7,
+                term: 2,
+                ..Default::default()
+            },
+        ]
+        .into();
         assert!(
-            result.is_err(),
+            raft_panics_on(vec![1, 2], 5, vec![append]),
             "raft-rs no longer panics: the guard's rule may go"
         );
     }
@@ -514,29 +504,17 @@ mod tests {
     /// The same request through raft itself: refused by the guard, it cannot reach it.
     #[test]
     fn raft_panics_forwarding_a_peers_transfer_request_without_the_guard() {
-        let result = std::panic::catch_unwind(|| {
-            let store = LogStore::new(raft::storage::MemStorage::new_with_conf_state(
-                raft::eraftpb::ConfState::from((vec![1, 2, 3], vec![])),
-            ));
-            let cfg = raft::Config {
-                id: 1,
-                ..Default::default()
-            };
-            let mut raw = raft::RawNode::new(&cfg, store, &crate::logger::raft_logger(1)).unwrap();
-            // Learn of leader 2 in term 3.
-            let mut heartbeat = message(MessageType::MsgHeartbeat);
-            heartbeat.from = 2;
-            heartbeat.to = 1;
-            heartbeat.term = 3;
-            let _ = raw.step(heartbeat);
-            let mut transfer = message(MessageType::MsgTransferLeader);
-            transfer.from = 3;
-            transfer.to = 1;
-            transfer.term = 3;
-            let _ = raw.step(transfer);
-        });
+        // Learn of leader 2 in term 3, then take member 3's request.
+        let mut heartbeat = message(MessageType::MsgHeartbeat);
+        heartbeat.from = 2;
+        heartbeat.to = 1;
+        heartbeat.term = 3;
+        let mut transfer = message(MessageType::MsgTransferLeader);
+        transfer.from = 3;
+        transfer.to = 1;
+        transfer.term = 3;
         assert!(
-            result.is_err(),
+            raft_panics_on(vec![1, 2, 3], 0, vec![heartbeat, transfer]),
             "raft-rs no longer panics: the guard's rule may go"
         );
     }
@@ -558,23 +536,12 @@ mod tests {
     /// The same pre-vote request through raft itself: refused by the guard, it cannot reach it.
     #[test]
     fn raft_panics_granting_a_pre_vote_of_term_0_without_the_guard() {
-        let result = std::panic::catch_unwind(|| {
-            let store = LogStore::new(raft::storage::MemStorage::new_with_conf_state(
-                raft::eraftpb::ConfState::from((vec![1, 2], vec![])),
-            ));
-            let cfg = raft::Config {
-                id: 1,
-                ..Default::default()
-            };
-            let mut raw = raft::RawNode::new(&cfg, store, &crate::logger::raft_logger(1)).unwrap();
-            let mut pre_vote = message(MessageType::MsgRequestPreVote);
-            pre_vote.term = 0;
-            pre_vote.from = 2;
-            pre_vote.to = 1;
-            let _ = raw.step(pre_vote);
-        });
+        let mut pre_vote = message(MessageType::MsgRequestPreVote);
+        pre_vote.term = 0;
+        pre_vote.from = 2;
+        pre_vote.to = 1;
         assert!(
-            result.is_err(),
+            raft_panics_on(vec![1, 2], 0, vec![pre_vote]),
             "raft-rs no longer panics: the guard's rule may go"
         );
     }
