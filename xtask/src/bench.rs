@@ -450,11 +450,17 @@ pub(crate) fn run_workload_with(
 }
 
 pub(crate) fn peak_rss_kb(child: &Child) -> u64 {
+    status_kb(child, "VmHWM:")
+}
+
+/// A figure in KiB of `/proc/<pid>/status` (`VmHWM:` the peak RSS, `VmRSS:` the RSS now); 0 if
+/// the process is gone.
+pub(crate) fn status_kb(child: &Child, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{}/status", child.id()))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|n| n.parse().ok())
         })

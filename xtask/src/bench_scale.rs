@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::bench::{
-    dir_size, peak_rss_kb, run_workload_with, start, write_results, Cluster, Measured, Server,
-    Workload, PUT, SERVERS,
+    dir_size, peak_rss_kb, run_workload_with, start, status_kb, write_results, Cluster, Measured,
+    Server, Workload, PUT, SERVERS,
 };
 
 /// The machine and mode of a run.
@@ -523,15 +523,7 @@ fn strings(args: &[&str]) -> Vec<String> {
 
 /// The resident set of a process now, in KiB.
 fn rss_kb(child: &Child) -> u64 {
-    std::fs::read_to_string(format!("/proc/{}/status", child.id()))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
+    status_kb(child, "VmRSS:")
 }
 
 /// The figures of a cluster's `/metrics` this file compares.
