@@ -35,6 +35,58 @@ use metastore_storage_mem::MemBackend;
 use prost::Message as _;
 use raft::eraftpb::EntryType;
 
+/// The largest single allocation an input may cause: the run aborts (libFuzzer saves the input
+/// as a crash) on a larger one. AddressSanitizer's `-malloc_limit_mb` does the same, but only in
+/// builds with a sanitizer; this holds in every build, including `--sanitizer none` campaigns and
+/// the stable corpus replay. The same figure as `cargo xtask fuzz`'s `-malloc_limit_mb`.
+pub const MAX_ALLOCATION: usize = 512 << 20;
+
+/// The system allocator, refusing (by aborting) any allocation over [`MAX_ALLOCATION`]: a size
+/// taken from untrusted input without a bound shows up even when the memory is never touched
+/// (which `-rss_limit_mb` alone would miss).
+struct BoundedAllocator;
+
+// SAFETY: every call is forwarded unchanged to the system allocator, or the process aborts
+// before anything is allocated.
+unsafe impl std::alloc::GlobalAlloc for BoundedAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        check_size(layout.size());
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        check_size(layout.size());
+        // SAFETY: as above.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: as above.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        check_size(new_size);
+        // SAFETY: as above.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+/// Aborts on an allocation over [`MAX_ALLOCATION`]. It may not unwind or allocate (it runs
+/// inside the allocator), so the message is a fixed one written straight to stderr.
+fn check_size(size: usize) {
+    if size > MAX_ALLOCATION {
+        let message = b"metastore-fuzz: an allocation over MAX_ALLOCATION (512 MiB)\n";
+        use std::io::Write as _;
+        let _ = std::io::stderr().lock().write_all(message);
+        std::process::abort();
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: BoundedAllocator = BoundedAllocator;
+
 /// A target's body.
 pub type Body = fn(&[u8]);
 

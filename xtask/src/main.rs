@@ -18,7 +18,7 @@
 //! - `bench [--quick]`: MetaStore (both engines) beside etcd, 1 and 3 members, written to
 //!   `bench/results/<date>.md` (see `bench.rs`) with SVG charts beside it (`bench_charts.rs`).
 //! - `bench-charts REPORT.md…`: draw the charts of reports written before.
-//! - `fuzz [TARGET…] [--runs N | --seconds S]`: the fuzz targets of `fuzz/` under cargo-fuzz and
+//! - `fuzz [TARGET…] [--runs N | --seconds S] [--no-sanitizer]`: the fuzz targets of `fuzz/` under cargo-fuzz and
 //!   nightly, one after the other (see `fuzz.rs`); `ci` builds them on stable and replays their
 //!   corpus instead.
 //!
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         Some("etcd35") => etcd35::ensure(&target_dir()).map(|dir| println!("{}", dir.display())),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <run [--] [server flags…] | size | test [test filter…] | ci | bench [--quick] | bench-charts REPORT.md… | robustness [--seed N] [--seeds K] [--duration S] [--engine memory|rocksdb|both|etcd] [--faults KIND,…] | etcd35 | fuzz [target…] [--runs N | --seconds S]>");
+            eprintln!("usage: cargo xtask <run [--] [server flags…] | size | test [test filter…] | ci | bench [--quick] | bench-charts REPORT.md… | robustness [--seed N] [--seeds K] [--duration S] [--engine memory|rocksdb|both|etcd] [--faults KIND,…] | etcd35 | fuzz [target…] [--runs N | --seconds S] [--no-sanitizer]>");
             return ExitCode::from(2);
         }
     };
