@@ -669,8 +669,19 @@ pub(crate) fn bad_revision_key(k: &[u8]) -> MvccError {
 }
 
 /// Replay one stored revision into the index; returns its main revision.
+/// The largest main revision a store opens with. A store would need 2^62 writes to get there;
+/// a larger one (or a negative one: the key's top bit set) is a damaged or forged file, and
+/// counting on from it would overflow (the compactor's `rev + 1`, the next write's revision).
+pub(crate) const MAX_REVISION: i64 = 1 << 62;
+
 fn restore_revision(index: &mut Index, k: &[u8], v: &[u8]) -> Result<i64, MvccError> {
     let (rev, tombstone) = Revision::from_key(k).ok_or_else(|| bad_revision_key(k))?;
+    if !(0..=MAX_REVISION).contains(&rev.main) || rev.sub < 0 {
+        return Err(MvccError::Corrupt(format!(
+            "key bucket: revision {}_{} is out of range (0 to {MAX_REVISION})",
+            rev.main, rev.sub
+        )));
+    }
     let kv = decode_kv(v)?;
     index.restore(&kv.key, rev, tombstone, kv.create_revision, kv.version)?;
     Ok(rev.main)
@@ -680,7 +691,7 @@ fn read_compact_mark(view: &dyn ReadView, name: &[u8]) -> Result<Option<i64>, Mv
     match view.get(META_BUCKET, name)? {
         None => Ok(None),
         Some(bytes) => match Revision::from_key(&bytes) {
-            Some((rev, false)) => Ok(Some(rev.main)),
+            Some((rev, false)) if (0..=MAX_REVISION).contains(&rev.main) => Ok(Some(rev.main)),
             _ => Err(MvccError::Corrupt(format!(
                 "meta {} is not a revision: {bytes:02x?}",
                 String::from_utf8_lossy(name)

@@ -176,3 +176,61 @@ fn extra_ops_and_consistent_index_share_the_batch() {
     let view = h.backend.snapshot().unwrap();
     assert_eq!(view.get("app", b"refused").unwrap(), Some(b"42".to_vec()));
 }
+
+/// A damaged or forged store whose revisions are out of range is refused at open, not counted on
+/// from (the compactor panicked on `rev + 1` overflowing after a snapshot carrying a scheduled
+/// compaction at i64::MAX was restored; found by the snapshot_metastore fuzz target).
+#[test]
+fn revisions_out_of_range_are_refused_at_open() {
+    for (name, rev) in [
+        (SCHEDULED_COMPACT_KEY, i64::MAX),
+        (FINISHED_COMPACT_KEY, i64::MAX),
+        (SCHEDULED_COMPACT_KEY, -5),
+    ] {
+        let mut h = Harness::new();
+        h.put("a", "1");
+        let mut batch = WriteBatch::new();
+        batch.put("meta", name, Revision::new(rev, 0).to_key(false));
+        h.backend.write(batch).unwrap();
+        let err = Store::open(h.backend.clone()).err().expect("refused");
+        assert!(
+            matches!(&err, MvccError::Corrupt(m) if m.contains("not a revision")),
+            "{err:?}"
+        );
+    }
+    // A key-bucket revision with its top bit set reads as negative; one above MAX_REVISION
+    // leaves no room to count on.
+    for main in [i64::MIN + 3, crate::store::MAX_REVISION + 1] {
+        let h = Harness::new();
+        let mut batch = WriteBatch::new();
+        let kv = KeyValue {
+            key: b"k".to_vec(),
+            create_revision: main,
+            mod_revision: main,
+            version: 1,
+            ..Default::default()
+        };
+        batch.put(
+            "key",
+            Revision::new(main, 0).to_key(false),
+            kv.encode_to_vec(),
+        );
+        h.backend.write(batch).unwrap();
+        let err = Store::open(h.backend.clone()).err().expect("refused");
+        assert!(
+            matches!(&err, MvccError::Corrupt(m) if m.contains("out of range")),
+            "{err:?}"
+        );
+    }
+    // The largest allowed revision opens, and a compaction there runs.
+    let h = Harness::new();
+    let mut batch = WriteBatch::new();
+    batch.put(
+        "meta",
+        SCHEDULED_COMPACT_KEY,
+        Revision::new(crate::store::MAX_REVISION, 0).to_key(false),
+    );
+    h.backend.write(batch).unwrap();
+    let store = Store::open(h.backend.clone()).expect("opens");
+    assert_eq!(store.compact_revision(), crate::store::MAX_REVISION);
+}
