@@ -5,11 +5,12 @@
 //! except in the last generation, which is still live (or empty after a deletion). Reads at a past
 //! revision find the generation alive then and the newest revision not after it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::ops::Bound;
 
 use smallvec::SmallVec;
 
+use crate::leaf_map::LeafMap;
 use crate::revision::Revision;
 use crate::MvccError;
 
@@ -350,7 +351,8 @@ const _: () = assert!(std::mem::size_of::<IndexKey>() == std::mem::size_of::<Vec
 /// Every key's history, ordered by key.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Index {
-    keys: BTreeMap<IndexKey, KeyIndex>,
+    /// Packed in full leaves where keys come in order ([`LeafMap`]).
+    keys: LeafMap<KeyIndex>,
     /// How many keys are live, kept as puts and deletions come (etcd's `keysGauge`), so that
     /// reading it never walks the index.
     live: usize,
@@ -450,10 +452,7 @@ impl Index {
         };
         single
             .into_iter()
-            .chain(
-                span.into_iter()
-                    .flat_map(move |b| self.keys.range::<[u8], _>(b)),
-            )
+            .chain(span.into_iter().flat_map(move |b| self.keys.range(b)))
             .map(|(k, v)| (k.as_slice(), v))
     }
 
@@ -485,11 +484,7 @@ impl Index {
         let mut done = 0;
         let mut last = None;
         let mut emptied = Vec::new();
-        for (key, ki) in self
-            .keys
-            .range_mut::<[u8], _>((lower, Bound::Unbounded))
-            .take(limit)
-        {
+        for (key, ki) in self.keys.iter_mut_from(lower).take(limit) {
             ki.compact(at_rev, available);
             if ki.is_empty() {
                 emptied.push(key.clone());
@@ -703,7 +698,7 @@ mod tests {
             assert_eq!(available, expected, "limit {limit}");
             assert_eq!(idx.keys, whole.keys, "limit {limit}");
             assert_eq!(steps, 10 / limit + 1, "limit {limit}");
-            assert!(!idx.keys.contains_key(&b"k\0"[..]));
+            assert!(idx.keys.get(&b"k\0"[..]).is_none());
         }
     }
 

@@ -26,6 +26,7 @@ mod check;
 mod compactor;
 mod hash;
 mod key_index;
+mod leaf_map;
 mod metrics;
 mod revision;
 mod store;
