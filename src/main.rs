@@ -3,6 +3,8 @@
 
 /// glibc's allocator spent 15–20% of a loaded leader's CPU in malloc/free; mimalloc's
 /// thread-local free lists suit the many small, short-lived allocations of the request path.
+/// The `system-allocator` feature keeps libc's malloc, which heap profilers (heaptrack) hook.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
