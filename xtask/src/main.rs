@@ -97,10 +97,16 @@ fn cargo() -> Command {
     cmd
 }
 
-/// A directory holding `protoc`, a link to the vendored compiler.
+/// A directory holding `protoc`, a link to the vendored compiler. In the target directory, so
+/// that checkouts sharing one (`CARGO_TARGET_DIR`) give the build the same `PATH`: RocksDB's
+/// build script runs again, for minutes, whenever `PATH` changes.
 fn vendored_protoc_dir() -> Option<PathBuf> {
     let protoc = protoc_bin_vendored::protoc_bin_path().ok()?;
-    let dir = workspace_root().join("target").join("xtask-bin");
+    // Not `target_dir()`: it runs `cargo metadata` through `cargo()`, which comes here.
+    let target = env::var_os("CARGO_TARGET_DIR")
+        .map(|dir| workspace_root().join(dir))
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let dir = target.join("xtask-bin");
     let link = dir.join("protoc");
     if std::fs::read_link(&link).ok().as_deref() != Some(protoc.as_path()) {
         std::fs::create_dir_all(&dir).ok()?;
