@@ -86,6 +86,7 @@ fn below(key: &[u8], upper: Bound<&[u8]>) -> bool {
 
 impl<V> LeafMap<V> {
     /// Number of entries.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
@@ -104,6 +105,7 @@ impl<V> LeafMap<V> {
         Some((k, v))
     }
 
+    #[cfg(test)]
     pub(crate) fn get(&self, key: &[u8]) -> Option<&V> {
         self.get_key_value(key).map(|(_, v)| v)
     }

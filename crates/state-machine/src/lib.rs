@@ -33,13 +33,14 @@ use metastore_lease::{LeaseError, Lessor};
 use metastore_mvcc::{Applied, CompactionConfig, MvccError, Store, WriteRequest};
 use metastore_proto::etcdserverpb::alarm_request::AlarmAction;
 use metastore_proto::etcdserverpb::{
-    request_op, AlarmResponse, AlarmType, DeleteRangeRequest, LeaseGrantRequest, RangeRequest,
-    RequestOp, TxnRequest,
+    request_op, AlarmResponse, AlarmType, DeleteRangeRequest, LeaseGrantRequest, RequestOp,
+    TxnRequest,
 };
 use metastore_proto::metastorepb::Member;
 use metastore_proto::metastorepb::{
     internal_raft_request::Request, InternalRaftRequest, RequestHeader,
 };
+use metastore_proto::mvccpb::KeyValue;
 use metastore_raft_node::{MembershipChange, PersistJob, StateMachine};
 use metastore_storage::{Backend, StorageError, WriteBatch};
 use metastore_watch::{StoreSource, WatchHub};
@@ -227,52 +228,20 @@ impl StoreSource for StoreHandle {
 }
 
 /// Rebuilds the lease table from the backend and the store's live keys (attachments are not
-/// stored separately: each key's `lease` field says it).
-///
-/// The live keys are read a page at a time, so that a store of millions of keys is never held
-/// twice in memory.
+/// stored separately: each key's `lease` field says it). The store found the leased keys while
+/// it rebuilt its index ([`Store::take_leased_keys`]), so no key is read twice.
 fn recover_leases(lessor: &Lessor, backend: &dyn Backend, store: &Store) -> Result<(), MvccError> {
-    recover_leases_paged(lessor, backend, store, 50_000)
-}
-
-fn recover_leases_paged(
-    lessor: &Lessor,
-    backend: &dyn Backend,
-    store: &Store,
-    page_keys: i64,
-) -> Result<(), MvccError> {
-    let revision = store.current_revision();
-    let mut next_key = Some(vec![0u8]);
-    let mut failure = None;
-    let pages = std::iter::from_fn(|| {
-        let page = RangeRequest {
-            key: next_key.take()?,
-            range_end: vec![0],
-            limit: page_keys,
-            revision,
+    let keys = store
+        .take_leased_keys()
+        .into_iter()
+        .map(|(key, lease)| KeyValue {
+            key,
+            lease,
             ..Default::default()
-        };
-        match store.range(&page) {
-            Ok(resp) => {
-                if resp.more {
-                    next_key = resp.kvs.last().map(|kv| {
-                        let mut after = kv.key.clone();
-                        after.push(0);
-                        after
-                    });
-                }
-                Some(resp.kvs)
-            }
-            Err(e) => {
-                failure = Some(e);
-                None
-            }
-        }
-    });
+        });
     lessor
-        .recover(&*backend.snapshot()?, pages.flatten())
-        .map_err(|e| MvccError::Corrupt(e.to_string()))?;
-    failure.map_or(Ok(()), Err)
+        .recover(&*backend.snapshot()?, keys)
+        .map_err(|e| MvccError::Corrupt(e.to_string()))
 }
 
 impl KvStateMachine {
@@ -739,7 +708,7 @@ mod tests {
     }
 
     #[test]
-    fn lease_recovery_reads_the_keys_page_by_page() {
+    fn lease_recovery_attaches_each_live_keys_last_lease() {
         let backend: Arc<dyn Backend> = Arc::new(MemBackend::new(&buckets()));
         let mut sm = KvStateMachine::open(backend.clone()).unwrap();
         let mut index = 0;
@@ -753,7 +722,8 @@ mod tests {
                 Request::LeaseGrant(LeaseGrantRequest { id, ttl: 60 }),
             );
         }
-        // Leased keys first, last and at page boundaries (pages of 2 and of 3 keys).
+        // Leased keys first and last, a lease taken away by a later put, a leased key deleted,
+        // another moved from one lease to the other.
         let keys = [
             ("a", 1),
             ("b", 0),
@@ -774,18 +744,59 @@ mod tests {
                 }),
             );
         }
-        let store = sm.store().current();
-        for page in [1, 2, 3, 50_000] {
-            let lessor = Lessor::new();
-            recover_leases_paged(&lessor, &*backend, &store, page).unwrap();
+        apply(
+            &mut sm,
+            Request::Put(PutRequest {
+                key: b"c".to_vec(),
+                value: b"v2".to_vec(),
+                ..Default::default()
+            }),
+        );
+        apply(
+            &mut sm,
+            Request::DeleteRange(DeleteRangeRequest {
+                key: b"d".to_vec(),
+                ..Default::default()
+            }),
+        );
+        apply(
+            &mut sm,
+            Request::Put(PutRequest {
+                key: b"e".to_vec(),
+                value: b"v2".to_vec(),
+                lease: 1,
+                ..Default::default()
+            }),
+        );
+        apply(
+            &mut sm,
+            Request::Put(PutRequest {
+                key: b"a".to_vec(),
+                value: b"v2".to_vec(),
+                lease: 2,
+                ..Default::default()
+            }),
+        );
+        let expected = (
+            vec!["e".to_string()],
+            vec!["a".to_string(), "g".to_string()],
+        );
+        let attached = |sm: &KvStateMachine| {
             let as_strings = |id| {
-                let keys = lessor.attached_keys(id).unwrap();
+                let keys = sm.lessor.attached_keys(id).unwrap();
                 keys.into_iter()
                     .map(|k| String::from_utf8(k).unwrap())
                     .collect::<Vec<_>>()
             };
-            assert_eq!(as_strings(1), ["a", "d"], "pages of {page}");
-            assert_eq!(as_strings(2), ["c", "g"], "pages of {page}");
-        }
+            (as_strings(1), as_strings(2))
+        };
+        assert_eq!(attached(&sm), expected, "as applied");
+        drop(sm);
+        // Opened again on the same backend: the same attachments, found while the index was
+        // rebuilt.
+        let reopened = KvStateMachine::open(backend.clone()).unwrap();
+        assert_eq!(attached(&reopened), expected, "after reopening");
+        // Taken once: the store does not keep them.
+        assert!(reopened.store().current().take_leased_keys().is_empty());
     }
 }
