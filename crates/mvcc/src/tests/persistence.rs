@@ -192,7 +192,7 @@ fn revisions_out_of_range_are_refused_at_open() {
         let mut batch = WriteBatch::new();
         batch.put("meta", name, Revision::new(rev, 0).to_key(false));
         h.backend.write(batch).unwrap();
-        let err = Store::open(h.backend.clone()).err().expect("refused");
+        let err = Store::open(h.backend.clone()).expect_err("refused");
         assert!(
             matches!(&err, MvccError::Corrupt(m) if m.contains("not a revision")),
             "{err:?}"
@@ -216,7 +216,7 @@ fn revisions_out_of_range_are_refused_at_open() {
             kv.encode_to_vec(),
         );
         h.backend.write(batch).unwrap();
-        let err = Store::open(h.backend.clone()).err().expect("refused");
+        let err = Store::open(h.backend.clone()).expect_err("refused");
         assert!(
             matches!(&err, MvccError::Corrupt(m) if m.contains("out of range")),
             "{err:?}"
