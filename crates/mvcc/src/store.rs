@@ -683,14 +683,14 @@ pub(crate) fn bad_revision_key(k: &[u8]) -> MvccError {
     MvccError::Corrupt(format!("key bucket holds a non-revision key {k:02x?}"))
 }
 
-/// Replay one stored revision into the index; returns its main revision.
 /// The largest main revision a store opens with. A store would need 2^62 writes to get there;
 /// a larger one (or a negative one: the key's top bit set) is a damaged or forged file, and
 /// counting on from it would overflow (the compactor's `rev + 1`, the next write's revision).
 pub(crate) const MAX_REVISION: i64 = 1 << 62;
 
 /// Replays one stored revision into the index, and keeps `leased` (each live key's lease) up to
-/// date: the key bucket is read in revision order, so the last record of a key decides.
+/// date: the key bucket is read in revision order, so the last record of a key decides. Returns
+/// the revision's main revision.
 fn restore_revision(
     index: &mut Index,
     leased: &mut HashMap<Vec<u8>, i64>,
