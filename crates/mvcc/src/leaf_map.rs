@@ -98,6 +98,14 @@ impl<V> LeafMap<V> {
             .next_back()
     }
 
+    /// The separator of the leaf entries at or after `lower` start in (`None`: the first leaf).
+    fn start_separator(&self, lower: Bound<&[u8]>) -> Option<&IndexKey> {
+        match lower {
+            Bound::Unbounded => None,
+            Bound::Included(k) | Bound::Excluded(k) => self.leaf_of(k).map(|(s, _)| s),
+        }
+    }
+
     pub(crate) fn get_key_value(&self, key: &[u8]) -> Option<(&IndexKey, &V)> {
         let (_, leaf) = self.leaf_of(key)?;
         let i = search(leaf, key).ok()?;
@@ -199,14 +207,10 @@ impl<V> LeafMap<V> {
         &'a self,
         (lower, upper): (Bound<&'a [u8]>, Bound<&'a [u8]>),
     ) -> impl Iterator<Item = (&'a IndexKey, &'a V)> + 'a {
-        let first = match lower {
-            Bound::Unbounded => None,
-            Bound::Included(k) | Bound::Excluded(k) => self.leaf_of(k).map(|(s, _)| s.as_slice()),
-        };
-        let leaves = match first {
+        let leaves = match self.start_separator(lower) {
             Some(s) => self
                 .leaves
-                .range::<[u8], _>((Bound::Included(s), Bound::Unbounded)),
+                .range::<[u8], _>((Bound::Included(s.as_slice()), Bound::Unbounded)),
             None => self.leaves.range::<[u8], _>(..),
         };
         leaves
@@ -220,10 +224,7 @@ impl<V> LeafMap<V> {
         &'a mut self,
         lower: Bound<&'a [u8]>,
     ) -> impl Iterator<Item = (&'a IndexKey, &'a mut V)> + 'a {
-        let first = match lower {
-            Bound::Unbounded => None,
-            Bound::Included(k) | Bound::Excluded(k) => self.leaf_of(k).map(|(s, _)| s.clone()),
-        };
+        let first = self.start_separator(lower).cloned();
         let leaves = match first {
             Some(s) => self
                 .leaves
