@@ -206,16 +206,20 @@ mod tests {
     use super::*;
     use raft::eraftpb::Entry;
 
-    fn log_with(last_index: u64) -> RaftLog<LogStore> {
-        let store = LogStore::new(raft::storage::MemStorage::new());
-        let entries: Vec<Entry> = (1..=last_index)
+    /// Entries 1 to `last_index`, all of term 1.
+    fn entries(last_index: u64) -> Vec<Entry> {
+        (1..=last_index)
             .map(|index| Entry {
                 index,
                 term: 1,
                 ..Default::default()
             })
-            .collect();
-        store.mem.wl().append(&entries).unwrap();
+            .collect()
+    }
+
+    fn log_with(last_index: u64) -> RaftLog<LogStore> {
+        let store = LogStore::new(raft::storage::MemStorage::new());
+        store.mem.wl().append(&entries(last_index)).unwrap();
         RaftLog::new(store, crate::logger::raft_logger(1))
     }
 
@@ -237,14 +241,7 @@ mod tests {
             let store = LogStore::new(raft::storage::MemStorage::new_with_conf_state(
                 raft::eraftpb::ConfState::from((voters, vec![])),
             ));
-            let entries: Vec<Entry> = (1..=log_len)
-                .map(|index| Entry {
-                    index,
-                    term: 1,
-                    ..Default::default()
-                })
-                .collect();
-            store.mem.wl().append(&entries).unwrap();
+            store.mem.wl().append(&entries(log_len)).unwrap();
             let cfg = raft::Config {
                 id: 1,
                 ..Default::default()
