@@ -17,7 +17,7 @@ use super::conf_change::{apply_conf_change, bootstrap_entries};
 use crate::logger::raft_logger;
 use crate::snap::{SnapshotFile, Snapshotter};
 use crate::storage::LogStore;
-use crate::wal::Wal;
+use crate::wal::{Covering, Wal};
 use crate::{RaftConfig, RaftError, StateMachine};
 
 /// A member brought up from disk, ready for the loop thread.
@@ -196,7 +196,31 @@ fn recover<S: StateMachine>(
         });
     }
 
-    let (wal, contents) = Wal::open(&wal_dir, cfg.wal_segment_size_bytes)?;
+    // The newest snapshot file that verifies, if the WAL records it, and any marker the state
+    // machine's applied index covers, are snapshots recovery can start from: the replay drops
+    // the entries under them as it reads, so a long log never sits in memory whole.
+    let files = snapshotter.list()?;
+    let mut unusable = HashSet::new();
+    let mut verified = None;
+    for (_, _, path) in &files {
+        match snapshotter.load(path) {
+            Ok(file) => {
+                verified = Some(file);
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping unusable snapshot");
+                unusable.insert(path.clone());
+            }
+        }
+    }
+    let covering = Covering {
+        applied: sm_applied,
+        file: verified
+            .as_ref()
+            .map(|f| (f.metadata.term, f.metadata.index)),
+    };
+    let (wal, contents) = Wal::open_covering(&wal_dir, cfg.wal_segment_size_bytes, covering)?;
     // Only snapshots the WAL recorded count: a file written just before a crash, whose marker
     // never became durable, describes state the log does not know about.
     let markers: HashSet<(u64, u64)> = contents
@@ -205,11 +229,18 @@ fn recover<S: StateMachine>(
         .map(|m| (m.term, m.index))
         .collect();
     let mut snapshot = None;
-    for (term, index, path) in snapshotter.list()? {
+    for (term, index, path) in files {
         if !markers.contains(&(term, index)) {
             // Normal after a crash between writing a snapshot and recording it.
             tracing::info!(path = %path.display(), "ignoring snapshot the WAL does not record");
             continue;
+        }
+        if unusable.contains(&path) {
+            continue;
+        }
+        if let Some(file) = verified.take().filter(|f| f.path == path) {
+            snapshot = Some(file);
+            break;
         }
         match snapshotter.load(&path) {
             Ok(file) => {

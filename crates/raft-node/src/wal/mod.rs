@@ -49,6 +49,7 @@ mod tests;
 #[cfg(feature = "fuzzing")]
 pub(crate) mod fuzz_hooks;
 
+pub(crate) use replay::Covering;
 pub(crate) use writer::Wal;
 
 /// Size at which a new segment is started (etcd's `SegmentSizeBytes`).

@@ -15,41 +15,155 @@ use super::record::{decode_record, DecodeError, RECORD_ENTRY, RECORD_HARD_STATE,
 use super::segment::Segment;
 use super::{io_err, WalError};
 
+/// Which snapshot markers let a replay drop the entries at or below them: those of snapshots
+/// recovery can start from (see `node::recovery`), which then never needs those entries. The
+/// default covers none, and the replay keeps the whole log.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Covering {
+    /// Markers at or below this index are covered in place: the state machine holds them.
+    pub applied: u64,
+    /// The (term, index) of a snapshot file already verified.
+    pub file: Option<(u64, u64)>,
+}
+
+impl Covering {
+    fn covers(&self, marker: &SnapshotMetadata) -> bool {
+        marker.index > 0
+            && (marker.index <= self.applied || self.file == Some((marker.term, marker.index)))
+    }
+}
+
+/// The first entries of the replayed log, dropped because a covering snapshot holds them. Only
+/// their terms are kept: later records are still checked and resolved against the whole log.
+#[derive(Debug, Default)]
+struct CoveredPrefix {
+    /// (index, term) of the first entry of each term in the prefix, ascending; empty if none.
+    runs: Vec<(u64, u64)>,
+    /// Index of the prefix's last entry (meaningless when `runs` is empty).
+    last: u64,
+}
+
+impl CoveredPrefix {
+    fn first(&self) -> Option<u64> {
+        self.runs.first().map(|run| run.0)
+    }
+
+    fn last(&self) -> Option<u64> {
+        (!self.runs.is_empty()).then_some(self.last)
+    }
+
+    fn term(&self, index: u64) -> Option<u64> {
+        let first = self.first()?;
+        if index < first || index > self.last {
+            return None;
+        }
+        let run = self.runs.partition_point(|run| run.0 <= index) - 1;
+        Some(self.runs[run].1)
+    }
+
+    /// Appends the entry after the last one.
+    fn push(&mut self, index: u64, term: u64) {
+        if self.runs.last().map(|run| run.1) != Some(term) {
+            self.runs.push((index, term));
+        }
+        self.last = index;
+    }
+
+    /// Keeps the entries before `index`.
+    fn truncate(&mut self, index: u64) {
+        self.runs
+            .truncate(self.runs.partition_point(|run| run.0 < index));
+        self.last = self.last.min(index.saturating_sub(1));
+    }
+}
+
 /// Everything a replay of the WAL found.
 #[derive(Debug, Default)]
 pub(crate) struct WalContents {
     /// The last hard state written (default if none).
     pub hard_state: HardState,
-    /// The surviving log: contiguous, conflicts and resets resolved.
+    /// The surviving log: contiguous, conflicts and resets resolved; without the entries at or
+    /// below the newest covering marker (all of them when nothing covers).
     pub entries: Vec<Entry>,
     /// Snapshot markers in the order they were written (including the bootstrap marker at
     /// index 0 that records the initial membership).
     pub snapshots: Vec<SnapshotMetadata>,
+    /// Which markers let the replay drop entries.
+    covering: Covering,
+    /// Index of the newest covering marker read so far (0: none): every entry at or below it
+    /// goes to `covered`, the others to `entries`.
+    floor: u64,
+    /// The dropped start of the log, just before `entries`.
+    covered: CoveredPrefix,
 }
 
 impl WalContents {
+    /// An empty replay that drops the entries under the markers `covering` covers.
+    pub(crate) fn covering(covering: Covering) -> WalContents {
+        WalContents {
+            covering,
+            ..WalContents::default()
+        }
+    }
+
+    /// Index of the log's first entry, dropped or not.
+    fn first_index(&self) -> Option<u64> {
+        self.covered
+            .first()
+            .or_else(|| self.entries.first().map(|e| e.index))
+    }
+
+    /// Index of the log's last entry, dropped or not.
+    pub(crate) fn last_index(&self) -> Option<u64> {
+        self.entries
+            .last()
+            .map(|e| e.index)
+            .or_else(|| self.covered.last())
+    }
+
+    /// The term of the log's entry at `index`, dropped or not.
+    fn term(&self, index: u64) -> Option<u64> {
+        if let Some(term) = self.covered.term(index) {
+            return Some(term);
+        }
+        let first = self.entries.first()?.index;
+        let at = usize::try_from(index.checked_sub(first)?).ok()?;
+        self.entries.get(at).map(|e| e.term)
+    }
+
+    /// Removes the log's entries from `index` on.
+    fn truncate(&mut self, index: u64) {
+        match self.entries.first().map(|e| e.index) {
+            Some(first) if index >= first => self.entries.truncate((index - first) as usize),
+            _ => {
+                self.entries.clear();
+                self.covered.truncate(index);
+            }
+        }
+    }
+
     /// Applies one decoded record; the error is the reason the record is invalid.
     fn apply(&mut self, record_type: u8, payload: &[u8]) -> Result<(), String> {
         match record_type {
             RECORD_ENTRY => {
                 let entry = Entry::parse_from_bytes(payload)
                     .map_err(|e| format!("undecodable entry: {e}"))?;
-                if let (Some(first), Some(last)) = (self.entries.first(), self.entries.last()) {
-                    let (first, last) = (first.index, last.index);
+                if let (Some(first), Some(last)) = (self.first_index(), self.last_index()) {
                     if entry.index > last + 1 {
                         return Err(format!(
                             "entry index {} does not follow the previous entry's index {last}",
                             entry.index
                         ));
                     }
-                    if entry.index < first {
-                        self.entries.clear();
-                    } else {
-                        // Conflict resolution: the later record wins, its suffix is gone.
-                        self.entries.truncate((entry.index - first) as usize);
-                    }
+                    // Conflict resolution: the later record wins, its suffix is gone (the whole
+                    // log if it starts before it).
+                    self.truncate(entry.index.max(first));
                 }
-                self.entries.push(entry);
+                if entry.index <= self.floor {
+                    self.covered.push(entry.index, entry.term);
+                } else {
+                    self.entries.push(entry);
+                }
             }
             RECORD_HARD_STATE => {
                 self.hard_state = HardState::parse_from_bytes(payload)
@@ -58,15 +172,19 @@ impl WalContents {
             RECORD_SNAPSHOT => {
                 let marker = SnapshotMetadata::parse_from_bytes(payload)
                     .map_err(|e| format!("undecodable snapshot marker: {e}"))?;
-                if let Some(first) = self.entries.first().map(|e| e.index) {
-                    let log_holds_marker = marker.index < first
-                        || self
-                            .entries
-                            .get((marker.index - first) as usize)
-                            .is_some_and(|e| e.term == marker.term);
+                if let Some(first) = self.first_index() {
+                    let log_holds_marker =
+                        marker.index < first || self.term(marker.index) == Some(marker.term);
                     if !log_holds_marker {
                         // A received snapshot replaced the whole log.
-                        self.entries.clear();
+                        self.truncate(first);
+                    }
+                }
+                if self.covering.covers(&marker) && marker.index > self.floor {
+                    self.floor = marker.index;
+                    let below = self.entries.partition_point(|e| e.index <= marker.index);
+                    for entry in self.entries.drain(..below) {
+                        self.covered.push(entry.index, entry.term);
                     }
                 }
                 self.snapshots.push(marker);

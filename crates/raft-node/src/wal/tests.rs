@@ -5,8 +5,13 @@ use std::os::unix::fs::FileExt;
 
 use raft::eraftpb::{ConfState, Entry, HardState, SnapshotMetadata};
 
-use super::record::{encode_message, RECORD_ENTRY, RECORD_HEADER_LEN};
-use super::replay::SECTOR_BYTES;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::record::{
+    encode_message, RECORD_ENTRY, RECORD_HARD_STATE, RECORD_HEADER_LEN, RECORD_SNAPSHOT,
+};
+use super::replay::{replay_records, Covering, WalContents, SECTOR_BYTES};
 use super::segment::parse_segment_name;
 use super::writer::PREALLOCATE_BYTES;
 use super::{Wal, WalError, DEFAULT_SEGMENT_SIZE_BYTES};
@@ -367,4 +372,114 @@ fn missing_segment_is_detected() {
     fs::remove_file(&segments[1]).unwrap();
     let err = Wal::open(dir.path(), 200).err().expect("must fail");
     assert!(err.to_string().contains("sequence gap"), "{err}");
+}
+
+/// The records of a random history: appends, leaders overwriting a suffix (or the whole log),
+/// local snapshots of an entry the log holds, received snapshots past its end, hard states and,
+/// rarely, an entry that leaves a gap (corruption). Returns the bytes and every marker written.
+fn random_history(rng: &mut StdRng) -> (Vec<u8>, Vec<SnapshotMetadata>) {
+    let mut data = Vec::new();
+    let mut markers = Vec::new();
+    // The log as written so far: index of its first entry and the term of each entry.
+    let (mut first, mut terms, mut term) = (1u64, Vec::<u64>::new(), 1u64);
+    for _ in 0..rng.random_range(1..120) {
+        let last = first + terms.len() as u64 - 1;
+        match rng.random_range(0..100) {
+            0..=49 => {
+                for _ in 0..rng.random_range(1..8) {
+                    let index = first + terms.len() as u64;
+                    encode_message(&mut data, RECORD_ENTRY, "entry", &entry(index, term, b"e"))
+                        .unwrap();
+                    terms.push(term);
+                }
+            }
+            50..=64 => {
+                // A new leader overwrites from `from` on (before the first entry: the whole log).
+                term += 1;
+                let from = rng.random_range(first.saturating_sub(2).max(1)..=last + 1);
+                if from < first {
+                    (first, terms) = (from, Vec::new());
+                } else {
+                    terms.truncate((from - first) as usize);
+                }
+                let index = first + terms.len() as u64;
+                encode_message(&mut data, RECORD_ENTRY, "entry", &entry(index, term, b"o"))
+                    .unwrap();
+                terms.push(term);
+            }
+            65..=79 if !terms.is_empty() => {
+                let at = rng.random_range(0..terms.len());
+                let m = marker(first + at as u64, terms[at]);
+                encode_message(&mut data, RECORD_SNAPSHOT, "snapshot marker", &m).unwrap();
+                markers.push(m);
+            }
+            80..=86 => {
+                term += 1;
+                let m = marker(last + rng.random_range(1..5), term);
+                encode_message(&mut data, RECORD_SNAPSHOT, "snapshot marker", &m).unwrap();
+                (first, terms) = (m.index + 1, Vec::new());
+                markers.push(m);
+            }
+            87..=98 => {
+                let hs = hard_state(term, 1, last);
+                encode_message(&mut data, RECORD_HARD_STATE, "hard state", &hs).unwrap();
+            }
+            _ => {
+                let gap = entry(last + 2, term, b"g");
+                encode_message(&mut data, RECORD_ENTRY, "entry", &gap).unwrap();
+            }
+        }
+    }
+    (data, markers)
+}
+
+/// A replay that drops the entries under covered snapshot markers finds what a whole replay
+/// finds above the newest of them: the same entries, markers, hard state, last index and
+/// errors, over random histories and coverings (in place up to an applied index, a file).
+#[test]
+fn a_covered_replay_keeps_what_a_whole_replay_keeps_above_its_snapshot() {
+    let (mut dropped, mut corrupt) = (0, 0);
+    for seed in 0..500 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (data, markers) = random_history(&mut rng);
+        let mut whole = WalContents::default();
+        let whole_end = replay_records(&data, false, &mut whole);
+        let covering = Covering {
+            applied: rng.random_range(0..200),
+            file: (!markers.is_empty() && rng.random_bool(0.5)).then(|| {
+                let m = &markers[rng.random_range(0..markers.len())];
+                (m.term, m.index)
+            }),
+        };
+        let mut covered = WalContents::covering(covering.clone());
+        let covered_end = replay_records(&data, false, &mut covered);
+        assert_eq!(covered_end, whole_end, "seed {seed}");
+        if whole_end.is_err() {
+            corrupt += 1;
+            continue;
+        }
+        let floor = whole
+            .snapshots
+            .iter()
+            .filter(|m| {
+                m.index > 0
+                    && (m.index <= covering.applied || covering.file == Some((m.term, m.index)))
+            })
+            .map(|m| m.index)
+            .max()
+            .unwrap_or(0);
+        let above: Vec<(u64, u64)> = indexes_terms(&whole.entries)
+            .into_iter()
+            .filter(|(index, _)| *index > floor)
+            .collect();
+        assert_eq!(indexes_terms(&covered.entries), above, "seed {seed}");
+        assert_eq!(covered.snapshots, whole.snapshots, "seed {seed}");
+        assert_eq!(covered.hard_state, whole.hard_state, "seed {seed}");
+        assert_eq!(covered.last_index(), whole.last_index(), "seed {seed}");
+        dropped += whole.entries.len() - covered.entries.len();
+    }
+    assert!(
+        dropped > 1000 && corrupt > 10,
+        "the histories drop entries ({dropped}) and end in corruption ({corrupt})"
+    );
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use raft::eraftpb::{Entry, HardState, SnapshotMetadata};
 
 use super::record::{encode_message, RECORD_ENTRY, RECORD_HARD_STATE, RECORD_SNAPSHOT};
-use super::replay::{replay_segment, WalContents};
+use super::replay::{replay_segment, Covering, WalContents};
 use super::segment::{create_segment, list_segments, sync_dir, Segment};
 use super::{io_err, WalError};
 
@@ -69,11 +69,24 @@ impl Wal {
         })
     }
 
-    /// Opens the WAL in `dir` and replays it. A torn record at the end of the last segment is cut
-    /// off (with a warning); any other bad record is an error.
+    /// Opens the WAL in `dir` and replays the whole log ([`Wal::open_covering`] with nothing
+    /// covered).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn open(
         dir: &Path,
         segment_size_bytes: u64,
+    ) -> Result<(Wal, WalContents), WalError> {
+        Self::open_covering(dir, segment_size_bytes, Covering::default())
+    }
+
+    /// Opens the WAL in `dir` and replays it, dropping the entries at or below the newest marker
+    /// `covering` covers as it goes (so a long log never sits in memory whole). A torn record at
+    /// the end of the last segment is cut off (with a warning); any other bad record is an
+    /// error.
+    pub(crate) fn open_covering(
+        dir: &Path,
+        segment_size_bytes: u64,
+        covering: Covering,
     ) -> Result<(Wal, WalContents), WalError> {
         let segments = list_segments(dir)?;
         let Some(last_segment) = segments.last().cloned() else {
@@ -83,7 +96,7 @@ impl Wal {
                 source: io::Error::new(io::ErrorKind::NotFound, "no WAL segments"),
             });
         };
-        let mut contents = WalContents::default();
+        let mut contents = WalContents::covering(covering);
         let mut file_size = 0;
         for (i, segment) in segments.iter().enumerate() {
             let is_last = i + 1 == segments.len();
@@ -98,10 +111,7 @@ impl Wal {
             .map_err(io_err("stat", &last_segment.path))?
             .len();
         let latest_snapshot = contents.snapshots.last().cloned().unwrap_or_default();
-        let last_index = contents
-            .entries
-            .last()
-            .map_or(latest_snapshot.index, |e| e.index);
+        let last_index = contents.last_index().unwrap_or(latest_snapshot.index);
         let wal = Wal {
             dir: dir.to_path_buf(),
             segment_size_bytes,
