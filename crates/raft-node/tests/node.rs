@@ -552,6 +552,43 @@ async fn a_persist_job_does_not_hold_up_applying() {
     node.shutdown();
 }
 
+/// Deleting the files a snapshot made obsolete is background work too: while a deletion is held
+/// up, the loop goes on applying and acknowledging writes, and the files go once it resumes.
+/// (The crash point is the process's: nextest runs each test in a process of its own.)
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn obsolete_files_are_deleted_beside_the_loop() {
+    let _scenario = fail::FailScenario::setup();
+    let (hit, hits) = std::sync::mpsc::channel::<()>();
+    let (resume, resumed) = std::sync::mpsc::channel::<()>();
+    let (hit, resumed) = (Mutex::new(hit), Mutex::new(resumed));
+    fail::cfg_callback("raft::release::before_remove", move || {
+        let _ = hit.lock().unwrap().send(());
+        // Held until `resume` is dropped.
+        let _ = resumed.lock().unwrap().recv();
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sm = LogMachine::default();
+    let (cfg, node, last_index) = snapshotting_member(dir.path(), sm.clone()).await;
+    bounded("a release to start", async {
+        while hits.try_recv().is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(!first_wal_segment_released(&cfg.wal_dir()));
+    propose_many(&node, "while-releasing", 30).await;
+    assert!(node.status().applied_index >= last_index + 30);
+    assert!(!first_wal_segment_released(&cfg.wal_dir()), "still held");
+    drop(resume);
+    wait_until("the first WAL segment to be deleted", || {
+        first_wal_segment_released(&cfg.wal_dir())
+    })
+    .await;
+    node.shutdown();
+}
+
 /// Snapshots are background work: their thread runs at nice 10, the loop at the process's.
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

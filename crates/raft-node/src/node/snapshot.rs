@@ -4,11 +4,13 @@
 //! machine's persist job for a snapshot in place), recording the finished snapshot in the WAL,
 //! and what that releases: the in-memory log before it, old WAL segments and old snapshot files.
 //!
-//! Owns the schedule (newest snapshot file, next snapshot index) and the snapshot thread. It
+//! Owns the schedule (newest snapshot file, next snapshot index), the snapshot thread and the
+//! release thread, which deletes the files a snapshot made obsolete. It
 //! must not apply entries nor install a snapshot received from the leader: the Ready loop does,
 //! and then tells it ([`SnapshotScheduler::installed`]). The thread only reports back through the
 //! command channel; every WAL and log change happens on the loop thread.
 
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -19,7 +21,7 @@ use raft::{RawNode, StateRole};
 use super::Command;
 use crate::snap::{SnapError, SnapshotFile, Snapshotter};
 use crate::storage::LogStore;
-use crate::wal::Wal;
+use crate::wal::{remove_segments, Wal};
 use crate::{RaftError, StateMachine};
 
 /// Applied entries kept in the in-memory log for followers that lag a little (etcd's
@@ -55,6 +57,92 @@ pub(super) struct SnapshotScheduler<O> {
     /// Applied index at which the next snapshot is taken.
     next_snapshot_at: u64,
     snapshot_thread: Option<JoinHandle<()>>,
+    releaser: Releaser,
+}
+
+/// Files a durable snapshot made obsolete, for the release thread to delete.
+struct Release {
+    wal_dir: PathBuf,
+    /// WAL segment files the WAL let go of, oldest first.
+    segments: Vec<PathBuf>,
+    /// Snapshot files to keep (`--max-snapshots`, 0: all) at or below the durable index.
+    snapshots: Option<(usize, u64)>,
+}
+
+impl Release {
+    /// Deletes the files. Failing to is not fatal: they are merely kept.
+    fn run(self, snapshotter: &Snapshotter) {
+        fail::fail_point!("raft::release::before_remove");
+        match remove_segments(&self.wal_dir, &self.segments) {
+            Ok(()) if self.segments.is_empty() => {}
+            Ok(()) => tracing::debug!(released = self.segments.len(), "released WAL segments"),
+            Err(e) => tracing::warn!(error = %e, "cannot release WAL segments"),
+        }
+        if let Some((keep, durable_index)) = self.snapshots {
+            if let Err(e) = snapshotter.purge(keep, durable_index) {
+                tracing::warn!(error = %e, "cannot remove old snapshots");
+            }
+        }
+    }
+}
+
+/// Deletes obsolete files on its own thread, in the order they were released. Deleting a 64 MiB
+/// WAL segment or a snapshot of the whole state keeps the kernel busy for tens of milliseconds
+/// (freeing its pages and extents, discarding its blocks): on the loop thread that held up every
+/// write at each snapshot (the memory engine's put spikes of issue 24).
+struct Releaser {
+    snapshotter: Arc<Snapshotter>,
+    jobs: Option<mpsc::Sender<Release>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Releaser {
+    fn new(member_id: u64, snapshotter: Arc<Snapshotter>) -> Releaser {
+        let (tx, rx) = mpsc::channel::<Release>();
+        let on_thread = Arc::clone(&snapshotter);
+        let spawned = thread::Builder::new()
+            .name(format!("raft-rm-{member_id:x}"))
+            .spawn(move || {
+                lower_thread_priority();
+                for job in rx {
+                    job.run(&on_thread);
+                }
+            });
+        match spawned {
+            Ok(handle) => Releaser {
+                snapshotter,
+                jobs: Some(tx),
+                thread: Some(handle),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "no file release thread: releasing on the loop");
+                Releaser {
+                    snapshotter,
+                    jobs: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+
+    fn release(&self, job: Release) {
+        let job = match &self.jobs {
+            Some(jobs) => match jobs.send(job) {
+                Ok(()) => return,
+                Err(mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        job.run(&self.snapshotter);
+    }
+
+    /// Waits for the releases queued so far.
+    fn join(&mut self) {
+        self.jobs = None;
+        if let Some(handle) = self.thread.take() {
+            let _ = handle.join();
+        }
+    }
 }
 
 impl<O: Send + 'static> SnapshotScheduler<O> {
@@ -69,6 +157,7 @@ impl<O: Send + 'static> SnapshotScheduler<O> {
     ) -> Self {
         SnapshotScheduler {
             member_id,
+            releaser: Releaser::new(member_id, Arc::clone(&snapshotter)),
             snapshotter,
             done,
             snapshot_count,
@@ -268,28 +357,24 @@ impl<O: Send + 'static> SnapshotScheduler<O> {
         }
     }
 
-    /// Deletes WAL segments below a durable snapshot beyond `--max-wals`, and snapshot files at
-    /// or below it beyond `--max-snapshots`. Failing to delete is not fatal: the files are merely
-    /// kept.
+    /// Releases WAL segments below a durable snapshot beyond `--max-wals`, and snapshot files at
+    /// or below it beyond `--max-snapshots`: the WAL lets go of the segments now, the release
+    /// thread deletes the files.
     pub(super) fn release_old_files(&mut self, wal: &mut Wal, snapshot_index: u64) {
-        if self.max_wals == 0 {
-            return self.purge_snapshots(snapshot_index);
-        }
-        match wal.release_to(snapshot_index, self.max_wals) {
-            Ok(0) => {}
-            Ok(released) => tracing::debug!(released, "released WAL segments"),
-            Err(e) => tracing::warn!(error = %e, "cannot release WAL segments"),
-        }
-        self.purge_snapshots(snapshot_index);
-    }
-
-    fn purge_snapshots(&self, durable_index: u64) {
-        if self.max_snapshots == 0 {
+        let segments = if self.max_wals == 0 {
+            Vec::new()
+        } else {
+            wal.release_segments(snapshot_index, self.max_wals)
+        };
+        let snapshots = (self.max_snapshots > 0).then_some((self.max_snapshots, snapshot_index));
+        if segments.is_empty() && snapshots.is_none() {
             return;
         }
-        if let Err(e) = self.snapshotter.purge(self.max_snapshots, durable_index) {
-            tracing::warn!(error = %e, "cannot remove old snapshots");
-        }
+        self.releaser.release(Release {
+            wal_dir: wal.dir().to_path_buf(),
+            segments,
+            snapshots,
+        });
     }
 
     /// Drops applied entries from the in-memory log, keeping [`MEMORY_CATCH_UP_ENTRIES`] for
@@ -321,10 +406,12 @@ impl<O: Send + 'static> SnapshotScheduler<O> {
         }
     }
 
-    /// Waits for a snapshot being written (when the loop stops).
+    /// Waits for a snapshot being written and for the files released so far to be deleted
+    /// (when the loop stops).
     pub(super) fn join(&mut self) {
         if let Some(handle) = self.snapshot_thread.take() {
             let _ = handle.join();
         }
+        self.releaser.join();
     }
 }

@@ -50,7 +50,7 @@ mod tests;
 pub(crate) mod fuzz_hooks;
 
 pub(crate) use replay::Covering;
-pub(crate) use writer::Wal;
+pub(crate) use writer::{remove_segments, Wal};
 
 /// Size at which a new segment is started (etcd's `SegmentSizeBytes`).
 pub(crate) const DEFAULT_SEGMENT_SIZE_BYTES: u64 = 64 * 1024 * 1024;

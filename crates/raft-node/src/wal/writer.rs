@@ -194,10 +194,12 @@ impl Wal {
         Ok(())
     }
 
-    /// Deletes the oldest segments whose entries all lie below `index` (a snapshot's index) while
-    /// more than `keep` segments (at least 1) remain; the segment that contains `index` always
-    /// stays. Returns how many were deleted.
-    pub(crate) fn release_to(&mut self, index: u64, keep: usize) -> Result<usize, WalError> {
+    /// Takes out of the WAL the oldest segments whose entries all lie below `index` (a
+    /// snapshot's index) while more than `keep` segments (at least 1) remain; the segment that
+    /// contains `index` always stays. Returns their files, oldest first, for
+    /// [`remove_segments`]: the WAL never reads or writes them again, and should a crash come
+    /// before they are deleted, the next replay reads them and drops their entries.
+    pub(crate) fn release_segments(&mut self, index: u64, keep: usize) -> Vec<PathBuf> {
         let mut releasable = 0;
         while releasable + 1 < self.segments.len()
             && self.segments[releasable + 1].first_index <= index
@@ -205,14 +207,23 @@ impl Wal {
         {
             releasable += 1;
         }
-        for segment in self.segments.drain(..releasable) {
-            fs::remove_file(&segment.path).map_err(io_err("remove", &segment.path))?;
-            tracing::debug!(path = %segment.path.display(), "removed WAL segment");
-        }
-        if releasable > 0 {
-            sync_dir(&self.dir)?;
-        }
-        Ok(releasable)
+        self.segments
+            .drain(..releasable)
+            .map(|segment| segment.path)
+            .collect()
+    }
+
+    /// [`Wal::release_segments`] and [`remove_segments`] at once; the number removed.
+    #[cfg(test)]
+    pub(crate) fn release_to(&mut self, index: u64, keep: usize) -> Result<usize, WalError> {
+        let released = self.release_segments(index, keep);
+        remove_segments(&self.dir, &released)?;
+        Ok(released.len())
+    }
+
+    /// The directory of the segment files.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Paths of the current segment files, oldest first.
@@ -285,4 +296,20 @@ impl Wal {
         self.segments.push(segment);
         Ok(())
     }
+}
+
+/// Deletes segment files [`Wal::release_segments`] released, oldest first, then syncs `dir`.
+pub(crate) fn remove_segments(dir: &Path, paths: &[PathBuf]) -> Result<(), WalError> {
+    for path in paths {
+        match fs::remove_file(path) {
+            Ok(()) => tracing::debug!(path = %path.display(), "removed WAL segment"),
+            // Removed already (by a release that ran before a crash).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", path)(e)),
+        }
+    }
+    if !paths.is_empty() {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
