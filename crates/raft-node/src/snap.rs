@@ -92,6 +92,13 @@ pub(crate) struct SnapshotFile {
     data_len: u64,
 }
 
+impl SnapshotFile {
+    /// Length of the state machine's data in the file.
+    pub(crate) fn data_len(&self) -> u64 {
+        self.data_len
+    }
+}
+
 /// Reads and writes the snapshot files of one directory.
 #[derive(Debug)]
 pub(crate) struct Snapshotter {

@@ -46,6 +46,8 @@ struct LogMachine {
     persist_calls: Arc<Mutex<Vec<u64>>>,
     /// How many persist jobs finished.
     persists_finished: Arc<Mutex<usize>>,
+    /// The length of the log at each whole snapshot taken.
+    snapshots_taken: Arc<Mutex<Vec<usize>>>,
 }
 
 impl LogMachine {
@@ -137,6 +139,7 @@ impl StateMachine for LogMachine {
 
     fn snapshot(&self) -> SnapshotWriter {
         let log = self.log();
+        self.snapshots_taken.lock().unwrap().push(log.len());
         Box::new(move |w: &mut dyn Write| {
             for (index, payload) in log {
                 w.write_all(&index.to_le_bytes())?;
@@ -424,14 +427,11 @@ async fn snapshots_compact_the_wal_and_restart_restores_from_snapshot_and_tail()
             })
             .collect()
     };
-    // Snapshots are written in the background. Once the newest is less than `snapshot_count`
-    // entries behind no further one starts; once the first WAL segment is gone, one of them
+    // Snapshots are written in the background; once the first WAL segment is gone, one of them
     // was recorded in the WAL (the newest file may not be yet when the node stops).
     wait_until("snapshots to settle", || {
         let indexes = snapshot_indexes();
-        indexes.len() <= 2
-            && indexes.iter().max().is_some_and(|i| i + 10 > last_index)
-            && first_wal_segment_released(&wal_dir)
+        !indexes.is_empty() && indexes.len() <= 2 && first_wal_segment_released(&wal_dir)
     })
     .await;
     let before = sm.log();
@@ -455,6 +455,44 @@ async fn snapshots_compact_the_wal_and_restart_restores_from_snapshot_and_tail()
         .await
         .unwrap();
     assert!(index > last_index);
+    node.shutdown();
+}
+
+/// Writing a whole state every `snapshot_count` entries costs more than the log it lets go of
+/// once the state is large: the next snapshot also waits for the WAL to grow by half the last
+/// file. This machine's state is its whole log, so snapshots come at growing intervals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_state_is_written_once_the_log_has_grown_by_half_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = LogMachine::default();
+    let mut cfg = config(1, dir.path());
+    cfg.snapshot_count = 10;
+    let node: Node = RaftNode::start(cfg, sm.clone(), Arc::new(NoPeers)).unwrap();
+    bounded("a leader", node.wait_leader(WAIT)).await.unwrap();
+    let payload = 200;
+    for batch in 0..40 {
+        propose_many(
+            &node,
+            &format!("{batch:02}-{}", "x".repeat(payload - 8)),
+            10,
+        )
+        .await;
+    }
+    let taken = sm.snapshots_taken.lock().unwrap().clone();
+    assert!(taken.len() >= 3, "snapshots still happen: {taken:?}");
+    // A file of `a` entries holds about `a * payload` bytes; an entry takes at most `payload +
+    // 100` bytes of WAL (its record and its share of hard states).
+    for pair in taken.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        assert!(
+            (b - a) * (payload + 100) >= a * payload / 2,
+            "snapshot at {b} entries came too soon after the one at {a}: {taken:?}"
+        );
+    }
+    assert!(
+        taken.len() < 400 / 10 / 2,
+        "fewer than one every snapshot_count entries: {taken:?}"
+    );
     node.shutdown();
 }
 

@@ -323,8 +323,13 @@ impl<S: StateMachine> Worker<S> {
             self.reads.send(&mut self.raw, now);
             self.handle_readies()?;
         }
-        self.snapshots
-            .maybe_snapshot(&self.raw, &self.store, &mut self.sm, self.applied_index)?;
+        self.snapshots.maybe_snapshot(
+            &self.raw,
+            &self.store,
+            &mut self.sm,
+            self.applied_index,
+            self.wal.appended_bytes(),
+        )?;
         self.snapshots
             .trim_memory_log(&self.raw, &self.store, self.applied_index);
         self.update_status();

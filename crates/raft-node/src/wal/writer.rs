@@ -36,6 +36,8 @@ pub(crate) struct Wal {
     hard_state: HardState,
     latest_snapshot: SnapshotMetadata,
     buf: Vec<u8>,
+    /// Bytes of records written since the WAL was opened or created.
+    appended_bytes: u64,
 }
 
 impl Wal {
@@ -66,6 +68,7 @@ impl Wal {
             hard_state,
             latest_snapshot: bootstrap.clone(),
             buf: Vec::new(),
+            appended_bytes: 0,
         })
     }
 
@@ -123,6 +126,7 @@ impl Wal {
             hard_state: contents.hard_state.clone(),
             latest_snapshot,
             buf: Vec::new(),
+            appended_bytes: 0,
         };
         Ok((wal, contents))
     }
@@ -258,7 +262,13 @@ impl Wal {
             .write_all_at(&self.buf, self.file_size)
             .map_err(io_err("write", &path))?;
         self.file_size = end;
+        self.appended_bytes += self.buf.len() as u64;
         Ok(())
+    }
+
+    /// Bytes of records written since the WAL was opened or created.
+    pub(crate) fn appended_bytes(&self) -> u64 {
+        self.appended_bytes
     }
 
     /// Extends the current segment with zeros up to `len` bytes. Durable with the next sync.
