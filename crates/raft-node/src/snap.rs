@@ -142,37 +142,69 @@ impl<W: Write> Write for ChecksumWriter<W> {
     }
 }
 
-/// Dirty bytes a snapshot file may hold in the page cache before they are synced.
-const SYNC_EVERY: u64 = 8 << 20;
+/// Dirty bytes a snapshot file may hold in the page cache before they are written out (RocksDB's
+/// `bytes_per_sync` default).
+const SYNC_EVERY: u64 = 1 << 20;
 
-/// A file written in steps that are each made durable once `SYNC_EVERY` bytes have gone in, as
-/// RocksDB's `bytes_per_sync` does. A snapshot of a large keyspace is hundreds of MiB: written
-/// whole and synced once at the end, its writeback filled the disk queue (and, on ext4 in
-/// ordered mode, the journal commit the WAL's fsync waits for) and a put on that member waited
-/// up to 0.6 s. Synced as it goes, the WAL's fsync waits for a few MiB at most, and the
-/// snapshot thread, not the loop, waits for the rest.
+/// A file whose data is written out to the disk in steps of `SYNC_EVERY` bytes as it goes, as
+/// RocksDB's `bytes_per_sync` does; the caller syncs it whole at the end. A snapshot of a large
+/// keyspace is hundreds of MiB: written whole and synced once at the end, its writeback filled
+/// the disk queue (and, on ext4 in ordered mode, the journal commit the WAL's fsync waits for)
+/// and a put on that member waited up to 0.6 s. Each step is a range sync on Linux (the step's
+/// pages only: no metadata, no journal commit), and small: on a disk writing 400 MB/s, a step of
+/// 8 MiB queued a WAL fsync behind it for 20 ms, one of 1 MiB for 2.5 ms.
 struct SyncEvery {
     file: File,
-    unsynced: u64,
+    /// Bytes written.
+    written: u64,
+    /// Bytes written out to the disk by the steps.
+    synced: u64,
 }
 
 impl SyncEvery {
     fn new(file: File) -> Self {
-        SyncEvery { file, unsynced: 0 }
+        SyncEvery {
+            file,
+            written: 0,
+            synced: 0,
+        }
     }
 
     fn into_inner(self) -> File {
         self.file
+    }
+
+    /// Writes `len` bytes from `offset` out to the disk and waits for them.
+    #[cfg(target_os = "linux")]
+    fn sync_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        let (offset, len) = (
+            i64::try_from(offset).map_err(io::Error::other)?,
+            i64::try_from(len).map_err(io::Error::other)?,
+        );
+        // SAFETY: plain integers and a file descriptor this struct owns.
+        if unsafe { libc::sync_file_range(self.file.as_raw_fd(), offset, len, flags) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn sync_range(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        self.file.sync_data()
     }
 }
 
 impl Write for SyncEvery {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.file.write(buf)?;
-        self.unsynced += n as u64;
-        if self.unsynced >= SYNC_EVERY {
-            self.file.sync_data()?;
-            self.unsynced = 0;
+        self.written += n as u64;
+        if self.written - self.synced >= SYNC_EVERY {
+            self.sync_range(self.synced, self.written - self.synced)?;
+            self.synced = self.written;
         }
         Ok(n)
     }
@@ -545,11 +577,7 @@ mod tests {
         let mut step = SyncEvery::new(File::create(dir.path().join("f")).unwrap());
         step.write_all(&vec![1u8; SYNC_EVERY as usize + 100])
             .unwrap();
-        assert!(
-            step.unsynced < SYNC_EVERY,
-            "{} bytes left unsynced",
-            step.unsynced
-        );
+        assert_eq!(step.synced, SYNC_EVERY + 100, "written out as it goes");
 
         let snapshotter = Snapshotter::new(dir.path()).unwrap();
         let data: Vec<u8> = (0..2 * SYNC_EVERY + 12_345)
