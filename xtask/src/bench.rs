@@ -180,14 +180,16 @@ fn workloads(quick: bool) -> Vec<Workload> {
             args: &["lease-keepalive"],
         },
         Workload {
-            label: "watch: events/s to 1000 watchers, 10 writers",
+            label: "watch: events/s to 1000 watchers on 10 keys, 10 writers",
             clients: 10,
             conns: 10,
-            total: scale(2_000),
+            total: scale(20_000),
             args: &[
                 "watch-latency",
                 "--watchers",
                 "1000",
+                "--keys",
+                "10",
                 "--watch-streams",
                 "10",
             ],

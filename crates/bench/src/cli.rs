@@ -204,9 +204,10 @@ pub(crate) enum Cmd {
         #[arg(long, default_value_t = 32)]
         val_size: usize,
     },
-    /// Watch event throughput and latency: `--watchers` watchers on one key over
-    /// `--watch-streams` streams, while `--clients` writers put `--total` times to that key.
-    /// Latency is from sending the put to each watcher's event.
+    /// Watch event throughput and latency: `--watchers` watchers on `--keys` keys (watcher i on
+    /// key i modulo the count) over `--watch-streams` streams, while `--clients` writers put
+    /// `--total` times, cycling over the keys. Latency is from sending the put to each
+    /// watcher's event.
     WatchLatency {
         /// Watchers in all.
         #[arg(long, default_value_t = 100)]
@@ -214,6 +215,9 @@ pub(crate) enum Cmd {
         /// Watch streams the watchers share.
         #[arg(long, default_value_t = 10)]
         watch_streams: usize,
+        /// Distinct keys watched and written.
+        #[arg(long, default_value_t = 1)]
+        keys: usize,
         /// Value size in bytes.
         #[arg(long, default_value_t = 32)]
         val_size: usize,

@@ -107,12 +107,15 @@ async fn run_command(cli: Cli) -> Result<()> {
         Cmd::WatchLatency {
             watchers,
             watch_streams,
+            keys,
             val_size,
         } => {
             let spec = WatchSpec {
                 streams: watch_streams,
                 watchers,
-                keys: vec![b"metastore-bench-watch-latency".to_vec()],
+                keys: (0..keys.max(1))
+                    .map(|k| format!("metastore-bench-watch-latency/{k}").into_bytes())
+                    .collect(),
                 puts: cli.global.total,
                 rate: cli.global.rate,
                 val_size,
