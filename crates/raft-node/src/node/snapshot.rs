@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::Instant;
 
 use raft::eraftpb::SnapshotMetadata;
 use raft::{RawNode, StateRole};
@@ -57,6 +58,8 @@ pub(super) struct SnapshotScheduler<O> {
     /// Applied index at which the next snapshot is taken.
     next_snapshot_at: u64,
     snapshot_thread: Option<JoinHandle<()>>,
+    /// When the running snapshot job started.
+    snapshot_started: Instant,
     releaser: Releaser,
     /// Size of the state in the last snapshot file this member wrote (0: none yet).
     last_file_bytes: u64,
@@ -170,6 +173,7 @@ impl<O: Send + 'static> SnapshotScheduler<O> {
             snapshot_index,
             next_snapshot_at: snapshot_index.saturating_add(snapshot_count),
             snapshot_thread: None,
+            snapshot_started: Instant::now(),
             last_file_bytes: 0,
             wal_bytes_at_file: 0,
         }
@@ -254,7 +258,10 @@ impl<O: Send + 'static> SnapshotScheduler<O> {
                 job()
             });
         match spawned {
-            Ok(handle) => self.snapshot_thread = Some(handle),
+            Ok(handle) => {
+                self.snapshot_thread = Some(handle);
+                self.snapshot_started = Instant::now();
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the snapshot thread");
                 self.next_snapshot_at = index.saturating_add(self.snapshot_count);
@@ -363,7 +370,12 @@ impl<O: Send + 'static> SnapshotScheduler<O> {
             .wl()
             .compact(index)
             .map_err(|e| RaftError::Raft(e.to_string()))?;
-        tracing::info!(index, "saved snapshot and compacted the raft log");
+        tracing::info!(
+            index,
+            bytes = self.last_file_bytes,
+            took_ms = self.snapshot_started.elapsed().as_millis() as u64,
+            "saved snapshot and compacted the raft log"
+        );
         self.release_old_files(wal, index);
         Ok(())
     }
