@@ -206,8 +206,10 @@ pub fn read_stream(reader: &mut dyn Read, visit: &mut PairVisitor<'_>) -> Result
 mod tests {
     use super::*;
 
+    type Pair = (Vec<u8>, Vec<u8>);
+
     /// Buckets of pairs, in order.
-    struct Pairs(Vec<(&'static str, Vec<(Vec<u8>, Vec<u8>)>)>);
+    struct Pairs(Vec<(&'static str, Vec<Pair>)>);
 
     impl ReadView for Pairs {
         fn get(&self, _bucket: &str, _key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -234,7 +236,7 @@ mod tests {
     #[test]
     fn the_stream_is_the_documented_layout() {
         let big = vec![7u8; CHUNK_BYTES * 2 + 3];
-        let mut key_pairs: Vec<(Vec<u8>, Vec<u8>)> = (0..3000u32)
+        let mut key_pairs: Vec<Pair> = (0..3000u32)
             .map(|i| (i.to_be_bytes().to_vec(), vec![i as u8; 40]))
             .collect();
         key_pairs.insert(1500, (b"big".to_vec(), big));
