@@ -33,6 +33,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(&descriptors_path)
         .compile_protos(&paths, &[root.clone(), well_known])?;
 
+    // The Watch service again, over responses whose events are encoded once and shared
+    // (src/watch_frame.rs): same route and request type, and the same bytes on the wire.
+    let watch = tonic_build::manual::Service::builder()
+        .name("Watch")
+        .package("etcdserverpb")
+        .method(
+            tonic_build::manual::Method::builder()
+                .name("watch")
+                .route_name("Watch")
+                .input_type("crate::etcdserverpb::WatchRequest")
+                .output_type("crate::watch_frame::WatchFrame")
+                .codec_path("crate::codec::SizedCodec")
+                .client_streaming()
+                .server_streaming()
+                .build(),
+        )
+        .build();
+    tonic_build::manual::Builder::new()
+        .build_client(false)
+        .compile(&[watch]);
+
     // etcd's gateway (grpc-gateway v1, jsonpb with OrigName) writes the .proto field names.
     let descriptors = std::fs::read(&descriptors_path)?;
     pbjson_build::Builder::new()

@@ -16,11 +16,12 @@ use metastore_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use metastore_proto::etcdserverpb::{
     request_op, response_op, Compare, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest,
     PutRequest, RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse,
-    WatchCreateRequest, WatchResponse,
+    WatchCreateRequest,
 };
 use metastore_proto::metastorepb::internal_raft_request::Request;
 use metastore_proto::mvccpb::event::EventType;
 use metastore_proto::mvccpb::{Event, KeyValue};
+use metastore_proto::watch_frame::WatchFrame;
 use metastore_state_machine::Output;
 use metastore_watch::{WatchHub, WatchStream};
 use tokio::sync::mpsc;
@@ -370,14 +371,18 @@ pub(crate) enum WatchBatch {
 /// One watcher on the member's hub, removed when dropped.
 pub(crate) struct KeyWatch {
     _stream: WatchStream,
-    rx: mpsc::Receiver<WatchResponse>,
+    rx: mpsc::Receiver<WatchFrame>,
 }
 
 impl KeyWatch {
     /// The next batch of events, skipping the creation and progress responses.
     pub(crate) async fn next(&mut self) -> WatchBatch {
         loop {
-            let Some(resp) = self.rx.recv().await else {
+            let Some(frame) = self.rx.recv().await else {
+                return WatchBatch::Closed;
+            };
+            // The hub encoded the events for the wire; a recipe reads them back.
+            let Ok(resp) = frame.into_response() else {
                 return WatchBatch::Closed;
             };
             if resp.canceled {

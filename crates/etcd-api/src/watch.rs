@@ -2,15 +2,19 @@
 //!
 //! Requests (create, cancel, progress) are read by a task per stream and handed to the stream's
 //! [`WatchStream`]; responses come from the hub's bounded per-stream channel, with the header's
-//! cluster, member and term filled in here.
+//! cluster, member and term filled in here. They are [`WatchFrame`]s, their events encoded once
+//! by the hub for every watcher they go to; the service is the one generated over them
+//! (`metastore_proto::watch_frame::watch_server`), which puts the same bytes on the wire as a
+//! `WatchResponse`.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use metastore_proto::etcdserverpb::watch_request::RequestUnion;
-use metastore_proto::etcdserverpb::watch_server::Watch;
 use metastore_proto::etcdserverpb::{WatchRequest, WatchResponse};
+use metastore_proto::watch_frame::watch_server::Watch;
+use metastore_proto::watch_frame::WatchFrame;
 use metastore_watch::WatchHub;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
@@ -68,7 +72,7 @@ impl WatchService {
     }
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<WatchFrame, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl Watch for WatchService {
@@ -131,13 +135,13 @@ impl Watch for WatchService {
         });
         let ctx = self.ctx.clone();
         let responses =
-            tokio_stream::wrappers::ReceiverStream::new(rx).map(move |mut resp: WatchResponse| {
-                if let Some(header) = resp.header.as_mut() {
+            tokio_stream::wrappers::ReceiverStream::new(rx).map(move |mut frame: WatchFrame| {
+                if let Some(header) = frame.head.header.as_mut() {
                     header.cluster_id = ctx.cluster_id;
                     header.member_id = ctx.member_id;
                     header.raft_term = ctx.raft.with_status(|s| s.term);
                 }
-                Ok(resp)
+                Ok(frame)
             });
         Ok(Response::new(Box::pin(responses)))
     }

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use metastore_proto::etcdserverpb::{
     DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, PutRequest, WatchCreateRequest,
-    WatchResponse,
 };
 use metastore_proto::metastorepb::internal_raft_request::Request;
+use metastore_proto::watch_frame::WatchFrame;
 use metastore_raft_node::StateMachine;
 use metastore_state_machine::{buckets, encode_request, ApplyError, KvStateMachine, Output};
 use metastore_storage::Backend;
@@ -37,7 +37,7 @@ fn revoke(id: i64) -> Vec<u8> {
 }
 
 /// A watch stream with one watcher on [k, l), created; keep the stream to keep the watcher.
-async fn watch_k_to_l(sm: &KvStateMachine) -> (WatchStream, Receiver<WatchResponse>) {
+async fn watch_k_to_l(sm: &KvStateMachine) -> (WatchStream, Receiver<WatchFrame>) {
     let (stream, mut responses) = sm.watch_hub().open_stream();
     stream
         .create(WatchCreateRequest {
@@ -47,7 +47,7 @@ async fn watch_k_to_l(sm: &KvStateMachine) -> (WatchStream, Receiver<WatchRespon
         })
         .await
         .unwrap();
-    assert!(responses.recv().await.unwrap().created);
+    assert!(responses.recv().await.unwrap().head.created);
     (stream, responses)
 }
 
@@ -91,7 +91,7 @@ async fn grant_attach_revoke_and_reopen() {
         Ok(Output::LeaseRevoke { revision }) => revision,
         other => panic!("unexpected {other:?}"),
     };
-    let deleted = responses.recv().await.unwrap();
+    let deleted = responses.recv().await.unwrap().into_response().unwrap();
     assert_eq!(deleted.events.len(), 2, "both keys in one response");
     assert!(deleted
         .events

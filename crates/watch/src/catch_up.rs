@@ -12,9 +12,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use metastore_mvcc::MvccError;
+use metastore_proto::watch_frame::WatchFrame;
 use tokio::sync::mpsc::error::TrySendError;
 
-use crate::response::{response, send, SendFailure};
+use crate::response::{response, send, Encodings, SendFailure};
 use crate::watcher::{Watcher, WatcherKey};
 use crate::{WatchHub, CATCH_UP_BATCH};
 
@@ -118,6 +119,7 @@ impl WatchHub {
         self.fill_wanted_prev_kv(&inner.unsynced, &matched, &mut events);
         let compact_rev = store.compact_revision();
         let live_from = inner.dispatched_rev.max(self.queue.lock().gap_through);
+        let mut encodings = Encodings::new(events.len());
         let mut progressed = false;
         let keys: Vec<WatcherKey> = inner.unsynced.watchers.keys().copied().collect();
         for key in keys {
@@ -133,7 +135,7 @@ impl WatchHub {
                 let mut resp = response(0, key.1);
                 resp.compact_revision = compact_rev;
                 resp.canceled = true;
-                match w.tx.try_send(resp) {
+                match w.tx.try_send(resp.into()) {
                     Ok(()) | Err(TrySendError::Closed(_)) => {
                         inner.remove(key);
                         progressed = true;
@@ -150,11 +152,13 @@ impl WatchHub {
             }
             if w.next_rev <= covered {
                 if let Some(indices) = matched.get(&key) {
-                    let selected = w.select(indices.iter().map(|&i| &events[i]));
+                    let selected = w.select(indices, &events, &mut encodings);
                     if !selected.is_empty() {
-                        let mut resp = response(covered, key.1);
-                        resp.events = selected;
-                        match send(&w.tx, resp, w.fragment, max_bytes) {
+                        let frame = WatchFrame {
+                            head: response(covered, key.1),
+                            events: selected,
+                        };
+                        match send(&w.tx, frame, w.fragment, max_bytes) {
                             Ok(()) => {}
                             Err(SendFailure::Full) => continue,
                             Err(SendFailure::Closed) => {

@@ -12,9 +12,10 @@ use std::thread::Thread;
 use std::time::Duration;
 
 use metastore_proto::mvccpb::Event;
+use metastore_proto::watch_frame::WatchFrame;
 use prost::Message;
 
-use crate::response::{response, send, SendFailure};
+use crate::response::{response, send, Encodings, SendFailure};
 use crate::watcher::WatcherKey;
 use crate::{HubInner, WatchHub};
 
@@ -203,6 +204,7 @@ impl WatchHub {
         }
         self.fill_wanted_prev_kv(&inner.synced, &matched, events);
         let max_bytes = self.max_response_bytes.load(Ordering::Relaxed);
+        let mut encodings = Encodings::new(events.len());
         let mut lagging = Vec::new();
         let mut gone = Vec::new();
         for (key, indices) in matched {
@@ -213,11 +215,13 @@ impl WatchHub {
                 lagging.push(key);
                 continue;
             }
-            let selected = w.select(indices.iter().map(|&i| &events[i]));
+            let selected = w.select(&indices, events, &mut encodings);
             if !selected.is_empty() {
-                let mut resp = response(revision, key.1);
-                resp.events = selected;
-                match send(&w.tx, resp, w.fragment, max_bytes) {
+                let frame = WatchFrame {
+                    head: response(revision, key.1),
+                    events: selected,
+                };
+                match send(&w.tx, frame, w.fragment, max_bytes) {
                     Ok(()) => {}
                     Err(SendFailure::Full) => {
                         lagging.push(key);

@@ -1,8 +1,8 @@
 //! Building and sending watch responses.
 //!
-//! Owns: the response skeleton ([`response`]), fragmentation of large responses as etcd's
-//! `sendFragments` does ([`fragments`]), sending to a stream's channel without waiting
-//! ([`send`], [`SendFailure`]), and reading the previous values (`prev_kv`) of the events a
+//! Owns: the response skeleton ([`response`]), the shared encodings of events ([`Encodings`]),
+//! fragmentation of large responses as etcd's `sendFragments` does ([`fragments`]), sending to
+//! a stream's channel without waiting ([`send`], [`SendFailure`]), and reading the previous values (`prev_kv`) of the events a
 //! watcher that asked for them is sent ([`WatchHub::fill_wanted_prev_kv`]).
 
 use std::collections::HashMap;
@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use metastore_mvcc::Store;
 use metastore_proto::etcdserverpb::{RangeRequest, ResponseHeader, WatchResponse};
 use metastore_proto::mvccpb::{event::EventType, Event};
+use metastore_proto::watch_frame::{EncodedEvent, WatchFrame};
 use prost::Message;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
@@ -21,6 +22,7 @@ pub(crate) enum SendFailure {
     Closed,
 }
 
+/// A response's head (no events yet).
 pub(crate) fn response(revision: i64, watch_id: i64) -> WatchResponse {
     WatchResponse {
         header: Some(ResponseHeader {
@@ -32,14 +34,51 @@ pub(crate) fn response(revision: i64, watch_id: i64) -> WatchResponse {
     }
 }
 
-/// Splits a response into fragments of at most `max_bytes` (at least one event each); all but
-/// the last are marked `fragment`, as etcd's `sendFragments` does.
-pub(crate) fn fragments(resp: WatchResponse, max_bytes: usize) -> Vec<WatchResponse> {
-    let mut parts: Vec<Vec<Event>> = Vec::new();
+/// The encodings of one revision's (or one catch-up read's) events, each made once, the first
+/// time a watcher is sent it, and shared by every watcher sent it: with its previous value
+/// (for watchers that asked for `prev_kv`) or without.
+pub(crate) struct Encodings {
+    plain: Vec<Option<EncodedEvent>>,
+    with_prev: Vec<Option<EncodedEvent>>,
+}
+
+impl Encodings {
+    pub(crate) fn new(events: usize) -> Self {
+        Encodings {
+            plain: vec![None; events],
+            with_prev: vec![None; events],
+        }
+    }
+
+    /// `events[i]` encoded, its previous value kept only if `prev_kv`.
+    pub(crate) fn get(&mut self, events: &[Event], i: usize, prev_kv: bool) -> EncodedEvent {
+        let event = &events[i];
+        if prev_kv && event.prev_kv.is_some() {
+            return self.with_prev[i]
+                .get_or_insert_with(|| EncodedEvent::new(event))
+                .clone();
+        }
+        self.plain[i]
+            .get_or_insert_with(|| match &event.prev_kv {
+                None => EncodedEvent::new(event),
+                Some(_) => EncodedEvent::new(&Event {
+                    r#type: event.r#type,
+                    kv: event.kv.clone(),
+                    prev_kv: None,
+                }),
+            })
+            .clone()
+    }
+}
+
+/// Splits a frame into fragments of at most `max_bytes` of events (at least one event each);
+/// all but the last are marked `fragment`, as etcd's `sendFragments` does.
+pub(crate) fn fragments(frame: WatchFrame, max_bytes: usize) -> Vec<WatchFrame> {
+    let mut parts: Vec<Vec<EncodedEvent>> = Vec::new();
     let mut current = Vec::new();
     let mut size = 0;
-    for event in resp.events.iter().cloned() {
-        let len = event.encoded_len() + 8;
+    for event in frame.events {
+        let len = event.len();
         if !current.is_empty() && size + len > max_bytes {
             parts.push(std::mem::take(&mut current));
             size = 0;
@@ -52,17 +91,19 @@ pub(crate) fn fragments(resp: WatchResponse, max_bytes: usize) -> Vec<WatchRespo
     parts
         .into_iter()
         .enumerate()
-        .map(|(i, events)| WatchResponse {
+        .map(|(i, events)| WatchFrame {
+            head: WatchResponse {
+                fragment: i < last,
+                ..frame.head.clone()
+            },
             events,
-            fragment: i < last,
-            ..resp.clone()
         })
         .collect()
 }
 
 pub(crate) fn send(
-    tx: &mpsc::Sender<WatchResponse>,
-    resp: WatchResponse,
+    tx: &mpsc::Sender<WatchFrame>,
+    frame: WatchFrame,
     fragment: bool,
     max_bytes: usize,
 ) -> Result<(), SendFailure> {
@@ -70,16 +111,16 @@ pub(crate) fn send(
         TrySendError::Full(_) => SendFailure::Full,
         TrySendError::Closed(_) => SendFailure::Closed,
     };
-    if !fragment || resp.events.len() <= 1 || resp.encoded_len() <= max_bytes {
-        return tx.try_send(resp).map_err(|e| match e {
+    if !fragment || frame.events.len() <= 1 || frame.encoded_len() <= max_bytes {
+        return tx.try_send(frame).map_err(|e| match e {
             TrySendError::Full(_) => SendFailure::Full,
             TrySendError::Closed(_) => SendFailure::Closed,
         });
     }
     // Never more fragments than the stream can ever hold at once (they are queued together):
     // a huge revision gets fragments above the limit rather than never being sent.
-    let max_bytes = max_bytes.max(resp.encoded_len().div_ceil((STREAM_BUFFER / 2).max(1)));
-    let parts = fragments(resp, max_bytes);
+    let max_bytes = max_bytes.max(frame.encoded_len().div_ceil((STREAM_BUFFER / 2).max(1)));
+    let parts = fragments(frame, max_bytes);
     let permits = tx.try_reserve_many(parts.len()).map_err(failure)?;
     for (permit, part) in permits.zip(parts) {
         permit.send(part);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use metastore_proto::etcdserverpb::{
     watch_create_request::FilterType, WatchCreateRequest, WatchResponse,
 };
+use metastore_proto::watch_frame::WatchFrame;
 use tokio::sync::mpsc::{self, OwnedPermit};
 
 use crate::response::response;
@@ -21,7 +22,7 @@ use crate::{
 
 impl WatchHub {
     /// Opens a watch stream whose responses arrive on the returned receiver.
-    pub fn open_stream(self: &Arc<Self>) -> (WatchStream, mpsc::Receiver<WatchResponse>) {
+    pub fn open_stream(self: &Arc<Self>) -> (WatchStream, mpsc::Receiver<WatchFrame>) {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let mut inner = self.lock_from_task();
         let id = inner.next_stream_id;
@@ -47,8 +48,8 @@ impl WatchHub {
         &self,
         stream_id: u64,
         req: WatchCreateRequest,
-        permit: OwnedPermit<WatchResponse>,
-        tx: mpsc::Sender<WatchResponse>,
+        permit: OwnedPermit<WatchFrame>,
+        tx: mpsc::Sender<WatchFrame>,
     ) {
         let mut inner = self.lock_from_task();
         let (now, live_from) = {
@@ -77,7 +78,7 @@ impl WatchHub {
             .as_ref()
             .is_some_and(|end| !end.is_empty() && req.key.as_slice() >= end.as_slice())
         {
-            permit.send(refuse(EMPTY_RANGE));
+            permit.send(refuse(EMPTY_RANGE).into());
             return;
         }
         let watch_id = if req.watch_id == 0 {
@@ -87,7 +88,7 @@ impl WatchHub {
             stream.next_watch_id += 1;
             stream.next_watch_id - 1
         } else if stream.ids.contains(&req.watch_id) {
-            permit.send(refuse(DUPLICATE_ID));
+            permit.send(refuse(DUPLICATE_ID).into());
             return;
         } else {
             req.watch_id
@@ -111,7 +112,7 @@ impl WatchHub {
         };
         let mut created = response(now, watch_id);
         created.created = true;
-        permit.send(created);
+        permit.send(created.into());
         let key = (stream_id, watch_id);
         // Revisions after `live_from` are queued for the synced watchers: one that needs
         // nothing older gets them there, even if it was created after they were applied.
@@ -124,13 +125,13 @@ impl WatchHub {
         }
     }
 
-    fn cancel(&self, stream_id: u64, watch_id: i64, permit: OwnedPermit<WatchResponse>) {
+    fn cancel(&self, stream_id: u64, watch_id: i64, permit: OwnedPermit<WatchFrame>) {
         let mut inner = self.lock_from_task();
         let now = self.queue.lock().notified_rev;
         if inner.remove((stream_id, watch_id)) {
             let mut resp = response(now, watch_id);
             resp.canceled = true;
-            permit.send(resp);
+            permit.send(resp.into());
         }
     }
 
@@ -161,7 +162,7 @@ impl WatchHub {
 pub struct WatchStream {
     hub: Arc<WatchHub>,
     id: u64,
-    tx: mpsc::Sender<WatchResponse>,
+    tx: mpsc::Sender<WatchFrame>,
 }
 
 impl WatchStream {
@@ -185,7 +186,10 @@ impl WatchStream {
 
     /// Queues a response made outside the hub (a create refused before it reached the hub).
     pub async fn send(&self, resp: WatchResponse) -> Result<(), WatchError> {
-        self.tx.send(resp).await.map_err(|_| WatchError::Closed)
+        self.tx
+            .send(resp.into())
+            .await
+            .map_err(|_| WatchError::Closed)
     }
 
     /// Cancels a watcher of this stream; an unknown id is ignored, as etcd does.
@@ -216,7 +220,7 @@ impl WatchStream {
         let inner = self.hub.lock_from_task();
         let notified = self.hub.queue.lock().notified_rev;
         if let Some(rev) = WatchHub::stream_progress(&inner, self.id, notified) {
-            permit.send(response(rev, PROGRESS_ALL_WATCHERS));
+            permit.send(response(rev, PROGRESS_ALL_WATCHERS).into());
         }
         Ok(())
     }
@@ -235,7 +239,7 @@ impl WatchStream {
             if let Some(w) = inner.synced.get(&key) {
                 if w.progress_notify {
                     let rev = inner.progress(&key, notified).unwrap_or(notified);
-                    let _ = w.tx.try_send(response(rev, *id));
+                    let _ = w.tx.try_send(response(rev, *id).into());
                 }
             }
         }

@@ -14,6 +14,7 @@ use metastore_proto::etcdserverpb::{
     TxnRequest, WatchCreateRequest, WatchResponse,
 };
 use metastore_proto::mvccpb::Event;
+use metastore_proto::watch_frame::WatchFrame;
 use metastore_storage::WriteBatch;
 use metastore_storage_mem::MemBackend;
 use tokio::sync::mpsc::Receiver;
@@ -62,11 +63,13 @@ fn put(store: &Store, hub: &WatchHub, key: &str, value: &str) {
     );
 }
 
-async fn next(rx: &mut Receiver<WatchResponse>) -> WatchResponse {
+async fn next(rx: &mut Receiver<WatchFrame>) -> WatchResponse {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
         .expect("a response within 5s")
         .expect("stream open")
+        .into_response()
+        .expect("a frame decodes")
 }
 
 fn revisions(resp: &WatchResponse) -> Vec<i64> {
@@ -79,7 +82,7 @@ fn revisions(resp: &WatchResponse) -> Vec<i64> {
 /// Creates a watcher and returns its id (from the `created` response).
 async fn watch(
     stream: &WatchStream,
-    rx: &mut Receiver<WatchResponse>,
+    rx: &mut Receiver<WatchFrame>,
     req: WatchCreateRequest,
 ) -> i64 {
     stream.create(req).await.unwrap();
@@ -139,7 +142,7 @@ fn assert_indexed(hub: &WatchHub) {
 }
 
 /// Drains `rx` until `count` events arrived; returns (watch_id, revision, value) per event.
-async fn collect(rx: &mut Receiver<WatchResponse>, count: usize) -> Vec<(i64, i64, Vec<u8>)> {
+async fn collect(rx: &mut Receiver<WatchFrame>, count: usize) -> Vec<(i64, i64, Vec<u8>)> {
     let mut seen = Vec::new();
     while seen.len() < count {
         let resp = next(rx).await;

@@ -8,11 +8,12 @@
 use std::collections::{HashMap, HashSet};
 use std::mem;
 
-use metastore_proto::etcdserverpb::WatchResponse;
 use metastore_proto::mvccpb::{event::EventType, Event};
+use metastore_proto::watch_frame::{EncodedEvent, WatchFrame};
 use tokio::sync::mpsc;
 
 use crate::index::KeyIndex;
+use crate::response::Encodings;
 
 pub(crate) type WatcherKey = (u64, i64);
 
@@ -27,7 +28,7 @@ pub(crate) struct Watcher {
     pub(crate) no_delete: bool,
     pub(crate) fragment: bool,
     pub(crate) progress_notify: bool,
-    pub(crate) tx: mpsc::Sender<WatchResponse>,
+    pub(crate) tx: mpsc::Sender<WatchFrame>,
 }
 
 impl Watcher {
@@ -38,21 +39,23 @@ impl Watcher {
         }
     }
 
-    /// This watcher's view of `events`: its range, its filters, `prev_kv` only if asked for.
-    pub(crate) fn select<'a>(&self, events: impl Iterator<Item = &'a Event>) -> Vec<Event> {
-        events
-            .filter(|e| {
+    /// This watcher's view of `events[i]` for each `i` of `indices`: its range, its filters,
+    /// `prev_kv` only if asked for; each event encoded once for all watchers (`encodings`).
+    pub(crate) fn select(
+        &self,
+        indices: &[usize],
+        events: &[Event],
+        encodings: &mut Encodings,
+    ) -> Vec<EncodedEvent> {
+        indices
+            .iter()
+            .filter(|&&i| {
+                let e = &events[i];
                 let is_put = e.r#type == EventType::Put as i32;
                 !(is_put && self.no_put || !is_put && self.no_delete)
                     && e.kv.as_ref().is_some_and(|kv| self.matches(&kv.key))
             })
-            .map(|e| {
-                let mut e = e.clone();
-                if !self.prev_kv {
-                    e.prev_kv = None;
-                }
-                e
-            })
+            .map(|&i| encodings.get(events, i, self.prev_kv))
             .collect()
     }
 }

@@ -3,6 +3,7 @@
 //! previous values on both paths.
 
 use super::*;
+use prost::Message;
 
 #[tokio::test]
 async fn live_events_txn_in_one_response_filters_and_prev_kv() {
@@ -149,11 +150,20 @@ fn fragments_split_events_and_mark_all_but_the_last() {
             ..Default::default()
         })
         .collect();
-    let parts = fragments(resp, 300);
+    let whole = resp.clone();
+    let parts = fragments(resp.into(), 300);
     assert!(parts.len() > 1);
-    assert_eq!(parts.iter().map(|p| p.events.len()).sum::<usize>(), 10);
-    assert!(parts[..parts.len() - 1].iter().all(|p| p.fragment));
-    assert!(!parts.last().unwrap().fragment);
+    assert!(
+        parts.iter().all(|p| p.encoded_len() <= 300 + 30),
+        "{parts:?}"
+    );
+    assert!(parts[..parts.len() - 1].iter().all(|p| p.head.fragment));
+    assert!(!parts.last().unwrap().head.fragment);
+    let events: Vec<Event> = parts
+        .into_iter()
+        .flat_map(|p| p.into_response().unwrap().events)
+        .collect();
+    assert_eq!(events, whole.events, "every event once, in order");
 }
 
 #[tokio::test]
