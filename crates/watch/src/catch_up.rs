@@ -108,7 +108,7 @@ impl WatchHub {
             let Some(w) = inner.unsynced.get(key) else {
                 return false;
             };
-            indices.retain(|&i| {
+            indices.retain(|&mut i| {
                 events[i]
                     .kv
                     .as_ref()

@@ -11,8 +11,8 @@
 //! subtree that ends at or before the key. No crate was taken for it: see the comment in
 //! Cargo.toml.
 
+use foldhash::{HashMap, HashMapExt, HashSet};
 use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::Arc;
 

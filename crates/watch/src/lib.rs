@@ -52,11 +52,12 @@
 //! Must not depend on: raft, gRPC services. It reads the store through [`StoreSource`]; response
 //! headers carry only the revision (the gRPC layer fills in cluster, member and term).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::thread::Thread;
 
+use foldhash::{HashMap, HashMapExt};
 use metastore_mvcc::Store;
 use parking_lot::Mutex;
 

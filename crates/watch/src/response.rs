@@ -5,8 +5,6 @@
 //! a stream's channel without waiting ([`send`], [`SendFailure`]), and reading the previous values (`prev_kv`) of the events a
 //! watcher that asked for them is sent ([`WatchHub::fill_wanted_prev_kv`]).
 
-use std::collections::HashMap;
-
 use metastore_mvcc::Store;
 use metastore_proto::etcdserverpb::{RangeRequest, ResponseHeader, WatchResponse};
 use metastore_proto::mvccpb::{event::EventType, Event};
@@ -14,7 +12,7 @@ use metastore_proto::watch_frame::{EncodedEvent, WatchFrame};
 use prost::Message;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use crate::watcher::{WatcherKey, WatcherSet};
+use crate::watcher::{Matched, WatcherSet};
 use crate::{WatchHub, STREAM_BUFFER};
 
 pub(crate) enum SendFailure {
@@ -155,7 +153,7 @@ impl WatchHub {
     pub(crate) fn fill_wanted_prev_kv(
         &self,
         set: &WatcherSet,
-        matched: &HashMap<WatcherKey, Vec<usize>>,
+        matched: &Matched,
         events: &mut [Event],
     ) {
         let mut wanted = vec![false; events.len()];

@@ -5,7 +5,7 @@
 //! each: opening and closing a stream, creating a watcher (its id, its start, synced or not),
 //! cancelling one, and the progress of a whole stream.
 
-use std::collections::HashSet;
+use foldhash::{HashSet, HashSetExt};
 use std::sync::Arc;
 
 use metastore_proto::etcdserverpb::{

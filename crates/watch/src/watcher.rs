@@ -5,17 +5,24 @@
 //! [`WatcherSet`], watchers together with the [`KeyIndex`] of what they watch, through which
 //! every insert and removal goes.
 
-use std::collections::{HashMap, HashSet};
 use std::mem;
 
+use foldhash::{HashMap, HashMapExt, HashSet};
 use metastore_proto::mvccpb::{event::EventType, Event};
 use metastore_proto::watch_frame::{EncodedEvent, WatchFrame};
+use smallvec::SmallVec;
 use tokio::sync::mpsc;
 
 use crate::index::KeyIndex;
 use crate::response::Encodings;
 
 pub(crate) type WatcherKey = (u64, i64);
+
+/// The indices of a revision's events that concern one watcher (most often one).
+pub(crate) type EventIndices = SmallVec<[usize; 2]>;
+
+/// The watchers an event batch concerns, each with its events ([`WatcherSet::matching`]).
+pub(crate) type Matched = HashMap<WatcherKey, EventIndices>;
 
 pub(crate) struct Watcher {
     pub(crate) key: Vec<u8>,
@@ -118,12 +125,8 @@ impl WatcherSet {
     /// For each event, the watchers of this set whose key or range contains its key: a map from
     /// watcher to the indices of its events, in order. Adds the index entries looked at to
     /// `visited`.
-    pub(crate) fn matching(
-        &self,
-        events: &[Event],
-        visited: &mut u64,
-    ) -> HashMap<WatcherKey, Vec<usize>> {
-        let mut matched: HashMap<WatcherKey, Vec<usize>> = HashMap::new();
+    pub(crate) fn matching(&self, events: &[Event], visited: &mut u64) -> Matched {
+        let mut matched = Matched::new();
         for (i, event) in events.iter().enumerate() {
             let Some(kv) = &event.kv else { continue };
             let looked = self
