@@ -32,9 +32,9 @@ use metastore_storage::{
 use parking_lot::RwLock;
 use rocksdb::properties::{CUR_SIZE_ALL_MEM_TABLES, ESTIMATE_LIVE_DATA_SIZE, TOTAL_SST_FILES_SIZE};
 use rocksdb::{
-    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamily, ColumnFamilyDescriptor,
-    CompactOptions, DBCompressionType, DBWithThreadMode, FlushOptions, Options, ReadOptions,
-    SingleThreaded, SnapshotWithThreadMode, WriteOptions,
+    BlockBasedIndexType, BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamily,
+    ColumnFamilyDescriptor, CompactOptions, DBCompressionType, DBWithThreadMode, FlushOptions,
+    Options, ReadOptions, SingleThreaded, SnapshotWithThreadMode, WriteOptions,
 };
 
 /// Column families are created once at open and never dropped, so the single-threaded mode (plain
@@ -114,6 +114,8 @@ const MEMTABLE_BYTES: usize = 16 << 20;
 const MEMTABLE_BUDGET_BYTES: usize = 32 << 20;
 /// The block cache shared by every column family (data, index and filter blocks).
 const BLOCK_CACHE_BYTES: usize = 16 << 20;
+/// Size of one partition of a table file's index.
+const METADATA_BLOCK_BYTES: usize = 4 << 10;
 
 impl RocksBackend {
     /// Open (creating if missing) the database at `path` with a column family per bucket.
@@ -142,6 +144,16 @@ impl RocksBackend {
         table.set_block_cache(&Cache::new_lru_cache(BLOCK_CACHE_BYTES));
         table.set_cache_index_and_filter_blocks(true);
         table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        // A partitioned index: each file's index is cut into 4 KiB partitions under a small
+        // top level, pinned in the cache. A lookup whose partition is not cached reads and
+        // decompresses 4 KiB. With one index block per file, those blocks (200–300 KB per
+        // bottom-level file, several MB after a defragment) stopped fitting in the cache
+        // past a few million keys: a third of the point reads at 10M keys re-read and
+        // ZSTD-decompressed one, and after a defragment every read did (p99 9–11 ms and
+        // 210–230 ms instead of 3.5 ms; profile in bench/results/2026-12-06-range-profile.md).
+        table.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
+        table.set_metadata_block_size(METADATA_BLOCK_BYTES);
+        table.set_pin_top_level_index_and_filter(true);
         opts.set_block_based_table_factory(&table);
 
         let mut names: Vec<String> = match Db::list_cf(&opts, path) {
