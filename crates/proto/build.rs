@@ -50,9 +50,54 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .build(),
         )
         .build();
+    // The KV service again, with Range answering responses whose key-values may be the stored
+    // encodings (src/range_frame.rs): same routes and request types, same bytes on the wire.
+    let unary = |name: &str, route: &str, input: &str, output: &str| {
+        tonic_build::manual::Method::builder()
+            .name(name)
+            .route_name(route)
+            .input_type(format!("crate::etcdserverpb::{input}"))
+            .output_type(output)
+            .codec_path("crate::codec::SizedCodec")
+            .build()
+    };
+    let kv = tonic_build::manual::Service::builder()
+        .name("KV")
+        .package("etcdserverpb")
+        .method(unary(
+            "range",
+            "Range",
+            "RangeRequest",
+            "crate::range_frame::RangeFrame",
+        ))
+        .method(unary(
+            "put",
+            "Put",
+            "PutRequest",
+            "crate::etcdserverpb::PutResponse",
+        ))
+        .method(unary(
+            "delete_range",
+            "DeleteRange",
+            "DeleteRangeRequest",
+            "crate::etcdserverpb::DeleteRangeResponse",
+        ))
+        .method(unary(
+            "txn",
+            "Txn",
+            "TxnRequest",
+            "crate::etcdserverpb::TxnResponse",
+        ))
+        .method(unary(
+            "compact",
+            "Compact",
+            "CompactionRequest",
+            "crate::etcdserverpb::CompactionResponse",
+        ))
+        .build();
     tonic_build::manual::Builder::new()
         .build_client(false)
-        .compile(&[watch]);
+        .compile(&[watch, kv]);
 
     // etcd's gateway (grpc-gateway v1, jsonpb with OrigName) writes the .proto field names.
     let descriptors = std::fs::read(&descriptors_path)?;

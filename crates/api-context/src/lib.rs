@@ -37,11 +37,13 @@ use std::time::Duration;
 
 use metastore_alarm::{AlarmTable, Quota};
 use metastore_auth::AuthInfo;
+use metastore_mvcc::{MvccError, Store};
 use metastore_proto::etcdserverpb::alarm_request::AlarmAction;
 use metastore_proto::etcdserverpb::{
     AlarmRequest, AlarmType, RangeRequest, RangeResponse, ResponseHeader,
 };
 use metastore_proto::metastorepb::internal_raft_request::Request;
+use metastore_proto::range_frame::RangeFrame;
 use metastore_raft_node::{RaftError, RaftNode};
 use metastore_state_machine::{
     encode_request, encode_request_as, ApplyError, ApplyOutput, MemberTable, Output, StoreHandle,
@@ -168,6 +170,34 @@ impl ServerContext {
         caller: Option<&Caller>,
         req: RangeRequest,
     ) -> Result<RangeResponse, Status> {
+        let (mut resp, revision) = self
+            .read_range(caller, req, Store::range_with_revision)
+            .await?;
+        resp.header = Some(self.header(revision));
+        Ok(resp)
+    }
+
+    /// [`ServerContext::range`] for the wire: the key-values of a plain range are sent as stored
+    /// ([`Store::range_frame_with_revision`]).
+    pub async fn range_frame(
+        &self,
+        caller: Option<&Caller>,
+        req: RangeRequest,
+    ) -> Result<RangeFrame, Status> {
+        let (mut frame, revision) = self
+            .read_range(caller, req, Store::range_frame_with_revision)
+            .await?;
+        frame.head.header = Some(self.header(revision));
+        Ok(frame)
+    }
+
+    /// Checks, the linearizable barrier, permissions, then `read` on the current store.
+    async fn read_range<T: Send + 'static>(
+        &self,
+        caller: Option<&Caller>,
+        req: RangeRequest,
+        read: fn(&Store, &RangeRequest) -> Result<(T, i64), MvccError>,
+    ) -> Result<(T, i64), Status> {
         metastore_mvcc::check_range(&req).map_err(|e| mvcc_status(&e))?;
         if !req.serializable {
             self.linearizable_barrier().await?;
@@ -176,20 +206,16 @@ impl ServerContext {
             self.authorize(caller, &metastore_auth::needs::range(&req))?;
         }
         let store = self.store.current();
-        let (mut resp, revision) = if req.range_end.is_empty() {
+        if req.range_end.is_empty() {
             // One key: an index lookup and at most one backend read, cheaper than the hop to
             // the blocking pool, which cost a third of the leader's CPU under many readers.
-            store
-                .range_with_revision(&req)
-                .map_err(|e| mvcc_status(&e))?
+            read(&store, &req).map_err(|e| mvcc_status(&e))
         } else {
-            tokio::task::spawn_blocking(move || store.range_with_revision(&req))
+            tokio::task::spawn_blocking(move || read(&store, &req))
                 .await
                 .map_err(|e| Status::internal(format!("etcdserver: range task failed: {e}")))?
-                .map_err(|e| mvcc_status(&e))?
-        };
-        resp.header = Some(self.header(revision));
-        Ok(resp)
+                .map_err(|e| mvcc_status(&e))
+        }
     }
 
     /// The leader's id when another member leads; `None` when this member leads; etcd's

@@ -9,12 +9,12 @@
 use std::sync::Arc;
 
 use metastore_mvcc::{Applied, WriteResponse};
-use metastore_proto::etcdserverpb::kv_server::Kv;
 use metastore_proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+    PutResponse, RangeRequest, TxnRequest, TxnResponse,
 };
 use metastore_proto::metastorepb::internal_raft_request::Request;
+use metastore_proto::range_frame::{Kv, RangeFrame};
 use metastore_state_machine::Output;
 use tonic::{Request as GrpcRequest, Response, Status};
 
@@ -66,14 +66,14 @@ impl Kv for KvService {
     async fn range(
         &self,
         request: GrpcRequest<RangeRequest>,
-    ) -> Result<Response<RangeResponse>, Status> {
+    ) -> Result<Response<RangeFrame>, Status> {
         let caller = Caller::of(&request);
         let req = request.into_inner();
         if !req.serializable {
             self.ctx.refuse_on_learner()?;
         }
-        let resp = self.ctx.range(Some(&caller), req).await?;
-        Ok(Response::new(resp))
+        let frame = self.ctx.range_frame(Some(&caller), req).await?;
+        Ok(Response::new(frame))
     }
 
     async fn put(&self, request: GrpcRequest<PutRequest>) -> Result<Response<PutResponse>, Status> {

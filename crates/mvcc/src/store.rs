@@ -10,6 +10,7 @@ use metastore_proto::etcdserverpb::{
     PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
 use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
+use metastore_proto::range_frame::RangeFrame;
 use metastore_storage::{Backend, ReadView, ScanRange, StorageError, Visit, WriteBatch, WriteOp};
 use parking_lot::{Mutex, RwLock, RwLockUpgradableReadGuard};
 
@@ -18,7 +19,10 @@ use crate::hash::{HashKv, KvHasher};
 use crate::key_index::{Index, KeyRange};
 use crate::metrics::OpCounts;
 use crate::revision::{main_prefix, Revision};
-use crate::txn::{decode_kv, fetch, finish_range, is_txn_read_only, plan_range, select, Tx};
+use crate::txn::{
+    decode_kv, fetch, fetch_encoded, finish_range, is_txn_read_only, plan_range, select,
+    takes_stored_encodings, Selected, Tx,
+};
 use crate::{
     LeaseLookup, MvccError, CONSISTENT_INDEX_KEY, FINISHED_COMPACT_KEY, KEY_BUCKET, META_BUCKET,
     SCHEDULED_COMPACT_KEY,
@@ -113,6 +117,10 @@ impl Inner {
         hashes.drain(..excess);
     }
 }
+
+/// What [`Store::select_range`] returns: the selected revisions, the keys in range, the view
+/// to read them from, the store's revision.
+type SelectedRange = (Vec<Selected>, usize, Option<Arc<dyn ReadView>>, i64);
 
 /// etcd's MVCC key-value store over a [`Backend`].
 ///
@@ -330,9 +338,52 @@ impl Store {
         &self,
         req: &RangeRequest,
     ) -> Result<(RangeResponse, i64), MvccError> {
+        let (selected, total, view, cur) = self.select_range(req)?;
+        let kvs = match view {
+            Some(view) => fetch(&*view, selected)?,
+            None => Vec::new(),
+        };
+        Ok((finish_range(req, kvs, total), cur))
+    }
+
+    /// Like [`Store::range_with_revision`], for the wire: when the request takes the key-values
+    /// as they are stored (no sorting but by key, no revision filters, values wanted), the
+    /// answer carries their stored encodings, neither decoded nor copied again
+    /// ([`RangeFrame`]); any other request is answered decoded. Both encode to the same bytes.
+    pub fn range_frame_with_revision(
+        &self,
+        req: &RangeRequest,
+    ) -> Result<(RangeFrame, i64), MvccError> {
+        if !takes_stored_encodings(req) {
+            let (resp, revision) = self.range_with_revision(req)?;
+            return Ok((resp.into(), revision));
+        }
+        let (selected, total, view, cur) = self.select_range(req)?;
+        let mut encoded = match view {
+            Some(view) => fetch_encoded(&*view, selected)?,
+            None => Vec::new(),
+        };
+        // As `finish_range` does for such a request: only the limit applies.
+        let mut more = false;
+        if req.limit > 0 && encoded.len() as i64 > req.limit {
+            encoded.truncate(req.limit as usize);
+            more = true;
+        }
+        let head = RangeResponse {
+            header: None,
+            kvs: Vec::new(),
+            more,
+            count: total as i64,
+        };
+        Ok((RangeFrame { head, encoded }, cur))
+    }
+
+    /// The revisions a range reads, how many keys it covers, the view to read them from (none
+    /// for `count_only`), and the store's revision.
+    fn select_range(&self, req: &RangeRequest) -> Result<SelectedRange, MvccError> {
         let no_pending = BTreeMap::new();
         let range = KeyRange::from_request(&req.key, &req.range_end);
-        let (selected, total, view, cur) = {
+        let selected = {
             let st = self.inner.state.read();
             let cur = st.current_rev;
             let plan = plan_range(req, cur, st.compact_rev)?;
@@ -347,15 +398,11 @@ impl Store {
             };
             (selected, total, view, cur)
         };
-        let kvs = match view {
-            Some(view) => fetch(&*view, selected)?,
-            None => Vec::new(),
-        };
         crate::metrics::record_ops(OpCounts {
             ranges: 1,
             ..OpCounts::default()
         });
-        Ok((finish_range(req, kvs, total), cur))
+        Ok(selected)
     }
 
     /// Evaluate a txn that has no writes (see [`crate::is_txn_read_only`]) at a consistent point,

@@ -108,8 +108,18 @@ impl Harness {
         self.get_at(key, 0).expect("get")
     }
 
+    /// A range, also read for the wire ([`Store::range_frame_with_revision`]): both must
+    /// give the same answer and the same bytes.
     fn range(&self, req: RangeRequest) -> RangeResponse {
-        self.store.range(&req).expect("range")
+        let (resp, revision) = self.store.range_with_revision(&req).expect("range");
+        let (frame, frame_revision) = self
+            .store
+            .range_frame_with_revision(&req)
+            .expect("range for the wire");
+        assert_eq!(frame_revision, revision, "{req:?}");
+        assert_eq!(frame.encode_to_vec(), resp.encode_to_vec(), "{req:?}");
+        assert_eq!(frame.into_response().unwrap(), resp, "{req:?}");
+        resp
     }
 
     /// Every key of the `key` bucket as (main, sub, tombstone).

@@ -105,14 +105,43 @@ pub(crate) fn fetch(
         .collect()
 }
 
-fn read_revision(view: &dyn ReadView, rev: Revision) -> Result<KeyValue, MvccError> {
-    let bytes = view.get(KEY_BUCKET, &rev.to_key(false))?.ok_or_else(|| {
+/// The stored encodings of `selected` (a pending key-value, which only a txn has, is encoded).
+pub(crate) fn fetch_encoded(
+    view: &dyn ReadView,
+    selected: Vec<Selected>,
+) -> Result<Vec<Vec<u8>>, MvccError> {
+    selected
+        .into_iter()
+        .map(|s| match s {
+            Selected::Pending(kv) => Ok(kv.encode_to_vec()),
+            Selected::Stored(rev) => read_stored(view, rev),
+        })
+        .collect()
+}
+
+/// Whether a range's answer is its key-values exactly as stored, in key order, cut at the
+/// limit: what [`finish_range`] leaves unchanged but for the limit.
+pub(crate) fn takes_stored_encodings(req: &RangeRequest) -> bool {
+    req.sort_order == range_request::SortOrder::None as i32
+        && req.sort_target == range_request::SortTarget::Key as i32
+        && req.min_mod_revision == 0
+        && req.max_mod_revision == 0
+        && req.min_create_revision == 0
+        && req.max_create_revision == 0
+        && !req.keys_only
+}
+
+fn read_stored(view: &dyn ReadView, rev: Revision) -> Result<Vec<u8>, MvccError> {
+    view.get(KEY_BUCKET, &rev.to_key(false))?.ok_or_else(|| {
         MvccError::Corrupt(format!(
             "revision {}_{} is indexed but not stored",
             rev.main, rev.sub
         ))
-    })?;
-    decode_kv(&bytes)
+    })
+}
+
+fn read_revision(view: &dyn ReadView, rev: Revision) -> Result<KeyValue, MvccError> {
+    decode_kv(&read_stored(view, rev)?)
 }
 
 /// Decode a stored `mvccpb.KeyValue`.

@@ -10,6 +10,7 @@
 #![allow(clippy::all, missing_docs)]
 
 pub mod codec;
+pub mod range_frame;
 pub mod watch_frame;
 
 /// Key-value and event types (`mvccpb`).
