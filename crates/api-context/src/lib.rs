@@ -96,6 +96,9 @@ pub trait LeaderForwarder: Send + Sync + 'static {
     ) -> BoxFuture<Result<(u32, i64, i64), Status>>;
 }
 
+/// A read of the store for a range request: its answer and the revision it saw.
+type StoreRead<T> = fn(&Store, &RangeRequest) -> Result<(T, i64), MvccError>;
+
 /// What every service needs: the raft handle, the store, identity and limits.
 #[derive(Clone)]
 pub struct ServerContext {
@@ -196,7 +199,7 @@ impl ServerContext {
         &self,
         caller: Option<&Caller>,
         req: RangeRequest,
-        read: fn(&Store, &RangeRequest) -> Result<(T, i64), MvccError>,
+        read: StoreRead<T>,
     ) -> Result<(T, i64), Status> {
         metastore_mvcc::check_range(&req).map_err(|e| mvcc_status(&e))?;
         if !req.serializable {
