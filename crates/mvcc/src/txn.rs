@@ -96,49 +96,27 @@ pub(crate) fn fetch(
     view: &dyn ReadView,
     selected: Vec<Selected>,
 ) -> Result<Vec<KeyValue>, MvccError> {
-    fetch_encoded(view, selected)?
-        .iter()
-        .map(|bytes| decode_kv(bytes))
+    selected
+        .into_iter()
+        .map(|s| match s {
+            Selected::Pending(kv) => Ok(kv),
+            Selected::Stored(rev) => read_revision(view, rev),
+        })
         .collect()
 }
 
-/// The stored encodings of `selected`, read together (a pending key-value, which only a txn
-/// has, is encoded).
+/// The stored encodings of `selected` (a pending key-value, which only a txn has, is encoded).
 pub(crate) fn fetch_encoded(
     view: &dyn ReadView,
     selected: Vec<Selected>,
 ) -> Result<Vec<Vec<u8>>, MvccError> {
-    let stored: Vec<(usize, Revision)> = selected
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| match s {
-            Selected::Stored(rev) => Some((i, *rev)),
-            Selected::Pending(_) => None,
+    selected
+        .into_iter()
+        .map(|s| match s {
+            Selected::Pending(kv) => Ok(kv.encode_to_vec()),
+            Selected::Stored(rev) => read_stored(view, rev),
         })
-        .collect();
-    let keys: Vec<Vec<u8>> = stored.iter().map(|(_, rev)| rev.to_key(false)).collect();
-    let values = view.get_many(KEY_BUCKET, &keys)?;
-    if values.len() != keys.len() {
-        return Err(MvccError::Corrupt(format!(
-            "{} values read for {} revisions",
-            values.len(),
-            keys.len()
-        )));
-    }
-    let mut values = values.into_iter();
-    let mut out = Vec::with_capacity(selected.len());
-    for s in selected {
-        out.push(match s {
-            Selected::Pending(kv) => kv.encode_to_vec(),
-            Selected::Stored(rev) => values.next().flatten().ok_or_else(|| {
-                MvccError::Corrupt(format!(
-                    "revision {}_{} is indexed but not stored",
-                    rev.main, rev.sub
-                ))
-            })?,
-        });
-    }
-    Ok(out)
+        .collect()
 }
 
 /// Whether a range's answer is its key-values exactly as stored, in key order, cut at the
@@ -151,6 +129,19 @@ pub(crate) fn takes_stored_encodings(req: &RangeRequest) -> bool {
         && req.min_create_revision == 0
         && req.max_create_revision == 0
         && !req.keys_only
+}
+
+fn read_stored(view: &dyn ReadView, rev: Revision) -> Result<Vec<u8>, MvccError> {
+    view.get(KEY_BUCKET, &rev.to_key(false))?.ok_or_else(|| {
+        MvccError::Corrupt(format!(
+            "revision {}_{} is indexed but not stored",
+            rev.main, rev.sub
+        ))
+    })
+}
+
+fn read_revision(view: &dyn ReadView, rev: Revision) -> Result<KeyValue, MvccError> {
+    decode_kv(&read_stored(view, rev)?)
 }
 
 /// Decode a stored `mvccpb.KeyValue`.

@@ -397,23 +397,6 @@ impl ReadView for RocksView {
             .map_err(engine_error)
     }
 
-    /// RocksDB's batched MultiGet: the keys that fall in one table block share its lookup and
-    /// read (the revisions of a range written together are neighbours).
-    fn get_many(&self, bucket: &str, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
-        let cf = self.buckets.cf(&self.db, bucket)?;
-        let mut opts = ReadOptions::default();
-        opts.set_snapshot(&self.snapshot);
-        self.db
-            .batched_multi_get_cf_opt(cf, keys, false, &opts)
-            .into_iter()
-            .map(|value| {
-                value
-                    .map(|pinned| pinned.map(|slice| slice.to_vec()))
-                    .map_err(engine_error)
-            })
-            .collect()
-    }
-
     fn scan(
         &self,
         bucket: &str,

@@ -56,55 +56,6 @@ pub fn basic_put_get_delete(open: Factory<'_>) {
     );
 }
 
-/// `get_many` answers what `get` answers for each key, in the keys' order (unsorted, repeated,
-/// missing, in the other bucket), from the view's point in time, with large values whole.
-pub fn get_many_matches_get(open: Factory<'_>) {
-    let (be, _g) = open();
-    let mut batch = WriteBatch::new();
-    for i in 0u32..3000 {
-        let value = vec![
-            (i % 251) as u8;
-            if i % 500 == 7 {
-                70_000
-            } else {
-                (i % 97) as usize
-            }
-        ];
-        batch.put(A, i.to_be_bytes().to_vec(), value);
-    }
-    batch.put(B, 5u32.to_be_bytes().to_vec(), b"beta only".to_vec());
-    be.write(batch).unwrap();
-    let view = be.snapshot().unwrap();
-    let mut after = WriteBatch::new();
-    after.put(A, 9u32.to_be_bytes().to_vec(), b"later".to_vec());
-    after.delete(A, 10u32.to_be_bytes().to_vec());
-    be.write(after).unwrap();
-    let keys: Vec<Vec<u8>> = (0u32..4000)
-        .rev()
-        .step_by(3)
-        .chain([9, 10, 9, 5000, 1007])
-        .map(|i| i.to_be_bytes().to_vec())
-        .chain([Vec::new(), b"not a key".to_vec()])
-        .collect();
-    for bucket in [A, B] {
-        let many = view.get_many(bucket, &keys).unwrap();
-        assert_eq!(many.len(), keys.len());
-        for (key, value) in keys.iter().zip(many) {
-            assert_eq!(value, view.get(bucket, key).unwrap(), "{bucket} {key:?}");
-        }
-    }
-    assert_eq!(
-        view.get_many(A, &[9u32.to_be_bytes().to_vec()]).unwrap(),
-        [Some(vec![9; 9])],
-        "written after the view"
-    );
-    assert!(view.get_many("gamma", &keys).is_err());
-    assert_eq!(
-        view.get_many(A, &[]).unwrap(),
-        Vec::<Option<Vec<u8>>>::new()
-    );
-}
-
 /// A bucket the backend was not opened with is an error, never a silent no-op.
 pub fn unknown_bucket_is_an_error(open: Factory<'_>) {
     let (be, _g) = open();
@@ -426,7 +377,6 @@ pub fn defragment_while_writing(open: Factory<'_>) {
 /// Every check above, in one call.
 pub fn run_all(open: Factory<'_>) {
     basic_put_get_delete(open);
-    get_many_matches_get(open);
     unknown_bucket_is_an_error(open);
     batch_is_atomic_across_buckets(open);
     snapshot_is_isolated_from_later_writes(open);
@@ -444,7 +394,7 @@ pub fn run_all(open: Factory<'_>) {
 macro_rules! backend_conformance {
     ($factory:expr) => {
         $crate::backend_conformance!(@tests $factory;
-            basic_put_get_delete, get_many_matches_get, unknown_bucket_is_an_error, batch_is_atomic_across_buckets,
+            basic_put_get_delete, unknown_bucket_is_an_error, batch_is_atomic_across_buckets,
             snapshot_is_isolated_from_later_writes, snapshot_stable_under_concurrent_writes,
             range_scans, export_import_round_trip, bad_import_keeps_previous_content,
             sizes_and_defragment, defragment_while_writing);

@@ -176,12 +176,6 @@ pub trait ReadView: Send + Sync {
     /// The value stored under `key`, if any.
     fn get(&self, bucket: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
 
-    /// The values stored under `keys`, in their order (any order of keys). An engine that can
-    /// look many keys up together does so (a large range reads thousands of revisions).
-    fn get_many(&self, bucket: &str, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
-        keys.iter().map(|key| self.get(bucket, key)).collect()
-    }
-
     /// Visit pairs of `bucket` inside `range` in its direction, up to its limit, until the
     /// visitor answers [`Visit::Stop`]. Returns how many pairs were visited.
     fn scan(
