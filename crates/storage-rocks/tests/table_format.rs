@@ -5,9 +5,9 @@ use metastore_storage_rocks::RocksBackend;
 const BUCKETS: &[&str] = &["alpha", "beta"];
 
 /// The OPTIONS file RocksDB writes at each open records the table options of every column
-/// family: each bucket's must use a partitioned index of 4 KiB partitions, so that a point read whose
-/// index is not cached reads one partition, never a whole file's index (megabytes after a
-/// defragment).
+/// family: each bucket's must use a partitioned index of 4 KiB partitions, so that a point read
+/// whose index is not cached reads one partition, never a whole file's index (megabytes after
+/// a defragment).
 #[test]
 fn every_bucket_has_a_partitioned_index() {
     let dir = tempfile::tempdir().unwrap();

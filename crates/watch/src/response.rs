@@ -2,8 +2,9 @@
 //!
 //! Owns: the response skeleton ([`response`]), the shared encodings of events ([`Encodings`]),
 //! fragmentation of large responses as etcd's `sendFragments` does ([`fragments`]), sending to
-//! a stream's channel without waiting ([`send`], [`SendFailure`]), and reading the previous values (`prev_kv`) of the events a
-//! watcher that asked for them is sent ([`WatchHub::fill_wanted_prev_kv`]).
+//! a stream's channel without waiting ([`send`], [`SendFailure`]), and reading the previous
+//! values (`prev_kv`) of the events a watcher that asked for them is sent
+//! ([`WatchHub::fill_wanted_prev_kv`]).
 
 use metastore_mvcc::Store;
 use metastore_proto::etcdserverpb::{RangeRequest, ResponseHeader, WatchResponse};
