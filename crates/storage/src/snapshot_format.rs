@@ -33,6 +33,12 @@ struct HashingWriter<'a> {
 impl HashingWriter<'_> {
     fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.written += bytes.len() as u64;
+        if bytes.len() >= CHUNK_BYTES {
+            // A piece that fills a chunk by itself goes out as it is, after what was gathered.
+            self.drain()?;
+            self.hasher.update(bytes);
+            return self.inner.write_all(bytes);
+        }
         self.chunk.extend_from_slice(bytes);
         if self.chunk.len() >= CHUNK_BYTES {
             self.drain()?;
