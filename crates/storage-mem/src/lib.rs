@@ -74,6 +74,10 @@ impl ReadView for MemView {
         Ok(self.0.map(bucket)?.get(key).map(|v| v.to_vec()))
     }
 
+    fn get_shared(&self, bucket: &str, key: &[u8]) -> Result<Option<bytes::Bytes>> {
+        Ok(self.0.map(bucket)?.get_shared(key))
+    }
+
     fn scan(
         &self,
         bucket: &str,

@@ -41,6 +41,19 @@ impl Clone for Block {
     }
 }
 
+/// A value inside a block, kept alive with it ([`PackedMap::get_shared`]).
+struct SharedValue {
+    block: Arc<Block>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for SharedValue {
+    fn as_ref(&self) -> &[u8] {
+        &self.block.data[self.start..self.end]
+    }
+}
+
 fn pair_bytes(key: &[u8], value: &[u8]) -> usize {
     HEADER + key.len() + value.len()
 }
@@ -192,6 +205,20 @@ impl PackedMap {
         let (_, block) = self.blocks.get_prev(key)?;
         let i = block.find(key).ok()?;
         Some(block.pair(i).1)
+    }
+
+    /// The value under `key`, sharing its block: no copy, and the block lives as long as the
+    /// value does (a later write to it copies it first, as for any clone of the map).
+    pub(crate) fn get_shared(&self, key: &[u8]) -> Option<Bytes> {
+        let (_, block) = self.blocks.get_prev(key)?;
+        let i = block.find(key).ok()?;
+        let (start, end) = block.bounds(i);
+        let key_len = block.pair(i).0.len();
+        Some(Bytes::from_owner(SharedValue {
+            block: block.clone(),
+            start: start + HEADER + key_len,
+            end,
+        }))
     }
 
     /// Inserts or replaces; returns the length of the value replaced.

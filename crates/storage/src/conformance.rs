@@ -56,6 +56,44 @@ pub fn basic_put_get_delete(open: Factory<'_>) {
     );
 }
 
+/// A shared value is the value `get` answers, and keeps it after the view is dropped and the
+/// pair is overwritten, deleted, or its neighbours rewritten.
+pub fn shared_values_outlive_their_view_and_later_writes(open: Factory<'_>) {
+    let (be, _g) = open();
+    let value = |i: usize| format!("value {i} ").repeat(1 + i % 300).into_bytes();
+    let mut batch = WriteBatch::new();
+    for i in 0..200 {
+        batch.put(A, format!("k{i:03}").as_bytes(), value(i));
+    }
+    be.write(batch).unwrap();
+    let view = be.snapshot().unwrap();
+    let shared: Vec<_> = (0..200)
+        .map(|i| {
+            let key = format!("k{i:03}");
+            let got = view.get_shared(A, key.as_bytes()).unwrap().unwrap();
+            assert_eq!(Some(got.to_vec()), view.get(A, key.as_bytes()).unwrap());
+            got
+        })
+        .collect();
+    assert_eq!(view.get_shared(A, b"missing").unwrap(), None);
+    assert_eq!(view.get_shared(B, b"k000").unwrap(), None);
+    drop(view);
+    let mut batch = WriteBatch::new();
+    for i in 0..200 {
+        let key = format!("k{i:03}");
+        match i % 3 {
+            0 => batch.put(A, key.as_bytes(), b"overwritten"),
+            1 => batch.delete(A, key.as_bytes()),
+            _ => batch.put(A, format!("{key}/next").as_bytes(), value(i + 1)),
+        }
+    }
+    be.write(batch).unwrap();
+    be.defragment().unwrap();
+    for (i, got) in shared.iter().enumerate() {
+        assert_eq!(got[..], value(i)[..], "k{i:03}");
+    }
+}
+
 /// A bucket the backend was not opened with is an error, never a silent no-op.
 pub fn unknown_bucket_is_an_error(open: Factory<'_>) {
     let (be, _g) = open();
@@ -377,6 +415,7 @@ pub fn defragment_while_writing(open: Factory<'_>) {
 /// Every check above, in one call.
 pub fn run_all(open: Factory<'_>) {
     basic_put_get_delete(open);
+    shared_values_outlive_their_view_and_later_writes(open);
     unknown_bucket_is_an_error(open);
     batch_is_atomic_across_buckets(open);
     snapshot_is_isolated_from_later_writes(open);
@@ -394,7 +433,8 @@ pub fn run_all(open: Factory<'_>) {
 macro_rules! backend_conformance {
     ($factory:expr) => {
         $crate::backend_conformance!(@tests $factory;
-            basic_put_get_delete, unknown_bucket_is_an_error, batch_is_atomic_across_buckets,
+            basic_put_get_delete, shared_values_outlive_their_view_and_later_writes,
+            unknown_bucket_is_an_error, batch_is_atomic_across_buckets,
             snapshot_is_isolated_from_later_writes, snapshot_stable_under_concurrent_writes,
             range_scans, export_import_round_trip, bad_import_keeps_previous_content,
             sizes_and_defragment, defragment_while_writing);

@@ -176,6 +176,13 @@ pub trait ReadView: Send + Sync {
     /// The value stored under `key`, if any.
     fn get(&self, bucket: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
 
+    /// [`ReadView::get`], as bytes that may share the engine's own memory: an engine that
+    /// keeps its pairs in memory answers without copying the value. For a value that outlives
+    /// the read, such as a key-value of a Range answer waiting for its client's window.
+    fn get_shared(&self, bucket: &str, key: &[u8]) -> Result<Option<bytes::Bytes>> {
+        Ok(self.get(bucket, key)?.map(bytes::Bytes::from))
+    }
+
     /// Visit pairs of `bucket` inside `range` in its direction, up to its limit, until the
     /// visitor answers [`Visit::Stop`]. Returns how many pairs were visited.
     fn scan(
