@@ -316,6 +316,16 @@ fn script() -> Vec<Step> {
         put_prev("a", "after-compact"),
         Step::Range(range("\0", b"\0")),
     ]);
+    // answers of many pieces (MetaStore writes a Range answer 64 KiB at a time)
+    s.extend((0..300).map(|i| put(&format!("big/{i:03}"), &format!("{i:03}").repeat(1400))));
+    s.extend([
+        Step::Range(range("big/", b"big0")),
+        all(|r| r.limit = 250),
+        Step::Range(RangeRequest {
+            count_only: true,
+            ..range("big/", b"big0")
+        }),
+    ]);
     s
 }
 

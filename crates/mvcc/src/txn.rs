@@ -15,6 +15,7 @@ use metastore_proto::etcdserverpb::{
 };
 use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
 use metastore_storage::ReadView;
+use prost::bytes::Bytes;
 use prost::Message;
 
 use crate::key_index::{Index, KeyRange};
@@ -105,16 +106,19 @@ pub(crate) fn fetch(
         .collect()
 }
 
-/// The stored encodings of `selected` (a pending key-value, which only a txn has, is encoded).
+/// The stored encodings of `selected` (a pending key-value, which only a txn has, is encoded),
+/// sharing the engine's memory where it can ([`ReadView::get_shared`]).
 pub(crate) fn fetch_encoded(
     view: &dyn ReadView,
     selected: Vec<Selected>,
-) -> Result<Vec<Vec<u8>>, MvccError> {
+) -> Result<Vec<Bytes>, MvccError> {
     selected
         .into_iter()
         .map(|s| match s {
-            Selected::Pending(kv) => Ok(kv.encode_to_vec()),
-            Selected::Stored(rev) => read_stored(view, rev),
+            Selected::Pending(kv) => Ok(kv.encode_to_vec().into()),
+            Selected::Stored(rev) => view
+                .get_shared(KEY_BUCKET, &rev.to_key(false))?
+                .ok_or_else(|| not_stored(rev)),
         })
         .collect()
 }
@@ -132,12 +136,15 @@ pub(crate) fn takes_stored_encodings(req: &RangeRequest) -> bool {
 }
 
 fn read_stored(view: &dyn ReadView, rev: Revision) -> Result<Vec<u8>, MvccError> {
-    view.get(KEY_BUCKET, &rev.to_key(false))?.ok_or_else(|| {
-        MvccError::Corrupt(format!(
-            "revision {}_{} is indexed but not stored",
-            rev.main, rev.sub
-        ))
-    })
+    view.get(KEY_BUCKET, &rev.to_key(false))?
+        .ok_or_else(|| not_stored(rev))
+}
+
+fn not_stored(rev: Revision) -> MvccError {
+    MvccError::Corrupt(format!(
+        "revision {}_{} is indexed but not stored",
+        rev.main, rev.sub
+    ))
 }
 
 fn read_revision(view: &dyn ReadView, rev: Revision) -> Result<KeyValue, MvccError> {

@@ -11,6 +11,7 @@
 
 pub mod codec;
 pub mod range_frame;
+pub mod range_service;
 pub mod watch_frame;
 
 /// Key-value and event types (`mvccpb`).

@@ -9,10 +9,11 @@
 //!
 //! The bytes on the wire are those of the same `RangeResponse`: fields in field-number order
 //! (header, kvs, more, count), each key-value as field 2 (tag, length, the stored encoding,
-//! which prost wrote). The generated KV service is typed on `RangeResponse`; [`KvServer`] serves
-//! the same service (`/etcdserverpb.KV/*`) generated with Range over [`RangeFrame`] (build.rs).
+//! which prost wrote). The generated KV service is typed on `RangeResponse`; [`Kv`] is the same
+//! service (`/etcdserverpb.KV/*`) generated with Range over [`RangeFrame`] (build.rs), served by
+//! [`crate::range_service::KvServer`].
 
-use prost::bytes::{Buf, BufMut};
+use prost::bytes::{Buf, BufMut, Bytes};
 use prost::encoding::{self, DecodeContext, WireType};
 use prost::{DecodeError, Message};
 
@@ -31,8 +32,9 @@ const COUNT_FIELD: u32 = 4;
 pub struct RangeFrame {
     /// The answer, with any key-values that were decoded.
     pub head: RangeResponse,
-    /// Encoded `mvccpb.KeyValue`s, after `head.kvs`.
-    pub encoded: Vec<Vec<u8>>,
+    /// Encoded `mvccpb.KeyValue`s, after `head.kvs` (possibly sharing the storage engine's
+    /// memory).
+    pub encoded: Vec<Bytes>,
 }
 
 impl RangeFrame {
@@ -91,7 +93,7 @@ impl Message for RangeFrame {
         if tag != KVS_FIELD {
             return self.head.merge_field(tag, wire_type, buf, ctx);
         }
-        let mut kv = Vec::new();
+        let mut kv = Bytes::new();
         encoding::bytes::merge(wire_type, &mut kv, buf, ctx)?;
         self.encoded.push(kv);
         Ok(())
@@ -120,7 +122,7 @@ impl Message for RangeFrame {
 // tonic-build's manual builder; the same routes and types as etcd's otherwise).
 include!(concat!(env!("OUT_DIR"), "/etcdserverpb.KV.rs"));
 
-pub use k_v_server::{KVServer as KvServer, KV as Kv};
+pub use k_v_server::KV as Kv;
 
 #[cfg(test)]
 mod tests {
@@ -178,7 +180,7 @@ mod tests {
                     },
                     encoded: resp.kvs[split..]
                         .iter()
-                        .map(Message::encode_to_vec)
+                        .map(|kv| kv.encode_to_vec().into())
                         .collect(),
                 };
                 assert_eq!(frame.kv_count(), resp.kvs.len());

@@ -18,7 +18,7 @@ use metastore_proto::etcdserverpb::auth_server::AuthServer;
 use metastore_proto::etcdserverpb::cluster_server::ClusterServer;
 use metastore_proto::etcdserverpb::lease_server::LeaseServer;
 use metastore_proto::etcdserverpb::maintenance_server::MaintenanceServer;
-use metastore_proto::range_frame::KvServer;
+use metastore_proto::range_service::KvServer;
 use metastore_proto::v3electionpb::election_server::ElectionServer;
 use metastore_proto::v3lockpb::lock_server::LockServer;
 use metastore_proto::watch_frame::watch_server::WatchServer;
