@@ -78,7 +78,7 @@ impl Work {
     ) -> Result<(), tonic::Status> {
         match (self, kv) {
             (Work::Put(keys), Some(kv)) => kv.put(keys.put(n)).await.map(|_| ()),
-            (Work::Range(req), Some(kv)) => kv.range(req.clone()).await.map(|_| ()),
+            (Work::Range(req), Some(kv)) => kv.range_summary(req.clone()).await.map(|_| ()),
             (Work::TxnPut(keys, ops), Some(kv)) => {
                 // Distinct keys within one txn (etcd refuses duplicates).
                 let base = if keys.sequential {
@@ -125,7 +125,7 @@ impl Work {
                         serializable: *serializable,
                         ..Default::default()
                     };
-                    kv.range(req).await.map(|_| ())
+                    kv.range_summary(req).await.map(|_| ())
                 } else {
                     kv.put(keys.put(n)).await.map(|_| ())
                 }
