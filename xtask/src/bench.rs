@@ -546,12 +546,36 @@ pub(crate) const SECTIONS: [&str; 6] = [
     "large",
 ];
 
+/// `cargo xtask bench`'s arguments.
+const BENCH_USAGE: &str = "usage: cargo xtask bench [--quick] [--only SECTION,…]\n\
+    Builds release binaries, measures MetaStore (memory and RocksDB engines) beside etcd and \
+    writes bench/results/<date>.md with its charts (about 25 minutes on 2 cores).\n\
+    --quick: fewer requests per row.\n\
+    --only: these sections";
+
+/// What `cargo xtask bench` was asked: `None` for help (`--help`, `-h`), else whether quick and
+/// which sections. Anything else is an error, so that a mistyped or unknown argument never
+/// starts a 25-minute run.
+fn bench_args(args: &[String]) -> Result<Option<(bool, Vec<&'static str>)>> {
+    let mut quick = false;
+    let mut only = None;
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--help" | "-h" => return Ok(None),
+            "--quick" => quick = true,
+            "--only" => only = Some(rest.next().context("--only needs a list of sections")?),
+            other => bail!("unknown argument {other:?}\n{BENCH_USAGE} {SECTIONS:?}"),
+        }
+    }
+    Ok(Some((quick, sections(only)?)))
+}
+
 /// The sections `--only a,b` names (every section without it).
-fn sections(args: &[String]) -> Result<Vec<&'static str>> {
-    let Some(i) = args.iter().position(|a| a == "--only") else {
+fn sections(only: Option<&String>) -> Result<Vec<&'static str>> {
+    let Some(list) = only else {
         return Ok(SECTIONS.to_vec());
     };
-    let list = args.get(i + 1).context("--only needs a list of sections")?;
     list.split(',')
         .map(|name| {
             SECTIONS
@@ -567,8 +591,10 @@ fn sections(args: &[String]) -> Result<Vec<&'static str>> {
 
 /// `cargo xtask bench [--quick] [--only SECTION,…]`.
 pub fn bench(args: &[String]) -> Result<()> {
-    let quick = args.iter().any(|a| a == "--quick");
-    let sections = sections(args)?;
+    let Some((quick, sections)) = bench_args(args)? else {
+        println!("{BENCH_USAGE} {SECTIONS:?}");
+        return Ok(());
+    };
     let wants = |section: &str| sections.contains(&section);
     ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL])?;
     let mut build = cargo();
@@ -820,6 +846,28 @@ fn many_keys(report: &mut String, quick: bool, bin: &Path, work: &Path) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bench_arguments_are_checked_before_anything_runs() {
+        let args = |list: &[&str]| list.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            bench_args(&args(&[])).unwrap(),
+            Some((false, SECTIONS.to_vec()))
+        );
+        assert_eq!(
+            bench_args(&args(&["--quick", "--only", "lists,keys"])).unwrap(),
+            Some((true, vec!["lists", "keys"]))
+        );
+        assert_eq!(bench_args(&args(&["--help"])).unwrap(), None);
+        assert_eq!(bench_args(&args(&["--only", "lists", "-h"])).unwrap(), None);
+        let unknown = bench_args(&args(&["--qiuck"])).unwrap_err().to_string();
+        assert!(
+            unknown.contains("unknown argument \"--qiuck\""),
+            "{unknown}"
+        );
+        assert!(bench_args(&args(&["--only"])).is_err());
+        assert!(bench_args(&args(&["--only", "lists,nope"])).is_err());
+    }
 
     #[test]
     fn reads_the_percentiles_of_a_bench_line() {
