@@ -53,6 +53,23 @@ impl RangeFrame {
     }
 }
 
+#[cfg(test)]
+impl RangeFrame {
+    /// `resp` as a frame whose key-values from `split` on are stored encodings.
+    pub(crate) fn split(resp: &RangeResponse, split: usize) -> Self {
+        RangeFrame {
+            head: RangeResponse {
+                kvs: resp.kvs[..split].to_vec(),
+                ..resp.clone()
+            },
+            encoded: resp.kvs[split..]
+                .iter()
+                .map(|kv| kv.encode_to_vec().into())
+                .collect(),
+        }
+    }
+}
+
 impl From<RangeResponse> for RangeFrame {
     fn from(head: RangeResponse) -> Self {
         RangeFrame {
@@ -125,7 +142,7 @@ include!(concat!(env!("OUT_DIR"), "/etcdserverpb.KV.rs"));
 pub use k_v_server::KV as Kv;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::etcdserverpb::ResponseHeader;
 
@@ -140,7 +157,7 @@ mod tests {
         }
     }
 
-    fn responses() -> Vec<RangeResponse> {
+    pub(crate) fn responses() -> Vec<RangeResponse> {
         let header = Some(ResponseHeader {
             cluster_id: 1 << 62,
             member_id: 5,
@@ -173,16 +190,7 @@ mod tests {
     fn a_frame_of_stored_encodings_encodes_as_its_response() {
         for resp in responses() {
             for split in 0..=resp.kvs.len() {
-                let frame = RangeFrame {
-                    head: RangeResponse {
-                        kvs: resp.kvs[..split].to_vec(),
-                        ..resp.clone()
-                    },
-                    encoded: resp.kvs[split..]
-                        .iter()
-                        .map(|kv| kv.encode_to_vec().into())
-                        .collect(),
-                };
+                let frame = RangeFrame::split(&resp, split);
                 assert_eq!(frame.kv_count(), resp.kvs.len());
                 assert_eq!(
                     frame.encode_to_vec(),

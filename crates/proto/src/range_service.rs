@@ -296,7 +296,7 @@ impl http_body::Body for RangeBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::etcdserverpb::{RangeResponse, ResponseHeader};
+    use crate::etcdserverpb::RangeResponse;
     use crate::mvccpb::KeyValue;
     use http_body::Body as _;
 
@@ -339,12 +339,9 @@ mod tests {
 
     #[test]
     fn the_pieces_are_the_grpc_message_of_the_response() {
-        let header = Some(ResponseHeader {
-            cluster_id: 1 << 62,
-            member_id: 5,
-            revision: 400,
-            raft_term: 2,
-        });
+        // The frame tests' answers, and two of many pieces.
+        let mut responses = crate::range_frame::tests::responses();
+        let header = responses[1].header.clone();
         let sizes = [
             0usize,
             1,
@@ -354,42 +351,25 @@ mod tests {
             PIECE_BYTES,
             3 * PIECE_BYTES,
         ];
-        let responses = [
-            RangeResponse::default(),
-            RangeResponse {
-                header: header.clone(),
-                count: 3,
-                ..Default::default()
-            },
-            RangeResponse {
-                header: header.clone(),
-                kvs: (0..40).map(|i| kv(i, sizes[i % sizes.len()])).collect(),
-                more: true,
-                count: 900,
-            },
-            RangeResponse {
-                header,
-                kvs: (0..500).map(|i| kv(i, 2048)).collect(),
-                more: false,
-                count: 500,
-            },
-        ];
+        responses.push(RangeResponse {
+            header: header.clone(),
+            kvs: (0..40).map(|i| kv(i, sizes[i % sizes.len()])).collect(),
+            more: true,
+            count: 900,
+        });
+        responses.push(RangeResponse {
+            header,
+            kvs: (0..500).map(|i| kv(i, 2048)).collect(),
+            more: false,
+            count: 500,
+        });
         for resp in responses {
             let message = resp.encode_to_vec();
             let mut expected = vec![0u8];
             expected.extend_from_slice(&(message.len() as u32).to_be_bytes());
             expected.extend_from_slice(&message);
             for split in [0, resp.kvs.len() / 3, resp.kvs.len()] {
-                let frame = RangeFrame {
-                    head: RangeResponse {
-                        kvs: resp.kvs[..split].to_vec(),
-                        ..resp.clone()
-                    },
-                    encoded: resp.kvs[split..]
-                        .iter()
-                        .map(|kv| kv.encode_to_vec().into())
-                        .collect(),
-                };
+                let frame = RangeFrame::split(&resp, split);
                 let (data, trailers) = pieces(frame);
                 assert_eq!(data.concat(), expected, "split at {split}");
                 assert_eq!(trailers.len(), 1);
