@@ -47,6 +47,8 @@ pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 /// Pause after a failed call before the next one, so an unreachable member costs no busy loop.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Batches buffered on a member's stream before the sender waits (backpressure).
+const STREAM_BATCHES: usize = 64;
 /// Bound on one request-response call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often each peer's round trip is measured (etcd's prober: every 4 s).
@@ -447,14 +449,12 @@ impl<O: Send + 'static> PeerNetwork<O> {
 
     /// Sends batches to member `to` over one long-lived stream until the network is dropped;
     /// opens a new stream after a failure.
-    async fn run_sender(self, to: u64, rx: mpsc::Receiver<Message>) {
+    async fn run_sender(self, to: u64, mut rx: mpsc::Receiver<Message>) {
         let mut last_warning: Option<Instant> = None;
-        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let sent_bytes = metrics::counter!("etcd_network_peer_sent_bytes_total", "To" => hex(to));
         loop {
-            // Wait for something to send before connecting. The previous stream's body gives
-            // the queue back when HTTP/2 drops it.
-            let mut queue = rx.clone().lock_owned().await;
-            let Some(first) = queue.recv().await else {
+            // Wait for something to send before connecting.
+            let Some(first) = rx.recv().await else {
                 return;
             };
             let urls = (self.inner.resolve)(to);
@@ -471,20 +471,28 @@ impl<O: Send + 'static> PeerNetwork<O> {
                     continue;
                 }
             };
-            // The stream's body takes batches straight from the queue raft fills: the task
-            // that writes the body to HTTP/2 is the one woken for a message, not this one too.
-            let body = Batches {
-                network: self.clone(),
-                to,
-                first: Some(first),
-                queue,
-                sent_bytes: metrics::counter!("etcd_network_peer_sent_bytes_total", "To" => hex(to)),
-            };
-            let failure = match peer.raft(body).await {
-                // The queue closed (the network is dropped): the stream ended.
-                Ok(_) if rx.try_lock().is_ok_and(|q| q.is_closed()) => return,
-                Ok(_) => "the peer closed the stream".to_string(),
-                Err(status) => format!("{}: {}", status.code(), status.message()),
+            let (batches, body) = mpsc::channel::<RaftBatch>(STREAM_BATCHES);
+            let mut call = tokio::spawn(async move {
+                peer.raft(tokio_stream::wrappers::ReceiverStream::new(body))
+                    .await
+            });
+            let mut next = Some(first);
+            let failure = loop {
+                let msg = match next.take() {
+                    Some(msg) => msg,
+                    None => tokio::select! {
+                        msg = rx.recv() => match msg {
+                            Some(msg) => msg,
+                            None => return,
+                        },
+                        ended = &mut call => break describe_end(ended),
+                    },
+                };
+                let batch = self.batch(to, msg, &mut rx);
+                sent_bytes.increment(batch.messages.iter().map(|m| m.len() as u64).sum());
+                if batches.send(batch).await.is_err() {
+                    break describe_end((&mut call).await);
+                }
             };
             if failure.contains(REMOVED_MESSAGE) {
                 tracing::warn!(to = format_args!("{to:x}"), "{REMOVED_MESSAGE}");
@@ -604,37 +612,13 @@ impl<O: Send + 'static> PeerNetwork<O> {
 }
 
 /// Why a raft stream ended.
-/// The body of a raft stream to one peer: batches of what raft queued for it, built when
-/// HTTP/2 asks for the next one. Holds the queue until the body is dropped.
-struct Batches<O> {
-    network: PeerNetwork<O>,
-    to: u64,
-    /// The message that opened the stream.
-    first: Option<Message>,
-    queue: tokio::sync::OwnedMutexGuard<mpsc::Receiver<Message>>,
-    sent_bytes: metrics::Counter,
-}
-
-impl<O: Send + 'static> tokio_stream::Stream for Batches<O> {
-    type Item = RaftBatch;
-
-    fn poll_next(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<RaftBatch>> {
-        let this = &mut *self;
-        let first = match this.first.take() {
-            Some(msg) => msg,
-            None => match this.queue.poll_recv(cx) {
-                std::task::Poll::Ready(Some(msg)) => msg,
-                std::task::Poll::Ready(None) => return std::task::Poll::Ready(None),
-                std::task::Poll::Pending => return std::task::Poll::Pending,
-            },
-        };
-        let batch = this.network.batch(this.to, first, &mut this.queue);
-        this.sent_bytes
-            .increment(batch.messages.iter().map(|m| m.len() as u64).sum());
-        std::task::Poll::Ready(Some(batch))
+fn describe_end(
+    ended: Result<Result<Response<PeerAck>, Status>, tokio::task::JoinError>,
+) -> String {
+    match ended {
+        Ok(Ok(_)) => "the peer closed the stream".to_string(),
+        Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
+        Err(e) => format!("stream task failed: {e}"),
     }
 }
 
