@@ -79,25 +79,65 @@ impl From<RangeResponse> for RangeFrame {
     }
 }
 
-impl Message for RangeFrame {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
+/// The encoding in parts, for writers that send it a piece at a time
+/// ([`crate::range_service::RangeBody`]): the fields before the key-values, key-value `i`
+/// (`head.kvs` first, then `encoded`), the fields after them.
+impl RangeFrame {
+    pub(crate) fn encode_head(&self, buf: &mut impl BufMut) {
         if let Some(header) = &self.head.header {
             encoding::message::encode(HEADER_FIELD, header, buf);
         }
-        for kv in &self.head.kvs {
-            encoding::message::encode(KVS_FIELD, kv, buf);
+    }
+
+    pub(crate) fn kv_encoded_len(&self, i: usize) -> usize {
+        match i.checked_sub(self.head.kvs.len()) {
+            None => encoding::message::encoded_len(KVS_FIELD, &self.head.kvs[i]),
+            Some(j) => stored_len(&self.encoded[j]),
         }
-        for kv in &self.encoded {
-            encoding::encode_key(KVS_FIELD, WireType::LengthDelimited, buf);
-            encoding::encode_varint(kv.len() as u64, buf);
-            buf.put_slice(kv);
+    }
+
+    pub(crate) fn encode_kv(&self, i: usize, buf: &mut impl BufMut) {
+        match i.checked_sub(self.head.kvs.len()) {
+            None => encoding::message::encode(KVS_FIELD, &self.head.kvs[i], buf),
+            Some(j) => {
+                let kv = &self.encoded[j];
+                encoding::encode_key(KVS_FIELD, WireType::LengthDelimited, buf);
+                encoding::encode_varint(kv.len() as u64, buf);
+                buf.put_slice(kv);
+            }
         }
+    }
+
+    /// Frees key-value `i` once written (it then encodes as empty).
+    pub(crate) fn release_kv(&mut self, i: usize) {
+        match i.checked_sub(self.head.kvs.len()) {
+            None => self.head.kvs[i] = KeyValue::default(),
+            Some(j) => self.encoded[j] = Bytes::new(),
+        }
+    }
+
+    pub(crate) fn encode_tail(&self, buf: &mut impl BufMut) {
         if self.head.more {
             encoding::bool::encode(MORE_FIELD, &self.head.more, buf);
         }
         if self.head.count != 0 {
             encoding::int64::encode(COUNT_FIELD, &self.head.count, buf);
         }
+    }
+}
+
+/// The length of a stored encoding written as a `kvs` field.
+fn stored_len(kv: &[u8]) -> usize {
+    encoding::key_len(KVS_FIELD) + encoding::encoded_len_varint(kv.len() as u64) + kv.len()
+}
+
+impl Message for RangeFrame {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        self.encode_head(buf);
+        for i in 0..self.kv_count() {
+            self.encode_kv(i, buf);
+        }
+        self.encode_tail(buf);
     }
 
     fn merge_field(
@@ -117,15 +157,7 @@ impl Message for RangeFrame {
     }
 
     fn encoded_len(&self) -> usize {
-        let encoded: usize = self
-            .encoded
-            .iter()
-            .map(|kv| {
-                encoding::key_len(KVS_FIELD)
-                    + encoding::encoded_len_varint(kv.len() as u64)
-                    + kv.len()
-            })
-            .sum();
+        let encoded: usize = self.encoded.iter().map(|kv| stored_len(kv)).sum();
         self.head.encoded_len() + encoded
     }
 

@@ -22,7 +22,6 @@ use std::task::{Context, Poll};
 
 use http_body::Frame;
 use prost::bytes::{BufMut, Bytes, BytesMut};
-use prost::encoding::{self, WireType};
 use prost::Message;
 use tonic::codec::{Codec, Streaming};
 use tonic::codegen::{http, BoxFuture, Service, StdError};
@@ -221,47 +220,25 @@ impl RangeBody {
     /// The next piece of the message: at least one field, then whole fields while they fit in
     /// [`PIECE_BYTES`].
     fn next_piece(&mut self) -> Bytes {
-        let decoded = self.frame.head.kvs.len();
-        let total = decoded + self.frame.encoded.len();
         let mut buf = BytesMut::new();
         if self.state == State::Start {
             buf.reserve((self.len + 5).min(PIECE_BYTES));
             buf.put_u8(0);
             buf.put_u32(self.len as u32);
-            if let Some(header) = &self.frame.head.header {
-                encoding::message::encode(1, header, &mut buf);
-            }
+            self.frame.encode_head(&mut buf);
             self.state = State::KeyValues;
         }
-        while self.written < total {
-            let size = if self.written < decoded {
-                let kv = &self.frame.head.kvs[self.written];
-                encoding::message::encoded_len(2, kv)
-            } else {
-                let kv = &self.frame.encoded[self.written - decoded];
-                encoding::key_len(2) + encoding::encoded_len_varint(kv.len() as u64) + kv.len()
-            };
+        while self.written < self.frame.kv_count() {
+            let size = self.frame.kv_encoded_len(self.written);
             if !buf.is_empty() && buf.len() + size > PIECE_BYTES {
                 return buf.freeze();
             }
             buf.reserve(size);
-            if self.written < decoded {
-                let kv = std::mem::take(&mut self.frame.head.kvs[self.written]);
-                encoding::message::encode(2, &kv, &mut buf);
-            } else {
-                let kv = std::mem::take(&mut self.frame.encoded[self.written - decoded]);
-                encoding::encode_key(2, WireType::LengthDelimited, &mut buf);
-                encoding::encode_varint(kv.len() as u64, &mut buf);
-                buf.put_slice(&kv);
-            }
+            self.frame.encode_kv(self.written, &mut buf);
+            self.frame.release_kv(self.written);
             self.written += 1;
         }
-        if self.frame.head.more {
-            encoding::bool::encode(3, &self.frame.head.more, &mut buf);
-        }
-        if self.frame.head.count != 0 {
-            encoding::int64::encode(4, &self.frame.head.count, &mut buf);
-        }
+        self.frame.encode_tail(&mut buf);
         self.state = State::Trailer;
         buf.freeze()
     }
@@ -299,6 +276,7 @@ mod tests {
     use crate::etcdserverpb::RangeResponse;
     use crate::mvccpb::KeyValue;
     use http_body::Body as _;
+    use prost::encoding;
 
     fn kv(i: usize, value: usize) -> KeyValue {
         KeyValue {
@@ -414,5 +392,133 @@ mod tests {
                 len - 1
             )
         );
+    }
+
+    /// A KV service whose Range answers `limit` key-values, or `NotFound` for the key `none`.
+    struct Fixed;
+
+    #[tonic::async_trait]
+    impl Kv for Fixed {
+        async fn range(
+            &self,
+            r: tonic::Request<RangeRequest>,
+        ) -> Result<tonic::Response<RangeFrame>, Status> {
+            let r = r.into_inner();
+            if r.key == b"none" {
+                return Err(Status::not_found("no such range"));
+            }
+            let resp = RangeResponse {
+                kvs: (0..r.limit as usize).map(|i| kv(i, 2048)).collect(),
+                count: r.limit,
+                ..Default::default()
+            };
+            Ok(tonic::Response::new(RangeFrame::split(
+                &resp,
+                1.min(resp.kvs.len()),
+            )))
+        }
+        async fn put(
+            &self,
+            _: tonic::Request<crate::etcdserverpb::PutRequest>,
+        ) -> Result<tonic::Response<crate::etcdserverpb::PutResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn delete_range(
+            &self,
+            _: tonic::Request<crate::etcdserverpb::DeleteRangeRequest>,
+        ) -> Result<tonic::Response<crate::etcdserverpb::DeleteRangeResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn txn(
+            &self,
+            _: tonic::Request<crate::etcdserverpb::TxnRequest>,
+        ) -> Result<tonic::Response<crate::etcdserverpb::TxnResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn compact(
+            &self,
+            _: tonic::Request<crate::etcdserverpb::CompactionRequest>,
+        ) -> Result<tonic::Response<crate::etcdserverpb::CompactionResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+    }
+
+    /// One call of `path` with `req` as its message and `headers`: the answer's headers, its
+    /// data and its trailers.
+    async fn call(
+        path: &str,
+        req: &RangeRequest,
+        headers: &[(&'static str, &'static str)],
+    ) -> (http::HeaderMap, Vec<u8>, Option<http::HeaderMap>) {
+        let message = req.encode_to_vec();
+        let mut body = vec![0u8];
+        body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        body.extend_from_slice(&message);
+        let mut request = http::Request::post(path)
+            .header("content-type", "application/grpc")
+            .body(http_body_util::Full::new(Bytes::from(body)))
+            .unwrap();
+        for (name, value) in headers {
+            request
+                .headers_mut()
+                .insert(*name, http::HeaderValue::from_static(value));
+        }
+        let mut server = KvServer::new(Fixed).max_decoding_message_size(1024);
+        let (parts, mut body) = server.call(request).await.unwrap().into_parts();
+        let (mut data, mut trailers) = (Vec::new(), None);
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            match frame.unwrap().into_data() {
+                Ok(piece) => data.extend_from_slice(&piece),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        (parts.headers, data, trailers)
+    }
+
+    #[tokio::test]
+    async fn the_service_answers_range_with_pieces_and_errors_as_tonic_does() {
+        let range = |key: &str, limit: i64| RangeRequest {
+            key: key.into(),
+            limit,
+            ..Default::default()
+        };
+        let path = RANGE_PATH;
+        let (headers, data, trailers) = call(path, &range("k", 100), &[]).await;
+        assert_eq!(headers["content-type"], "application/grpc");
+        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+        let resp = RangeResponse::decode(&data[5..]).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(data[1..5].try_into().unwrap()) as usize,
+            data.len() - 5
+        );
+        assert_eq!(resp.kvs.len(), 100);
+        assert_eq!(resp.kvs[99], kv(99, 2048));
+
+        // An error is a trailers-only answer.
+        let (headers, data, trailers) = call(path, &range("none", 1), &[]).await;
+        assert!(data.is_empty() && trailers.is_none());
+        let status = Status::from_header_map(&headers).unwrap();
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert_eq!(status.message(), "no such range");
+
+        // A compressed request, which no service here accepts.
+        let (headers, _, _) = call(path, &range("k", 1), &[("grpc-encoding", "gzip")]).await;
+        assert_eq!(headers["grpc-status"], "12");
+        assert_eq!(headers["grpc-accept-encoding"], "identity");
+        let (headers, _, trailers) =
+            call(path, &range("k", 1), &[("grpc-encoding", "identity")]).await;
+        assert!(headers.get("grpc-status").is_none());
+        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+
+        // A request over the decoding limit gets tonic's answer.
+        let (headers, _, _) = call(path, &range(&"k".repeat(2000), 1), &[]).await;
+        assert_eq!(headers["grpc-status"], "11", "{headers:?}");
+
+        // Other methods go to the generated server.
+        let (headers, _, _) = call("/etcdserverpb.KV/Put", &range("k", 1), &[]).await;
+        let status = Status::from_header_map(&headers).unwrap();
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+        assert_eq!(status.message(), "not in this test");
     }
 }
