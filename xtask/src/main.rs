@@ -276,6 +276,22 @@ fn exec(mut cmd: Command) -> Result<()> {
 /// Features the tests are built with: the crash points of tests/failpoints.rs.
 const TEST_FEATURES: &str = "metastore/failpoints";
 
+/// What the tests are built with (after `nextest run` or `test`).
+const TEST_ARGS: &[&str] = &["--workspace", "--features", TEST_FEATURES];
+
+/// What `ci` runs clippy with (before `-- -D warnings`). The test profile, identical to dev here,
+/// because cargo keys build-script outputs by profile name: with the build-override of the root
+/// Cargo.toml, clippy and the tests share every build script's run, so a fresh machine compiles
+/// RocksDB's C++ once (test `clippy_and_the_tests_share_every_build_script_run`).
+const CLIPPY_ARGS: &[&str] = &[
+    "--profile",
+    "test",
+    "--workspace",
+    "--all-targets",
+    "--features",
+    TEST_FEATURES,
+];
+
 fn test(filter: &[String]) -> Result<()> {
     ensure(&[LIBCLANG, CXX, ETCD, ETCDCTL, PROMTOOL, CURL])?;
     let nextest = cargo()
@@ -285,12 +301,12 @@ fn test(filter: &[String]) -> Result<()> {
         .unwrap_or(false);
     let mut cmd = cargo();
     if nextest {
-        cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+        cmd.args(["nextest", "run"]);
     } else {
-        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+        cmd.arg("test");
     }
     // The crash-recovery tests need the crash points compiled in (release builds never have them).
-    cmd.args(["--features", TEST_FEATURES]);
+    cmd.args(TEST_ARGS).arg("--no-fail-fast");
     cmd.args(filter);
     match etcd35::ensure(&target_dir()) {
         Ok(dir) => {
@@ -436,21 +452,10 @@ fn ci() -> Result<()> {
         .args(["--", "--check"]);
     status(fmt_fuzz)?;
     let mut clippy = cargo();
-    // The test profile (the one the tests build with, identical to dev here): under dev, every
-    // build script ran twice on a fresh machine, RocksDB's C++ compile included (~10 minutes),
-    // because cargo keys build-script outputs by profile name.
-    clippy.args([
-        "clippy",
-        "--profile",
-        "test",
-        "--workspace",
-        "--all-targets",
-        "--features",
-        TEST_FEATURES,
-        "--",
-        "-D",
-        "warnings",
-    ]);
+    clippy
+        .arg("clippy")
+        .args(CLIPPY_ARGS)
+        .args(["--", "-D", "warnings"]);
     status(clippy)?;
     deny()?;
     test(&[])?;
@@ -494,6 +499,84 @@ fn deny() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    /// The build-script runs of `cargo <command> <args>`, by a digest of the unit and of
+    /// everything it depends on (what decides whether cargo can reuse its output), with the
+    /// package each belongs to. From cargo's unit graph, which resolves without building.
+    fn build_script_runs(command: &str, args: &[&str]) -> BTreeMap<Vec<u8>, String> {
+        use sha2::{Digest, Sha256};
+        let out = cargo()
+            // --unit-graph is unstable; this only asks cargo for its plan.
+            .env("RUSTC_BOOTSTRAP", "1")
+            .arg(command)
+            .args(args)
+            .args(["--unit-graph", "-Z", "unstable-options"])
+            .output()
+            .expect("cargo runs");
+        assert!(
+            out.status.success(),
+            "cargo {command} --unit-graph: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let graph: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a unit graph");
+        let units = graph["units"].as_array().expect("units");
+        fn digest(
+            units: &[serde_json::Value],
+            i: usize,
+            memo: &mut Vec<Option<Vec<u8>>>,
+        ) -> Vec<u8> {
+            if let Some(d) = &memo[i] {
+                return d.clone();
+            }
+            let unit = &units[i];
+            let mut deps: Vec<Vec<u8>> = unit["dependencies"]
+                .as_array()
+                .expect("dependencies")
+                .iter()
+                .map(|d| digest(units, d["index"].as_u64().expect("index") as usize, memo))
+                .collect();
+            deps.sort();
+            let mut hasher = Sha256::new();
+            for field in ["pkg_id", "mode", "profile", "features"] {
+                // serde_json's maps are sorted by key, so equal profiles print alike.
+                hasher.update(unit[field].to_string());
+            }
+            hasher.update(unit["target"]["name"].to_string());
+            for d in deps {
+                hasher.update(d);
+            }
+            let d = hasher.finalize().to_vec();
+            memo[i] = Some(d.clone());
+            d
+        }
+        let mut memo = vec![None; units.len()];
+        (0..units.len())
+            .filter(|&i| units[i]["mode"] == "run-custom-build")
+            .map(|i| {
+                let pkg = units[i]["pkg_id"].as_str().unwrap_or_default().to_string();
+                (digest(units, i, &mut memo), pkg)
+            })
+            .collect()
+    }
+
+    /// A cold target directory (a fresh machine's CI) compiles each build script once, not
+    /// once for clippy and again for the tests: RocksDB's C++ alone takes about 10 minutes.
+    #[test]
+    fn clippy_and_the_tests_share_every_build_script_run() {
+        let lint = build_script_runs("check", CLIPPY_ARGS);
+        let tests = build_script_runs("test", &[&["--no-run"], TEST_ARGS].concat());
+        assert!(tests.values().any(|pkg| pkg.contains("librocksdb-sys")));
+        let twice: Vec<&String> = tests
+            .iter()
+            .filter(|(d, _)| !lint.contains_key(*d))
+            .map(|(_, pkg)| pkg)
+            .collect();
+        assert!(
+            twice.is_empty(),
+            "build scripts the tests run again after clippy: {twice:?}"
+        );
+    }
 
     fn strings(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
