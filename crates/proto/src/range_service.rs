@@ -395,6 +395,8 @@ mod tests {
     }
 
     /// A KV service whose Range answers `limit` key-values, or `NotFound` for the key `none`.
+    /// Its other methods answer `Unimplemented` "not in this test": the test calls Put and
+    /// expects that answer, which shows the other methods reach the generated server.
     struct Fixed;
 
     #[tonic::async_trait]
