@@ -187,8 +187,12 @@ impl AuthGate {
     /// it (never the name) and at most [`AUTH_TRACKED_USERS`] entries: a flood of fresh names
     /// costs a bounded amount of memory, and what it evicts first are the buckets idle longest.
     pub fn admit_attempt(&self, user: &str) -> Result<(), AuthError> {
+        self.admit_attempt_at(user, Instant::now())
+    }
+
+    /// [`AuthGate::admit_attempt`] at time `now` (tests fix the clock: refills depend on it).
+    fn admit_attempt_at(&self, user: &str, now: Instant) -> Result<(), AuthError> {
         let mut attempts = self.attempts.lock();
-        let now = Instant::now();
         let key = attempts.hasher.hash_one(user);
         if !attempts.buckets.contains_key(&key) && attempts.buckets.len() >= AUTH_TRACKED_USERS {
             attempts.make_room(now);
@@ -520,26 +524,34 @@ impl ServerContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn gate() -> AuthGate {
         AuthGate::new(AuthStore::new(), TokenProvider::Simple, 4, false)
     }
 
     /// A flood of distinct large names failing Authenticate leaves a bounded table, and a user
-    /// being limited stays limited through it.
+    /// being limited stays limited through it. The flood happens at one instant: on a slow
+    /// machine it took long enough (0.46 s in a CI run) for the limited user's bucket to refill
+    /// a token, which is the rate limit working, not the table failing.
     #[test]
     fn authenticate_rate_limit_table_is_bounded() {
         let gate = gate();
-        while gate.admit_attempt("alice").is_ok() {}
+        let now = Instant::now();
+        while gate.admit_attempt_at("alice", now).is_ok() {}
         let padding = "x".repeat(1024);
         for i in 0..3 * AUTH_TRACKED_USERS {
-            gate.admit_attempt(&format!("{i}{padding}")).unwrap();
+            gate.admit_attempt_at(&format!("{i}{padding}"), now)
+                .unwrap();
             assert!(gate.tracked_attempts() <= AUTH_TRACKED_USERS);
         }
         assert_eq!(
-            gate.admit_attempt("alice").unwrap_err(),
+            gate.admit_attempt_at("alice", now).unwrap_err(),
             AuthError::TooManyRequests
         );
+        // Its bucket refills with time: a fifth of a second gives it a token back.
+        let later = now + Duration::from_millis(250);
+        assert_eq!(gate.admit_attempt_at("alice", later), Ok(()));
     }
 
     /// Only a well-formed simple token issued at an index not applied yet (and not absurdly far
