@@ -43,8 +43,9 @@ pub use raft::eraftpb::Message;
 
 /// The replicated state machine driven by a [`RaftNode`].
 ///
-/// Every method is called from the raft loop thread, one at a time, in log order. Applying must be
-/// deterministic: the same entries applied to the same state give the same state on every member.
+/// Every method is called from the raft loop, one at a time, in log order; applying runs where
+/// blocking is allowed (on a runtime, inside `block_in_place`). Applying must be deterministic:
+/// the same entries applied to the same state give the same state on every member.
 pub trait StateMachine: Send + 'static {
     /// The result of applying one proposal, handed to the caller of [`RaftNode::propose`].
     type Output: Send + 'static;
@@ -144,8 +145,11 @@ pub type PersistJob = Box<dyn FnOnce() -> std::io::Result<()> + Send + 'static>;
 
 /// Delivers raft messages to other members.
 ///
-/// Called from the raft loop thread after the messages' entries are durable; it must not block
-/// (queue the messages and send them elsewhere). A message that cannot be delivered may be
+/// Called from the raft loop after the messages' entries are durable; it must not block (queue
+/// the messages and send them elsewhere): the loop usually runs as a task of the runtime (see
+/// [`RaftNode::start`]), and a worker blocked in place holds up the tasks queued on it and,
+/// while it blocks, the runtime's timers. A transport that must wait does it through
+/// `tokio::task::block_in_place`. A message that cannot be delivered may be
 /// dropped: raft retries; telling the node with [`RaftNode::report_unreachable`] speeds that up.
 /// Every `MsgSnapshot` must be followed by [`RaftNode::report_snapshot`] on the sending node.
 /// A single-member cluster never sends anything.

@@ -18,6 +18,10 @@ const WAIT: Duration = Duration::from_secs(15);
 /// A payload the test state machine panics on when applying it.
 const PANIC_ON_APPLY: &[u8] = b"panic on apply";
 
+/// A payload whose apply blocks until [`LogMachine::apply_gate`] lets it go, as a slow disk
+/// would make it.
+const BLOCK_ON_APPLY: &[u8] = b"block on apply";
+
 /// What the test state machine saw.
 #[derive(Default, Debug)]
 struct Applied {
@@ -48,6 +52,10 @@ struct LogMachine {
     persists_finished: Arc<Mutex<usize>>,
     /// The length of the log at each whole snapshot taken.
     snapshots_taken: Arc<Mutex<Vec<usize>>>,
+    /// What applying [`BLOCK_ON_APPLY`] waits for (a message, or the sender being dropped).
+    apply_gate: Option<Arc<Mutex<std::sync::mpsc::Receiver<()>>>>,
+    /// Set once an apply of [`BLOCK_ON_APPLY`] waits at the gate.
+    apply_blocked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl LogMachine {
@@ -117,6 +125,13 @@ impl StateMachine for LogMachine {
             payload, PANIC_ON_APPLY,
             "a panic injected on the raft thread"
         );
+        if payload == BLOCK_ON_APPLY {
+            if let Some(gate) = &self.apply_gate {
+                self.apply_blocked
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = gate.lock().unwrap().recv_timeout(WAIT);
+            }
+        }
         self.applied
             .lock()
             .unwrap()
@@ -200,11 +215,21 @@ struct ChannelTransport {
 
 impl Transport for ChannelTransport {
     fn send(&self, messages: Vec<Message>) {
-        let mut paused = self.network.paused.lock().unwrap();
-        while messages.iter().any(|m| Some(m.from) == *paused) {
-            paused = self.network.resumed.wait(paused).unwrap();
+        let wait_while_paused = || {
+            let mut paused = self.network.paused.lock().unwrap();
+            while messages.iter().any(|m| Some(m.from) == *paused) {
+                paused = self.network.resumed.wait(paused).unwrap();
+            }
+        };
+        // A loop that runs as a task must not block its worker in place (the runtime's timers
+        // would stop with it): the pause blocks as the Transport contract allows.
+        let on_multi_thread_runtime = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if on_multi_thread_runtime {
+            tokio::task::block_in_place(wait_while_paused);
+        } else {
+            wait_while_paused();
         }
-        drop(paused);
         let traced = self.network.traced.read().unwrap().clone();
         if !traced.is_empty() {
             for msg in &messages {
@@ -248,6 +273,95 @@ impl Transport for ChannelTransport {
             }
         }
     }
+}
+
+/// The names of this process's threads.
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect()
+}
+
+/// Started from a multi-thread runtime, the loop runs as a task of it (no thread of its own);
+/// started elsewhere, on its own thread `raft-<id>`.
+#[test]
+fn the_loop_is_a_task_of_a_multi_thread_runtime_and_a_thread_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, node) = start_alone(dir.path());
+    assert!(
+        thread_names().contains(&"raft-1".to_string()),
+        "{:?}",
+        thread_names()
+    );
+    node.shutdown();
+    assert!(!thread_names().contains(&"raft-1".to_string()));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (sm, node) = start_alone(dir.path());
+        propose_many(&node, "on-task", 3).await;
+        assert_eq!(sm.log().len(), 3);
+        assert!(
+            !thread_names().contains(&"raft-1".to_string()),
+            "{:?}",
+            thread_names()
+        );
+        node.shutdown();
+    });
+}
+
+/// An apply that blocks (a slow disk) does not stop the runtime the loop runs on: with a single
+/// worker, a timer task goes on ticking while the apply waits. (Applied in place, the worker
+/// would run nothing else, timers included, until the apply returned.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_blocking_apply_leaves_the_runtime_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (open_gate, gate) = std::sync::mpsc::channel();
+    let sm = LogMachine {
+        apply_gate: Some(Arc::new(Mutex::new(gate))),
+        ..Default::default()
+    };
+    let node: Node = RaftNode::start(config(1, dir.path()), sm.clone(), Arc::new(NoPeers)).unwrap();
+    bounded("a leader", node.wait_leader(WAIT)).await.unwrap();
+    let ticks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ticker = {
+        let ticks = Arc::clone(&ticks);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                ticks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    let proposal = {
+        let node = node.clone();
+        tokio::spawn(async move { node.propose(BLOCK_ON_APPLY).await })
+    };
+    // This thread is the test's, not the worker: it may block to watch.
+    let deadline = Instant::now() + WAIT;
+    while !sm.apply_blocked.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the apply never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before = ticks.load(std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(300));
+    let during = ticks.load(std::sync::atomic::Ordering::SeqCst) - before;
+    open_gate.send(()).unwrap();
+    let (index, payload) = bounded("the proposal", proposal).await.unwrap().unwrap();
+    assert_eq!(payload, BLOCK_ON_APPLY);
+    assert!(
+        during >= 2,
+        "the timer task ticked {during} times in 300 ms while the apply was blocked"
+    );
+    assert_eq!(sm.log().last(), Some(&(index, BLOCK_ON_APPLY.to_vec())));
+    ticker.abort();
+    node.shutdown();
 }
 
 /// Member 1 alone (no peers) over `dir`, applying to a fresh [`LogMachine`].

@@ -16,7 +16,7 @@ use super::propose::{split_request_id, REQUEST_ID_LEN};
 use crate::storage::LogStore;
 use crate::{MemberChange, Membership, MembershipChange, StateMachine};
 
-/// Applies committed membership changes on the loop thread and remembers whether one removed
+/// Applies committed membership changes on the loop and remembers whether one removed
 /// this member.
 pub(super) struct ConfChanges {
     member_id: u64,

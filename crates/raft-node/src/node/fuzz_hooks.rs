@@ -1,5 +1,5 @@
 //! What the fuzz targets reach of the raft loop (the `fuzzing` feature): a raft node with an
-//! in-memory log that handles its Readies as the loop thread does ([`super::worker`]), minus the
+//! in-memory log that handles its Readies as the loop does ([`super::worker`]), minus the
 //! WAL, the snapshot files and the transport, so that peer messages go through the same guard
 //! and committed entries and membership changes reach a [`StateMachine`] the same way.
 

@@ -1,12 +1,13 @@
 //! The raft node: the cloneable handle ([`RaftNode`]) that callers hold, the commands it sends
-//! to the loop thread, the status the loop publishes back ([`RaftStatus`]) and cluster-unique
+//! to the loop, the status the loop publishes back ([`RaftStatus`]) and cluster-unique
 //! request ids.
 //!
 //! The handle owns no raft state: it only sends [`Command`]s and reads the published status, so
 //! it must never block on the loop except to join it on shutdown. The loop and what it keeps are
 //! split by concern, each module owning its own state:
-//! - [`worker`]: the Ready loop thread, which owns the raft node, WAL and state machine, and
-//!   decides the order of everything;
+//! - [`worker`]: the Ready loop, which owns the raft node, WAL and state machine, and decides
+//!   the order of everything;
+//! - [`host`]: where the loop runs (a task of the server's runtime, or a thread of its own);
 //! - [`propose`]: proposals and their waiters;
 //! - [`read`]: ReadIndex batches;
 //! - [`snapshot`]: snapshot scheduling and log compaction;
@@ -17,15 +18,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use raft::eraftpb::{ConfChangeV2, Message, MessageType, SnapshotMetadata};
 use raft::INVALID_ID;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::snap::{SnapError, SnapshotFile, Snapshotter};
 use crate::{MemberChange, Membership, RaftConfig, RaftError, StateMachine, Transport};
@@ -36,6 +35,7 @@ mod disk;
 pub(crate) mod fuzz_hooks;
 mod guard;
 mod heartbeats;
+mod host;
 mod propose;
 mod read;
 mod recovery;
@@ -73,7 +73,11 @@ pub struct RaftStatus {
     pub removed: bool,
 }
 
-/// What the handles (and the snapshot thread) ask of the loop thread, handled in the order sent.
+/// Where [`Command`]s are sent. Unbounded, so that senders never wait, as with the std channel
+/// it replaced; the loop drains it every round.
+type CommandSender<O> = mpsc::UnboundedSender<Command<O>>;
+
+/// What the handles (and the snapshot thread) ask of the loop, handled in the order sent.
 enum Command<O> {
     Propose {
         request_id: u64,
@@ -131,59 +135,36 @@ impl RequestIds {
     }
 }
 
-/// A handle to a running raft member. Cloning is cheap; all clones talk to the same loop thread,
-/// which stops on [`RaftNode::shutdown`] or when the last clone is dropped.
+/// A handle to a running raft member. Cloning is cheap; all clones talk to the same loop, which
+/// stops on [`RaftNode::shutdown`] or when the last clone is dropped (only `shutdown` waits for
+/// a loop that runs as a task to finish).
 pub struct RaftNode<O> {
     inner: Arc<Inner<O>>,
 }
 
 struct Inner<O> {
-    member_id: u64,
     snapshotter: Arc<Snapshotter>,
-    commands: mpsc::Sender<Command<O>>,
+    commands: CommandSender<O>,
     ids: Arc<RequestIds>,
     status: Arc<Mutex<RaftStatus>>,
     leader: watch::Receiver<u64>,
     applied: watch::Receiver<u64>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    host: host::Host,
     disk: Arc<disk::DiskGuard>,
 }
 
-/// Runs the raft loop; a panic in it aborts the process, as a panic in etcd's raft loop takes
-/// etcd down. A member whose loop died would otherwise go on answering health checks SERVING and
-/// serving frozen serializable reads with no consensus behind them; aborted, it is restarted by
-/// its supervisor from its WAL and snapshots like after any crash. (The panic message was
-/// already printed by the panic hook.)
-fn run_or_abort<S: StateMachine>(worker: Worker<S>, member_id: u64) {
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
-    if outcome.is_err() {
-        tracing::error!(
-            member_id = format_args!("{member_id:x}"),
-            "the raft loop panicked; aborting the process"
-        );
-        std::process::abort();
-    }
-}
-
 impl<O> Inner<O> {
-    fn stop(&self) {
+    /// Tells the loop to stop and waits for it (see [`host::Host::wait`] for `dropping`).
+    fn stop(&self, dropping: bool) {
         // The loop may already be gone; then there is nothing to stop.
         let _ = self.commands.send(Command::Shutdown);
-        let handle = self.thread.lock().take();
-        if let Some(handle) = handle {
-            if handle.thread().id() != thread::current().id() && handle.join().is_err() {
-                tracing::error!(
-                    member_id = format_args!("{:x}", self.member_id),
-                    "raft loop thread panicked"
-                );
-            }
-        }
+        self.host.wait(dropping);
     }
 }
 
 impl<O> Drop for Inner<O> {
     fn drop(&mut self) {
-        self.stop();
+        self.stop(true);
     }
 }
 
@@ -205,7 +186,8 @@ impl<O> fmt::Debug for RaftNode<O> {
 
 impl<O: Send + 'static> RaftNode<O> {
     /// Opens (or creates) the member's WAL and snapshots under `cfg.data_dir`, brings `sm` up to
-    /// date and starts the raft loop thread.
+    /// date and starts the raft loop: as a task of the current multi-thread tokio runtime when
+    /// there is one, otherwise on a thread of its own (see `host`).
     ///
     /// On restart the newest valid snapshot is restored into `sm` if `sm` is older than it, and
     /// committed entries after `max(sm.applied_index(), snapshot index)` are applied again. A
@@ -228,7 +210,7 @@ impl<O: Send + 'static> RaftNode<O> {
         )
         .map_err(|e| RaftError::Raft(format!("cannot start the disk guard thread: {e}")))?;
 
-        let (commands_tx, commands_rx) = mpsc::channel();
+        let (commands_tx, commands_rx) = mpsc::unbounded_channel();
         let ids = Arc::new(RequestIds::new(member_id));
         let status = Arc::new(Mutex::new(RaftStatus {
             member_id,
@@ -253,10 +235,7 @@ impl<O: Send + 'static> RaftNode<O> {
                 disk: Arc::clone(&disk),
             },
         );
-        let thread = thread::Builder::new()
-            .name(format!("raft-{member_id:x}"))
-            .spawn(move || run_or_abort(worker, member_id))
-            .map_err(|e| RaftError::Raft(format!("cannot start the raft loop thread: {e}")))?;
+        let host = host::Host::start(format!("raft-{member_id:x}"), member_id, worker.run())?;
         tracing::info!(
             member_id = format_args!("{member_id:x}"),
             applied_index = applied,
@@ -265,14 +244,13 @@ impl<O: Send + 'static> RaftNode<O> {
         );
         Ok(RaftNode {
             inner: Arc::new(Inner {
-                member_id,
                 snapshotter,
                 commands: commands_tx,
                 ids,
                 status,
                 leader: leader_rx,
                 applied: applied_rx,
-                thread: Mutex::new(Some(thread)),
+                host,
                 disk,
             }),
         })
@@ -506,10 +484,10 @@ impl<O: Send + 'static> RaftNode<O> {
         leader
     }
 
-    /// Stops the loop thread and waits for it (and for a snapshot being written) to finish.
+    /// Stops the loop and waits for it (and for a snapshot being written) to finish.
     /// Pending requests fail with [`RaftError::Stopped`]. Idempotent.
     pub fn shutdown(&self) {
-        self.inner.stop();
+        self.inner.stop(false);
     }
 
     fn send(&self, command: Command<O>) -> Result<(), RaftError> {

@@ -3,7 +3,7 @@
 //! state machine from it, and building the `RawNode` whose log and membership match the disk;
 //! also creating a member's raft state from a restored snapshot ([`bootstrap_from_snapshot`]).
 //!
-//! Runs once, before the loop thread starts, and owns nothing afterwards. It must not apply
+//! Runs once, before the loop starts, and owns nothing afterwards. It must not apply
 //! committed entries (the Ready loop applies those after the state machine's applied index) nor
 //! take snapshots.
 
@@ -20,7 +20,7 @@ use crate::storage::LogStore;
 use crate::wal::{Covering, Wal};
 use crate::{RaftConfig, RaftError, StateMachine};
 
-/// A member brought up from disk, ready for the loop thread.
+/// A member brought up from disk, ready for the loop.
 pub(super) struct Started {
     pub(super) raw: RawNode<LogStore>,
     pub(super) store: LogStore,

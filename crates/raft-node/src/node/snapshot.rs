@@ -8,7 +8,7 @@
 //! release thread, which deletes the files a snapshot made obsolete. It
 //! must not apply entries nor install a snapshot received from the leader: the Ready loop does,
 //! and then tells it ([`SnapshotScheduler::installed`]). The thread only reports back through the
-//! command channel; every WAL and log change happens on the loop thread.
+//! command channel; every WAL and log change happens on the loop.
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -48,7 +48,7 @@ pub(super) struct SnapshotScheduler<O> {
     member_id: u64,
     snapshotter: Arc<Snapshotter>,
     /// For the snapshot thread to report back.
-    done: mpsc::Sender<Command<O>>,
+    done: super::CommandSender<O>,
     snapshot_count: u64,
     /// Most WAL segments and snapshot files kept (0: all).
     max_wals: usize,
@@ -95,7 +95,7 @@ impl Release {
 
 /// Deletes obsolete files on its own thread, in the order they were released. Deleting a 64 MiB
 /// WAL segment or a snapshot of the whole state keeps the kernel busy for tens of milliseconds
-/// (freeing its pages and extents, discarding its blocks): on the loop thread that held up every
+/// (freeing its pages and extents, discarding its blocks): on the loop that held up every
 /// write at each snapshot (the memory engine's put spikes of issue 24).
 struct Releaser {
     snapshotter: Arc<Snapshotter>,
@@ -157,7 +157,7 @@ impl<O: Send + 'static> SnapshotScheduler<O> {
     pub(super) fn new(
         member_id: u64,
         snapshotter: Arc<Snapshotter>,
-        done: mpsc::Sender<Command<O>>,
+        done: super::CommandSender<O>,
         snapshot_count: u64,
         snapshot_index: u64,
         (max_wals, max_snapshots): (usize, usize),

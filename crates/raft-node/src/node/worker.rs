@@ -1,4 +1,5 @@
-//! The Ready loop: the thread that owns the `RawNode`, the WAL and the state machine.
+//! The Ready loop: the task (or thread, see [`super::host`]) that owns the `RawNode`, the WAL
+//! and the state machine.
 //!
 //! It waits for commands (with a timeout so that it ticks on time), drains every queued command,
 //! then handles raft's Ready: writes the WAL and fsyncs once, sends messages, installs a snapshot
@@ -9,25 +10,28 @@
 //! state machine, the applied index); what each kind of request needs is kept by its own module
 //! ([`super::propose`], [`super::read`], [`super::snapshot`], [`super::conf_change`]), which the
 //! loop calls. It must not block on anything but the WAL: snapshots and persist jobs run on
-//! another thread and report back through the command channel.
+//! another thread and report back through the command channel. Rounds that write the WAL or
+//! apply entries run through [`blocking`], so that a runtime worker hands its other tasks over
+//! first; the rest (commands, heartbeats, ReadIndex rounds) runs in place.
 
 use std::collections::BTreeMap;
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
+use std::task::{Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use raft::eraftpb::{Entry, EntryType, Message, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::conf_change::{membership_of, ConfChanges};
 use super::heartbeats::HeartbeatTimes;
+use super::host::blocking;
 use super::propose::{split_request_id, ProposalWaiter, Proposals};
 use super::read::Reads;
 use super::recovery::Started;
 use super::snapshot::SnapshotScheduler;
-use super::{Command, RaftStatus, RequestIds};
+use super::{Command, CommandSender, RaftStatus, RequestIds};
 use crate::snap::{SnapshotFile, Snapshotter};
 use crate::storage::LogStore;
 use crate::wal::Wal;
@@ -35,15 +39,31 @@ use crate::{RaftConfig, RaftError, StateMachine, Transport};
 
 /// Most commands handled before the loop turns to raft's Ready, so ticks stay on time under load.
 const MAX_COMMANDS_PER_ROUND: usize = 4096;
+/// Wakes a thread parked in `Worker::recv_on_thread`.
+struct UnparkThread(std::thread::Thread);
+
+impl Wake for UnparkThread {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// How long the loop stays off the runtime after a heavy round, waiting for the next one (see
+/// `Worker::stay_blocking`).
+const STAY_BLOCKING: Duration = Duration::from_millis(2);
 /// Applying one entry for longer than this logs a warning (etcd: 100 ms).
 const SLOW_APPLY: Duration = Duration::from_millis(100);
 
-/// What connects the loop thread with the [`super::RaftNode`] handles.
+/// What connects the loop with the [`super::RaftNode`] handles.
 pub(super) struct Links<O> {
     /// Commands from the handles (and from the snapshot thread).
-    pub(super) commands: mpsc::Receiver<Command<O>>,
+    pub(super) commands: mpsc::UnboundedReceiver<Command<O>>,
     /// For the snapshot thread to report back.
-    pub(super) commands_tx: mpsc::Sender<Command<O>>,
+    pub(super) commands_tx: CommandSender<O>,
     /// Request ids, shared with the handles (ReadIndex contexts come from it too).
     pub(super) ids: Arc<RequestIds>,
     /// The status the handles read.
@@ -56,7 +76,7 @@ pub(super) struct Links<O> {
     pub(super) disk: Arc<super::disk::DiskGuard>,
 }
 
-/// The state owned by the loop thread: what every step of the loop shares, and one struct per
+/// The state owned by the loop: what every step of the loop shares, and one struct per
 /// concern. (Fields are dropped in this order when the loop ends, as before the split.)
 pub(super) struct Worker<S: StateMachine> {
     member_id: u64,
@@ -71,7 +91,7 @@ pub(super) struct Worker<S: StateMachine> {
     snapshotter: Arc<Snapshotter>,
     sm: S,
     transport: Arc<dyn Transport>,
-    commands: mpsc::Receiver<Command<S::Output>>,
+    commands: mpsc::UnboundedReceiver<Command<S::Output>>,
     status: Arc<Mutex<RaftStatus>>,
     leader_tx: watch::Sender<u64>,
     applied_tx: watch::Sender<u64>,
@@ -85,6 +105,8 @@ pub(super) struct Worker<S: StateMachine> {
     heartbeats: HeartbeatTimes,
     /// Whether the disk is short of space.
     disk: Arc<super::disk::DiskGuard>,
+    /// Term and vote as of the last round: a change must be made durable (an fsync).
+    term_vote: (u64, u64),
 }
 
 impl<S: StateMachine> Worker<S> {
@@ -117,6 +139,7 @@ impl<S: StateMachine> Worker<S> {
             proposals: Proposals::new(member_id, cfg.max_size_per_msg),
             reads: Reads::new(links.ids, cfg.request_timeout()),
             applied_index: started.applied,
+            term_vote: (0, 0),
             snapshots: SnapshotScheduler::new(
                 member_id,
                 snapshotter,
@@ -128,25 +151,41 @@ impl<S: StateMachine> Worker<S> {
         }
     }
 
-    /// Runs the loop until shutdown, the last handle being dropped, or a fatal error.
-    pub(super) fn run(mut self) {
+    /// Runs the loop until shutdown, the last handle being dropped, or a fatal error. Its only
+    /// wait is for the next command or tick; everything else is synchronous.
+    pub(super) async fn run(mut self) {
         let mut next_tick = Instant::now() + self.tick_interval;
-        self.snapshots.release_left_over_files(&mut self.wal);
         // Handle what recovery left ready (and a lone voter's campaign) before any request.
-        if let Err(e) = self.round(Instant::now()) {
+        let started = blocking(|| {
+            self.snapshots.release_left_over_files(&mut self.wal);
+            self.round(Instant::now())
+        });
+        if let Err(e) = started {
             self.fatal(&e);
-            self.stop();
+            blocking(|| self.stop());
             return;
         }
         self.update_status();
+        // Whether a heavy round may stay off the runtime to wait for the next commands (see
+        // `stay_blocking`); a loop on its own thread is always off it.
+        let on_runtime = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         loop {
-            let timeout = next_tick.saturating_duration_since(Instant::now());
-            let first = match self.commands.recv_timeout(timeout) {
-                Ok(command) => Some(command),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
+            let deadline = tokio::time::Instant::from_std(next_tick);
+            let first = match tokio::time::timeout_at(deadline, self.commands.recv()).await {
+                Ok(Some(command)) => Some(command),
+                Ok(None) => break,
+                Err(_elapsed) => None,
             };
-            match self.handle_commands(first) {
+            let turn = match self.commands_and_tick(first, &mut next_tick) {
+                Ok(Some(now)) if self.round_is_heavy() => {
+                    blocking(|| self.stay_blocking(now, &mut next_tick, on_runtime))
+                }
+                Ok(Some(now)) => self.round(now).map(|()| true),
+                Ok(None) => Ok(false),
+                Err(e) => Err(e),
+            };
+            match turn {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => {
@@ -154,21 +193,101 @@ impl<S: StateMachine> Worker<S> {
                     break;
                 }
             }
-            let now = Instant::now();
-            if now >= next_tick {
-                self.raw.tick();
-                self.on_tick(now);
-                next_tick += self.tick_interval;
-                if next_tick <= now {
-                    next_tick = now + self.tick_interval;
-                }
-            }
-            if let Err(e) = self.round(now) {
-                self.fatal(&e);
-                break;
+        }
+        blocking(|| self.stop());
+    }
+
+    /// Handles `first` and what is queued behind it, then ticks if it is time. Returns the
+    /// time for the round, or None on shutdown.
+    fn commands_and_tick(
+        &mut self,
+        first: Option<Command<S::Output>>,
+        next_tick: &mut Instant,
+    ) -> Result<Option<Instant>, RaftError> {
+        if !self.handle_commands(first)? {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        if now >= *next_tick {
+            self.raw.tick();
+            self.on_tick(now);
+            *next_tick += self.tick_interval;
+            if *next_tick <= now {
+                *next_tick = now + self.tick_interval;
             }
         }
-        self.stop();
+        Ok(Some(now))
+    }
+
+    /// A heavy round, already off the runtime's worker (inside [`blocking`]); then, when the loop
+    /// is `on_runtime`, it stays here while heavy rounds keep coming, waiting for commands on this
+    /// thread, and goes back to the runtime after [`STAY_BLOCKING`] without one. Each entry into `blocking` hands the worker's queue to another thread; under a
+    /// steady write load that was paid every round (about a tenth of the put throughput at
+    /// 100 clients), while the wait here costs what the loop's own thread cost before.
+    /// Returns false on shutdown.
+    fn stay_blocking(
+        &mut self,
+        now: Instant,
+        next_tick: &mut Instant,
+        on_runtime: bool,
+    ) -> Result<bool, RaftError> {
+        self.round(now)?;
+        if !on_runtime {
+            return Ok(true);
+        }
+        let waker = Waker::from(Arc::new(UnparkThread(std::thread::current())));
+        let mut last_heavy = now;
+        loop {
+            let back_at = last_heavy + STAY_BLOCKING;
+            let first = match self.recv_on_thread((*next_tick).min(back_at), &waker) {
+                Some(Some(command)) => Some(command),
+                Some(None) => return Ok(false),
+                None => None,
+            };
+            if first.is_none() && Instant::now() >= back_at {
+                return Ok(true);
+            }
+            let Some(now) = self.commands_and_tick(first, next_tick)? else {
+                return Ok(false);
+            };
+            if self.round_is_heavy() {
+                last_heavy = now;
+            }
+            self.round(now)?;
+        }
+    }
+
+    /// The next command, waited for on this thread until `deadline` (None then); Some(None)
+    /// once every sender is gone. `waker` unparks this thread.
+    fn recv_on_thread(
+        &mut self,
+        deadline: Instant,
+        waker: &Waker,
+    ) -> Option<Option<Command<S::Output>>> {
+        let mut cx = std::task::Context::from_waker(waker);
+        loop {
+            if let Poll::Ready(command) = self.commands.poll_recv(&mut cx) {
+                return Some(command);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            std::thread::park_timeout(deadline - now);
+        }
+    }
+
+    /// Whether the coming round writes the WAL (entries, a received snapshot, a new term or
+    /// vote, which need an fsync) or applies entries: then it runs through [`blocking`]. The
+    /// other rounds (heartbeats, ReadIndex, commands that only step raft) are short and touch
+    /// no disk but a commit index write, which needs no fsync.
+    fn round_is_heavy(&self) -> bool {
+        let raft = &self.raw.raft;
+        let log = &raft.raft_log;
+        !log.unstable.entries.is_empty()
+            || log.unstable.snapshot.is_some()
+            || log.committed > self.applied_index
+            || (raft.term, raft.vote) != self.term_vote
     }
 
     /// Handles `first` and everything queued behind it. Returns false on shutdown.
@@ -251,21 +370,24 @@ impl<S: StateMachine> Worker<S> {
                 };
                 self.raw.report_snapshot(to, status);
             }
-            Command::SnapshotSaved(result) => self.snapshots.on_snapshot_saved(
-                result,
-                &mut self.wal,
-                &self.store,
-                self.applied_index,
-            )?,
-            Command::PersistedInPlace { metadata, result } => {
+            // Both write the WAL (and may fsync it).
+            Command::SnapshotSaved(result) => blocking(|| {
+                self.snapshots.on_snapshot_saved(
+                    result,
+                    &mut self.wal,
+                    &self.store,
+                    self.applied_index,
+                )
+            })?,
+            Command::PersistedInPlace { metadata, result } => blocking(|| {
                 self.snapshots.on_persisted_in_place(
                     metadata,
                     result,
                     &mut self.wal,
                     &self.store,
                     self.applied_index,
-                )?
-            }
+                )
+            })?,
             Command::Shutdown => return Ok(false),
         }
         Ok(true)
@@ -333,6 +455,7 @@ impl<S: StateMachine> Worker<S> {
         self.snapshots
             .trim_memory_log(&self.raw, &self.store, self.applied_index);
         self.update_status();
+        self.term_vote = (self.raw.raft.term, self.raw.raft.vote);
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 //! recording snapshot markers and releasing segments below a snapshot.
 //!
 //! Owns the open file and what the next segment must start with. It is driven only by the raft
-//! loop thread; it must not interpret what it stores (that is the raft loop's and
+//! loop; it must not interpret what it stores (that is the raft loop's and
 //! [`super::replay`]'s business).
 
 use std::fs::{self, File, OpenOptions};
