@@ -328,10 +328,30 @@ impl Drop for Cluster {
     }
 }
 
+/// A port for a member to listen on, below the kernel's ephemeral range, never the same twice in
+/// a run. A port from that range (a bind to port 0, as before) could be handed by the kernel to an
+/// outgoing connection, a running member's or a client's, before the member bound it: once a
+/// bench cluster started a member short ("Address already in use") and every request sent to
+/// it failed.
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const FIRST: u32 = 10_000;
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_from.saturating_sub(FIRST).max(1);
+    // Runs started side by side begin at different ports.
+    let start = std::process::id() % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = FIRST + (start + n) % span;
+        let port = u16::try_from(port).context("port out of range")?;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port between {FIRST} and {ephemeral_from}")
 }
 
 pub(crate) fn start(
@@ -846,6 +866,23 @@ fn many_keys(report: &mut String, quick: bool, bin: &Path, work: &Path) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Member ports come from below the kernel's ephemeral range (where outgoing connections
+    /// take theirs), and a run never hands the same one out twice.
+    #[test]
+    fn member_ports_are_distinct_and_below_the_ephemeral_range() {
+        let ephemeral_from: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768);
+        let ports: Vec<u16> = (0..20).map(|_| free_port().unwrap()).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        assert!(
+            ports.iter().all(|p| *p >= 10_000 && *p < ephemeral_from),
+            "{ports:?}"
+        );
+    }
 
     #[test]
     fn bench_arguments_are_checked_before_anything_runs() {
