@@ -49,7 +49,8 @@ pub(super) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-fn on_multi_thread_runtime() -> bool {
+/// Whether the caller runs on (or inside `block_in_place` of) a multi-thread tokio runtime.
+pub(super) fn on_multi_thread_runtime() -> bool {
     Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread)
 }
 

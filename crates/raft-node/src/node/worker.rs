@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::conf_change::{membership_of, ConfChanges};
 use super::heartbeats::HeartbeatTimes;
-use super::host::blocking;
+use super::host::{blocking, on_multi_thread_runtime};
 use super::propose::{split_request_id, ProposalWaiter, Proposals};
 use super::read::Reads;
 use super::recovery::Started;
@@ -168,8 +168,7 @@ impl<S: StateMachine> Worker<S> {
         self.update_status();
         // Whether a heavy round may stay off the runtime to wait for the next commands (see
         // `stay_blocking`); a loop on its own thread is always off it.
-        let on_runtime = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let on_runtime = on_multi_thread_runtime();
         loop {
             let deadline = tokio::time::Instant::from_std(next_tick);
             let first = match tokio::time::timeout_at(deadline, self.commands.recv()).await {
