@@ -290,11 +290,12 @@ fn thread_names() -> Vec<String> {
 fn the_loop_is_a_task_of_a_multi_thread_runtime_and_a_thread_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
     let (_, node) = start_alone(dir.path());
-    assert!(
-        thread_names().contains(&"raft-1".to_string()),
-        "{:?}",
-        thread_names()
-    );
+    // A new thread names itself once it runs: until then it has its parent's name.
+    let deadline = Instant::now() + WAIT;
+    while !thread_names().contains(&"raft-1".to_string()) {
+        assert!(Instant::now() < deadline, "{:?}", thread_names());
+        std::thread::sleep(Duration::from_millis(5));
+    }
     node.shutdown();
     assert!(!thread_names().contains(&"raft-1".to_string()));
 
@@ -305,6 +306,7 @@ fn the_loop_is_a_task_of_a_multi_thread_runtime_and_a_thread_elsewhere() {
         .unwrap();
     runtime.block_on(async {
         let (sm, node) = start_alone(dir.path());
+        // Applied by the loop: a thread of its own would have named itself by then.
         propose_many(&node, "on-task", 3).await;
         assert_eq!(sm.log().len(), 3);
         assert!(
