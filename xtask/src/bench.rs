@@ -654,8 +654,13 @@ pub fn bench(args: &[String]) -> Result<()> {
     writeln!(report, "# MetaStore vs etcd, {date}\n")?;
     writeln!(
         report,
-        "Machine: {cpu}, {cores} cores; {etcd_version}. Command: `cargo xtask bench{}`.",
-        if quick { " --quick" } else { "" }
+        "Machine: {cpu}, {cores} cores; {etcd_version}. Command: `cargo xtask bench{}{}`.",
+        if quick { " --quick" } else { "" },
+        if sections.len() == SECTIONS.len() {
+            String::new()
+        } else {
+            format!(" --only {}", sections.join(","))
+        }
     )?;
     // A partial run is named after its sections, beside the day's full run.
     let stem = if sections.len() == SECTIONS.len() {
