@@ -39,6 +39,12 @@ use crate::{RaftConfig, RaftError, StateMachine, Transport};
 
 /// Most commands handled before the loop turns to raft's Ready, so ticks stay on time under load.
 const MAX_COMMANDS_PER_ROUND: usize = 4096;
+/// How long the loop stays off the runtime after a heavy round, waiting for the next one (see
+/// `Worker::stay_blocking`).
+const STAY_BLOCKING: Duration = Duration::from_millis(2);
+/// Applying one entry for longer than this logs a warning (etcd: 100 ms).
+const SLOW_APPLY: Duration = Duration::from_millis(100);
+
 /// Wakes a thread parked in `Worker::recv_on_thread`.
 struct UnparkThread(std::thread::Thread);
 
@@ -51,12 +57,6 @@ impl Wake for UnparkThread {
         self.0.unpark();
     }
 }
-
-/// How long the loop stays off the runtime after a heavy round, waiting for the next one (see
-/// `Worker::stay_blocking`).
-const STAY_BLOCKING: Duration = Duration::from_millis(2);
-/// Applying one entry for longer than this logs a warning (etcd: 100 ms).
-const SLOW_APPLY: Duration = Duration::from_millis(100);
 
 /// What connects the loop with the [`super::RaftNode`] handles.
 pub(super) struct Links<O> {
@@ -105,8 +105,6 @@ pub(super) struct Worker<S: StateMachine> {
     heartbeats: HeartbeatTimes,
     /// Whether the disk is short of space.
     disk: Arc<super::disk::DiskGuard>,
-    /// Term and vote as of the last round: a change must be made durable (an fsync).
-    term_vote: (u64, u64),
 }
 
 impl<S: StateMachine> Worker<S> {
@@ -139,7 +137,6 @@ impl<S: StateMachine> Worker<S> {
             proposals: Proposals::new(member_id, cfg.max_size_per_msg),
             reads: Reads::new(links.ids, cfg.request_timeout()),
             applied_index: started.applied,
-            term_vote: (0, 0),
             snapshots: SnapshotScheduler::new(
                 member_id,
                 snapshotter,
@@ -283,10 +280,16 @@ impl<S: StateMachine> Worker<S> {
     fn round_is_heavy(&self) -> bool {
         let raft = &self.raw.raft;
         let log = &raft.raft_log;
+        // The hard state the log store holds is the one last written to the WAL.
+        let durable = |term, vote| {
+            let core = self.store.mem.rl();
+            let hard_state = core.hard_state();
+            (hard_state.term, hard_state.vote) == (term, vote)
+        };
         !log.unstable.entries.is_empty()
             || log.unstable.snapshot.is_some()
             || log.committed > self.applied_index
-            || (raft.term, raft.vote) != self.term_vote
+            || !durable(raft.term, raft.vote)
     }
 
     /// Handles `first` and everything queued behind it. Returns false on shutdown.
@@ -454,7 +457,6 @@ impl<S: StateMachine> Worker<S> {
         self.snapshots
             .trim_memory_log(&self.raw, &self.store, self.applied_index);
         self.update_status();
-        self.term_vote = (self.raw.raft.term, self.raw.raft.vote);
         Ok(())
     }
 
