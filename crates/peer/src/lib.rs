@@ -1,19 +1,25 @@
-//! Member-to-member communication over gRPC (the `metastorepb.Peer` service on the peer URLs).
+//! Member-to-member communication on the peer URLs: raft streams ([`stream`]) for raft message
+//! batches, gRPC (the `metastorepb.Peer` service) for everything else.
 //!
 //! Owns:
-//! - [`PeerNetwork`], raft-node's [`Transport`]: one queue and one sending task per member. A
-//!   task sends everything queued as one batch per call (one call in flight per member), so
-//!   batches grow with the load; a full queue drops messages and tells raft the member is
-//!   unreachable (backpressure: raft then probes instead of streaming). Snapshot messages carry
-//!   only metadata; their file is streamed in 1 MiB chunks from disk, so neither side holds a
-//!   whole snapshot in memory.
-//! - [`PeerService`], the receiving side: checks the cluster id of every request, hands
-//!   messages to raft, writes streamed snapshots to disk before raft sees the message, answers
-//!   membership queries (a member joining an existing cluster learns its id from them) and lease
-//!   requests forwarded by followers to the leader.
+//! - [`PeerNetwork`], raft-node's [`Transport`]: one queue and one sending task per member. A task
+//!   writes everything queued as one batch to its raft stream (the gRPC `Raft` call for a member
+//!   that does not answer raft streams), so batches grow with the load; a full queue drops messages
+//!   and tells raft the member is unreachable (backpressure: raft then probes instead of
+//!   streaming). Snapshot messages carry only metadata; their file is streamed in 1 MiB chunks from
+//!   disk, so neither side holds a whole snapshot in memory.
+//! - [`PeerService`], the receiving side: tells raft streams from gRPC on the peer port
+//!   ([`PeerService::route`]), checks the cluster id of every request, hands messages to raft,
+//!   writes streamed snapshots to disk before raft sees the message, answers membership queries (a
+//!   member joining an existing cluster learns its id from them) and lease requests forwarded by
+//!   followers to the leader.
 //!
 //! Must not know about: mvcc, the engines, the client API. Membership and leases are reached
 //! through the [`MemberSource`] closure and the [`LeaseHandler`] trait.
+
+mod stream;
+
+pub use stream::{Accepted, Rewind};
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -33,7 +39,9 @@ use metastore_proto::metastorepb::{
 use metastore_raft_node::{Message, MessageType, RaftNode, Transport};
 use parking_lot::Mutex;
 use protobuf::Message as _;
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -53,6 +61,19 @@ const STREAM_BATCHES: usize = 64;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often each peer's round trip is measured (etcd's prober: every 4 s).
 const PROBE_INTERVAL: Duration = Duration::from_secs(4);
+/// How long a member that did not answer the raft stream (an earlier version, which speaks only
+/// gRPC) is sent batches over the gRPC `Raft` call before the raft stream is tried again.
+const GRPC_FALLBACK: Duration = Duration::from_secs(60);
+/// Bound on writing one batch to a raft stream: a peer that reads nothing for this long (paused,
+/// or gone without a reset) loses the connection, as an HTTP/2 stream whose pings went
+/// unanswered did.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keep-alive on raft streams (idle time, then probes this far apart), and how long sent
+/// bytes may stay unacknowledged (`TCP_USER_TIMEOUT`): a peer that vanished without a reset is
+/// noticed even on a stream with nothing to write, as HTTP/2 pings did.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const UNACKED_TIMEOUT: Duration = Duration::from_secs(15);
 /// At most one warning per member per this interval.
 const WARN_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -128,37 +149,92 @@ fn channel_to(url: &str, tls: Option<&PeerTls>) -> Result<Channel, Status> {
         move |uri: tonic::codegen::http::Uri| {
             let connector = connector.clone();
             async move {
-                let bad = |what: &str| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        format!("peer URL {uri}: {what}"),
-                    )
-                };
-                let host = uri.host().ok_or_else(|| bad("no host"))?;
-                let host = host
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_string();
-                let port = uri.port_u16().ok_or_else(|| bad("no port"))?;
-                let tcp = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    tokio::net::TcpStream::connect((host.as_str(), port)),
-                )
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "connecting to a peer timed out",
-                    )
-                })??;
-                tcp.set_nodelay(true)?;
-                let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host)
-                    .map_err(|e| bad(&e.to_string()))?;
-                let stream = connector.connect(name, tcp).await?;
+                let (host, port) = host_port(&uri)?;
+                let tcp = open_tcp(&host, port).await?;
+                let stream = tls_handshake(&connector, host, tcp).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
             }
         },
     )))
+}
+
+/// The host (without IPv6 brackets) and port of a peer URL; the port defaults to the scheme's.
+fn host_port(uri: &tonic::codegen::http::Uri) -> io::Result<(String, u16)> {
+    let bad = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("peer URL {uri}: {what}"),
+        )
+    };
+    let host = uri.host().ok_or_else(|| bad("no host"))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = match (uri.port_u16(), uri.scheme_str()) {
+        (Some(port), _) => port,
+        (None, Some("https")) => 443,
+        (None, _) => 80,
+    };
+    Ok((host, port))
+}
+
+/// A TCP connection to `host:port`, within [`CONNECT_TIMEOUT`], without Nagle's delay.
+async fn open_tcp(host: &str, port: u16) -> io::Result<tokio::net::TcpStream> {
+    let tcp = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect((host, port)),
+    )
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting to a peer timed out"))??;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// rustls' handshake with the peer `host` over `tcp`.
+async fn tls_handshake(
+    connector: &tokio_rustls::TlsConnector,
+    host: String,
+    tcp: tokio::net::TcpStream,
+) -> io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    connector.connect(name, tcp).await
+}
+
+/// A connection to a peer: TCP, or TLS over it.
+trait PeerIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> PeerIo for T {}
+
+/// A connection for a raft stream to the peer at `url` (TLS for `https://`, with `tls`), with
+/// TCP keep-alive.
+async fn dial(url: &str, tls: Option<&PeerTls>) -> io::Result<Box<dyn PeerIo>> {
+    let uri: tonic::codegen::http::Uri = url.parse().map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad peer URL {url:?}: {e}"),
+        )
+    })?;
+    let (host, port) = host_port(&uri)?;
+    let tcp = open_tcp(&host, port).await?;
+    let socket = socket2::SockRef::from(&tcp);
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL),
+    )?;
+    socket.set_tcp_user_timeout(Some(UNACKED_TIMEOUT))?;
+    if uri.scheme_str() != Some("https") {
+        return Ok(Box::new(tcp));
+    }
+    let config = tls.cloned().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("peer URL {url} is https:// but no peer TLS was configured"),
+        )
+    })?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    Ok(Box::new(tls_handshake(&connector, host, tcp).await?))
 }
 
 /// How long connecting to a peer may take.
@@ -448,10 +524,12 @@ impl<O: Send + 'static> PeerNetwork<O> {
     }
 
     /// Sends batches to member `to` over one long-lived stream until the network is dropped;
-    /// opens a new stream after a failure.
+    /// opens a new stream after a failure. The stream is a raft stream ([`stream`]), or the
+    /// gRPC `Raft` call for a member that does not answer one.
     async fn run_sender(self, to: u64, mut rx: mpsc::Receiver<Message>) {
         let mut last_warning: Option<Instant> = None;
         let sent_bytes = metrics::counter!("etcd_network_peer_sent_bytes_total", "To" => hex(to));
+        let mut grpc_until: Option<Instant> = None;
         loop {
             // Wait for something to send before connecting.
             let Some(first) = rx.recv().await else {
@@ -463,36 +541,26 @@ impl<O: Send + 'static> PeerNetwork<O> {
                 tokio::time::sleep(RETRY_PAUSE).await;
                 continue;
             };
-            let mut peer = match channel_to(&url, self.inner.tls.as_ref()) {
-                Ok(channel) => client(channel),
-                Err(status) => {
-                    warn_limited(&mut last_warning, to, status.message());
-                    tokio::time::sleep(RETRY_PAUSE).await;
+            let over_grpc = grpc_until.is_some_and(|until| Instant::now() < until);
+            let ended = if over_grpc {
+                self.grpc_stream(to, &url, first, &mut rx, &sent_bytes)
+                    .await
+            } else {
+                self.raft_stream(to, &url, first, &mut rx, &sent_bytes)
+                    .await
+            };
+            let failure = match ended {
+                StreamEnd::Dropped => return,
+                StreamEnd::Unsupported => {
+                    // The batch written before the answer is lost; raft sends again.
+                    tracing::info!(
+                        to = format_args!("{to:x}"),
+                        "the member does not answer raft streams; sending over gRPC"
+                    );
+                    grpc_until = Some(Instant::now() + GRPC_FALLBACK);
                     continue;
                 }
-            };
-            let (batches, body) = mpsc::channel::<RaftBatch>(STREAM_BATCHES);
-            let mut call = tokio::spawn(async move {
-                peer.raft(tokio_stream::wrappers::ReceiverStream::new(body))
-                    .await
-            });
-            let mut next = Some(first);
-            let failure = loop {
-                let msg = match next.take() {
-                    Some(msg) => msg,
-                    None => tokio::select! {
-                        msg = rx.recv() => match msg {
-                            Some(msg) => msg,
-                            None => return,
-                        },
-                        ended = &mut call => break describe_end(ended),
-                    },
-                };
-                let batch = self.batch(to, msg, &mut rx);
-                sent_bytes.increment(batch.messages.iter().map(|m| m.len() as u64).sum());
-                if batches.send(batch).await.is_err() {
-                    break describe_end((&mut call).await);
-                }
+                StreamEnd::Failed(failure) => failure,
             };
             if failure.contains(REMOVED_MESSAGE) {
                 tracing::warn!(to = format_args!("{to:x}"), "{REMOVED_MESSAGE}");
@@ -506,6 +574,101 @@ impl<O: Send + 'static> PeerNetwork<O> {
             );
             self.report_unreachable(to);
             tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// Sends `first` and what follows to `to` over a raft stream ([`stream`]) until it ends.
+    async fn raft_stream(
+        &self,
+        to: u64,
+        url: &str,
+        first: Message,
+        rx: &mut mpsc::Receiver<Message>,
+        sent_bytes: &metrics::Counter,
+    ) -> StreamEnd {
+        let io = match dial(url, self.inner.tls.as_ref()).await {
+            Ok(io) => io,
+            Err(e) => return StreamEnd::Failed(format!("connecting: {e}")),
+        };
+        let (read, mut write) = tokio::io::split(io);
+        let answer = stream::read_answer(read, CALL_TIMEOUT);
+        tokio::pin!(answer);
+        let mut out = stream::MAGIC.to_vec();
+        let mut next = Some(first);
+        loop {
+            let msg = match next.take() {
+                Some(msg) => msg,
+                None => tokio::select! {
+                    msg = rx.recv() => match msg {
+                        Some(msg) => msg,
+                        None => return StreamEnd::Dropped,
+                    },
+                    end = &mut answer => return end.into(),
+                },
+            };
+            let batch = self.batch(to, msg, rx);
+            sent_bytes.increment(batch.messages.iter().map(|m| m.len() as u64).sum());
+            stream::encode_frame(&batch, &mut out);
+            let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+                write.write_all(&out).await?;
+                write.flush().await
+            })
+            .await;
+            out.clear();
+            match written {
+                Ok(Ok(())) => {}
+                // The peer may have said why before it closed the connection.
+                Ok(Err(e)) => {
+                    return match tokio::time::timeout(RETRY_PAUSE, &mut answer).await {
+                        Ok(end) => end.into(),
+                        Err(_) => StreamEnd::Failed(e.to_string()),
+                    }
+                }
+                Err(_) => {
+                    return StreamEnd::Failed(format!(
+                        "the peer read nothing for {} s",
+                        WRITE_TIMEOUT.as_secs()
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Sends `first` and what follows to `to` over the gRPC `Raft` call until it ends.
+    async fn grpc_stream(
+        &self,
+        to: u64,
+        url: &str,
+        first: Message,
+        rx: &mut mpsc::Receiver<Message>,
+        sent_bytes: &metrics::Counter,
+    ) -> StreamEnd {
+        let mut peer = match channel_to(url, self.inner.tls.as_ref()) {
+            Ok(channel) => client(channel),
+            Err(status) => return StreamEnd::Failed(status.message().to_string()),
+        };
+        let (batches, body) = mpsc::channel::<RaftBatch>(STREAM_BATCHES);
+        let mut call = tokio::spawn(async move {
+            peer.raft(tokio_stream::wrappers::ReceiverStream::new(body))
+                .await
+        });
+        let mut next = Some(first);
+        loop {
+            let msg = match next.take() {
+                Some(msg) => msg,
+                None => tokio::select! {
+                    msg = rx.recv() => match msg {
+                        Some(msg) => msg,
+                        None => return StreamEnd::Dropped,
+                    },
+                    ended = &mut call => return StreamEnd::Failed(describe_end(ended)),
+                },
+            };
+            let batch = self.batch(to, msg, rx);
+            sent_bytes.increment(batch.messages.iter().map(|m| m.len() as u64).sum());
+            if batches.send(batch).await.is_err() {
+                return StreamEnd::Failed(describe_end((&mut call).await));
+            }
         }
     }
 
@@ -611,7 +774,26 @@ impl<O: Send + 'static> PeerNetwork<O> {
     }
 }
 
-/// Why a raft stream ended.
+/// How a stream of batches to a member ended.
+enum StreamEnd {
+    /// The network was dropped: the sender stops.
+    Dropped,
+    /// The member does not answer raft streams: send over gRPC.
+    Unsupported,
+    /// The stream failed or the member refused it; what to log.
+    Failed(String),
+}
+
+impl From<stream::End> for StreamEnd {
+    fn from(end: stream::End) -> Self {
+        match end {
+            stream::End::Unsupported => StreamEnd::Unsupported,
+            stream::End::Failed(failure) => StreamEnd::Failed(failure),
+        }
+    }
+}
+
+/// Why a gRPC raft stream ended.
 fn describe_end(
     ended: Result<Result<Response<PeerAck>, Status>, tokio::task::JoinError>,
 ) -> String {
@@ -707,8 +889,9 @@ pub struct PeerService<O> {
 }
 
 impl<O: Send + 'static> PeerService<O> {
-    /// The service of member `member_id` of cluster `cluster_id`, wrapped for tonic.
-    pub fn server(
+    /// The service of member `member_id` of cluster `cluster_id`: serve its gRPC side with
+    /// [`PeerService::grpc`] on the connections [`PeerService::route`] leaves to it.
+    pub fn new(
         cluster_id: u64,
         member_id: u64,
         node: RaftNode<O>,
@@ -716,8 +899,8 @@ impl<O: Send + 'static> PeerService<O> {
         accepts: MemberCheck,
         leases: Arc<dyn LeaseHandler>,
         confirm_removal: RemovalCheck,
-    ) -> PeerServer<Self> {
-        PeerServer::new(PeerService {
+    ) -> Arc<Self> {
+        Arc::new(PeerService {
             cluster_id,
             member_id,
             node,
@@ -726,8 +909,119 @@ impl<O: Send + 'static> PeerService<O> {
             leases,
             confirm_removal,
         })
-        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES)
+    }
+
+    /// The gRPC side, for tonic.
+    pub fn grpc(self: &Arc<Self>) -> PeerServer<Self> {
+        PeerServer::from_arc(Arc::clone(self))
+            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES)
+    }
+
+    /// Serves the raft streams among the connections `incoming` accepts on the peer port,
+    /// each on a task of its own until the peer closes it or `stop` turns true, and yields the
+    /// other connections (gRPC), unread, for [`PeerService::grpc`].
+    pub fn route<IO>(
+        self: &Arc<Self>,
+        mut incoming: impl Stream<Item = io::Result<IO>> + Unpin + Send + 'static,
+        stop: watch::Receiver<bool>,
+    ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Rewind<IO>>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(64);
+        let service = Arc::clone(self);
+        tokio::spawn(async move {
+            let stopped = {
+                let mut stop = stop.clone();
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }
+            };
+            tokio::pin!(stopped);
+            loop {
+                let io = tokio::select! {
+                    () = &mut stopped => return,
+                    next = incoming.next() => match next {
+                        Some(Ok(io)) => io,
+                        Some(Err(e)) => {
+                            if tx.send(Err(e)).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        None => return,
+                    },
+                };
+                let (service, tx, mut stop) = (Arc::clone(&service), tx.clone(), stop.clone());
+                tokio::spawn(async move {
+                    match stream::accept(io).await {
+                        Ok(Accepted::Raft(io)) => {
+                            let stopped = async move {
+                                let _ = stop.wait_for(|s| *s).await;
+                            };
+                            service.serve_raft_stream(io, stopped).await;
+                        }
+                        Ok(Accepted::Other(io)) => {
+                            let _ = tx.send(Ok(io)).await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "a peer connection showed nothing"),
+                    }
+                });
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+
+    /// Serves one raft stream (its [`stream::MAGIC`] read).
+    async fn serve_raft_stream<IO: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        io: IO,
+        stop: impl Future<Output = ()>,
+    ) {
+        let mut received = None;
+        stream::serve(
+            io,
+            MAX_PEER_MESSAGE_BYTES,
+            |batch| self.receive_batch(batch, &mut received),
+            stop,
+        )
+        .await;
+    }
+
+    /// Steps the messages of one batch into raft, after checking who sent it and to whom;
+    /// `received` caches the byte counter of the stream's sender.
+    fn receive_batch(
+        &self,
+        batch: RaftBatch,
+        received: &mut Option<(u64, metrics::Counter)>,
+    ) -> Result<(), Status> {
+        self.check_cluster(batch.cluster_id)?;
+        let bytes = batch.messages.iter().map(|m| m.len() as u64).sum();
+        match received {
+            Some((from, counter)) if *from == batch.from => counter.increment(bytes),
+            _ => {
+                let counter = metrics::counter!(
+                    "etcd_network_peer_received_bytes_total",
+                    "From" => hex(batch.from)
+                );
+                counter.increment(bytes);
+                *received = Some((batch.from, counter));
+            }
+        }
+        if batch.to != self.member_id {
+            return Err(Status::failed_precondition(format!(
+                "member id mismatch: messages for {:x} reached member {:x}",
+                batch.to, self.member_id
+            )));
+        }
+        if !(self.accepts)(batch.from) {
+            return Err(Status::failed_precondition(REMOVED_MESSAGE));
+        }
+        for bytes in &batch.messages {
+            self.node.step(decode_message(bytes)?);
+        }
+        Ok(())
     }
 
     fn check_cluster(&self, cluster_id: u64) -> Result<(), Status> {
@@ -796,33 +1090,9 @@ impl<O: Send + 'static> Peer for PeerService<O> {
         request: Request<Streaming<RaftBatch>>,
     ) -> Result<Response<PeerAck>, Status> {
         let mut stream = request.into_inner();
-        let mut received: Option<(u64, metrics::Counter)> = None;
+        let mut received = None;
         while let Some(batch) = stream.message().await? {
-            self.check_cluster(batch.cluster_id)?;
-            let bytes = batch.messages.iter().map(|m| m.len() as u64).sum();
-            match &received {
-                Some((from, counter)) if *from == batch.from => counter.increment(bytes),
-                _ => {
-                    let counter = metrics::counter!(
-                        "etcd_network_peer_received_bytes_total",
-                        "From" => hex(batch.from)
-                    );
-                    counter.increment(bytes);
-                    received = Some((batch.from, counter));
-                }
-            }
-            if batch.to != self.member_id {
-                return Err(Status::failed_precondition(format!(
-                    "member id mismatch: messages for {:x} reached member {:x}",
-                    batch.to, self.member_id
-                )));
-            }
-            if !(self.accepts)(batch.from) {
-                return Err(Status::failed_precondition(REMOVED_MESSAGE));
-            }
-            for bytes in &batch.messages {
-                self.node.step(decode_message(bytes)?);
-            }
+            self.receive_batch(batch, &mut received)?;
         }
         Ok(Response::new(PeerAck {}))
     }
@@ -981,5 +1251,195 @@ impl<O: Send + 'static> Peer for PeerService<O> {
         self.check_cluster(req.cluster_id)?;
         self.require_leader()?;
         Ok(self.lease_reply(self.leases.ttl(req.id)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use metastore_proto::metastorepb::{
+        HashKvForward, HashKvForwardResponse, LeaseForward, LeaseForwardResponse, MembersRequest,
+        MembersResponse, ProgressResponse, RemovedNotice, SnapshotChunk,
+    };
+
+    fn heartbeat(to: u64, commit: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        m.from = 1;
+        m.to = to;
+        m.commit = commit;
+        m
+    }
+
+    /// A network of member 1 in cluster 7 whose member 2 is at `url`.
+    fn network(url: String) -> PeerNetwork<()> {
+        PeerNetwork::new(
+            7,
+            1,
+            Arc::new(move |_| vec![url.clone()]),
+            tokio::runtime::Handle::current(),
+            None,
+        )
+    }
+
+    /// The next batch a test server got (a test that hangs is a failure too).
+    async fn next(batches: &mut mpsc::UnboundedReceiver<RaftBatch>) -> RaftBatch {
+        tokio::time::timeout(Duration::from_secs(10), batches.recv())
+            .await
+            .expect("no batch within 10 s")
+            .expect("the test server stopped")
+    }
+
+    /// The commits of the heartbeats in `batches`, checking each batch's addressing.
+    fn commits(batch: &RaftBatch) -> Vec<u64> {
+        assert_eq!((batch.cluster_id, batch.from, batch.to), (7, 1, 2));
+        batch
+            .messages
+            .iter()
+            .map(|m| decode_message(m).expect("a raft message").commit)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn batches_go_over_a_raft_stream_and_a_refusal_is_heard() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (got, mut batches) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let got = got.clone();
+                tokio::spawn(async move {
+                    let Ok(Accepted::Raft(io)) = stream::accept(tcp).await else {
+                        panic!("the sender did not open a raft stream");
+                    };
+                    let receive = move |batch: RaftBatch| {
+                        if batch.messages.len() == 1
+                            && decode_message(&batch.messages[0]).unwrap().commit == 99
+                        {
+                            return Err(Status::failed_precondition(REMOVED_MESSAGE));
+                        }
+                        got.send(batch).unwrap();
+                        Ok(())
+                    };
+                    stream::serve(io, 1 << 20, receive, std::future::pending()).await;
+                });
+            }
+        });
+        let network = network(url);
+        network.send((1..=3).map(|c| heartbeat(2, c)).collect());
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            seen.extend(commits(&next(&mut batches).await));
+        }
+        assert_eq!(seen, [1, 2, 3], "in order, none lost");
+        network.send(vec![heartbeat(2, 4)]);
+        assert_eq!(commits(&next(&mut batches).await), [4], "same stream");
+
+        assert!(!network.removed());
+        network.send(vec![heartbeat(2, 99)]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !network.removed() {
+            assert!(Instant::now() < deadline, "the refusal was not heard");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A member of an earlier version: only the gRPC `Raft` call.
+    struct GrpcOnly(mpsc::UnboundedSender<RaftBatch>);
+
+    fn not_here<T>() -> Result<Response<T>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    #[tonic::async_trait]
+    impl Peer for GrpcOnly {
+        async fn raft(
+            &self,
+            request: Request<Streaming<RaftBatch>>,
+        ) -> Result<Response<PeerAck>, Status> {
+            let mut stream = request.into_inner();
+            while let Some(batch) = stream.message().await? {
+                let _ = self.0.send(batch);
+            }
+            Ok(Response::new(PeerAck {}))
+        }
+        async fn snapshot(
+            &self,
+            _: Request<Streaming<SnapshotChunk>>,
+        ) -> Result<Response<PeerAck>, Status> {
+            not_here()
+        }
+        async fn members(
+            &self,
+            _: Request<MembersRequest>,
+        ) -> Result<Response<MembersResponse>, Status> {
+            not_here()
+        }
+        async fn progress(
+            &self,
+            _: Request<MembersRequest>,
+        ) -> Result<Response<ProgressResponse>, Status> {
+            not_here()
+        }
+        async fn removed(&self, _: Request<RemovedNotice>) -> Result<Response<PeerAck>, Status> {
+            not_here()
+        }
+        async fn hash_kv(
+            &self,
+            _: Request<HashKvForward>,
+        ) -> Result<Response<HashKvForwardResponse>, Status> {
+            not_here()
+        }
+        async fn lease_renew(
+            &self,
+            _: Request<LeaseForward>,
+        ) -> Result<Response<LeaseForwardResponse>, Status> {
+            not_here()
+        }
+        async fn lease_ttl(
+            &self,
+            _: Request<LeaseForward>,
+        ) -> Result<Response<LeaseForwardResponse>, Status> {
+            not_here()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_member_that_speaks_only_grpc_gets_batches_over_grpc() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (got, mut batches) = mpsc::unbounded_channel();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PeerServer::new(GrpcOnly(got)))
+                .serve_with_incoming(incoming),
+        );
+        let network = network(url);
+        // The batch written before the member's answer is lost (raft sends again); keep
+        // sending until one arrives.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut commit = 0;
+        let batch = loop {
+            commit += 1;
+            network.send(vec![heartbeat(2, commit)]);
+            if let Ok(Some(batch)) =
+                tokio::time::timeout(Duration::from_millis(50), batches.recv()).await
+            {
+                break batch;
+            }
+            assert!(Instant::now() < deadline, "nothing arrived over gRPC");
+        };
+        assert!(
+            commits(&batch)[0] > 1,
+            "the first batch went to the raft stream"
+        );
+        network.send(vec![heartbeat(2, 1000)]);
+        let mut later = Vec::new();
+        while !later.contains(&1000) {
+            later.extend(commits(&next(&mut batches).await));
+        }
     }
 }

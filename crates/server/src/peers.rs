@@ -75,7 +75,7 @@ pub fn serve(
     };
     for (addr, listener) in listeners {
         info!(address = %addr, "serving peer traffic");
-        let peer = PeerService::server(
+        let peer = PeerService::new(
             ctx.cluster_id,
             ctx.member_id,
             ctx.raft.clone(),
@@ -99,11 +99,12 @@ pub fn serve(
                 let _ = stop.wait_for(|s| *s).await;
             }
         };
-        let router = tonic::transport::Server::builder().add_service(peer);
+        let router = tonic::transport::Server::builder().add_service(peer.grpc());
+        // Raft streams are served on their own; gRPC connections go on to tonic.
         servers.push(match tls {
             None => {
-                let incoming =
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                let incoming = crate::clients::nodelay_incoming(listener);
+                let incoming = peer.route(Box::pin(incoming), stop.clone());
                 tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
             }
             Some(tls) => {
@@ -112,6 +113,7 @@ pub fn serve(
                     tls.clone(),
                     stop.clone(),
                 );
+                let incoming = peer.route(incoming, stop.clone());
                 tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
             }
         });
