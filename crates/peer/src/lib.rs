@@ -206,9 +206,15 @@ async fn tls_handshake(
 trait PeerIo: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> PeerIo for T {}
 
+/// A connection for a raft stream.
+enum Dialed {
+    Tcp(tokio::net::TcpStream),
+    Tls(Box<dyn PeerIo>),
+}
+
 /// A connection for a raft stream to the peer at `url` (TLS for `https://`, with `tls`), with
 /// TCP keep-alive.
-async fn dial(url: &str, tls: Option<&PeerTls>) -> io::Result<Box<dyn PeerIo>> {
+async fn dial(url: &str, tls: Option<&PeerTls>) -> io::Result<Dialed> {
     let uri: tonic::codegen::http::Uri = url.parse().map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -225,7 +231,7 @@ async fn dial(url: &str, tls: Option<&PeerTls>) -> io::Result<Box<dyn PeerIo>> {
     )?;
     socket.set_tcp_user_timeout(Some(UNACKED_TIMEOUT))?;
     if uri.scheme_str() != Some("https") {
-        return Ok(Box::new(tcp));
+        return Ok(Dialed::Tcp(tcp));
     }
     let config = tls.cloned().ok_or_else(|| {
         io::Error::new(
@@ -234,7 +240,73 @@ async fn dial(url: &str, tls: Option<&PeerTls>) -> io::Result<Box<dyn PeerIo>> {
         )
     })?;
     let connector = tokio_rustls::TlsConnector::from(config);
-    Ok(Box::new(tls_handshake(&connector, host, tcp).await?))
+    Ok(Dialed::Tls(Box::new(
+        tls_handshake(&connector, host, tcp).await?,
+    )))
+}
+
+/// The writing half of a raft stream.
+enum Writer {
+    /// Plain TCP: shared, so that it can be lent to [`Transport::send`] ([`Direct`]).
+    Tcp(Arc<tokio::net::tcp::OwnedWriteHalf>),
+    Tls(tokio::io::WriteHalf<Box<dyn PeerIo>>),
+}
+
+impl Writer {
+    /// The socket to lend, if this stream can be written without the sending task.
+    fn lendable(&self) -> Option<Arc<tokio::net::tcp::OwnedWriteHalf>> {
+        match self {
+            Writer::Tcp(socket) => Some(Arc::clone(socket)),
+            Writer::Tls(_) => None,
+        }
+    }
+
+    async fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Writer::Tcp(socket) => {
+                while !bytes.is_empty() {
+                    socket.writable().await?;
+                    match socket.try_write(bytes) {
+                        Ok(n) => bytes = &bytes[n..],
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+            Writer::Tls(half) => {
+                half.write_all(bytes).await?;
+                half.flush().await
+            }
+        }
+    }
+}
+
+/// What a member's sending task shares with [`Transport::send`].
+struct Link {
+    queue: mpsc::Sender<Message>,
+    direct: Direct,
+    sent_bytes: metrics::Counter,
+}
+
+/// A raft stream's socket, lent to [`Transport::send`] while the sending task waits with nothing
+/// queued: the raft loop then writes its batch to the socket itself (a write that never
+/// blocks), which spares a wake-up of the sending task at each crossing of a ReadIndex round.
+/// Plain TCP streams only (a TLS stream's writes need its task).
+#[derive(Default)]
+struct Direct {
+    state: Mutex<DirectState>,
+    /// Wakes the sending task for [`DirectState::rest`].
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct DirectState {
+    /// The lent socket: whoever holds the lock and finds it here may write one whole frame, or
+    /// leave what it could not write in `rest` and take the socket away.
+    socket: Option<Arc<tokio::net::tcp::OwnedWriteHalf>>,
+    /// The end of a frame a caller could not write whole: the sending task writes it first.
+    rest: Vec<u8>,
 }
 
 /// How long connecting to a peer may take.
@@ -264,7 +336,7 @@ struct Inner<O> {
     member_id: u64,
     node: OnceLock<RaftNode<O>>,
     resolve: UrlResolver,
-    queues: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
+    links: Mutex<HashMap<u64, Arc<Link>>>,
     /// One channel per peer URL for unary calls (lease forwarding, progress, HashKV): a tonic
     /// channel multiplexes calls over one connection and reconnects by itself. Without it every
     /// forwarded lease keep-alive opened a new TCP and HTTP/2 connection to the leader.
@@ -294,7 +366,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
                 node: OnceLock::new(),
                 resolve,
                 channels: Mutex::new(HashMap::new()),
-                queues: Mutex::new(HashMap::new()),
+                links: Mutex::new(HashMap::new()),
                 runtime,
                 tls,
                 removed: AtomicBool::new(false),
@@ -501,20 +573,77 @@ impl<O: Send + 'static> PeerNetwork<O> {
         Ok(channel)
     }
 
-    fn queue_for(&self, to: u64) -> mpsc::Sender<Message> {
-        let mut queues = self.inner.queues.lock();
-        if let Some(tx) = queues.get(&to) {
-            if !tx.is_closed() {
-                return tx.clone();
+    fn link_for(&self, to: u64) -> Arc<Link> {
+        let mut links = self.inner.links.lock();
+        if let Some(link) = links.get(&to) {
+            if !link.queue.is_closed() {
+                return Arc::clone(link);
             }
         }
-        let (tx, rx) = mpsc::channel(QUEUE_LEN);
-        queues.insert(to, tx.clone());
-        let network = self.clone();
+        let (queue, rx) = mpsc::channel(QUEUE_LEN);
+        let link = Arc::new(Link {
+            queue,
+            direct: Direct::default(),
+            sent_bytes: metrics::counter!("etcd_network_peer_sent_bytes_total", "To" => hex(to)),
+        });
+        links.insert(to, Arc::clone(&link));
+        let (network, task_link) = (self.clone(), Arc::clone(&link));
         self.inner
             .runtime
-            .spawn(async move { network.run_sender(to, rx).await });
-        tx
+            .spawn(async move { network.run_sender(to, rx, task_link).await });
+        link
+    }
+
+    /// Sends `messages` (all to `to`, in order): written to the lent socket when the sending
+    /// task lends it, queued for the task otherwise.
+    fn send_to(&self, to: u64, messages: Vec<Message>) {
+        let link = self.link_for(to);
+        let mut state = link.direct.state.lock();
+        let Some(socket) = state.socket.clone() else {
+            // Queued under the lock, so the task cannot lend the socket between this check and
+            // the queueing (a later batch written directly would pass these).
+            for msg in messages {
+                if link.queue.try_send(msg).is_err() {
+                    sent_failure(to);
+                    self.report_unreachable(to);
+                }
+            }
+            return;
+        };
+        let batch = self.batch_of(to, messages);
+        link.sent_bytes
+            .increment(batch.messages.iter().map(|m| m.len() as u64).sum());
+        let mut frame = Vec::new();
+        stream::encode_frame(&batch, &mut frame);
+        let written = match socket.try_write(&frame) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            // The stream broke: the task hears it from the reading half. The batch is lost, as
+            // on a broken stream anyway; raft sends again.
+            Err(_) => {
+                state.socket = None;
+                link.direct.wake.notify_one();
+                return;
+            }
+        };
+        if written < frame.len() {
+            state.socket = None;
+            state.rest = frame.split_off(written);
+            link.direct.wake.notify_one();
+        }
+    }
+
+    /// A batch of `messages` to `to`.
+    fn batch_of(&self, to: u64, messages: Vec<Message>) -> RaftBatch {
+        RaftBatch {
+            cluster_id: self.inner.cluster_id,
+            from: self.inner.member_id,
+            to,
+            messages: messages
+                .iter()
+                .filter_map(|m| m.write_to_bytes().ok())
+                .collect(),
+        }
     }
 
     fn report_unreachable(&self, to: u64) {
@@ -526,9 +655,8 @@ impl<O: Send + 'static> PeerNetwork<O> {
     /// Sends batches to member `to` over one long-lived stream until the network is dropped;
     /// opens a new stream after a failure. The stream is a raft stream ([`stream`]), or the
     /// gRPC `Raft` call for a member that does not answer one.
-    async fn run_sender(self, to: u64, mut rx: mpsc::Receiver<Message>) {
+    async fn run_sender(self, to: u64, mut rx: mpsc::Receiver<Message>, link: Arc<Link>) {
         let mut last_warning: Option<Instant> = None;
-        let sent_bytes = metrics::counter!("etcd_network_peer_sent_bytes_total", "To" => hex(to));
         let mut grpc_until: Option<Instant> = None;
         loop {
             // Wait for something to send before connecting.
@@ -543,11 +671,10 @@ impl<O: Send + 'static> PeerNetwork<O> {
             };
             let over_grpc = grpc_until.is_some_and(|until| Instant::now() < until);
             let ended = if over_grpc {
-                self.grpc_stream(to, &url, first, &mut rx, &sent_bytes)
+                self.grpc_stream(to, &url, first, &mut rx, &link.sent_bytes)
                     .await
             } else {
-                self.raft_stream(to, &url, first, &mut rx, &sent_bytes)
-                    .await
+                self.raft_stream(to, &url, first, &mut rx, &link).await
             };
             let failure = match ended {
                 StreamEnd::Dropped => return,
@@ -577,61 +704,91 @@ impl<O: Send + 'static> PeerNetwork<O> {
         }
     }
 
-    /// Sends `first` and what follows to `to` over a raft stream ([`stream`]) until it ends.
+    /// Sends `first` and what follows to `to` over a raft stream ([`stream`]) until it ends,
+    /// lending its socket to [`Transport::send`] whenever nothing is queued ([`Direct`]).
     async fn raft_stream(
         &self,
         to: u64,
         url: &str,
         first: Message,
         rx: &mut mpsc::Receiver<Message>,
-        sent_bytes: &metrics::Counter,
+        link: &Link,
     ) -> StreamEnd {
-        let io = match dial(url, self.inner.tls.as_ref()).await {
-            Ok(io) => io,
-            Err(e) => return StreamEnd::Failed(format!("connecting: {e}")),
-        };
-        let (read, mut write) = tokio::io::split(io);
+        let (read, mut writer): (Box<dyn AsyncRead + Send + Unpin>, Writer) =
+            match dial(url, self.inner.tls.as_ref()).await {
+                Ok(Dialed::Tcp(tcp)) => {
+                    let (read, write) = tcp.into_split();
+                    (Box::new(read), Writer::Tcp(Arc::new(write)))
+                }
+                Ok(Dialed::Tls(io)) => {
+                    let (read, write) = tokio::io::split(io);
+                    (Box::new(read), Writer::Tls(write))
+                }
+                Err(e) => return StreamEnd::Failed(format!("connecting: {e}")),
+            };
         let answer = stream::read_answer(read, CALL_TIMEOUT);
         tokio::pin!(answer);
         let mut out = stream::MAGIC.to_vec();
         let mut next = Some(first);
-        loop {
+        let end = loop {
             let msg = match next.take() {
-                Some(msg) => msg,
-                None => tokio::select! {
-                    msg = rx.recv() => match msg {
-                        Some(msg) => msg,
-                        None => return StreamEnd::Dropped,
-                    },
-                    end = &mut answer => return end.into(),
-                },
+                Some(msg) => Some(msg),
+                None => {
+                    {
+                        let mut state = link.direct.state.lock();
+                        if state.rest.is_empty() && rx.is_empty() {
+                            state.socket = writer.lendable();
+                        }
+                    }
+                    tokio::select! {
+                        msg = rx.recv() => match msg {
+                            Some(msg) => Some(msg),
+                            None => break StreamEnd::Dropped,
+                        },
+                        () = link.direct.wake.notified() => None,
+                        end = &mut answer => break end.into(),
+                    }
+                }
             };
-            let batch = self.batch(to, msg, rx);
-            sent_bytes.increment(batch.messages.iter().map(|m| m.len() as u64).sum());
-            stream::encode_frame(&batch, &mut out);
-            let written = tokio::time::timeout(WRITE_TIMEOUT, async {
-                write.write_all(&out).await?;
-                write.flush().await
-            })
-            .await;
+            {
+                // Take the socket back; the end of a frame a caller left goes first.
+                let mut state = link.direct.state.lock();
+                state.socket = None;
+                out.append(&mut state.rest);
+            }
+            if let Some(msg) = msg {
+                let batch = self.batch(to, msg, rx);
+                link.sent_bytes
+                    .increment(batch.messages.iter().map(|m| m.len() as u64).sum());
+                stream::encode_frame(&batch, &mut out);
+            }
+            if out.is_empty() {
+                continue;
+            }
+            let written = tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&out)).await;
             out.clear();
             match written {
                 Ok(Ok(())) => {}
                 // The peer may have said why before it closed the connection.
                 Ok(Err(e)) => {
-                    return match tokio::time::timeout(RETRY_PAUSE, &mut answer).await {
+                    break match tokio::time::timeout(RETRY_PAUSE, &mut answer).await {
                         Ok(end) => end.into(),
                         Err(_) => StreamEnd::Failed(e.to_string()),
                     }
                 }
                 Err(_) => {
-                    return StreamEnd::Failed(format!(
+                    break StreamEnd::Failed(format!(
                         "the peer read nothing for {} s",
                         WRITE_TIMEOUT.as_secs()
                     ))
                 }
             }
-        }
+        };
+        // Nothing lent or half written outlives the connection.
+        let mut state = link.direct.state.lock();
+        state.socket = None;
+        state.rest.clear();
+        end
     }
 
     /// Sends `first` and what follows to `to` over the gRPC `Raft` call until it ends.
@@ -824,25 +981,20 @@ fn warn_limited(last: &mut Option<Instant>, to: u64, what: &str) {
 
 impl<O: Send + 'static> Transport for PeerNetwork<O> {
     fn send(&self, messages: Vec<Message>) {
-        let mut current: Option<(u64, mpsc::Sender<Message>)> = None;
+        // Each member's messages, in their order.
+        let mut by_member: Vec<(u64, Vec<Message>)> = Vec::new();
         for msg in messages {
             if msg.get_msg_type() == MessageType::MsgSnapshot {
                 self.send_snapshot(msg);
                 continue;
             }
-            let to = msg.to;
-            let tx = match &current {
-                Some((id, tx)) if *id == to => tx.clone(),
-                _ => {
-                    let tx = self.queue_for(to);
-                    current = Some((to, tx.clone()));
-                    tx
-                }
-            };
-            if tx.try_send(msg).is_err() {
-                sent_failure(to);
-                self.report_unreachable(to);
+            match by_member.iter_mut().find(|(to, _)| *to == msg.to) {
+                Some((_, queued)) => queued.push(msg),
+                None => by_member.push((msg.to, vec![msg])),
             }
+        }
+        for (to, messages) in by_member {
+            self.send_to(to, messages);
         }
     }
 }
@@ -1344,6 +1496,54 @@ mod tests {
             assert!(Instant::now() < deadline, "the refusal was not heard");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn batches_the_socket_cannot_take_whole_arrive_whole_and_in_order() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (got, mut batches) = mpsc::unbounded_channel();
+        let (go, reading) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            // Read nothing until the sender has filled the socket's buffers.
+            reading.await.unwrap();
+            let Ok(Accepted::Raft(io)) = stream::accept(tcp).await else {
+                panic!("the sender did not open a raft stream");
+            };
+            let receive = move |batch: RaftBatch| {
+                got.send(batch).unwrap();
+                Ok(())
+            };
+            stream::serve(io, 64 << 20, receive, std::future::pending()).await;
+        });
+        let network = network(url);
+        // The first batch opens the stream; the socket is lent once it is written.
+        network.send(vec![heartbeat(2, 1)]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // 50 MiB, one message per call: far more than loopback buffers take, so writes to the
+        // lent socket end part-way and the rest goes through the task.
+        let big = 400;
+        for commit in 2..=big {
+            let mut m = heartbeat(2, commit);
+            m.context = vec![commit as u8; 128 * 1024].into();
+            network.send(vec![m]);
+            tokio::task::yield_now().await;
+        }
+        go.send(()).unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < big as usize {
+            let batch = next(&mut batches).await;
+            for m in &batch.messages {
+                let m = decode_message(m).expect("whole frames only");
+                if m.commit > 1 {
+                    assert!(m.context.iter().all(|b| *b == m.commit as u8));
+                    assert_eq!(m.context.len(), 128 * 1024);
+                }
+                seen.push(m.commit);
+            }
+        }
+        assert_eq!(seen, (1..=big).collect::<Vec<_>>(), "in order, none lost");
     }
 
     /// A member of an earlier version: only the gRPC `Raft` call.
