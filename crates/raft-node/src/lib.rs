@@ -65,6 +65,11 @@ pub trait StateMachine: Send + 'static {
     /// An entry with no payload (a new leader's no-op) was committed at `index`.
     fn apply_noop(&mut self, index: u64, term: u64);
 
+    /// The loop applied the committed entries of one round (one or more calls above), before it
+    /// answers their proposers: for work worth doing once per batch rather than per entry, such
+    /// as waking a thread that hands the new events to watchers.
+    fn applied_batch(&mut self) {}
+
     /// For a state machine that keeps its state on disk: the work that makes everything applied
     /// so far durable, which the loop runs on another thread while it goes on applying. A
     /// periodic snapshot is then only a marker in the WAL, recorded once the work is done, and

@@ -29,6 +29,8 @@ struct Applied {
     log: Vec<(u64, Vec<u8>)>,
     /// Indexes of restored snapshots.
     restores: Vec<u64>,
+    /// The length of `log` at each `applied_batch` call.
+    batch_ends: Vec<usize>,
 }
 
 /// An append-only log of payloads: volatile, or `durable` (its state outlives a restart when
@@ -141,6 +143,12 @@ impl StateMachine for LogMachine {
     }
 
     fn apply_noop(&mut self, _index: u64, _term: u64) {}
+
+    fn applied_batch(&mut self) {
+        let mut applied = self.applied.lock().unwrap();
+        let len = applied.log.len();
+        applied.batch_ends.push(len);
+    }
 
     /// Membership changes are not logged; the output is the outcome, rendered.
     fn apply_membership(
@@ -458,6 +466,47 @@ async fn concurrent_proposals_each_get_their_own_output_in_log_order() {
     assert!(status.term >= 1);
     assert!(status.applied_index >= log.last().unwrap().0);
     assert!(status.committed_index >= status.applied_index);
+    node.shutdown();
+}
+
+/// `applied_batch` closes every apply round before its proposers hear back, so whatever it
+/// does for the batch (the KV state machine wakes the watch dispatcher) is done by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_apply_round_ends_with_applied_batch_before_its_proposers_are_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sm, node) = start_alone(dir.path());
+    assert_eq!(node.wait_leader(Duration::from_secs(1)).await.unwrap(), 1);
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let (node, sm) = (node.clone(), sm.clone());
+            tokio::spawn(async move {
+                let payload = format!("p-{i}").into_bytes();
+                node.propose(payload.clone())
+                    .await
+                    .expect("proposal failed");
+                let applied = sm.applied.lock().unwrap();
+                let position = applied
+                    .log
+                    .iter()
+                    .position(|(_, p)| *p == payload)
+                    .expect("applied");
+                assert!(
+                    applied.batch_ends.iter().any(|end| *end > position),
+                    "proposal {i} answered before its round's applied_batch"
+                );
+            })
+        })
+        .collect();
+    for task in tasks {
+        bounded("a proposal", task).await.unwrap();
+    }
+    let applied = sm.applied.lock().unwrap();
+    assert_eq!(
+        applied.batch_ends.last(),
+        Some(&100),
+        "the last round closed"
+    );
+    drop(applied);
     node.shutdown();
 }
 

@@ -368,7 +368,8 @@ impl KvStateMachine {
     /// Keeps lease attachments in step with the key space and hands the events to watchers.
     fn publish(&self, applied: &Applied) {
         self.lessor.apply_events(&applied.events);
-        self.watch.notify(applied.revision, &applied.events);
+        // The dispatcher is woken once per applied batch (`applied_batch`).
+        self.watch.queue(applied.revision, &applied.events);
     }
 
     /// etcd's auth applier: a client's request is checked against the auth store as of this
@@ -560,6 +561,10 @@ impl StateMachine for KvStateMachine {
             }
         }
         result
+    }
+
+    fn applied_batch(&mut self) {
+        self.watch.wake();
     }
 
     fn recovered(&mut self, last_index: u64) {

@@ -59,6 +59,15 @@ impl WatchHub {
     /// and wakes the dispatcher thread, which hands them to the watchers: the apply path never
     /// waits for the hub's lock, a client, or work per watcher (only for copying the events).
     pub fn notify(&self, revision: i64, events: &[Event]) {
+        self.queue(revision, events);
+        self.wake();
+    }
+
+    /// [`WatchHub::notify`] without the wake-up, for an apply path that applies revisions in
+    /// batches and calls [`WatchHub::wake`] once after each batch: one wake-up per revision
+    /// cost a context switch per write even with no watcher at all. (The dispatcher also looks
+    /// every 100 ms on its own, so a missed wake-up delays events, never loses them.)
+    pub fn queue(&self, revision: i64, events: &[Event]) {
         let mut queue = self.queue.lock();
         if revision <= queue.notified_rev {
             return;
@@ -82,10 +91,22 @@ impl WatchHub {
             queue.bytes += bytes;
         }
         drop(queue);
-        self.wake_dispatcher();
+        self.unwoken.store(true, Ordering::Release);
+        // Started here, not at the first wake-up, so that its periodic look covers a caller
+        // that never wakes it.
+        self.dispatcher.get_or_init(|| self.spawn_dispatcher());
+    }
+
+    /// Wakes the dispatcher for what [`WatchHub::queue`] left since it was last woken.
+    pub fn wake(&self) {
+        if self.unwoken.swap(false, Ordering::AcqRel) {
+            self.wake_dispatcher();
+        }
     }
 
     pub(crate) fn wake_dispatcher(&self) {
+        #[cfg(test)]
+        self.wakeups.fetch_add(1, Ordering::SeqCst);
         match self.dispatcher.get_or_init(|| self.spawn_dispatcher()) {
             Some(thread) => thread.unpark(),
             None => self.dispatch_pending(false),

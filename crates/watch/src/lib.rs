@@ -6,11 +6,12 @@
 //! mvcc's history; the cancellation of watchers whose start revision was compacted; progress
 //! notifications; and fragmentation of large responses.
 //!
-//! Threads. The apply path (the raft loop) calls [`WatchHub::notify`], which only appends the
-//! revision's events to a bounded queue behind its own small lock and wakes the *dispatcher*
-//! thread (`watch-dispatch`, started by the first `notify`): `notify` never takes the hub's
-//! lock, never waits on a client, and does no work per watcher (only a snapshot restore's
-//! [`WatchHub::reset`] takes the hub's lock on the apply path). The dispatcher hands each
+//! Threads. The apply path (the raft loop) calls [`WatchHub::queue`] for each revision, which
+//! only appends its events to a bounded queue behind its own small lock, and
+//! [`WatchHub::wake`] once per applied batch, which wakes the *dispatcher* thread
+//! (`watch-dispatch`, started by the first `queue`; [`WatchHub::notify`] does both): neither
+//! takes the hub's lock, waits on a client, or does work per watcher (only a snapshot
+//! restore's [`WatchHub::reset`] takes the hub's lock on the apply path). The dispatcher hands each
 //! queued revision to the synced watchers; the *catch-up* thread (`watch-sync`,
 //! [`WatchHub::start_sync_thread`]) serves the unsynced ones from history, one read per round
 //! shared by all of them. The gRPC tasks create and cancel watchers and ask for progress,
@@ -178,9 +179,11 @@ pub struct WatchHub {
     queue: Mutex<Queue>,
     max_response_bytes: AtomicUsize,
     sync_thread: OnceLock<Thread>,
-    /// The dispatcher thread, started by the first [`WatchHub::notify`]; `None` if it could not
-    /// be started (then `notify` dispatches itself).
+    /// The dispatcher thread, started by the first [`WatchHub::queue`]; `None` if it could not
+    /// be started (then `wake` dispatches itself).
     dispatcher: OnceLock<Option<Thread>>,
+    /// Revisions were queued by [`WatchHub::queue`] since the dispatcher was last woken.
+    unwoken: std::sync::atomic::AtomicBool,
     /// Async tasks pass this gate (one at a time) before they take `inner`, so that at most one
     /// of them waits for the lock in a blocking thread (`lock_from_task`); the others wait
     /// here without holding a thread.
@@ -189,6 +192,9 @@ pub struct WatchHub {
     /// Tests hold the dispatcher thread back to look at queued-but-undelivered states.
     #[cfg(test)]
     dispatch_paused: std::sync::atomic::AtomicBool,
+    /// How many times the dispatcher was woken (tests count wake-ups).
+    #[cfg(test)]
+    wakeups: std::sync::atomic::AtomicU64,
 }
 
 impl WatchHub {
@@ -207,9 +213,12 @@ impl WatchHub {
                 overflows: 0,
             }),
             dispatcher: OnceLock::new(),
+            unwoken: std::sync::atomic::AtomicBool::new(false),
             me: me.clone(),
             #[cfg(test)]
             dispatch_paused: Default::default(),
+            #[cfg(test)]
+            wakeups: Default::default(),
             inner: Mutex::new(HubInner {
                 dispatched_rev: notified_rev,
                 next_stream_id: 0,

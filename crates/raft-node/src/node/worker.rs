@@ -591,6 +591,7 @@ impl<S: StateMachine> Worker<S> {
             }
             self.applied_index = entry.index;
         }
+        self.sm.applied_batch();
         {
             let mut status = self.status.lock();
             status.applied_index = self.applied_index;

@@ -24,6 +24,38 @@ async fn notify_only_queues_and_the_dispatcher_thread_delivers() {
     assert_eq!(hub.stats().queued_revisions, 0);
 }
 
+/// What the KV state machine does: `queue` per applied revision, `wake` once per applied batch.
+#[tokio::test]
+async fn queue_wakes_nobody_and_one_wake_delivers_the_whole_batch() {
+    let (store, hub) = setup();
+    let (stream, mut rx) = hub.open_stream();
+    let id = watch(&stream, &mut rx, single("k")).await;
+    let woken = || hub.wakeups.load(std::sync::atomic::Ordering::SeqCst);
+    let before = woken();
+    for value in ["a", "b", "c", "d", "e"] {
+        let applied = store
+            .apply_write(
+                WriteRequest::Put(PutRequest {
+                    key: "k".into(),
+                    value: value.into(),
+                    ..Default::default()
+                }),
+                &|_| false,
+                0,
+                WriteBatch::new(),
+            )
+            .unwrap();
+        hub.queue(applied.revision, &applied.events);
+    }
+    assert_eq!(woken(), before, "queue woke the dispatcher");
+    hub.wake();
+    assert_eq!(woken(), before + 1, "one wake-up for the batch");
+    let seen = collect(&mut rx, 5).await;
+    assert_eq!(revisions_of(&seen, id), vec![2, 3, 4, 5, 6]);
+    hub.wake();
+    assert_eq!(woken(), before + 1, "nothing queued: no wake-up");
+}
+
 #[tokio::test]
 async fn progress_never_claims_a_queued_revision_and_new_watchers_start_where_they_ask() {
     let (store, hub) = setup();
