@@ -610,9 +610,11 @@ impl<O: Send + 'static> PeerNetwork<O> {
             }
             return;
         };
-        let batch = self.batch_of(to, messages);
-        link.sent_bytes
-            .increment(batch.messages.iter().map(|m| m.len() as u64).sum());
+        let encoded = messages
+            .iter()
+            .filter_map(|m| m.write_to_bytes().ok())
+            .collect();
+        let batch = self.batch_of(to, encoded, &link.sent_bytes);
         let mut frame = Vec::new();
         stream::encode_frame(&batch, &mut frame);
         let written = match socket.try_write(&frame) {
@@ -633,16 +635,14 @@ impl<O: Send + 'static> PeerNetwork<O> {
         }
     }
 
-    /// A batch of `messages` to `to`.
-    fn batch_of(&self, to: u64, messages: Vec<Message>) -> RaftBatch {
+    /// A batch of encoded `messages` to `to`, counted in `sent` (bytes sent to the member).
+    fn batch_of(&self, to: u64, messages: Vec<Vec<u8>>, sent: &metrics::Counter) -> RaftBatch {
+        sent.increment(messages.iter().map(|m| m.len() as u64).sum());
         RaftBatch {
             cluster_id: self.inner.cluster_id,
             from: self.inner.member_id,
             to,
-            messages: messages
-                .iter()
-                .filter_map(|m| m.write_to_bytes().ok())
-                .collect(),
+            messages,
         }
     }
 
@@ -757,9 +757,7 @@ impl<O: Send + 'static> PeerNetwork<O> {
                 out.append(&mut state.rest);
             }
             if let Some(msg) = msg {
-                let batch = self.batch(to, msg, rx);
-                link.sent_bytes
-                    .increment(batch.messages.iter().map(|m| m.len() as u64).sum());
+                let batch = self.batch(to, msg, rx, &link.sent_bytes);
                 stream::encode_frame(&batch, &mut out);
             }
             if out.is_empty() {
@@ -821,34 +819,34 @@ impl<O: Send + 'static> PeerNetwork<O> {
                     ended = &mut call => return StreamEnd::Failed(describe_end(ended)),
                 },
             };
-            let batch = self.batch(to, msg, rx);
-            sent_bytes.increment(batch.messages.iter().map(|m| m.len() as u64).sum());
+            let batch = self.batch(to, msg, rx, sent_bytes);
             if batches.send(batch).await.is_err() {
                 return StreamEnd::Failed(describe_end((&mut call).await));
             }
         }
     }
 
-    /// `first` and whatever else is queued for `to`, up to the batch size.
-    fn batch(&self, to: u64, first: Message, rx: &mut mpsc::Receiver<Message>) -> RaftBatch {
-        let mut bytes = first.compute_size() as usize;
+    /// `first` and whatever else is queued for `to`, up to the batch size, counted in `sent`.
+    fn batch(
+        &self,
+        to: u64,
+        first: Message,
+        rx: &mut mpsc::Receiver<Message>,
+        sent: &metrics::Counter,
+    ) -> RaftBatch {
+        let mut bytes = 0;
         let mut messages = Vec::new();
-        messages.extend(first.write_to_bytes().ok());
-        while bytes < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(msg) => {
-                    bytes += msg.compute_size() as usize;
-                    messages.extend(msg.write_to_bytes().ok());
-                }
-                Err(_) => break,
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            if let Ok(encoded) = msg.write_to_bytes() {
+                bytes += encoded.len();
+                messages.push(encoded);
+            }
+            if bytes < MAX_BATCH_BYTES {
+                next = rx.try_recv().ok();
             }
         }
-        RaftBatch {
-            cluster_id: self.inner.cluster_id,
-            from: self.inner.member_id,
-            to,
-            messages,
-        }
+        self.batch_of(to, messages, sent)
     }
 
     /// Streams the snapshot file `msg` refers to, then reports the outcome to raft.
