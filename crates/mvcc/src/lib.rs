@@ -28,6 +28,7 @@ mod hash;
 mod key_index;
 mod leaf_map;
 mod metrics;
+mod rebuild;
 mod revision;
 mod store;
 mod txn;

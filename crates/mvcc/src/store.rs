@@ -18,6 +18,7 @@ use crate::compactor::{self, CompactionConfig, Compactor, Job};
 use crate::hash::{HashKv, KvHasher};
 use crate::key_index::{Index, KeyRange};
 use crate::metrics::OpCounts;
+use crate::rebuild::{rebuild_index, Rebuilt};
 use crate::revision::{main_prefix, Revision};
 use crate::txn::{
     decode_kv, fetch, fetch_encoded, finish_range, is_txn_read_only, plan_range, select,
@@ -189,29 +190,22 @@ impl Store {
         let resume = scheduled.filter(|s| *s > finished);
         let compact_rev = resume.unwrap_or(finished);
 
-        let mut index = Index::default();
-        let mut leased = HashMap::new();
-        let mut current_rev = 1;
-        let mut failure = None;
-        view.scan(
-            KEY_BUCKET,
-            ScanRange::all(),
-            &mut |k, v| match restore_revision(&mut index, &mut leased, k, v) {
-                Ok(main) => {
-                    current_rev = main;
-                    Visit::Continue
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    Visit::Stop
-                }
-            },
-        )?;
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        current_rev = current_rev.max(compact_rev).max(scheduled.unwrap_or(0));
+        let started = std::time::Instant::now();
+        let Rebuilt {
+            index,
+            leased,
+            last_revision,
+            revisions,
+        } = rebuild_index(&*view)?;
+        let current_rev = last_revision.max(compact_rev).max(scheduled.unwrap_or(0));
         drop(view);
+        tracing::info!(
+            live_keys = index.live_keys(),
+            revisions,
+            current_revision = current_rev,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "rebuilt the key index"
+        );
 
         let store = Store {
             inner: Arc::new(Inner {
@@ -738,31 +732,6 @@ pub(crate) const MAX_REVISION: i64 = 1 << 62;
 /// Replays one stored revision into the index, and keeps `leased` (each live key's lease) up to
 /// date: the key bucket is read in revision order, so the last record of a key decides. Returns
 /// the revision's main revision.
-fn restore_revision(
-    index: &mut Index,
-    leased: &mut HashMap<Vec<u8>, i64>,
-    k: &[u8],
-    v: &[u8],
-) -> Result<i64, MvccError> {
-    let (rev, tombstone) = Revision::from_key(k).ok_or_else(|| bad_revision_key(k))?;
-    if !(0..=MAX_REVISION).contains(&rev.main) || rev.sub < 0 {
-        return Err(MvccError::Corrupt(format!(
-            "key bucket: revision {}_{} is out of range (0 to {MAX_REVISION})",
-            rev.main, rev.sub
-        )));
-    }
-    let kv = decode_kv(v)?;
-    index.restore(&kv.key, rev, tombstone, kv.create_revision, kv.version)?;
-    if tombstone || kv.lease == 0 {
-        if !leased.is_empty() {
-            leased.remove(&kv.key);
-        }
-    } else {
-        leased.insert(kv.key, kv.lease);
-    }
-    Ok(rev.main)
-}
-
 fn read_compact_mark(view: &dyn ReadView, name: &[u8]) -> Result<Option<i64>, MvccError> {
     match view.get(META_BUCKET, name)? {
         None => Ok(None),

@@ -234,3 +234,101 @@ fn revisions_out_of_range_are_refused_at_open() {
     let store = Store::open(h.backend.clone()).expect("opens");
     assert_eq!(store.compact_revision(), crate::store::MAX_REVISION);
 }
+
+/// Reopening reads the key bucket on one thread and builds the index on another, in batches of
+/// a few thousand revisions: a history spanning several batches reopens to the same state, and a
+/// bad revision in a later batch is refused whichever side meets it.
+#[test]
+fn reopen_across_many_batches_rebuilds_the_same_state() {
+    let mut h = Harness::new();
+    for i in 0..12_000u32 {
+        let key = format!("k{:05}", (i * 7919) % 3_001);
+        match i % 13 {
+            0 => {
+                h.del(&key, "");
+            }
+            1 | 2 => {
+                h.apply(WriteRequest::Put(PutRequest {
+                    lease: 7 + i64::from(i % 2),
+                    ..put_req(&key, "leased")
+                }))
+                .expect("put with a lease");
+            }
+            _ => {
+                h.put(&key, &i.to_string());
+            }
+        }
+        if i == 6_000 {
+            h.compact(3_000).unwrap();
+        }
+    }
+    let all = |rev| RangeRequest {
+        key: b"\0".to_vec(),
+        range_end: vec![0],
+        revision: rev,
+        ..Default::default()
+    };
+    let store = h.reopen();
+    assert_eq!(store.current_revision(), h.store.current_revision());
+    assert_eq!(store.live_keys(), h.store.live_keys());
+    for rev in [3_000, 5_000, 9_999, 0] {
+        assert_eq!(
+            store.range(&all(rev)).unwrap(),
+            h.store.range(&all(rev)).unwrap(),
+            "at {rev}"
+        );
+    }
+    assert_eq!(store.hash_kv(0).unwrap(), h.store.hash_kv(0).unwrap());
+    let mut leased = store.take_leased_keys();
+    leased.sort();
+    let expected: Vec<_> = h
+        .store
+        .range(&all(0))
+        .unwrap()
+        .kvs
+        .into_iter()
+        .filter(|kv| kv.lease != 0)
+        .map(|kv| (kv.key, kv.lease))
+        .collect();
+    assert!(expected.len() > 100, "{} leased keys", expected.len());
+    assert_eq!(leased, expected);
+
+    // A revision stored twice (as a put, then as a tombstone) is refused by the builder; an
+    // undecodable value by the reader. Both come far past the first batch.
+    let next = h.store.current_revision() + 1;
+    let stored = KeyValue {
+        key: b"k00001".to_vec(),
+        create_revision: next,
+        mod_revision: next,
+        version: 1,
+        ..Default::default()
+    };
+    for (tombstone, value, expected) in [
+        (true, stored.encode_to_vec(), "does not follow"),
+        (false, vec![0x0a, 0x05, b'k'], "undecodable KeyValue"),
+    ] {
+        let h2 = Harness::new();
+        let mut copy = WriteBatch::new();
+        for (k, v) in h
+            .backend
+            .snapshot()
+            .unwrap()
+            .collect("key", ScanRange::all())
+            .unwrap()
+        {
+            copy.put("key", k, v);
+        }
+        copy.put(
+            "key",
+            Revision::new(next, 0).to_key(false),
+            stored.encode_to_vec(),
+        );
+        copy.put("key", Revision::new(next, 0).to_key(tombstone), value);
+        h2.backend.write(copy).unwrap();
+        let err = Store::open(h2.backend.clone()).expect_err("refused");
+        assert!(
+            matches!(&err, MvccError::Corrupt(m) if m.contains(expected)),
+            "{err:?}"
+        );
+    }
+}
