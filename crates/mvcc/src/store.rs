@@ -716,6 +716,7 @@ fn append(batch: &mut WriteBatch, extra: WriteBatch) {
         match op {
             WriteOp::Put { bucket, key, value } => batch.put(bucket, key, value),
             WriteOp::Delete { bucket, key } => batch.delete(bucket, key),
+            WriteOp::DeleteRange { bucket, start, end } => batch.delete_range(bucket, start, end),
         }
     }
 }

@@ -112,10 +112,7 @@ impl Backend for MemBackend {
         let mut state = self.state.lock();
         // Check every bucket first so that a bad batch changes nothing.
         for op in batch.ops() {
-            let bucket = match op {
-                WriteOp::Put { bucket, .. } | WriteOp::Delete { bucket, .. } => bucket,
-            };
-            state.map(bucket)?;
+            state.map(op.bucket())?;
         }
         let mut live = state.live_bytes;
         for op in batch.into_ops() {
@@ -132,6 +129,21 @@ impl Backend for MemBackend {
                     let map = state.maps.get_mut(bucket).expect("bucket checked above");
                     if let Some(old_len) = map.remove(&key) {
                         live -= entry_size(&key, &[]) + old_len as u64;
+                    }
+                }
+                WriteOp::DeleteRange { bucket, start, end } => {
+                    let map = state.maps.get_mut(bucket).expect("bucket checked above");
+                    let mut keys = Vec::new();
+                    if start < end {
+                        map.visit(&start, Some(&end), false, &mut |k, _| {
+                            keys.push(k.to_vec());
+                            true
+                        });
+                    }
+                    for key in keys {
+                        if let Some(old_len) = map.remove(&key) {
+                            live -= entry_size(&key, &[]) + old_len as u64;
+                        }
                     }
                 }
             }

@@ -469,6 +469,13 @@ impl Backend for RocksBackend {
                     rocks_batch.put_cf(self.cf(bucket)?, key, value)
                 }
                 WriteOp::Delete { bucket, key } => rocks_batch.delete_cf(self.cf(bucket)?, key),
+                // RocksDB wants `start < end`; an empty range removes nothing.
+                WriteOp::DeleteRange { bucket, start, end } => {
+                    let cf = self.cf(bucket)?;
+                    if start < end {
+                        rocks_batch.delete_range_cf(cf, start, end);
+                    }
+                }
             }
         }
         let _gate = self.import_gate.read();

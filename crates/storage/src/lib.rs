@@ -53,6 +53,28 @@ pub enum WriteOp {
         /// The key, compared bytewise.
         key: Vec<u8>,
     },
+    /// Remove every key in `[start, end)` from `bucket` (none when `end <= start`). RocksDB
+    /// records one range tombstone instead of a tombstone per key: background compaction
+    /// deletes runs of superseded revisions this way.
+    DeleteRange {
+        /// One of the buckets the backend was opened with.
+        bucket: &'static str,
+        /// First key removed.
+        start: Vec<u8>,
+        /// First key kept after the range.
+        end: Vec<u8>,
+    },
+}
+
+impl WriteOp {
+    /// The bucket the change is in.
+    pub fn bucket(&self) -> &'static str {
+        match self {
+            WriteOp::Put { bucket, .. }
+            | WriteOp::Delete { bucket, .. }
+            | WriteOp::DeleteRange { bucket, .. } => bucket,
+        }
+    }
 }
 
 /// Changes applied atomically: after a crash either all of them are visible or none.
@@ -84,6 +106,19 @@ impl WriteBatch {
         self.ops.push(WriteOp::Delete {
             bucket,
             key: key.into(),
+        });
+    }
+    /// Queue the removal of every key in `[start, end)`.
+    pub fn delete_range(
+        &mut self,
+        bucket: &'static str,
+        start: impl Into<Vec<u8>>,
+        end: impl Into<Vec<u8>>,
+    ) {
+        self.ops.push(WriteOp::DeleteRange {
+            bucket,
+            start: start.into(),
+            end: end.into(),
         });
     }
     /// The queued changes, in order; a later change to the same key wins.

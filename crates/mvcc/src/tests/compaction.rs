@@ -8,7 +8,7 @@
 use std::io::Read;
 use std::time::Duration;
 
-use metastore_storage::{ReadView, SizeInfo, StorageError, WriteOp};
+use metastore_storage::{ReadView, SizeInfo, StorageError, Visit, WriteOp};
 use parking_lot::{Condvar, Mutex};
 
 use super::*;
@@ -16,8 +16,10 @@ use super::*;
 /// What one of the worker's backend batches held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct BatchInfo {
-    /// Revisions deleted from the `key` bucket.
+    /// Revisions deleted from the `key` bucket (by point or range deletions).
     deletes: usize,
+    /// Range deletions in it.
+    ranges: usize,
     /// Every other op (only `finishedCompactRev` is expected).
     others: usize,
     /// Whether it wrote `finishedCompactRev`.
@@ -104,12 +106,25 @@ impl Backend for Gate {
         }
         let mut info = BatchInfo {
             deletes: 0,
+            ranges: 0,
             others: 0,
             finished_mark: false,
         };
+        let view = self.engine.snapshot()?;
         for op in batch.ops() {
             match op {
                 WriteOp::Delete { bucket: "key", .. } => info.deletes += 1,
+                WriteOp::DeleteRange {
+                    bucket: "key",
+                    start,
+                    end,
+                } => {
+                    info.deletes +=
+                        view.scan("key", ScanRange::between(start, Some(end)), &mut |_, _| {
+                            Visit::Continue
+                        })?;
+                    info.ranges += 1;
+                }
                 WriteOp::Put {
                     bucket: "meta",
                     key,
@@ -326,6 +341,12 @@ fn the_worker_deletes_in_bounded_batches_and_marks_the_last() {
     assert!(last.finished_mark && last.others == 1);
     assert!(earlier.iter().all(|b| !b.finished_mark && b.others == 0));
     assert!(deleted > 10 * SMALL.batch_limit, "a history worth batching");
+    // Runs of superseded revisions go as range deletions: far fewer ops than revisions.
+    let ranges: usize = batches.iter().map(|b| b.ranges).sum();
+    assert!(
+        ranges > 0 && ranges * 4 < deleted,
+        "{ranges} ranges for {deleted} revisions"
+    );
 }
 
 #[test]
