@@ -609,6 +609,15 @@ fn sections(only: Option<&String>) -> Result<Vec<&'static str>> {
         .collect()
 }
 
+/// `stem`, or `stem-2`, `stem-3`, … when a report of that name is in `dir` already: a second run
+/// on the same day keeps the first one's report (an earlier note may cite it).
+fn unused_stem(dir: &Path, stem: &str) -> String {
+    std::iter::once(stem.to_string())
+        .chain((2..).map(|n| format!("{stem}-{n}")))
+        .find(|s| !dir.join(format!("{s}.md")).exists())
+        .unwrap_or_else(|| stem.to_string())
+}
+
 /// `cargo xtask bench [--quick] [--only SECTION,…]`.
 pub fn bench(args: &[String]) -> Result<()> {
     let Some((quick, sections)) = bench_args(args)? else {
@@ -668,10 +677,8 @@ pub fn bench(args: &[String]) -> Result<()> {
     } else {
         format!("{date}-{}", sections.join("-"))
     };
-    let md_file = workspace_root()
-        .join("bench")
-        .join("results")
-        .join(format!("{stem}.md"));
+    let results = workspace_root().join("bench").join("results");
+    let md_file = results.join(format!("{}.md", unused_stem(&results, &stem)));
     let mut has_distribution = false;
     writeln!(report, "Every server runs with fsync, members on loopback, the load generator on the same machine (its runtime has twice as many threads as there are cores, see `metastore-bench --help`). 8-byte keys, 256-byte values. The three servers of a topology run side by side, each idle while another is measured, and every workload runs against the three in turn (rotating which goes first), so that the machine's speed drifting during the run affects all three alike. With 3 members, one client talks to the leader (`--target-leader`); more clients are spread over all members. Ratios are MetaStore / etcd (throughput: higher is better; p99: lower is better).\n")?;
 
@@ -871,6 +878,23 @@ fn many_keys(report: &mut String, quick: bool, bin: &Path, work: &Path) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A second run on the same day writes beside the first report, not over it.
+    #[test]
+    fn reports_of_the_same_day_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(unused_stem(dir.path(), "2026-12-07"), "2026-12-07");
+        std::fs::write(dir.path().join("2026-12-07.md"), "first").unwrap();
+        // Charts alone do not take a name; a report does.
+        std::fs::write(dir.path().join("2026-12-07-2-p99.svg"), "").unwrap();
+        assert_eq!(unused_stem(dir.path(), "2026-12-07"), "2026-12-07-2");
+        std::fs::write(dir.path().join("2026-12-07-2.md"), "second").unwrap();
+        assert_eq!(unused_stem(dir.path(), "2026-12-07"), "2026-12-07-3");
+        assert_eq!(
+            unused_stem(dir.path(), "2026-12-07-lists"),
+            "2026-12-07-lists"
+        );
+    }
 
     /// Member ports come from below the kernel's ephemeral range (where outgoing connections
     /// take theirs), and a run never hands the same one out twice.
