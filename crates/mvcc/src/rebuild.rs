@@ -137,7 +137,8 @@ pub(crate) fn rebuild_index(view: &dyn ReadView) -> Result<Rebuilt, MvccError> {
     })
 }
 
-/// The builder's half: replay batches until the reader is done.
+/// The builder's half: replay batches until the reader is done, keeping each live key's lease
+/// (the bucket is read in revision order, so a key's last record decides).
 fn build(
     full: mpsc::Receiver<Batch>,
     empty: mpsc::Sender<Batch>,

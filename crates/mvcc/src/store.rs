@@ -730,9 +730,8 @@ pub(crate) fn bad_revision_key(k: &[u8]) -> MvccError {
 /// counting on from it would overflow (the compactor's `rev + 1`, the next write's revision).
 pub(crate) const MAX_REVISION: i64 = 1 << 62;
 
-/// Replays one stored revision into the index, and keeps `leased` (each live key's lease) up to
-/// date: the key bucket is read in revision order, so the last record of a key decides. Returns
-/// the revision's main revision.
+/// The compaction mark `name` of the `meta` bucket (`scheduledCompactRev`,
+/// `finishedCompactRev`), if set; a mark that is not a revision in range is corruption.
 fn read_compact_mark(view: &dyn ReadView, name: &[u8]) -> Result<Option<i64>, MvccError> {
     match view.get(META_BUCKET, name)? {
         None => Ok(None),
