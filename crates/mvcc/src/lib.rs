@@ -32,6 +32,7 @@ mod rebuild;
 mod revision;
 mod store;
 mod txn;
+mod values;
 
 pub use check::{check_delete, check_put, check_range, check_txn};
 pub use compactor::CompactionConfig;

@@ -24,6 +24,7 @@ use crate::txn::{
     decode_kv, fetch, fetch_encoded, finish_range, is_txn_read_only, plan_range, select,
     takes_stored_encodings, Selected, Tx,
 };
+use crate::values::{ValueCache, Values};
 use crate::{
     LeaseLookup, MvccError, CONSISTENT_INDEX_KEY, FINISHED_COMPACT_KEY, KEY_BUCKET, META_BUCKET,
     SCHEDULED_COMPACT_KEY,
@@ -98,12 +99,19 @@ pub(crate) struct State {
 pub(crate) struct Inner {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) state: RwLock<State>,
+    /// Stored key-values by revision, for an engine whose reads copy (module `values`).
+    values: Option<ValueCache>,
     /// Hashes computed by compactions, answered by HashKV at their revision (etcd's hash storage).
     compaction_hashes: Mutex<Vec<HashKv>>,
     pub(crate) compactor: Compactor,
 }
 
 impl Inner {
+    /// The stored key-values of `view`, through the store's cache.
+    pub(crate) fn values<'a>(&'a self, view: &'a dyn ReadView) -> Values<'a> {
+        Values::new(view, self.values.as_ref())
+    }
+
     /// Keep the hash a compaction at `rev` computed (with `prev` the compact revision before).
     pub(crate) fn record_hash(&self, prev: i64, rev: i64, hash: u32) {
         let mut hashes = self.compaction_hashes.lock();
@@ -209,6 +217,7 @@ impl Store {
 
         let store = Store {
             inner: Arc::new(Inner {
+                values: ValueCache::for_backend(&*backend),
                 backend,
                 state: RwLock::new(State {
                     index,
@@ -334,7 +343,7 @@ impl Store {
     ) -> Result<(RangeResponse, i64), MvccError> {
         let (selected, total, view, cur) = self.select_range(req)?;
         let kvs = match view {
-            Some(view) => fetch(&*view, selected)?,
+            Some(view) => fetch(self.inner.values(&*view), selected)?,
             None => Vec::new(),
         };
         Ok((finish_range(req, kvs, total), cur))
@@ -354,7 +363,7 @@ impl Store {
         }
         let (selected, total, view, cur) = self.select_range(req)?;
         let mut encoded = match view {
-            Some(view) => fetch_encoded(&*view, selected)?,
+            Some(view) => fetch_encoded(self.inner.values(&*view), selected)?,
             None => Vec::new(),
         };
         // As `finish_range` does for such a request: only the limit applies.
@@ -408,7 +417,12 @@ impl Store {
         }
         let st = self.inner.state.read();
         let view = self.inner.backend.snapshot()?;
-        let mut tx = Tx::new(&st.index, &*view, st.current_rev, st.compact_rev);
+        let mut tx = Tx::new(
+            &st.index,
+            self.inner.values(&*view),
+            st.current_rev,
+            st.compact_rev,
+        );
         let no_leases = |_: i64| false;
         let mut resp = tx.apply_txn(req, &no_leases)?;
         crate::metrics::record_ops(tx.ops);
@@ -446,7 +460,12 @@ impl Store {
             return self.compact(state, c.revision, consistent_index, extra);
         }
         let view = self.inner.backend.snapshot()?;
-        let mut tx = Tx::new(&state.index, &*view, state.current_rev, state.compact_rev);
+        let mut tx = Tx::new(
+            &state.index,
+            self.inner.values(&*view),
+            state.current_rev,
+            state.compact_rev,
+        );
         let mut response = match &req {
             WriteRequest::Put(p) => {
                 tx.ops.puts = 1;

@@ -1,9 +1,10 @@
 //! Store tests on the in-memory engine.
 //!
-//! Owns what the tests share: the [`Harness`] (a store over a [`MemBackend`], applying writes
-//! with their own applied index) and the request builders. The tests are in the submodules, one
-//! topic each.
+//! Owns what the tests share: the [`Harness`] (a store over a [`MemBackend`] seen through
+//! [`Copying`], applying writes with their own applied index) and the request builders. The
+//! tests are in the submodules, one topic each.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use metastore_proto::etcdserverpb::{
@@ -12,7 +13,7 @@ use metastore_proto::etcdserverpb::{
     TxnResponse,
 };
 use metastore_proto::mvccpb::{event::EventType, KeyValue};
-use metastore_storage::{Backend, ScanRange, WriteBatch};
+use metastore_storage::{Backend, ReadView, ScanRange, Visit, WriteBatch};
 use metastore_storage_mem::MemBackend;
 use prost::Message;
 
@@ -38,9 +39,76 @@ struct Harness {
     applied_index: u64,
 }
 
+/// The memory engine as an engine whose reads copy (as RocksDB's do), so that the store keeps
+/// its cache of values over it and every store test goes through that cache; counts the values
+/// read from the engine.
+struct Copying {
+    engine: MemBackend,
+    value_reads: Arc<AtomicUsize>,
+}
+
+struct CopyingView {
+    view: Arc<dyn ReadView>,
+    value_reads: Arc<AtomicUsize>,
+}
+
+impl Copying {
+    fn new() -> Self {
+        Copying {
+            engine: MemBackend::new(&["key", "meta", "app"]),
+            value_reads: Arc::default(),
+        }
+    }
+}
+
+impl ReadView for CopyingView {
+    fn get(&self, bucket: &str, key: &[u8]) -> metastore_storage::Result<Option<Vec<u8>>> {
+        if bucket == KEY_BUCKET {
+            self.value_reads.fetch_add(1, Ordering::Relaxed);
+        }
+        self.view.get(bucket, key)
+    }
+
+    fn scan(
+        &self,
+        bucket: &str,
+        range: ScanRange<'_>,
+        visitor: &mut dyn FnMut(&[u8], &[u8]) -> Visit,
+    ) -> metastore_storage::Result<usize> {
+        self.view.scan(bucket, range, visitor)
+    }
+}
+
+impl Backend for Copying {
+    fn engine_name(&self) -> &'static str {
+        "copying-memory"
+    }
+    fn buckets(&self) -> Vec<&'static str> {
+        self.engine.buckets()
+    }
+    fn write(&self, batch: WriteBatch) -> metastore_storage::Result<()> {
+        self.engine.write(batch)
+    }
+    fn snapshot(&self) -> metastore_storage::Result<Arc<dyn ReadView>> {
+        Ok(Arc::new(CopyingView {
+            view: self.engine.snapshot()?,
+            value_reads: self.value_reads.clone(),
+        }))
+    }
+    fn size(&self) -> metastore_storage::Result<metastore_storage::SizeInfo> {
+        self.engine.size()
+    }
+    fn defragment(&self) -> metastore_storage::Result<()> {
+        self.engine.defragment()
+    }
+    fn import(&self, reader: &mut dyn std::io::Read) -> metastore_storage::Result<()> {
+        self.engine.import(reader)
+    }
+}
+
 impl Harness {
     fn new() -> Self {
-        Harness::on(Arc::new(MemBackend::new(&["key", "meta", "app"])))
+        Harness::on(Arc::new(Copying::new()))
     }
 
     /// A harness over `backend`, opened with etcd's default compaction pacing.

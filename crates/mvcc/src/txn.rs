@@ -14,14 +14,14 @@ use metastore_proto::etcdserverpb::{
     ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
-use metastore_storage::ReadView;
 use prost::bytes::Bytes;
 use prost::Message;
 
 use crate::key_index::{Index, KeyRange};
 use crate::metrics::OpCounts;
 use crate::revision::Revision;
-use crate::{LeaseLookup, MvccError, KEY_BUCKET};
+use crate::values::Values;
+use crate::{LeaseLookup, MvccError};
 
 /// A key chosen by a range: either a stored revision or a value written earlier in this txn.
 pub(crate) enum Selected {
@@ -92,33 +92,31 @@ pub(crate) fn select(
     (out, total)
 }
 
-/// Read the values of selected keys from `view`.
+/// Read the values of selected keys.
 pub(crate) fn fetch(
-    view: &dyn ReadView,
+    values: Values<'_>,
     selected: Vec<Selected>,
 ) -> Result<Vec<KeyValue>, MvccError> {
     selected
         .into_iter()
         .map(|s| match s {
             Selected::Pending(kv) => Ok(kv),
-            Selected::Stored(rev) => read_revision(view, rev),
+            Selected::Stored(rev) => decode_kv(&values.stored(rev)?),
         })
         .collect()
 }
 
 /// The stored encodings of `selected` (a pending key-value, which only a txn has, is encoded),
-/// sharing the engine's memory where it can ([`ReadView::get_shared`]).
+/// shared with the engine or the store's cache where they can be ([`Values::stored`]).
 pub(crate) fn fetch_encoded(
-    view: &dyn ReadView,
+    values: Values<'_>,
     selected: Vec<Selected>,
 ) -> Result<Vec<Bytes>, MvccError> {
     selected
         .into_iter()
         .map(|s| match s {
             Selected::Pending(kv) => Ok(kv.encode_to_vec().into()),
-            Selected::Stored(rev) => view
-                .get_shared(KEY_BUCKET, &rev.to_key(false))?
-                .ok_or_else(|| not_stored(rev)),
+            Selected::Stored(rev) => values.stored(rev),
         })
         .collect()
 }
@@ -133,22 +131,6 @@ pub(crate) fn takes_stored_encodings(req: &RangeRequest) -> bool {
         && req.min_create_revision == 0
         && req.max_create_revision == 0
         && !req.keys_only
-}
-
-fn read_stored(view: &dyn ReadView, rev: Revision) -> Result<Vec<u8>, MvccError> {
-    view.get(KEY_BUCKET, &rev.to_key(false))?
-        .ok_or_else(|| not_stored(rev))
-}
-
-fn not_stored(rev: Revision) -> MvccError {
-    MvccError::Corrupt(format!(
-        "revision {}_{} is indexed but not stored",
-        rev.main, rev.sub
-    ))
-}
-
-fn read_revision(view: &dyn ReadView, rev: Revision) -> Result<KeyValue, MvccError> {
-    decode_kv(&read_stored(view, rev)?)
 }
 
 /// Decode a stored `mvccpb.KeyValue`.
@@ -282,7 +264,7 @@ pub(crate) struct Change {
 /// A transaction over the committed state plus its own pending writes.
 pub(crate) struct Tx<'a> {
     index: &'a Index,
-    view: &'a dyn ReadView,
+    values: Values<'a>,
     base_rev: i64,
     compact_rev: i64,
     /// Keys this txn changed: `Some` = put, `None` = deleted.
@@ -297,13 +279,13 @@ impl<'a> Tx<'a> {
     /// A txn starting at committed revision `base_rev`.
     pub(crate) fn new(
         index: &'a Index,
-        view: &'a dyn ReadView,
+        values: Values<'a>,
         base_rev: i64,
         compact_rev: i64,
     ) -> Self {
         Tx {
             index,
-            view,
+            values,
             base_rev,
             compact_rev,
             pending: BTreeMap::new(),
@@ -340,7 +322,7 @@ impl<'a> Tx<'a> {
 
     fn range_all(&self, range: KeyRange<'_>) -> Result<Vec<KeyValue>, MvccError> {
         let (selected, _) = self.select(range, self.cur_rev(), 0);
-        fetch(self.view, selected)
+        fetch(self.values, selected)
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, MvccError> {
@@ -356,7 +338,7 @@ impl<'a> Tx<'a> {
             (Vec::new(), self.select(range, plan.at_rev, 1).1)
         } else {
             let (selected, total) = self.select(range, plan.at_rev, plan.fetch_limit);
-            (fetch(self.view, selected)?, total)
+            (fetch(self.values, selected)?, total)
         };
         let mut resp = finish_range(req, kvs, total);
         resp.header = header(cur);

@@ -108,6 +108,10 @@ impl Backend for MemBackend {
         self.state.lock().maps.keys().copied().collect()
     }
 
+    fn values_in_memory(&self) -> bool {
+        true
+    }
+
     fn write(&self, batch: WriteBatch) -> Result<()> {
         let mut state = self.state.lock();
         // Check every bucket first so that a bad batch changes nothing.

@@ -279,6 +279,13 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Whether [`ReadView::get_shared`] answers from memory the engine holds anyway, without
+    /// copying: then a cache of values kept above the engine would only duplicate it. The
+    /// default (an engine whose reads copy out of its pages or files) is false.
+    fn values_in_memory(&self) -> bool {
+        false
+    }
+
     /// A consistent view of all buckets as of now.
     fn snapshot(&self) -> Result<Arc<dyn ReadView>>;
 

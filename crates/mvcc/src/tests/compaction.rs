@@ -90,6 +90,9 @@ impl Backend for Gate {
     fn buckets(&self) -> Vec<&'static str> {
         self.engine.buckets()
     }
+    fn values_in_memory(&self) -> bool {
+        self.engine.values_in_memory()
+    }
     fn write(&self, batch: WriteBatch) -> metastore_storage::Result<()> {
         if std::thread::current().name() != Some("mvcc-compactor") {
             return self.engine.write(batch);

@@ -1,0 +1,169 @@
+//! Reading stored key-values by revision, through a cache for engines whose reads copy.
+//!
+//! A revision's stored `mvccpb.KeyValue` never changes for the life of a [`crate::Store`]: apply
+//! writes each revision once (a replay after a crash writes the same bytes again), compaction
+//! only deletes revisions the index no longer points at (so no read asks for them again), and
+//! a restore from a snapshot opens a new store with a new cache. So a revision can be answered
+//! from memory without asking the engine whether it changed.
+//!
+//! On RocksDB every read of a value searches the memtables and table files and copies the value
+//! out of them, and a Range answer holds its own copy until its client has taken it: a list of
+//! 5,000 keys of 2 KiB spent most of its time in those searches, copies and their frees, and
+//! 100 clients listing at once held 100 copies. The cache answers a value it has with a
+//! reference to one shared copy. The memory engine already answers that way
+//! ([`Backend::values_in_memory`]), so it goes without.
+
+use metastore_storage::{Backend, ReadView};
+use prost::bytes::Bytes;
+use quick_cache::sync::Cache;
+use quick_cache::Weighter;
+
+use crate::revision::Revision;
+use crate::{MvccError, KEY_BUCKET};
+
+/// Bytes of values (and per-entry overhead) the cache keeps at most.
+const CACHE_BYTES: u64 = 64 << 20;
+/// What an entry costs besides its value: the key, the `Bytes` handle, the table's slot and
+/// the eviction policy's bookkeeping, roughly.
+const ENTRY_OVERHEAD: u64 = 64;
+/// Entries the cache is sized for at first (it grows to what [`CACHE_BYTES`] admits).
+const ESTIMATED_ENTRIES: usize = 16 * 1024;
+
+#[derive(Clone)]
+struct Weight;
+
+impl Weighter<Revision, Bytes> for Weight {
+    fn weight(&self, _rev: &Revision, value: &Bytes) -> u64 {
+        value.len() as u64 + ENTRY_OVERHEAD
+    }
+}
+
+/// Stored key-values by revision, shared by every read of a store (S3-FIFO eviction: one
+/// sweep over more revisions than fit does not push out the ones read again and again).
+pub(crate) struct ValueCache(Cache<Revision, Bytes, Weight>);
+
+impl ValueCache {
+    /// A cache for `backend`, or none when the engine's own reads already share its memory.
+    pub(crate) fn for_backend(backend: &dyn Backend) -> Option<ValueCache> {
+        (!backend.values_in_memory()).then(|| ValueCache::with_capacity(CACHE_BYTES))
+    }
+
+    fn with_capacity(bytes: u64) -> ValueCache {
+        ValueCache(Cache::with_weighter(
+            ESTIMATED_ENTRIES.min((bytes / 256).max(1) as usize),
+            bytes,
+            Weight,
+        ))
+    }
+}
+
+/// The stored key-values of one view, through the store's cache when it has one.
+#[derive(Clone, Copy)]
+pub(crate) struct Values<'a> {
+    view: &'a dyn ReadView,
+    cache: Option<&'a ValueCache>,
+}
+
+impl<'a> Values<'a> {
+    pub(crate) fn new(view: &'a dyn ReadView, cache: Option<&'a ValueCache>) -> Self {
+        Values { view, cache }
+    }
+
+    /// The stored encoding of the key-value written at `rev`, which the index points at.
+    pub(crate) fn stored(&self, rev: Revision) -> Result<Bytes, MvccError> {
+        if let Some(cached) = self.cache.and_then(|c| c.0.get(&rev)) {
+            return Ok(cached);
+        }
+        let value = self
+            .view
+            .get_shared(KEY_BUCKET, &rev.to_key(false))?
+            .ok_or_else(|| not_stored(rev))?;
+        if let Some(cache) = self.cache {
+            cache.0.insert(rev, value.clone());
+        }
+        Ok(value)
+    }
+}
+
+fn not_stored(rev: Revision) -> MvccError {
+    MvccError::Corrupt(format!(
+        "revision {}_{} is indexed but not stored",
+        rev.main, rev.sub
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metastore_storage::WriteBatch;
+    use metastore_storage_mem::MemBackend;
+
+    fn backend_with(revs: &[(Revision, &[u8])]) -> MemBackend {
+        let backend = MemBackend::new(&[KEY_BUCKET]);
+        let mut batch = WriteBatch::new();
+        for (rev, value) in revs {
+            batch.put(KEY_BUCKET, rev.to_key(false), value.to_vec());
+        }
+        backend.write(batch).unwrap();
+        backend
+    }
+
+    #[test]
+    fn a_cached_revision_is_answered_without_the_engine() {
+        let r1 = Revision::new(2, 0);
+        let backend = backend_with(&[(r1, b"one")]);
+        let cache = ValueCache::with_capacity(1 << 20);
+        let view = backend.snapshot().unwrap();
+        assert_eq!(
+            Values::new(&*view, Some(&cache)).stored(r1).unwrap(),
+            &b"one"[..]
+        );
+        // Gone from the engine, still answered: the cache is what answered.
+        let mut batch = WriteBatch::new();
+        batch.delete(KEY_BUCKET, r1.to_key(false));
+        backend.write(batch).unwrap();
+        let view = backend.snapshot().unwrap();
+        assert_eq!(
+            Values::new(&*view, Some(&cache)).stored(r1).unwrap(),
+            &b"one"[..]
+        );
+        // Without the cache the same read finds nothing, and says so.
+        let err = Values::new(&*view, None).stored(r1).unwrap_err();
+        assert!(
+            matches!(&err, MvccError::Corrupt(m) if m.contains("2_0 is indexed but not stored")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn the_cache_keeps_to_its_budget() {
+        let revs: Vec<(Revision, Vec<u8>)> = (1..=200)
+            .map(|main| (Revision::new(main, 0), vec![main as u8; 1000]))
+            .collect();
+        let pairs: Vec<(Revision, &[u8])> = revs.iter().map(|(r, v)| (*r, &v[..])).collect();
+        let backend = backend_with(&pairs);
+        let budget = 50 * (1000 + ENTRY_OVERHEAD);
+        let cache = ValueCache::with_capacity(budget);
+        let view = backend.snapshot().unwrap();
+        let values = Values::new(&*view, Some(&cache));
+        for (rev, value) in &revs {
+            assert_eq!(values.stored(*rev).unwrap(), &value[..]);
+        }
+        assert!(
+            cache.0.weight() <= budget,
+            "{} > {budget}",
+            cache.0.weight()
+        );
+        assert!(
+            cache.0.len() <= 50 && !cache.0.is_empty(),
+            "{}",
+            cache.0.len()
+        );
+    }
+
+    #[test]
+    fn only_engines_whose_reads_copy_get_a_cache() {
+        let memory = MemBackend::new(&[KEY_BUCKET]);
+        assert!(ValueCache::for_backend(&memory).is_none());
+    }
+}
