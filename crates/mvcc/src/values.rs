@@ -23,9 +23,10 @@ use crate::{MvccError, KEY_BUCKET};
 
 /// Bytes of values (and per-entry overhead) the cache keeps at most.
 const CACHE_BYTES: u64 = 64 << 20;
-/// What an entry costs besides its value: the key, the `Bytes` handle, the table's slot and
-/// the eviction policy's bookkeeping, roughly.
-const ENTRY_OVERHEAD: u64 = 64;
+/// What an entry costs besides its value's bytes, counted high: the key and the `Bytes` handle
+/// (48), the table's slot and the eviction policy's bookkeeping, the header `Bytes` allocates
+/// once the value is shared, and the allocator's rounding of the value.
+const ENTRY_OVERHEAD: u64 = 128;
 /// Entries the cache is sized for at first (it grows to what [`CACHE_BYTES`] admits).
 const ESTIMATED_ENTRIES: usize = 16 * 1024;
 
