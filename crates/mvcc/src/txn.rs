@@ -97,26 +97,42 @@ pub(crate) fn fetch(
     values: Values<'_>,
     selected: Vec<Selected>,
 ) -> Result<Vec<KeyValue>, MvccError> {
+    let mut stored = values
+        .stored_many(&stored_revisions(&selected))?
+        .into_iter();
     selected
         .into_iter()
         .map(|s| match s {
             Selected::Pending(kv) => Ok(kv),
-            Selected::Stored(rev) => decode_kv(&values.stored(rev)?),
+            Selected::Stored(_) => decode_kv(&stored.next().expect("one value per revision")),
         })
         .collect()
 }
 
 /// The stored encodings of `selected` (a pending key-value, which only a txn has, is encoded),
-/// shared with the engine or the store's cache where they can be ([`Values::stored`]).
+/// shared with the engine or the store's cache where they can be ([`Values::stored_many`]).
 pub(crate) fn fetch_encoded(
     values: Values<'_>,
     selected: Vec<Selected>,
 ) -> Result<Vec<Bytes>, MvccError> {
-    selected
+    let mut stored = values
+        .stored_many(&stored_revisions(&selected))?
+        .into_iter();
+    Ok(selected
         .into_iter()
         .map(|s| match s {
-            Selected::Pending(kv) => Ok(kv.encode_to_vec().into()),
-            Selected::Stored(rev) => values.stored(rev),
+            Selected::Pending(kv) => kv.encode_to_vec().into(),
+            Selected::Stored(_) => stored.next().expect("one value per revision"),
+        })
+        .collect())
+}
+
+fn stored_revisions(selected: &[Selected]) -> Vec<Revision> {
+    selected
+        .iter()
+        .filter_map(|s| match s {
+            Selected::Stored(rev) => Some(*rev),
+            Selected::Pending(_) => None,
         })
         .collect()
 }

@@ -18,7 +18,7 @@ use prost::bytes::Bytes;
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
 
-use crate::revision::Revision;
+use crate::revision::{Revision, REVISION_BYTES_LEN};
 use crate::{MvccError, KEY_BUCKET};
 
 /// Bytes of values (and per-entry overhead) the cache keeps at most.
@@ -70,19 +70,34 @@ impl<'a> Values<'a> {
         Values { view, cache }
     }
 
-    /// The stored encoding of the key-value written at `rev`, which the index points at.
-    pub(crate) fn stored(&self, rev: Revision) -> Result<Bytes, MvccError> {
-        if let Some(cached) = self.cache.and_then(|c| c.0.get(&rev)) {
-            return Ok(cached);
+    /// The stored encodings of the key-values written at `revs` (which the index points at), in
+    /// their order. What the cache lacks is asked of the engine in one call, in revision order:
+    /// revisions written together are stored together.
+    pub(crate) fn stored_many(&self, revs: &[Revision]) -> Result<Vec<Bytes>, MvccError> {
+        let mut found: Vec<Option<Bytes>> = match self.cache {
+            Some(cache) => revs.iter().map(|rev| cache.0.get(rev)).collect(),
+            None => vec![None; revs.len()],
+        };
+        let mut missing: Vec<usize> = (0..revs.len()).filter(|&i| found[i].is_none()).collect();
+        if !missing.is_empty() {
+            if !missing.is_sorted_by_key(|&i| revs[i]) {
+                missing.sort_unstable_by_key(|&i| revs[i]);
+            }
+            let mut keys = Vec::with_capacity(missing.len() * REVISION_BYTES_LEN);
+            for &i in &missing {
+                keys.extend_from_slice(&revs[i].to_key(false));
+            }
+            let keys: Vec<&[u8]> = keys.chunks_exact(REVISION_BYTES_LEN).collect();
+            let values = self.view.get_shared_many(KEY_BUCKET, &keys)?;
+            for (&i, value) in missing.iter().zip(values) {
+                let value = value.ok_or_else(|| not_stored(revs[i]))?;
+                if let Some(cache) = self.cache {
+                    cache.0.insert(revs[i], value.clone());
+                }
+                found[i] = Some(value);
+            }
         }
-        let value = self
-            .view
-            .get_shared(KEY_BUCKET, &rev.to_key(false))?
-            .ok_or_else(|| not_stored(rev))?;
-        if let Some(cache) = self.cache {
-            cache.0.insert(rev, value.clone());
-        }
-        Ok(value)
+        Ok(found.into_iter().flatten().collect())
     }
 }
 
@@ -116,8 +131,10 @@ mod tests {
         let cache = ValueCache::with_capacity(1 << 20);
         let view = backend.snapshot().unwrap();
         assert_eq!(
-            Values::new(&*view, Some(&cache)).stored(r1).unwrap(),
-            &b"one"[..]
+            Values::new(&*view, Some(&cache))
+                .stored_many(&[r1])
+                .unwrap(),
+            vec![Bytes::from_static(b"one")]
         );
         // Gone from the engine, still answered: the cache is what answered.
         let mut batch = WriteBatch::new();
@@ -125,15 +142,57 @@ mod tests {
         backend.write(batch).unwrap();
         let view = backend.snapshot().unwrap();
         assert_eq!(
-            Values::new(&*view, Some(&cache)).stored(r1).unwrap(),
-            &b"one"[..]
+            Values::new(&*view, Some(&cache))
+                .stored_many(&[r1])
+                .unwrap(),
+            vec![Bytes::from_static(b"one")]
         );
         // Without the cache the same read finds nothing, and says so.
-        let err = Values::new(&*view, None).stored(r1).unwrap_err();
+        let err = Values::new(&*view, None).stored_many(&[r1]).unwrap_err();
         assert!(
             matches!(&err, MvccError::Corrupt(m) if m.contains("2_0 is indexed but not stored")),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn revisions_are_answered_in_the_order_asked_whatever_the_cache_holds() {
+        let revs: Vec<(Revision, Vec<u8>)> = (1..=40)
+            .map(|main| {
+                (
+                    Revision::new(main, main % 3),
+                    format!("v{main}").into_bytes(),
+                )
+            })
+            .collect();
+        let pairs: Vec<(Revision, &[u8])> = revs.iter().map(|(r, v)| (*r, &v[..])).collect();
+        let backend = backend_with(&pairs);
+        let value = |main: i64| format!("v{main}").into_bytes();
+        let cache = ValueCache::with_capacity(1 << 20);
+        let view = backend.snapshot().unwrap();
+        for cache in [None, Some(&cache)] {
+            let values = Values::new(&*view, cache);
+            // Cached or not (the second pass with the cache finds some of them in it).
+            for asked in [
+                vec![7, 3, 3, 40, 1],
+                vec![1, 2, 3, 4, 5, 6, 7, 8],
+                vec![40, 12, 7, 39],
+            ] {
+                let revs: Vec<Revision> = asked.iter().map(|&m| Revision::new(m, m % 3)).collect();
+                let got = values.stored_many(&revs).unwrap();
+                let want: Vec<Vec<u8>> = asked.iter().map(|&m| value(m)).collect();
+                assert_eq!(got.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), want);
+            }
+            assert!(values.stored_many(&[]).unwrap().is_empty());
+            // One revision not stored fails the whole read.
+            let err = values
+                .stored_many(&[Revision::new(5, 2), Revision::new(41, 0)])
+                .unwrap_err();
+            assert!(
+                matches!(&err, MvccError::Corrupt(m) if m.contains("41_0")),
+                "{err:?}"
+            );
+        }
     }
 
     #[test]
@@ -148,7 +207,7 @@ mod tests {
         let view = backend.snapshot().unwrap();
         let values = Values::new(&*view, Some(&cache));
         for (rev, value) in &revs {
-            assert_eq!(values.stored(*rev).unwrap(), &value[..]);
+            assert_eq!(values.stored_many(&[*rev]).unwrap(), vec![value.clone()]);
         }
         assert!(
             cache.0.weight() <= budget,

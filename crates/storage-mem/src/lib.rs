@@ -78,6 +78,10 @@ impl ReadView for MemView {
         Ok(self.0.map(bucket)?.get_shared(key))
     }
 
+    fn get_shared_many(&self, bucket: &str, keys: &[&[u8]]) -> Result<Vec<Option<bytes::Bytes>>> {
+        Ok(self.0.map(bucket)?.get_shared_many(keys))
+    }
+
     fn scan(
         &self,
         bucket: &str,

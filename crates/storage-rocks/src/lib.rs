@@ -397,6 +397,22 @@ impl ReadView for RocksView {
             .map_err(engine_error)
     }
 
+    fn get_shared_many(&self, bucket: &str, keys: &[&[u8]]) -> Result<Vec<Option<bytes::Bytes>>> {
+        let cf = self.buckets.cf(&self.db, bucket)?;
+        let mut opts = ReadOptions::default();
+        opts.set_snapshot(&self.snapshot);
+        // Sorted keys let RocksDB read each block once for all the keys in it.
+        let sorted = keys.is_sorted();
+        self.db
+            .batched_multi_get_cf_opt(cf, keys, sorted, &opts)
+            .into_iter()
+            .map(|got| {
+                got.map(|value| value.map(|v| bytes::Bytes::copy_from_slice(&v)))
+                    .map_err(engine_error)
+            })
+            .collect()
+    }
+
     fn scan(
         &self,
         bucket: &str,

@@ -94,6 +94,71 @@ pub fn shared_values_outlive_their_view_and_later_writes(open: Factory<'_>) {
     }
 }
 
+/// Many values read at once are each key's value at the view, in the order asked, whatever
+/// that order (repeats and missing keys included), and outlive the view and later writes.
+pub fn many_shared_values_are_each_keys_value_at_the_view(open: Factory<'_>) {
+    let (be, _g) = open();
+    // Values of several sizes, so that the memory engine's blocks hold one or many.
+    let value = |i: usize| {
+        format!("value {i} ")
+            .repeat(1 + (i * 37) % 900)
+            .into_bytes()
+    };
+    let mut batch = WriteBatch::new();
+    for i in 0..300 {
+        batch.put(A, format!("k{i:03}").as_bytes(), value(i));
+        batch.put(B, format!("k{i:03}").as_bytes(), b"other bucket");
+    }
+    be.write(batch).unwrap();
+    let view = be.snapshot().unwrap();
+    // Written after the view was taken: invisible to it.
+    let mut later = WriteBatch::new();
+    for i in (0..300).step_by(7) {
+        later.put(A, format!("k{i:03}").as_bytes(), b"later");
+    }
+    later.put(A, b"k150a", b"later too");
+    be.write(later).unwrap();
+    let expected = |key: &str| view.get(A, key.as_bytes()).unwrap();
+    let ascending: Vec<String> = (0..300).map(|i| format!("k{i:03}")).collect();
+    let mixed: Vec<String> = [
+        "k299", "k000", "k150a", "k150", "k150", "missing", "k001", "", "k000", "k298", "k002",
+    ]
+    .iter()
+    .map(|k| k.to_string())
+    .chain((0..300).rev().step_by(3).map(|i| format!("k{i:03}")))
+    .collect();
+    let mut kept = Vec::new();
+    for keys in [&ascending, &mixed, &Vec::new()] {
+        let asked: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+        let got = view.get_shared_many(A, &asked).unwrap();
+        assert_eq!(got.len(), keys.len());
+        for (key, got) in keys.iter().zip(&got) {
+            assert_eq!(got.as_ref().map(|v| v.to_vec()), expected(key), "{key:?}");
+        }
+        kept.push((keys.clone(), got));
+    }
+    assert!(view.get_shared_many("no-such-bucket", &[b"k000"]).is_err());
+    let expected: Vec<Vec<Option<Vec<u8>>>> = kept
+        .iter()
+        .map(|(keys, _)| keys.iter().map(|k| expected(k)).collect())
+        .collect();
+    drop(view);
+    let mut batch = WriteBatch::new();
+    for i in 0..300 {
+        match i % 2 {
+            0 => batch.delete(A, format!("k{i:03}").as_bytes()),
+            _ => batch.put(A, format!("k{i:03}").as_bytes(), b"overwritten"),
+        }
+    }
+    be.write(batch).unwrap();
+    be.defragment().unwrap();
+    for ((keys, got), expected) in kept.iter().zip(expected) {
+        let got: Vec<Option<Vec<u8>>> =
+            got.iter().map(|v| v.as_ref().map(|v| v.to_vec())).collect();
+        assert_eq!(got, expected, "{keys:?}");
+    }
+}
+
 /// A bucket the backend was not opened with is an error, never a silent no-op.
 pub fn unknown_bucket_is_an_error(open: Factory<'_>) {
     let (be, _g) = open();
@@ -464,6 +529,7 @@ pub fn delete_range_removes_exactly_the_range(open: Factory<'_>) {
 pub fn run_all(open: Factory<'_>) {
     basic_put_get_delete(open);
     shared_values_outlive_their_view_and_later_writes(open);
+    many_shared_values_are_each_keys_value_at_the_view(open);
     unknown_bucket_is_an_error(open);
     batch_is_atomic_across_buckets(open);
     snapshot_is_isolated_from_later_writes(open);
@@ -483,7 +549,8 @@ macro_rules! backend_conformance {
     ($factory:expr) => {
         $crate::backend_conformance!(@tests $factory;
             basic_put_get_delete, shared_values_outlive_their_view_and_later_writes,
-            unknown_bucket_is_an_error, batch_is_atomic_across_buckets,
+            many_shared_values_are_each_keys_value_at_the_view, unknown_bucket_is_an_error,
+            batch_is_atomic_across_buckets,
             snapshot_is_isolated_from_later_writes, snapshot_stable_under_concurrent_writes,
             range_scans, export_import_round_trip, bad_import_keeps_previous_content,
             sizes_and_defragment, defragment_while_writing,

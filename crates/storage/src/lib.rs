@@ -218,6 +218,14 @@ pub trait ReadView: Send + Sync {
         Ok(self.get(bucket, key)?.map(bytes::Bytes::from))
     }
 
+    /// [`ReadView::get_shared`] of each of `keys`, answered in their order. An engine may answer
+    /// many keys at once more cheaply than one at a time (RocksDB's batched MultiGet; the memory
+    /// engine shares one handle on a block among the values found in it); keys in ascending
+    /// order go fastest. Repeated keys are answered each time.
+    fn get_shared_many(&self, bucket: &str, keys: &[&[u8]]) -> Result<Vec<Option<bytes::Bytes>>> {
+        keys.iter().map(|k| self.get_shared(bucket, k)).collect()
+    }
+
     /// Visit pairs of `bucket` inside `range` in its direction, up to its limit, until the
     /// visitor answers [`Visit::Stop`]. Returns how many pairs were visited.
     fn scan(
