@@ -27,13 +27,18 @@ impl Revision {
     /// `_`, 8-byte big-endian sub, plus a trailing `t` when the change is a deletion.
     pub fn to_key(self, tombstone: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(MARKED_REVISION_BYTES_LEN);
+        self.write_key(tombstone, &mut out);
+        out
+    }
+
+    /// [`Revision::to_key`], appended to `out`: many keys in one buffer, no allocation each.
+    pub(crate) fn write_key(self, tombstone: bool, out: &mut Vec<u8>) {
         out.extend_from_slice(&(self.main as u64).to_be_bytes());
         out.push(b'_');
         out.extend_from_slice(&(self.sub as u64).to_be_bytes());
         if tombstone {
             out.push(TOMBSTONE_MARK);
         }
-        out
     }
 
     /// Parse a `key` bucket key into its revision and whether it marks a deletion. `None` when the

@@ -20,7 +20,7 @@ use prost::Message;
 use crate::key_index::{Index, KeyRange};
 use crate::metrics::OpCounts;
 use crate::revision::Revision;
-use crate::values::Values;
+use crate::values::{not_stored, Values};
 use crate::{LeaseLookup, MvccError};
 
 /// A key chosen by a range: either a stored revision or a value written earlier in this txn.
@@ -97,16 +97,7 @@ pub(crate) fn fetch(
     values: Values<'_>,
     selected: Vec<Selected>,
 ) -> Result<Vec<KeyValue>, MvccError> {
-    let mut stored = values
-        .stored_many(&stored_revisions(&selected))?
-        .into_iter();
-    selected
-        .into_iter()
-        .map(|s| match s {
-            Selected::Pending(kv) => Ok(kv),
-            Selected::Stored(_) => decode_kv(&stored.next().expect("one value per revision")),
-        })
-        .collect()
+    resolve(values, selected, Ok, |stored| decode_kv(&stored))
 }
 
 /// The stored encodings of `selected` (a pending key-value, which only a txn has, is encoded),
@@ -115,16 +106,27 @@ pub(crate) fn fetch_encoded(
     values: Values<'_>,
     selected: Vec<Selected>,
 ) -> Result<Vec<Bytes>, MvccError> {
-    let mut stored = values
+    resolve(values, selected, |kv| Ok(kv.encode_to_vec().into()), Ok)
+}
+
+/// `selected` in order, each pending key-value through `pending` and each stored one, read in
+/// one [`Values::stored_many`], through `stored`.
+fn resolve<T>(
+    values: Values<'_>,
+    selected: Vec<Selected>,
+    pending: impl Fn(KeyValue) -> Result<T, MvccError>,
+    stored: impl Fn(Bytes) -> Result<T, MvccError>,
+) -> Result<Vec<T>, MvccError> {
+    let mut read = values
         .stored_many(&stored_revisions(&selected))?
         .into_iter();
-    Ok(selected
+    selected
         .into_iter()
         .map(|s| match s {
-            Selected::Pending(kv) => kv.encode_to_vec().into(),
-            Selected::Stored(_) => stored.next().expect("one value per revision"),
+            Selected::Pending(kv) => pending(kv),
+            Selected::Stored(rev) => stored(read.next().ok_or_else(|| not_stored(rev))?),
         })
-        .collect())
+        .collect()
 }
 
 fn stored_revisions(selected: &[Selected]) -> Vec<Revision> {

@@ -85,7 +85,7 @@ impl<'a> Values<'a> {
             }
             let mut keys = Vec::with_capacity(missing.len() * REVISION_BYTES_LEN);
             for &i in &missing {
-                keys.extend_from_slice(&revs[i].to_key(false));
+                revs[i].write_key(false, &mut keys);
             }
             let keys: Vec<&[u8]> = keys.chunks_exact(REVISION_BYTES_LEN).collect();
             let values = self.view.get_shared_many(KEY_BUCKET, &keys)?;
@@ -101,7 +101,8 @@ impl<'a> Values<'a> {
     }
 }
 
-fn not_stored(rev: Revision) -> MvccError {
+/// The error for a revision the index points at and the engine does not hold.
+pub(crate) fn not_stored(rev: Revision) -> MvccError {
     MvccError::Corrupt(format!(
         "revision {}_{} is indexed but not stored",
         rev.main, rev.sub
