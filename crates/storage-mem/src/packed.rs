@@ -41,21 +41,9 @@ impl Clone for Block {
     }
 }
 
-/// A value inside a block, kept alive with it ([`PackedMap::get_shared`]).
-struct SharedValue {
-    block: Arc<Block>,
-    start: usize,
-    end: usize,
-}
-
-impl AsRef<[u8]> for SharedValue {
-    fn as_ref(&self) -> &[u8] {
-        &self.block.data[self.start..self.end]
-    }
-}
-
-/// A whole block's data, kept alive with it: the values found in one block by
-/// [`PackedMap::get_shared_many`] are slices of one handle.
+/// A whole block's data, kept alive with it: a value read without copying is a slice of one
+/// ([`PackedMap::get_shared`]), and the values found in one block by
+/// [`PackedMap::get_shared_many`] are slices of the same handle.
 struct SharedBlock(Arc<Block>);
 
 impl AsRef<[u8]> for SharedBlock {
@@ -228,12 +216,7 @@ impl PackedMap {
     pub(crate) fn get_shared(&self, key: &[u8]) -> Option<Bytes> {
         let (_, block) = self.blocks.get_prev(key)?;
         let i = block.find(key).ok()?;
-        let value = block.value_bounds(i);
-        Some(Bytes::from_owner(SharedValue {
-            block: block.clone(),
-            start: value.start,
-            end: value.end,
-        }))
+        Some(Bytes::from_owner(SharedBlock(block.clone())).slice(block.value_bounds(i)))
     }
 
     /// [`PackedMap::get_shared`] of each of `keys`. Values found in the block of the key before
